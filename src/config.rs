@@ -1,0 +1,337 @@
+//! Connection and store settings: a consuming builder and [`Config::from_env`].
+
+use std::env;
+use std::time::Duration;
+
+use postgres::config::SslMode;
+
+use crate::error::{Error, Result};
+use crate::Store;
+
+/// The connection string used when neither `DATABASE_URL` nor `DB_HOST` is set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Settings for a [`Store`]. Every setter documents its default.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pg_eventstore::Config;
+///
+/// let store = Config::new("postgres://postgres@127.0.0.1/postgres")?
+///     .schema("billing")
+///     .max_connections(4)
+///     .statement_timeout(Duration::from_secs(30))
+///     .connect()?;
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub(crate) pg: postgres::Config,
+    pub(crate) schema: String,
+    pub(crate) migrations_table: String,
+    pub(crate) max_connections: u32,
+    pub(crate) min_idle: u32,
+    pub(crate) connection_timeout: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) read_page_size: u32,
+}
+
+impl Config {
+    /// Settings for the database at `url`, a `postgres://` URL or a `key=value` string
+    /// as `postgres::Config` parses them.
+    pub fn new(url: &str) -> Result<Config> {
+        let pg: postgres::Config = url.parse().map_err(|e| {
+            Error::Config(format!("cannot parse the connection string: {}", crate::error::chain(&e)))
+        })?;
+        Ok(Config::from_pg(pg))
+    }
+
+    /// Settings for a `postgres::Config` built by hand.
+    pub fn from_pg(pg: postgres::Config) -> Config {
+        Config {
+            pg,
+            schema: "eventstore".into(),
+            migrations_table: "schema_migrations".into(),
+            max_connections: 10,
+            min_idle: 1,
+            connection_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+            statement_timeout: None,
+            read_page_size: 1000,
+        }
+    }
+
+    /// Settings from the environment.
+    ///
+    /// `DATABASE_URL` wins when set. Otherwise the variables of the product this one
+    /// replaces are read: `DB_HOST` (default `127.0.0.1`), `DB_PORT` (5432), `DB_NAME`
+    /// (`postgres`), `DB_USER` (`postgres`), `DB_PASSWORD`, `DB_MAX_CONNECTIONS` (10) and
+    /// `DB_SSL`. `DB_SCHEMA` sets the schema in both cases.
+    ///
+    /// This build has no TLS: `DB_SSL=true` (or `sslmode=require` in the URL) is an
+    /// error rather than a plain-text connection.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|k| env::var(k).ok())
+    }
+
+    pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+        let mut config = match var("DATABASE_URL") {
+            Some(url) => Config::new(&url)
+                .map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?,
+            None => {
+                let mut pg = postgres::Config::new();
+                pg.host(var("DB_HOST").as_deref().unwrap_or("127.0.0.1"));
+                let port = match var("DB_PORT") {
+                    Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                        Error::Config(format!("DB_PORT must be a port number, not {p:?}"))
+                    })?,
+                    None => 5432,
+                };
+                pg.port(port);
+                pg.dbname(var("DB_NAME").as_deref().unwrap_or("postgres"));
+                pg.user(var("DB_USER").as_deref().unwrap_or("postgres"));
+                if let Some(pw) = var("DB_PASSWORD") {
+                    pg.password(pw);
+                }
+                Config::from_pg(pg)
+            }
+        };
+        if let Some(n) = var("DB_MAX_CONNECTIONS") {
+            let n = n.trim().parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::Config(format!(
+                    "DB_MAX_CONNECTIONS must be a whole number above 0, not {n:?}"
+                ))
+            })?;
+            config = config.max_connections(n);
+        }
+        if let Some(ssl) = var("DB_SSL") {
+            match ssl.trim().to_ascii_lowercase().as_str() {
+                "false" | "0" | "no" | "off" | "disable" => {
+                    config.pg.ssl_mode(SslMode::Disable);
+                }
+                "true" | "1" | "yes" | "on" | "require" => {
+                    config.pg.ssl_mode(SslMode::Require);
+                }
+                other => {
+                    return Err(Error::Config(format!(
+                        "DB_SSL must be true or false, not {other:?}"
+                    )))
+                }
+            }
+        }
+        if let Some(schema) = var("DB_SCHEMA") {
+            config = config.schema(schema);
+        }
+        Ok(config)
+    }
+
+    /// The PostgreSQL schema that holds the store's tables. Default `eventstore`.
+    /// It must be a plain identifier: ASCII letters, digits and `_`, not starting with a
+    /// digit, at most 63 bytes; anything else is refused when the store connects.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The name of the migration history table, in the store's schema.
+    /// Default `schema_migrations`; the same rules as [`Config::schema`].
+    pub fn migrations_table(mut self, table: impl Into<String>) -> Self {
+        self.migrations_table = table.into();
+        self
+    }
+
+    /// The most connections the pool opens. Default 10.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// How many idle connections the pool keeps open. Default 1, so a script opens
+    /// only the connections it uses.
+    pub fn min_idle(mut self, n: u32) -> Self {
+        self.min_idle = n;
+        self
+    }
+
+    /// How long to wait for a pooled connection (and to open a new one). Default 5 s.
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Idle connections above `min_idle` are closed after this long. Default 10 min;
+    /// `None` keeps them.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Connections are closed and replaced after this long. Default 30 min; `None`
+    /// keeps them forever.
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// PostgreSQL's `statement_timeout` for the store's connections. Default: none (the
+    /// server's setting applies).
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// How many events a read fetches per round trip. Default 1000. A read holds one page
+    /// in memory at a time.
+    pub fn read_page_size(mut self, n: u32) -> Self {
+        self.read_page_size = n;
+        self
+    }
+
+    /// The PostgreSQL connection settings.
+    pub fn pg_config(&self) -> &postgres::Config {
+        &self.pg
+    }
+
+    /// Opens a [`Store`] with these settings (see [`Store::connect`]).
+    pub fn connect(self) -> Result<Store> {
+        Store::connect(self)
+    }
+
+    /// Checks what can be checked without a server and fills in connection defaults.
+    pub(crate) fn finish(&self) -> Result<postgres::Config> {
+        crate::sql::check_identifier("schema", &self.schema)?;
+        crate::sql::check_identifier("migrations table", &self.migrations_table)?;
+        if self.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        if self.min_idle > self.max_connections {
+            return Err(Error::Config(format!(
+                "min_idle ({}) is larger than max_connections ({})",
+                self.min_idle, self.max_connections
+            )));
+        }
+        if self.read_page_size == 0 {
+            return Err(Error::Config("read_page_size must be at least 1".into()));
+        }
+        if self.pg.get_ssl_mode() == SslMode::Require {
+            return Err(Error::Config(
+                "TLS was requested (DB_SSL or sslmode=require), but this build of \
+                 pg-eventstore has no TLS support; connect without TLS or over a tunnel"
+                    .into(),
+            ));
+        }
+        let mut pg = self.pg.clone();
+        if pg.get_application_name().is_none() {
+            pg.application_name("pg-eventstore");
+        }
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(self.connection_timeout);
+        }
+        // A half-open TCP connection must not stall a caller for hours.
+        pg.keepalives(true);
+        if pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            pg.keepalives_idle(Duration::from_secs(30));
+        }
+        if let Some(t) = self.statement_timeout {
+            let mut options = pg.get_options().unwrap_or("").to_string();
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c statement_timeout={}", t.as_millis()));
+            pg.options(&options);
+        }
+        Ok(pg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn env_database_url_wins() {
+        let c = lookup(&[
+            ("DATABASE_URL", "postgres://u@db.example:6543/app"),
+            ("DB_HOST", "ignored"),
+            ("DB_MAX_CONNECTIONS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(c.pg.get_ports(), &[6543]);
+        assert_eq!(c.pg.get_user(), Some("u"));
+        assert_eq!(c.max_connections, 3);
+    }
+
+    #[test]
+    fn env_db_variables() {
+        let c = lookup(&[
+            ("DB_HOST", "h"),
+            ("DB_PORT", "7000"),
+            ("DB_NAME", "n"),
+            ("DB_USER", "u"),
+            ("DB_PASSWORD", "p@ss word"),
+            ("DB_SSL", "false"),
+            ("DB_SCHEMA", "s1"),
+        ])
+        .unwrap();
+        assert_eq!(c.pg.get_ports(), &[7000]);
+        assert_eq!(c.pg.get_dbname(), Some("n"));
+        assert_eq!(c.pg.get_password(), Some(&b"p@ss word"[..]));
+        assert_eq!(c.schema, "s1");
+        c.finish().unwrap();
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let e = lookup(&[("DB_PORT", "x")]).unwrap_err().to_string();
+        assert!(e.contains("DB_PORT"), "{e}");
+        let e = lookup(&[("DB_MAX_CONNECTIONS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("DB_MAX_CONNECTIONS"), "{e}");
+        let e = lookup(&[("DB_SSL", "maybe")]).unwrap_err().to_string();
+        assert!(e.contains("DB_SSL"), "{e}");
+        let e = lookup(&[("DATABASE_URL", "postgres://[")]).unwrap_err().to_string();
+        assert!(e.contains("DATABASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn tls_is_refused_not_ignored() {
+        let c = lookup(&[("DB_SSL", "true")]).unwrap();
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.contains("TLS"), "{e}");
+        let c = Config::new("postgres://u@h/db?sslmode=require").unwrap();
+        assert!(c.finish().is_err());
+    }
+
+    #[test]
+    fn hostile_schema_is_refused() {
+        let c = Config::new(DEFAULT_DATABASE_URL)
+            .unwrap()
+            .schema("x; DROP TABLE y");
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.contains("schema") && e.contains("x; DROP TABLE y"), "{e}");
+    }
+
+    #[test]
+    fn statement_timeout_goes_into_options() {
+        let c = Config::new("postgres://u@h/db?options=-c%20work_mem%3D4MB")
+            .unwrap()
+            .statement_timeout(Duration::from_millis(1500));
+        let pg = c.finish().unwrap();
+        assert_eq!(
+            pg.get_options(),
+            Some("-c work_mem=4MB -c statement_timeout=1500")
+        );
+    }
+}

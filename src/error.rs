@@ -1,0 +1,206 @@
+//! The one error type of the crate.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use crate::event::ExpectedVersion;
+
+/// A `Result` whose error defaults to this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `pg_eventstore`.
+///
+/// Domain errors carry their data; wrapped failures keep their cause, reachable through
+/// [`std::error::Error::source`] and printed by `Display`, so a log line says *why* (the
+/// SQLSTATE and server message, or "connection refused") and not only "db error".
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The stream was not at the version the append expected. Nothing was written.
+    WrongExpectedVersion {
+        /// The stream appended to.
+        stream: String,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's version when the append was refused (`None`: the stream does not
+        /// exist). `None` is also reported when a concurrent append won a race inside the
+        /// caller's own transaction and the winner has not committed yet.
+        actual: Option<u64>,
+    },
+    /// An event id given to an append already belongs to another event, and the append is
+    /// not an exact repeat of the one that wrote it. Nothing was written.
+    DuplicateEventId {
+        /// The stream appended to.
+        stream: String,
+        /// The id that is taken.
+        id: uuid::Uuid,
+    },
+    /// The input was refused before anything was sent; the text names the problem.
+    InvalidInput(String),
+    /// A configuration value is wrong or cannot be honoured; the text names it.
+    Config(String),
+    /// The schema has not been created yet: run [`Store::migrate`](crate::Store::migrate).
+    NotMigrated {
+        /// The configured schema.
+        schema: String,
+    },
+    /// The database holds a schema version this library does not know (a newer release
+    /// migrated it). Nothing was changed.
+    SchemaTooNew {
+        /// The version found in the history table.
+        found: i64,
+        /// The newest version this library knows.
+        supported: i64,
+    },
+    /// One transaction appended more events than one transaction can hold
+    /// (see [`MAX_EVENTS_PER_TRANSACTION`](crate::MAX_EVENTS_PER_TRANSACTION)).
+    TransactionTooLarge {
+        /// How many events the transaction would have held.
+        events: u64,
+    },
+    /// No connection could be had from the pool in time.
+    Pool {
+        /// What the pool reported, with its size and state.
+        message: String,
+        /// The last error seen while opening a connection, if any: the real cause when
+        /// the server is down or refuses us.
+        last_connect_error: Option<String>,
+    },
+    /// A PostgreSQL error: from the server (with SQLSTATE) or from the connection.
+    Postgres(postgres::Error),
+    /// Event data could not be turned into or out of JSON.
+    Json(serde_json::Error),
+}
+
+impl Error {
+    /// The SQLSTATE code when the server reported the error.
+    pub fn code(&self) -> Option<&postgres::error::SqlState> {
+        match self {
+            Error::Postgres(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a [`Error::WrongExpectedVersion`].
+    pub fn is_wrong_expected_version(&self) -> bool {
+        matches!(self, Error::WrongExpectedVersion { .. })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::WrongExpectedVersion {
+                stream,
+                expected,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "wrong expected version for stream {stream:?}: expected {expected}, but "
+                )?;
+                match actual {
+                    Some(v) => write!(f, "the stream is at version {v}"),
+                    None => write!(f, "the stream does not exist"),
+                }
+            }
+            Error::DuplicateEventId { stream, id } => write!(
+                f,
+                "event id {id} is already used by another event (appending to stream {stream:?})"
+            ),
+            Error::InvalidInput(msg) => write!(f, "invalid input: {msg}"),
+            Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
+            Error::NotMigrated { schema } => write!(
+                f,
+                "the event store schema {schema:?} has not been created: run Store::migrate() first"
+            ),
+            Error::SchemaTooNew { found, supported } => write!(
+                f,
+                "the database schema is at version {found}, but this version of pg-eventstore \
+                 knows versions up to {supported}: upgrade pg-eventstore"
+            ),
+            Error::TransactionTooLarge { events } => write!(
+                f,
+                "one transaction may append at most {} events, this one would hold {events}",
+                crate::MAX_EVENTS_PER_TRANSACTION
+            ),
+            Error::Pool {
+                message,
+                last_connect_error,
+            } => {
+                write!(f, "{message}")?;
+                if let Some(cause) = last_connect_error {
+                    write!(f, "; last connection error: {cause}")?;
+                }
+                Ok(())
+            }
+            Error::Postgres(e) => write_postgres_error(f, e),
+            Error::Json(e) => write!(f, "JSON error: {e}"),
+        }
+    }
+}
+
+/// `postgres::Error` prints only "db error"; print the server's words and SQLSTATE,
+/// or the I/O cause, too.
+fn write_postgres_error(f: &mut fmt::Formatter<'_>, e: &postgres::Error) -> fmt::Result {
+    if let Some(db) = e.as_db_error() {
+        write!(
+            f,
+            "database error {}: {}: {}",
+            db.code().code(),
+            db.severity(),
+            db.message()
+        )?;
+        if let Some(detail) = db.detail() {
+            write!(f, " (detail: {detail})")?;
+        }
+        if let Some(c) = db.constraint() {
+            write!(f, " (constraint: {c})")?;
+        }
+        return Ok(());
+    }
+    write!(f, "{e}")?;
+    let mut source = e.source();
+    while let Some(s) = source {
+        write!(f, ": {s}")?;
+        source = s.source();
+    }
+    Ok(())
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Error::Postgres(e) => Some(e),
+            Error::Json(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Self {
+        Error::Postgres(e)
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Json(e)
+    }
+}
+
+/// Renders an error and its whole `source()` chain on one line.
+pub(crate) fn chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = c.source();
+    }
+    s
+}

@@ -1,0 +1,328 @@
+//! Events going in ([`EventData`]) and coming out ([`RecordedEvent`]), and the version
+//! an append expects ([`ExpectedVersion`]).
+
+use std::fmt;
+use std::time::SystemTime;
+
+use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The longest stream id accepted, in bytes.
+pub const MAX_STREAM_ID_BYTES: usize = 512;
+/// The longest event type accepted, in bytes.
+pub const MAX_EVENT_TYPE_BYTES: usize = 256;
+
+/// What version an append expects the stream to be at.
+///
+/// Versions count from **0**: the first event of a stream has version 0, the tenth has
+/// version 9. `Exact(n)` therefore means "the stream's last event has version `n`", that
+/// is, the stream holds exactly `n + 1` events. The same convention holds everywhere in
+/// the API: [`RecordedEvent::version`], [`AppendResult`], and stream reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExpectedVersion {
+    /// No check: append to the end of the stream, whatever it holds.
+    Any,
+    /// The stream must not exist (hold no events).
+    NoStream,
+    /// The stream must exist (hold at least one event).
+    StreamExists,
+    /// The stream's last event must have exactly this version.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Encodes the expectation as the (kind, version) pair the append statement takes.
+    pub(crate) fn to_params(self) -> (i32, i64) {
+        match self {
+            ExpectedVersion::Any => (0, 0),
+            ExpectedVersion::NoStream => (1, 0),
+            ExpectedVersion::StreamExists => (2, 0),
+            ExpectedVersion::Exact(v) => (3, v as i64),
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::StreamExists => f.write_str("an existing stream"),
+            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// An event to append: a type name, JSON data, optional JSON metadata and an id.
+///
+/// The data is serialized once, when the `EventData` is built.
+///
+/// ```
+/// use pg_eventstore::EventData;
+/// #[derive(serde::Serialize)]
+/// struct Deposited { amount: u64 }
+///
+/// let event = EventData::new("Deposited", &Deposited { amount: 10 })?
+///     .metadata(&serde_json::json!({ "correlationId": "req-17" }))?;
+/// assert_eq!(event.event_type(), "Deposited");
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventData {
+    pub(crate) id: Uuid,
+    pub(crate) event_type: String,
+    pub(crate) data: Vec<u8>,
+    pub(crate) metadata: Option<Vec<u8>>,
+}
+
+impl EventData {
+    /// An event of type `event_type` whose data is `data` serialized as JSON.
+    /// The id is a fresh UUIDv7; set your own with [`EventData::id`] to make retries
+    /// idempotent across processes.
+    pub fn new<T: Serialize + ?Sized>(event_type: impl Into<String>, data: &T) -> Result<Self> {
+        Ok(Self::from_json_bytes(
+            event_type.into(),
+            serde_json::to_vec(data)?,
+        ))
+    }
+
+    /// An event whose data is a JSON value.
+    pub fn json(event_type: impl Into<String>, data: Value) -> Self {
+        let bytes = serde_json::to_vec(&data).expect("a serde_json::Value always serializes");
+        Self::from_json_bytes(event_type.into(), bytes)
+    }
+
+    fn from_json_bytes(event_type: String, data: Vec<u8>) -> Self {
+        EventData {
+            id: Uuid::now_v7(),
+            event_type,
+            data,
+            metadata: None,
+        }
+    }
+
+    /// Sets the event id. Appending the same ids to the same stream again (after a lost
+    /// reply, say) returns the original result instead of writing duplicates.
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Sets the metadata (correlation and causation ids, the user, ...), serialized as JSON.
+    pub fn metadata<M: Serialize + ?Sized>(mut self, metadata: &M) -> Result<Self> {
+        self.metadata = Some(serde_json::to_vec(metadata)?);
+        Ok(self)
+    }
+
+    /// The event id.
+    pub fn event_id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The event type.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The data as JSON text.
+    pub fn data_json(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Checks what PostgreSQL would refuse half-way through a write, so that a bad event
+    /// fails the whole append before anything is sent.
+    pub(crate) fn validate(&self, index: usize) -> Result<()> {
+        validate_text("event type", &self.event_type, MAX_EVENT_TYPE_BYTES)
+            .map_err(|m| Error::InvalidInput(format!("event {index}: {m}")))?;
+        if has_nul_escape(&self.data) {
+            return Err(Error::InvalidInput(format!(
+                "event {index} ({}): its data contains the NUL character \\u0000, which \
+                 PostgreSQL's jsonb cannot store",
+                self.event_type
+            )));
+        }
+        if self.metadata.as_deref().is_some_and(has_nul_escape) {
+            return Err(Error::InvalidInput(format!(
+                "event {index} ({}): its metadata contains the NUL character \\u0000, which \
+                 PostgreSQL's jsonb cannot store",
+                self.event_type
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a stream id: not empty, no NUL byte, at most [`MAX_STREAM_ID_BYTES`].
+pub(crate) fn validate_stream_id(stream: &str) -> Result<()> {
+    validate_text("stream id", stream, MAX_STREAM_ID_BYTES).map_err(Error::InvalidInput)
+}
+
+pub(crate) fn validate_text(
+    what: &str,
+    text: &str,
+    max: usize,
+) -> std::result::Result<(), String> {
+    if text.is_empty() {
+        return Err(format!("the {what} is empty"));
+    }
+    if text.len() > max {
+        return Err(format!(
+            "the {what} is {} bytes long; at most {max} are allowed",
+            text.len()
+        ));
+    }
+    if text.contains('\0') {
+        return Err(format!(
+            "the {what} {text:?} contains a NUL byte, which PostgreSQL text cannot store"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether serialized JSON holds the escape `\u0000` (an unescaped backslash followed by
+/// `u0000`). serde_json escapes a NUL character that way, and jsonb refuses it.
+fn has_nul_escape(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] == b'\\' {
+            if json[i + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            i += 2; // skip the escaped character, so `\\u0000` is not taken for one
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// JSON text sent as `jsonb` without parsing it into a `Value` first.
+#[derive(Debug)]
+pub(crate) struct JsonText<'a>(pub(crate) &'a [u8]);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.extend_from_slice(&[1]); // jsonb binary format version
+        }
+        out.extend_from_slice(self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
+/// An event as stored: what was appended plus where and when it was recorded.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct RecordedEvent {
+    /// The event id.
+    pub id: Uuid,
+    /// The stream the event belongs to.
+    pub stream_id: String,
+    /// The event's version in its stream, counting from 0.
+    pub version: u64,
+    /// The event's global position: unique, and increasing in the order in which `$all`
+    /// readers and subscriptions deliver events. Positions are sparse (see the crate docs).
+    pub position: u64,
+    /// The event type.
+    pub event_type: String,
+    /// The event data.
+    pub data: Value,
+    /// The event metadata, if any was given.
+    pub metadata: Option<Value>,
+    /// When the event was recorded (the append transaction's start time on the server).
+    pub recorded_at: SystemTime,
+}
+
+impl RecordedEvent {
+    /// Deserializes the data into `T`.
+    pub fn data_as<T: DeserializeOwned>(&self) -> Result<T> {
+        Ok(T::deserialize(&self.data)?)
+    }
+
+    /// Deserializes the metadata into `T` (`Ok(None)` when there is none).
+    pub fn metadata_as<T: DeserializeOwned>(&self) -> Result<Option<T>> {
+        match &self.metadata {
+            None => Ok(None),
+            Some(m) => Ok(Some(T::deserialize(m)?)),
+        }
+    }
+
+    pub(crate) fn from_row(row: &postgres::Row) -> Result<Self> {
+        Ok(RecordedEvent {
+            position: row.try_get::<_, i64>(0)? as u64,
+            id: row.try_get(1)?,
+            stream_id: row.try_get(2)?,
+            version: row.try_get::<_, i64>(3)? as u64,
+            event_type: row.try_get(4)?,
+            data: row.try_get(5)?,
+            metadata: row.try_get(6)?,
+            recorded_at: row.try_get(7)?,
+        })
+    }
+}
+
+/// What an append wrote (or, for a repeated append, what the original wrote).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AppendResult {
+    /// Version of the first event appended.
+    pub first_version: u64,
+    /// Version of the last event appended: the stream's version now, and what to pass as
+    /// `ExpectedVersion::Exact` for the next append.
+    pub last_version: u64,
+    /// Global position of the first event appended.
+    pub first_position: u64,
+    /// Global position of the last event appended.
+    pub last_position: u64,
+    /// `true` when these events were already stored by an earlier call with the same ids,
+    /// and this call wrote nothing.
+    pub was_duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_escape_detection() {
+        assert!(has_nul_escape(br#"{"a":"x\u0000y"}"#));
+        assert!(has_nul_escape(br#"{"a\u0000":1}"#));
+        assert!(!has_nul_escape(br#"{"a":"x\\u0000y"}"#));
+        assert!(has_nul_escape(br#"{"a":"x\\\u0000y"}"#));
+        assert!(!has_nul_escape(br#"{"a":"\u0001"}"#));
+        let e = EventData::json("T", serde_json::json!({"s": "a\0b"}));
+        assert!(e.validate(0).is_err());
+    }
+
+    #[test]
+    fn text_validation() {
+        assert!(validate_stream_id("").is_err());
+        assert!(validate_stream_id("a\0b").is_err());
+        assert!(validate_stream_id(&"x".repeat(MAX_STREAM_ID_BYTES + 1)).is_err());
+        assert!(validate_stream_id(&"x".repeat(MAX_STREAM_ID_BYTES)).is_ok());
+        let e = EventData::json("", Value::Null);
+        let msg = e.validate(3).unwrap_err().to_string();
+        assert!(msg.contains("event 3") && msg.contains("event type is empty"), "{msg}");
+    }
+
+    #[test]
+    fn expected_version_params() {
+        assert_eq!(ExpectedVersion::Exact(7).to_params(), (3, 7));
+        assert_eq!(ExpectedVersion::NoStream.to_string(), "no stream");
+    }
+}

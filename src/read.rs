@@ -1,0 +1,469 @@
+//! Reads: options ([`ReadStream`], [`ReadAll`]) and the iterator they produce ([`Events`]).
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use postgres::types::ToSql;
+use postgres::Row;
+
+use crate::error::{Error, Result};
+use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES};
+use crate::store::{Conn, Store};
+
+/// Which way a read goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first.
+    Forwards,
+    /// Newest first.
+    Backwards,
+}
+
+/// Options for [`Store::read_stream`].
+///
+/// ```
+/// use pg_eventstore::ReadStream;
+/// // Versions 10, 11, ... up to 59.
+/// let page = ReadStream::forwards().from_version(10).max_count(50);
+/// // The last event of the stream.
+/// let last = ReadStream::backwards().max_count(1);
+/// # let _ = (page, last);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadStream {
+    pub(crate) direction: Direction,
+    pub(crate) from: Option<u64>,
+    pub(crate) max_count: Option<u64>,
+}
+
+impl ReadStream {
+    /// From the first event (version 0) on.
+    pub fn forwards() -> Self {
+        ReadStream {
+            direction: Direction::Forwards,
+            from: None,
+            max_count: None,
+        }
+    }
+
+    /// From the last event back to the first.
+    pub fn backwards() -> Self {
+        ReadStream {
+            direction: Direction::Backwards,
+            ..ReadStream::forwards()
+        }
+    }
+
+    /// Starts at this version, inclusive (forwards: this one and later ones; backwards:
+    /// this one and earlier ones).
+    pub fn from_version(mut self, version: u64) -> Self {
+        self.from = Some(version);
+        self
+    }
+
+    /// Reads at most `n` events.
+    pub fn max_count(mut self, n: u64) -> Self {
+        self.max_count = Some(n);
+        self
+    }
+}
+
+/// Options for [`Store::read_all`]: the whole log in the global order.
+///
+/// ```
+/// use pg_eventstore::ReadAll;
+/// // Order events after position 4096, of two types, in streams named "order-…".
+/// let options = ReadAll::after(4096)
+///     .category("order-")
+///     .event_types(["OrderPlaced", "OrderShipped"]);
+/// # let _ = options;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadAll {
+    pub(crate) direction: Direction,
+    pub(crate) position: Option<u64>,
+    pub(crate) max_count: Option<u64>,
+    pub(crate) category: Option<String>,
+    pub(crate) event_types: Option<Vec<String>>,
+}
+
+impl ReadAll {
+    /// From the first event on.
+    pub fn from_start() -> Self {
+        ReadAll {
+            direction: Direction::Forwards,
+            position: None,
+            max_count: None,
+            category: None,
+            event_types: None,
+        }
+    }
+
+    /// Events after `position`, exclusive: pass the position of the last event you
+    /// processed to go on from there.
+    pub fn after(position: u64) -> Self {
+        ReadAll {
+            position: Some(position),
+            ..ReadAll::from_start()
+        }
+    }
+
+    /// From the newest event back to the oldest.
+    pub fn backwards() -> Self {
+        ReadAll {
+            direction: Direction::Backwards,
+            ..ReadAll::from_start()
+        }
+    }
+
+    /// Backwards from before `position`, exclusive.
+    pub fn backwards_before(position: u64) -> Self {
+        ReadAll {
+            position: Some(position),
+            ..ReadAll::backwards()
+        }
+    }
+
+    /// Reads at most `n` events.
+    pub fn max_count(mut self, n: u64) -> Self {
+        self.max_count = Some(n);
+        self
+    }
+
+    /// Only events of streams whose id starts with `prefix` (a category such as
+    /// `"order-"`). The prefix is compared as text, not as a pattern.
+    pub fn category(mut self, prefix: impl Into<String>) -> Self {
+        self.category = Some(prefix.into());
+        self
+    }
+
+    /// Only events of these types.
+    pub fn event_types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.event_types = Some(types.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let Some(c) = &self.category {
+            validate_text("category prefix", c, MAX_STREAM_ID_BYTES).map_err(Error::InvalidInput)?;
+        }
+        if let Some(types) = &self.event_types {
+            if types.is_empty() {
+                return Err(Error::InvalidInput(
+                    "the event type filter is empty, so nothing could match".into(),
+                ));
+            }
+            for t in types {
+                validate_text("event type filter", t, MAX_EVENT_TYPE_BYTES)
+                    .map_err(Error::InvalidInput)?;
+            }
+        }
+        if self.position.is_some_and(|p| p > i64::MAX as u64) {
+            return Err(Error::InvalidInput("the position is out of range".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a read walks over, and where it has got to (a keyset bound, so that the read
+/// can go on in a cursor after its first page).
+#[derive(Debug)]
+enum Query {
+    Stream {
+        stream: String,
+        forwards: bool,
+        /// The next version to read (inclusive); `i64::MAX` backwards means "the end".
+        next: i64,
+    },
+    All {
+        forwards: bool,
+        /// The exclusive bound: after it (forwards) or before it (backwards).
+        bound: i64,
+        category: Option<String>,
+        types: Option<Vec<String>>,
+    },
+}
+
+impl Query {
+    fn key(&self) -> (&'static str, &'static str) {
+        match self {
+            Query::Stream { forwards: true, .. } => ("read_stream_fw", "declare_stream_fw"),
+            Query::Stream { forwards: false, .. } => ("read_stream_bw", "declare_stream_bw"),
+            Query::All { forwards: true, .. } => ("read_all_fw", "declare_all_fw"),
+            Query::All { forwards: false, .. } => ("read_all_bw", "declare_all_bw"),
+        }
+    }
+
+    fn sql<'s>(&self, store: &'s Store) -> &'s str {
+        let sql = &store.inner.sql;
+        match self {
+            Query::Stream { forwards: true, .. } => &sql.read_stream_forwards,
+            Query::Stream { forwards: false, .. } => &sql.read_stream_backwards,
+            Query::All { forwards: true, .. } => &sql.read_all_forwards,
+            Query::All { forwards: false, .. } => &sql.read_all_backwards,
+        }
+    }
+
+    fn params<'a>(&'a self, limit: &'a Option<i64>) -> Vec<&'a (dyn ToSql + Sync)> {
+        match self {
+            Query::Stream { stream, next, .. } => vec![stream, next, limit],
+            Query::All {
+                bound,
+                category,
+                types,
+                ..
+            } => vec![bound, category, types, limit],
+        }
+    }
+
+    /// Moves the bound past `event`.
+    fn advance(&mut self, event: &RecordedEvent) {
+        match self {
+            Query::Stream { forwards, next, .. } => {
+                *next = if *forwards {
+                    event.version as i64 + 1
+                } else {
+                    event.version as i64 - 1
+                }
+            }
+            Query::All { bound, .. } => *bound = event.position as i64,
+        }
+    }
+
+    /// Whether a backwards stream read has gone below version 0.
+    fn is_exhausted(&self) -> bool {
+        matches!(self, Query::Stream { forwards: false, next, .. } if *next < 0)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// Nothing fetched yet: the first page is a plain query, no transaction.
+    Start,
+    /// The first page was full: the rest comes through a cursor.
+    NeedCursor,
+    /// A cursor is open in a read-only transaction on `conn`.
+    Cursor,
+    /// Everything is fetched; the connection is back in the pool.
+    Done,
+}
+
+const CURSOR: &str = "pg_eventstore_read";
+
+/// The events of a read, in order: an `Iterator<Item = Result<RecordedEvent>>`.
+///
+/// The first page is one plain query; a read that goes on past it opens a read-only
+/// transaction with a server-side cursor and fetches a page per round trip, so memory
+/// stays at one page however long the read. The transaction ends, and the pooled
+/// connection goes back to the pool, as soon as the last page has arrived, when the
+/// iterator is dropped, or after an error (after which it yields `None`).
+///
+/// An open cursor holds a snapshot, and a snapshot held for a long time holds back
+/// VACUUM in the whole database. A batch job that reads for hours should read in slices
+/// instead: `ReadAll::after(last).max_count(100_000)`, one slice after the other, each
+/// its own short transaction.
+pub struct Events {
+    store: Store,
+    conn: Option<Conn>,
+    query: Query,
+    state: State,
+    rows: VecDeque<Row>,
+    remaining: Option<u64>,
+    page: u64,
+}
+
+impl fmt::Debug for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events")
+            .field("query", &self.query)
+            .field("state", &self.state)
+            .field("buffered", &self.rows.len())
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl Events {
+    pub(crate) fn stream(store: Store, stream: String, options: ReadStream) -> Events {
+        let forwards = options.direction == Direction::Forwards;
+        let next = match (options.from, forwards) {
+            (Some(v), _) => v.min(i64::MAX as u64) as i64,
+            (None, true) => 0,
+            (None, false) => i64::MAX,
+        };
+        Events::new(
+            store,
+            Query::Stream {
+                stream,
+                forwards,
+                next,
+            },
+            options.max_count,
+        )
+    }
+
+    pub(crate) fn all(store: Store, options: ReadAll) -> Events {
+        let forwards = options.direction == Direction::Forwards;
+        let bound = match (options.position, forwards) {
+            (Some(p), _) => p as i64,
+            (None, true) => -1,
+            (None, false) => i64::MAX,
+        };
+        Events::new(
+            store,
+            Query::All {
+                forwards,
+                bound,
+                category: options.category,
+                types: options.event_types,
+            },
+            options.max_count,
+        )
+    }
+
+    fn new(store: Store, query: Query, max_count: Option<u64>) -> Events {
+        let page = store.inner.config.read_page_size as u64;
+        Events {
+            store,
+            conn: None,
+            query,
+            state: State::Start,
+            rows: VecDeque::new(),
+            remaining: max_count,
+            page,
+        }
+    }
+
+    /// Fetches the next page into `rows`, moving through the states.
+    fn fetch(&mut self) -> Result<()> {
+        loop {
+            if self.remaining == Some(0) || self.query.is_exhausted() {
+                return self.finish();
+            }
+            match self.state {
+                State::Done => return Ok(()),
+                State::Start => {
+                    let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
+                    let (key, _) = self.query.key();
+                    let mut conn = self.store.conn()?;
+                    let statement = self.store.prepared(&mut conn, key, self.query.sql(&self.store))?;
+                    let limit_param = Some(limit as i64);
+                    let rows = conn
+                        .query(&statement, &self.query.params(&limit_param))
+                        .map_err(|e| self.store.map_error(e))?;
+                    self.conn = Some(conn);
+                    let full = rows.len() as u64 == limit;
+                    self.rows.extend(rows);
+                    if full && self.remaining.is_none_or(|r| r > limit) {
+                        self.state = State::NeedCursor;
+                    } else {
+                        self.finish()?;
+                    }
+                    return Ok(());
+                }
+                State::NeedCursor => {
+                    // The first page is still buffered: the cursor starts after it.
+                    let conn = self.conn.as_mut().expect("kept after the first page");
+                    conn.batch_execute("BEGIN READ ONLY")?;
+                    self.state = State::Cursor;
+                    let (_, key) = self.query.key();
+                    let declare = format!(
+                        "DECLARE {CURSOR} NO SCROLL CURSOR FOR {}",
+                        self.query.sql(&self.store)
+                    );
+                    let mut conn = self.conn.take().expect("kept after the first page");
+                    let result = self.store.prepared(&mut conn, key, &declare).and_then(|s| {
+                        let limit = self.remaining.map(|r| r as i64);
+                        conn.execute(&s, &self.query.params(&limit))
+                            .map_err(|e| self.store.map_error(e))
+                    });
+                    self.conn = Some(conn);
+                    result?;
+                    // Falls through to the first FETCH.
+                }
+                State::Cursor => {
+                    let fetch = format!("FETCH FORWARD {} FROM {CURSOR}", self.page);
+                    let mut conn = self.conn.take().expect("a cursor has its connection");
+                    let result = self
+                        .store
+                        .prepared(&mut conn, "fetch", &fetch)
+                        .and_then(|s| conn.query(&s, &[]).map_err(|e| self.store.map_error(e)));
+                    self.conn = Some(conn);
+                    let rows = result?;
+                    let last = (rows.len() as u64) < self.page;
+                    self.rows.extend(rows);
+                    if last {
+                        self.finish()?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Ends the transaction, if any, and gives the connection back.
+    fn finish(&mut self) -> Result<()> {
+        let in_tx = self.state == State::Cursor;
+        self.state = State::Done;
+        if let Some(mut conn) = self.conn.take() {
+            if in_tx {
+                conn.batch_execute("COMMIT")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: Error) -> Option<Result<RecordedEvent>> {
+        self.rows.clear();
+        self.abandon();
+        Some(Err(e))
+    }
+
+    /// Rolls back an open transaction and gives the connection back. If the rollback
+    /// fails the connection is broken, and the pool drops it instead of reusing it.
+    fn abandon(&mut self) {
+        let in_tx = self.state == State::Cursor;
+        self.state = State::Done;
+        if let Some(mut conn) = self.conn.take() {
+            if in_tx {
+                let _ = conn.batch_execute("ROLLBACK");
+            }
+        }
+    }
+}
+
+impl Iterator for Events {
+    type Item = Result<RecordedEvent>;
+
+    fn next(&mut self) -> Option<Result<RecordedEvent>> {
+        if self.rows.is_empty() {
+            if self.state == State::Done {
+                return None;
+            }
+            if let Err(e) = self.fetch() {
+                return self.fail(e);
+            }
+        }
+        let row = self.rows.pop_front()?;
+        match RecordedEvent::from_row(&row) {
+            Ok(event) => {
+                self.query.advance(&event);
+                if let Some(r) = &mut self.remaining {
+                    *r -= 1;
+                }
+                Some(Ok(event))
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}

@@ -1,0 +1,185 @@
+//! The SQL text of one store, built once from its validated, quoted schema name.
+//!
+//! No user text is ever formatted into SQL: identifiers are checked by
+//! [`check_identifier`] and quoted, values travel as parameters.
+
+use crate::error::{Error, Result};
+
+/// How many low bits of a global position number the events of one transaction.
+/// The high bits are the appending transaction's id (`xid8`); see the crate docs.
+pub(crate) const POSITION_BITS: u32 = 20;
+
+/// The most events one transaction can append.
+pub const MAX_EVENTS_PER_TRANSACTION: u64 = 1 << POSITION_BITS;
+
+/// Accepts a plain SQL identifier: ASCII letters, digits and `_`, not starting with a digit,
+/// 1 to 63 bytes. Everything else is refused with a message naming the value.
+pub(crate) fn check_identifier(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "the {what} name {name:?} is not allowed: use 1 to 63 ASCII letters, digits and \
+             underscores, not starting with a digit"
+        )))
+    }
+}
+
+/// Quotes an identifier already accepted by [`check_identifier`].
+pub(crate) fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The columns every read returns, in the order `RecordedEvent::from_row` expects.
+const COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
+                       data, metadata, recorded_at";
+
+/// The position below which every event is final: all transactions with a smaller id
+/// than the reading snapshot's `xmin` have ended, so no event can still appear below it.
+pub(crate) const HORIZON: &str =
+    "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)";
+
+/// All statements of one store.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) schema: String,
+    pub(crate) append: String,
+    pub(crate) stream_head: String,
+    pub(crate) read_stream_forwards: String,
+    pub(crate) read_stream_backwards: String,
+    pub(crate) read_all_forwards: String,
+    pub(crate) read_all_backwards: String,
+    pub(crate) head_position: String,
+    pub(crate) save_snapshot: String,
+    pub(crate) load_snapshot: String,
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &str) -> Sql {
+        let s = quote(schema);
+        let events = format!("{s}.events");
+        let max = MAX_EVENTS_PER_TRANSACTION;
+        let bits = POSITION_BITS;
+        // One statement, one round trip: find repeats of these ids, check the expected
+        // version against the stream's head, claim positions inside this transaction's
+        // slot, insert. A concurrent writer that slips in between is caught by the unique
+        // constraints, not by this read.
+        let append = format!(
+            "WITH input AS (
+    SELECT t.event_id, t.event_type, t.data, t.metadata, t.n
+      FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+           WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
+), dup AS (
+    SELECT e.stream_id, e.stream_version, e.global_position, i.n,
+           (e.event_type = i.event_type AND e.data = i.data
+            AND e.metadata IS NOT DISTINCT FROM i.metadata) AS same
+      FROM input i JOIN {events} e ON e.event_id = i.event_id
+), head AS (
+    SELECT (SELECT e.stream_version FROM {events} e WHERE e.stream_id = $1
+             ORDER BY e.stream_version DESC LIMIT 1) AS v
+), slot_range AS (
+    SELECT pg_current_xact_id()::text::bigint << {bits} AS lo
+), slot AS (
+    SELECT COALESCE((SELECT max(e.global_position) + 1 FROM {events} e, slot_range r
+                      WHERE e.global_position >= r.lo AND e.global_position < r.lo + {max}),
+                    (SELECT lo FROM slot_range)) AS p
+), ok AS (
+    SELECT h.v, s.p FROM head h, slot s, slot_range r
+     WHERE NOT EXISTS (SELECT 1 FROM dup)
+       AND s.p + (SELECT count(*) FROM input) <= r.lo + {max}
+       AND CASE $6::int WHEN 0 THEN true
+                        WHEN 1 THEN h.v IS NULL
+                        WHEN 2 THEN h.v IS NOT NULL
+                        ELSE h.v = $7::bigint END
+), ins AS (
+    INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+    SELECT ok.p + i.n - 1, i.event_id, $1, COALESCE(ok.v, -1) + i.n, i.event_type, i.data, i.metadata
+      FROM input i, ok
+    RETURNING global_position
+)
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT min(global_position) FROM ins) AS first_position,
+       (SELECT max(global_position) FROM ins) AS last_position,
+       (SELECT v FROM head) AS head,
+       (SELECT p FROM slot) - (SELECT lo FROM slot_range) + (SELECT count(*) FROM input) AS tx_events,
+       (SELECT array_agg(d.stream_id ORDER BY d.n) FROM dup d) AS dup_streams,
+       (SELECT array_agg(d.stream_version ORDER BY d.n) FROM dup d) AS dup_versions,
+       (SELECT array_agg(d.global_position ORDER BY d.n) FROM dup d) AS dup_positions,
+       (SELECT array_agg(d.n ORDER BY d.n) FROM dup d) AS dup_index,
+       (SELECT bool_and(d.same) FROM dup d) AS dup_same"
+        );
+        Sql {
+            append,
+            stream_head: format!(
+                "SELECT max(stream_version) FROM {events} WHERE stream_id = $1"
+            ),
+            read_stream_forwards: format!(
+                "SELECT {COLUMNS} FROM {events}
+                  WHERE stream_id = $1 AND stream_version >= $2
+                  ORDER BY stream_version LIMIT $3"
+            ),
+            read_stream_backwards: format!(
+                "SELECT {COLUMNS} FROM {events}
+                  WHERE stream_id = $1 AND stream_version <= $2
+                  ORDER BY stream_version DESC LIMIT $3"
+            ),
+            read_all_forwards: format!(
+                "SELECT {COLUMNS} FROM {events}
+                  WHERE global_position > $1 AND global_position < {HORIZON}
+                    AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
+                    AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+                  ORDER BY global_position LIMIT $4"
+            ),
+            read_all_backwards: format!(
+                "SELECT {COLUMNS} FROM {events}
+                  WHERE global_position < LEAST($1, {HORIZON})
+                    AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
+                    AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+                  ORDER BY global_position DESC LIMIT $4"
+            ),
+            head_position: format!(
+                "SELECT max(global_position) FROM {events} WHERE global_position < {HORIZON}"
+            ),
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots AS old (stream_id, version, data) VALUES ($1, $2, $3)
+                 ON CONFLICT (stream_id) DO UPDATE
+                   SET version = excluded.version, data = excluded.data, created_at = now()
+                 WHERE old.version <= excluded.version"
+            ),
+            load_snapshot: format!(
+                "SELECT version, data, created_at FROM {s}.snapshots WHERE stream_id = $1"
+            ),
+            schema: schema.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        for ok in ["eventstore", "_x", "A1_b", &"a".repeat(63)] {
+            check_identifier("schema", ok).unwrap();
+        }
+        for bad in [
+            "",
+            "1abc",
+            "x; DROP TABLE y",
+            "a\"b",
+            "a-b",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(check_identifier("schema", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(quote("ab"), "\"ab\"");
+    }
+}

@@ -1,0 +1,541 @@
+//! The [`Store`]: a connection pool plus the statements of one schema.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use postgres::error::SqlState;
+use postgres::types::{ToSql, Type};
+use postgres::{GenericClient, NoTls, Row, Statement};
+use r2d2::PooledConnection;
+use r2d2_postgres::PostgresConnectionManager;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::error::{chain, Error, Result};
+use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion, JsonText};
+use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
+use crate::read::{Events, ReadAll, ReadStream};
+use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
+
+pub(crate) type Manager = PostgresConnectionManager<NoTls>;
+pub(crate) type Conn = PooledConnection<Manager>;
+
+/// How often an append that lost a race on a unique constraint is re-run. The re-run sees
+/// the winner, so it either succeeds (`Any`, or a repeat of the same ids) or reports the
+/// conflict; only a stream under constant contention with `Any` needs more than one.
+const APPEND_ATTEMPTS: usize = 20;
+
+/// An event store on one PostgreSQL schema. Cheap to clone: clones share the pool.
+///
+/// ```no_run
+/// use pg_eventstore::{Config, EventData, ExpectedVersion, ReadStream, Store};
+///
+/// let store = Store::connect(Config::from_env()?)?;
+/// store.migrate()?;
+/// let event = EventData::json("Opened", serde_json::json!({ "owner": "ada" }));
+/// store.append("account-1", ExpectedVersion::NoStream, &[event])?;
+/// for event in store.read_stream("account-1", ReadStream::forwards())? {
+///     println!("{:?}", event?);
+/// }
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: r2d2::Pool<Manager>,
+    pub(crate) sql: Sql,
+    pub(crate) config: Config,
+    last_connect_error: Arc<Mutex<Option<String>>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("schema", &self.inner.sql.schema)
+            .field("pool", &self.inner.pool.state())
+            .finish()
+    }
+}
+
+/// Keeps the full text of the last connection error; r2d2 keeps only a short phrase.
+#[derive(Debug)]
+struct RecordConnectError(Arc<Mutex<Option<String>>>);
+
+impl r2d2::HandleError<postgres::Error> for RecordConnectError {
+    fn handle_error(&self, error: postgres::Error) {
+        *self.0.lock().unwrap() = Some(chain(&error));
+    }
+}
+
+/// Prepared statements of one pooled connection, kept in its r2d2 extensions.
+#[derive(Default)]
+struct Statements(HashMap<&'static str, Statement>);
+
+impl Store {
+    /// Opens a pool with `config` and checks the server: it must be reachable and its
+    /// schema (if any) must not be newer than this library. An unmigrated schema is fine
+    /// here: call [`Store::migrate`] to create it.
+    pub fn connect(config: Config) -> Result<Store> {
+        let pg = config.finish()?;
+        let last_connect_error = Arc::new(Mutex::new(None));
+        let pool = r2d2::Pool::builder()
+            .max_size(config.max_connections)
+            .min_idle(Some(config.min_idle))
+            .connection_timeout(config.connection_timeout)
+            .idle_timeout(config.idle_timeout)
+            .max_lifetime(config.max_lifetime)
+            // A check on every checkout costs a round trip per call; broken connections
+            // are found by the call that uses them instead.
+            .test_on_check_out(false)
+            .error_handler(Box::new(RecordConnectError(last_connect_error.clone())))
+            .build_unchecked(PostgresConnectionManager::new(pg, NoTls));
+        let store = Store {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Sql::new(&config.schema),
+                config,
+                last_connect_error,
+            }),
+        };
+        let version = store.schema_version()?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(store)
+    }
+
+    /// Opens a store with [`Config::from_env`].
+    pub fn from_env() -> Result<Store> {
+        Store::connect(Config::from_env()?)
+    }
+
+    /// Creates or upgrades the schema. Safe to call from many processes at once (an
+    /// advisory lock serialises them) and to call again (it does nothing then).
+    pub fn migrate(&self) -> Result<MigrationReport> {
+        let mut conn = self.conn()?;
+        let config = &self.inner.config;
+        migrate::run(&mut conn, &config.schema, &config.migrations_table)
+    }
+
+    /// The schema version recorded in the database (0 before [`Store::migrate`]).
+    pub fn schema_version(&self) -> Result<i64> {
+        let mut conn = self.conn()?;
+        let config = &self.inner.config;
+        migrate::current_version(&mut *conn, &config.schema, &config.migrations_table)
+    }
+
+    /// The configured schema name.
+    pub fn schema(&self) -> &str {
+        &self.inner.sql.schema
+    }
+
+    /// The connection pool, for your own queries alongside the store.
+    pub fn pool(&self) -> &r2d2::Pool<PostgresConnectionManager<NoTls>> {
+        &self.inner.pool
+    }
+
+    /// Appends `events` to `stream` atomically, if the stream is at the `expected` version.
+    ///
+    /// One statement, one round trip. Versions count from 0 (see [`ExpectedVersion`]).
+    /// A conflict is [`Error::WrongExpectedVersion`] and writes nothing. Appending events
+    /// whose ids are already stored, to the same stream, in the same order, returns the
+    /// original result with [`AppendResult::was_duplicate`] set: a retry after a lost reply
+    /// never writes twice.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
+    /// # let store = Store::from_env()?;
+    /// let first = store.append("cart-7", ExpectedVersion::NoStream, &[
+    ///     EventData::json("Created", serde_json::json!({})),
+    /// ])?;
+    /// assert_eq!(first.last_version, 0);
+    /// store.append("cart-7", ExpectedVersion::Exact(first.last_version), &[
+    ///     EventData::json("ItemAdded", serde_json::json!({ "sku": "A-1" })),
+    ///     EventData::json("ItemAdded", serde_json::json!({ "sku": "B-2" })),
+    /// ])?;
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+    ) -> Result<AppendResult> {
+        let input = AppendInput::new(stream, expected, events)?;
+        let mut conn = self.conn()?;
+        let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match conn.query_one(&statement, &input.params()) {
+                Ok(row) => return input.outcome(&row),
+                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {
+                    continue
+                }
+                Err(e) => return Err(self.map_error(e)),
+            }
+        }
+    }
+
+    /// Appends inside the caller's own transaction (or on any client), so that a
+    /// read-model or outbox row commits or rolls back together with the events.
+    ///
+    /// The events become visible when the transaction commits. On a conflict with a
+    /// concurrent append the statement fails, which aborts the caller's transaction
+    /// (PostgreSQL's rule): the error is still [`Error::WrongExpectedVersion`], and the
+    /// caller retries the whole transaction.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
+    /// # let store = Store::from_env()?;
+    /// let mut client = store.pool().get().expect("connection");
+    /// let mut tx = client.transaction()?;
+    /// tx.execute("UPDATE balances SET amount = amount - 10 WHERE id = 1", &[])?;
+    /// store.append_in(&mut tx, "account-1", ExpectedVersion::Any, &[
+    ///     EventData::json("Withdrawn", serde_json::json!({ "amount": 10 })),
+    /// ])?;
+    /// tx.commit()?;
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn append_in<C: GenericClient>(
+        &self,
+        client: &mut C,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+    ) -> Result<AppendResult> {
+        let input = AppendInput::new(stream, expected, events)?;
+        let params = input.params();
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+            .iter()
+            .copied()
+            .zip(APPEND_PARAM_TYPES.iter().cloned())
+            .collect();
+        match client.query_typed(&self.inner.sql.append, &typed) {
+            Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
+            Err(e) => match unique_violation(&e) {
+                Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
+                    stream: stream.to_string(),
+                    expected,
+                    actual: self.stream_version(stream).ok().flatten(),
+                }),
+                Some(UniqueViolation::EventId) => Err(Error::DuplicateEventId {
+                    stream: stream.to_string(),
+                    id: duplicate_id(&e).unwrap_or(events[0].id),
+                }),
+                None => Err(self.map_error(e)),
+            },
+        }
+    }
+
+    /// The version of the stream's last event, or `None` when the stream does not exist.
+    pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        validate_stream_id(stream)?;
+        let mut conn = self.conn()?;
+        let statement = self.prepared(&mut conn, "stream_head", &self.inner.sql.stream_head)?;
+        let row = conn
+            .query_one(&statement, &[&stream])
+            .map_err(|e| self.map_error(e))?;
+        Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
+    }
+
+    /// The position of the last event a `$all` reader can see now, or `None` when the
+    /// log is empty. Subscribing or reading "after" it skips the history.
+    pub fn head_position(&self) -> Result<Option<u64>> {
+        let mut conn = self.conn()?;
+        let statement =
+            self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
+        let row = conn
+            .query_one(&statement, &[])
+            .map_err(|e| self.map_error(e))?;
+        Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
+    }
+
+    /// Reads one stream; see [`ReadStream`] for direction, start and count.
+    /// The iterator owns a pooled connection until it is exhausted or dropped.
+    pub fn read_stream(&self, stream: &str, options: ReadStream) -> Result<Events> {
+        validate_stream_id(stream)?;
+        Ok(Events::stream(self.clone(), stream.to_string(), options))
+    }
+
+    /// Reads all events in the global order; see [`ReadAll`] for the start, filters and
+    /// count, and the crate docs for what the order guarantees.
+    pub fn read_all(&self, options: ReadAll) -> Result<Events> {
+        options.validate()?;
+        Ok(Events::all(self.clone(), options))
+    }
+
+    /// Stores a snapshot of a stream's state at `version`. An older snapshot never
+    /// replaces a newer one.
+    pub fn save_snapshot<T: Serialize + ?Sized>(
+        &self,
+        stream: &str,
+        version: u64,
+        state: &T,
+    ) -> Result<()> {
+        validate_stream_id(stream)?;
+        let data = serde_json::to_value(state)?;
+        let mut conn = self.conn()?;
+        let statement =
+            self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
+        conn.execute(&statement, &[&stream, &(version as i64), &data])
+            .map_err(|e| self.map_error(e))?;
+        Ok(())
+    }
+
+    /// Loads the latest snapshot of a stream, if there is one.
+    pub fn load_snapshot<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
+        validate_stream_id(stream)?;
+        let mut conn = self.conn()?;
+        let statement =
+            self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
+        let row = conn
+            .query_opt(&statement, &[&stream])
+            .map_err(|e| self.map_error(e))?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some(Snapshot {
+                version: row.get::<_, i64>(0) as u64,
+                state: T::deserialize(row.get::<_, serde_json::Value>(1))?,
+                created_at: row.get(2),
+            })),
+        }
+    }
+
+    /// A pooled connection, or an error that says why none could be had.
+    pub(crate) fn conn(&self) -> Result<Conn> {
+        self.inner.pool.get().map_err(|e| {
+            let state = self.inner.pool.state();
+            Error::Pool {
+                message: format!(
+                    "no connection from the pool within {:?} ({} of at most {} open, {} idle): {e}",
+                    self.inner.config.connection_timeout,
+                    state.connections,
+                    self.inner.pool.max_size(),
+                    state.idle_connections
+                ),
+                last_connect_error: self.inner.last_connect_error.lock().unwrap().clone(),
+            }
+        })
+    }
+
+    /// The statement `sql`, prepared once per pooled connection.
+    pub(crate) fn prepared(
+        &self,
+        conn: &mut Conn,
+        key: &'static str,
+        sql: &str,
+    ) -> Result<Statement> {
+        if let Some(s) = PooledConnection::extensions(conn)
+            .get::<Statements>()
+            .and_then(|c| c.0.get(key))
+        {
+            return Ok(s.clone());
+        }
+        let statement = conn.prepare(sql).map_err(|e| self.map_error(e))?;
+        let extensions = PooledConnection::extensions_mut(conn);
+        if extensions.get::<Statements>().is_none() {
+            extensions.insert(Statements::default());
+        }
+        extensions
+            .get_mut::<Statements>()
+            .expect("inserted above")
+            .0
+            .insert(key, statement.clone());
+        Ok(statement)
+    }
+
+    /// Turns "relation does not exist" into [`Error::NotMigrated`].
+    pub(crate) fn map_error(&self, e: postgres::Error) -> Error {
+        match e.code() {
+            Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
+                Error::NotMigrated {
+                    schema: self.inner.sql.schema.clone(),
+                }
+            }
+            _ => Error::Postgres(e),
+        }
+    }
+}
+
+/// A stored snapshot of a stream's state.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot<T> {
+    /// The version of the last event folded into the state.
+    pub version: u64,
+    /// The state.
+    pub state: T,
+    /// When the snapshot was saved.
+    pub created_at: SystemTime,
+}
+
+const APPEND_PARAM_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::INT4,
+    Type::INT8,
+];
+
+/// The checked parameters of one append.
+struct AppendInput<'a> {
+    stream: &'a str,
+    expected: ExpectedVersion,
+    kind: i32,
+    version: i64,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    data: Vec<JsonText<'a>>,
+    metadata: Vec<Option<JsonText<'a>>>,
+}
+
+impl<'a> AppendInput<'a> {
+    fn new(stream: &'a str, expected: ExpectedVersion, events: &'a [EventData]) -> Result<Self> {
+        validate_stream_id(stream)?;
+        if events.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "no events to append to stream {stream:?}"
+            )));
+        }
+        if events.len() as u64 > MAX_EVENTS_PER_TRANSACTION {
+            return Err(Error::TransactionTooLarge {
+                events: events.len() as u64,
+            });
+        }
+        if let ExpectedVersion::Exact(v) = expected {
+            if v > i64::MAX as u64 {
+                return Err(Error::InvalidInput(format!(
+                    "expected version {v} is out of range"
+                )));
+            }
+        }
+        for (i, e) in events.iter().enumerate() {
+            e.validate(i)?;
+        }
+        let mut ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::InvalidInput(format!(
+                "event id {} appears twice in one append to stream {stream:?}",
+                w[0]
+            )));
+        }
+        let (kind, version) = expected.to_params();
+        Ok(AppendInput {
+            stream,
+            expected,
+            kind,
+            version,
+            ids: events.iter().map(|e| e.id).collect(),
+            types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            data: events.iter().map(|e| JsonText(&e.data)).collect(),
+            metadata: events
+                .iter()
+                .map(|e| e.metadata.as_deref().map(JsonText))
+                .collect(),
+        })
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.stream,
+            &self.ids,
+            &self.types,
+            &self.data,
+            &self.metadata,
+            &self.kind,
+            &self.version,
+        ]
+    }
+
+    /// Reads the append statement's one row: written, repeated, too large, or refused.
+    fn outcome(&self, row: &Row) -> Result<AppendResult> {
+        let inserted: i64 = row.get("inserted");
+        let head: Option<i64> = row.get("head");
+        if inserted > 0 {
+            let last_position: i64 = row.get("last_position");
+            let first_position: i64 = row.get("first_position");
+            let last_version = head.unwrap_or(-1) + inserted;
+            return Ok(AppendResult {
+                first_version: (last_version - inserted + 1) as u64,
+                last_version: last_version as u64,
+                first_position: first_position as u64,
+                last_position: last_position as u64,
+                was_duplicate: false,
+            });
+        }
+        if let Some(streams) = row.get::<_, Option<Vec<String>>>("dup_streams") {
+            let versions: Vec<i64> = row.get("dup_versions");
+            let positions: Vec<i64> = row.get("dup_positions");
+            let index: Vec<i64> = row.get("dup_index");
+            let same: bool = row.get("dup_same");
+            let repeat = same
+                && streams.len() == self.ids.len()
+                && streams.iter().all(|s| s == self.stream)
+                && versions.windows(2).all(|w| w[1] == w[0] + 1)
+                && positions.windows(2).all(|w| w[1] > w[0]);
+            if repeat {
+                return Ok(AppendResult {
+                    first_version: versions[0] as u64,
+                    last_version: versions[versions.len() - 1] as u64,
+                    first_position: positions[0] as u64,
+                    last_position: positions[positions.len() - 1] as u64,
+                    was_duplicate: true,
+                });
+            }
+            return Err(Error::DuplicateEventId {
+                stream: self.stream.to_string(),
+                id: self.ids[index[0] as usize - 1],
+            });
+        }
+        let tx_events: i64 = row.get("tx_events");
+        if tx_events as u64 > MAX_EVENTS_PER_TRANSACTION {
+            return Err(Error::TransactionTooLarge {
+                events: tx_events as u64,
+            });
+        }
+        Err(Error::WrongExpectedVersion {
+            stream: self.stream.to_string(),
+            expected: self.expected,
+            actual: head.map(|v| v as u64),
+        })
+    }
+}
+
+enum UniqueViolation {
+    StreamVersion,
+    EventId,
+}
+
+fn unique_violation(e: &postgres::Error) -> Option<UniqueViolation> {
+    let db = e.as_db_error()?;
+    if *db.code() != SqlState::UNIQUE_VIOLATION {
+        return None;
+    }
+    match db.constraint() {
+        Some("events_stream_version_key") => Some(UniqueViolation::StreamVersion),
+        Some("events_event_id_key") => Some(UniqueViolation::EventId),
+        _ => None,
+    }
+}
+
+/// The id in "Key (event_id)=(…) already exists."
+fn duplicate_id(e: &postgres::Error) -> Option<Uuid> {
+    let detail = e.as_db_error()?.detail()?;
+    let start = detail.find(")=(")? + 3;
+    let end = start + detail[start..].find(')')?;
+    detail[start..end].parse().ok()
+}

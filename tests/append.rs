@@ -1,0 +1,313 @@
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use common::{events, TestResult, TestStore};
+use pg_eventstore::{Error, EventData, ExpectedVersion, ReadAll, ReadStream};
+use serde::{Deserialize, Serialize};
+
+fn versions(t: &TestStore, stream: &str) -> Vec<u64> {
+    t.read_stream(stream, ReadStream::forwards())
+        .unwrap()
+        .map(|e| e.unwrap().version)
+        .collect()
+}
+
+#[test]
+fn no_stream_then_exact_then_conflicts() -> TestResult {
+    let t = TestStore::new("append_exp");
+    let r = t.append("s", ExpectedVersion::NoStream, &events("A", 2))?;
+    assert_eq!((r.first_version, r.last_version), (0, 1));
+    assert!(r.first_position < r.last_position);
+    assert_eq!(r.last_position, r.first_position + 1);
+    assert!(!r.was_duplicate);
+
+    // NoStream on an existing stream.
+    match t.append("s", ExpectedVersion::NoStream, &events("B", 1)) {
+        Err(Error::WrongExpectedVersion {
+            stream,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(stream, "s");
+            assert_eq!(expected, ExpectedVersion::NoStream);
+            assert_eq!(actual, Some(1));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // Exact with the right version.
+    let r = t.append("s", ExpectedVersion::Exact(1), &events("C", 3))?;
+    assert_eq!((r.first_version, r.last_version), (2, 4));
+    // Exact with a stale version.
+    let e = t
+        .append("s", ExpectedVersion::Exact(1), &events("D", 1))
+        .unwrap_err();
+    assert!(e.is_wrong_expected_version());
+    assert_eq!(
+        e.to_string(),
+        "wrong expected version for stream \"s\": expected version 1, but the stream is at version 4"
+    );
+    // Exact on a missing stream.
+    match t.append("missing", ExpectedVersion::Exact(0), &events("D", 1)) {
+        Err(Error::WrongExpectedVersion { actual: None, .. }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // StreamExists.
+    let r = t.append("s", ExpectedVersion::StreamExists, &events("E", 1))?;
+    assert_eq!(r.last_version, 5);
+    match t.append("missing", ExpectedVersion::StreamExists, &events("E", 1)) {
+        Err(Error::WrongExpectedVersion {
+            expected: ExpectedVersion::StreamExists,
+            actual: None,
+            ..
+        }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // Any, on an existing and on a new stream.
+    assert_eq!(t.append("s", ExpectedVersion::Any, &events("F", 1))?.last_version, 6);
+    assert_eq!(t.append("new", ExpectedVersion::Any, &events("F", 2))?.last_version, 1);
+
+    assert_eq!(versions(&t, "s"), vec![0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(t.stream_version("s")?, Some(6));
+    assert_eq!(t.stream_version("missing")?, None);
+    assert_eq!(t.count_events(), 9);
+    Ok(())
+}
+
+#[test]
+fn recorded_events_carry_everything() -> TestResult {
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Registered {
+        user: String,
+        age: u32,
+    }
+    let t = TestStore::new("append_fields");
+    let id = uuid::Uuid::now_v7();
+    let data = Registered {
+        user: "ada".into(),
+        age: 36,
+    };
+    let meta = serde_json::json!({ "correlationId": "c-1", "causationId": "k-9" });
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    let r = t.append(
+        "user-1",
+        ExpectedVersion::NoStream,
+        &[EventData::new("Registered", &data)?.id(id).metadata(&meta)?],
+    )?;
+    let e = t
+        .read_stream("user-1", ReadStream::forwards())?
+        .next()
+        .unwrap()?;
+    assert_eq!(e.id, id);
+    assert_eq!(e.stream_id, "user-1");
+    assert_eq!(e.version, 0);
+    assert_eq!(e.position, r.first_position);
+    assert_eq!(e.event_type, "Registered");
+    assert_eq!(e.data_as::<Registered>()?, data);
+    assert_eq!(e.metadata, Some(meta));
+    assert!(e.recorded_at > before);
+    assert_eq!(t.append("user-1", ExpectedVersion::Any, &events("X", 1))?.last_version, 1);
+    let e2 = t.read_stream("user-1", ReadStream::backwards().max_count(1))?.next().unwrap()?;
+    assert_eq!(e2.metadata, None);
+    assert_eq!(e2.metadata_as::<serde_json::Value>()?, None);
+    Ok(())
+}
+
+#[test]
+fn two_threads_racing_on_one_stream_exactly_one_wins() -> TestResult {
+    let t = TestStore::new("append_race");
+    t.append("race", ExpectedVersion::NoStream, &events("Init", 1))?;
+    let mut head = 0u64;
+    for round in 0..20 {
+        let barrier = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = (0..2)
+            .map(|i| {
+                let store = t.store.clone();
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    barrier.wait();
+                    store.append(
+                        "race",
+                        ExpectedVersion::Exact(head),
+                        &events(&format!("T{i}"), 2),
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {results:?}");
+        for r in &results {
+            match r {
+                Ok(ok) => assert_eq!((ok.first_version, ok.last_version), (head + 1, head + 2)),
+                // The loser either saw the winner's head or lost on the unique constraint
+                // and re-ran: either way it reports the winner's version.
+                Err(Error::WrongExpectedVersion { actual, .. }) => {
+                    assert_eq!(*actual, Some(head + 2))
+                }
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        head += 2;
+    }
+    // Every round added exactly the winner's 2 events.
+    assert_eq!(versions(&t, "race"), (0..=head).collect::<Vec<_>>());
+    assert_eq!(t.count_events(), 41);
+    Ok(())
+}
+
+#[test]
+fn any_appends_from_many_threads_never_collide() -> TestResult {
+    let t = TestStore::new("append_any");
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let store = t.store.clone();
+            thread::spawn(move || {
+                for _ in 0..50 {
+                    store.append("hot", ExpectedVersion::Any, &events("E", 1)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(versions(&t, "hot"), (0..200).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[test]
+fn retrying_with_the_same_ids_returns_the_original_result() -> TestResult {
+    let t = TestStore::new("append_idem");
+    let batch = events("E", 3);
+    let first = t.append("s", ExpectedVersion::NoStream, &batch)?;
+    // The reply was "lost": the caller sends the very same append again.
+    let again = t.append("s", ExpectedVersion::NoStream, &batch)?;
+    assert!(again.was_duplicate);
+    assert_eq!(
+        (again.first_version, again.last_version, again.first_position, again.last_position),
+        (first.first_version, first.last_version, first.first_position, first.last_position)
+    );
+    assert_eq!(t.count_events(), 3);
+    // Reusing one of the ids for something else is refused, and writes nothing.
+    let reused = vec![EventData::json("X", serde_json::json!({})).id(batch[1].event_id())];
+    match t.append("s", ExpectedVersion::Any, &reused) {
+        Err(Error::DuplicateEventId { id, .. }) => assert_eq!(id, batch[1].event_id()),
+        other => panic!("expected a duplicate id error, got {other:?}"),
+    }
+    match t.append("other", ExpectedVersion::Any, &batch) {
+        Err(Error::DuplicateEventId { .. }) => {}
+        other => panic!("expected a duplicate id error, got {other:?}"),
+    }
+    assert_eq!(t.count_events(), 3);
+    Ok(())
+}
+
+#[test]
+fn append_inside_the_callers_transaction() -> TestResult {
+    let t = TestStore::new("append_tx");
+    let mut conn = t.pool().get()?;
+    conn.batch_execute(&format!(
+        "CREATE TABLE \"{}\".outbox (id serial, note text)",
+        t.schema
+    ))?;
+    let outbox = format!("INSERT INTO \"{}\".outbox (note) VALUES ($1)", t.schema);
+
+    // Committed: the outbox row and the events land together.
+    let mut tx = conn.transaction()?;
+    tx.execute(&outbox, &[&"committed"])?;
+    let r = t.append_in(&mut tx, "acc", ExpectedVersion::NoStream, &events("A", 2))?;
+    assert_eq!(r.last_version, 1);
+    // Not visible to others before the commit.
+    assert_eq!(t.stream_version("acc")?, None);
+    // A second append in the same transaction continues the stream and the positions.
+    let r2 = t.append_in(&mut tx, "acc", ExpectedVersion::Exact(1), &events("B", 1))?;
+    assert_eq!(r2.last_version, 2);
+    assert_eq!(r2.first_position, r.last_position + 1);
+    tx.commit()?;
+    assert_eq!(versions(&t, "acc"), vec![0, 1, 2]);
+
+    // Rolled back: neither the outbox row nor the events remain.
+    let mut tx = conn.transaction()?;
+    tx.execute(&outbox, &[&"rolled back"])?;
+    t.append_in(&mut tx, "acc", ExpectedVersion::Exact(2), &events("C", 5))?;
+    t.append_in(&mut tx, "other", ExpectedVersion::NoStream, &events("C", 1))?;
+    tx.rollback()?;
+    assert_eq!(versions(&t, "acc"), vec![0, 1, 2]);
+    assert_eq!(t.stream_version("other")?, None);
+    let notes: Vec<String> = conn
+        .query(&format!("SELECT note FROM \"{}\".outbox", t.schema), &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, vec!["committed"]);
+
+    // A conflict inside a transaction is reported with the version that won.
+    let mut tx = conn.transaction()?;
+    match t.append_in(&mut tx, "acc", ExpectedVersion::Exact(0), &events("D", 1)) {
+        Err(Error::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(2)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    drop(tx);
+    assert_eq!(t.count_events(), 3);
+    Ok(())
+}
+
+#[test]
+fn racing_inside_transactions_reports_a_conflict() -> TestResult {
+    let t = TestStore::new("append_tx_race");
+    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+    let mut c1 = t.pool().get()?;
+    let mut tx1 = c1.transaction()?;
+    t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
+    let store = t.store.clone();
+    let loser = thread::spawn(move || {
+        let mut c2 = store.pool().get().unwrap();
+        let mut tx2 = c2.transaction().unwrap();
+        // Blocks on the unique constraint until tx1 commits, then fails.
+        store.append_in(&mut tx2, "s", ExpectedVersion::Exact(0), &events("C", 1))
+    });
+    thread::sleep(std::time::Duration::from_millis(200));
+    tx1.commit()?;
+    match loser.join().unwrap() {
+        Err(Error::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(1)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(versions(&t, "s"), vec![0, 1]);
+    Ok(())
+}
+
+#[test]
+fn positions_follow_the_read_order() -> TestResult {
+    let t = TestStore::new("append_pos");
+    let a = t.append("a", ExpectedVersion::Any, &events("E", 2))?;
+    let b = t.append("b", ExpectedVersion::Any, &events("E", 2))?;
+    assert!(b.first_position > a.last_position);
+    common::wait_visible(&t, b.last_position);
+    let all: Vec<_> = t
+        .read_all(ReadAll::from_start())?
+        .map(|e| e.unwrap().position)
+        .collect();
+    assert_eq!(
+        all,
+        vec![a.first_position, a.last_position, b.first_position, b.last_position]
+    );
+    assert_eq!(t.head_position()?, Some(b.last_position));
+    Ok(())
+}
+
+#[test]
+fn snapshots_keep_the_newest() -> TestResult {
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Balance(u64);
+    let t = TestStore::new("snapshots");
+    assert!(t.load_snapshot::<Balance>("acc")?.is_none());
+    t.save_snapshot("acc", 10, &Balance(100))?;
+    t.save_snapshot("acc", 5, &Balance(50))?; // older: ignored
+    let s = t.load_snapshot::<Balance>("acc")?.unwrap();
+    assert_eq!((s.version, s.state), (10, Balance(100)));
+    t.save_snapshot("acc", 12, &Balance(120))?;
+    assert_eq!(t.load_snapshot::<Balance>("acc")?.unwrap().state, Balance(120));
+    Ok(())
+}

@@ -1,0 +1,195 @@
+mod common;
+
+use common::{events, wait_visible, TestResult, TestStore};
+use pg_eventstore::{EventData, ExpectedVersion, ReadAll, ReadStream, Result};
+
+fn stream_versions(t: &TestStore, stream: &str, options: ReadStream) -> Vec<u64> {
+    t.read_stream(stream, options)
+        .unwrap()
+        .map(|e| e.unwrap().version)
+        .collect::<Vec<_>>()
+}
+
+/// A store with a tiny page size, so that reads go through the cursor after one page.
+fn small_pages(name: &str) -> TestStore {
+    TestStore::with(name, |c| c.read_page_size(3).max_connections(1))
+}
+
+#[test]
+fn stream_reads_forwards_backwards_from_and_max_count() -> TestResult {
+    for t in [TestStore::new("read_stream"), small_pages("read_stream_paged")] {
+        t.append("s", ExpectedVersion::NoStream, &events("E", 10))?;
+        t.append("noise", ExpectedVersion::NoStream, &events("E", 4))?;
+        let all: Vec<u64> = (0..10).collect();
+        assert_eq!(stream_versions(&t, "s", ReadStream::forwards()), all);
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::backwards()),
+            all.iter().rev().copied().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::forwards().from_version(4)),
+            vec![4, 5, 6, 7, 8, 9]
+        );
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::forwards().from_version(2).max_count(5)),
+            vec![2, 3, 4, 5, 6]
+        );
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::backwards().from_version(6).max_count(4)),
+            vec![6, 5, 4, 3]
+        );
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::backwards().from_version(2)),
+            vec![2, 1, 0]
+        );
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::backwards().max_count(1)),
+            vec![9]
+        );
+        assert_eq!(
+            stream_versions(&t, "s", ReadStream::forwards().max_count(3)),
+            vec![0, 1, 2]
+        );
+        assert!(stream_versions(&t, "s", ReadStream::forwards().max_count(0)).is_empty());
+        assert!(stream_versions(&t, "s", ReadStream::forwards().from_version(10)).is_empty());
+        assert!(stream_versions(&t, "nothing", ReadStream::forwards()).is_empty());
+        // The data comes back in order, whichever path served it.
+        let data: Vec<i64> = t
+            .read_stream("s", ReadStream::forwards())?
+            .map(|e| e.unwrap().data["i"].as_i64().unwrap())
+            .collect();
+        assert_eq!(data, (0..10).collect::<Vec<i64>>());
+    }
+    Ok(())
+}
+
+#[test]
+fn read_all_in_order_with_filters() -> TestResult {
+    for t in [TestStore::new("read_all"), small_pages("read_all_paged")] {
+        t.append("order-1", ExpectedVersion::Any, &events("OrderPlaced", 2))?;
+        t.append("user-1", ExpectedVersion::Any, &events("UserRegistered", 1))?;
+        t.append("order-2", ExpectedVersion::Any, &events("OrderShipped", 3))?;
+        let last = t.append("order_3", ExpectedVersion::Any, &events("OrderPlaced", 1))?;
+        wait_visible(&t, last.last_position);
+
+        let read = |o: ReadAll| -> Vec<(String, String)> {
+            t.read_all(o)
+                .unwrap()
+                .map(|e| e.unwrap())
+                .map(|e| (e.stream_id, e.event_type))
+                .collect()
+        };
+        let all = t.read_all(ReadAll::from_start())?.collect::<Result<Vec<_>>>()?;
+        assert_eq!(all.len(), 7);
+        assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+        let streams: Vec<&str> = all.iter().map(|e| e.stream_id.as_str()).collect();
+        assert_eq!(
+            streams,
+            ["order-1", "order-1", "user-1", "order-2", "order-2", "order-2", "order_3"]
+        );
+
+        // A category prefix is text, not a LIKE pattern: "order-" does not match "order_3".
+        let orders = read(ReadAll::from_start().category("order-"));
+        assert_eq!(orders.len(), 5);
+        assert!(orders.iter().all(|(s, _)| s.starts_with("order-")));
+        let placed = read(ReadAll::from_start().event_types(["OrderPlaced"]));
+        assert_eq!(
+            placed,
+            vec![
+                ("order-1".into(), "OrderPlaced".into()),
+                ("order-1".into(), "OrderPlaced".into()),
+                ("order_3".into(), "OrderPlaced".into())
+            ]
+        );
+        let both = read(
+            ReadAll::from_start()
+                .category("order-")
+                .event_types(["OrderShipped", "Nope"]),
+        );
+        assert_eq!(both.len(), 3);
+
+        // After a position (exclusive), max count, backwards.
+        let after = t
+            .read_all(ReadAll::after(all[2].position))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(after, all[3..].to_vec());
+        let two = t
+            .read_all(ReadAll::after(all[0].position).max_count(2))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(two, all[1..3].to_vec());
+        let back = t.read_all(ReadAll::backwards())?.collect::<Result<Vec<_>>>()?;
+        assert_eq!(back, all.iter().rev().cloned().collect::<Vec<_>>());
+        let back_before = t
+            .read_all(ReadAll::backwards_before(all[3].position).max_count(2))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(back_before, vec![all[2].clone(), all[1].clone()]);
+        assert_eq!(
+            t.read_all(ReadAll::after(all[6].position))?.count(),
+            0,
+            "nothing after the head"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dropping_a_read_midway_gives_the_connection_back_clean() -> TestResult {
+    // One connection only: if a dropped read left its transaction or cursor open, the
+    // next read on the same connection would fail ("cursor already exists").
+    let t = small_pages("read_drop");
+    t.append("s", ExpectedVersion::NoStream, &events("E", 20))?;
+    for _ in 0..3 {
+        let mut read = t.read_stream("s", ReadStream::forwards())?;
+        for _ in 0..7 {
+            read.next().unwrap()?; // into the cursor (pages of 3)
+        }
+        drop(read);
+        assert_eq!(t.pool().state().connections, 1);
+        assert_eq!(stream_versions(&t, "s", ReadStream::forwards()).len(), 20);
+    }
+    // Outside a transaction every statement is its own, so now() is the statement's time.
+    let in_tx: bool = t
+        .pool()
+        .get()?
+        .query_one("SELECT now() <> statement_timestamp()", &[])?
+        .get(0);
+    assert!(!in_tx, "the pooled connection was left inside a transaction");
+    Ok(())
+}
+
+#[test]
+fn large_events_round_trip() -> TestResult {
+    let t = TestStore::new("read_large");
+    let big = "x".repeat(100_000);
+    t.append(
+        "big",
+        ExpectedVersion::NoStream,
+        &[EventData::json("Big", serde_json::json!({ "blob": big }))],
+    )?;
+    let e = t.read_stream("big", ReadStream::forwards())?.next().unwrap()?;
+    assert_eq!(e.data["blob"].as_str().unwrap().len(), 100_000);
+    Ok(())
+}
+
+#[test]
+fn reads_of_many_pages_see_every_event_once() -> TestResult {
+    let t = TestStore::with("read_many", |c| c.read_page_size(100));
+    let batch = 1000;
+    for i in 0..5 {
+        t.append(&format!("s{i}"), ExpectedVersion::NoStream, &events("E", batch))?;
+    }
+    let head = t.head_position()?.unwrap();
+    wait_visible(&t, head);
+    let positions: Vec<u64> = t
+        .read_all(ReadAll::from_start())?
+        .map(|e| e.unwrap().position)
+        .collect();
+    assert_eq!(positions.len(), 5 * batch);
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    let versions: Vec<u64> = t
+        .read_stream("s3", ReadStream::backwards())?
+        .map(|e| e.unwrap().version)
+        .collect();
+    assert_eq!(versions, (0..batch as u64).rev().collect::<Vec<_>>());
+    Ok(())
+}
