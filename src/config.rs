@@ -43,7 +43,10 @@ impl Config {
     /// as `postgres::Config` parses them.
     pub fn new(url: &str) -> Result<Config> {
         let pg: postgres::Config = url.parse().map_err(|e| {
-            Error::Config(format!("cannot parse the connection string: {}", crate::error::chain(&e)))
+            Error::Config(format!(
+                "cannot parse the connection string: {}",
+                crate::error::chain(&e)
+            ))
         })?;
         Ok(Config::from_pg(pg))
     }
@@ -80,8 +83,9 @@ impl Config {
     pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
         let mut config = match var("DATABASE_URL") {
-            Some(url) => Config::new(&url)
-                .map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?,
+            Some(url) => {
+                Config::new(&url).map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?
+            }
             None => {
                 let mut pg = postgres::Config::new();
                 pg.host(var("DB_HOST").as_deref().unwrap_or("127.0.0.1"));
@@ -101,11 +105,16 @@ impl Config {
             }
         };
         if let Some(n) = var("DB_MAX_CONNECTIONS") {
-            let n = n.trim().parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                Error::Config(format!(
-                    "DB_MAX_CONNECTIONS must be a whole number above 0, not {n:?}"
-                ))
-            })?;
+            let n = n
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "DB_MAX_CONNECTIONS must be a whole number above 0, not {n:?}"
+                    ))
+                })?;
             config = config.max_connections(n);
         }
         if let Some(ssl) = var("DB_SSL") {
@@ -297,11 +306,15 @@ mod tests {
     fn env_errors_name_the_variable() {
         let e = lookup(&[("DB_PORT", "x")]).unwrap_err().to_string();
         assert!(e.contains("DB_PORT"), "{e}");
-        let e = lookup(&[("DB_MAX_CONNECTIONS", "0")]).unwrap_err().to_string();
+        let e = lookup(&[("DB_MAX_CONNECTIONS", "0")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("DB_MAX_CONNECTIONS"), "{e}");
         let e = lookup(&[("DB_SSL", "maybe")]).unwrap_err().to_string();
         assert!(e.contains("DB_SSL"), "{e}");
-        let e = lookup(&[("DATABASE_URL", "postgres://[")]).unwrap_err().to_string();
+        let e = lookup(&[("DATABASE_URL", "postgres://[")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("DATABASE_URL"), "{e}");
     }
 

@@ -94,7 +94,12 @@
 //! or a schema name that is not a plain identifier is refused with
 //! [`Error::InvalidInput`] or [`Error::Config`] before anything is sent. User text is
 //! never formatted into SQL.
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 mod config;
 mod error;

@@ -149,7 +149,8 @@ impl ReadAll {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if let Some(c) = &self.category {
-            validate_text("category prefix", c, MAX_STREAM_ID_BYTES).map_err(Error::InvalidInput)?;
+            validate_text("category prefix", c, MAX_STREAM_ID_BYTES)
+                .map_err(Error::InvalidInput)?;
         }
         if let Some(types) = &self.event_types {
             if types.is_empty() {
@@ -192,9 +193,13 @@ impl Query {
     fn key(&self) -> (&'static str, &'static str) {
         match self {
             Query::Stream { forwards: true, .. } => ("read_stream_fw", "declare_stream_fw"),
-            Query::Stream { forwards: false, .. } => ("read_stream_bw", "declare_stream_bw"),
+            Query::Stream {
+                forwards: false, ..
+            } => ("read_stream_bw", "declare_stream_bw"),
             Query::All { forwards: true, .. } => ("read_all_fw", "declare_all_fw"),
-            Query::All { forwards: false, .. } => ("read_all_bw", "declare_all_bw"),
+            Query::All {
+                forwards: false, ..
+            } => ("read_all_bw", "declare_all_bw"),
         }
     }
 
@@ -202,9 +207,13 @@ impl Query {
         let sql = &store.inner.sql;
         match self {
             Query::Stream { forwards: true, .. } => &sql.read_stream_forwards,
-            Query::Stream { forwards: false, .. } => &sql.read_stream_backwards,
+            Query::Stream {
+                forwards: false, ..
+            } => &sql.read_stream_backwards,
             Query::All { forwards: true, .. } => &sql.read_all_forwards,
-            Query::All { forwards: false, .. } => &sql.read_all_backwards,
+            Query::All {
+                forwards: false, ..
+            } => &sql.read_all_backwards,
         }
     }
 
@@ -350,7 +359,9 @@ impl Events {
                     let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                     let (key, _) = self.query.key();
                     let mut conn = self.store.conn()?;
-                    let statement = self.store.prepared(&mut conn, key, self.query.sql(&self.store))?;
+                    let statement =
+                        self.store
+                            .prepared(&mut conn, key, self.query.sql(&self.store))?;
                     let limit_param = Some(limit as i64);
                     let rows = conn
                         .query(&statement, &self.query.params(&limit_param))

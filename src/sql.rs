@@ -17,9 +17,7 @@ pub const MAX_EVENTS_PER_TRANSACTION: u64 = 1 << POSITION_BITS;
 pub(crate) fn check_identifier(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit();
     if ok {
         Ok(())
@@ -42,8 +40,7 @@ const COLUMNS: &str = "global_position, event_id, stream_id, stream_version, eve
 
 /// The position below which every event is final: all transactions with a smaller id
 /// than the reading snapshot's `xmin` have ended, so no event can still appear below it.
-pub(crate) const HORIZON: &str =
-    "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)";
+pub(crate) const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)";
 
 /// All statements of one store.
 #[derive(Debug)]
@@ -116,9 +113,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
         );
         Sql {
             append,
-            stream_head: format!(
-                "SELECT max(stream_version) FROM {events} WHERE stream_id = $1"
-            ),
+            stream_head: format!("SELECT max(stream_version) FROM {events} WHERE stream_id = $1"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}
                   WHERE stream_id = $1 AND stream_version >= $2

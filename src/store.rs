@@ -179,9 +179,7 @@ impl Store {
             attempt += 1;
             match conn.query_one(&statement, &input.params()) {
                 Ok(row) => return input.outcome(&row),
-                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {
-                    continue
-                }
+                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => continue,
                 Err(e) => return Err(self.map_error(e)),
             }
         }
@@ -253,8 +251,7 @@ impl Store {
     /// log is empty. Subscribing or reading "after" it skips the history.
     pub fn head_position(&self) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
-        let statement =
-            self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
+        let statement = self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
         let row = conn
             .query_one(&statement, &[])
             .map_err(|e| self.map_error(e))?;
@@ -286,8 +283,7 @@ impl Store {
         validate_stream_id(stream)?;
         let data = serde_json::to_value(state)?;
         let mut conn = self.conn()?;
-        let statement =
-            self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
+        let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
         conn.execute(&statement, &[&stream, &(version as i64), &data])
             .map_err(|e| self.map_error(e))?;
         Ok(())
@@ -297,8 +293,7 @@ impl Store {
     pub fn load_snapshot<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         validate_stream_id(stream)?;
         let mut conn = self.conn()?;
-        let statement =
-            self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
+        let statement = self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
         let row = conn
             .query_opt(&statement, &[&stream])
             .map_err(|e| self.map_error(e))?;

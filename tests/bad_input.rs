@@ -1,0 +1,141 @@
+mod common;
+
+use common::{events, TestResult, TestStore};
+use pg_eventstore::{
+    Config, Error, EventData, ExpectedVersion, ReadAll, ReadStream, MAX_STREAM_ID_BYTES,
+};
+use serde_json::json;
+
+fn assert_invalid(result: pg_eventstore::Result<impl std::fmt::Debug>, needle: &str) {
+    match result {
+        Err(Error::InvalidInput(msg)) => {
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}")
+        }
+        other => panic!("expected InvalidInput mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_appends_are_refused_and_write_nothing() -> TestResult {
+    let t = TestStore::new("bad_append");
+    t.append("s", ExpectedVersion::NoStream, &events("Ok", 1))?;
+    let good = || EventData::json("Ok", json!({ "x": 1 }));
+
+    assert_invalid(
+        t.append("", ExpectedVersion::Any, &[good()]),
+        "stream id is empty",
+    );
+    let long = "s".repeat(MAX_STREAM_ID_BYTES + 1);
+    assert_invalid(
+        t.append(&long, ExpectedVersion::Any, &[good()]),
+        "513 bytes",
+    );
+    assert_invalid(t.append("a\0b", ExpectedVersion::Any, &[good()]), "NUL");
+    assert_invalid(
+        t.append("s", ExpectedVersion::Any, &[EventData::json("", json!({}))]),
+        "event type is empty",
+    );
+    assert_invalid(
+        t.append(
+            "s",
+            ExpectedVersion::Any,
+            &[EventData::json("T\0", json!({}))],
+        ),
+        "NUL",
+    );
+    // One bad event in the middle of a batch: nothing of the batch is written.
+    let batch = vec![
+        good(),
+        EventData::json("Bad", json!({ "text": "nul \u{0} here" })),
+        good(),
+    ];
+    assert_invalid(t.append("s", ExpectedVersion::Any, &batch), "event 1 (Bad)");
+    let meta = good().metadata(&json!({ "k\u{0}": 1 }))?;
+    assert_invalid(t.append("s", ExpectedVersion::Any, &[meta]), "metadata");
+    assert_invalid(t.append("s", ExpectedVersion::Any, &[]), "no events");
+    let same_id = good();
+    assert_invalid(
+        t.append("s", ExpectedVersion::Any, &[same_id.clone(), same_id]),
+        "appears twice",
+    );
+    assert_invalid(
+        t.append("s", ExpectedVersion::Exact(u64::MAX), &[good()]),
+        "out of range",
+    );
+    // The transaction variant checks the same way, before touching the transaction.
+    let mut conn = t.pool().get()?;
+    let mut tx = conn.transaction()?;
+    assert_invalid(
+        t.append_in(&mut tx, "", ExpectedVersion::Any, &[good()]),
+        "empty",
+    );
+    t.append_in(&mut tx, "s2", ExpectedVersion::NoStream, &[good()])?;
+    tx.commit()?;
+
+    assert_eq!(t.count_events(), 2);
+    assert_eq!(t.stream_version("s")?, Some(0));
+    Ok(())
+}
+
+#[test]
+fn bad_reads_are_refused() -> TestResult {
+    let t = TestStore::new("bad_read");
+    assert_invalid(
+        t.read_stream("", ReadStream::forwards()).map(|_| ()),
+        "empty",
+    );
+    assert_invalid(
+        t.read_all(ReadAll::from_start().category("a\0"))
+            .map(|_| ()),
+        "NUL",
+    );
+    assert_invalid(
+        t.read_all(ReadAll::from_start().event_types(Vec::<String>::new()))
+            .map(|_| ()),
+        "event type filter is empty",
+    );
+    assert_invalid(t.save_snapshot("", 1, &1).map(|_| ()), "empty");
+    Ok(())
+}
+
+#[test]
+fn a_hostile_schema_name_is_refused_before_connecting() {
+    for bad in ["x; DROP TABLE y", "x\"y", "", "1x", "a b"] {
+        match Config::new(&common::database_url())
+            .unwrap()
+            .schema(bad)
+            .connect()
+        {
+            Err(Error::Config(msg)) => assert!(msg.contains("schema name"), "{msg}"),
+            other => panic!("{bad:?}: expected a config error, got {other:?}"),
+        }
+    }
+    match Config::new(&common::database_url())
+        .unwrap()
+        .migrations_table("t; --")
+        .connect()
+    {
+        Err(Error::Config(msg)) => assert!(msg.contains("migrations table"), "{msg}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn server_errors_keep_their_cause() -> TestResult {
+    let t = TestStore::new("bad_cause");
+    // A statement timeout from the server reaches the caller with its SQLSTATE and text.
+    let t2 = TestStore::with("bad_cause_timeout", |c| {
+        c.statement_timeout(std::time::Duration::from_millis(50))
+    });
+    let mut conn = t2.pool().get()?;
+    let err: pg_eventstore::Error = conn.execute("SELECT pg_sleep(1)", &[]).unwrap_err().into();
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    let text = err.to_string();
+    assert!(
+        text.contains("57014") && text.contains("statement timeout"),
+        "{text}"
+    );
+    assert!(std::error::Error::source(&err).is_some());
+    drop(t);
+    Ok(())
+}

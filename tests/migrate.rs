@@ -1,0 +1,147 @@
+mod common;
+
+use std::thread;
+
+use common::{events, schema_name, TestResult, TestStore};
+use pg_eventstore::{Config, Error, ExpectedVersion, ReadStream, Store, SCHEMA_VERSION};
+
+#[test]
+fn schema_dir_matches_what_the_migrations_produce() -> TestResult {
+    let generated = pg_eventstore::migration_sql("eventstore", "schema_migrations")?;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema/eventstore.sql");
+    if std::env::var_os("UPDATE_SCHEMA").is_some() {
+        std::fs::write(path, &generated)?;
+    }
+    let on_disk = std::fs::read_to_string(path)?;
+    assert!(
+        on_disk == generated,
+        "schema/eventstore.sql is out of date: run `UPDATE_SCHEMA=1 cargo test --test migrate`"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_schema_script_applied_by_hand_counts_as_migrated() -> TestResult {
+    let t = TestStore::unmigrated("migrate_by_hand");
+    let script = pg_eventstore::migration_sql(&t.schema, "schema_migrations")?;
+    common::client().batch_execute(&script)?;
+    assert_eq!(t.schema_version()?, SCHEMA_VERSION);
+    let report = t.migrate()?;
+    assert!(report.applied.is_empty());
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    Ok(())
+}
+
+#[test]
+fn migrate_twice_is_a_no_op() -> TestResult {
+    let t = TestStore::unmigrated("migrate_twice");
+    assert_eq!(t.schema_version()?, 0);
+    let first = t.migrate()?;
+    assert_eq!(first.previous_version, 0);
+    assert_eq!(first.current_version, SCHEMA_VERSION);
+    assert_eq!(first.applied.len() as i64, SCHEMA_VERSION);
+    t.append("s", ExpectedVersion::NoStream, &events("E", 2))?;
+    let second = t.migrate()?;
+    assert!(second.applied.is_empty());
+    assert_eq!(second.previous_version, SCHEMA_VERSION);
+    assert_eq!(t.count_events(), 2, "re-running migrations keeps the data");
+    Ok(())
+}
+
+#[test]
+fn concurrent_migrations_from_four_threads() -> TestResult {
+    let t = TestStore::unmigrated("migrate_conc");
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let url = common::database_url();
+            let schema = t.schema.clone();
+            thread::spawn(move || -> pg_eventstore::Result<usize> {
+                // Separate stores: as separate processes would be.
+                let store = Config::new(&url)?.schema(schema).connect()?;
+                Ok(store.migrate()?.applied.len())
+            })
+        })
+        .collect();
+    let applied: Vec<usize> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert_eq!(
+        applied.iter().sum::<usize>() as i64,
+        SCHEMA_VERSION,
+        "{applied:?}"
+    );
+    let rows: i64 = common::client()
+        .query_one(
+            &format!("SELECT count(*) FROM \"{}\".schema_migrations", t.schema),
+            &[],
+        )?
+        .get(0);
+    assert_eq!(rows, SCHEMA_VERSION);
+    Ok(())
+}
+
+#[test]
+fn custom_history_table_name() -> TestResult {
+    let t = TestStore::with("migrate_table", |c| c.migrations_table("my_history"));
+    let rows: i64 = common::client()
+        .query_one(
+            &format!("SELECT count(*) FROM \"{}\".my_history", t.schema),
+            &[],
+        )?
+        .get(0);
+    assert_eq!(rows, SCHEMA_VERSION);
+    Ok(())
+}
+
+#[test]
+fn a_newer_schema_is_refused() -> TestResult {
+    let t = TestStore::new("migrate_newer");
+    common::client().execute(
+        &format!(
+            "INSERT INTO \"{}\".schema_migrations (version, name) VALUES ($1, 'from the future')",
+            t.schema
+        ),
+        &[&(SCHEMA_VERSION + 1)],
+    )?;
+    match t.migrate() {
+        Err(Error::SchemaTooNew { found, supported }) => {
+            assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION))
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    let err = Config::new(&common::database_url())?
+        .schema(&t.schema)
+        .connect()
+        .unwrap_err();
+    assert!(err.to_string().contains("upgrade pg-eventstore"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_unmigrated_database_gives_a_clear_error() -> TestResult {
+    let schema = schema_name("not_migrated");
+    let store: Store = Config::new(&common::database_url())?
+        .schema(&schema)
+        .connect()?;
+    let err = store
+        .append("s", ExpectedVersion::Any, &events("E", 1))
+        .unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
+    assert!(err.to_string().contains("Store::migrate"), "{err}");
+    let err = store
+        .read_stream("s", ReadStream::forwards())?
+        .next()
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
+    // Nothing was created behind the caller's back.
+    let exists: bool = common::client()
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )?
+        .get(0);
+    assert!(!exists);
+    Ok(())
+}
