@@ -36,6 +36,8 @@ pub struct Config {
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) read_page_size: u32,
+    pub(crate) poll_interval: Duration,
+    pub(crate) notify_on_append: bool,
 }
 
 impl Config {
@@ -64,6 +66,8 @@ impl Config {
             max_lifetime: Some(Duration::from_secs(1800)),
             statement_timeout: None,
             read_page_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            notify_on_append: true,
         }
     }
 
@@ -200,6 +204,25 @@ impl Config {
         self
     }
 
+    /// How often caught-up subscriptions look at the table even without a wake-up: the
+    /// safety net for notifications lost while the listener reconnects, or sent by
+    /// writers that do not notify. Default 1 s.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Whether appends through the pool tell subscribers in other processes, with one
+    /// coalesced `NOTIFY` sent by a background thread on its own connection after the
+    /// append committed (never inside the append's transaction). Default `true`. With
+    /// `false` other processes find new events at their next safety poll; subscribers of
+    /// this store are woken directly either way. [`Store::append_in`] always notifies,
+    /// from inside the caller's transaction, since only its commit can tell.
+    pub fn notify_on_append(mut self, notify: bool) -> Self {
+        self.notify_on_append = notify;
+        self
+    }
+
     /// The PostgreSQL connection settings.
     pub fn pg_config(&self) -> &postgres::Config {
         &self.pg
@@ -222,6 +245,9 @@ impl Config {
                 "min_idle ({}) is larger than max_connections ({})",
                 self.min_idle, self.max_connections
             )));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::Config("poll_interval must be above zero".into()));
         }
         if self.read_page_size == 0 {
             return Err(Error::Config("read_page_size must be at least 1".into()));

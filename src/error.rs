@@ -35,6 +35,15 @@ pub enum Error {
         /// The id that is taken.
         id: uuid::Uuid,
     },
+    /// Inside a caller's transaction: the stream's last event was appended by a
+    /// transaction that began writing after this one, so this append would sort before it
+    /// in the global order. Nothing was written by this append, but the caller's
+    /// transaction is still open: roll it back and retry it, as after a serialization
+    /// failure. (Appends through the pool never see this.)
+    StreamOrderConflict {
+        /// The stream appended to.
+        stream: String,
+    },
     /// The input was refused before anything was sent; the text names the problem.
     InvalidInput(String),
     /// A configuration value is wrong or cannot be honoured; the text names it.
@@ -107,6 +116,11 @@ impl fmt::Display for Error {
             Error::DuplicateEventId { stream, id } => write!(
                 f,
                 "event id {id} is already used by another event (appending to stream {stream:?})"
+            ),
+            Error::StreamOrderConflict { stream } => write!(
+                f,
+                "stream {stream:?} was appended to by a transaction that started writing after \
+                 this one; roll this transaction back and retry it"
             ),
             Error::InvalidInput(msg) => write!(f, "invalid input: {msg}"),
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),

@@ -104,10 +104,12 @@
 mod config;
 mod error;
 mod event;
+mod listener;
 mod migrate;
 mod read;
 mod sql;
 mod store;
+mod subscription;
 
 pub use crate::config::{Config, DEFAULT_DATABASE_URL};
 pub use crate::error::{Error, Result};
@@ -115,11 +117,14 @@ pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
 };
+pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
+pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
 
+pub use crossbeam_channel;
 pub use postgres;
 pub use r2d2;
 pub use r2d2_postgres;

@@ -85,6 +85,8 @@ pub struct ReadAll {
     pub(crate) max_count: Option<u64>,
     pub(crate) category: Option<String>,
     pub(crate) event_types: Option<Vec<String>>,
+    /// Leave out events visible in this snapshot (`pg_snapshot` text): live subscriptions.
+    pub(crate) before_snapshot: Option<String>,
 }
 
 impl ReadAll {
@@ -96,6 +98,7 @@ impl ReadAll {
             max_count: None,
             category: None,
             event_types: None,
+            before_snapshot: None,
         }
     }
 
@@ -186,6 +189,7 @@ enum Query {
         bound: i64,
         category: Option<String>,
         types: Option<Vec<String>>,
+        before_snapshot: Option<String>,
     },
 }
 
@@ -224,8 +228,9 @@ impl Query {
                 bound,
                 category,
                 types,
+                before_snapshot,
                 ..
-            } => vec![bound, category, types, limit],
+            } => vec![bound, category, types, limit, before_snapshot],
         }
     }
 
@@ -329,6 +334,7 @@ impl Events {
                 bound,
                 category: options.category,
                 types: options.event_types,
+                before_snapshot: options.before_snapshot,
             },
             options.max_count,
         )

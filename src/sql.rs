@@ -53,6 +53,7 @@ pub(crate) struct Sql {
     pub(crate) read_all_forwards: String,
     pub(crate) read_all_backwards: String,
     pub(crate) head_position: String,
+    pub(crate) held_back: String,
     pub(crate) save_snapshot: String,
     pub(crate) load_snapshot: String,
 }
@@ -65,7 +66,9 @@ impl Sql {
         let bits = POSITION_BITS;
         // One statement, one round trip: find repeats of these ids, check the expected
         // version against the stream's head, claim positions inside this transaction's
-        // slot, insert. A concurrent writer that slips in between is caught by the unique
+        // slot, insert, and (inside a caller's transaction) notify listeners on commit.
+        // The head must sort before this transaction's slot, so that a stream's events
+        // are in version order in the global order too. A concurrent writer that slips in between is caught by the unique
         // constraints, not by this read.
         let append = format!(
             "WITH input AS (
@@ -78,8 +81,9 @@ impl Sql {
             AND e.metadata IS NOT DISTINCT FROM i.metadata) AS same
       FROM input i JOIN {events} e ON e.event_id = i.event_id
 ), head AS (
-    SELECT (SELECT e.stream_version FROM {events} e WHERE e.stream_id = $1
-             ORDER BY e.stream_version DESC LIMIT 1) AS v
+    SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL (
+        SELECT e.stream_version AS v, e.global_position AS hp FROM {events} e
+         WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
 ), slot_range AS (
     SELECT pg_current_xact_id()::text::bigint << {bits} AS lo
 ), slot AS (
@@ -94,6 +98,7 @@ impl Sql {
                         WHEN 1 THEN h.v IS NULL
                         WHEN 2 THEN h.v IS NOT NULL
                         ELSE h.v = $7::bigint END
+       AND (h.hp IS NULL OR h.hp < r.lo + {max})
 ), ins AS (
     INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
     SELECT ok.p + i.n - 1, i.event_id, $1, COALESCE(ok.v, -1) + i.n, i.event_type, i.data, i.metadata
@@ -109,7 +114,10 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT array_agg(d.stream_version ORDER BY d.n) FROM dup d) AS dup_versions,
        (SELECT array_agg(d.global_position ORDER BY d.n) FROM dup d) AS dup_positions,
        (SELECT array_agg(d.n ORDER BY d.n) FROM dup d) AS dup_index,
-       (SELECT bool_and(d.same) FROM dup d) AS dup_same"
+       (SELECT bool_and(d.same) FROM dup d) AS dup_same,
+       (SELECT hp >= (SELECT lo FROM slot_range) + {max} FROM head) AS order_conflict,
+       (SELECT count(*) FROM (SELECT pg_notify($8::text, '') WHERE $8::text IS NOT NULL
+           AND EXISTS (SELECT 1 FROM ins)) n) AS notified"
         );
         Sql {
             append,
@@ -129,6 +137,8 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
                   WHERE global_position > $1 AND global_position < {HORIZON}
                     AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
                     AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+                    AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(
+                           (global_position >> {bits})::text::xid8, $5::text::pg_snapshot))
                   ORDER BY global_position LIMIT $4"
             ),
             read_all_backwards: format!(
@@ -136,10 +146,15 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
                   WHERE global_position < LEAST($1, {HORIZON})
                     AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
                     AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+                    AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(
+                           (global_position >> {bits})::text::xid8, $5::text::pg_snapshot))
                   ORDER BY global_position DESC LIMIT $4"
             ),
             head_position: format!(
                 "SELECT max(global_position) FROM {events} WHERE global_position < {HORIZON}"
+            ),
+            held_back: format!(
+                "SELECT EXISTS (SELECT 1 FROM {events} WHERE global_position >= {HORIZON})"
             ),
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots AS old (stream_id, version, data) VALUES ($1, $2, $3)

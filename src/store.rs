@@ -17,9 +17,11 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::error::{chain, Error, Result};
 use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion, JsonText};
+use crate::listener::{Hub, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::read::{Events, ReadAll, ReadStream};
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
+use crate::subscription::{SubscribeOptions, Subscription};
 
 pub(crate) type Manager = PostgresConnectionManager<NoTls>;
 pub(crate) type Conn = PooledConnection<Manager>;
@@ -27,7 +29,7 @@ pub(crate) type Conn = PooledConnection<Manager>;
 /// How often an append that lost a race on a unique constraint is re-run. The re-run sees
 /// the winner, so it either succeeds (`Any`, or a repeat of the same ids) or reports the
 /// conflict; only a stream under constant contention with `Any` needs more than one.
-const APPEND_ATTEMPTS: usize = 20;
+const APPEND_ATTEMPTS: usize = 30;
 
 /// An event store on one PostgreSQL schema. Cheap to clone: clones share the pool.
 ///
@@ -52,6 +54,7 @@ pub(crate) struct Inner {
     pub(crate) pool: r2d2::Pool<Manager>,
     pub(crate) sql: Sql,
     pub(crate) config: Config,
+    pub(crate) hub: Hub,
     last_connect_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -95,10 +98,17 @@ impl Store {
             // are found by the call that uses them instead.
             .test_on_check_out(false)
             .error_handler(Box::new(RecordConnectError(last_connect_error.clone())))
-            .build_unchecked(PostgresConnectionManager::new(pg, NoTls));
+            .build_unchecked(PostgresConnectionManager::new(pg.clone(), NoTls));
+        let hub = Hub::new(
+            pg,
+            &config.schema,
+            config.poll_interval,
+            config.notify_on_append,
+        );
         let store = Store {
             inner: Arc::new(Inner {
                 pool,
+                hub,
                 sql: Sql::new(&config.schema),
                 config,
                 last_connect_error,
@@ -178,7 +188,13 @@ impl Store {
         loop {
             attempt += 1;
             match conn.query_one(&statement, &input.params()) {
-                Ok(row) => return input.outcome(&row),
+                Ok(row) => {
+                    let result = input.outcome(&row)?;
+                    if !result.was_duplicate {
+                        self.inner.hub.appended();
+                    }
+                    return Ok(result);
+                }
                 Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => continue,
                 Err(e) => return Err(self.map_error(e)),
             }
@@ -212,7 +228,8 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        let input = AppendInput::new(stream, expected, events)?;
+        let mut input = AppendInput::new(stream, expected, events)?;
+        input.channel = Some(self.inner.hub.channel());
         let params = input.params();
         let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
             .iter()
@@ -270,6 +287,44 @@ impl Store {
     pub fn read_all(&self, options: ReadAll) -> Result<Events> {
         options.validate()?;
         Ok(Events::all(self.clone(), options))
+    }
+
+    /// Follows events as they are appended: catches up from history first, then goes
+    /// live. See [`SubscribeOptions`] for what to follow and where to start, and
+    /// [`Subscription`] for how to wait, poll and stop.
+    pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        Subscription::new(self.clone(), options)
+    }
+
+    /// The state of the listener connection, or `None` before the first subscription
+    /// started it.
+    pub fn listener_state(&self) -> Option<ListenerState> {
+        self.inner.hub.state()
+    }
+
+    /// The current snapshot (as `pg_snapshot` text) and its horizon position.
+    pub(crate) fn snapshot_and_horizon(&self) -> Result<(String, u64)> {
+        let mut conn = self.conn()?;
+        let row = conn
+            .query_one(
+                &format!(
+                    "SELECT pg_current_snapshot()::text, {}",
+                    crate::sql::HORIZON
+                ),
+                &[],
+            )
+            .map_err(|e| self.map_error(e))?;
+        Ok((row.get(0), row.get::<_, i64>(1) as u64))
+    }
+
+    /// Whether committed events wait above the `$all` horizon for a running transaction.
+    pub(crate) fn has_held_back_events(&self) -> Result<bool> {
+        let mut conn = self.conn()?;
+        let statement = self.prepared(&mut conn, "held_back", &self.inner.sql.held_back)?;
+        let row = conn
+            .query_one(&statement, &[])
+            .map_err(|e| self.map_error(e))?;
+        Ok(row.get(0))
     }
 
     /// Stores a snapshot of a stream's state at `version`. An older snapshot never
@@ -375,7 +430,7 @@ pub struct Snapshot<T> {
     pub created_at: SystemTime,
 }
 
-const APPEND_PARAM_TYPES: [Type; 7] = [
+const APPEND_PARAM_TYPES: [Type; 8] = [
     Type::TEXT,
     Type::UUID_ARRAY,
     Type::TEXT_ARRAY,
@@ -383,6 +438,7 @@ const APPEND_PARAM_TYPES: [Type; 7] = [
     Type::JSONB_ARRAY,
     Type::INT4,
     Type::INT8,
+    Type::TEXT,
 ];
 
 /// The checked parameters of one append.
@@ -395,6 +451,8 @@ struct AppendInput<'a> {
     types: Vec<&'a str>,
     data: Vec<JsonText<'a>>,
     metadata: Vec<Option<JsonText<'a>>>,
+    /// The NOTIFY channel, for appends inside a caller's transaction.
+    channel: Option<&'a str>,
 }
 
 impl<'a> AppendInput<'a> {
@@ -441,10 +499,11 @@ impl<'a> AppendInput<'a> {
                 .iter()
                 .map(|e| e.metadata.as_deref().map(JsonText))
                 .collect(),
+            channel: None,
         })
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 8] {
         [
             &self.stream,
             &self.ids,
@@ -453,6 +512,7 @@ impl<'a> AppendInput<'a> {
             &self.metadata,
             &self.kind,
             &self.version,
+            &self.channel,
         ]
     }
 
@@ -502,6 +562,17 @@ impl<'a> AppendInput<'a> {
                 events: tx_events as u64,
             });
         }
+        let expected_ok = match self.expected {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => head.is_none(),
+            ExpectedVersion::StreamExists => head.is_some(),
+            ExpectedVersion::Exact(v) => head == Some(v as i64),
+        };
+        if expected_ok && row.get::<_, Option<bool>>("order_conflict") == Some(true) {
+            return Err(Error::StreamOrderConflict {
+                stream: self.stream.to_string(),
+            });
+        }
         Err(Error::WrongExpectedVersion {
             stream: self.stream.to_string(),
             expected: self.expected,
@@ -525,6 +596,15 @@ fn unique_violation(e: &postgres::Error) -> Option<UniqueViolation> {
         Some("events_event_id_key") => Some(UniqueViolation::EventId),
         _ => None,
     }
+}
+
+/// A random pause below 50 µs × 2^attempt, capped at 20 ms.
+fn jitter(attempt: usize) -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_usize(attempt);
+    let cap = (50u64 << attempt.min(9)).min(20_000);
+    std::time::Duration::from_micros(h.finish() % cap)
 }
 
 /// The id in "Key (event_id)=(…) already exists."

@@ -14,6 +14,9 @@ use pg_eventstore::{EventData, ExpectedVersion, ReadAll};
 use uuid::Uuid;
 
 const WRITERS: u64 = 6;
+
+/// What the reader saw: position, id, stream, version.
+type Seen = (u64, Uuid, String, u64);
 const WRITE_FOR: Duration = Duration::from_secs(8);
 
 /// xorshift64*: enough randomness for choosing streams and sleeps.
@@ -60,7 +63,17 @@ fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestRes
                     }
                     match store.append_in(&mut tx, &stream, ExpectedVersion::Any, &batch) {
                         Ok(_) => {}
-                        Err(e) if e.is_wrong_expected_version() => continue, // a lost race
+                        // A lost race, or a stream appended by a younger transaction.
+                        Err(e)
+                            if e.is_wrong_expected_version()
+                                || matches!(
+                                    e,
+                                    pg_eventstore::Error::StreamOrderConflict { .. }
+                                ) =>
+                        {
+                            tx.rollback()?;
+                            continue;
+                        }
                         Err(e) => return Err(e),
                     }
                     if !early_xid {
@@ -83,7 +96,7 @@ fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestRes
     let reader = {
         let store = t.store.clone();
         let stop = stop.clone();
-        thread::spawn(move || -> pg_eventstore::Result<Vec<(u64, Uuid)>> {
+        thread::spawn(move || -> pg_eventstore::Result<Vec<Seen>> {
             let mut seen = Vec::new();
             let mut last = None;
             let mut idle_rounds_after_stop = 0;
@@ -96,7 +109,7 @@ fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestRes
                 for e in store.read_all(options)? {
                     let e = e?;
                     last = Some(e.position);
-                    seen.push((e.position, e.id));
+                    seen.push((e.position, e.id, e.stream_id, e.version));
                 }
                 if stop.load(Ordering::Relaxed) && seen.len() == before {
                     idle_rounds_after_stop += 1;
@@ -137,6 +150,16 @@ fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestRes
         seen.windows(2).all(|w| w[0].0 < w[1].0),
         "positions must strictly increase"
     );
+    // Each stream's events come in version order, with no version missing.
+    let mut next_version = std::collections::HashMap::new();
+    for (_, _, stream, version) in &seen {
+        let next = next_version.entry(stream.clone()).or_insert(0u64);
+        assert_eq!(
+            version, next,
+            "stream {stream} out of order in the global order"
+        );
+        *next += 1;
+    }
     let seen_ids: Vec<Uuid> = seen.iter().map(|s| s.1).collect();
     let unique: HashSet<Uuid> = seen_ids.iter().copied().collect();
     assert_eq!(unique.len(), seen_ids.len(), "an event was delivered twice");

@@ -1,0 +1,318 @@
+//! Wake-ups for subscriptions: one listener thread per store on a dedicated `LISTEN`
+//! connection, one notifier thread that tells other processes about our appends, and the
+//! fan-out to subscribers over `crossbeam-channel`.
+//!
+//! A wake-up is only a hint: subscribers always read the events from the table, so a
+//! merged, late or lost notification costs latency, never an event.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use fallible_iterator::FallibleIterator;
+use postgres::NoTls;
+
+use crate::error::chain;
+use crate::sql::quote;
+
+/// How long one wait for a notification lasts before the listener checks its stop flag.
+const LISTEN_ROUND: Duration = Duration::from_millis(100);
+/// How long the listener waits before reconnecting, at first and at most.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The NOTIFY channel of a schema: `<schema>_events`, or the schema name itself when that
+/// would not fit PostgreSQL's 63-byte identifiers.
+pub(crate) fn channel_name(schema: &str) -> String {
+    let name = format!("{schema}_events");
+    if name.len() <= 63 {
+        name
+    } else {
+        schema.to_string()
+    }
+}
+
+/// What the listener knows about its connection, for health checks and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerState {
+    /// Whether the listener connection is up and listening.
+    pub connected: bool,
+    /// How many times it has connected after the first time.
+    pub reconnects: u64,
+    /// The backend pid of the listener connection (0 when not connected).
+    pub backend_pid: i32,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// State shared between the store, the threads and the subscriptions.
+#[derive(Default)]
+pub(crate) struct Shared {
+    subscribers: Mutex<Vec<(u64, Sender<()>)>>,
+    next_id: AtomicU64,
+    stop: AtomicBool,
+    connected: AtomicBool,
+    reconnects: AtomicU64,
+    listener_pid: AtomicI32,
+    notifier_pid: AtomicI32,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Wakes every subscriber. A full channel already holds a wake-up: nothing is lost
+    /// by skipping it, and the listener never blocks on a slow subscriber.
+    pub(crate) fn wake_all(&self) {
+        let subscribers = self.subscribers.lock().unwrap();
+        for (_, tx) in subscribers.iter() {
+            match tx.try_send(()) {
+                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
+            }
+        }
+    }
+}
+
+/// The fan-out hub of one store.
+pub(crate) struct Hub {
+    shared: Arc<Shared>,
+    pg: postgres::Config,
+    channel: String,
+    poll_interval: Duration,
+    notify: bool,
+    listener: Mutex<Option<JoinHandle<()>>>,
+    notifier: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Hub {
+    pub(crate) fn new(
+        pg: postgres::Config,
+        schema: &str,
+        poll_interval: Duration,
+        notify: bool,
+    ) -> Hub {
+        // A half-open TCP connection must not leave the listener waiting for hours: the
+        // kernel gives up on a silent peer after about 5 + 3 × 2 seconds.
+        let mut pg = pg;
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
+        Hub {
+            shared: Arc::new(Shared::default()),
+            pg,
+            channel: channel_name(schema),
+            poll_interval,
+            notify,
+            listener: Mutex::new(None),
+            notifier: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Registers a subscriber and starts the listener if it is not running yet.
+    pub(crate) fn subscribe(&self) -> (u64, Receiver<()>) {
+        let (tx, rx) = bounded(1);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.subscribers.lock().unwrap().push((id, tx));
+        let mut listener = self.listener.lock().unwrap();
+        if listener.is_none() {
+            let shared = self.shared.clone();
+            let pg = self.pg.clone();
+            let channel = self.channel.clone();
+            let poll = self.poll_interval;
+            *listener = Some(
+                thread::Builder::new()
+                    .name("pg-eventstore-listener".into())
+                    .spawn(move || listen(shared, pg, channel, poll))
+                    .expect("spawn the listener thread"),
+            );
+        }
+        (id, rx)
+    }
+
+    pub(crate) fn unsubscribe(&self, id: u64) {
+        self.shared
+            .subscribers
+            .lock()
+            .unwrap()
+            .retain(|(i, _)| *i != id);
+    }
+
+    /// Called after an append committed on a pooled connection: wakes this process's
+    /// subscribers at once, and asks the notifier to tell other processes.
+    pub(crate) fn appended(&self) {
+        self.shared.wake_all();
+        if !self.notify {
+            return;
+        }
+        let mut notifier = self.notifier.lock().unwrap();
+        let (tx, _) = notifier.get_or_insert_with(|| {
+            let (tx, rx) = bounded(1);
+            let shared = self.shared.clone();
+            let pg = self.pg.clone();
+            let channel = self.channel.clone();
+            let handle = thread::Builder::new()
+                .name("pg-eventstore-notifier".into())
+                .spawn(move || notify_loop(shared, pg, channel, rx))
+                .expect("spawn the notifier thread");
+            (tx, handle)
+        });
+        // A full channel means a NOTIFY is already due: this append rides along.
+        let _ = tx.try_send(());
+    }
+
+    pub(crate) fn state(&self) -> Option<ListenerState> {
+        self.listener.lock().unwrap().as_ref()?;
+        let s = &self.shared;
+        Some(ListenerState {
+            connected: s.connected.load(Ordering::Relaxed),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            backend_pid: s.listener_pid.load(Ordering::Relaxed),
+            last_error: s.last_error.lock().unwrap().clone(),
+        })
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some((tx, handle)) = self.notifier.lock().unwrap().take() {
+            drop(tx); // disconnects the notifier's channel: it ends at once
+            let _ = handle.join();
+        }
+        if let Some(handle) = self.listener.lock().unwrap().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Sleeps up to `d`, waking early when the store is dropped. Returns false on stop.
+fn pause(shared: &Shared, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if shared.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
+    }
+    !shared.stop.load(Ordering::Relaxed)
+}
+
+/// The listener thread: connect, LISTEN, wake subscribers on every notification and on
+/// every safety-poll tick; on any error reconnect with backoff and wake everyone, since
+/// notifications sent while we were away are lost.
+fn listen(shared: Arc<Shared>, pg: postgres::Config, channel: String, poll: Duration) {
+    let mut backoff = BACKOFF_START;
+    let mut first = true;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut client = match pg.connect(NoTls).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {}", quote(&channel)))?;
+            Ok(c)
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                *shared.last_error.lock().unwrap() = Some(chain(&e));
+                if !pause(&shared, backoff) {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_START;
+        if !first {
+            shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        let pid = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .map(|r| r.get::<_, i32>(0))
+            .unwrap_or(0);
+        shared.listener_pid.store(pid, Ordering::Relaxed);
+        shared.connected.store(true, Ordering::Relaxed);
+        // Whatever happened while we were not listening, subscribers re-read the table.
+        shared.wake_all();
+
+        let mut last_poll = Instant::now();
+        let error = loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                break None;
+            }
+            let own = shared.notifier_pid.load(Ordering::Relaxed);
+            let mut woken = match wait_for_notifications(&mut client, own) {
+                Ok(w) => w,
+                Err(e) => break Some(e),
+            };
+            if last_poll.elapsed() >= poll {
+                woken = true;
+                last_poll = Instant::now();
+                // The safety poll doubles as a liveness check of a quiet connection.
+                if let Err(e) = client.simple_query("") {
+                    break Some(e);
+                }
+            }
+            if woken {
+                shared.wake_all();
+            }
+        };
+        shared.connected.store(false, Ordering::Relaxed);
+        shared.listener_pid.store(0, Ordering::Relaxed);
+        if let Some(e) = error {
+            *shared.last_error.lock().unwrap() = Some(chain(&e));
+            if !pause(&shared, backoff) {
+                return;
+            }
+        }
+    }
+}
+
+/// Waits one round for a notification, then takes whatever else is already buffered.
+/// Returns whether any came from somebody other than our own notifier (`own`).
+fn wait_for_notifications(
+    client: &mut postgres::Client,
+    own: i32,
+) -> Result<bool, postgres::Error> {
+    let mut notifications = client.notifications();
+    let first = notifications.timeout_iter(LISTEN_ROUND).next()?;
+    let Some(first) = first else {
+        return Ok(false);
+    };
+    let mut woken = first.process_id() != own;
+    let mut pending = notifications.iter();
+    while let Some(n) = pending.next()? {
+        woken |= n.process_id() != own;
+    }
+    Ok(woken)
+}
+
+/// The notifier thread: one `NOTIFY` for however many appends happened while the last
+/// one was in flight, on its own connection, off every append's commit path.
+fn notify_loop(shared: Arc<Shared>, pg: postgres::Config, channel: String, rx: Receiver<()>) {
+    let sql = format!("NOTIFY {}", quote(&channel));
+    let mut client: Option<postgres::Client> = None;
+    while rx.recv().is_ok() {
+        for attempt in 0..2 {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = pg.connect(NoTls).ok();
+                if let Some(c) = client.as_mut() {
+                    let pid = c
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .map(|r| r.get::<_, i32>(0))
+                        .unwrap_or(0);
+                    shared.notifier_pid.store(pid, Ordering::Relaxed);
+                }
+            }
+            match client.as_mut().map(|c| c.batch_execute(&sql)) {
+                Some(Ok(())) => break,
+                // Lost: other processes' subscribers find the events at their next poll.
+                _ if attempt == 1 => break,
+                _ => client = None,
+            }
+        }
+    }
+}

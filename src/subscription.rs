@@ -1,0 +1,430 @@
+//! Subscriptions: an iterator that catches up from history, then follows new events.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+
+use crate::error::{Error, Result};
+use crate::event::{validate_stream_id, RecordedEvent};
+use crate::read::{Events, ReadAll, ReadStream};
+use crate::store::Store;
+
+/// How often a caught-up `$all` subscription re-reads while committed events wait behind
+/// a transaction that is still running (see the crate docs on the global order).
+const HELD_BACK_POLL: Duration = Duration::from_millis(10);
+/// The wait after an error, at first and at most.
+const ERROR_BACKOFF_START: Duration = Duration::from_millis(50);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target {
+    All {
+        category: Option<String>,
+        event_types: Option<Vec<String>>,
+    },
+    Stream(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    Beginning,
+    After(u64),
+    Live,
+}
+
+/// What a subscription follows and where it starts.
+///
+/// ```
+/// use pg_eventstore::SubscribeOptions;
+/// // Every event, from the first one on.
+/// let all = SubscribeOptions::all();
+/// // Order events after a checkpoint.
+/// let orders = SubscribeOptions::category("order-").after(1_234_567);
+/// // Only what commits from now on, of two types.
+/// let live = SubscribeOptions::all().event_types(["Paid", "Refunded"]).live();
+/// // One stream, after version 9.
+/// let one = SubscribeOptions::stream("order-7").after(9);
+/// # let _ = (all, orders, live, one);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    target: Target,
+    start: Start,
+    misuse: Option<&'static str>,
+}
+
+impl SubscribeOptions {
+    /// All events (the old product's `streamPattern: '*'`), from the beginning.
+    pub fn all() -> Self {
+        SubscribeOptions {
+            target: Target::All {
+                category: None,
+                event_types: None,
+            },
+            start: Start::Beginning,
+            misuse: None,
+        }
+    }
+
+    /// Events of streams whose id starts with `prefix`, from the beginning.
+    pub fn category(prefix: impl Into<String>) -> Self {
+        SubscribeOptions {
+            target: Target::All {
+                category: Some(prefix.into()),
+                event_types: None,
+            },
+            start: Start::Beginning,
+            misuse: None,
+        }
+    }
+
+    /// The events of one stream, in version order, from version 0.
+    pub fn stream(stream: impl Into<String>) -> Self {
+        SubscribeOptions {
+            target: Target::Stream(stream.into()),
+            start: Start::Beginning,
+            misuse: None,
+        }
+    }
+
+    /// Only events of these types (for `all` and `category` subscriptions).
+    pub fn event_types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let types = types.into_iter().map(Into::into).collect();
+        match &mut self.target {
+            Target::All { event_types, .. } => *event_types = Some(types),
+            Target::Stream(_) => {
+                self.misuse = Some(
+                    "event type filters apply to all and category subscriptions, not to one stream",
+                )
+            }
+        }
+        self
+    }
+
+    /// From the first event on (the default).
+    pub fn from_start(mut self) -> Self {
+        self.start = Start::Beginning;
+        self
+    }
+
+    /// After a global position (exclusive) — for a stream subscription, after a version.
+    /// Pass the last position you processed to go on from there.
+    pub fn after(mut self, position_or_version: u64) -> Self {
+        self.start = Start::After(position_or_version);
+        self
+    }
+
+    /// Only events whose transaction commits after the subscription is created (the old
+    /// product's `fromPosition: 'live'`).
+    pub fn live(mut self) -> Self {
+        self.start = Start::Live;
+        self
+    }
+}
+
+/// Stops a [`Subscription`] from another thread: a blocked `next()` returns `None`.
+#[derive(Clone, Debug)]
+pub struct SubscriptionStopper {
+    stopped: Arc<AtomicBool>,
+    tx: Sender<()>,
+}
+
+impl SubscriptionStopper {
+    /// Stops the subscription. Its iterator then ends.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = self.tx.try_send(());
+    }
+}
+
+/// Where a subscription has got to.
+#[derive(Debug)]
+enum Cursor {
+    /// `$all`: the last position delivered (`None`: nothing yet, from the start).
+    Position(Option<u64>),
+    /// One stream: the next version to deliver.
+    Version(u64),
+}
+
+/// A subscription: an `Iterator<Item = Result<RecordedEvent>>` that first catches up from
+/// history, then blocks for new events. Made by [`Store::subscribe`].
+///
+/// Events come in strictly increasing global position (a stream subscription: in version
+/// order), each once, with the guarantee of [`Store::read_all`]: an event that commits
+/// late with a smaller position is never skipped.
+///
+/// Wake-ups come from the store's listener (`LISTEN`), from appends made through the same
+/// store, and from a safety poll ([`Config::poll_interval`](crate::Config::poll_interval));
+/// the events themselves are always read from the table. An error (the database is down,
+/// say) is yielded as an `Err` item and the subscription carries on from where it was:
+/// the next call retries after a backoff. Only [`Subscription::stop`] ends it.
+///
+/// ```no_run
+/// # use pg_eventstore::{Store, SubscribeOptions};
+/// # let store = Store::from_env()?;
+/// for event in store.subscribe(SubscribeOptions::all())? {
+///     let event = event?;
+///     println!("{} {}", event.position, event.event_type);
+/// }
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+pub struct Subscription {
+    store: Store,
+    target: Target,
+    cursor: Cursor,
+    /// Live `$all` subscriptions skip what was visible when they were created.
+    before_snapshot: Option<String>,
+    read: Option<Events>,
+    id: u64,
+    wake: Receiver<()>,
+    stop_rx: Receiver<()>,
+    stopper: SubscriptionStopper,
+    held_back: bool,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("target", &self.target)
+            .field("cursor", &self.cursor)
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+impl Subscription {
+    pub(crate) fn new(store: Store, options: SubscribeOptions) -> Result<Subscription> {
+        if let Some(msg) = options.misuse {
+            return Err(Error::InvalidInput(msg.into()));
+        }
+        let mut before_snapshot = None;
+        let cursor = match (&options.target, options.start) {
+            (
+                Target::All {
+                    category,
+                    event_types,
+                },
+                start,
+            ) => {
+                let mut check = ReadAll::from_start();
+                check.category = category.clone();
+                check.event_types = event_types.clone();
+                check.validate()?;
+                match start {
+                    Start::Beginning => Cursor::Position(None),
+                    Start::After(p) => Cursor::Position(Some(p)),
+                    Start::Live => {
+                        let (snapshot, horizon) = store.snapshot_and_horizon()?;
+                        before_snapshot = Some(snapshot);
+                        Cursor::Position(horizon.checked_sub(1))
+                    }
+                }
+            }
+            (Target::Stream(stream), start) => {
+                validate_stream_id(stream)?;
+                match start {
+                    Start::Beginning => Cursor::Version(0),
+                    Start::After(v) => Cursor::Version(v.saturating_add(1)),
+                    Start::Live => {
+                        Cursor::Version(store.stream_version(stream)?.map_or(0, |v| v + 1))
+                    }
+                }
+            }
+        };
+        let (id, wake) = store.inner.hub.subscribe();
+        let (tx, stop_rx) = bounded(1);
+        Ok(Subscription {
+            store,
+            target: options.target,
+            cursor,
+            before_snapshot,
+            read: None,
+            id,
+            wake,
+            stop_rx,
+            stopper: SubscriptionStopper {
+                stopped: Arc::new(AtomicBool::new(false)),
+                tx,
+            },
+            held_back: false,
+            retry_at: None,
+            backoff: ERROR_BACKOFF_START,
+        })
+    }
+
+    /// A handle that stops this subscription from another thread.
+    pub fn stopper(&self) -> SubscriptionStopper {
+        self.stopper.clone()
+    }
+
+    /// Stops the subscription: the iterator ends.
+    pub fn stop(&self) {
+        self.stopper.stop();
+    }
+
+    /// Whether the subscription was stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopper.stopped.load(Ordering::SeqCst)
+    }
+
+    /// A channel that receives a message whenever new events may be there, to wait on
+    /// together with your own channels in `crossbeam_channel::select!`. When it fires,
+    /// call [`Subscription::try_next`] until it returns `None`.
+    pub fn ready(&self) -> &Receiver<()> {
+        &self.wake
+    }
+
+    /// The last global position delivered (`None` for stream subscriptions and before the
+    /// first event).
+    pub fn position(&self) -> Option<u64> {
+        match self.cursor {
+            Cursor::Position(p) => p,
+            Cursor::Version(_) => None,
+        }
+    }
+
+    /// The next event if one can be had without waiting (one query at most),
+    /// else `None`.
+    pub fn try_next(&mut self) -> Option<Result<RecordedEvent>> {
+        if self.is_stopped() || self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        if let Some(item) = self.next_from_read() {
+            return Some(item);
+        }
+        // The last read is exhausted: a fresh one sees what committed meanwhile.
+        match self.open_read() {
+            Ok(read) => self.read = Some(read),
+            Err(e) => return Some(self.failed(e)),
+        }
+        if let Some(item) = self.next_from_read() {
+            return Some(item);
+        }
+        self.held_back = self.is_all() && self.store.has_held_back_events().unwrap_or(false);
+        None
+    }
+
+    /// The next event, waiting at most `timeout`. `None` when nothing came in time, or
+    /// when the subscription was stopped (see [`Subscription::is_stopped`]).
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Result<RecordedEvent>> {
+        self.next_deadline(Some(Instant::now() + timeout))
+    }
+
+    fn next_deadline(&mut self, deadline: Option<Instant>) -> Option<Result<RecordedEvent>> {
+        loop {
+            if self.is_stopped() {
+                return None;
+            }
+            // Take the pending wake-up before reading: one that arrives during the read
+            // stays in the channel and triggers another read.
+            let _ = self.wake.try_recv();
+            if let Some(item) = self.try_next() {
+                return Some(item);
+            }
+            let poll = if self.held_back {
+                HELD_BACK_POLL
+            } else {
+                self.store.inner.config.poll_interval
+            };
+            let mut until = Instant::now() + poll;
+            if let Some(t) = self.retry_at {
+                until = t;
+            }
+            if let Some(d) = deadline {
+                until = until.min(d);
+            }
+            let wait = until.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.wake) -> _ => {}
+                recv(self.stop_rx) -> _ => return None,
+                default(wait) => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // One last look, so that a wake-up at the deadline is not wasted.
+                let _ = self.wake.try_recv();
+                return self.try_next();
+            }
+        }
+    }
+
+    fn is_all(&self) -> bool {
+        matches!(self.target, Target::All { .. })
+    }
+
+    fn next_from_read(&mut self) -> Option<Result<RecordedEvent>> {
+        let read = self.read.as_mut()?;
+        match read.next() {
+            Some(Ok(event)) => {
+                self.retry_at = None;
+                self.backoff = ERROR_BACKOFF_START;
+                match &mut self.cursor {
+                    Cursor::Position(p) => *p = Some(event.position),
+                    Cursor::Version(v) => *v = event.version + 1,
+                }
+                Some(Ok(event))
+            }
+            Some(Err(e)) => Some(self.failed(e)),
+            None => {
+                self.read = None;
+                None
+            }
+        }
+    }
+
+    fn failed(&mut self, e: Error) -> Result<RecordedEvent> {
+        self.read = None;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(ERROR_BACKOFF_MAX);
+        Err(e)
+    }
+
+    fn open_read(&self) -> Result<Events> {
+        match (&self.target, &self.cursor) {
+            (Target::Stream(stream), Cursor::Version(v)) => self
+                .store
+                .read_stream(stream, ReadStream::forwards().from_version(*v)),
+            (
+                Target::All {
+                    category,
+                    event_types,
+                },
+                Cursor::Position(p),
+            ) => {
+                let mut options = match p {
+                    Some(p) => ReadAll::after(*p),
+                    None => ReadAll::from_start(),
+                };
+                options.category = category.clone();
+                options.event_types = event_types.clone();
+                options.before_snapshot = self.before_snapshot.clone();
+                self.store.read_all(options)
+            }
+            _ => unreachable!("the cursor always matches the target"),
+        }
+    }
+}
+
+impl Iterator for Subscription {
+    type Item = Result<RecordedEvent>;
+
+    /// Blocks until the next event, an error, or [`Subscription::stop`] (then `None`).
+    fn next(&mut self) -> Option<Result<RecordedEvent>> {
+        self.next_deadline(None)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.read = None;
+        self.store.inner.hub.unsubscribe(self.id);
+    }
+}
