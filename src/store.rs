@@ -195,7 +195,11 @@ impl Store {
                     }
                     return Ok(result);
                 }
-                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => continue,
+                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {
+                    // Several writers on one hot stream lose to each other in turn;
+                    // a random pause breaks the lockstep.
+                    std::thread::sleep(jitter(attempt));
+                }
                 Err(e) => return Err(self.map_error(e)),
             }
         }
