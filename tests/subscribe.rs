@@ -1,0 +1,363 @@
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{events, TestResult, TestStore};
+use pg_eventstore::{
+    crossbeam_channel, Config, EventData, ExpectedVersion, RecordedEvent, Result, Store,
+    SubscribeOptions, Subscription,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Takes `n` events, failing the test if they do not come within `WAIT`.
+fn take(sub: &mut Subscription, n: usize) -> Vec<RecordedEvent> {
+    let deadline = Instant::now() + WAIT;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sub.next_timeout(left) {
+            Some(e) => out.push(e.expect("subscription error")),
+            None => panic!("only {} of {n} events arrived in {WAIT:?}", out.len()),
+        }
+    }
+    out
+}
+
+fn types(events: &[RecordedEvent]) -> Vec<String> {
+    events.iter().map(|e| e.event_type.clone()).collect()
+}
+
+/// A second store on the same schema: another process, as far as notifications go.
+fn other_process(t: &TestStore, f: impl FnOnce(Config) -> Config) -> Store {
+    f(Config::new(&common::database_url())
+        .unwrap()
+        .schema(&t.schema))
+    .connect()
+    .unwrap()
+}
+
+#[test]
+fn catches_up_then_goes_live() -> TestResult {
+    let t = TestStore::new("sub_catchup");
+    t.append("a", ExpectedVersion::NoStream, &events("Old", 3))?;
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    let old = take(&mut sub, 3);
+    assert_eq!(types(&old), ["Old", "Old", "Old"]);
+    assert_eq!(sub.position(), Some(old[2].position));
+    // Nothing more yet.
+    assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
+    let store = t.store.clone();
+    let writer = thread::spawn(move || {
+        for i in 0..5 {
+            thread::sleep(Duration::from_millis(20));
+            store
+                .append("b", ExpectedVersion::Any, &events(&format!("New{i}"), 1))
+                .unwrap();
+        }
+    });
+    let new = take(&mut sub, 5);
+    writer.join().unwrap();
+    assert_eq!(types(&new), ["New0", "New1", "New2", "New3", "New4"]);
+    assert!(new[0].position > old[2].position);
+    assert!(new.windows(2).all(|w| w[0].position < w[1].position));
+    Ok(())
+}
+
+#[test]
+fn starts_after_a_position() -> TestResult {
+    let t = TestStore::new("sub_after");
+    let first = t.append("a", ExpectedVersion::NoStream, &events("A", 4))?;
+    t.append("b", ExpectedVersion::NoStream, &events("B", 2))?;
+    let mut sub = t.subscribe(SubscribeOptions::all().after(first.first_position + 1))?;
+    let got = take(&mut sub, 4);
+    assert_eq!(types(&got), ["A", "A", "B", "B"]);
+    assert_eq!(got[0].version, 2);
+    assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
+    Ok(())
+}
+
+#[test]
+fn live_only_delivers_what_commits_after_the_call() -> TestResult {
+    let t = TestStore::new("sub_live");
+    t.append("a", ExpectedVersion::NoStream, &events("Before", 3))?;
+    // A transaction that is open when the subscription starts and commits afterwards:
+    // its event commits after the call, so it is delivered.
+    let mut conn = t.pool().get()?;
+    let mut tx = conn.transaction()?;
+    t.append_in(
+        &mut tx,
+        "c",
+        ExpectedVersion::NoStream,
+        &events("InFlight", 1),
+    )?;
+    let mut sub = t.subscribe(SubscribeOptions::all().live())?;
+    t.append("a", ExpectedVersion::Exact(2), &events("After", 1))?;
+    tx.commit()?;
+    let got = take(&mut sub, 2);
+    let mut got_types = types(&got);
+    got_types.sort();
+    assert_eq!(got_types, ["After", "InFlight"]);
+    assert!(sub.next_timeout(Duration::from_millis(200)).is_none());
+    // A live stream subscription starts after the stream's current version.
+    let mut one = t.subscribe(SubscribeOptions::stream("a").live())?;
+    t.append("a", ExpectedVersion::Exact(3), &events("Later", 1))?;
+    let got = take(&mut one, 1);
+    assert_eq!((got[0].event_type.as_str(), got[0].version), ("Later", 4));
+    Ok(())
+}
+
+#[test]
+fn filters_by_stream_category_and_type() -> TestResult {
+    let t = TestStore::new("sub_filter");
+    t.append("order-1", ExpectedVersion::Any, &events("Placed", 2))?;
+    t.append("user-1", ExpectedVersion::Any, &events("Registered", 1))?;
+    t.append("order-2", ExpectedVersion::Any, &events("Shipped", 1))?;
+    let mut stream = t.subscribe(SubscribeOptions::stream("order-1"))?;
+    let mut category = t.subscribe(SubscribeOptions::category("order-"))?;
+    let mut typed = t.subscribe(SubscribeOptions::all().event_types(["Registered", "Shipped"]))?;
+    let mut stream_after = t.subscribe(SubscribeOptions::stream("order-1").after(0))?;
+    t.append("order-1", ExpectedVersion::Exact(1), &events("Paid", 1))?;
+    t.append("user-1", ExpectedVersion::Exact(0), &events("Renamed", 1))?;
+
+    let s = take(&mut stream, 3);
+    assert_eq!(types(&s), ["Placed", "Placed", "Paid"]);
+    assert_eq!(s.iter().map(|e| e.version).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(types(&take(&mut stream_after, 2)), ["Placed", "Paid"]);
+    let c = take(&mut category, 4);
+    assert_eq!(types(&c), ["Placed", "Placed", "Shipped", "Paid"]);
+    assert_eq!(types(&take(&mut typed, 2)), ["Registered", "Shipped"]);
+    for sub in [&mut stream, &mut category, &mut typed] {
+        assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
+    }
+    let err = t
+        .subscribe(SubscribeOptions::stream("x").event_types(["A"]))
+        .unwrap_err();
+    assert!(err.to_string().contains("not to one stream"), "{err}");
+    assert!(t.subscribe(SubscribeOptions::stream("")).is_err());
+    Ok(())
+}
+
+#[test]
+fn next_timeout_returns_none_on_silence_and_try_next_does_not_wait() -> TestResult {
+    let t = TestStore::new("sub_timeout");
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    let started = Instant::now();
+    assert!(sub.next_timeout(Duration::from_millis(300)).is_none());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(!sub.is_stopped());
+    assert!(sub.try_next().is_none());
+    let r = t.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    // A concurrent test's open transaction may hold the $all horizon back for a moment.
+    common::wait_visible(&t, r.last_position);
+    assert_eq!(sub.try_next().unwrap()?.event_type, "E");
+    assert!(sub.try_next().is_none());
+    Ok(())
+}
+
+#[test]
+fn a_blocked_subscription_stops_from_another_thread() -> TestResult {
+    let t = TestStore::new("sub_stop");
+    let sub = t.subscribe(SubscribeOptions::all())?;
+    let stopper = sub.stopper();
+    let reader = thread::spawn(move || {
+        let started = Instant::now();
+        let count = sub.count(); // blocks until stopped
+        (count, started.elapsed())
+    });
+    thread::sleep(Duration::from_millis(300));
+    stopper.stop();
+    let (count, blocked_for) = reader.join().unwrap();
+    assert_eq!(count, 0);
+    assert!(blocked_for >= Duration::from_millis(200), "{blocked_for:?}");
+    Ok(())
+}
+
+#[test]
+fn events_larger_than_a_notification_payload() -> TestResult {
+    let t = TestStore::new("sub_large");
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    let blob = "y".repeat(64 * 1024);
+    t.append(
+        "big",
+        ExpectedVersion::NoStream,
+        &[EventData::json("Big", serde_json::json!({ "blob": blob }))],
+    )?;
+    let got = take(&mut sub, 1);
+    assert_eq!(got[0].data["blob"].as_str().unwrap().len(), 64 * 1024);
+    Ok(())
+}
+
+#[test]
+fn select_together_with_your_own_channels() -> TestResult {
+    let t = TestStore::new("sub_select");
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    let (tick_tx, tick_rx) = crossbeam_channel::bounded::<&str>(1);
+    tick_tx.send("tick")?;
+    t.append("s", ExpectedVersion::Any, &events("E", 2))?;
+    let mut got = Vec::new();
+    let mut ticks = 0;
+    let deadline = Instant::now() + WAIT;
+    while got.len() < 2 && Instant::now() < deadline {
+        crossbeam_channel::select! {
+            recv(sub.ready()) -> _ => {
+                while let Some(e) = sub.try_next() {
+                    got.push(e?);
+                }
+            }
+            recv(tick_rx) -> _ => ticks += 1,
+            default(Duration::from_millis(50)) => {}
+        }
+    }
+    assert_eq!(types(&got), ["E", "E"]);
+    assert_eq!(ticks, 1);
+    Ok(())
+}
+
+#[test]
+fn other_processes_are_woken_by_notify_not_by_polling() -> TestResult {
+    let t = TestStore::new("sub_notify");
+    // The subscriber polls only every 60 s: a prompt delivery proves the NOTIFY path.
+    let reader = other_process(&t, |c| c.poll_interval(Duration::from_secs(60)));
+    let mut sub = reader.subscribe(SubscribeOptions::all())?;
+    assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
+    // Through the pool: the writer's notifier thread sends the NOTIFY after the commit.
+    // The append happens while the subscriber is blocked waiting.
+    let store = t.store.clone();
+    let writer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        store.append("s", ExpectedVersion::Any, &events("Pooled", 1))
+    });
+    let got = woken_within(&mut sub, Duration::from_secs(3));
+    writer.join().unwrap()?;
+    assert_eq!(got.event_type, "Pooled");
+    // Inside a caller's transaction: notified by that transaction's commit.
+    let store = t.store.clone();
+    let writer = thread::spawn(move || -> Result<()> {
+        let mut conn = store.pool().get().unwrap();
+        let mut tx = conn.transaction()?;
+        store.append_in(&mut tx, "s", ExpectedVersion::Exact(0), &events("InTx", 1))?;
+        thread::sleep(Duration::from_millis(200));
+        tx.commit()?;
+        Ok(())
+    });
+    let got = woken_within(&mut sub, Duration::from_secs(3));
+    writer.join().unwrap()?;
+    assert_eq!(got.event_type, "InTx");
+    Ok(())
+}
+
+/// The next event, which must come well before `limit` (and so long before the 60 s
+/// safety poll): `next_timeout` itself takes one last look at its deadline, so the wait is
+/// longer than the limit and the time is checked.
+fn woken_within(sub: &mut Subscription, limit: Duration) -> RecordedEvent {
+    let started = Instant::now();
+    let event = sub
+        .next_timeout(limit * 2)
+        .expect("an event")
+        .expect("no error");
+    let took = started.elapsed();
+    assert!(took < limit, "took {took:?}: not woken by a notification");
+    event
+}
+
+fn wait_connected(store: &Store) {
+    let deadline = Instant::now() + WAIT;
+    while store.listener_state().is_none_or(|s| !s.connected) {
+        assert!(Instant::now() < deadline, "the listener did not connect");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills the listener's backend and waits until it has reconnected.
+fn kill_listener(store: &Store) {
+    let before = store.listener_state().expect("listener started");
+    let killed: bool = common::client()
+        .query_one("SELECT pg_terminate_backend($1)", &[&before.backend_pid])
+        .unwrap()
+        .get(0);
+    assert!(killed, "listener backend {} not found", before.backend_pid);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = store.listener_state().unwrap();
+        if now.connected && now.reconnects > before.reconnects {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "listener did not reconnect: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn keeps_working_across_a_listener_reconnect_by_the_safety_poll() -> TestResult {
+    let t = TestStore::new("sub_reconnect");
+    // The writer never notifies; the reader's listener is killed while events are written.
+    let writer = other_process(&t, |c| c.notify_on_append(false));
+    let reader = other_process(&t, |c| c.poll_interval(Duration::from_millis(200)));
+    let mut sub = reader.subscribe(SubscribeOptions::all())?;
+    assert!(sub.next_timeout(Duration::from_millis(50)).is_none());
+    wait_connected(&reader);
+    let pid_before = reader.listener_state().unwrap().backend_pid;
+    writer.append("s", ExpectedVersion::Any, &events("DuringOutage", 2))?;
+    kill_listener(&reader);
+    let state = reader.listener_state().unwrap();
+    assert_ne!(state.backend_pid, pid_before);
+    assert_eq!(state.reconnects, 1);
+    writer.append("s", ExpectedVersion::Any, &events("AfterReconnect", 1))?;
+    let got = take(&mut sub, 3);
+    assert_eq!(
+        types(&got),
+        ["DuringOutage", "DuringOutage", "AfterReconnect"]
+    );
+    Ok(())
+}
+
+fn backends_named(name: &str) -> i64 {
+    common::client()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn dropping_subscriptions_and_the_store_leaks_no_connection_or_thread() -> TestResult {
+    let t = TestStore::new("sub_leak");
+    let app = format!("leak-{}", t.schema);
+    let mut pg: postgres::Config = common::database_url().parse()?;
+    pg.application_name(&app);
+    let store = Config::from_pg(pg)
+        .schema(&t.schema)
+        .min_idle(0)
+        .connect()?;
+    let mut subs: Vec<Subscription> = (0..3)
+        .map(|_| store.subscribe(SubscribeOptions::all()))
+        .collect::<Result<_>>()?;
+    store.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    for s in &mut subs {
+        take(s, 1);
+    }
+    wait_connected(&store);
+    assert!(backends_named(&app) >= 3, "pool, listener and notifier");
+    drop(subs);
+    let started = Instant::now();
+    drop(store);
+    let dropped_in = started.elapsed();
+    let deadline = Instant::now() + WAIT;
+    while backends_named(&app) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "connections left after the store was dropped"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dropped_in < Duration::from_secs(2), "{dropped_in:?}");
+    Ok(())
+}
