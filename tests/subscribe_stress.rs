@@ -46,12 +46,12 @@ fn spawn_subscriber(
     pg_eventstore::SubscriptionStopper,
     thread::JoinHandle<()>,
 )> {
-    let mut sub = store.subscribe(options)?;
+    let sub = store.subscribe(options)?;
     let stopper = sub.stopper();
     let received: Received = Arc::default();
     let sink = received.clone();
     let handle = thread::spawn(move || {
-        while let Some(item) = sub.next() {
+        for item in sub {
             match item {
                 Ok(e) => sink.lock().unwrap().push((e.position, e.id)),
                 // A killed listener never surfaces here; a read error would, and the
