@@ -44,6 +44,30 @@ pub enum Error {
         /// The stream appended to.
         stream: String,
     },
+    /// Another worker with this processor name is running (it holds the advisory lock).
+    ProcessorLocked {
+        /// The processor name.
+        name: String,
+    },
+    /// A worker's handler failed on an event after all its retries, and the worker
+    /// stopped (see [`OnFailure::Stop`](crate::OnFailure::Stop)).
+    Handler {
+        /// The processor name.
+        processor: String,
+        /// The event's stream.
+        stream: String,
+        /// The event's global position; the checkpoint stays before it.
+        position: u64,
+        /// How often the handler was called for it.
+        attempts: u32,
+        /// What the handler returned.
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// A worker's handler panicked; the worker stopped, its checkpoint before the event.
+    HandlerPanicked {
+        /// The processor name.
+        processor: String,
+    },
     /// The input was refused before anything was sent; the text names the problem.
     InvalidInput(String),
     /// A configuration value is wrong or cannot be honoured; the text names it.
@@ -122,6 +146,24 @@ impl fmt::Display for Error {
                 "stream {stream:?} was appended to by a transaction that started writing after \
                  this one; roll this transaction back and retry it"
             ),
+            Error::ProcessorLocked { name } => write!(
+                f,
+                "another worker named {name:?} is already running (it holds the processor's lock)"
+            ),
+            Error::Handler {
+                processor,
+                stream,
+                position,
+                attempts,
+                source,
+            } => write!(
+                f,
+                "worker {processor:?} failed on the event at position {position} of stream \
+                 {stream:?} after {attempts} attempts: {source}"
+            ),
+            Error::HandlerPanicked { processor } => {
+                write!(f, "a handler of worker {processor:?} panicked")
+            }
             Error::InvalidInput(msg) => write!(f, "invalid input: {msg}"),
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
             Error::NotMigrated { schema } => write!(
@@ -187,6 +229,7 @@ impl StdError for Error {
         match self {
             Error::Postgres(e) => Some(e),
             Error::Json(e) => Some(e),
+            Error::Handler { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

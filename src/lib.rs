@@ -101,6 +101,7 @@
     unreachable_pub
 )]
 
+mod checkpoint;
 mod config;
 mod error;
 mod event;
@@ -110,7 +111,9 @@ mod read;
 mod sql;
 mod store;
 mod subscription;
+mod worker;
 
+pub use crate::checkpoint::{Tracker, MAX_PROCESSOR_NAME_BYTES};
 pub use crate::config::{Config, DEFAULT_DATABASE_URL};
 pub use crate::error::{Error, Result};
 pub use crate::event::{
@@ -123,6 +126,7 @@ pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
+pub use crate::worker::{HandlerError, IfLocked, OnFailure, Worker, WorkerHandle, WorkerSummary};
 
 pub use crossbeam_channel;
 pub use postgres;

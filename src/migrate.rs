@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -31,6 +31,11 @@ const STEPS: &[Step] = &[
         version: 2,
         name: "create snapshots and checkpoints",
         sql: m0002_snapshots_checkpoints,
+    },
+    Step {
+        version: 3,
+        name: "create stream checkpoints and dead letters",
+        sql: m0003_stream_checkpoints_dead_letters,
     },
 ];
 
@@ -93,6 +98,31 @@ fn m0002_snapshots_checkpoints(schema: &str) -> String {
         t.add_column("processor_name", types::text().primary(true));
         t.add_column("position", bigint());
         t.add_column("updated_at", timestamptz_now());
+    });
+    finish(m)
+}
+
+/// Per-stream progress of transactional workers (exactly-once claims), and events that a
+/// worker's handler failed on and parked.
+fn m0003_stream_checkpoints_dead_letters(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    m.create_table("stream_checkpoints", |t| {
+        t.add_column("processor_name", types::text());
+        t.add_column("stream_id", types::text());
+        t.add_column("version", bigint());
+        t.add_column("updated_at", timestamptz_now());
+        t.set_primary_key(&["processor_name", "stream_id"]);
+    });
+    m.create_table("dead_letters", |t| {
+        t.add_column("processor_name", types::text());
+        t.add_column("event_id", types::uuid().unique(false));
+        t.add_column("stream_id", types::text());
+        t.add_column("stream_version", bigint());
+        t.add_column("global_position", bigint());
+        t.add_column("attempts", types::integer());
+        t.add_column("error", types::text());
+        t.add_column("parked_at", timestamptz_now());
+        t.set_primary_key(&["processor_name", "event_id"]);
     });
     finish(m)
 }

@@ -56,6 +56,10 @@ pub(crate) struct Sql {
     pub(crate) held_back: String,
     pub(crate) save_snapshot: String,
     pub(crate) load_snapshot: String,
+    pub(crate) load_checkpoint: String,
+    pub(crate) save_checkpoint: String,
+    pub(crate) claim_stream_version: String,
+    pub(crate) park: String,
 }
 
 impl Sql {
@@ -164,6 +168,32 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
             ),
             load_snapshot: format!(
                 "SELECT version, data, created_at FROM {s}.snapshots WHERE stream_id = $1"
+            ),
+            load_checkpoint: format!(
+                "SELECT position FROM {s}.checkpoints WHERE processor_name = $1"
+            ),
+            save_checkpoint: format!(
+                "INSERT INTO {s}.checkpoints (processor_name, position) VALUES ($1, $2)
+                 ON CONFLICT (processor_name) DO UPDATE
+                   SET position = excluded.position, updated_at = now()"
+            ),
+            // Succeeds (returns a row) only for a version above the stored one: the claim
+            // that makes a transactional handler run once per event.
+            claim_stream_version: format!(
+                "INSERT INTO {s}.stream_checkpoints AS old (processor_name, stream_id, version)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (processor_name, stream_id) DO UPDATE
+                   SET version = excluded.version, updated_at = now()
+                 WHERE old.version < excluded.version
+                 RETURNING 1"
+            ),
+            park: format!(
+                "INSERT INTO {s}.dead_letters
+                   (processor_name, event_id, stream_id, stream_version, global_position,
+                    attempts, error)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (processor_name, event_id) DO UPDATE
+                   SET attempts = excluded.attempts, error = excluded.error, parked_at = now()"
             ),
             schema: schema.to_string(),
         }

@@ -1,0 +1,197 @@
+//! Checkpoints: how far a named processor has got in the global order.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use postgres::GenericClient;
+
+use crate::error::{Error, Result};
+use crate::event::validate_text;
+use crate::store::Store;
+
+/// The longest processor name accepted, in bytes.
+pub const MAX_PROCESSOR_NAME_BYTES: usize = 256;
+
+pub(crate) fn validate_processor_name(name: &str) -> Result<()> {
+    validate_text("processor name", name, MAX_PROCESSOR_NAME_BYTES).map_err(Error::InvalidInput)
+}
+
+impl Store {
+    /// The stored checkpoint of processor `name`: the global position of the last event
+    /// it finished, or `None` when it has none.
+    pub fn checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        validate_processor_name(name)?;
+        let mut conn = self.conn()?;
+        let statement = self.prepared(
+            &mut conn,
+            "load_checkpoint",
+            &self.inner.sql.load_checkpoint,
+        )?;
+        let row = conn
+            .query_opt(&statement, &[&name])
+            .map_err(|e| self.map_error(e))?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    /// Stores the checkpoint of processor `name` now.
+    pub fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        validate_processor_name(name)?;
+        let mut conn = self.conn()?;
+        let statement = self.prepared(
+            &mut conn,
+            "save_checkpoint",
+            &self.inner.sql.save_checkpoint,
+        )?;
+        conn.execute(&statement, &[&name, &(position as i64)])
+            .map_err(|e| self.map_error(e))?;
+        Ok(())
+    }
+
+    /// Stores the checkpoint inside the caller's transaction, so that a projection's
+    /// read-model writes and its checkpoint commit together: after a crash the projection
+    /// resumes exactly after the last event whose effects were committed.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{ReadAll, Store};
+    /// # let store = Store::from_env()?;
+    /// let after = store.checkpoint("balances")?;
+    /// let mut client = store.pool().get().expect("connection");
+    /// for event in store.read_all(after.map_or(ReadAll::from_start(), ReadAll::after))? {
+    ///     let event = event?;
+    ///     let mut tx = client.transaction()?;
+    ///     tx.execute("UPDATE balances SET n = n + 1 WHERE id = $1", &[&event.stream_id])?;
+    ///     store.save_checkpoint_in(&mut tx, "balances", event.position)?;
+    ///     tx.commit()?;
+    /// }
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn save_checkpoint_in<C: GenericClient>(
+        &self,
+        client: &mut C,
+        name: &str,
+        position: u64,
+    ) -> Result<()> {
+        validate_processor_name(name)?;
+        client
+            .execute(
+                &self.inner.sql.save_checkpoint,
+                &[&name, &(position as i64)],
+            )
+            .map_err(|e| self.map_error(e))?;
+        Ok(())
+    }
+
+    /// A [`Tracker`] for processor `name`, starting from its stored checkpoint, writing
+    /// at most once per second (see [`Tracker::checkpoint_interval`]).
+    pub fn tracker(&self, name: &str) -> Result<Tracker> {
+        let saved = self.checkpoint(name)?;
+        Ok(Tracker {
+            store: self.clone(),
+            name: name.to_string(),
+            interval: Duration::from_secs(1),
+            saved,
+            pending: None,
+            last_write: Instant::now(),
+        })
+    }
+}
+
+/// Tracks a processor's position, writing its checkpoint at most once per interval
+/// (the old product's `createEventStreamTracker({ processorName, checkpointIntervalMs })`).
+///
+/// Updates in between are kept in memory and written by [`Tracker::flush`], by the next
+/// update after the interval, and on drop. After a crash a processor may therefore see
+/// the events of the last interval again: at-least-once. For exactly-once effects write
+/// the checkpoint in the same transaction as the effects
+/// ([`Store::save_checkpoint_in`]).
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # use pg_eventstore::{ReadAll, Store};
+/// # let store = Store::from_env()?;
+/// let mut tracker = store.tracker("mailer")?.checkpoint_interval(Duration::from_millis(500));
+/// for event in store.read_all(tracker.read_options())? {
+///     let event = event?;
+///     // ... send the email ...
+///     tracker.update(event.position)?;
+/// }
+/// tracker.flush()?;
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+pub struct Tracker {
+    store: Store,
+    name: String,
+    interval: Duration,
+    saved: Option<u64>,
+    pending: Option<u64>,
+    last_write: Instant,
+}
+
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("name", &self.name)
+            .field("saved", &self.saved)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl Tracker {
+    /// Writes the checkpoint at most once per `interval`. Default 1 s; zero writes on
+    /// every update.
+    pub fn checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// The processor name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The last position recorded (written or not yet), `None` before the first.
+    pub fn position(&self) -> Option<u64> {
+        self.pending.or(self.saved)
+    }
+
+    /// The position last written to the database.
+    pub fn saved_position(&self) -> Option<u64> {
+        self.saved
+    }
+
+    /// `ReadAll` options that continue after [`Tracker::position`].
+    pub fn read_options(&self) -> crate::ReadAll {
+        match self.position() {
+            Some(p) => crate::ReadAll::after(p),
+            None => crate::ReadAll::from_start(),
+        }
+    }
+
+    /// Records that everything up to `position` is done; writes it if the interval has
+    /// passed since the last write.
+    pub fn update(&mut self, position: u64) -> Result<()> {
+        self.pending = Some(position);
+        if self.last_write.elapsed() >= self.interval {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the recorded position now, if it is not written yet.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(p) = self.pending {
+            self.store.save_checkpoint(&self.name, p)?;
+            self.saved = Some(p);
+            self.pending = None;
+        }
+        self.last_write = Instant::now();
+        Ok(())
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
