@@ -54,6 +54,7 @@ pub(crate) struct Sql {
     pub(crate) read_all_backwards: String,
     pub(crate) head_position: String,
     pub(crate) held_back: String,
+    pub(crate) tip_and_horizon: String,
     pub(crate) save_snapshot: String,
     pub(crate) load_snapshot: String,
     pub(crate) load_checkpoint: String,
@@ -156,6 +157,9 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
             ),
             head_position: format!(
                 "SELECT max(global_position) FROM {events} WHERE global_position < {HORIZON}"
+            ),
+            tip_and_horizon: format!(
+                "SELECT (SELECT max(global_position) FROM {events}), {HORIZON}"
             ),
             held_back: format!(
                 "SELECT EXISTS (SELECT 1 FROM {events} WHERE global_position >= {HORIZON})"

@@ -321,6 +321,24 @@ impl Store {
         Ok((row.get(0), row.get::<_, i64>(1) as u64))
     }
 
+    /// The largest committed position (visible to `$all` readers or not yet) and the
+    /// current horizon: everything below the horizon is final.
+    pub(crate) fn tip_and_horizon(&self) -> Result<(Option<u64>, u64)> {
+        let mut conn = self.conn()?;
+        let statement = self.prepared(
+            &mut conn,
+            "tip_and_horizon",
+            &self.inner.sql.tip_and_horizon,
+        )?;
+        let row = conn
+            .query_one(&statement, &[])
+            .map_err(|e| self.map_error(e))?;
+        Ok((
+            row.get::<_, Option<i64>>(0).map(|p| p as u64),
+            row.get::<_, i64>(1) as u64,
+        ))
+    }
+
     /// Whether committed events wait above the `$all` horizon for a running transaction.
     pub(crate) fn has_held_back_events(&self) -> Result<bool> {
         let mut conn = self.conn()?;

@@ -215,7 +215,9 @@ impl Worker {
         self.start(Handler::Tx(Arc::new(handler)))
     }
 
-    /// Batch mode: handles every event up to the log's head as it is now, then returns.
+    /// Batch mode: handles every event committed before the call, then returns. Events
+    /// that wait behind a running transaction for the `$all` horizon (see the crate docs)
+    /// are waited for.
     pub fn run_batch<H>(self, handler: H) -> Result<WorkerSummary>
     where
         H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -300,7 +302,7 @@ impl Worker {
                 };
                 options.category = self.category.clone();
                 options.event_types = self.event_types.clone();
-                Source::Batch(self.store.read_all(options)?)
+                Source::Batch(UpToHead::new(&self.store, options)?)
             }
             Mode::Live => {
                 let mut options = match &self.category {
@@ -349,7 +351,7 @@ impl Worker {
         let mut seq = 0u64;
         while !stop.load(Ordering::Relaxed) && !failed.load(Ordering::Relaxed) {
             let next = match &mut source {
-                Source::Batch(events) => match events.next() {
+                Source::Batch(batch) => match batch.next() {
                     Some(e) => Some(e),
                     None => break,
                 },
@@ -375,8 +377,9 @@ impl Worker {
                 None => {}
             }
             self.collect(&done_rx, &mut flight, &mut summary, &mut fatal);
-            if let Some(p) = flight.low_water.take() {
-                tracker.update(p)?;
+            match flight.low_water.take() {
+                Some(p) => tracker.update(p)?,
+                None => tracker.flush_if_due()?,
             }
         }
         // Finish what is in flight: close the queues, let the threads drain them.
@@ -434,7 +437,54 @@ enum Mode {
 
 enum Source {
     Live(crate::Subscription),
-    Batch(crate::Events),
+    Batch(UpToHead),
+}
+
+/// Every event committed when the batch started, including events that still wait
+/// behind a running transaction for the `$all` horizon: reads until the horizon has
+/// passed the log's tip as it was at the start.
+struct UpToHead {
+    store: Store,
+    options: ReadAll,
+    events: Option<crate::Events>,
+    tip: Option<u64>,
+}
+
+impl UpToHead {
+    fn new(store: &Store, options: ReadAll) -> Result<UpToHead> {
+        let (tip, _) = store.tip_and_horizon()?;
+        Ok(UpToHead {
+            events: Some(store.read_all(options.clone())?),
+            store: store.clone(),
+            options,
+            tip,
+        })
+    }
+
+    fn next(&mut self) -> Option<Result<RecordedEvent>> {
+        loop {
+            if let Some(events) = &mut self.events {
+                match events.next() {
+                    Some(Ok(e)) => {
+                        self.options.position = Some(e.position);
+                        return Some(Ok(e));
+                    }
+                    Some(Err(e)) => return Some(Err(e)),
+                    None => self.events = None,
+                }
+            }
+            let tip = self.tip?;
+            match self.store.tip_and_horizon() {
+                Ok((_, horizon)) if horizon > tip => return None,
+                Ok(_) => thread::sleep(Duration::from_millis(10)),
+                Err(e) => return Some(Err(e)),
+            }
+            match self.store.read_all(self.options.clone()) {
+                Ok(events) => self.events = Some(events),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 /// Which thread handles a stream: always the same one, so a stream stays in order.
