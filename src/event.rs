@@ -162,11 +162,7 @@ pub(crate) fn validate_stream_id(stream: &str) -> Result<()> {
     validate_text("stream id", stream, MAX_STREAM_ID_BYTES).map_err(Error::InvalidInput)
 }
 
-pub(crate) fn validate_text(
-    what: &str,
-    text: &str,
-    max: usize,
-) -> std::result::Result<(), String> {
+pub(crate) fn validate_text(what: &str, text: &str, max: usize) -> std::result::Result<(), String> {
     if text.is_empty() {
         return Err(format!("the {what} is empty"));
     }
@@ -317,7 +313,10 @@ mod tests {
         assert!(validate_stream_id(&"x".repeat(MAX_STREAM_ID_BYTES)).is_ok());
         let e = EventData::json("", Value::Null);
         let msg = e.validate(3).unwrap_err().to_string();
-        assert!(msg.contains("event 3") && msg.contains("event type is empty"), "{msg}");
+        assert!(
+            msg.contains("event 3") && msg.contains("event type is empty"),
+            "{msg}"
+        );
     }
 
     #[test]

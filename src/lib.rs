@@ -94,15 +94,24 @@
 //! or a schema name that is not a plain identifier is refused with
 //! [`Error::InvalidInput`] or [`Error::Config`] before anything is sent. User text is
 //! never formatted into SQL.
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 mod config;
 mod error;
 mod event;
+mod health;
+mod metrics;
 mod migrate;
 mod read;
+mod retry;
 mod sql;
 mod store;
+mod tls;
 
 pub use crate::config::{Config, DEFAULT_DATABASE_URL};
 pub use crate::error::{Error, Result};
@@ -110,12 +119,19 @@ pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
 };
+pub use crate::health::{ConnectionEvent, HealthReport, ListenerState, PoolStatus};
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
+pub use crate::tls::{Connector, Manager};
 
+pub use crossbeam_channel;
+#[cfg(feature = "tls")]
+pub use native_tls;
 pub use postgres;
+#[cfg(feature = "tls")]
+pub use postgres_native_tls;
 pub use r2d2;
 pub use r2d2_postgres;
 pub use serde_json;

@@ -67,7 +67,10 @@ fn m0001_events(schema: &str) -> String {
         t.add_column("data", jsonb());
         t.add_column("metadata", jsonb().nullable(true));
         t.add_column("recorded_at", timestamptz_now());
-        t.add_constraint("events_event_id_key", types::unique_constraint(["event_id"]));
+        t.add_constraint(
+            "events_event_id_key",
+            types::unique_constraint(["event_id"]),
+        );
         t.add_constraint(
             "events_stream_version_key",
             types::unique_constraint(["stream_id", "stream_version"]),
@@ -168,7 +171,10 @@ pub(crate) fn run(
         history_table(schema, table)
     ))?;
     let previous: i64 = tx
-        .query_one(&format!("SELECT COALESCE(max(version), 0) FROM {history}"), &[])?
+        .query_one(
+            &format!("SELECT COALESCE(max(version), 0) FROM {history}"),
+            &[],
+        )?
         .get(0);
     if previous > SCHEMA_VERSION {
         return Err(Error::SchemaTooNew {

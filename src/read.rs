@@ -8,6 +8,8 @@ use postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES};
+use crate::metrics::ReadOps;
+use crate::retry::Retry;
 use crate::store::{Conn, Store};
 
 /// Which way a read goes.
@@ -149,7 +151,8 @@ impl ReadAll {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if let Some(c) = &self.category {
-            validate_text("category prefix", c, MAX_STREAM_ID_BYTES).map_err(Error::InvalidInput)?;
+            validate_text("category prefix", c, MAX_STREAM_ID_BYTES)
+                .map_err(Error::InvalidInput)?;
         }
         if let Some(types) = &self.event_types {
             if types.is_empty() {
@@ -192,9 +195,13 @@ impl Query {
     fn key(&self) -> (&'static str, &'static str) {
         match self {
             Query::Stream { forwards: true, .. } => ("read_stream_fw", "declare_stream_fw"),
-            Query::Stream { forwards: false, .. } => ("read_stream_bw", "declare_stream_bw"),
+            Query::Stream {
+                forwards: false, ..
+            } => ("read_stream_bw", "declare_stream_bw"),
             Query::All { forwards: true, .. } => ("read_all_fw", "declare_all_fw"),
-            Query::All { forwards: false, .. } => ("read_all_bw", "declare_all_bw"),
+            Query::All {
+                forwards: false, ..
+            } => ("read_all_bw", "declare_all_bw"),
         }
     }
 
@@ -202,9 +209,13 @@ impl Query {
         let sql = &store.inner.sql;
         match self {
             Query::Stream { forwards: true, .. } => &sql.read_stream_forwards,
-            Query::Stream { forwards: false, .. } => &sql.read_stream_backwards,
+            Query::Stream {
+                forwards: false, ..
+            } => &sql.read_stream_backwards,
             Query::All { forwards: true, .. } => &sql.read_all_forwards,
-            Query::All { forwards: false, .. } => &sql.read_all_backwards,
+            Query::All {
+                forwards: false, ..
+            } => &sql.read_all_backwards,
         }
     }
 
@@ -266,6 +277,11 @@ const CURSOR: &str = "pg_eventstore_read";
 /// VACUUM in the whole database. A batch job that reads for hours should read in slices
 /// instead: `ReadAll::after(last).max_count(100_000)`, one slice after the other, each
 /// its own short transaction.
+///
+/// A transient failure (a lost connection, a server restart: see
+/// [`Config::max_retries`](crate::Config::max_retries)) is retried: a read that has
+/// yielded nothing starts again, one that has goes on after the last event it yielded,
+/// so no event is skipped or yielded twice.
 pub struct Events {
     store: Store,
     conn: Option<Conn>,
@@ -274,6 +290,8 @@ pub struct Events {
     rows: VecDeque<Row>,
     remaining: Option<u64>,
     page: u64,
+    retry: Retry,
+    ops: ReadOps,
 }
 
 impl fmt::Debug for Events {
@@ -327,7 +345,13 @@ impl Events {
 
     fn new(store: Store, query: Query, max_count: Option<u64>) -> Events {
         let page = store.inner.config.read_page_size as u64;
+        let ops = match &query {
+            Query::Stream { stream, .. } => ReadOps::new("stream", Some(stream)),
+            Query::All { .. } => ReadOps::new("all", None),
+        };
         Events {
+            retry: Retry::new(&store, "read"),
+            ops,
             store,
             conn: None,
             query,
@@ -349,8 +373,10 @@ impl Events {
                 State::Start => {
                     let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                     let (key, _) = self.query.key();
-                    let mut conn = self.store.conn()?;
-                    let statement = self.store.prepared(&mut conn, key, self.query.sql(&self.store))?;
+                    let mut conn = self.retry.conn(&self.store)?;
+                    let statement =
+                        self.store
+                            .prepared(&mut conn, key, self.query.sql(&self.store))?;
                     let limit_param = Some(limit as i64);
                     let rows = conn
                         .query(&statement, &self.query.params(&limit_param))
@@ -417,6 +443,28 @@ impl Events {
         Ok(())
     }
 
+    /// Fetches the next page, retrying transient failures. A retry starts again from
+    /// the keyset bound, which only ever moves past events already yielded: rows that
+    /// were fetched but not yet yielded are fetched again.
+    fn fetch_retrying(&mut self) -> Result<()> {
+        let span = self.ops.span().clone();
+        let _entered = span.enter();
+        loop {
+            match self.fetch() {
+                Ok(()) => {
+                    self.retry.succeeded();
+                    return Ok(());
+                }
+                Err(e) if self.retry.again(&e) => {
+                    self.rows.clear();
+                    self.abandon();
+                    self.state = State::Start;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn fail(&mut self, e: Error) -> Option<Result<RecordedEvent>> {
         self.rows.clear();
         self.abandon();
@@ -444,7 +492,7 @@ impl Iterator for Events {
             if self.state == State::Done {
                 return None;
             }
-            if let Err(e) = self.fetch() {
+            if let Err(e) = self.fetch_retrying() {
                 return self.fail(e);
             }
         }
@@ -452,6 +500,7 @@ impl Iterator for Events {
         match RecordedEvent::from_row(&row) {
             Ok(event) => {
                 self.query.advance(&event);
+                self.ops.yielded();
                 if let Some(r) = &mut self.remaining {
                     *r -= 1;
                 }

@@ -7,9 +7,8 @@ use std::time::SystemTime;
 
 use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
-use postgres::{GenericClient, NoTls, Row, Statement};
+use postgres::{GenericClient, Row, Statement};
 use r2d2::PooledConnection;
-use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
@@ -19,9 +18,10 @@ use crate::error::{chain, Error, Result};
 use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion, JsonText};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::read::{Events, ReadAll, ReadStream};
+use crate::retry::Retry;
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
+use crate::tls::Manager;
 
-pub(crate) type Manager = PostgresConnectionManager<NoTls>;
 pub(crate) type Conn = PooledConnection<Manager>;
 
 /// How often an append that lost a race on a unique constraint is re-run. The re-run sees
@@ -53,6 +53,7 @@ pub(crate) struct Inner {
     pub(crate) sql: Sql,
     pub(crate) config: Config,
     last_connect_error: Arc<Mutex<Option<String>>>,
+    pub(crate) monitor: crate::health::Monitor,
 }
 
 impl fmt::Debug for Store {
@@ -82,8 +83,25 @@ impl Store {
     /// Opens a pool with `config` and checks the server: it must be reachable and its
     /// schema (if any) must not be newer than this library. An unmigrated schema is fine
     /// here: call [`Store::migrate`] to create it.
+    ///
+    /// An unreachable server fails at once with [`Error::Connect`], which names the
+    /// server and the cause (for example "connection refused"), rather than after the
+    /// pool's [`Config::connection_timeout`].
     pub fn connect(config: Config) -> Result<Store> {
         let pg = config.finish()?;
+        let connector = crate::tls::connector(&config)?;
+        let monitor = crate::health::Monitor::new(pg.clone(), crate::tls::clone(&connector));
+        // One connection outside the pool: fails fast with the real cause.
+        let version = {
+            let mut client = monitor.connect()?;
+            migrate::current_version(&mut client, &config.schema, &config.migrations_table)?
+        };
+        if version > SCHEMA_VERSION {
+            return Err(Error::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
         let last_connect_error = Arc::new(Mutex::new(None));
         let pool = r2d2::Pool::builder()
             .max_size(config.max_connections)
@@ -95,22 +113,20 @@ impl Store {
             // are found by the call that uses them instead.
             .test_on_check_out(false)
             .error_handler(Box::new(RecordConnectError(last_connect_error.clone())))
-            .build_unchecked(PostgresConnectionManager::new(pg, NoTls));
+            .event_handler(Box::new(crate::metrics::PoolEvents::new(
+                last_connect_error.clone(),
+            )))
+            .build_unchecked(Manager::new(pg, connector));
         let store = Store {
             inner: Arc::new(Inner {
                 pool,
                 sql: Sql::new(&config.schema),
                 config,
                 last_connect_error,
+                monitor,
             }),
         };
-        let version = store.schema_version()?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::SchemaTooNew {
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        crate::health::start(&store)?;
         Ok(store)
     }
 
@@ -122,9 +138,15 @@ impl Store {
     /// Creates or upgrades the schema. Safe to call from many processes at once (an
     /// advisory lock serialises them) and to call again (it does nothing then).
     pub fn migrate(&self) -> Result<MigrationReport> {
-        let mut conn = self.conn()?;
         let config = &self.inner.config;
-        migrate::run(&mut conn, &config.schema, &config.migrations_table)
+        crate::metrics::migration(
+            &config.schema,
+            || {
+                let mut conn = self.conn()?;
+                migrate::run(&mut conn, &config.schema, &config.migrations_table)
+            },
+            |r| r.applied.len(),
+        )
     }
 
     /// The schema version recorded in the database (0 before [`Store::migrate`]).
@@ -139,8 +161,9 @@ impl Store {
         &self.inner.sql.schema
     }
 
-    /// The connection pool, for your own queries alongside the store.
-    pub fn pool(&self) -> &r2d2::Pool<PostgresConnectionManager<NoTls>> {
+    /// The connection pool, for your own queries alongside the store. Its manager is
+    /// [`Manager`](crate::Manager), whose TLS connector depends on the crate feature `tls`.
+    pub fn pool(&self) -> &r2d2::Pool<Manager> {
         &self.inner.pool
     }
 
@@ -151,6 +174,11 @@ impl Store {
     /// whose ids are already stored, to the same stream, in the same order, returns the
     /// original result with [`AppendResult::was_duplicate`] set: a retry after a lost reply
     /// never writes twice.
+    ///
+    /// A transient failure (a lost connection, a server restart: see
+    /// [`Config::max_retries`]) is retried with the same event ids, so an append whose
+    /// first attempt committed is not written again: the retry reports it with
+    /// `was_duplicate` set. A wrong expected version is never retried.
     ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
@@ -172,16 +200,27 @@ impl Store {
         events: &[EventData],
     ) -> Result<AppendResult> {
         let input = AppendInput::new(stream, expected, events)?;
-        let mut conn = self.conn()?;
+        crate::metrics::append("store", stream, events.len(), || {
+            let mut retry = Retry::new(self, "append");
+            loop {
+                match self.append_once(&input, &retry) {
+                    Err(e) if retry.again(&e) => continue,
+                    result => return result,
+                }
+            }
+        })
+    }
+
+    /// One attempt of [`Store::append`].
+    fn append_once(&self, input: &AppendInput<'_>, retry: &Retry) -> Result<AppendResult> {
+        let mut conn = retry.conn(self)?;
         let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
             match conn.query_one(&statement, &input.params()) {
                 Ok(row) => return input.outcome(&row),
-                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {
-                    continue
-                }
+                Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => continue,
                 Err(e) => return Err(self.map_error(e)),
             }
         }
@@ -193,7 +232,8 @@ impl Store {
     /// The events become visible when the transaction commits. On a conflict with a
     /// concurrent append the statement fails, which aborts the caller's transaction
     /// (PostgreSQL's rule): the error is still [`Error::WrongExpectedVersion`], and the
-    /// caller retries the whole transaction.
+    /// caller retries the whole transaction. Nothing is retried here, not even a lost
+    /// connection: the caller's transaction went with it.
     ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
@@ -215,6 +255,17 @@ impl Store {
         events: &[EventData],
     ) -> Result<AppendResult> {
         let input = AppendInput::new(stream, expected, events)?;
+        crate::metrics::append("in_transaction", stream, events.len(), || {
+            self.append_in_once(client, &input)
+        })
+    }
+
+    fn append_in_once<C: GenericClient>(
+        &self,
+        client: &mut C,
+        input: &AppendInput<'_>,
+    ) -> Result<AppendResult> {
+        let (stream, expected) = (input.stream, input.expected);
         let params = input.params();
         let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
             .iter()
@@ -231,7 +282,7 @@ impl Store {
                 }),
                 Some(UniqueViolation::EventId) => Err(Error::DuplicateEventId {
                     stream: stream.to_string(),
-                    id: duplicate_id(&e).unwrap_or(events[0].id),
+                    id: duplicate_id(&e).unwrap_or(input.ids[0]),
                 }),
                 None => Err(self.map_error(e)),
             },
@@ -253,8 +304,7 @@ impl Store {
     /// log is empty. Subscribing or reading "after" it skips the history.
     pub fn head_position(&self) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
-        let statement =
-            self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
+        let statement = self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
         let row = conn
             .query_one(&statement, &[])
             .map_err(|e| self.map_error(e))?;
@@ -286,8 +336,7 @@ impl Store {
         validate_stream_id(stream)?;
         let data = serde_json::to_value(state)?;
         let mut conn = self.conn()?;
-        let statement =
-            self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
+        let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
         conn.execute(&statement, &[&stream, &(version as i64), &data])
             .map_err(|e| self.map_error(e))?;
         Ok(())
@@ -297,8 +346,7 @@ impl Store {
     pub fn load_snapshot<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         validate_stream_id(stream)?;
         let mut conn = self.conn()?;
-        let statement =
-            self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
+        let statement = self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
         let row = conn
             .query_opt(&statement, &[&stream])
             .map_err(|e| self.map_error(e))?;
@@ -312,19 +360,29 @@ impl Store {
         }
     }
 
-    /// A pooled connection, or an error that says why none could be had.
+    /// A pooled connection, or an error that says why none could be had: the pool was
+    /// exhausted, or no connection could be opened (with the cause).
     pub(crate) fn conn(&self) -> Result<Conn> {
         self.inner.pool.get().map_err(|e| {
             let state = self.inner.pool.state();
+            let max = self.inner.pool.max_size();
+            let timeout = self.inner.config.connection_timeout;
+            let last_connect_error = self.inner.last_connect_error.lock().unwrap().clone();
+            let message = if last_connect_error.is_none() && state.connections >= max {
+                format!(
+                    "the connection pool is exhausted: all {max} connections were in use \
+                     for {timeout:?} (raise max_connections, or return connections sooner): {e}"
+                )
+            } else {
+                format!(
+                    "the connection pool could not open a connection within {timeout:?} \
+                     ({} of at most {max} open, {} idle): {e}",
+                    state.connections, state.idle_connections
+                )
+            };
             Error::Pool {
-                message: format!(
-                    "no connection from the pool within {:?} ({} of at most {} open, {} idle): {e}",
-                    self.inner.config.connection_timeout,
-                    state.connections,
-                    self.inner.pool.max_size(),
-                    state.idle_connections
-                ),
-                last_connect_error: self.inner.last_connect_error.lock().unwrap().clone(),
+                message,
+                last_connect_error,
             }
         })
     }

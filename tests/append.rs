@@ -65,8 +65,16 @@ fn no_stream_then_exact_then_conflicts() -> TestResult {
         other => panic!("expected a conflict, got {other:?}"),
     }
     // Any, on an existing and on a new stream.
-    assert_eq!(t.append("s", ExpectedVersion::Any, &events("F", 1))?.last_version, 6);
-    assert_eq!(t.append("new", ExpectedVersion::Any, &events("F", 2))?.last_version, 1);
+    assert_eq!(
+        t.append("s", ExpectedVersion::Any, &events("F", 1))?
+            .last_version,
+        6
+    );
+    assert_eq!(
+        t.append("new", ExpectedVersion::Any, &events("F", 2))?
+            .last_version,
+        1
+    );
 
     assert_eq!(versions(&t, "s"), vec![0, 1, 2, 3, 4, 5, 6]);
     assert_eq!(t.stream_version("s")?, Some(6));
@@ -93,7 +101,9 @@ fn recorded_events_carry_everything() -> TestResult {
     let r = t.append(
         "user-1",
         ExpectedVersion::NoStream,
-        &[EventData::new("Registered", &data)?.id(id).metadata(&meta)?],
+        &[EventData::new("Registered", &data)?
+            .id(id)
+            .metadata(&meta)?],
     )?;
     let e = t
         .read_stream("user-1", ReadStream::forwards())?
@@ -107,8 +117,15 @@ fn recorded_events_carry_everything() -> TestResult {
     assert_eq!(e.data_as::<Registered>()?, data);
     assert_eq!(e.metadata, Some(meta));
     assert!(e.recorded_at > before);
-    assert_eq!(t.append("user-1", ExpectedVersion::Any, &events("X", 1))?.last_version, 1);
-    let e2 = t.read_stream("user-1", ReadStream::backwards().max_count(1))?.next().unwrap()?;
+    assert_eq!(
+        t.append("user-1", ExpectedVersion::Any, &events("X", 1))?
+            .last_version,
+        1
+    );
+    let e2 = t
+        .read_stream("user-1", ReadStream::backwards().max_count(1))?
+        .next()
+        .unwrap()?;
     assert_eq!(e2.metadata, None);
     assert_eq!(e2.metadata_as::<serde_json::Value>()?, None);
     Ok(())
@@ -165,7 +182,9 @@ fn any_appends_from_many_threads_never_collide() -> TestResult {
             let store = t.store.clone();
             thread::spawn(move || {
                 for _ in 0..50 {
-                    store.append("hot", ExpectedVersion::Any, &events("E", 1)).unwrap();
+                    store
+                        .append("hot", ExpectedVersion::Any, &events("E", 1))
+                        .unwrap();
                 }
             })
         })
@@ -186,8 +205,18 @@ fn retrying_with_the_same_ids_returns_the_original_result() -> TestResult {
     let again = t.append("s", ExpectedVersion::NoStream, &batch)?;
     assert!(again.was_duplicate);
     assert_eq!(
-        (again.first_version, again.last_version, again.first_position, again.last_position),
-        (first.first_version, first.last_version, first.first_position, first.last_position)
+        (
+            again.first_version,
+            again.last_version,
+            again.first_position,
+            again.last_position
+        ),
+        (
+            first.first_version,
+            first.last_version,
+            first.first_position,
+            first.last_position
+        )
     );
     assert_eq!(t.count_events(), 3);
     // Reusing one of the ids for something else is refused, and writes nothing.
@@ -291,7 +320,12 @@ fn positions_follow_the_read_order() -> TestResult {
         .collect();
     assert_eq!(
         all,
-        vec![a.first_position, a.last_position, b.first_position, b.last_position]
+        vec![
+            a.first_position,
+            a.last_position,
+            b.first_position,
+            b.last_position
+        ]
     );
     assert_eq!(t.head_position()?, Some(b.last_position));
     Ok(())
@@ -308,6 +342,9 @@ fn snapshots_keep_the_newest() -> TestResult {
     let s = t.load_snapshot::<Balance>("acc")?.unwrap();
     assert_eq!((s.version, s.state), (10, Balance(100)));
     t.save_snapshot("acc", 12, &Balance(120))?;
-    assert_eq!(t.load_snapshot::<Balance>("acc")?.unwrap().state, Balance(120));
+    assert_eq!(
+        t.load_snapshot::<Balance>("acc")?.unwrap().state,
+        Balance(120)
+    );
     Ok(())
 }

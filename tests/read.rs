@@ -17,7 +17,10 @@ fn small_pages(name: &str) -> TestStore {
 
 #[test]
 fn stream_reads_forwards_backwards_from_and_max_count() -> TestResult {
-    for t in [TestStore::new("read_stream"), small_pages("read_stream_paged")] {
+    for t in [
+        TestStore::new("read_stream"),
+        small_pages("read_stream_paged"),
+    ] {
         t.append("s", ExpectedVersion::NoStream, &events("E", 10))?;
         t.append("noise", ExpectedVersion::NoStream, &events("E", 4))?;
         let all: Vec<u64> = (0..10).collect();
@@ -35,7 +38,11 @@ fn stream_reads_forwards_backwards_from_and_max_count() -> TestResult {
             vec![2, 3, 4, 5, 6]
         );
         assert_eq!(
-            stream_versions(&t, "s", ReadStream::backwards().from_version(6).max_count(4)),
+            stream_versions(
+                &t,
+                "s",
+                ReadStream::backwards().from_version(6).max_count(4)
+            ),
             vec![6, 5, 4, 3]
         );
         assert_eq!(
@@ -79,7 +86,9 @@ fn read_all_in_order_with_filters() -> TestResult {
                 .map(|e| (e.stream_id, e.event_type))
                 .collect()
         };
-        let all = t.read_all(ReadAll::from_start())?.collect::<Result<Vec<_>>>()?;
+        let all = t
+            .read_all(ReadAll::from_start())?
+            .collect::<Result<Vec<_>>>()?;
         assert_eq!(all.len(), 7);
         assert!(all.windows(2).all(|w| w[0].position < w[1].position));
         let streams: Vec<&str> = all.iter().map(|e| e.stream_id.as_str()).collect();
@@ -117,7 +126,9 @@ fn read_all_in_order_with_filters() -> TestResult {
             .read_all(ReadAll::after(all[0].position).max_count(2))?
             .collect::<Result<Vec<_>>>()?;
         assert_eq!(two, all[1..3].to_vec());
-        let back = t.read_all(ReadAll::backwards())?.collect::<Result<Vec<_>>>()?;
+        let back = t
+            .read_all(ReadAll::backwards())?
+            .collect::<Result<Vec<_>>>()?;
         assert_eq!(back, all.iter().rev().cloned().collect::<Vec<_>>());
         let back_before = t
             .read_all(ReadAll::backwards_before(all[3].position).max_count(2))?
@@ -155,7 +166,10 @@ fn dropping_a_read_midway_gives_the_connection_back_clean() -> TestResult {
     let state: String = common::client()
         .query_one("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])?
         .get(0);
-    assert_eq!(state, "idle", "the pooled connection was left inside a transaction");
+    assert_eq!(
+        state, "idle",
+        "the pooled connection was left inside a transaction"
+    );
     Ok(())
 }
 
@@ -168,7 +182,10 @@ fn large_events_round_trip() -> TestResult {
         ExpectedVersion::NoStream,
         &[EventData::json("Big", serde_json::json!({ "blob": big }))],
     )?;
-    let e = t.read_stream("big", ReadStream::forwards())?.next().unwrap()?;
+    let e = t
+        .read_stream("big", ReadStream::forwards())?
+        .next()
+        .unwrap()?;
     assert_eq!(e.data["blob"].as_str().unwrap().len(), 100_000);
     Ok(())
 }
@@ -178,7 +195,11 @@ fn reads_of_many_pages_see_every_event_once() -> TestResult {
     let t = TestStore::with("read_many", |c| c.read_page_size(100));
     let batch = 1000;
     for i in 0..5 {
-        t.append(&format!("s{i}"), ExpectedVersion::NoStream, &events("E", batch))?;
+        t.append(
+            &format!("s{i}"),
+            ExpectedVersion::NoStream,
+            &events("E", batch),
+        )?;
     }
     let head = t.head_position()?.unwrap();
     wait_visible(&t, head);
