@@ -1,0 +1,230 @@
+//! Operations: pool errors, unreachable servers, health reports, the health thread's
+//! life, and the metrics the store records.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{client, database_url, events, schema_name, TestResult, TestStore};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use pg_eventstore::{Config, Error, ExpectedVersion, ReadAll, ReadStream, SCHEMA_VERSION};
+
+#[test]
+fn exhausted_pool_times_out_naming_the_pool() -> TestResult {
+    let t = TestStore::with("ops_exhaust", |c| {
+        c.max_connections(2)
+            .min_idle(0)
+            .connection_timeout(Duration::from_millis(500))
+    });
+    let _a = t.pool().get()?;
+    let _b = t.pool().get()?;
+    let started = Instant::now();
+    let e = t
+        .append("s", ExpectedVersion::Any, &events("A", 1))
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("exhausted pool: error after {took:?}: {e}");
+    // The configured wait, once: exhaustion is not retried.
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    match &e {
+        Error::Pool {
+            message,
+            last_connect_error: None,
+        } => {
+            assert!(message.contains("pool is exhausted"), "{message}");
+            assert!(message.contains("all 2 connections"), "{message}");
+        }
+        other => panic!("expected a pool error, got {other:?}"),
+    }
+    assert!(!e.is_transient());
+    Ok(())
+}
+
+#[test]
+fn unreachable_server_fails_fast_with_the_cause() -> TestResult {
+    let started = Instant::now();
+    let e = Config::new("postgres://postgres@127.0.0.1:1/postgres")?
+        .connection_timeout(Duration::from_secs(10))
+        .connect()
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("unreachable server: error after {took:?}: {e}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    match &e {
+        Error::Connect { target, .. } => assert_eq!(target, "127.0.0.1:1"),
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    let text = e.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(text.to_lowercase().contains("refused"), "{text}");
+    assert!(e.is_transient());
+    Ok(())
+}
+
+#[test]
+fn health_report() -> TestResult {
+    let t = TestStore::with("ops_health", |c| c.max_connections(3));
+    let r = t.health_check();
+    assert!(r.reachable, "{r:?}");
+    assert!(r.is_ready(), "{r:?}");
+    assert_eq!(r.schema_version, Some(SCHEMA_VERSION));
+    assert!(r.latency.is_some());
+    assert_eq!(r.error, None);
+    assert_eq!(r.pool.max_size, 3);
+    assert_eq!(r.listener, None);
+
+    // A busy pool is not an outage: the check opens a connection of its own.
+    let held: Vec<_> = (0..3).map(|_| t.pool().get().unwrap()).collect();
+    let r = t.health_check();
+    assert!(r.reachable, "{r:?}");
+    assert_eq!(r.pool.connections, 3);
+    assert_eq!(r.pool.idle_connections, 0);
+    drop(held);
+
+    // An unmigrated schema is reachable but not ready.
+    let store = Config::new(&database_url())?
+        .schema(schema_name("ops_unmigrated"))
+        .connect()?;
+    let r = store.health_check();
+    assert!(r.reachable && !r.is_ready(), "{r:?}");
+    assert_eq!(r.schema_version, Some(0));
+    Ok(())
+}
+
+fn health_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("pg-eventstore-h"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn health_thread_ends_with_the_last_store() -> TestResult {
+    let before = health_threads();
+    let store = Config::new(&database_url())?
+        .schema(schema_name("ops_thread"))
+        .health_check_interval(Some(Duration::from_millis(20)))
+        .connect()?;
+    let clone = store.clone();
+    let events = store.connection_events();
+    std::thread::sleep(Duration::from_millis(100));
+    if cfg!(target_os = "linux") {
+        assert_eq!(health_threads(), before + 1);
+    }
+    drop(store);
+    // A clone keeps it alive.
+    assert!(matches!(
+        events.recv_timeout(Duration::from_millis(100)),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    ));
+    drop(clone);
+    // The receiver disconnects once the store is gone: nothing holds it any more.
+    let started = Instant::now();
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(3)),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+    );
+    if cfg!(target_os = "linux") {
+        let gone =
+            common::server::wait_until(Duration::from_secs(3), || health_threads() == before);
+        assert!(gone.is_some(), "the health thread is still running");
+    }
+    eprintln!(
+        "health thread stopped {:?} after the last drop",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Sums a metric over its labels: a counter's total, or a histogram's sample count.
+fn metric(snapshot: &[(String, DebugValue)], name: &str) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| match v {
+            DebugValue::Counter(c) => *c,
+            DebugValue::Histogram(h) => h.len() as u64,
+            DebugValue::Gauge(g) => g.into_inner() as u64,
+        })
+        .sum()
+}
+
+/// Terminates every backend of the store whose connections use `app`, and waits
+/// until they are gone.
+fn kill_backends(app: &str) -> i64 {
+    let mut c = client();
+    let killed = c
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&app],
+        )
+        .unwrap()
+        .len() as i64;
+    common::server::wait_until(Duration::from_secs(5), || {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .expect("terminated backends exit");
+    killed
+}
+
+#[test]
+fn metrics_are_recorded() -> TestResult {
+    let app = format!("pges_metrics_{}", std::process::id());
+    let t = TestStore::with("ops_metrics", |c| c.application_name(&app));
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || -> TestResult {
+        let r = t.append("m", ExpectedVersion::NoStream, &events("A", 3))?;
+        assert!(t
+            .append("m", ExpectedVersion::NoStream, &events("B", 1))
+            .unwrap_err()
+            .is_wrong_expected_version());
+        let read: Vec<_> = t
+            .read_stream("m", ReadStream::forwards())?
+            .collect::<Result<_, _>>()?;
+        assert_eq!(read.len(), 3);
+        common::wait_visible(&t, r.last_position);
+        assert_eq!(t.read_all(ReadAll::from_start())?.count(), 3);
+        // A killed connection: the next append retries on a new one.
+        assert!(kill_backends(&app) >= 1);
+        let again = t.append("m", ExpectedVersion::Exact(2), &events("C", 2))?;
+        assert_eq!((again.first_version, again.last_version), (3, 4));
+        assert!(!again.was_duplicate);
+        Ok(())
+    })?;
+    let snapshot: Vec<(String, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(k, _, _, v)| (k.key().name().to_string(), v))
+        .collect();
+    eprintln!("{snapshot:#?}");
+    assert_eq!(metric(&snapshot, "pg_eventstore_events_appended_total"), 5);
+    assert_eq!(metric(&snapshot, "pg_eventstore_append_conflicts_total"), 1);
+    assert_eq!(
+        metric(&snapshot, "pg_eventstore_append_duration_seconds"),
+        3
+    );
+    assert_eq!(metric(&snapshot, "pg_eventstore_events_read_total"), 6);
+    assert!(metric(&snapshot, "pg_eventstore_pool_wait_seconds") >= 5);
+    assert!(metric(&snapshot, "pg_eventstore_retries_total") >= 1);
+    assert_eq!(t.count_events(), 5);
+    Ok(())
+}
