@@ -288,10 +288,13 @@ impl Store {
         if let Some(mut conn) = self.inner.pool.try_get() {
             match migrate::current_version(&mut *conn, &config.schema, &config.migrations_table) {
                 Ok(v) => return Ok(v),
-                // Poll the broken client once more so the pool drops it, then try a
-                // connection of our own.
+                // Poll the broken client once more so the pool drops it, clear out
+                // the other dead idle connections (after a restart they all are), and
+                // try a connection of our own.
                 Err(_) => {
                     let _ = conn.simple_query("");
+                    drop(conn);
+                    crate::retry::sweep(self);
                 }
             }
         }

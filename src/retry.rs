@@ -102,8 +102,9 @@ impl Retry {
             if conn.simple_query("").is_ok() {
                 return Ok(conn);
             }
-            // Dropped here: the failed call marked the client closed, so the pool
+            // Polled once more so the client knows it is closed; dropped here, the pool
             // discards it instead of handing it out again.
+            let _ = conn.simple_query("");
         }
         store.conn()
     }
@@ -132,6 +133,41 @@ impl Retry {
     /// Forgets earlier failures: a long read gets its full budget for each outage.
     pub(crate) fn succeeded(&mut self) {
         self.attempt = 0;
+    }
+}
+
+/// Runs `f` and retries it after transient failures. Only for operations that are safe
+/// to repeat: reads, and writes that are idempotent. Before each retry the pool's idle
+/// connections are checked, so that dead ones left by a restart cost no attempt.
+pub(crate) fn run<T>(
+    store: &Store,
+    operation: &'static str,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let mut retry = Retry::new(store, operation);
+    loop {
+        match f() {
+            Err(e) if retry.again(&e) => sweep(store),
+            result => return result,
+        }
+    }
+}
+
+/// Checks every idle pooled connection with an empty query and lets the pool drop the
+/// dead ones. The live ones are held until the end, so each is checked once.
+pub(crate) fn sweep(store: &Store) {
+    let pool = &store.inner.pool;
+    let mut alive = Vec::new();
+    for _ in 0..2 * pool.max_size() {
+        let Some(mut conn) = pool.try_get() else {
+            break;
+        };
+        if conn.simple_query("").is_ok() {
+            alive.push(conn);
+        } else {
+            // Polled once more so the client knows it is closed; the pool then drops it.
+            let _ = conn.simple_query("");
+        }
     }
 }
 

@@ -137,13 +137,18 @@ impl Store {
 
     /// Creates or upgrades the schema. Safe to call from many processes at once (an
     /// advisory lock serialises them) and to call again (it does nothing then).
+    /// Transient failures are retried (see [`Config::max_retries`]).
     pub fn migrate(&self) -> Result<MigrationReport> {
         let config = &self.inner.config;
         crate::metrics::migration(
             &config.schema,
+            // One transaction under an advisory lock, and a no-op once done: safe to
+            // retry.
             || {
-                let mut conn = self.conn()?;
-                migrate::run(&mut conn, &config.schema, &config.migrations_table)
+                crate::retry::run(self, "migrate", || {
+                    let mut conn = self.conn()?;
+                    migrate::run(&mut conn, &config.schema, &config.migrations_table)
+                })
             },
             |r| r.applied.len(),
         )
@@ -151,9 +156,11 @@ impl Store {
 
     /// The schema version recorded in the database (0 before [`Store::migrate`]).
     pub fn schema_version(&self) -> Result<i64> {
-        let mut conn = self.conn()?;
-        let config = &self.inner.config;
-        migrate::current_version(&mut *conn, &config.schema, &config.migrations_table)
+        crate::retry::run(self, "read", || {
+            let mut conn = self.conn()?;
+            let config = &self.inner.config;
+            migrate::current_version(&mut *conn, &config.schema, &config.migrations_table)
+        })
     }
 
     /// The configured schema name.
@@ -292,6 +299,10 @@ impl Store {
     /// The version of the stream's last event, or `None` when the stream does not exist.
     pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
         validate_stream_id(stream)?;
+        crate::retry::run(self, "read", || self.stream_version_once(stream))
+    }
+
+    fn stream_version_once(&self, stream: &str) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "stream_head", &self.inner.sql.stream_head)?;
         let row = conn
@@ -303,6 +314,10 @@ impl Store {
     /// The position of the last event a `$all` reader can see now, or `None` when the
     /// log is empty. Subscribing or reading "after" it skips the history.
     pub fn head_position(&self) -> Result<Option<u64>> {
+        crate::retry::run(self, "read", || self.head_position_once())
+    }
+
+    fn head_position_once(&self) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
         let row = conn
@@ -335,6 +350,17 @@ impl Store {
     ) -> Result<()> {
         validate_stream_id(stream)?;
         let data = serde_json::to_value(state)?;
+        crate::retry::run(self, "save_snapshot", || {
+            self.save_snapshot_once(stream, version, &data)
+        })
+    }
+
+    fn save_snapshot_once(
+        &self,
+        stream: &str,
+        version: u64,
+        data: &serde_json::Value,
+    ) -> Result<()> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
         conn.execute(&statement, &[&stream, &(version as i64), &data])
@@ -345,6 +371,10 @@ impl Store {
     /// Loads the latest snapshot of a stream, if there is one.
     pub fn load_snapshot<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         validate_stream_id(stream)?;
+        crate::retry::run(self, "read", || self.load_snapshot_once(stream))
+    }
+
+    fn load_snapshot_once<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
         let row = conn

@@ -228,3 +228,59 @@ fn metrics_are_recorded() -> TestResult {
     assert_eq!(t.count_events(), 5);
     Ok(())
 }
+
+#[test]
+fn every_call_that_is_safe_to_repeat_survives_killed_backends() -> TestResult {
+    let app = format!("pges_calls_{}", std::process::id());
+    let t = TestStore::with("ops_calls", |c| c.application_name(&app).max_connections(4));
+    t.append("c", ExpectedVersion::NoStream, &events("A", 2))?;
+    t.save_snapshot("c", 1, &serde_json::json!({ "n": 2 }))?;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || -> TestResult {
+        // Before each call: four pooled connections, all killed.
+        let step = std::cell::Cell::new(0);
+        let kill_pool = || {
+            step.set(step.get() + 1);
+            let held: Vec<_> = (0..4).map(|_| t.pool().get().unwrap()).collect();
+            let state = t.pool().state();
+            drop(held);
+            let n = kill_backends(&app);
+            assert!(n >= 4, "step {}: killed {n}, pool {state:?}", step.get());
+        };
+        kill_pool();
+        assert_eq!(t.stream_version("c")?, Some(1));
+        kill_pool();
+        assert!(t.head_position()?.is_some());
+        kill_pool();
+        assert_eq!(t.schema_version()?, SCHEMA_VERSION);
+        kill_pool();
+        t.save_snapshot("c", 2, &serde_json::json!({ "n": 3 }))?;
+        kill_pool();
+        let snap = t.load_snapshot::<serde_json::Value>("c")?.unwrap();
+        assert_eq!((snap.version, snap.state["n"].as_i64()), (2, Some(3)));
+        kill_pool();
+        assert_eq!(t.migrate()?.applied.len(), 0);
+        kill_pool();
+        assert!(t.health_check().is_ready());
+        kill_pool();
+        let read: Vec<_> = t
+            .read_stream("c", ReadStream::backwards())?
+            .collect::<Result<_, _>>()?;
+        assert_eq!(read.len(), 2);
+        Ok(())
+    })?;
+    let snapshot: Vec<(String, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(k, _, _, v)| (k.key().name().to_string(), v))
+        .collect();
+    let retries = metric(&snapshot, "pg_eventstore_retries_total");
+    eprintln!("calls after killed backends: {retries} retries");
+    // Exactly one retry for each of the seven calls, although four dead connections
+    // waited in the pool each time: a retry skips them without spending attempts. The
+    // health check needs none: it falls back to a new connection (and clears the dead).
+    assert_eq!(retries, 7);
+    Ok(())
+}
