@@ -325,3 +325,73 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
     );
     Ok(())
 }
+
+/// Terminates every backend whose application_name is `app` and waits until they exit.
+fn kill_all(app: &str) -> usize {
+    let mut c = client();
+    let n = c
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&app],
+        )
+        .unwrap()
+        .len();
+    wait_until(Duration::from_secs(5), || {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .expect("terminated backends exit");
+    n
+}
+
+#[test]
+fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
+    let app = format!("pges_faults_resume_{}", std::process::id());
+    let t = TestStore::with("faults_resume", |c| {
+        c.application_name(&app).read_page_size(3)
+    });
+    let first = t.append("s", ExpectedVersion::NoStream, &events("E", 20))?;
+    common::wait_visible(&t, first.last_position);
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || -> TestResult {
+        // Cut before the first event: the read starts again.
+        let mut read = t.read_stream("s", ReadStream::forwards())?;
+        assert!(kill_all(&app) >= 1);
+        let versions: Vec<u64> = read.by_ref().map(|e| e.unwrap().version).collect();
+        assert_eq!(versions, (0..20).collect::<Vec<_>>());
+
+        // Cut inside the cursor, after 7 events (pages of 3): the read goes on at 7.
+        for direction in [ReadStream::forwards(), ReadStream::backwards()] {
+            let mut read = t.read_stream("s", direction.clone())?;
+            let head: Vec<u64> = read.by_ref().take(7).map(|e| e.unwrap().version).collect();
+            assert!(kill_all(&app) >= 1, "the open cursor's connection");
+            let rest: Vec<u64> = read.map(|e| e.unwrap().version).collect();
+            let mut all = head;
+            all.extend(rest);
+            let mut expected: Vec<u64> = (0..20).collect();
+            if direction == ReadStream::backwards() {
+                expected.reverse();
+            }
+            assert_eq!(all, expected);
+        }
+
+        // The same for $all, with a limit that must still hold across the cut.
+        let mut read = t.read_all(ReadAll::from_start().max_count(15))?;
+        let head: Vec<u64> = read.by_ref().take(5).map(|e| e.unwrap().version).collect();
+        assert!(kill_all(&app) >= 1);
+        let rest: Vec<u64> = read.map(|e| e.unwrap().version).collect();
+        assert_eq!(head, (0..5).collect::<Vec<_>>());
+        assert_eq!(rest, (5..15).collect::<Vec<_>>());
+        Ok(())
+    })?;
+    let retries = retries(&recorder);
+    eprintln!("reads cut midway: retries {retries:?}");
+    assert_eq!(retries.get("read").copied(), Some(4));
+    Ok(())
+}
