@@ -349,6 +349,11 @@ impl Config {
         if self.read_page_size == 0 {
             return Err(Error::Config("read_page_size must be at least 1".into()));
         }
+        if self.health_check_interval.is_some_and(|i| i.is_zero()) {
+            return Err(Error::Config(
+                "health_check_interval must be above zero (None turns it off)".into(),
+            ));
+        }
         let mut pg = self.pg.clone();
         crate::tls::check_ssl_mode(&mut pg)?;
         if pg.get_application_name().is_none() {
@@ -471,6 +476,26 @@ mod tests {
         assert_eq!(pg.get_keepalives_retries(), Some(9));
         assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(4)));
         assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn zero_health_check_interval_is_refused() {
+        let c = Config::new(DEFAULT_DATABASE_URL)
+            .unwrap()
+            .health_check_interval(Some(Duration::ZERO));
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.contains("health_check_interval"), "{e}");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_is_required_when_asked() {
+        let c = lookup(&[("DB_SSL", "true")]).unwrap();
+        assert_eq!(c.finish().unwrap().get_ssl_mode(), SslMode::Require);
+        let c = Config::new("postgres://u@h/db?sslmode=require").unwrap();
+        assert_eq!(c.finish().unwrap().get_ssl_mode(), SslMode::Require);
+        let c = lookup(&[("DB_SSL", "false")]).unwrap();
+        assert_eq!(c.finish().unwrap().get_ssl_mode(), SslMode::Disable);
     }
 
     #[cfg(not(feature = "tls"))]
