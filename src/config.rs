@@ -247,7 +247,12 @@ impl Config {
     /// idempotent: an append whose first attempt did commit before its connection died
     /// comes back with [`AppendResult::was_duplicate`](crate::AppendResult::was_duplicate)
     /// set instead of writing twice. A wrong expected version is never retried, and
-    /// neither is [`Store::append_in`] (the caller owns that transaction).
+    /// neither is [`Store::append_in`] (the caller owns that transaction), an exhausted
+    /// pool, or [`Store::connect`] (it fails fast, so that a wrong address shows at once).
+    ///
+    /// While the server is down each attempt waits up to [`Config::connection_timeout`]
+    /// for a connection, so a call gives up after about `(max_retries + 1) ×
+    /// connection_timeout` plus the backoff: 30 s with the defaults.
     pub fn max_retries(mut self, retries: u32) -> Self {
         self.max_retries = retries;
         self
