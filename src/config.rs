@@ -32,15 +32,15 @@ pub struct Config {
     pub(crate) max_connections: u32,
     pub(crate) min_idle: u32,
     pub(crate) connection_timeout: Duration,
-    pub(crate) idle_timeout: Option<Duration>,
-    pub(crate) max_lifetime: Option<Duration>,
-    pub(crate) statement_timeout: Option<Duration>,
-    pub(crate) read_page_size: u32,
     pub(crate) max_retries: u32,
     pub(crate) retry_delay: Duration,
     pub(crate) health_check_interval: Option<Duration>,
     pub(crate) danger_accept_invalid_certs: bool,
     pub(crate) tls_root_certificates: Vec<Vec<u8>>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) read_page_size: u32,
 }
 
 /// `keepalives_idle` when neither the connection string nor [`Config::keepalives_idle`]
@@ -75,15 +75,15 @@ impl Config {
             max_connections: 10,
             min_idle: 1,
             connection_timeout: Duration::from_secs(5),
-            idle_timeout: Some(Duration::from_secs(600)),
-            max_lifetime: Some(Duration::from_secs(1800)),
-            statement_timeout: None,
-            read_page_size: 1000,
             max_retries: 5,
             retry_delay: Duration::from_millis(50),
             health_check_interval: None,
             danger_accept_invalid_certs: false,
             tls_root_certificates: Vec::new(),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+            statement_timeout: None,
+            read_page_size: 1000,
         }
     }
 
@@ -170,6 +170,13 @@ impl Config {
     /// Default `schema_migrations`; the same rules as [`Config::schema`].
     pub fn migrations_table(mut self, table: impl Into<String>) -> Self {
         self.migrations_table = table.into();
+        self
+    }
+
+    /// The `application_name` the store's connections show in `pg_stat_activity`.
+    /// Default `pg-eventstore`, unless the connection string sets one.
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
         self
     }
 
@@ -318,13 +325,6 @@ impl Config {
     /// in memory at a time.
     pub fn read_page_size(mut self, n: u32) -> Self {
         self.read_page_size = n;
-        self
-    }
-
-    /// The `application_name` the store's connections show in `pg_stat_activity`.
-    /// Default `pg-eventstore`, unless the connection string sets one.
-    pub fn application_name(mut self, name: &str) -> Self {
-        self.pg.application_name(name);
         self
     }
 

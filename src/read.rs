@@ -373,7 +373,7 @@ impl Events {
                 State::Start => {
                     let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                     let (key, _) = self.query.key();
-                    let mut conn = self.retry.conn(&self.store)?;
+                    let mut conn = self.store.conn()?;
                     let statement =
                         self.store
                             .prepared(&mut conn, key, self.query.sql(&self.store))?;
@@ -459,6 +459,8 @@ impl Events {
                     self.rows.clear();
                     self.abandon();
                     self.state = State::Start;
+                    // Dead idle connections (a restart leaves only those) cost no attempt.
+                    crate::retry::sweep(&self.store);
                 }
                 Err(e) => return Err(e),
             }
