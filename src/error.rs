@@ -179,13 +179,8 @@ fn write_postgres_error(f: &mut fmt::Formatter<'_>, e: &postgres::Error) -> fmt:
         }
         return Ok(());
     }
-    write!(f, "{e}")?;
-    let mut source = e.source();
-    while let Some(s) = source {
-        write!(f, ": {s}")?;
-        source = s.source();
-    }
-    Ok(())
+    // The causes, each once: TLS errors repeat their source's text in their own.
+    write!(f, "{}", chain(e))
 }
 
 impl StdError for Error {
