@@ -88,6 +88,21 @@
 //! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
 //! VACUUM: see [`Events`] for how a long batch job avoids that.
 //!
+//! # Failures, health and observability
+//!
+//! Transient failures (a lost or refused connection, a server restart, a serialization
+//! failure or deadlock) are retried with backoff and jitter: reads go on after the last
+//! event they yielded, and appends are retried with the same event ids, so they never
+//! write twice. A wrong expected version is never retried, nor is
+//! [`Store::append_in`]. See [`Config::max_retries`].
+//!
+//! [`Store::health_check`] reports reachability, latency, schema version and pool state;
+//! [`Config::health_check_interval`] runs it on a background thread, and
+//! [`Store::connection_events`] tells of each outage once, when it begins and when it
+//! ends. Spans (`tracing`) and metrics (`metrics`) go through their facades and reach
+//! nothing until the program installs a subscriber or recorder; `OPERATIONS.md` lists
+//! them. TLS needs the crate feature `tls`.
+//!
 //! # Bad input
 //!
 //! An empty or over-long stream id or event type, a NUL byte in text, `\u0000` in JSON,
