@@ -194,15 +194,21 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
     let stop = AtomicBool::new(false);
     let appended = AtomicU64::new(0);
     let last_ok = Mutex::new(Instant::now());
+    let longest_append = Mutex::new(Duration::ZERO);
     let (stopped_at, restarted_at, restarted_wall, recovered_after) = thread::scope(|s| {
         // One writer appending one event at a time with exact expected versions.
         let writer = s.spawn(|| {
             metrics::with_local_recorder(&recorder, || {
                 let mut expected = ExpectedVersion::NoStream;
                 while !stop.load(Ordering::Relaxed) {
+                    let call = Instant::now();
                     let r = store
                         .append("r", expected, &events("R", 1))
                         .unwrap_or_else(|e| panic!("append failed across the restart: {e}"));
+                    let took = call.elapsed();
+                    let mut longest = longest_append.lock().unwrap();
+                    *longest = (*longest).max(took);
+                    drop(longest);
                     expected = ExpectedVersion::Exact(r.last_version);
                     appended.fetch_add(1, Ordering::Relaxed);
                     *last_ok.lock().unwrap() = Instant::now();
@@ -266,9 +272,11 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
         }
         other => panic!("expected one Lost and one Restored, got {other:?}"),
     };
-    let restored_after_start = restored_at
-        .duration_since(restarted_wall)
-        .unwrap_or_default();
+    // Signed: the health check may see the server up before `pg_ctl start -w` returns.
+    let restored_after_start_ms = match restored_at.duration_since(restarted_wall) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    };
 
     let total = appended.load(Ordering::Relaxed);
     let versions: Vec<u64> = store
@@ -283,10 +291,12 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
         .get(0);
     assert_eq!(rows as u64, total);
     let retries = retries(&recorder);
+    let longest_append = *longest_append.lock().unwrap();
     eprintln!(
         "server restart: down {:?} (pg_ctl stop to start); appends resumed {recovered_after:?} \
-         after pg_ctl start returned; Restored reported about {restored_after_start:?} after \
-         it (outage seen as {down_for:?}); {total} events, none lost or doubled; retries {retries:?}",
+         after pg_ctl start returned; Restored reported {restored_after_start_ms:.0} ms after \
+         it (outage seen as {down_for:?}); the longest append call took {longest_append:?}; \
+         {total} events, none lost or doubled; retries {retries:?}",
         restarted_at - stopped_at
     );
     assert!(
@@ -294,8 +304,8 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
         "{recovered_after:?}"
     );
     assert!(
-        restored_after_start < Duration::from_secs(5),
-        "{restored_after_start:?}"
+        restored_after_start_ms < 5000.0,
+        "{restored_after_start_ms} ms"
     );
     assert!(retries.get("append").copied().unwrap_or(0) >= 1);
 
