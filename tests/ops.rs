@@ -284,3 +284,131 @@ fn every_call_that_is_safe_to_repeat_survives_killed_backends() -> TestResult {
     assert_eq!(retries, 7);
     Ok(())
 }
+
+#[test]
+fn which_sqlstates_are_transient() -> TestResult {
+    let mut c = client();
+    let mut raise = |code: &str| -> Error {
+        // A real server error with the chosen SQLSTATE (passed as a parameter).
+        c.execute("SELECT set_config('pges.code', $1, false)", &[&code])
+            .unwrap();
+        c.execute(
+            "DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = \
+             current_setting('pges.code'); END $$",
+            &[],
+        )
+        .map(|_| ())
+        .map_err(Error::from)
+        .unwrap_err()
+    };
+    for code in [
+        "40001", "40P01", "53300", "57P01", "57P02", "57P03", "08006",
+    ] {
+        let e = raise(code);
+        assert_eq!(e.code().map(|c| c.code()), Some(code));
+        assert!(e.is_transient(), "{code}: {e}");
+    }
+    for code in ["23505", "23514", "42P01", "22P02", "57014", "XX000"] {
+        let e = raise(code);
+        assert!(!e.is_transient(), "{code}: {e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn serialization_failures_and_deadlocks_in_appends_are_retried() -> TestResult {
+    let t = TestStore::new("ops_faultinject");
+    let s = format!("\"{}\"", t.schema);
+    // A statement trigger on the events table that fails the next `n` inserts with a
+    // chosen SQLSTATE. The sequence counts attempts outside the failing transactions.
+    client().batch_execute(&format!(
+        "CREATE TABLE {s}.fault (code text, fail_below bigint);
+         INSERT INTO {s}.fault VALUES (NULL, 0);
+         CREATE SEQUENCE {s}.fault_seq;
+         CREATE FUNCTION {s}.fault() RETURNS trigger LANGUAGE plpgsql AS $f$
+         DECLARE f record;
+         BEGIN
+             SELECT * INTO f FROM {s}.fault;
+             IF f.code IS NOT NULL AND nextval('{s}.fault_seq') <= f.fail_below THEN
+                 RAISE EXCEPTION 'injected fault' USING ERRCODE = f.code;
+             END IF;
+             RETURN NULL;
+         END $f$;
+         CREATE TRIGGER fault BEFORE INSERT ON {s}.events
+             FOR EACH STATEMENT EXECUTE FUNCTION {s}.fault();"
+    ))?;
+    let inject = |code: Option<&str>, times: i64| {
+        let mut c = client();
+        c.execute(
+            &format!("UPDATE {s}.fault SET code = $1, fail_below = $2"),
+            &[&code, &times],
+        )
+        .unwrap();
+        c.execute(&format!("SELECT setval('{s}.fault_seq', 1, false)"), &[])
+            .unwrap();
+    };
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // Retries since the previous look: a snapshot drains the recorder's counters.
+    let retries = || -> u64 {
+        let snapshot: Vec<(String, DebugValue)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| (k.key().name().to_string(), v))
+            .collect();
+        metric(&snapshot, "pg_eventstore_retries_total")
+    };
+    metrics::with_local_recorder(&recorder, || -> TestResult {
+        inject(Some("40001"), 2);
+        let r = t.append("f", ExpectedVersion::NoStream, &events("A", 2))?;
+        assert_eq!((r.first_version, r.last_version), (0, 1));
+        assert!(!r.was_duplicate);
+        assert_eq!(retries(), 2, "two serialization failures, two retries");
+
+        inject(Some("40P01"), 3);
+        let r = t.append("f", ExpectedVersion::Exact(1), &events("B", 1))?;
+        assert_eq!(r.last_version, 2);
+        assert_eq!(retries(), 3, "three deadlocks, three retries");
+
+        // More failures than retries: the error reaches the caller, after max_retries.
+        inject(Some("40001"), 100);
+        let e = t
+            .append("f", ExpectedVersion::Exact(2), &events("C", 1))
+            .unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("40001"), "{e}");
+        assert!(e.is_transient());
+        assert_eq!(retries(), 5, "the default max_retries");
+
+        // Not transient: no retry.
+        inject(Some("23514"), 1);
+        let e = t
+            .append("f", ExpectedVersion::Exact(2), &events("C", 1))
+            .unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("23514"), "{e}");
+        assert_eq!(retries(), 0);
+
+        // A wrong expected version: never retried.
+        inject(None, 0);
+        assert!(t
+            .append("f", ExpectedVersion::Exact(0), &events("D", 1))
+            .unwrap_err()
+            .is_wrong_expected_version());
+        assert_eq!(retries(), 0);
+
+        // append_in: never retried, the caller's transaction is aborted.
+        inject(Some("40001"), 1);
+        let mut conn = t.pool().get()?;
+        let mut tx = conn.transaction()?;
+        let e = t
+            .append_in(&mut tx, "f", ExpectedVersion::Exact(2), &events("E", 1))
+            .unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("40001"), "{e}");
+        drop(tx);
+        assert_eq!(retries(), 0);
+        Ok(())
+    })?;
+    assert_eq!(t.count_events(), 3);
+    assert_eq!(t.stream_version("f")?, Some(2));
+    Ok(())
+}
