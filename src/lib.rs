@@ -88,6 +88,21 @@
 //! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
 //! VACUUM: see [`Events`] for how a long batch job avoids that.
 //!
+//! # Failures, health and observability
+//!
+//! Transient failures (a lost or refused connection, a server restart, a serialization
+//! failure or deadlock) are retried with backoff and jitter: reads go on after the last
+//! event they yielded, and appends are retried with the same event ids, so they never
+//! write twice. A wrong expected version is never retried, nor is
+//! [`Store::append_in`]. See [`Config::max_retries`].
+//!
+//! [`Store::health_check`] reports reachability, latency, schema version and pool state;
+//! [`Config::health_check_interval`] runs it on a background thread, and
+//! [`Store::connection_events`] tells of each outage once, when it begins and when it
+//! ends. Spans (`tracing`) and metrics (`metrics`) go through their facades and reach
+//! nothing until the program installs a subscriber or recorder; `OPERATIONS.md` lists
+//! them. TLS needs the crate feature `tls`.
+//!
 //! # Bad input
 //!
 //! An empty or over-long stream id or event type, a NUL byte in text, `\u0000` in JSON,
@@ -105,12 +120,16 @@ mod checkpoint;
 mod config;
 mod error;
 mod event;
+mod health;
 mod listener;
+mod metrics;
 mod migrate;
 mod read;
+mod retry;
 mod sql;
 mod store;
 mod subscription;
+mod tls;
 mod worker;
 
 pub use crate::checkpoint::{Tracker, MAX_PROCESSOR_NAME_BYTES};
@@ -120,16 +139,22 @@ pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
 };
+pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
+pub use crate::tls::{Connector, Manager};
 pub use crate::worker::{HandlerError, IfLocked, OnFailure, Worker, WorkerHandle, WorkerSummary};
 
 pub use crossbeam_channel;
+#[cfg(feature = "tls")]
+pub use native_tls;
 pub use postgres;
+#[cfg(feature = "tls")]
+pub use postgres_native_tls;
 pub use r2d2;
 pub use r2d2_postgres;
 pub use serde_json;

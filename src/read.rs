@@ -8,6 +8,8 @@ use postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES};
+use crate::metrics::ReadOps;
+use crate::retry::Retry;
 use crate::store::{Conn, Store};
 
 /// Which way a read goes.
@@ -280,6 +282,11 @@ const CURSOR: &str = "pg_eventstore_read";
 /// VACUUM in the whole database. A batch job that reads for hours should read in slices
 /// instead: `ReadAll::after(last).max_count(100_000)`, one slice after the other, each
 /// its own short transaction.
+///
+/// A transient failure (a lost connection, a server restart: see
+/// [`Config::max_retries`](crate::Config::max_retries)) is retried: a read that has
+/// yielded nothing starts again, one that has goes on after the last event it yielded,
+/// so no event is skipped or yielded twice.
 pub struct Events {
     store: Store,
     conn: Option<Conn>,
@@ -288,6 +295,8 @@ pub struct Events {
     rows: VecDeque<Row>,
     remaining: Option<u64>,
     page: u64,
+    retry: Retry,
+    ops: ReadOps,
 }
 
 impl fmt::Debug for Events {
@@ -342,7 +351,13 @@ impl Events {
 
     fn new(store: Store, query: Query, max_count: Option<u64>) -> Events {
         let page = store.inner.config.read_page_size as u64;
+        let ops = match &query {
+            Query::Stream { stream, .. } => ReadOps::new("stream", Some(stream)),
+            Query::All { .. } => ReadOps::new("all", None),
+        };
         Events {
+            retry: Retry::new(&store, "read"),
+            ops,
             store,
             conn: None,
             query,
@@ -434,6 +449,30 @@ impl Events {
         Ok(())
     }
 
+    /// Fetches the next page, retrying transient failures. A retry starts again from
+    /// the keyset bound, which only ever moves past events already yielded: rows that
+    /// were fetched but not yet yielded are fetched again.
+    fn fetch_retrying(&mut self) -> Result<()> {
+        let span = self.ops.span().clone();
+        let _entered = span.enter();
+        loop {
+            match self.fetch() {
+                Ok(()) => {
+                    self.retry.succeeded();
+                    return Ok(());
+                }
+                Err(e) if self.retry.again(&e) => {
+                    self.rows.clear();
+                    self.abandon();
+                    self.state = State::Start;
+                    // Dead idle connections (a restart leaves only those) cost no attempt.
+                    crate::retry::sweep(&self.store);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn fail(&mut self, e: Error) -> Option<Result<RecordedEvent>> {
         self.rows.clear();
         self.abandon();
@@ -461,7 +500,7 @@ impl Iterator for Events {
             if self.state == State::Done {
                 return None;
             }
-            if let Err(e) = self.fetch() {
+            if let Err(e) = self.fetch_retrying() {
                 return self.fail(e);
             }
         }
@@ -469,6 +508,7 @@ impl Iterator for Events {
         match RecordedEvent::from_row(&row) {
             Ok(event) => {
                 self.query.advance(&event);
+                self.ops.yielded();
                 if let Some(r) = &mut self.remaining {
                     *r -= 1;
                 }

@@ -2,6 +2,8 @@
 //! when the test ends, so tests run in parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pg_eventstore::{Config, EventData, Store, DEFAULT_DATABASE_URL};
