@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::tls::Connector;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use fallible_iterator::FallibleIterator;
-use postgres::NoTls;
 
 use crate::error::chain;
 use crate::sql::quote;
@@ -78,6 +78,7 @@ impl Shared {
 pub(crate) struct Hub {
     shared: Arc<Shared>,
     pg: postgres::Config,
+    connector: Connector,
     channel: String,
     poll_interval: Duration,
     notify: bool,
@@ -88,6 +89,7 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(
         pg: postgres::Config,
+        connector: Connector,
         schema: &str,
         poll_interval: Duration,
         notify: bool,
@@ -102,6 +104,7 @@ impl Hub {
         Hub {
             shared: Arc::new(Shared::default()),
             pg,
+            connector,
             channel: channel_name(schema),
             poll_interval,
             notify,
@@ -123,12 +126,13 @@ impl Hub {
         if listener.is_none() {
             let shared = self.shared.clone();
             let pg = self.pg.clone();
+            let connector = crate::tls::clone(&self.connector);
             let channel = self.channel.clone();
             let poll = self.poll_interval;
             *listener = Some(
                 thread::Builder::new()
                     .name("pg-eventstore-listener".into())
-                    .spawn(move || listen(shared, pg, channel, poll))
+                    .spawn(move || listen(shared, pg, connector, channel, poll))
                     .expect("spawn the listener thread"),
             );
         }
@@ -155,10 +159,11 @@ impl Hub {
             let (tx, rx) = bounded(1);
             let shared = self.shared.clone();
             let pg = self.pg.clone();
+            let connector = crate::tls::clone(&self.connector);
             let channel = self.channel.clone();
             let handle = thread::Builder::new()
                 .name("pg-eventstore-notifier".into())
-                .spawn(move || notify_loop(shared, pg, channel, rx))
+                .spawn(move || notify_loop(shared, pg, connector, channel, rx))
                 .expect("spawn the notifier thread");
             (tx, handle)
         });
@@ -206,11 +211,17 @@ fn pause(shared: &Shared, d: Duration) -> bool {
 /// The listener thread: connect, LISTEN, wake subscribers on every notification and on
 /// every safety-poll tick; on any error reconnect with backoff and wake everyone, since
 /// notifications sent while we were away are lost.
-fn listen(shared: Arc<Shared>, pg: postgres::Config, channel: String, poll: Duration) {
+fn listen(
+    shared: Arc<Shared>,
+    pg: postgres::Config,
+    connector: Connector,
+    channel: String,
+    poll: Duration,
+) {
     let mut backoff = BACKOFF_START;
     let mut first = true;
     while !shared.stop.load(Ordering::Relaxed) {
-        let mut client = match pg.connect(NoTls).and_then(|mut c| {
+        let mut client = match pg.connect(crate::tls::clone(&connector)).and_then(|mut c| {
             c.batch_execute(&format!("LISTEN {}", quote(&channel)))?;
             Ok(c)
         }) {
@@ -227,6 +238,7 @@ fn listen(shared: Arc<Shared>, pg: postgres::Config, channel: String, poll: Dura
         backoff = BACKOFF_START;
         if !first {
             shared.reconnects.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::listener_reconnected();
         }
         first = false;
         let pid = client
@@ -292,13 +304,19 @@ fn wait_for_notifications(
 
 /// The notifier thread: one `NOTIFY` for however many appends happened while the last
 /// one was in flight, on its own connection, off every append's commit path.
-fn notify_loop(shared: Arc<Shared>, pg: postgres::Config, channel: String, rx: Receiver<()>) {
+fn notify_loop(
+    shared: Arc<Shared>,
+    pg: postgres::Config,
+    connector: Connector,
+    channel: String,
+    rx: Receiver<()>,
+) {
     let sql = format!("NOTIFY {}", quote(&channel));
     let mut client: Option<postgres::Client> = None;
     while rx.recv().is_ok() {
         for attempt in 0..2 {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = pg.connect(NoTls).ok();
+                client = pg.connect(crate::tls::clone(&connector)).ok();
                 if let Some(c) = client.as_mut() {
                     let pid = c
                         .query_one("SELECT pg_backend_pid()", &[])

@@ -17,6 +17,9 @@
 //! | `connections_opened_total` | counter | connections the pool opened |
 //! | `retries_total` | counter | retries of transient failures (label `operation`) |
 //! | `connection_lost_total` | counter | outages seen by health checks |
+//! | `subscription_events_total` | counter | events delivered by subscriptions |
+//! | `subscription_lag_seconds` | histogram | from an event's `recorded_at` (its transaction's start) to its delivery by a subscription |
+//! | `listener_reconnects_total` | counter | reconnects of the notification listener |
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -37,9 +40,8 @@ pub(crate) const POOL_TIMEOUTS: &str = "pg_eventstore_pool_timeouts_total";
 pub(crate) const CONNECTIONS_OPENED: &str = "pg_eventstore_connections_opened_total";
 pub(crate) const RETRIES: &str = "pg_eventstore_retries_total";
 pub(crate) const CONNECTION_LOST: &str = "pg_eventstore_connection_lost_total";
-#[allow(dead_code)] // for subscriptions
-pub(crate) const SUBSCRIPTION_LAG: &str = "pg_eventstore_subscription_lag_events";
-#[allow(dead_code)] // for subscriptions
+pub(crate) const SUBSCRIPTION_LAG: &str = "pg_eventstore_subscription_lag_seconds";
+pub(crate) const SUBSCRIPTION_EVENTS: &str = "pg_eventstore_subscription_events_total";
 pub(crate) const LISTENER_RECONNECTS: &str = "pg_eventstore_listener_reconnects_total";
 
 /// Runs one append (`mode`: `store` or `in_transaction`) in a span, and records its
@@ -112,15 +114,15 @@ pub(crate) fn connection_lost() {
     counter!(CONNECTION_LOST).increment(1);
 }
 
-/// Sets how many events a subscription is behind the head of the log.
-#[allow(dead_code)] // for subscriptions
-pub(crate) fn subscription_lag(subscription: &str, events: u64) {
-    ::metrics::gauge!(SUBSCRIPTION_LAG, "subscription" => subscription.to_string())
-        .set(events as f64);
+/// Records one event delivered by a subscription, and how long after it was recorded.
+pub(crate) fn subscription_delivered(recorded_at: std::time::SystemTime) {
+    counter!(SUBSCRIPTION_EVENTS).increment(1);
+    if let Ok(lag) = recorded_at.elapsed() {
+        histogram!(SUBSCRIPTION_LAG).record(lag.as_secs_f64());
+    }
 }
 
 /// Counts one reconnect of the notification listener.
-#[allow(dead_code)] // for subscriptions
 pub(crate) fn listener_reconnected() {
     counter!(LISTENER_RECONNECTS).increment(1);
 }

@@ -122,6 +122,7 @@ impl Store {
             .build_unchecked(Manager::new(pg.clone(), crate::tls::clone(&connector)));
         let hub = Hub::new(
             pg,
+            connector,
             &config.schema,
             config.poll_interval,
             config.notify_on_append,
@@ -238,9 +239,9 @@ impl Store {
             match conn.query_one(&statement, &input.params()) {
                 Ok(row) => {
                     let result = input.outcome(&row)?;
-                    if !result.was_duplicate {
-                        self.inner.hub.appended();
-                    }
+                    // Also for a repeat: when it repeats an attempt whose reply was
+                    // lost, nobody has been woken for those events yet.
+                    self.inner.hub.appended();
                     return Ok(result);
                 }
                 Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {

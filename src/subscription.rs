@@ -370,6 +370,7 @@ impl Subscription {
                     Cursor::Position(p) => *p = Some(event.position),
                     Cursor::Version(v) => *v = event.version + 1,
                 }
+                crate::metrics::subscription_delivered(event.recorded_at);
                 Some(Ok(event))
             }
             Some(Err(e)) => Some(self.failed(e)),

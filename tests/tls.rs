@@ -150,6 +150,32 @@ fn tls_verifies_certificates_unless_told_not_to() -> TestResult {
     drop(conn);
     assert_eq!(store.read_stream("s", ReadStream::forwards())?.count(), 3);
     assert!(store.health_check().is_ready());
+    // Subscriptions: the listener and the notifier connect over TLS too.
+    let mut sub = store.subscribe(pg_eventstore::SubscribeOptions::all().live())?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.listener_state().is_none_or(|s| !s.connected) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            store.listener_state()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    store.append("s", ExpectedVersion::Exact(2), &events("V", 1))?;
+    let got = sub
+        .next_timeout(std::time::Duration::from_secs(10))
+        .expect("delivered over TLS")?;
+    assert_eq!(got.event_type, "V");
+    let listener_pid = store.listener_state().unwrap().backend_pid;
+    let encrypted: bool = store
+        .pool()
+        .get()?
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = $1",
+            &[&listener_pid],
+        )?
+        .get(0);
+    assert!(encrypted, "the listener's connection is not encrypted");
 
     // A trusted certificate for another name is refused too: it is for 127.0.0.1,
     // not for "localhost".
@@ -174,7 +200,7 @@ fn tls_verifies_certificates_unless_told_not_to() -> TestResult {
         .danger_accept_invalid_certs(true)
         .connect()?;
     assert!(is_tls(&store));
-    assert_eq!(store.stream_version("s")?, Some(2));
+    assert_eq!(store.stream_version("s")?, Some(3));
 
     // Without sslmode=require the connection stays plain (prefer means disable).
     let store = Config::new(&server.url())?.schema("tls").connect()?;
