@@ -159,3 +159,8 @@ pub use r2d2;
 pub use r2d2_postgres;
 pub use serde_json;
 pub use uuid;
+
+/// The README's example compiles (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
