@@ -103,8 +103,8 @@ pub struct Worker {
     store: Store,
     name: String,
     threads: usize,
-    category: Option<String>,
-    event_types: Option<Vec<String>>,
+    /// Which events: the category and event type filters of a `$all` read.
+    filter: ReadAll,
     checkpoint_interval: Duration,
     retries: u32,
     retry_delay: Duration,
@@ -128,8 +128,7 @@ impl Store {
             store: self.clone(),
             name: name.to_string(),
             threads: 1,
-            category: None,
-            event_types: None,
+            filter: ReadAll::from_start(),
             checkpoint_interval: Duration::from_secs(1),
             retries: 3,
             retry_delay: Duration::from_millis(100),
@@ -148,7 +147,7 @@ impl Worker {
 
     /// Only events of streams whose id starts with `prefix`.
     pub fn category(mut self, prefix: impl Into<String>) -> Self {
-        self.category = Some(prefix.into());
+        self.filter = self.filter.category(prefix);
         self
     }
 
@@ -158,7 +157,7 @@ impl Worker {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.event_types = Some(types.into_iter().map(Into::into).collect());
+        self.filter = self.filter.event_types(types);
         self
     }
 
@@ -255,10 +254,7 @@ impl Worker {
                 self.threads + 3
             )));
         }
-        let mut filter = ReadAll::from_start();
-        filter.category = self.category.clone();
-        filter.event_types = self.event_types.clone();
-        filter.validate()
+        self.filter.validate()
     }
 
     fn start(self, handler: Handler) -> Result<WorkerHandle> {
@@ -296,22 +292,12 @@ impl Worker {
         let start = tracker.position();
         let mut source = match mode {
             Mode::Batch => {
-                let mut options = match start {
-                    Some(p) => ReadAll::after(p),
-                    None => ReadAll::from_start(),
-                };
-                options.category = self.category.clone();
-                options.event_types = self.event_types.clone();
+                let mut options = self.filter.clone();
+                options.position = start;
                 Source::Batch(UpToHead::new(&self.store, options)?)
             }
             Mode::Live => {
-                let mut options = match &self.category {
-                    Some(c) => SubscribeOptions::category(c.clone()),
-                    None => SubscribeOptions::all(),
-                };
-                if let Some(types) = &self.event_types {
-                    options = options.event_types(types.clone());
-                }
+                let mut options = SubscribeOptions::filtered(self.filter.clone());
                 if let Some(p) = start {
                     options = options.after(p);
                 }

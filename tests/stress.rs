@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{TestResult, TestStore};
+use common::{Rng, TestResult, TestStore};
 use pg_eventstore::{EventData, ExpectedVersion, ReadAll};
 use uuid::Uuid;
 
@@ -18,17 +18,6 @@ const WRITERS: u64 = 6;
 /// What the reader saw: position, id, stream, version.
 type Seen = (u64, Uuid, String, u64);
 const WRITE_FOR: Duration = Duration::from_secs(8);
-
-/// xorshift64*: enough randomness for choosing streams and sleeps.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 #[test]
 fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestResult {

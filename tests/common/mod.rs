@@ -107,3 +107,15 @@ pub fn wait_visible(store: &Store, position: u64) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// xorshift64*: enough randomness for choosing streams and sleeps.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
