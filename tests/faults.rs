@@ -337,33 +337,6 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
     Ok(())
 }
 
-/// Terminates every backend whose application_name is `app` and waits until those
-/// backends have exited (the store may open new ones meanwhile: they are not waited for).
-fn kill_all(app: &str) -> usize {
-    let mut c = client();
-    let pids: Vec<i32> = c
-        .query(
-            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = $1 AND pid <> pg_backend_pid()",
-            &[&app],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    wait_until(Duration::from_secs(10), || {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-            &[&pids],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-            == 0
-    })
-    .expect("terminated backends exit");
-    pids.len()
-}
-
 #[test]
 fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
     let app = format!("pges_faults_resume_{}", std::process::id());
@@ -376,7 +349,7 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
     metrics::with_local_recorder(&recorder, || -> TestResult {
         // Cut before the first event: the read starts again.
         let mut read = t.read_stream("s", ReadStream::forwards())?;
-        assert!(kill_all(&app) >= 1);
+        assert!(common::kill_backends(&app) >= 1);
         let versions: Vec<u64> = read.by_ref().map(|e| e.unwrap().version).collect();
         assert_eq!(versions, (0..20).collect::<Vec<_>>());
 
@@ -384,7 +357,10 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
         for direction in [ReadStream::forwards(), ReadStream::backwards()] {
             let mut read = t.read_stream("s", direction.clone())?;
             let head: Vec<u64> = read.by_ref().take(7).map(|e| e.unwrap().version).collect();
-            assert!(kill_all(&app) >= 1, "the open cursor's connection");
+            assert!(
+                common::kill_backends(&app) >= 1,
+                "the open cursor's connection"
+            );
             let rest: Vec<u64> = read.map(|e| e.unwrap().version).collect();
             let mut all = head;
             all.extend(rest);
@@ -398,7 +374,7 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
         // The same for $all, with a limit that must still hold across the cut.
         let mut read = t.read_all(ReadAll::from_start().max_count(15))?;
         let head: Vec<u64> = read.by_ref().take(5).map(|e| e.unwrap().version).collect();
-        assert!(kill_all(&app) >= 1);
+        assert!(common::kill_backends(&app) >= 1);
         let rest: Vec<u64> = read.map(|e| e.unwrap().version).collect();
         assert_eq!(head, (0..5).collect::<Vec<_>>());
         assert_eq!(rest, (5..15).collect::<Vec<_>>());

@@ -159,31 +159,6 @@ fn metric(snapshot: &[(String, DebugValue)], name: &str) -> u64 {
         .sum()
 }
 
-/// Terminates every backend of the store whose connections use `app`, and waits
-/// until they are gone.
-fn kill_backends(app: &str) -> i64 {
-    let mut c = client();
-    let killed = c
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = $1 AND pid <> pg_backend_pid()",
-            &[&app],
-        )
-        .unwrap()
-        .len() as i64;
-    common::server::wait_until(Duration::from_secs(5), || {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-            == 0
-    })
-    .expect("terminated backends exit");
-    killed
-}
-
 #[test]
 fn metrics_are_recorded() -> TestResult {
     let app = format!("pges_metrics_{}", std::process::id());
@@ -203,7 +178,7 @@ fn metrics_are_recorded() -> TestResult {
         common::wait_visible(&t, r.last_position);
         assert_eq!(t.read_all(ReadAll::from_start())?.count(), 3);
         // A killed connection: the next append retries on a new one.
-        assert!(kill_backends(&app) >= 1);
+        assert!(common::kill_backends(&app) >= 1);
         let again = t.append("m", ExpectedVersion::Exact(2), &events("C", 2))?;
         assert_eq!((again.first_version, again.last_version), (3, 4));
         assert!(!again.was_duplicate);
@@ -245,7 +220,7 @@ fn every_call_that_is_safe_to_repeat_survives_killed_backends() -> TestResult {
             let held: Vec<_> = (0..4).map(|_| t.pool().get().unwrap()).collect();
             let state = t.pool().state();
             drop(held);
-            let n = kill_backends(&app);
+            let n = common::kill_backends(&app);
             assert!(n >= 4, "step {}: killed {n}, pool {state:?}", step.get());
         };
         kill_pool();

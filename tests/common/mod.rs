@@ -119,3 +119,30 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
+
+/// Terminates every backend whose application_name is `app` and waits until those
+/// backends have exited (the store may open new ones meanwhile: they are not waited for).
+pub fn kill_backends(app: &str) -> usize {
+    let mut c = client();
+    let pids: Vec<i32> = c
+        .query(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&app],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    server::wait_until(std::time::Duration::from_secs(10), || {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .expect("terminated backends exit");
+    pids.len()
+}
