@@ -342,10 +342,15 @@ impl Config {
 
     /// Whether appends through the pool tell subscribers in other processes, with one
     /// coalesced `NOTIFY` sent by a background thread on its own connection after the
-    /// append committed (never inside the append's transaction). Default `true`. With
-    /// `false` other processes find new events at their next safety poll; subscribers of
-    /// this store are woken directly either way. [`Store::append_in`] always notifies,
-    /// from inside the caller's transaction, since only its commit can tell.
+    /// append committed (never inside the append's transaction). Default `true`. The
+    /// thread sends nothing while no other process listens on the store's channel: it
+    /// looks at `pg_stat_activity` once a second (a backend whose query it may not read
+    /// counts as a listener), so a subscriber that starts elsewhere is woken by `NOTIFY`
+    /// within about a second, and finds the events by its own catch-up and safety poll
+    /// before that. With `false` other processes find new events at their safety poll
+    /// only; subscribers of this store are woken directly either way.
+    /// [`Store::append_in`] always notifies, from inside the caller's transaction, since
+    /// only its commit can tell.
     pub fn notify_on_append(mut self, notify: bool) -> Self {
         self.notify_on_append = notify;
         self

@@ -120,9 +120,9 @@
 //! backoff, and wakes every subscriber after a reconnect and on a safety poll
 //! ([`Config::poll_interval`]). Appends through the pool wake the same store's
 //! subscribers directly; other processes hear of them through one `NOTIFY` that a
-//! background thread sends after the commit, for however many appends happened meanwhile
-//! ([`Config::notify_on_append`]): a `NOTIFY` inside the append's own transaction would
-//! serialise every append's commit. [`Store::append_in`] notifies from inside the
+//! background thread sends after the commit, for however many appends happened meanwhile,
+//! and only while another process listens ([`Config::notify_on_append`]): a `NOTIFY`
+//! inside the append's own transaction would serialise every append's commit. [`Store::append_in`] notifies from inside the
 //! caller's transaction, because only its commit can say when the events exist.
 //!
 //! # Checkpoints and workers

@@ -229,9 +229,15 @@ impl Store {
         })
     }
 
-    /// One attempt of [`Store::append`].
+    /// One attempt of [`Store::append`]: the lean statement, and when it writes nothing
+    /// or fails on a unique constraint, the full one, which tells a repeat, a conflict
+    /// and a lost race apart.
     fn append_once(&self, input: &AppendInput<'_>, retry: &Retry) -> Result<AppendResult> {
         let mut conn = retry.conn(self)?;
+        if let Some(result) = self.append_fast(&mut conn, input)? {
+            self.inner.hub.appended();
+            return Ok(result);
+        }
         let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
         let mut attempt = 0;
         loop {
@@ -252,6 +258,54 @@ impl Store {
                 Err(e) => return Err(self.map_error(e)),
             }
         }
+    }
+
+    /// The lean statements: `None` when they wrote nothing or lost on a unique
+    /// constraint (the full statement then decides).
+    fn append_fast(
+        &self,
+        conn: &mut Conn,
+        input: &AppendInput<'_>,
+    ) -> Result<Option<AppendResult>> {
+        let lost = |e: postgres::Error| match unique_violation(&e) {
+            Some(_) => Ok(None),
+            None => Err(self.map_error(e)),
+        };
+        let n = input.ids.len() as i64;
+        let (count, first_position, last_position, last_version) = if n == 1 {
+            let statement = self.prepared(conn, "append_one", &self.inner.sql.append_one)?;
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &input.stream,
+                &input.ids[0],
+                &input.types[0],
+                &input.data[0],
+                &input.metadata[0],
+                &input.kind,
+                &input.version,
+            ];
+            match conn.query_opt(&statement, &params) {
+                Ok(None) => return Ok(None),
+                Ok(Some(row)) => (1, row.get::<_, i64>(0), row.get::<_, i64>(0), row.get(1)),
+                Err(e) => return lost(e),
+            }
+        } else {
+            let statement = self.prepared(conn, "append_fast", &self.inner.sql.append_fast)?;
+            let row = match conn.query_one(&statement, &input.params()[..7]) {
+                Ok(row) => row,
+                Err(e) => return lost(e),
+            };
+            if row.get::<_, i64>(0) != n {
+                return Ok(None);
+            }
+            (n, row.get(1), row.get(2), row.get::<_, i64>(3))
+        };
+        Ok(Some(AppendResult {
+            first_version: (last_version + 1 - count) as u64,
+            last_version: last_version as u64,
+            first_position: first_position as u64,
+            last_position: last_position as u64,
+            was_duplicate: false,
+        }))
     }
 
     /// Appends inside the caller's own transaction (or on any client), so that a
