@@ -88,6 +88,14 @@
 //! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
 //! VACUUM: see [`Events`] for how a long batch job avoids that.
 //!
+//! # Bulk import
+//!
+//! [`Store::import`] loads many events into many streams with one binary `COPY` in one
+//! transaction, the fastest way to load history: versions are counted per stream from 0,
+//! positions are consecutive, existing streams are refused unless
+//! [`ImportOptions::continue_existing_streams`] is set, and on any error nothing is
+//! written. One import holds at most [`MAX_EVENTS_PER_TRANSACTION`] events.
+//!
 //! # Bad input
 //!
 //! An empty or over-long stream id or event type, a NUL byte in text, `\u0000` in JSON,
@@ -105,6 +113,7 @@ mod checkpoint;
 mod config;
 mod error;
 mod event;
+mod import;
 mod listener;
 mod migrate;
 mod read;
@@ -120,6 +129,7 @@ pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
 };
+pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
