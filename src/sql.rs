@@ -83,7 +83,13 @@ impl Sql {
     SELECT e.stream_id, e.stream_version, e.global_position, i.n,
            (e.event_type = i.event_type AND e.data = i.data
             AND e.metadata IS NOT DISTINCT FROM i.metadata) AS same
-      FROM input i JOIN {events} e ON e.event_id = i.event_id
+      FROM input i CROSS JOIN LATERAL (
+           -- LIMIT keeps this a per-event index probe: as a plain join, a plan made
+           -- while the table was small (a new store, before autovacuum's first
+           -- ANALYZE) hashes the input and scans the whole table on every append.
+           SELECT e.stream_id, e.stream_version, e.global_position, e.event_type,
+                  e.data, e.metadata
+             FROM {events} e WHERE e.event_id = i.event_id LIMIT 1) e
 ), head AS (
     SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL (
         SELECT e.stream_version AS v, e.global_position AS hp FROM {events} e
