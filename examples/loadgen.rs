@@ -5,12 +5,14 @@
 //!
 //! ```text
 //! cargo run --release --example loadgen -- [--quick] [--reps N] [--only W1,W4] [--scale F]
+//!     [--read-page-size N]
 //! ```
 //!
 //! * `--quick`: tiny sizes and one repetition, for smoke tests.
 //! * `--reps N`: each side's number is the median of N runs (default 3; 1 with `--quick`).
 //! * `--only W1,W4`: run only these workloads.
 //! * `--scale F`: multiply every size by `F`.
+//! * `--read-page-size N`: the store's `read_page_size` (default: the store's default).
 //!
 //! The database comes from `DATABASE_URL` (or `DB_HOST`, ...; see `Config::from_env`).
 //! Every schema the run creates is named `loadgen_<pid>_...` and dropped at the end.
@@ -191,7 +193,7 @@ fn main() {
 }
 
 fn usage() -> String {
-    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F]".into()
+    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F] [--read-page-size N]".into()
 }
 
 fn run(args: &[String]) -> Res<()> {
@@ -199,6 +201,7 @@ fn run(args: &[String]) -> Res<()> {
     let mut reps = None;
     let mut only: Option<Vec<String>> = None;
     let mut scale = 1.0;
+    let mut page: Option<u32> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -217,6 +220,7 @@ fn run(args: &[String]) -> Res<()> {
                 )
             }
             "--scale" => scale = value()?.parse()?,
+            "--read-page-size" => page = Some(value()?.parse()?),
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -231,8 +235,12 @@ fn run(args: &[String]) -> Res<()> {
             }
         }
     }
+    let mut config = Config::from_env()?.max_connections(4).min_idle(1);
+    if let Some(n) = page {
+        config = config.read_page_size(n);
+    }
     let ctx = Ctx {
-        config: Config::from_env()?.max_connections(4).min_idle(1),
+        config,
         sizes: Sizes::new(quick, scale),
         reps: reps.unwrap_or(if quick { 1 } else { 3 }),
         run: format!("loadgen_{}", std::process::id()),
