@@ -122,8 +122,9 @@
 //! subscribers directly; other processes hear of them through one `NOTIFY` that a
 //! background thread sends after the commit, for however many appends happened meanwhile,
 //! and only while another process listens ([`Config::notify_on_append`]): a `NOTIFY`
-//! inside the append's own transaction would serialise every append's commit. [`Store::append_in`] notifies from inside the
-//! caller's transaction, because only its commit can say when the events exist.
+//! inside the append's own transaction would serialise every append's commit.
+//! [`Store::append_in`] notifies from inside the caller's transaction, because only its
+//! commit can say when the events exist.
 //!
 //! # Checkpoints and workers
 //!
@@ -151,6 +152,14 @@
 //! nothing until the program installs a subscriber or recorder; `OPERATIONS.md` lists
 //! them. TLS needs the crate feature `tls`.
 //!
+//! # Bulk import
+//!
+//! [`Store::import`] loads many events into many streams with one binary `COPY` in one
+//! transaction, the fastest way to load history: versions are counted per stream from 0,
+//! positions are consecutive, existing streams are refused unless
+//! [`ImportOptions::continue_existing_streams`] is set, and on any error nothing is
+//! written. One import holds at most [`MAX_EVENTS_PER_TRANSACTION`] events.
+//!
 //! # Bad input
 //!
 //! An empty or over-long stream id or event type, a NUL byte in text, `\u0000` in JSON,
@@ -169,6 +178,7 @@ mod config;
 mod error;
 mod event;
 mod health;
+mod import;
 mod listener;
 mod metrics;
 mod migrate;
@@ -188,6 +198,7 @@ pub use crate::event::{
     MAX_STREAM_ID_BYTES,
 };
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
+pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};

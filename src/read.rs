@@ -2,6 +2,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use postgres::types::ToSql;
 use postgres::Row;
@@ -177,7 +180,7 @@ impl ReadAll {
 
 /// What a read walks over, and where it has got to (a keyset bound, so that the read
 /// can go on in a cursor after its first page).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Query {
     Stream {
         stream: String,
@@ -238,15 +241,16 @@ impl Query {
 
     /// Moves the bound past `event`.
     fn advance(&mut self, event: &RecordedEvent) {
+        self.advance_to(event.version as i64, event.position as i64);
+    }
+
+    /// Moves the bound past the event with this version and position.
+    fn advance_to(&mut self, version: i64, position: i64) {
         match self {
             Query::Stream { forwards, next, .. } => {
-                *next = if *forwards {
-                    event.version as i64 + 1
-                } else {
-                    event.version as i64 - 1
-                }
+                *next = if *forwards { version + 1 } else { version - 1 }
             }
-            Query::All { bound, .. } => *bound = event.position as i64,
+            Query::All { bound, .. } => *bound = position,
         }
     }
 
@@ -260,9 +264,7 @@ impl Query {
 enum State {
     /// Nothing fetched yet: the first page is a plain query, no transaction.
     Start,
-    /// The first page was full: the rest comes through a cursor.
-    NeedCursor,
-    /// A cursor is open in a read-only transaction on `conn`.
+    /// The first page was full: the rest comes through a cursor, read by a thread.
     Cursor,
     /// Everything is fetched; the connection is back in the pool.
     Done,
@@ -274,9 +276,11 @@ const CURSOR: &str = "pg_eventstore_read";
 ///
 /// The first page is one plain query; a read that goes on past it opens a read-only
 /// transaction with a server-side cursor and fetches a page per round trip, so memory
-/// stays at one page however long the read. The transaction ends, and the pooled
-/// connection goes back to the pool, as soon as the last page has arrived, when the
-/// iterator is dropped, or after an error (after which it yields `None`).
+/// stays at a few pages however long the read. The pages after the first are fetched by
+/// a helper thread one page ahead of you, so that the server produces the next page
+/// while you decode this one. The transaction ends, and the pooled connection goes back
+/// to the pool, as soon as the last page has arrived, when the iterator is dropped (the
+/// drop waits for the page in flight), or after an error (after which it yields `None`).
 ///
 /// An open cursor holds a snapshot, and a snapshot held for a long time holds back
 /// VACUUM in the whole database. A batch job that reads for hours should read in slices
@@ -289,7 +293,6 @@ const CURSOR: &str = "pg_eventstore_read";
 /// so no event is skipped or yielded twice.
 pub struct Events {
     store: Store,
-    conn: Option<Conn>,
     query: Query,
     state: State,
     rows: VecDeque<Row>,
@@ -297,6 +300,9 @@ pub struct Events {
     page: u64,
     retry: Retry,
     ops: ReadOps,
+    /// The cursor reader's pages, and the thread (which owns the connection meanwhile).
+    pages: Option<Receiver<Result<Vec<Row>>>>,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for Events {
@@ -359,94 +365,94 @@ impl Events {
             retry: Retry::new(&store, "read"),
             ops,
             store,
-            conn: None,
             query,
             state: State::Start,
             rows: VecDeque::new(),
             remaining: max_count,
             page,
+            pages: None,
+            reader: None,
         }
     }
 
     /// Fetches the next page into `rows`, moving through the states.
     fn fetch(&mut self) -> Result<()> {
-        loop {
-            if self.remaining == Some(0) || self.query.is_exhausted() {
-                return self.finish();
-            }
-            match self.state {
-                State::Done => return Ok(()),
-                State::Start => {
-                    let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
-                    let (key, _) = self.query.key();
-                    let mut conn = self.store.conn()?;
-                    let statement =
-                        self.store
-                            .prepared(&mut conn, key, self.query.sql(&self.store))?;
-                    let limit_param = Some(limit as i64);
-                    let rows = conn
-                        .query(&statement, &self.query.params(&limit_param))
-                        .map_err(|e| self.store.map_error(e))?;
-                    self.conn = Some(conn);
-                    let full = rows.len() as u64 == limit;
-                    self.rows.extend(rows);
-                    if full && self.remaining.is_none_or(|r| r > limit) {
-                        self.state = State::NeedCursor;
-                    } else {
-                        self.finish()?;
-                    }
-                    return Ok(());
-                }
-                State::NeedCursor => {
-                    // The first page is still buffered: the cursor starts after it.
-                    let conn = self.conn.as_mut().expect("kept after the first page");
-                    conn.batch_execute("BEGIN READ ONLY")?;
+        if self.remaining == Some(0) || self.query.is_exhausted() {
+            self.finish();
+            return Ok(());
+        }
+        match self.state {
+            State::Done => Ok(()),
+            State::Start => {
+                let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
+                let (key, _) = self.query.key();
+                let mut conn = self.store.conn()?;
+                let statement = self
+                    .store
+                    .prepared(&mut conn, key, self.query.sql(&self.store))?;
+                let limit_param = Some(limit as i64);
+                let rows = conn
+                    .query(&statement, &self.query.params(&limit_param))
+                    .map_err(|e| self.store.map_error(e))?;
+                let full = rows.len() as u64 == limit;
+                if full && self.remaining.is_none_or(|r| r > limit) {
+                    // The cursor starts after the first page, which is still buffered:
+                    // start reading ahead now, while the caller works through it.
+                    let last = rows.last().expect("a full page");
+                    let mut query = self.query.clone();
+                    query.advance_to(last.try_get(3)?, last.try_get(0)?);
+                    let limit = self.remaining.map(|r| (r - limit) as i64);
+                    let (tx, rx) = bounded(1);
+                    let store = self.store.clone();
+                    let page = self.page;
+                    let reader = thread::Builder::new()
+                        .name("pg-eventstore-read".into())
+                        .spawn(move || read_cursor(store, conn, query, limit, page, tx))
+                        .expect("spawn the cursor reader thread");
+                    self.pages = Some(rx);
+                    self.reader = Some(reader);
                     self.state = State::Cursor;
-                    let (_, key) = self.query.key();
-                    let declare = format!(
-                        "DECLARE {CURSOR} NO SCROLL CURSOR FOR {}",
-                        self.query.sql(&self.store)
-                    );
-                    let mut conn = self.conn.take().expect("kept after the first page");
-                    let result = self.store.prepared(&mut conn, key, &declare).and_then(|s| {
-                        let limit = self.remaining.map(|r| r as i64);
-                        conn.execute(&s, &self.query.params(&limit))
-                            .map_err(|e| self.store.map_error(e))
-                    });
-                    self.conn = Some(conn);
-                    result?;
-                    // Falls through to the first FETCH.
+                } else {
+                    drop(conn);
+                    self.state = State::Done;
                 }
-                State::Cursor => {
-                    let fetch = format!("FETCH FORWARD {} FROM {CURSOR}", self.page);
-                    let mut conn = self.conn.take().expect("a cursor has its connection");
-                    let result = self
-                        .store
-                        .prepared(&mut conn, "fetch", &fetch)
-                        .and_then(|s| conn.query(&s, &[]).map_err(|e| self.store.map_error(e)));
-                    self.conn = Some(conn);
-                    let rows = result?;
-                    let last = (rows.len() as u64) < self.page;
-                    self.rows.extend(rows);
-                    if last {
-                        self.finish()?;
+                self.rows.extend(rows);
+                Ok(())
+            }
+            State::Cursor => {
+                let page = self.pages.as_ref().expect("a cursor has its reader").recv();
+                match page {
+                    Ok(Ok(rows)) => {
+                        let last = (rows.len() as u64) < self.page;
+                        self.rows.extend(rows);
+                        if last {
+                            // The reader has committed: wait for it to give the
+                            // connection back, so that it is in the pool when we end.
+                            self.finish();
+                        }
+                        Ok(())
                     }
-                    return Ok(());
+                    Ok(Err(e)) => Err(e),
+                    // The reader has sent its last page, ended the transaction and
+                    // given the connection back.
+                    Err(_) => {
+                        self.finish();
+                        Ok(())
+                    }
                 }
             }
         }
     }
 
-    /// Ends the transaction, if any, and gives the connection back.
-    fn finish(&mut self) -> Result<()> {
-        let in_tx = self.state == State::Cursor;
+    /// Stops the reader thread, if any, and waits until it has ended its transaction
+    /// and given the connection back to the pool.
+    fn finish(&mut self) {
         self.state = State::Done;
-        if let Some(mut conn) = self.conn.take() {
-            if in_tx {
-                conn.batch_execute("COMMIT")?;
-            }
+        // A reader blocked on a full channel wakes up to a closed one and stops.
+        self.pages = None;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
-        Ok(())
     }
 
     /// Fetches the next page, retrying transient failures. A retry starts again from
@@ -463,7 +469,7 @@ impl Events {
                 }
                 Err(e) if self.retry.again(&e) => {
                     self.rows.clear();
-                    self.abandon();
+                    self.finish();
                     self.state = State::Start;
                     // Dead idle connections (a restart leaves only those) cost no attempt.
                     crate::retry::sweep(&self.store);
@@ -475,19 +481,60 @@ impl Events {
 
     fn fail(&mut self, e: Error) -> Option<Result<RecordedEvent>> {
         self.rows.clear();
-        self.abandon();
+        self.finish();
         Some(Err(e))
     }
+}
 
-    /// Rolls back an open transaction and gives the connection back. If the rollback
-    /// fails the connection is broken, and the pool drops it instead of reusing it.
-    fn abandon(&mut self) {
-        let in_tx = self.state == State::Cursor;
-        self.state = State::Done;
-        if let Some(mut conn) = self.conn.take() {
-            if in_tx {
-                let _ = conn.batch_execute("ROLLBACK");
+/// The cursor reader: opens a read-only transaction with a cursor after the first page,
+/// sends page after page (one ahead of the consumer), and ends the transaction after the
+/// last page, after an error, or when the consumer has gone. Dropping `conn` at the end
+/// gives it back to the pool; if the rollback failed the connection is broken, and the
+/// pool drops it instead of reusing it.
+fn read_cursor(
+    store: Store,
+    mut conn: Conn,
+    query: Query,
+    limit: Option<i64>,
+    page: u64,
+    pages: Sender<Result<Vec<Row>>>,
+) {
+    let mut run = || -> Result<bool> {
+        conn.batch_execute("BEGIN READ ONLY")?;
+        let (_, key) = query.key();
+        let declare = format!(
+            "DECLARE {CURSOR} NO SCROLL CURSOR FOR {}",
+            query.sql(&store)
+        );
+        let statement = store.prepared(&mut conn, key, &declare)?;
+        conn.execute(&statement, &query.params(&limit))
+            .map_err(|e| store.map_error(e))?;
+        let fetch = format!("FETCH FORWARD {page} FROM {CURSOR}");
+        let fetch = store.prepared(&mut conn, "fetch", &fetch)?;
+        loop {
+            let rows = conn.query(&fetch, &[]).map_err(|e| store.map_error(e))?;
+            let last = (rows.len() as u64) < page;
+            if last {
+                // End the transaction before handing over the last page, so that the
+                // connection is back in the pool when the consumer sees the end.
+                conn.batch_execute("COMMIT")?;
             }
+            if pages.send(Ok(rows)).is_err() {
+                return Ok(!last); // the consumer has gone
+            }
+            if last {
+                return Ok(false);
+            }
+        }
+    };
+    match run() {
+        Ok(false) => {}
+        Ok(true) => {
+            let _ = conn.batch_execute("ROLLBACK");
+        }
+        Err(e) => {
+            let _ = conn.batch_execute("ROLLBACK");
+            let _ = pages.send(Err(e));
         }
     }
 }
@@ -521,6 +568,6 @@ impl Iterator for Events {
 
 impl Drop for Events {
     fn drop(&mut self) {
-        self.abandon();
+        self.finish();
     }
 }

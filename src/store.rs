@@ -751,12 +751,12 @@ impl<'a> AppendInput<'a> {
     }
 }
 
-enum UniqueViolation {
+pub(crate) enum UniqueViolation {
     StreamVersion,
     EventId,
 }
 
-fn unique_violation(e: &postgres::Error) -> Option<UniqueViolation> {
+pub(crate) fn unique_violation(e: &postgres::Error) -> Option<UniqueViolation> {
     let db = e.as_db_error()?;
     if *db.code() != SqlState::UNIQUE_VIOLATION {
         return None;
@@ -778,7 +778,7 @@ fn jitter(attempt: usize) -> std::time::Duration {
 }
 
 /// The id in "Key (event_id)=(…) already exists."
-fn duplicate_id(e: &postgres::Error) -> Option<Uuid> {
+pub(crate) fn duplicate_id(e: &postgres::Error) -> Option<Uuid> {
     let detail = e.as_db_error()?.detail()?;
     let start = detail.find(")=(")? + 3;
     let end = start + detail[start..].find(')')?;

@@ -1,0 +1,1223 @@
+//! Load generator: runs each workload twice in one run, once through pg-eventstore and
+//! once as the leanest plain `postgres` code writing the same rows into an equivalent
+//! plain table in a separate schema, and prints one JSON line per workload
+//! (`{"workload":..,"ours":..,"raw":..,"ratio":..,"unit":..}`) and a markdown table.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- [--quick] [--reps N] [--only W1,W4] [--scale F]
+//!     [--read-page-size N] [--no-notify]
+//! ```
+//!
+//! * `--quick`: tiny sizes and one repetition, for smoke tests.
+//! * `--reps N`: each side's number is the median of N runs (default 3; 1 with `--quick`).
+//! * `--only W1,W4`: run only these workloads.
+//! * `--scale F`: multiply every size by `F`.
+//! * `--read-page-size N`: the store's `read_page_size` (default: the store's default).
+//! * `--no-notify`: run our side with `notify_on_append(false)` (no cross-process NOTIFY
+//!   after appends), to measure what the notification costs.
+//!
+//! The database comes from `DATABASE_URL` (or `DB_HOST`, ...; see `Config::from_env`).
+//! Every schema the run creates is named `loadgen_<pid>_...` and dropped at the end.
+//!
+//! Workloads (default sizes):
+//!
+//! | id | what | ours | raw |
+//! |----|------|------|-----|
+//! | W1 | 20,000 single-event appends, exact expected version, round-robin over 1,000 streams, 1 connection | `append` | prepared single-row `INSERT` |
+//! | W2 | 200,000 events, 100 per call, each call a new stream | `append` | one 100-row `INSERT ... SELECT FROM unnest(...)` per call |
+//! | W3 | 20,000 single-event appends from 4 threads, each on its own 250 streams | `append` | prepared single-row `INSERT`, 4 connections |
+//! | W4 | read one stream of 100,000 events | `read_stream` | `SELECT ... ORDER BY version` |
+//! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
+//! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
+//! | W7 | bulk import of 1,000,000 events (10,000 streams of 100) | `import` | one binary `COPY` |
+//! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
+//!
+//! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
+//! PostgreSQL). For W6, `ours`/`raw` are the median p50 latency in ms from the start of
+//! the append call to the subscriber receiving the event, and `ratio` is raw ÷ ours, so
+//! that here too lower means we are slower; p99 and commit→delivery (from the moment the
+//! append call returned; 0 when the event arrived before that) are extra fields, with
+//! the number of events not delivered within 5 s after the last append. For M1, `ours` is the
+//! peak RSS reading the large count and `raw` the peak RSS reading the small count (MiB),
+//! and `ratio` is their difference in MiB (the target is at most 16).
+//!
+//! Both sides get the same rows, built before the clock starts: ~210-byte JSON data and
+//! a small JSON metadata object per event. The raw table has the same columns, keys and
+//! unique constraints as ours (`id bigint identity` primary key, unique `event_id`, unique
+//! `(stream_id, version)`), so a ratio measures what the store does on top (expected
+//! version check, global position slot, duplicate detection, notification), not a
+//! different index set. Reps alternate which side goes first.
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pg_eventstore::postgres::binary_copy::BinaryCopyInWriter;
+use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use pg_eventstore::postgres::{Client, NoTls};
+use pg_eventstore::uuid::Uuid;
+use pg_eventstore::{
+    Config, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, Store, SubscribeOptions,
+};
+use serde_json::{json, Value};
+
+type Res<T> = Result<T, Box<dyn StdError + Send + Sync>>;
+
+const EVENT_TYPE: &str = "UserRegistered";
+const DATA_BYTES: usize = 210;
+
+type Workload = fn(&Ctx) -> Res<Outcome>;
+
+/// Every workload, in run order.
+const WORKLOADS: &[(&str, &str, Workload)] = &[
+    ("W1", "single appends, exact version, 1 connection", w1),
+    ("W2", "100-event appends to new streams", w2),
+    ("W3", "single appends, 4 connections", w3),
+    ("W4", "read one stream", w4),
+    ("W5", "read all in global order", w5),
+    ("W6", "live subscription latency", w6),
+    ("W7", "bulk import", w7),
+    ("M1", "peak RSS, large read vs small read", m1),
+];
+
+/// Targets for ours ÷ raw (W6 has none; M1's is a difference in MiB, at most).
+fn target(workload: &str) -> Option<f64> {
+    match workload {
+        "W1" => Some(0.90),
+        "W2" => Some(0.80),
+        "W3" => Some(0.85),
+        "W4" | "W5" => Some(0.95),
+        "W7" => Some(0.80),
+        "M1" => Some(16.0),
+        _ => None,
+    }
+}
+
+struct Sizes {
+    w1_events: usize,
+    w1_streams: usize,
+    w2_events: usize,
+    w3_events: usize,
+    w4_stream: usize,
+    w5_all: usize,
+    w6_events: usize,
+    w7_events: usize,
+    m1_large: usize,
+    m1_small: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool, scale: f64) -> Sizes {
+        let s = |n: usize| ((n as f64 * scale).round() as usize).max(1);
+        if quick {
+            Sizes {
+                w1_events: s(200),
+                w1_streams: s(20),
+                w2_events: s(2_000),
+                w3_events: s(400),
+                w4_stream: s(2_000),
+                w5_all: s(6_000),
+                w6_events: s(50),
+                w7_events: s(10_000),
+                m1_large: s(20_000),
+                m1_small: s(200),
+            }
+        } else {
+            Sizes {
+                w1_events: s(20_000),
+                w1_streams: s(1_000),
+                w2_events: s(200_000),
+                w3_events: s(20_000),
+                w4_stream: s(100_000),
+                w5_all: s(300_000),
+                w6_events: s(2_000),
+                w7_events: s(1_000_000),
+                m1_large: s(1_000_000),
+                m1_small: s(10_000),
+            }
+        }
+    }
+}
+
+struct Ctx {
+    config: Config,
+    sizes: Sizes,
+    reps: usize,
+    run: String,
+}
+
+/// One workload's result.
+struct Outcome {
+    ours: f64,
+    raw: f64,
+    ratio: f64,
+    unit: &'static str,
+    extra: Vec<(&'static str, Value)>,
+}
+
+impl Outcome {
+    fn throughput(events: usize, ours: &[Duration], raw: &[Duration]) -> Outcome {
+        let ours = events as f64 / median(ours).as_secs_f64();
+        let raw = events as f64 / median(raw).as_secs_f64();
+        Outcome {
+            ours,
+            raw,
+            ratio: ours / raw,
+            unit: "events/s",
+            extra: vec![("events", json!(events))],
+        }
+    }
+}
+
+fn median(d: &[Duration]) -> Duration {
+    let mut d = d.to_vec();
+    d.sort();
+    d[d.len() / 2]
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--m1-child") {
+        if let Err(e) = m1_child(&args[1..]) {
+            eprintln!("loadgen --m1-child: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn usage() -> String {
+    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F] [--read-page-size N] [--no-notify]".into()
+}
+
+fn run(args: &[String]) -> Res<()> {
+    let mut quick = false;
+    let mut reps = None;
+    let mut only: Option<Vec<String>> = None;
+    let mut scale = 1.0;
+    let mut page: Option<u32> = None;
+    let mut notify = true;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{a} needs a value; {}", usage()))
+        };
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--reps" => reps = Some(value()?.parse::<usize>()?.max(1)),
+            "--only" => {
+                only = Some(
+                    value()?
+                        .split(',')
+                        .map(|w| w.trim().to_uppercase())
+                        .collect(),
+                )
+            }
+            "--scale" => scale = value()?.parse()?,
+            "--read-page-size" => page = Some(value()?.parse()?),
+            "--no-notify" => notify = false,
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?}; {}", usage()).into()),
+        }
+    }
+    if let Some(only) = &only {
+        for w in only {
+            if !WORKLOADS.iter().any(|(id, _, _)| id == w) {
+                return Err(format!("unknown workload {w:?}").into());
+            }
+        }
+    }
+    let mut config = Config::from_env()?
+        .max_connections(4)
+        .min_idle(1)
+        .notify_on_append(notify);
+    if let Some(n) = page {
+        config = config.read_page_size(n);
+    }
+    let ctx = Ctx {
+        config,
+        sizes: Sizes::new(quick, scale),
+        reps: reps.unwrap_or(if quick { 1 } else { 3 }),
+        run: format!("loadgen_{}", std::process::id()),
+    };
+    eprintln!("loadgen: schemas {}_*", ctx.run);
+    let mut rows = Vec::new();
+    for (id, what, f) in WORKLOADS {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|w| w == id)) {
+            continue;
+        }
+        eprintln!("loadgen: {id} {what} ...");
+        let started = Instant::now();
+        let outcome = f(&ctx).map_err(|e| format!("{id}: {}", chain(&*e)))?;
+        let mut line = serde_json::Map::new();
+        line.insert("workload".into(), json!(id));
+        line.insert("ours".into(), json!(round(outcome.ours)));
+        line.insert("raw".into(), json!(round(outcome.raw)));
+        line.insert("ratio".into(), json!(round3(outcome.ratio)));
+        line.insert("unit".into(), json!(outcome.unit));
+        for (k, v) in &outcome.extra {
+            line.insert((*k).into(), v.clone());
+        }
+        line.insert("reps".into(), json!(ctx.reps));
+        println!("{}", Value::Object(line));
+        eprintln!(
+            "loadgen: {id} done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        rows.push((*id, *what, outcome));
+    }
+    println!();
+    println!("| workload | what | ours | raw | unit | ratio | target | met |");
+    println!("|---|---|---:|---:|---|---:|---:|---|");
+    for (id, what, o) in &rows {
+        let (goal, met) = match target(id) {
+            Some(t) if *id == "M1" => (format!("≤ {t} MiB"), o.ratio <= t),
+            Some(t) => (format!("≥ {t:.2}"), o.ratio >= t),
+            None => ("–".into(), true),
+        };
+        let met = match target(id) {
+            None => "–",
+            Some(_) if met => "yes",
+            Some(_) => "**no**",
+        };
+        println!(
+            "| {id} | {what} | {} | {} | {} | {:.3} | {goal} | {met} |",
+            fmt_num(o.ours),
+            fmt_num(o.raw),
+            o.unit,
+            o.ratio
+        );
+    }
+    Ok(())
+}
+
+/// An error and its sources on one line (`postgres::Error` alone says only "db error").
+fn chain(e: &(dyn StdError + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(&format!(": {c}"));
+        source = c.source();
+    }
+    s
+}
+
+fn round(x: f64) -> f64 {
+    if x.abs() >= 100.0 {
+        x.round()
+    } else {
+        (x * 1000.0).round() / 1000.0
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn fmt_num(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        let s = format!("{:.0}", x);
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Schemas and rows.
+
+/// A pair of schemas for one repetition: ours (migrated store) and raw (plain table).
+/// Both are dropped on drop.
+struct Pair {
+    store: Option<Store>,
+    ours: String,
+    raw: String,
+    admin: Client,
+}
+
+impl Pair {
+    fn new(ctx: &Ctx, tag: &str) -> Res<Pair> {
+        let ours = format!("{}_{tag}_ours", ctx.run);
+        let raw = format!("{}_{tag}_raw", ctx.run);
+        let mut admin = ctx.config.pg_config().connect(NoTls)?;
+        admin.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {r} CASCADE; DROP SCHEMA IF EXISTS {o} CASCADE;
+             CREATE SCHEMA {r};
+             CREATE TABLE {r}.events (
+                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 event_id uuid NOT NULL UNIQUE,
+                 stream_id text NOT NULL,
+                 version bigint NOT NULL,
+                 event_type text NOT NULL,
+                 data jsonb NOT NULL,
+                 metadata jsonb,
+                 recorded_at timestamptz NOT NULL DEFAULT now(),
+                 UNIQUE (stream_id, version));",
+            r = quote(&raw),
+            o = quote(&ours),
+        ))?;
+        let store = Store::connect(ctx.config.clone().schema(&ours))?;
+        store.migrate()?;
+        Ok(Pair {
+            store: Some(store),
+            ours,
+            raw,
+            admin,
+        })
+    }
+
+    fn store(&self) -> &Store {
+        self.store.as_ref().expect("set until drop")
+    }
+
+    fn raw_client(&self, ctx: &Ctx) -> Res<Client> {
+        Ok(ctx.config.pg_config().connect(NoTls)?)
+    }
+
+    fn raw_table(&self) -> String {
+        format!("{}.events", quote(&self.raw))
+    }
+
+    /// Settles both tables after a load: vacuum (sets hint bits and the visibility map,
+    /// which the first reader would otherwise do) and analyze.
+    fn vacuum(&mut self) -> Res<()> {
+        for schema in [&self.ours, &self.raw] {
+            let sql = format!("VACUUM ANALYZE {}.events", quote(schema));
+            self.admin.batch_execute(&sql)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        drop(self.store.take());
+        let sql = format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE; DROP SCHEMA IF EXISTS {} CASCADE",
+            quote(&self.ours),
+            quote(&self.raw)
+        );
+        if let Err(e) = self.admin.batch_execute(&sql) {
+            eprintln!("loadgen: could not drop {} / {}: {e}", self.ours, self.raw);
+        }
+    }
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// One event's content, for both sides.
+struct Row {
+    id: Uuid,
+    data: Vec<u8>,
+    metadata: Vec<u8>,
+}
+
+impl Row {
+    fn new(seq: usize) -> Row {
+        let mut data = json!({
+            "type": EVENT_TYPE,
+            "seq": seq,
+            "userId": format!("user-{seq}"),
+            "email": format!("user-{seq}@example.com"),
+            "padding": "",
+        });
+        let len = serde_json::to_vec(&data).expect("json").len();
+        data["padding"] = json!("x".repeat(DATA_BYTES.saturating_sub(len)));
+        let id = Uuid::now_v7();
+        let metadata = json!({ "correlationId": Uuid::now_v7().to_string(), "source": "loadgen" });
+        Row {
+            id,
+            data: serde_json::to_vec(&data).expect("json"),
+            metadata: serde_json::to_vec(&metadata).expect("json"),
+        }
+    }
+
+    fn event(&self) -> EventData {
+        let data: Value = serde_json::from_slice(&self.data).expect("json");
+        let metadata: Value = serde_json::from_slice(&self.metadata).expect("json");
+        EventData::json(EVENT_TYPE, data)
+            .metadata(&metadata)
+            .expect("json")
+            .id(self.id)
+    }
+}
+
+fn rows(n: usize) -> Vec<Row> {
+    (0..n).map(Row::new).collect()
+}
+
+/// JSON text sent as `jsonb` as it is: what lean raw code does with bytes it already has.
+#[derive(Debug)]
+struct Jsonb<'a>(&'a [u8]);
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut pg_eventstore::postgres::types::private::BytesMut,
+    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.extend_from_slice(&[1]);
+        }
+        out.extend_from_slice(self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
+/// What both sides decode from every row they read.
+#[allow(dead_code)]
+struct Decoded {
+    id: i64,
+    event_id: Uuid,
+    stream_id: String,
+    version: i64,
+    event_type: String,
+    data: Value,
+    metadata: Option<Value>,
+    recorded_at: std::time::SystemTime,
+}
+
+const RAW_COLUMNS: &str =
+    "id, event_id, stream_id, version, event_type, data, metadata, recorded_at";
+
+/// Runs `ours` and `raw` `reps` times each, alternating which goes first.
+fn alternate(
+    reps: usize,
+    mut ours: impl FnMut() -> Res<Duration>,
+    mut raw: impl FnMut() -> Res<Duration>,
+) -> Res<(Vec<Duration>, Vec<Duration>)> {
+    let (mut o, mut r) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        if rep % 2 == 0 {
+            o.push(ours()?);
+            r.push(raw()?);
+        } else {
+            r.push(raw()?);
+            o.push(ours()?);
+        }
+    }
+    Ok((o, r))
+}
+
+// ---------------------------------------------------------------------------------------
+// Appends.
+
+fn raw_insert_one(raw_table: &str) -> String {
+    format!(
+        "INSERT INTO {raw_table} (event_id, stream_id, version, event_type, data, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6)"
+    )
+}
+
+/// Single appends with an exact expected version, round-robin over `streams`.
+fn ours_singles(store: &Store, events: &[EventData], names: &[String]) -> Res<()> {
+    let mut versions: Vec<Option<u64>> = vec![None; names.len()];
+    for (i, e) in events.iter().enumerate() {
+        let s = i % names.len();
+        let expected = versions[s].map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        let r = store.append(&names[s], expected, std::slice::from_ref(e))?;
+        versions[s] = Some(r.last_version);
+    }
+    Ok(())
+}
+
+fn raw_singles(client: &mut Client, table: &str, rows: &[Row], names: &[String]) -> Res<()> {
+    let insert = client.prepare(&raw_insert_one(table))?;
+    let mut versions: Vec<i64> = vec![0; names.len()];
+    for (i, r) in rows.iter().enumerate() {
+        let s = i % names.len();
+        client.execute(
+            &insert,
+            &[
+                &r.id,
+                &names[s],
+                &versions[s],
+                &EVENT_TYPE,
+                &Jsonb(&r.data),
+                &Jsonb(&r.metadata),
+            ],
+        )?;
+        versions[s] += 1;
+    }
+    Ok(())
+}
+
+fn w1(ctx: &Ctx) -> Res<Outcome> {
+    let n = ctx.sizes.w1_events;
+    let rows = rows(n);
+    let events: Vec<EventData> = rows.iter().map(Row::event).collect();
+    let names: Vec<String> = (0..ctx.sizes.w1_streams)
+        .map(|i| format!("user-{i}"))
+        .collect();
+    let (ours, raw) = alternate(
+        ctx.reps,
+        || {
+            let pair = Pair::new(ctx, "w1")?;
+            let t = Instant::now();
+            ours_singles(pair.store(), &events, &names)?;
+            Ok(t.elapsed())
+        },
+        || {
+            let pair = Pair::new(ctx, "w1")?;
+            let mut client = pair.raw_client(ctx)?;
+            let t = Instant::now();
+            raw_singles(&mut client, &pair.raw_table(), &rows, &names)?;
+            Ok(t.elapsed())
+        },
+    )?;
+    Ok(Outcome::throughput(n, &ours, &raw))
+}
+
+fn w2(ctx: &Ctx) -> Res<Outcome> {
+    const BATCH: usize = 100;
+    let n = ctx.sizes.w2_events / BATCH * BATCH;
+    let rows = rows(n);
+    let events: Vec<EventData> = rows.iter().map(Row::event).collect();
+    let (ours, raw) = alternate(
+        ctx.reps,
+        || {
+            let pair = Pair::new(ctx, "w2")?;
+            let store = pair.store();
+            let t = Instant::now();
+            for (k, chunk) in events.chunks(BATCH).enumerate() {
+                store.append(&format!("user-{k}"), ExpectedVersion::NoStream, chunk)?;
+            }
+            Ok(t.elapsed())
+        },
+        || {
+            let pair = Pair::new(ctx, "w2")?;
+            let mut client = pair.raw_client(ctx)?;
+            let insert = client.prepare(&format!(
+                "INSERT INTO {} (event_id, stream_id, version, event_type, data, metadata)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[],
+                                      $5::jsonb[], $6::jsonb[])",
+                pair.raw_table()
+            ))?;
+            let t = Instant::now();
+            for (k, chunk) in rows.chunks(BATCH).enumerate() {
+                let stream = format!("user-{k}");
+                let ids: Vec<Uuid> = chunk.iter().map(|r| r.id).collect();
+                let streams: Vec<&str> = vec![&stream; chunk.len()];
+                let versions: Vec<i64> = (0..chunk.len() as i64).collect();
+                let types: Vec<&str> = vec![EVENT_TYPE; chunk.len()];
+                let data: Vec<Jsonb<'_>> = chunk.iter().map(|r| Jsonb(&r.data)).collect();
+                let meta: Vec<Jsonb<'_>> = chunk.iter().map(|r| Jsonb(&r.metadata)).collect();
+                client.execute(&insert, &[&ids, &streams, &versions, &types, &data, &meta])?;
+            }
+            Ok(t.elapsed())
+        },
+    )?;
+    Ok(Outcome::throughput(n, &ours, &raw))
+}
+
+fn w3(ctx: &Ctx) -> Res<Outcome> {
+    const THREADS: usize = 4;
+    let per = ctx.sizes.w3_events / THREADS;
+    let n = per * THREADS;
+    let streams_per = (per / 20).max(1);
+    let rows = rows(n);
+    let events: Vec<EventData> = rows.iter().map(Row::event).collect();
+    let names: Vec<Vec<String>> = (0..THREADS)
+        .map(|t| (0..streams_per).map(|i| format!("user-{t}-{i}")).collect())
+        .collect();
+    let (ours, raw) = alternate(
+        ctx.reps,
+        || {
+            let pair = Pair::new(ctx, "w3")?;
+            // Open all four pooled connections before the clock starts.
+            let conns: Vec<_> = (0..THREADS)
+                .map(|_| pair.store().pool().get())
+                .collect::<Result<_, _>>()?;
+            drop(conns);
+            let barrier = Barrier::new(THREADS + 1);
+            thread::scope(|scope| -> Res<Duration> {
+                let handles: Vec<_> = (0..THREADS)
+                    .map(|t| {
+                        let (store, barrier, names) = (pair.store(), &barrier, &names[t]);
+                        let events = &events[t * per..(t + 1) * per];
+                        scope.spawn(move || -> Res<()> {
+                            barrier.wait();
+                            ours_singles(store, events, names)
+                        })
+                    })
+                    .collect();
+                barrier.wait();
+                let t = Instant::now();
+                for h in handles {
+                    h.join().expect("thread")?;
+                }
+                Ok(t.elapsed())
+            })
+        },
+        || {
+            let pair = Pair::new(ctx, "w3")?;
+            let table = pair.raw_table();
+            let clients: Vec<Client> = (0..THREADS)
+                .map(|_| pair.raw_client(ctx))
+                .collect::<Res<_>>()?;
+            let barrier = Barrier::new(THREADS + 1);
+            thread::scope(|scope| -> Res<Duration> {
+                let handles: Vec<_> = clients
+                    .into_iter()
+                    .enumerate()
+                    .map(|(t, mut client)| {
+                        let (table, barrier, names) = (&table, &barrier, &names[t]);
+                        let rows = &rows[t * per..(t + 1) * per];
+                        scope.spawn(move || -> Res<()> {
+                            barrier.wait();
+                            raw_singles(&mut client, table, rows, names)
+                        })
+                    })
+                    .collect();
+                barrier.wait();
+                let t = Instant::now();
+                for h in handles {
+                    h.join().expect("thread")?;
+                }
+                Ok(t.elapsed())
+            })
+        },
+    )?;
+    let mut o = Outcome::throughput(n, &ours, &raw);
+    o.extra.push(("threads", json!(THREADS)));
+    Ok(o)
+}
+
+// ---------------------------------------------------------------------------------------
+// Reads.
+
+/// Loads `big` events into the stream "big" and the rest into streams of 100 (ours by
+/// import; raw by COPY unless `raw` is false; not timed), then vacuums.
+fn read_fixture(ctx: &Ctx, tag: &str, total: usize, big: usize, raw: bool) -> Res<Pair> {
+    let mut pair = Pair::new(ctx, tag)?;
+    let rows = rows(total);
+    let streams: Vec<(String, i64)> = (0..total)
+        .map(|i| {
+            if i < big {
+                ("big".to_string(), i as i64)
+            } else {
+                (
+                    format!("user-{}", (i - big) / 100),
+                    ((i - big) % 100) as i64,
+                )
+            }
+        })
+        .collect();
+    for chunk in (0..total).collect::<Vec<_>>().chunks(500_000) {
+        let input: Vec<(&str, EventData)> = chunk
+            .iter()
+            .map(|&i| (streams[i].0.as_str(), rows[i].event()))
+            .collect();
+        pair.store()
+            .import(&input, ImportOptions::new().continue_existing_streams(true))?;
+    }
+    if raw {
+        let mut client = pair.raw_client(ctx)?;
+        raw_copy(&mut client, &pair.raw_table(), &rows, |i| {
+            (streams[i].0.as_str(), streams[i].1)
+        })?;
+    }
+    pair.vacuum()?;
+    Ok(pair)
+}
+
+fn raw_copy<'a>(
+    client: &mut Client,
+    table: &str,
+    rows: &[Row],
+    stream: impl Fn(usize) -> (&'a str, i64),
+) -> Res<u64> {
+    let mut tx = client.transaction()?;
+    let sink = tx.copy_in(&format!(
+        "COPY {table} (event_id, stream_id, version, event_type, data, metadata) \
+         FROM STDIN (FORMAT binary)"
+    ))?;
+    let mut writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::UUID,
+            Type::TEXT,
+            Type::INT8,
+            Type::TEXT,
+            Type::JSONB,
+            Type::JSONB,
+        ],
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let (s, v) = stream(i);
+        writer.write(&[
+            &r.id,
+            &s,
+            &v,
+            &EVENT_TYPE,
+            &Jsonb(&r.data),
+            &Jsonb(&r.metadata),
+        ])?;
+    }
+    let n = writer.finish()?;
+    tx.commit()?;
+    Ok(n)
+}
+
+fn decode_raw(row: &pg_eventstore::postgres::Row) -> Res<Decoded> {
+    Ok(Decoded {
+        id: row.try_get(0)?,
+        event_id: row.try_get(1)?,
+        stream_id: row.try_get(2)?,
+        version: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        data: row.try_get(5)?,
+        metadata: row.try_get(6)?,
+        recorded_at: row.try_get(7)?,
+    })
+}
+
+/// Reads every row of `sql` the lean way: one query, rows streamed as they arrive.
+fn raw_read(client: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Res<usize> {
+    use pg_eventstore::postgres::fallible_iterator::FallibleIterator;
+    let statement = client.prepare(sql)?;
+    let mut it = client.query_raw(&statement, params.iter().copied())?;
+    let mut n = 0;
+    let mut check = 0i64;
+    while let Some(row) = it.next()? {
+        let d = decode_raw(&row)?;
+        check = check.wrapping_add(d.version);
+        n += 1;
+    }
+    std::hint::black_box(check);
+    Ok(n)
+}
+
+fn w4(ctx: &Ctx) -> Res<Outcome> {
+    let n = ctx.sizes.w4_stream;
+    let total = ctx.sizes.w5_all.max(n);
+    let pair = read_fixture(ctx, "w4", total, n, true)?;
+    let mut client = pair.raw_client(ctx)?;
+    let sql = format!(
+        "SELECT {RAW_COLUMNS} FROM {} WHERE stream_id = $1 ORDER BY version",
+        pair.raw_table()
+    );
+    let (ours, raw) = alternate(
+        ctx.reps,
+        || {
+            let t = Instant::now();
+            let mut count = 0;
+            for e in pair.store().read_stream("big", ReadStream::forwards())? {
+                std::hint::black_box(e?);
+                count += 1;
+            }
+            check_count("ours", count, n)?;
+            Ok(t.elapsed())
+        },
+        || {
+            let t = Instant::now();
+            let count = raw_read(&mut client, &sql, &[&"big"])?;
+            check_count("raw", count, n)?;
+            Ok(t.elapsed())
+        },
+    )?;
+    Ok(Outcome::throughput(n, &ours, &raw))
+}
+
+fn check_count(side: &str, got: usize, want: usize) -> Res<()> {
+    if got != want {
+        return Err(format!("{side} read {got} events, expected {want}").into());
+    }
+    Ok(())
+}
+
+fn w5(ctx: &Ctx) -> Res<Outcome> {
+    let n = ctx.sizes.w5_all;
+    let pair = read_fixture(ctx, "w5", n, ctx.sizes.w4_stream.min(n), true)?;
+    let mut client = pair.raw_client(ctx)?;
+    let sql = format!("SELECT {RAW_COLUMNS} FROM {} ORDER BY id", pair.raw_table());
+    let (ours, raw) = alternate(
+        ctx.reps,
+        || {
+            let t = Instant::now();
+            let mut count = 0;
+            for e in pair.store().read_all(ReadAll::from_start())? {
+                std::hint::black_box(e?);
+                count += 1;
+            }
+            check_count("ours", count, n)?;
+            Ok(t.elapsed())
+        },
+        || {
+            let t = Instant::now();
+            let count = raw_read(&mut client, &sql, &[])?;
+            check_count("raw", count, n)?;
+            Ok(t.elapsed())
+        },
+    )?;
+    Ok(Outcome::throughput(n, &ours, &raw))
+}
+
+// ---------------------------------------------------------------------------------------
+// Live delivery.
+
+/// Latencies of one W6 run, in ms.
+struct Latency {
+    commit_p50: f64,
+    commit_p99: f64,
+    start_p50: f64,
+    start_p99: f64,
+    missing: usize,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+/// `sent[i] = (append start, append returned)`, `got[i]` = delivery. A delivery seen
+/// before the append call returned counts as 0 ms after the commit.
+fn latency(sent: &[(Instant, Instant)], got: &HashMap<usize, Instant>) -> Latency {
+    let (mut commit, mut start) = (Vec::new(), Vec::new());
+    let mut missing = 0;
+    for (i, (s, c)) in sent.iter().enumerate() {
+        match got.get(&i) {
+            Some(g) => {
+                commit.push(g.saturating_duration_since(*c).as_secs_f64() * 1e3);
+                start.push(g.saturating_duration_since(*s).as_secs_f64() * 1e3);
+            }
+            None => missing += 1,
+        }
+    }
+    Latency {
+        commit_p50: percentile(&mut commit, 0.50),
+        commit_p99: percentile(&mut commit, 0.99),
+        start_p50: percentile(&mut start, 0.50),
+        start_p99: percentile(&mut start, 0.99),
+        missing,
+    }
+}
+
+const W6_INTERVAL: Duration = Duration::from_millis(2);
+const W6_STREAMS: usize = 10;
+const W6_GRACE: Duration = Duration::from_secs(5);
+
+/// Appends one event every 2 ms with `append(i)`, returning (start, returned) instants.
+fn paced(n: usize, mut append: impl FnMut(usize) -> Res<()>) -> Res<Vec<(Instant, Instant)>> {
+    let mut sent = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let due = t0 + W6_INTERVAL * i as u32;
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        let s = Instant::now();
+        append(i)?;
+        sent.push((s, Instant::now()));
+    }
+    Ok(sent)
+}
+
+fn w6_ours(ctx: &Ctx, rows: &[Row]) -> Res<Latency> {
+    let n = rows.len();
+    let pair = Pair::new(ctx, "w6")?;
+    let store = pair.store().clone();
+    let events: Vec<EventData> = rows.iter().map(Row::event).collect();
+    let sub = store.subscribe(SubscribeOptions::all().live())?;
+    let got: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+    let stopper = sub.stopper();
+    let receiver = {
+        let got = got.clone();
+        thread::spawn(move || -> Res<()> {
+            for e in sub {
+                let e = e?;
+                let at = Instant::now();
+                let seq = e.data["seq"].as_u64().ok_or("no seq")? as usize;
+                got.lock().unwrap().insert(seq, at);
+            }
+            Ok(())
+        })
+    };
+    // Let the subscription's listener connect before the first append.
+    thread::sleep(Duration::from_millis(200));
+    let sent = paced(n, |i| {
+        store.append(
+            &format!("user-{}", i % W6_STREAMS),
+            ExpectedVersion::Any,
+            std::slice::from_ref(&events[i]),
+        )?;
+        Ok(())
+    })?;
+    let deadline = Instant::now() + W6_GRACE;
+    while got.lock().unwrap().len() < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    stopper.stop();
+    receiver.join().expect("receiver")?;
+    let got = got.lock().unwrap();
+    Ok(latency(&sent, &got))
+}
+
+fn w6_raw(ctx: &Ctx, rows: &[Row]) -> Res<Latency> {
+    let n = rows.len();
+    let pair = Pair::new(ctx, "w6")?;
+    let channel = format!("{}_w6_raw", ctx.run);
+    let mut listener = pair.raw_client(ctx)?;
+    listener.batch_execute(&format!("LISTEN {}", quote(&channel)))?;
+    let got: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let (got, stop) = (got.clone(), stop.clone());
+        thread::spawn(move || -> Res<()> {
+            use pg_eventstore::postgres::fallible_iterator::FallibleIterator;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A timed-out iterator stays finished: take a fresh one every round.
+                let mut notifications = listener.notifications();
+                let mut it = notifications.timeout_iter(Duration::from_millis(50));
+                while let Some(n) = it.next()? {
+                    let at = Instant::now();
+                    got.lock().unwrap().insert(n.payload().parse()?, at);
+                }
+            }
+            Ok(())
+        })
+    };
+    let mut client = pair.raw_client(ctx)?;
+    let insert = client.prepare(&format!(
+        "WITH ins AS (
+             INSERT INTO {} (event_id, stream_id, version, event_type, data, metadata)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1)
+         SELECT pg_notify($7, $8) FROM ins",
+        pair.raw_table()
+    ))?;
+    let mut versions = [0i64; W6_STREAMS];
+    let sent = paced(n, |i| {
+        let s = i % W6_STREAMS;
+        let r = &rows[i];
+        client.query(
+            &insert,
+            &[
+                &r.id,
+                &format!("user-{s}"),
+                &versions[s],
+                &EVENT_TYPE,
+                &Jsonb(&r.data),
+                &Jsonb(&r.metadata),
+                &channel,
+                &i.to_string(),
+            ],
+        )?;
+        versions[s] += 1;
+        Ok(())
+    })?;
+    let deadline = Instant::now() + W6_GRACE;
+    while got.lock().unwrap().len() < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    receiver.join().expect("receiver")?;
+    let got = got.lock().unwrap();
+    Ok(latency(&sent, &got))
+}
+
+fn w6(ctx: &Ctx) -> Res<Outcome> {
+    let rows = rows(ctx.sizes.w6_events);
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for rep in 0..ctx.reps {
+        if rep % 2 == 0 {
+            ours.push(w6_ours(ctx, &rows)?);
+            raw.push(w6_raw(ctx, &rows)?);
+        } else {
+            raw.push(w6_raw(ctx, &rows)?);
+            ours.push(w6_ours(ctx, &rows)?);
+        }
+    }
+    let m = |v: &[Latency], f: fn(&Latency) -> f64| median_f(&v.iter().map(f).collect::<Vec<_>>());
+    let ours_p50 = m(&ours, |l| l.start_p50);
+    let raw_p50 = m(&raw, |l| l.start_p50);
+    Ok(Outcome {
+        ours: ours_p50,
+        raw: raw_p50,
+        ratio: raw_p50 / ours_p50,
+        unit: "ms p50 append start→delivery",
+        extra: vec![
+            ("events", json!(rows.len())),
+            (
+                "ours_commit_p50_ms",
+                json!(round3(m(&ours, |l| l.commit_p50))),
+            ),
+            (
+                "raw_commit_p50_ms",
+                json!(round3(m(&raw, |l| l.commit_p50))),
+            ),
+            (
+                "ours_commit_p99_ms",
+                json!(round3(m(&ours, |l| l.commit_p99))),
+            ),
+            (
+                "raw_commit_p99_ms",
+                json!(round3(m(&raw, |l| l.commit_p99))),
+            ),
+            (
+                "ours_start_p99_ms",
+                json!(round3(m(&ours, |l| l.start_p99))),
+            ),
+            ("raw_start_p99_ms", json!(round3(m(&raw, |l| l.start_p99)))),
+            (
+                "ours_not_delivered",
+                json!(ours.iter().map(|l| l.missing).max()),
+            ),
+            (
+                "raw_not_delivered",
+                json!(raw.iter().map(|l| l.missing).max()),
+            ),
+        ],
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Bulk import.
+
+fn w7(ctx: &Ctx) -> Res<Outcome> {
+    const PER_STREAM: usize = 100;
+    let n = ctx.sizes.w7_events;
+    let rows = rows(n);
+    let names: Vec<String> = (0..n.div_ceil(PER_STREAM))
+        .map(|k| format!("user-{k}"))
+        .collect();
+    let input: Vec<(&str, EventData)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (names[i / PER_STREAM].as_str(), r.event()))
+        .collect();
+    let (ours, raw) = alternate(
+        ctx.reps,
+        || {
+            let pair = Pair::new(ctx, "w7")?;
+            let t = Instant::now();
+            let summary = pair.store().import(&input, ImportOptions::new())?;
+            let elapsed = t.elapsed();
+            check_count("ours", summary.events as usize, n)?;
+            Ok(elapsed)
+        },
+        || {
+            let pair = Pair::new(ctx, "w7")?;
+            let mut client = pair.raw_client(ctx)?;
+            let t = Instant::now();
+            let written = raw_copy(&mut client, &pair.raw_table(), &rows, |i| {
+                (names[i / PER_STREAM].as_str(), (i % PER_STREAM) as i64)
+            })?;
+            let elapsed = t.elapsed();
+            check_count("raw", written as usize, n)?;
+            Ok(elapsed)
+        },
+    )?;
+    Ok(Outcome::throughput(n, &ours, &raw))
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory.
+
+fn vm_hwm_kib() -> Res<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or("no VmHWM in /proc/self/status")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .ok_or("bad VmHWM line")?
+        .parse()?)
+}
+
+/// `--m1-child <schema> <count>`: reads `count` events of `$all` and prints its peak RSS.
+fn m1_child(args: &[String]) -> Res<()> {
+    let schema = args.first().ok_or("schema missing")?;
+    let count: u64 = args.get(1).ok_or("count missing")?.parse()?;
+    let store = Store::connect(
+        Config::from_env()?
+            .schema(schema)
+            .max_connections(1)
+            .min_idle(0),
+    )?;
+    let mut n = 0u64;
+    for e in store.read_all(ReadAll::from_start().max_count(count))? {
+        std::hint::black_box(e?);
+        n += 1;
+    }
+    if n != count {
+        return Err(format!("read {n} events, expected {count}").into());
+    }
+    println!("VmHWM_KiB {}", vm_hwm_kib()?);
+    Ok(())
+}
+
+fn m1_run(schema: &str, count: usize) -> Res<f64> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--m1-child", schema, &count.to_string()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "the M1 child failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let kib: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM_KiB "))
+        .ok_or("the M1 child printed no VmHWM")?
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+fn m1(ctx: &Ctx) -> Res<Outcome> {
+    let (large, small) = (ctx.sizes.m1_large, ctx.sizes.m1_small);
+    let pair = read_fixture(ctx, "m1", large, 0, false)?;
+    let (mut big, mut little) = (Vec::new(), Vec::new());
+    for _ in 0..ctx.reps {
+        big.push(m1_run(&pair.ours, large)?);
+        little.push(m1_run(&pair.ours, small)?);
+    }
+    let (b, l) = (median_f(&big), median_f(&little));
+    Ok(Outcome {
+        ours: b,
+        raw: l,
+        ratio: b - l,
+        unit: "MiB VmHWM (ours: large read, raw: small read, ratio: difference)",
+        extra: vec![("large", json!(large)), ("small", json!(small))],
+    })
+}

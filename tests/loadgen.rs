@@ -1,0 +1,68 @@
+//! Runs the load generator in `--quick` mode: every workload must print one JSON line
+//! with numeric results, and the run must leave no schema behind.
+use std::process::Command;
+
+#[test]
+fn loadgen_quick_prints_one_json_line_per_workload() {
+    let out = Command::new(env!("CARGO"))
+        .args(["run", "-q", "--example", "loadgen", "--", "--quick"])
+        .output()
+        .expect("cargo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "loadgen failed:\n{stdout}\n{stderr}");
+
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+        .collect();
+    let workloads: Vec<&str> = lines
+        .iter()
+        .map(|l| l["workload"].as_str().expect("a workload name"))
+        .collect();
+    assert_eq!(
+        workloads,
+        ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "M1"],
+        "{stdout}"
+    );
+    for l in &lines {
+        for key in ["ours", "raw", "ratio"] {
+            let v = l[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} not a number: {l}"));
+            assert!(v.is_finite(), "{key} not finite: {l}");
+        }
+        assert!(l["unit"].is_string(), "{l}");
+    }
+    // Live delivery lost nothing, on either side.
+    let w6 = &lines[5];
+    assert_eq!(w6["ours_not_delivered"], 0, "{w6}");
+    assert_eq!(w6["raw_not_delivered"], 0, "{w6}");
+    // The markdown table lists every workload too.
+    for w in &workloads {
+        assert!(
+            stdout.contains(&format!("\n| {w} |")),
+            "{w} missing from the table"
+        );
+    }
+
+    // Every schema of this run is gone.
+    let run = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("loadgen: schemas "))
+        .and_then(|l| l.strip_suffix("_*"))
+        .expect("the run names its schemas")
+        .to_string();
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| pg_eventstore::DEFAULT_DATABASE_URL.to_string());
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE starts_with(nspname, $1)",
+            &[&format!("{run}_")],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "schemas of {run} left behind");
+}
