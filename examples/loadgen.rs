@@ -15,6 +15,10 @@
 //! * `--read-page-size N`: the store's `read_page_size` (default: the store's default).
 //! * `--no-notify`: run our side with `notify_on_append(false)` (no cross-process NOTIFY
 //!   after appends), to measure what the notification costs.
+//! * `--subscriber`: while our side runs, a live `$all` subscription on a second store
+//!   (its own pool and listener, as another process would have) follows every event, so
+//!   appends pay for the NOTIFY that a listener elsewhere brings, and the server for
+//!   the subscriber's reads. The raw side is unchanged.
 //!
 //! The database comes from `DATABASE_URL` (or `DB_HOST`, ...; see `Config::from_env`).
 //! Every schema the run creates is named `loadgen_<pid>_...` and dropped at the end.
@@ -58,7 +62,8 @@ use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use pg_eventstore::postgres::{Client, NoTls};
 use pg_eventstore::uuid::Uuid;
 use pg_eventstore::{
-    Config, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, Store, SubscribeOptions,
+    Config, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, Store,
+    SubscribeOptions, SubscriptionStopper,
 };
 use serde_json::{json, Value};
 
@@ -145,6 +150,7 @@ struct Ctx {
     sizes: Sizes,
     reps: usize,
     run: String,
+    subscriber: bool,
 }
 
 /// One workload's result.
@@ -208,6 +214,7 @@ fn run(args: &[String]) -> Res<()> {
     let mut scale = 1.0;
     let mut page: Option<u32> = None;
     let mut notify = true;
+    let mut subscriber = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -228,6 +235,7 @@ fn run(args: &[String]) -> Res<()> {
             "--scale" => scale = value()?.parse()?,
             "--read-page-size" => page = Some(value()?.parse()?),
             "--no-notify" => notify = false,
+            "--subscriber" => subscriber = true,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -254,6 +262,7 @@ fn run(args: &[String]) -> Res<()> {
         sizes: Sizes::new(quick, scale),
         reps: reps.unwrap_or(if quick { 1 } else { 3 }),
         run: format!("loadgen_{}", std::process::id()),
+        subscriber,
     };
     eprintln!("loadgen: schemas {}_*", ctx.run);
     let mut rows = Vec::new();
@@ -351,6 +360,8 @@ fn fmt_num(x: f64) -> String {
 /// A pair of schemas for one repetition: ours (migrated store) and raw (plain table).
 /// Both are dropped on drop.
 struct Pair {
+    /// With `--subscriber`: the other store's live subscription, drained by a thread.
+    follower: Option<(SubscriptionStopper, thread::JoinHandle<()>)>,
     store: Option<Store>,
     ours: String,
     raw: String,
@@ -380,7 +391,24 @@ impl Pair {
         ))?;
         let store = Store::connect(ctx.config.clone().schema(&ours))?;
         store.migrate()?;
+        let follower = if ctx.subscriber {
+            let other = Store::connect(ctx.config.clone().schema(&ours))?;
+            let sub = other.subscribe(SubscribeOptions::all().live())?;
+            let stopper = sub.stopper();
+            let drain = thread::spawn(move || {
+                for event in sub {
+                    event.expect("the follower's subscription failed");
+                }
+                drop(other);
+            });
+            // Let its listener connect, so that the appends' notifier sees it.
+            thread::sleep(Duration::from_millis(1500));
+            Some((stopper, drain))
+        } else {
+            None
+        };
         Ok(Pair {
+            follower,
             store: Some(store),
             ours,
             raw,
@@ -413,6 +441,10 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        if let Some((stopper, drain)) = self.follower.take() {
+            stopper.stop();
+            let _ = drain.join();
+        }
         drop(self.store.take());
         let sql = format!(
             "DROP SCHEMA IF EXISTS {} CASCADE; DROP SCHEMA IF EXISTS {} CASCADE",

@@ -281,10 +281,14 @@ impl Subscription {
         if self.is_stopped() || self.retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        if let Some(item) = self.next_from_read() {
-            return Some(item);
+        if self.read.is_some() {
+            // `None` when the read is exhausted: what committed since is announced by a
+            // wake-up, and the next call reads again.
+            return self.next_from_read();
         }
-        // The last read is exhausted: a fresh one sees what committed meanwhile.
+        // A fresh read sees everything that any wake-up taken here announced; one that
+        // arrives during the read stays in the channel and triggers the next read.
+        let _ = self.wake.try_recv();
         match self.open_read() {
             Ok(read) => self.read = Some(read),
             Err(e) => return Some(self.failed(e)),
@@ -292,6 +296,8 @@ impl Subscription {
         if let Some(item) = self.next_from_read() {
             return Some(item);
         }
+        // Woken, but nothing to read: are committed events waiting behind a running
+        // transaction? Then look again soon, as its end may bring no wake-up.
         self.held_back = self.is_all() && self.store.has_held_back_events().unwrap_or(false);
         None
     }
@@ -307,11 +313,11 @@ impl Subscription {
             if self.is_stopped() {
                 return None;
             }
-            // Take the pending wake-up before reading: one that arrives during the read
-            // stays in the channel and triggers another read.
-            let _ = self.wake.try_recv();
             if let Some(item) = self.try_next() {
                 return Some(item);
+            }
+            if self.retry_at.is_none() && !self.wake.is_empty() {
+                continue; // announced during the last read: read again at once
             }
             let poll = if self.held_back {
                 HELD_BACK_POLL
@@ -333,7 +339,6 @@ impl Subscription {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 // One last look, so that a wake-up at the deadline is not wasted.
-                let _ = self.wake.try_recv();
                 return self.try_next();
             }
         }
