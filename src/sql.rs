@@ -47,6 +47,7 @@ pub(crate) const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text
 pub(crate) struct Sql {
     pub(crate) schema: String,
     pub(crate) append: String,
+    pub(crate) append_pooled: String,
     pub(crate) stream_head: String,
     pub(crate) read_stream_forwards: String,
     pub(crate) read_stream_backwards: String,
@@ -129,8 +130,27 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT count(*) FROM (SELECT pg_notify($8::text, '') WHERE $8::text IS NOT NULL
            AND EXISTS (SELECT 1 FROM ins)) n) AS notified"
         );
+        // The fast path of an append through the pool, which is the only statement of its
+        // transaction: the slot is empty and no younger transaction can have written the
+        // head, so only the expected version is checked. No row back means "not
+        // written": the caller then runs `append`, which tells a conflict from a repeat.
+        let append_pooled = format!(
+            "INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+SELECT (pg_current_xact_id()::text::bigint << {bits}) + i.n - 1, i.event_id, $1,
+       COALESCE(h.v, -1) + i.n, i.event_type, i.data, i.metadata
+  FROM (SELECT (SELECT e.stream_version FROM {events} e WHERE e.stream_id = $1
+                 ORDER BY e.stream_version DESC LIMIT 1) AS v) h,
+       unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+           WITH ORDINALITY AS i(event_id, event_type, data, metadata, n)
+ WHERE CASE $6::int WHEN 0 THEN true
+                    WHEN 1 THEN h.v IS NULL
+                    WHEN 2 THEN h.v IS NOT NULL
+                    ELSE h.v = $7::bigint END
+RETURNING global_position, stream_version"
+        );
         Sql {
             append,
+            append_pooled,
             stream_head: format!("SELECT max(stream_version) FROM {events} WHERE stream_id = $1"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}

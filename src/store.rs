@@ -183,6 +183,29 @@ impl Store {
     ) -> Result<AppendResult> {
         let input = AppendInput::new(stream, expected, events)?;
         let mut conn = self.conn()?;
+        // The fast path: one INSERT that checks the expected version. It writes, or
+        // returns nothing (the expected version is not met), or meets a repeated event
+        // id; only then the full statement below finds out which case it is.
+        let fast = self.prepared(&mut conn, "append_pooled", &self.inner.sql.append_pooled)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match conn.query(&fast, &input.params()[..7]) {
+                Ok(rows) if !rows.is_empty() => {
+                    let result = pooled_outcome(&rows);
+                    self.inner.hub.appended();
+                    return Ok(result);
+                }
+                Ok(_) => break,
+                Err(e) => match unique_violation(&e) {
+                    Some(UniqueViolation::EventId) => break,
+                    Some(UniqueViolation::StreamVersion) if attempt < APPEND_ATTEMPTS => {
+                        std::thread::sleep(jitter(attempt));
+                    }
+                    _ => return Err(self.map_error(e)),
+                },
+            }
+        }
         let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
         let mut attempt = 0;
         loop {
@@ -609,6 +632,19 @@ fn jitter(attempt: usize) -> std::time::Duration {
     h.write_usize(attempt);
     let cap = (50u64 << attempt.min(9)).min(20_000);
     std::time::Duration::from_micros(h.finish() % cap)
+}
+
+/// What the fast path wrote: its rows are (position, version), one per event.
+fn pooled_outcome(rows: &[Row]) -> AppendResult {
+    let positions = rows.iter().map(|r| r.get::<_, i64>(0) as u64);
+    let versions = rows.iter().map(|r| r.get::<_, i64>(1) as u64);
+    AppendResult {
+        first_version: versions.clone().min().expect("rows"),
+        last_version: versions.max().expect("rows"),
+        first_position: positions.clone().min().expect("rows"),
+        last_position: positions.max().expect("rows"),
+        was_duplicate: false,
+    }
 }
 
 /// The id in "Key (event_id)=(…) already exists."
