@@ -172,7 +172,14 @@ impl Tracker {
     /// passed since the last write.
     pub fn update(&mut self, position: u64) -> Result<()> {
         self.pending = Some(position);
-        if self.last_write.elapsed() >= self.interval {
+        self.flush_if_due()
+    }
+
+    /// Writes the recorded position if the interval has passed since the last write.
+    /// A processor whose position stops moving calls this now and then, so that its last
+    /// update does not wait for the next one.
+    pub fn flush_if_due(&mut self) -> Result<()> {
+        if self.pending.is_some() && self.last_write.elapsed() >= self.interval {
             self.flush()?;
         }
         Ok(())

@@ -32,6 +32,11 @@ pub struct Config {
     pub(crate) max_connections: u32,
     pub(crate) min_idle: u32,
     pub(crate) connection_timeout: Duration,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_delay: Duration,
+    pub(crate) health_check_interval: Option<Duration>,
+    pub(crate) danger_accept_invalid_certs: bool,
+    pub(crate) tls_root_certificates: Vec<Vec<u8>>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) statement_timeout: Option<Duration>,
@@ -39,6 +44,16 @@ pub struct Config {
     pub(crate) poll_interval: Duration,
     pub(crate) notify_on_append: bool,
 }
+
+/// `keepalives_idle` when neither the connection string nor [`Config::keepalives_idle`]
+/// sets it.
+pub(crate) const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+/// `keepalives_interval` when nothing sets it.
+pub(crate) const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+/// `keepalives_retries` when nothing sets it.
+pub(crate) const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+/// `tcp_user_timeout` when nothing sets it.
+pub(crate) const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Config {
     /// Settings for the database at `url`, a `postgres://` URL or a `key=value` string
@@ -62,6 +77,11 @@ impl Config {
             max_connections: 10,
             min_idle: 1,
             connection_timeout: Duration::from_secs(5),
+            max_retries: 5,
+            retry_delay: Duration::from_millis(50),
+            health_check_interval: None,
+            danger_accept_invalid_certs: false,
+            tls_root_certificates: Vec::new(),
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
             statement_timeout: None,
@@ -78,8 +98,8 @@ impl Config {
     /// (`postgres`), `DB_USER` (`postgres`), `DB_PASSWORD`, `DB_MAX_CONNECTIONS` (10) and
     /// `DB_SSL`. `DB_SCHEMA` sets the schema in both cases.
     ///
-    /// This build has no TLS: `DB_SSL=true` (or `sslmode=require` in the URL) is an
-    /// error rather than a plain-text connection.
+    /// `DB_SSL=true` (or `sslmode=require` in the URL) needs the crate feature `tls`;
+    /// without it, it is an error rather than a plain-text connection.
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|k| env::var(k).ok())
     }
@@ -157,6 +177,13 @@ impl Config {
         self
     }
 
+    /// The `application_name` the store's connections show in `pg_stat_activity`.
+    /// Default `pg-eventstore`, unless the connection string sets one.
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
+        self
+    }
+
     /// The most connections the pool opens. Default 10.
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n;
@@ -171,8 +198,109 @@ impl Config {
     }
 
     /// How long to wait for a pooled connection (and to open a new one). Default 5 s.
+    ///
+    /// When it runs out, the error is [`Error::Pool`] and says whether the pool was
+    /// exhausted (every connection in use) or no connection could be opened (with the
+    /// cause, such as "connection refused").
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
+        self
+    }
+
+    /// How long opening one TCP connection (and its TLS handshake) may take. Default: the
+    /// `connect_timeout` of the connection string, or else [`Config::connection_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.pg.connect_timeout(timeout);
+        self
+    }
+
+    /// How long a connection may be idle before TCP keepalive probes start. Default 30 s
+    /// (the operating system's default is 2 hours), unless the connection string sets
+    /// `keepalives_idle`. Keepalives find a server or network path that died silently,
+    /// which would otherwise leave a call waiting for hours.
+    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
+        self.pg.keepalives_idle(idle);
+        self
+    }
+
+    /// The time between TCP keepalive probes. Default 10 s, unless the connection string
+    /// sets `keepalives_interval`.
+    pub fn keepalives_interval(mut self, interval: Duration) -> Self {
+        self.pg.keepalives_interval(interval);
+        self
+    }
+
+    /// How many unanswered keepalive probes mark the connection dead. Default 3, unless
+    /// the connection string sets `keepalives_retries`. With the defaults a dead idle
+    /// connection is noticed after about a minute.
+    pub fn keepalives_retries(mut self, retries: u32) -> Self {
+        self.pg.keepalives_retries(retries);
+        self
+    }
+
+    /// How long sent data may stay unacknowledged before the connection is dropped
+    /// (`TCP_USER_TIMEOUT`, Linux only). Default 60 s, unless the connection string sets
+    /// `tcp_user_timeout`. This catches a dead server while a request is in flight,
+    /// where keepalives do not apply.
+    pub fn tcp_user_timeout(mut self, timeout: Duration) -> Self {
+        self.pg.tcp_user_timeout(timeout);
+        self
+    }
+
+    /// How often a call that failed for a transient reason is tried again. Default 5.
+    /// `0` turns retries off.
+    ///
+    /// Transient means: the connection was refused, reset or closed, the server is
+    /// shutting down or starting up (SQLSTATE 57P01, 57P02, 57P03), too many connections
+    /// (53300), a serialization failure (40001) or a deadlock (40P01). Reads are always
+    /// retried (a read that already yielded events goes on after the last one it
+    /// yielded). Appends are retried with the same event ids, which makes them
+    /// idempotent: an append whose first attempt did commit before its connection died
+    /// comes back with [`AppendResult::was_duplicate`](crate::AppendResult::was_duplicate)
+    /// set instead of writing twice. A wrong expected version is never retried, and
+    /// neither is [`Store::append_in`] (the caller owns that transaction), an exhausted
+    /// pool, or [`Store::connect`] (it fails fast, so that a wrong address shows at once).
+    ///
+    /// While the server is down each attempt waits up to [`Config::connection_timeout`]
+    /// for a connection, so a call gives up after about `(max_retries + 1) ×
+    /// connection_timeout` plus the backoff: 30 s with the defaults.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// The wait before the first retry. Default 50 ms. Each further retry waits twice
+    /// as long as the one before (at most 30 s), and every wait is shortened by a random
+    /// part of up to a half, so that many clients do not retry in step.
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = delay;
+        self
+    }
+
+    /// Checks the connection to the server every `interval` on a background thread and
+    /// reports an outage and its end through [`Store::connection_events`]. Default: off
+    /// (`None`); then only calls to [`Store::health_check`] update the connection state.
+    /// The thread ends when the last clone of the [`Store`] is dropped.
+    pub fn health_check_interval(mut self, interval: Option<Duration>) -> Self {
+        self.health_check_interval = interval;
+        self
+    }
+
+    /// Accepts any server certificate, even an expired, self-signed or wrong-host one.
+    /// Default `false`: certificates are verified against the system's trusted roots
+    /// and any added with [`Config::tls_root_certificate`]. Only for tests and
+    /// throwaway servers: it lets anyone on the path read and change the traffic.
+    /// Applies with the crate feature `tls` only.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.danger_accept_invalid_certs = accept;
+        self
+    }
+
+    /// Trusts this PEM-encoded certificate as a root, besides the system's roots: for
+    /// a server whose certificate a private CA signed. May be called more than once.
+    /// Applies with the crate feature `tls` only; a bad PEM is refused when connecting.
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificates.push(pem.into());
         self
     }
 
@@ -214,10 +342,15 @@ impl Config {
 
     /// Whether appends through the pool tell subscribers in other processes, with one
     /// coalesced `NOTIFY` sent by a background thread on its own connection after the
-    /// append committed (never inside the append's transaction). Default `true`. With
-    /// `false` other processes find new events at their next safety poll; subscribers of
-    /// this store are woken directly either way. [`Store::append_in`] always notifies,
-    /// from inside the caller's transaction, since only its commit can tell.
+    /// append committed (never inside the append's transaction). Default `true`. The
+    /// thread sends nothing while no other process listens on the store's channel: it
+    /// looks at `pg_stat_activity` once a second (a backend whose query it may not read
+    /// counts as a listener), so a subscriber that starts elsewhere is woken by `NOTIFY`
+    /// within about a second, and finds the events by its own catch-up and safety poll
+    /// before that. With `false` other processes find new events at their safety poll
+    /// only; subscribers of this store are woken directly either way.
+    /// [`Store::append_in`] always notifies, from inside the caller's transaction, since
+    /// only its commit can tell.
     pub fn notify_on_append(mut self, notify: bool) -> Self {
         self.notify_on_append = notify;
         self
@@ -252,14 +385,13 @@ impl Config {
         if self.read_page_size == 0 {
             return Err(Error::Config("read_page_size must be at least 1".into()));
         }
-        if self.pg.get_ssl_mode() == SslMode::Require {
+        if self.health_check_interval.is_some_and(|i| i.is_zero()) {
             return Err(Error::Config(
-                "TLS was requested (DB_SSL or sslmode=require), but this build of \
-                 pg-eventstore has no TLS support; connect without TLS or over a tunnel"
-                    .into(),
+                "health_check_interval must be above zero (None turns it off)".into(),
             ));
         }
         let mut pg = self.pg.clone();
+        crate::tls::check_ssl_mode(&mut pg)?;
         if pg.get_application_name().is_none() {
             pg.application_name("pg-eventstore");
         }
@@ -269,7 +401,16 @@ impl Config {
         // A half-open TCP connection must not stall a caller for hours.
         pg.keepalives(true);
         if pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
-            pg.keepalives_idle(Duration::from_secs(30));
+            pg.keepalives_idle(DEFAULT_KEEPALIVES_IDLE);
+        }
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives_interval(DEFAULT_KEEPALIVES_INTERVAL);
+        }
+        if pg.get_keepalives_retries().is_none() {
+            pg.keepalives_retries(DEFAULT_KEEPALIVES_RETRIES);
+        }
+        if pg.get_tcp_user_timeout().is_none() {
+            pg.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
         }
         if let Some(t) = self.statement_timeout {
             let mut options = pg.get_options().unwrap_or("").to_string();
@@ -344,6 +485,56 @@ mod tests {
         assert!(e.contains("DATABASE_URL"), "{e}");
     }
 
+    #[test]
+    fn keepalive_defaults_and_overrides() {
+        let pg = Config::new("postgres://u@h/db").unwrap().finish().unwrap();
+        assert_eq!(pg.get_keepalives_idle(), DEFAULT_KEEPALIVES_IDLE);
+        assert_eq!(
+            pg.get_keepalives_interval(),
+            Some(DEFAULT_KEEPALIVES_INTERVAL)
+        );
+        assert_eq!(
+            pg.get_keepalives_retries(),
+            Some(DEFAULT_KEEPALIVES_RETRIES)
+        );
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&DEFAULT_TCP_USER_TIMEOUT));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        let pg = Config::new("postgres://u@h/db?keepalives_idle=7")
+            .unwrap()
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(9)
+            .tcp_user_timeout(Duration::from_secs(4))
+            .connect_timeout(Duration::from_millis(1500))
+            .finish()
+            .unwrap();
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(7));
+        assert_eq!(pg.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(pg.get_keepalives_retries(), Some(9));
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(4)));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn zero_health_check_interval_is_refused() {
+        let c = Config::new(DEFAULT_DATABASE_URL)
+            .unwrap()
+            .health_check_interval(Some(Duration::ZERO));
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.contains("health_check_interval"), "{e}");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_is_required_when_asked() {
+        let c = lookup(&[("DB_SSL", "true")]).unwrap();
+        assert_eq!(c.finish().unwrap().get_ssl_mode(), SslMode::Require);
+        let c = Config::new("postgres://u@h/db?sslmode=require").unwrap();
+        assert_eq!(c.finish().unwrap().get_ssl_mode(), SslMode::Require);
+        let c = lookup(&[("DB_SSL", "false")]).unwrap();
+        assert_eq!(c.finish().unwrap().get_ssl_mode(), SslMode::Disable);
+    }
+
+    #[cfg(not(feature = "tls"))]
     #[test]
     fn tls_is_refused_not_ignored() {
         let c = lookup(&[("DB_SSL", "true")]).unwrap();

@@ -99,6 +99,14 @@ pub enum Error {
         /// the server is down or refuses us.
         last_connect_error: Option<String>,
     },
+    /// The server could not be reached or refused the connection, when the store was
+    /// opened or a health check connected.
+    Connect {
+        /// Where the store tried to connect (`host:port`, several if configured).
+        target: String,
+        /// Why it failed, such as "connection refused" or a server error.
+        source: postgres::Error,
+    },
     /// A PostgreSQL error: from the server (with SQLSTATE) or from the connection.
     Postgres(postgres::Error),
     /// Event data could not be turned into or out of JSON.
@@ -109,7 +117,7 @@ impl Error {
     /// The SQLSTATE code when the server reported the error.
     pub fn code(&self) -> Option<&postgres::error::SqlState> {
         match self {
-            Error::Postgres(e) => e.code(),
+            Error::Postgres(e) | Error::Connect { source: e, .. } => e.code(),
             _ => None,
         }
     }
@@ -117,6 +125,14 @@ impl Error {
     /// Whether this is a [`Error::WrongExpectedVersion`].
     pub fn is_wrong_expected_version(&self) -> bool {
         matches!(self, Error::WrongExpectedVersion { .. })
+    }
+
+    /// Whether the failure is transient: the connection was lost or refused, the server
+    /// is shutting down, starting up or full, or the transaction lost a serialization
+    /// or deadlock conflict. The store has already retried such a failure
+    /// [`Config::max_retries`](crate::Config::max_retries) times before returning it.
+    pub fn is_transient(&self) -> bool {
+        crate::retry::is_transient(self)
     }
 }
 
@@ -190,6 +206,10 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            Error::Connect { target, source } => {
+                write!(f, "cannot connect to PostgreSQL at {target}: ")?;
+                write_postgres_error(f, source)
+            }
             Error::Postgres(e) => write_postgres_error(f, e),
             Error::Json(e) => write!(f, "JSON error: {e}"),
         }
@@ -215,19 +235,15 @@ fn write_postgres_error(f: &mut fmt::Formatter<'_>, e: &postgres::Error) -> fmt:
         }
         return Ok(());
     }
-    write!(f, "{e}")?;
-    let mut source = e.source();
-    while let Some(s) = source {
-        write!(f, ": {s}")?;
-        source = s.source();
-    }
-    Ok(())
+    // The causes, each once: TLS errors repeat their source's text in their own.
+    write!(f, "{}", chain(e))
 }
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             Error::Postgres(e) => Some(e),
+            Error::Connect { source, .. } => Some(source),
             Error::Json(e) => Some(e),
             Error::Handler { source, .. } => Some(source.as_ref()),
             _ => None,

@@ -88,6 +88,70 @@
 //! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
 //! VACUUM: see [`Events`] for how a long batch job avoids that.
 //!
+//! # Subscriptions
+//!
+//! [`Store::subscribe`] returns a [`Subscription`]: an iterator that first reads the
+//! history through the same cursors as [`Store::read_all`], then blocks for new events, in
+//! the same global order and with the same guarantee. Start from the beginning, after a
+//! position (a checkpoint), or live; follow everything, a category, some event types, or
+//! one stream (in version order).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pg_eventstore::{Store, SubscribeOptions};
+//!
+//! # fn main() -> Result<(), pg_eventstore::Error> {
+//! let store = Store::from_env()?;
+//! let mut orders = store.subscribe(SubscribeOptions::category("order-").live())?;
+//! let stop = orders.stopper(); // hand this to another thread to end the loop
+//! # drop(stop);
+//! while let Some(event) = orders.next_timeout(Duration::from_secs(30)) {
+//!     let event = event?;
+//!     println!("{} {}", event.stream_id, event.event_type);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A wake-up is a hint; events are always read from the table, so they can be of any
+//! size, and a lost notification costs latency, never an event. Each store has one
+//! listener thread on its own connection (started by the first subscription, ended when
+//! the store is dropped) that `LISTEN`s on the channel `<schema>_events`, reconnects with
+//! backoff, and wakes every subscriber after a reconnect and on a safety poll
+//! ([`Config::poll_interval`]). Appends through the pool wake the same store's
+//! subscribers directly; other processes hear of them through one `NOTIFY` that a
+//! background thread sends after the commit, for however many appends happened meanwhile,
+//! and only while another process listens ([`Config::notify_on_append`]): a `NOTIFY`
+//! inside the append's own transaction would serialise every append's commit.
+//! [`Store::append_in`] notifies from inside the caller's transaction, because only its
+//! commit can say when the events exist.
+//!
+//! # Checkpoints and workers
+//!
+//! A [`Tracker`] keeps a processor's position with batched writes
+//! ([`Store::save_checkpoint_in`] writes it in your own transaction). A [`Worker`] runs a
+//! handler on a pool of threads from the processor's checkpoint: one stream's events in
+//! order on one thread at a time, checkpoints that never pass an unfinished event,
+//! retries, then [`OnFailure::Stop`] or [`OnFailure::Park`] in the `dead_letters` table,
+//! graceful shutdown, a batch mode for jobs ([`Worker::run_batch`]), and one running
+//! worker per processor name. Transactional handlers ([`Worker::spawn_transactional`])
+//! commit their writes together with a per-stream claim, for exactly-once effects.
+//!
+//! # Failures, health and observability
+//!
+//! Transient failures (a lost or refused connection, a server restart, a serialization
+//! failure or deadlock) are retried with backoff and jitter: reads go on after the last
+//! event they yielded, and appends are retried with the same event ids, so they never
+//! write twice. A wrong expected version is never retried, nor is
+//! [`Store::append_in`]. See [`Config::max_retries`].
+//!
+//! [`Store::health_check`] reports reachability, latency, schema version and pool state;
+//! [`Config::health_check_interval`] runs it on a background thread, and
+//! [`Store::connection_events`] tells of each outage once, when it begins and when it
+//! ends. Spans (`tracing`) and metrics (`metrics`) go through their facades and reach
+//! nothing until the program installs a subscriber or recorder; `OPERATIONS.md` lists
+//! them. TLS needs the crate feature `tls`.
+//!
 //! # Bulk import
 //!
 //! [`Store::import`] loads many events into many streams with one binary `COPY` in one
@@ -113,13 +177,17 @@ mod checkpoint;
 mod config;
 mod error;
 mod event;
+mod health;
 mod import;
 mod listener;
+mod metrics;
 mod migrate;
 mod read;
+mod retry;
 mod sql;
 mod store;
 mod subscription;
+mod tls;
 mod worker;
 
 pub use crate::checkpoint::{Tracker, MAX_PROCESSOR_NAME_BYTES};
@@ -129,6 +197,7 @@ pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
 };
+pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
@@ -136,11 +205,21 @@ pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
+pub use crate::tls::{Connector, Manager};
 pub use crate::worker::{HandlerError, IfLocked, OnFailure, Worker, WorkerHandle, WorkerSummary};
 
 pub use crossbeam_channel;
+#[cfg(feature = "tls")]
+pub use native_tls;
 pub use postgres;
+#[cfg(feature = "tls")]
+pub use postgres_native_tls;
 pub use r2d2;
 pub use r2d2_postgres;
 pub use serde_json;
 pub use uuid;
+
+/// The README's example compiles (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

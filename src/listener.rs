@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crate::tls::Connector;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use fallible_iterator::FallibleIterator;
-use postgres::NoTls;
 
 use crate::error::chain;
 use crate::sql::quote;
@@ -58,6 +58,9 @@ pub(crate) struct Shared {
     reconnects: AtomicU64,
     listener_pid: AtomicI32,
     notifier_pid: AtomicI32,
+    /// Whether, at the notifier's last look, another process listened on the channel.
+    /// Appends do not even wake the notifier while nobody does.
+    nobody_else_listens: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -78,6 +81,7 @@ impl Shared {
 pub(crate) struct Hub {
     shared: Arc<Shared>,
     pg: postgres::Config,
+    connector: Connector,
     channel: String,
     poll_interval: Duration,
     notify: bool,
@@ -88,6 +92,7 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(
         pg: postgres::Config,
+        connector: Connector,
         schema: &str,
         poll_interval: Duration,
         notify: bool,
@@ -102,6 +107,7 @@ impl Hub {
         Hub {
             shared: Arc::new(Shared::default()),
             pg,
+            connector,
             channel: channel_name(schema),
             poll_interval,
             notify,
@@ -123,12 +129,13 @@ impl Hub {
         if listener.is_none() {
             let shared = self.shared.clone();
             let pg = self.pg.clone();
+            let connector = crate::tls::clone(&self.connector);
             let channel = self.channel.clone();
             let poll = self.poll_interval;
             *listener = Some(
                 thread::Builder::new()
                     .name("pg-eventstore-listener".into())
-                    .spawn(move || listen(shared, pg, channel, poll))
+                    .spawn(move || listen(shared, pg, connector, channel, poll))
                     .expect("spawn the listener thread"),
             );
         }
@@ -155,15 +162,18 @@ impl Hub {
             let (tx, rx) = bounded(1);
             let shared = self.shared.clone();
             let pg = self.pg.clone();
+            let connector = crate::tls::clone(&self.connector);
             let channel = self.channel.clone();
             let handle = thread::Builder::new()
                 .name("pg-eventstore-notifier".into())
-                .spawn(move || notify_loop(shared, pg, channel, rx))
+                .spawn(move || notify_loop(shared, pg, connector, channel, rx))
                 .expect("spawn the notifier thread");
             (tx, handle)
         });
         // A full channel means a NOTIFY is already due: this append rides along.
-        let _ = tx.try_send(());
+        if !self.shared.nobody_else_listens.load(Ordering::Relaxed) {
+            let _ = tx.try_send(());
+        }
     }
 
     pub(crate) fn state(&self) -> Option<ListenerState> {
@@ -206,14 +216,25 @@ fn pause(shared: &Shared, d: Duration) -> bool {
 /// The listener thread: connect, LISTEN, wake subscribers on every notification and on
 /// every safety-poll tick; on any error reconnect with backoff and wake everyone, since
 /// notifications sent while we were away are lost.
-fn listen(shared: Arc<Shared>, pg: postgres::Config, channel: String, poll: Duration) {
+fn listen(
+    shared: Arc<Shared>,
+    pg: postgres::Config,
+    connector: Connector,
+    channel: String,
+    poll: Duration,
+) {
     let mut backoff = BACKOFF_START;
     let mut first = true;
     while !shared.stop.load(Ordering::Relaxed) {
-        let mut client = match pg.connect(NoTls).and_then(|mut c| {
-            c.batch_execute(&format!("LISTEN {}", quote(&channel)))?;
-            Ok(c)
-        }) {
+        let listen_sql = listen_statement(&channel);
+        // LISTEN is the last statement this connection runs (the heartbeat repeats it), so
+        // `pg_stat_activity.query` shows other processes' notifiers who is listening.
+        let connected = pg.connect(crate::tls::clone(&connector)).and_then(|mut c| {
+            let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+            c.batch_execute(&listen_sql)?;
+            Ok((c, pid))
+        });
+        let (mut client, pid) = match connected {
             Ok(c) => c,
             Err(e) => {
                 *shared.last_error.lock().unwrap() = Some(chain(&e));
@@ -227,12 +248,9 @@ fn listen(shared: Arc<Shared>, pg: postgres::Config, channel: String, poll: Dura
         backoff = BACKOFF_START;
         if !first {
             shared.reconnects.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::listener_reconnected();
         }
         first = false;
-        let pid = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .map(|r| r.get::<_, i32>(0))
-            .unwrap_or(0);
         shared.listener_pid.store(pid, Ordering::Relaxed);
         shared.connected.store(true, Ordering::Relaxed);
         // Whatever happened while we were not listening, subscribers re-read the table.
@@ -252,7 +270,7 @@ fn listen(shared: Arc<Shared>, pg: postgres::Config, channel: String, poll: Dura
                 woken = true;
                 last_poll = Instant::now();
                 // The safety poll doubles as a liveness check of a quiet connection.
-                if let Err(e) = client.simple_query("") {
+                if let Err(e) = client.batch_execute(&listen_sql) {
                     break Some(e);
                 }
             }
@@ -290,15 +308,39 @@ fn wait_for_notifications(
     Ok(woken)
 }
 
+/// The statement the listener runs, and what notifiers look for in `pg_stat_activity`.
+fn listen_statement(channel: &str) -> String {
+    format!("LISTEN {}", quote(channel))
+}
+
+/// How long a notifier trusts its last look at who is listening.
+const LISTENERS_CHECK: Duration = Duration::from_secs(1);
+
 /// The notifier thread: one `NOTIFY` for however many appends happened while the last
-/// one was in flight, on its own connection, off every append's commit path.
-fn notify_loop(shared: Arc<Shared>, pg: postgres::Config, channel: String, rx: Receiver<()>) {
-    let sql = format!("NOTIFY {}", quote(&channel));
+/// one was in flight, on its own connection, off every append's commit path, and only
+/// while some other process listens on the channel (looked up at most once a second; a
+/// listener that appears meanwhile is covered by its own catch-up and safety poll).
+fn notify_loop(
+    shared: Arc<Shared>,
+    pg: postgres::Config,
+    connector: Connector,
+    channel: String,
+    rx: Receiver<()>,
+) {
+    let notify = format!("NOTIFY {}", quote(&channel));
+    let listen = listen_statement(&channel);
     let mut client: Option<postgres::Client> = None;
-    while rx.recv().is_ok() {
+    let mut checked: Option<Instant> = None;
+    loop {
+        // Woken by an append, or once per check interval to look again who listens.
+        let append = match rx.recv_timeout(LISTENERS_CHECK) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         for attempt in 0..2 {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = pg.connect(NoTls).ok();
+                client = pg.connect(crate::tls::clone(&connector)).ok();
                 if let Some(c) = client.as_mut() {
                     let pid = c
                         .query_one("SELECT pg_backend_pid()", &[])
@@ -307,12 +349,46 @@ fn notify_loop(shared: Arc<Shared>, pg: postgres::Config, channel: String, rx: R
                     shared.notifier_pid.store(pid, Ordering::Relaxed);
                 }
             }
-            match client.as_mut().map(|c| c.batch_execute(&sql)) {
-                Some(Ok(())) => break,
+            let Some(c) = client.as_mut() else {
+                shared.nobody_else_listens.store(false, Ordering::Relaxed);
+                if attempt == 1 {
+                    break;
+                }
+                continue;
+            };
+            if checked.is_none_or(|at| at.elapsed() >= LISTENERS_CHECK) {
+                let own = shared.listener_pid.load(Ordering::Relaxed);
+                // Unsure (an error, or backends we may not look at) counts as "yes".
+                let others = others_listen(c, &listen, own).unwrap_or(true);
+                shared.nobody_else_listens.store(!others, Ordering::Relaxed);
+                checked = Some(Instant::now());
+            }
+            if !append || shared.nobody_else_listens.load(Ordering::Relaxed) {
+                break;
+            }
+            match c.batch_execute(&notify) {
+                Ok(()) => break,
                 // Lost: other processes' subscribers find the events at their next poll.
-                _ if attempt == 1 => break,
-                _ => client = None,
+                Err(_) if attempt == 1 => break,
+                Err(_) => client = None,
             }
         }
     }
+}
+
+/// Whether a backend other than our own listener (`own`) listens on the channel, or may:
+/// a backend whose query text we are not allowed to see counts as a listener.
+fn others_listen(
+    client: &mut postgres::Client,
+    listen: &str,
+    own: i32,
+) -> Result<bool, postgres::Error> {
+    let row = client.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                         WHERE backend_type = 'client backend' AND pid <> $2
+                           AND pid <> pg_backend_pid()
+                           AND (query = $1 OR query = '<insufficient privilege>'))",
+        &[&listen, &own],
+    )?;
+    Ok(row.get(0))
 }

@@ -11,6 +11,8 @@ use postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES};
+use crate::metrics::ReadOps;
+use crate::retry::Retry;
 use crate::store::{Conn, Store};
 
 /// Which way a read goes.
@@ -284,6 +286,11 @@ const CURSOR: &str = "pg_eventstore_read";
 /// VACUUM in the whole database. A batch job that reads for hours should read in slices
 /// instead: `ReadAll::after(last).max_count(100_000)`, one slice after the other, each
 /// its own short transaction.
+///
+/// A transient failure (a lost connection, a server restart: see
+/// [`Config::max_retries`](crate::Config::max_retries)) is retried: a read that has
+/// yielded nothing starts again, one that has goes on after the last event it yielded,
+/// so no event is skipped or yielded twice.
 pub struct Events {
     store: Store,
     query: Query,
@@ -291,6 +298,8 @@ pub struct Events {
     rows: VecDeque<Row>,
     remaining: Option<u64>,
     page: u64,
+    retry: Retry,
+    ops: ReadOps,
     /// The cursor reader's pages, and the thread (which owns the connection meanwhile).
     pages: Option<Receiver<Result<Vec<Row>>>>,
     reader: Option<JoinHandle<()>>,
@@ -348,7 +357,13 @@ impl Events {
 
     fn new(store: Store, query: Query, max_count: Option<u64>) -> Events {
         let page = store.inner.config.read_page_size as u64;
+        let ops = match &query {
+            Query::Stream { stream, .. } => ReadOps::new("stream", Some(stream)),
+            Query::All { .. } => ReadOps::new("all", None),
+        };
         Events {
+            retry: Retry::new(&store, "read"),
+            ops,
             store,
             query,
             state: State::Start,
@@ -440,6 +455,30 @@ impl Events {
         }
     }
 
+    /// Fetches the next page, retrying transient failures. A retry starts again from
+    /// the keyset bound, which only ever moves past events already yielded: rows that
+    /// were fetched but not yet yielded are fetched again.
+    fn fetch_retrying(&mut self) -> Result<()> {
+        let span = self.ops.span().clone();
+        let _entered = span.enter();
+        loop {
+            match self.fetch() {
+                Ok(()) => {
+                    self.retry.succeeded();
+                    return Ok(());
+                }
+                Err(e) if self.retry.again(&e) => {
+                    self.rows.clear();
+                    self.finish();
+                    self.state = State::Start;
+                    // Dead idle connections (a restart leaves only those) cost no attempt.
+                    crate::retry::sweep(&self.store);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn fail(&mut self, e: Error) -> Option<Result<RecordedEvent>> {
         self.rows.clear();
         self.finish();
@@ -508,7 +547,7 @@ impl Iterator for Events {
             if self.state == State::Done {
                 return None;
             }
-            if let Err(e) = self.fetch() {
+            if let Err(e) = self.fetch_retrying() {
                 return self.fail(e);
             }
         }
@@ -516,6 +555,7 @@ impl Iterator for Events {
         match RecordedEvent::from_row(&row) {
             Ok(event) => {
                 self.query.advance(&event);
+                self.ops.yielded();
                 if let Some(r) = &mut self.remaining {
                     *r -= 1;
                 }

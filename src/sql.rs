@@ -47,7 +47,8 @@ pub(crate) const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text
 pub(crate) struct Sql {
     pub(crate) schema: String,
     pub(crate) append: String,
-    pub(crate) append_pooled: String,
+    pub(crate) append_fast: String,
+    pub(crate) append_one: String,
     pub(crate) stream_head: String,
     pub(crate) read_stream_forwards: String,
     pub(crate) read_stream_backwards: String,
@@ -55,6 +56,7 @@ pub(crate) struct Sql {
     pub(crate) read_all_backwards: String,
     pub(crate) head_position: String,
     pub(crate) held_back: String,
+    pub(crate) tip_and_horizon: String,
     pub(crate) save_snapshot: String,
     pub(crate) load_snapshot: String,
     pub(crate) load_checkpoint: String,
@@ -130,18 +132,40 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT count(*) FROM (SELECT pg_notify($8::text, '') WHERE $8::text IS NOT NULL
            AND EXISTS (SELECT 1 FROM ins)) n) AS notified"
         );
-        // The fast path of an append through the pool, which is the only statement of its
-        // transaction: the slot is empty and no younger transaction can have written the
-        // head, so only the expected version is checked. No row back means "not
-        // written": the caller then runs `append`, which tells a conflict from a repeat.
-        let append_pooled = format!(
-            "INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
-SELECT (pg_current_xact_id()::text::bigint << {bits}) + i.n - 1, i.event_id, $1,
-       COALESCE(h.v, -1) + i.n, i.event_type, i.data, i.metadata
-  FROM (SELECT (SELECT e.stream_version FROM {events} e WHERE e.stream_id = $1
-                 ORDER BY e.stream_version DESC LIMIT 1) AS v) h,
-       unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
-           WITH ORDINALITY AS i(event_id, event_type, data, metadata, n)
+        // The common case through the pool, in its own fresh transaction: check the head,
+        // insert, nothing else. Its transaction id is newer than any committed head's, its
+        // slot is empty, and a repeated id or a lost race fails on a unique constraint:
+        // whenever this inserts nothing or fails, the full statement above decides.
+        let append_fast = format!(
+            "WITH head AS (
+    SELECT h.v FROM (SELECT 1) one LEFT JOIN LATERAL (
+        SELECT e.stream_version AS v FROM {events} e
+         WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
+), ins AS (
+    INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+    SELECT (pg_current_xact_id()::text::bigint << {bits}) + t.n - 1, t.event_id, $1,
+           COALESCE(h.v, -1) + t.n, t.event_type, t.data, t.metadata
+      FROM head h, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+           WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
+     WHERE CASE $6::int WHEN 0 THEN true
+                        WHEN 1 THEN h.v IS NULL
+                        WHEN 2 THEN h.v IS NOT NULL
+                        ELSE h.v = $7::bigint END
+    RETURNING global_position, stream_version
+)
+SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins"
+        );
+        // The same for one event, with plain parameters instead of arrays to unnest.
+        let append_one = format!(
+            "WITH head AS (
+    SELECT h.v FROM (SELECT 1) one LEFT JOIN LATERAL (
+        SELECT e.stream_version AS v FROM {events} e
+         WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
+)
+INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v, -1) + 1,
+       $3::text, $4::jsonb, $5::jsonb
+  FROM head h
  WHERE CASE $6::int WHEN 0 THEN true
                     WHEN 1 THEN h.v IS NULL
                     WHEN 2 THEN h.v IS NOT NULL
@@ -150,7 +174,8 @@ RETURNING global_position, stream_version"
         );
         Sql {
             append,
-            append_pooled,
+            append_fast,
+            append_one,
             stream_head: format!("SELECT max(stream_version) FROM {events} WHERE stream_id = $1"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}
@@ -182,6 +207,9 @@ RETURNING global_position, stream_version"
             ),
             head_position: format!(
                 "SELECT max(global_position) FROM {events} WHERE global_position < {HORIZON}"
+            ),
+            tip_and_horizon: format!(
+                "SELECT (SELECT max(global_position) FROM {events}), {HORIZON}"
             ),
             held_back: format!(
                 "SELECT EXISTS (SELECT 1 FROM {events} WHERE global_position >= {HORIZON})"

@@ -7,9 +7,8 @@ use std::time::SystemTime;
 
 use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
-use postgres::{GenericClient, NoTls, Row, Statement};
+use postgres::{GenericClient, Row, Statement};
 use r2d2::PooledConnection;
-use r2d2_postgres::PostgresConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
@@ -20,10 +19,11 @@ use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion,
 use crate::listener::{Hub, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::read::{Events, ReadAll, ReadStream};
+use crate::retry::Retry;
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
 use crate::subscription::{SubscribeOptions, Subscription};
+use crate::tls::Manager;
 
-pub(crate) type Manager = PostgresConnectionManager<NoTls>;
 pub(crate) type Conn = PooledConnection<Manager>;
 
 /// How often an append that lost a race on a unique constraint is re-run. The re-run sees
@@ -56,6 +56,7 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) hub: Hub,
     last_connect_error: Arc<Mutex<Option<String>>>,
+    pub(crate) monitor: crate::health::Monitor,
 }
 
 impl fmt::Debug for Store {
@@ -85,8 +86,25 @@ impl Store {
     /// Opens a pool with `config` and checks the server: it must be reachable and its
     /// schema (if any) must not be newer than this library. An unmigrated schema is fine
     /// here: call [`Store::migrate`] to create it.
+    ///
+    /// An unreachable server fails at once with [`Error::Connect`], which names the
+    /// server and the cause (for example "connection refused"), rather than after the
+    /// pool's [`Config::connection_timeout`].
     pub fn connect(config: Config) -> Result<Store> {
         let pg = config.finish()?;
+        let connector = crate::tls::connector(&config)?;
+        let monitor = crate::health::Monitor::new(pg.clone(), crate::tls::clone(&connector));
+        // One connection outside the pool: fails fast with the real cause.
+        let version = {
+            let mut client = monitor.connect()?;
+            migrate::current_version(&mut client, &config.schema, &config.migrations_table)?
+        };
+        if version > SCHEMA_VERSION {
+            return Err(Error::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
         let last_connect_error = Arc::new(Mutex::new(None));
         let pool = r2d2::Pool::builder()
             .max_size(config.max_connections)
@@ -98,9 +116,13 @@ impl Store {
             // are found by the call that uses them instead.
             .test_on_check_out(false)
             .error_handler(Box::new(RecordConnectError(last_connect_error.clone())))
-            .build_unchecked(PostgresConnectionManager::new(pg.clone(), NoTls));
+            .event_handler(Box::new(crate::metrics::PoolEvents::new(
+                last_connect_error.clone(),
+            )))
+            .build_unchecked(Manager::new(pg.clone(), crate::tls::clone(&connector)));
         let hub = Hub::new(
             pg,
+            connector,
             &config.schema,
             config.poll_interval,
             config.notify_on_append,
@@ -112,15 +134,10 @@ impl Store {
                 sql: Sql::new(&config.schema),
                 config,
                 last_connect_error,
+                monitor,
             }),
         };
-        let version = store.schema_version()?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::SchemaTooNew {
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        crate::health::start(&store)?;
         Ok(store)
     }
 
@@ -131,17 +148,30 @@ impl Store {
 
     /// Creates or upgrades the schema. Safe to call from many processes at once (an
     /// advisory lock serialises them) and to call again (it does nothing then).
+    /// Transient failures are retried (see [`Config::max_retries`]).
     pub fn migrate(&self) -> Result<MigrationReport> {
-        let mut conn = self.conn()?;
         let config = &self.inner.config;
-        migrate::run(&mut conn, &config.schema, &config.migrations_table)
+        crate::metrics::migration(
+            &config.schema,
+            // One transaction under an advisory lock, and a no-op once done: safe to
+            // retry.
+            || {
+                crate::retry::run(self, "migrate", || {
+                    let mut conn = self.conn()?;
+                    migrate::run(&mut conn, &config.schema, &config.migrations_table)
+                })
+            },
+            |r| r.applied.len(),
+        )
     }
 
     /// The schema version recorded in the database (0 before [`Store::migrate`]).
     pub fn schema_version(&self) -> Result<i64> {
-        let mut conn = self.conn()?;
-        let config = &self.inner.config;
-        migrate::current_version(&mut *conn, &config.schema, &config.migrations_table)
+        crate::retry::run(self, "read", || {
+            let mut conn = self.conn()?;
+            let config = &self.inner.config;
+            migrate::current_version(&mut *conn, &config.schema, &config.migrations_table)
+        })
     }
 
     /// The configured schema name.
@@ -149,8 +179,9 @@ impl Store {
         &self.inner.sql.schema
     }
 
-    /// The connection pool, for your own queries alongside the store.
-    pub fn pool(&self) -> &r2d2::Pool<PostgresConnectionManager<NoTls>> {
+    /// The connection pool, for your own queries alongside the store. Its manager is
+    /// [`Manager`](crate::Manager), whose TLS connector depends on the crate feature `tls`.
+    pub fn pool(&self) -> &r2d2::Pool<Manager> {
         &self.inner.pool
     }
 
@@ -161,6 +192,11 @@ impl Store {
     /// whose ids are already stored, to the same stream, in the same order, returns the
     /// original result with [`AppendResult::was_duplicate`] set: a retry after a lost reply
     /// never writes twice.
+    ///
+    /// A transient failure (a lost connection, a server restart: see
+    /// [`Config::max_retries`]) is retried with the same event ids, so an append whose
+    /// first attempt committed is not written again: the retry reports it with
+    /// `was_duplicate` set. A wrong expected version is never retried.
     ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
@@ -182,29 +218,25 @@ impl Store {
         events: &[EventData],
     ) -> Result<AppendResult> {
         let input = AppendInput::new(stream, expected, events)?;
-        let mut conn = self.conn()?;
-        // The fast path: one INSERT that checks the expected version. It writes, or
-        // returns nothing (the expected version is not met), or meets a repeated event
-        // id; only then the full statement below finds out which case it is.
-        let fast = self.prepared(&mut conn, "append_pooled", &self.inner.sql.append_pooled)?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match conn.query(&fast, &input.params()[..7]) {
-                Ok(rows) if !rows.is_empty() => {
-                    let result = pooled_outcome(&rows);
-                    self.inner.hub.appended();
-                    return Ok(result);
+        crate::metrics::append("store", stream, events.len(), || {
+            let mut retry = Retry::new(self, "append");
+            loop {
+                match self.append_once(&input, &retry) {
+                    Err(e) if retry.again(&e) => continue,
+                    result => return result,
                 }
-                Ok(_) => break,
-                Err(e) => match unique_violation(&e) {
-                    Some(UniqueViolation::EventId) => break,
-                    Some(UniqueViolation::StreamVersion) if attempt < APPEND_ATTEMPTS => {
-                        std::thread::sleep(jitter(attempt));
-                    }
-                    _ => return Err(self.map_error(e)),
-                },
             }
+        })
+    }
+
+    /// One attempt of [`Store::append`]: the lean statement, and when it writes nothing
+    /// or fails on a unique constraint, the full one, which tells a repeat, a conflict
+    /// and a lost race apart.
+    fn append_once(&self, input: &AppendInput<'_>, retry: &Retry) -> Result<AppendResult> {
+        let mut conn = retry.conn(self)?;
+        if let Some(result) = self.append_fast(&mut conn, input)? {
+            self.inner.hub.appended();
+            return Ok(result);
         }
         let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
         let mut attempt = 0;
@@ -213,9 +245,9 @@ impl Store {
             match conn.query_one(&statement, &input.params()) {
                 Ok(row) => {
                     let result = input.outcome(&row)?;
-                    if !result.was_duplicate {
-                        self.inner.hub.appended();
-                    }
+                    // Also for a repeat: when it repeats an attempt whose reply was
+                    // lost, nobody has been woken for those events yet.
+                    self.inner.hub.appended();
                     return Ok(result);
                 }
                 Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {
@@ -228,13 +260,62 @@ impl Store {
         }
     }
 
+    /// The lean statements: `None` when they wrote nothing or lost on a unique
+    /// constraint (the full statement then decides).
+    fn append_fast(
+        &self,
+        conn: &mut Conn,
+        input: &AppendInput<'_>,
+    ) -> Result<Option<AppendResult>> {
+        let lost = |e: postgres::Error| match unique_violation(&e) {
+            Some(_) => Ok(None),
+            None => Err(self.map_error(e)),
+        };
+        let n = input.ids.len() as i64;
+        let (count, first_position, last_position, last_version) = if n == 1 {
+            let statement = self.prepared(conn, "append_one", &self.inner.sql.append_one)?;
+            let params: [&(dyn ToSql + Sync); 7] = [
+                &input.stream,
+                &input.ids[0],
+                &input.types[0],
+                &input.data[0],
+                &input.metadata[0],
+                &input.kind,
+                &input.version,
+            ];
+            match conn.query_opt(&statement, &params) {
+                Ok(None) => return Ok(None),
+                Ok(Some(row)) => (1, row.get::<_, i64>(0), row.get::<_, i64>(0), row.get(1)),
+                Err(e) => return lost(e),
+            }
+        } else {
+            let statement = self.prepared(conn, "append_fast", &self.inner.sql.append_fast)?;
+            let row = match conn.query_one(&statement, &input.params()[..7]) {
+                Ok(row) => row,
+                Err(e) => return lost(e),
+            };
+            if row.get::<_, i64>(0) != n {
+                return Ok(None);
+            }
+            (n, row.get(1), row.get(2), row.get::<_, i64>(3))
+        };
+        Ok(Some(AppendResult {
+            first_version: (last_version + 1 - count) as u64,
+            last_version: last_version as u64,
+            first_position: first_position as u64,
+            last_position: last_position as u64,
+            was_duplicate: false,
+        }))
+    }
+
     /// Appends inside the caller's own transaction (or on any client), so that a
     /// read-model or outbox row commits or rolls back together with the events.
     ///
     /// The events become visible when the transaction commits. On a conflict with a
     /// concurrent append the statement fails, which aborts the caller's transaction
     /// (PostgreSQL's rule): the error is still [`Error::WrongExpectedVersion`], and the
-    /// caller retries the whole transaction.
+    /// caller retries the whole transaction. Nothing is retried here, not even a lost
+    /// connection: the caller's transaction went with it.
     ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
@@ -257,6 +338,17 @@ impl Store {
     ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
+        crate::metrics::append("in_transaction", stream, events.len(), || {
+            self.append_in_once(client, &input)
+        })
+    }
+
+    fn append_in_once<C: GenericClient>(
+        &self,
+        client: &mut C,
+        input: &AppendInput<'_>,
+    ) -> Result<AppendResult> {
+        let (stream, expected) = (input.stream, input.expected);
         let params = input.params();
         let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
             .iter()
@@ -273,7 +365,7 @@ impl Store {
                 }),
                 Some(UniqueViolation::EventId) => Err(Error::DuplicateEventId {
                     stream: stream.to_string(),
-                    id: duplicate_id(&e).unwrap_or(events[0].id),
+                    id: duplicate_id(&e).unwrap_or(input.ids[0]),
                 }),
                 None => Err(self.map_error(e)),
             },
@@ -283,6 +375,10 @@ impl Store {
     /// The version of the stream's last event, or `None` when the stream does not exist.
     pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
         validate_stream_id(stream)?;
+        crate::retry::run(self, "read", || self.stream_version_once(stream))
+    }
+
+    fn stream_version_once(&self, stream: &str) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "stream_head", &self.inner.sql.stream_head)?;
         let row = conn
@@ -294,6 +390,10 @@ impl Store {
     /// The position of the last event a `$all` reader can see now, or `None` when the
     /// log is empty. Subscribing or reading "after" it skips the history.
     pub fn head_position(&self) -> Result<Option<u64>> {
+        crate::retry::run(self, "read", || self.head_position_once())
+    }
+
+    fn head_position_once(&self) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
         let row = conn
@@ -344,6 +444,24 @@ impl Store {
         Ok((row.get(0), row.get::<_, i64>(1) as u64))
     }
 
+    /// The largest committed position (visible to `$all` readers or not yet) and the
+    /// current horizon: everything below the horizon is final.
+    pub(crate) fn tip_and_horizon(&self) -> Result<(Option<u64>, u64)> {
+        let mut conn = self.conn()?;
+        let statement = self.prepared(
+            &mut conn,
+            "tip_and_horizon",
+            &self.inner.sql.tip_and_horizon,
+        )?;
+        let row = conn
+            .query_one(&statement, &[])
+            .map_err(|e| self.map_error(e))?;
+        Ok((
+            row.get::<_, Option<i64>>(0).map(|p| p as u64),
+            row.get::<_, i64>(1) as u64,
+        ))
+    }
+
     /// Whether committed events wait above the `$all` horizon for a running transaction.
     pub(crate) fn has_held_back_events(&self) -> Result<bool> {
         let mut conn = self.conn()?;
@@ -364,6 +482,17 @@ impl Store {
     ) -> Result<()> {
         validate_stream_id(stream)?;
         let data = serde_json::to_value(state)?;
+        crate::retry::run(self, "save_snapshot", || {
+            self.save_snapshot_once(stream, version, &data)
+        })
+    }
+
+    fn save_snapshot_once(
+        &self,
+        stream: &str,
+        version: u64,
+        data: &serde_json::Value,
+    ) -> Result<()> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
         conn.execute(&statement, &[&stream, &(version as i64), &data])
@@ -374,6 +503,10 @@ impl Store {
     /// Loads the latest snapshot of a stream, if there is one.
     pub fn load_snapshot<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         validate_stream_id(stream)?;
+        crate::retry::run(self, "read", || self.load_snapshot_once(stream))
+    }
+
+    fn load_snapshot_once<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
         let row = conn
@@ -389,19 +522,29 @@ impl Store {
         }
     }
 
-    /// A pooled connection, or an error that says why none could be had.
+    /// A pooled connection, or an error that says why none could be had: the pool was
+    /// exhausted, or no connection could be opened (with the cause).
     pub(crate) fn conn(&self) -> Result<Conn> {
         self.inner.pool.get().map_err(|e| {
             let state = self.inner.pool.state();
+            let max = self.inner.pool.max_size();
+            let timeout = self.inner.config.connection_timeout;
+            let last_connect_error = self.inner.last_connect_error.lock().unwrap().clone();
+            let message = if last_connect_error.is_none() && state.connections >= max {
+                format!(
+                    "the connection pool is exhausted: all {max} connections were in use \
+                     for {timeout:?} (raise max_connections, or return connections sooner): {e}"
+                )
+            } else {
+                format!(
+                    "the connection pool could not open a connection within {timeout:?} \
+                     ({} of at most {max} open, {} idle): {e}",
+                    state.connections, state.idle_connections
+                )
+            };
             Error::Pool {
-                message: format!(
-                    "no connection from the pool within {:?} ({} of at most {} open, {} idle): {e}",
-                    self.inner.config.connection_timeout,
-                    state.connections,
-                    self.inner.pool.max_size(),
-                    state.idle_connections
-                ),
-                last_connect_error: self.inner.last_connect_error.lock().unwrap().clone(),
+                message,
+                last_connect_error,
             }
         })
     }
@@ -632,19 +775,6 @@ fn jitter(attempt: usize) -> std::time::Duration {
     h.write_usize(attempt);
     let cap = (50u64 << attempt.min(9)).min(20_000);
     std::time::Duration::from_micros(h.finish() % cap)
-}
-
-/// What the fast path wrote: its rows are (position, version), one per event.
-fn pooled_outcome(rows: &[Row]) -> AppendResult {
-    let positions = rows.iter().map(|r| r.get::<_, i64>(0) as u64);
-    let versions = rows.iter().map(|r| r.get::<_, i64>(1) as u64);
-    AppendResult {
-        first_version: versions.clone().min().expect("rows"),
-        last_version: versions.max().expect("rows"),
-        first_position: positions.clone().min().expect("rows"),
-        last_position: positions.max().expect("rows"),
-        was_duplicate: false,
-    }
 }
 
 /// The id in "Key (event_id)=(…) already exists."

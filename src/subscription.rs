@@ -21,10 +21,8 @@ const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Target {
-    All {
-        category: Option<String>,
-        event_types: Option<Vec<String>>,
-    },
+    /// `$all`, through the category and event type filters of a `ReadAll`.
+    All(ReadAll),
     Stream(String),
 }
 
@@ -59,23 +57,18 @@ pub struct SubscribeOptions {
 impl SubscribeOptions {
     /// All events (the old product's `streamPattern: '*'`), from the beginning.
     pub fn all() -> Self {
-        SubscribeOptions {
-            target: Target::All {
-                category: None,
-                event_types: None,
-            },
-            start: Start::Beginning,
-            misuse: None,
-        }
+        Self::filtered(ReadAll::from_start())
     }
 
     /// Events of streams whose id starts with `prefix`, from the beginning.
     pub fn category(prefix: impl Into<String>) -> Self {
+        Self::filtered(ReadAll::from_start().category(prefix))
+    }
+
+    /// `$all` through the filters of `filter` (its start and count are not used).
+    pub(crate) fn filtered(filter: ReadAll) -> Self {
         SubscribeOptions {
-            target: Target::All {
-                category: Some(prefix.into()),
-                event_types: None,
-            },
+            target: Target::All(filter),
             start: Start::Beginning,
             misuse: None,
         }
@@ -96,9 +89,8 @@ impl SubscribeOptions {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let types = types.into_iter().map(Into::into).collect();
-        match &mut self.target {
-            Target::All { event_types, .. } => *event_types = Some(types),
+        match self.target {
+            Target::All(filter) => self.target = Target::All(filter.event_types(types)),
             Target::Stream(_) => {
                 self.misuse = Some(
                     "event type filters apply to all and category subscriptions, not to one stream",
@@ -208,17 +200,8 @@ impl Subscription {
         }
         let mut before_snapshot = None;
         let cursor = match (&options.target, options.start) {
-            (
-                Target::All {
-                    category,
-                    event_types,
-                },
-                start,
-            ) => {
-                let mut check = ReadAll::from_start();
-                check.category = category.clone();
-                check.event_types = event_types.clone();
-                check.validate()?;
+            (Target::All(filter), start) => {
+                filter.validate()?;
                 match start {
                     Start::Beginning => Cursor::Position(None),
                     Start::After(p) => Cursor::Position(Some(p)),
@@ -370,6 +353,7 @@ impl Subscription {
                     Cursor::Position(p) => *p = Some(event.position),
                     Cursor::Version(v) => *v = event.version + 1,
                 }
+                crate::metrics::subscription_delivered(event.recorded_at);
                 Some(Ok(event))
             }
             Some(Err(e)) => Some(self.failed(e)),
@@ -392,19 +376,9 @@ impl Subscription {
             (Target::Stream(stream), Cursor::Version(v)) => self
                 .store
                 .read_stream(stream, ReadStream::forwards().from_version(*v)),
-            (
-                Target::All {
-                    category,
-                    event_types,
-                },
-                Cursor::Position(p),
-            ) => {
-                let mut options = match p {
-                    Some(p) => ReadAll::after(*p),
-                    None => ReadAll::from_start(),
-                };
-                options.category = category.clone();
-                options.event_types = event_types.clone();
+            (Target::All(filter), Cursor::Position(p)) => {
+                let mut options = filter.clone();
+                options.position = *p;
                 options.before_snapshot = self.before_snapshot.clone();
                 self.store.read_all(options)
             }

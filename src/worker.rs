@@ -103,8 +103,8 @@ pub struct Worker {
     store: Store,
     name: String,
     threads: usize,
-    category: Option<String>,
-    event_types: Option<Vec<String>>,
+    /// Which events: the category and event type filters of a `$all` read.
+    filter: ReadAll,
     checkpoint_interval: Duration,
     retries: u32,
     retry_delay: Duration,
@@ -128,8 +128,7 @@ impl Store {
             store: self.clone(),
             name: name.to_string(),
             threads: 1,
-            category: None,
-            event_types: None,
+            filter: ReadAll::from_start(),
             checkpoint_interval: Duration::from_secs(1),
             retries: 3,
             retry_delay: Duration::from_millis(100),
@@ -148,7 +147,7 @@ impl Worker {
 
     /// Only events of streams whose id starts with `prefix`.
     pub fn category(mut self, prefix: impl Into<String>) -> Self {
-        self.category = Some(prefix.into());
+        self.filter = self.filter.category(prefix);
         self
     }
 
@@ -158,7 +157,7 @@ impl Worker {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.event_types = Some(types.into_iter().map(Into::into).collect());
+        self.filter = self.filter.event_types(types);
         self
     }
 
@@ -215,7 +214,9 @@ impl Worker {
         self.start(Handler::Tx(Arc::new(handler)))
     }
 
-    /// Batch mode: handles every event up to the log's head as it is now, then returns.
+    /// Batch mode: handles every event committed before the call, then returns. Events
+    /// that wait behind a running transaction for the `$all` horizon (see the crate docs)
+    /// are waited for.
     pub fn run_batch<H>(self, handler: H) -> Result<WorkerSummary>
     where
         H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -253,10 +254,7 @@ impl Worker {
                 self.threads + 3
             )));
         }
-        let mut filter = ReadAll::from_start();
-        filter.category = self.category.clone();
-        filter.event_types = self.event_types.clone();
-        filter.validate()
+        self.filter.validate()
     }
 
     fn start(self, handler: Handler) -> Result<WorkerHandle> {
@@ -294,22 +292,12 @@ impl Worker {
         let start = tracker.position();
         let mut source = match mode {
             Mode::Batch => {
-                let mut options = match start {
-                    Some(p) => ReadAll::after(p),
-                    None => ReadAll::from_start(),
-                };
-                options.category = self.category.clone();
-                options.event_types = self.event_types.clone();
-                Source::Batch(self.store.read_all(options)?)
+                let mut options = self.filter.clone();
+                options.position = start;
+                Source::Batch(UpToHead::new(&self.store, options)?)
             }
             Mode::Live => {
-                let mut options = match &self.category {
-                    Some(c) => SubscribeOptions::category(c.clone()),
-                    None => SubscribeOptions::all(),
-                };
-                if let Some(types) = &self.event_types {
-                    options = options.event_types(types.clone());
-                }
+                let mut options = SubscribeOptions::filtered(self.filter.clone());
                 if let Some(p) = start {
                     options = options.after(p);
                 }
@@ -349,7 +337,7 @@ impl Worker {
         let mut seq = 0u64;
         while !stop.load(Ordering::Relaxed) && !failed.load(Ordering::Relaxed) {
             let next = match &mut source {
-                Source::Batch(events) => match events.next() {
+                Source::Batch(batch) => match batch.next() {
                     Some(e) => Some(e),
                     None => break,
                 },
@@ -375,8 +363,9 @@ impl Worker {
                 None => {}
             }
             self.collect(&done_rx, &mut flight, &mut summary, &mut fatal);
-            if let Some(p) = flight.low_water.take() {
-                tracker.update(p)?;
+            match flight.low_water.take() {
+                Some(p) => tracker.update(p)?,
+                None => tracker.flush_if_due()?,
             }
         }
         // Finish what is in flight: close the queues, let the threads drain them.
@@ -434,7 +423,54 @@ enum Mode {
 
 enum Source {
     Live(crate::Subscription),
-    Batch(crate::Events),
+    Batch(UpToHead),
+}
+
+/// Every event committed when the batch started, including events that still wait
+/// behind a running transaction for the `$all` horizon: reads until the horizon has
+/// passed the log's tip as it was at the start.
+struct UpToHead {
+    store: Store,
+    options: ReadAll,
+    events: Option<crate::Events>,
+    tip: Option<u64>,
+}
+
+impl UpToHead {
+    fn new(store: &Store, options: ReadAll) -> Result<UpToHead> {
+        let (tip, _) = store.tip_and_horizon()?;
+        Ok(UpToHead {
+            events: Some(store.read_all(options.clone())?),
+            store: store.clone(),
+            options,
+            tip,
+        })
+    }
+
+    fn next(&mut self) -> Option<Result<RecordedEvent>> {
+        loop {
+            if let Some(events) = &mut self.events {
+                match events.next() {
+                    Some(Ok(e)) => {
+                        self.options.position = Some(e.position);
+                        return Some(Ok(e));
+                    }
+                    Some(Err(e)) => return Some(Err(e)),
+                    None => self.events = None,
+                }
+            }
+            let tip = self.tip?;
+            match self.store.tip_and_horizon() {
+                Ok((_, horizon)) if horizon > tip => return None,
+                Ok(_) => thread::sleep(Duration::from_millis(10)),
+                Err(e) => return Some(Err(e)),
+            }
+            match self.store.read_all(self.options.clone()) {
+                Ok(events) => self.events = Some(events),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 /// Which thread handles a stream: always the same one, so a stream stays in order.

@@ -49,3 +49,22 @@ fn print_schema_prints_the_schema_dir() {
     .unwrap();
     assert_eq!(out, expected);
 }
+
+#[test]
+fn projection_is_restartable_and_exact() {
+    let schema = format!("t_projection_{}", std::process::id());
+    let first = run_example("projection", &[], &schema);
+    let second = run_example("projection", &[], &schema);
+    drop_schema(&schema);
+    assert!(first.contains("handled 3 new events"), "{first}");
+    assert!(first.contains("projection-a: 11"), "{first}");
+    assert!(
+        second.contains("handled 3 new events, skipped 0"),
+        "{second}"
+    );
+    assert!(second.contains("projection-a: 22"), "{second}");
+    assert!(second.contains("projection-b: 10"), "{second}");
+    for out in [&first, &second] {
+        assert!(out.contains("read model matches the log: true"), "{out}");
+    }
+}

@@ -4,12 +4,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{TestResult, TestStore};
+use common::{Rng, TestResult, TestStore};
 use pg_eventstore::{EventData, ExpectedVersion, ReadAll};
 use uuid::Uuid;
 
@@ -18,17 +18,6 @@ const WRITERS: u64 = 6;
 /// What the reader saw: position, id, stream, version.
 type Seen = (u64, Uuid, String, u64);
 const WRITE_FOR: Duration = Duration::from_secs(8);
-
-/// xorshift64*: enough randomness for choosing streams and sleeps.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 #[test]
 fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestResult {
@@ -93,27 +82,31 @@ fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestRes
         .collect();
 
     // The reader tails the log the way a naive consumer would: "after my last position".
+    // Set once the writers are done: how many events the reader should end up with. The
+    // reader goes on until it has that many (or more, which the checks below catch), so
+    // an event held back by some other open transaction in the cluster is waited for.
+    let target = Arc::new(AtomicUsize::new(usize::MAX));
     let reader = {
         let store = t.store.clone();
-        let stop = stop.clone();
+        let target = target.clone();
         thread::spawn(move || -> pg_eventstore::Result<Vec<Seen>> {
             let mut seen = Vec::new();
             let mut last = None;
-            let mut idle_rounds_after_stop = 0;
+            let mut extra_rounds = 0;
+            let deadline = Instant::now() + WRITE_FOR + Duration::from_secs(30);
             loop {
                 let options = match last {
                     None => ReadAll::from_start(),
                     Some(p) => ReadAll::after(p),
                 };
-                let before = seen.len();
                 for e in store.read_all(options)? {
                     let e = e?;
                     last = Some(e.position);
                     seen.push((e.position, e.id, e.stream_id, e.version));
                 }
-                if stop.load(Ordering::Relaxed) && seen.len() == before {
-                    idle_rounds_after_stop += 1;
-                    if idle_rounds_after_stop > 50 {
+                if seen.len() >= target.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    extra_rounds += 1;
+                    if extra_rounds > 50 {
                         return Ok(seen);
                     }
                 }
@@ -132,6 +125,7 @@ fn tailing_read_all_never_skips_or_repeats_under_concurrent_writers() -> TestRes
         committed.extend(c);
         rolled_back += r;
     }
+    target.store(committed.len(), Ordering::Relaxed);
     let seen = reader.join().unwrap()?;
     eprintln!(
         "stress: {} events committed, {} transactions rolled back, {} delivered, in {:?}",

@@ -4,6 +4,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{events, TestResult, TestStore};
+use fallible_iterator::FallibleIterator;
 use pg_eventstore::{
     crossbeam_channel, Config, EventData, ExpectedVersion, RecordedEvent, Result, Store,
     SubscribeOptions, Subscription,
@@ -223,6 +224,8 @@ fn other_processes_are_woken_by_notify_not_by_polling() -> TestResult {
     let reader = other_process(&t, |c| c.poll_interval(Duration::from_secs(60)));
     let mut sub = reader.subscribe(SubscribeOptions::all())?;
     assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
+    // The writer's notifier notifies only while another process listens: let it see one.
+    wait_connected(&reader);
     // Through the pool: the writer's notifier thread sends the NOTIFY after the commit.
     // The append happens while the subscriber is blocked waiting.
     let store = t.store.clone();
@@ -359,5 +362,42 @@ fn dropping_subscriptions_and_the_store_leaks_no_connection_or_thread() -> TestR
         thread::sleep(Duration::from_millis(20));
     }
     assert!(dropped_in < Duration::from_secs(2), "{dropped_in:?}");
+    Ok(())
+}
+
+#[test]
+fn appends_send_no_notify_while_no_other_process_listens() -> TestResult {
+    let t = TestStore::new("sub_quiet");
+    let channel = format!("\"{}_events\"", t.schema);
+    // A spy that listens, but whose last statement is not the listener's own `LISTEN`:
+    // to the store's notifier it looks like nobody listens.
+    let mut spy = common::client();
+    spy.batch_execute(&format!("LISTEN {channel}; SELECT 1"))?;
+    for _ in 0..5 {
+        t.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    }
+    let quiet = spy
+        .notifications()
+        .timeout_iter(Duration::from_millis(500))
+        .count()?;
+    assert_eq!(quiet, 0, "NOTIFY sent with no listener about");
+    // Now it looks like a listener: within a check interval the notifier notices.
+    spy.batch_execute(&format!("LISTEN {channel}"))?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        t.append("s", ExpectedVersion::Any, &events("E", 1))?;
+        let mut notifications = spy.notifications();
+        if notifications
+            .timeout_iter(Duration::from_millis(100))
+            .next()?
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no NOTIFY although a listener appeared"
+        );
+    }
     Ok(())
 }

@@ -9,22 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{TestResult, TestStore};
+use common::{Rng, TestResult, TestStore};
 use pg_eventstore::{Config, Error, EventData, ExpectedVersion, Store, SubscribeOptions};
 use uuid::Uuid;
 
 const WRITERS: u64 = 8;
 const WRITE_FOR: Duration = Duration::from_secs(6);
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// One committed event as its writer saw it.
 #[derive(Clone, Copy)]

@@ -191,15 +191,26 @@ fn the_checkpoint_never_passes_an_unfinished_event() -> TestResult {
             }
             Ok(())
         })?;
-    // Let every other stream finish, and the checkpoint be written a few times.
-    thread::sleep(Duration::from_millis(800));
-    let held = t.checkpoint("stall")?;
+    // Let the other streams run and the checkpoint settle where it is held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    let held = loop {
+        thread::sleep(Duration::from_millis(300));
+        let now = t.checkpoint("stall");
+        match (&now, &last) {
+            (Ok(Some(p)), Some(q)) if p == q => break now,
+            _ if Instant::now() > deadline => break now,
+            (Ok(p), _) => last = *p,
+            _ => {}
+        }
+    };
+    release_tx.send(())?; // before asserting, so that a failure cannot hang the worker
+    let held = held?;
     assert!(
         held.is_some_and(|p| p < stalled.position),
         "checkpoint {held:?} passed the stalled event at {}",
         stalled.position
     );
-    release_tx.send(())?;
     let summary = worker.stop()?;
     assert_eq!(summary.handled, 100);
     let head = t.head_position()?.unwrap();

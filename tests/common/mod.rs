@@ -2,6 +2,8 @@
 //! when the test ends, so tests run in parallel without seeing each other.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pg_eventstore::{Config, EventData, Store, DEFAULT_DATABASE_URL};
@@ -104,4 +106,43 @@ pub fn wait_visible(store: &Store, position: u64) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// xorshift64*: enough randomness for choosing streams and sleeps.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Terminates every backend whose application_name is `app` and waits until those
+/// backends have exited (the store may open new ones meanwhile: they are not waited for).
+pub fn kill_backends(app: &str) -> usize {
+    let mut c = client();
+    let pids: Vec<i32> = c
+        .query(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&app],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    server::wait_until(std::time::Duration::from_secs(10), || {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .expect("terminated backends exit");
+    pids.len()
 }

@@ -1,0 +1,323 @@
+//! Health: [`Store::health_check`], the connection state, and the optional background
+//! check that reports outages through [`Store::connection_events`].
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use postgres::config::Host;
+
+use crate::error::{Error, Result};
+use crate::listener::ListenerState;
+use crate::migrate;
+use crate::store::Store;
+use crate::tls::Connector;
+
+/// What [`Store::health_check`] found.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// Whether the server answered a query.
+    pub reachable: bool,
+    /// How long the check took (checking out or opening a connection, plus one round
+    /// trip), when the server answered.
+    pub latency: Option<Duration>,
+    /// The schema version recorded in the database (0: not migrated yet), when the
+    /// server answered.
+    pub schema_version: Option<i64>,
+    /// Why the server did not answer.
+    pub error: Option<String>,
+    /// The connection pool's state at the end of the check.
+    pub pool: PoolStatus,
+    /// The state of the notification listener, when the store has one.
+    pub listener: Option<ListenerState>,
+    /// When the check ended.
+    pub checked_at: SystemTime,
+}
+
+impl HealthReport {
+    /// Whether the server answered and the schema is migrated to the version this
+    /// library expects.
+    pub fn is_ready(&self) -> bool {
+        self.reachable && self.schema_version == Some(crate::SCHEMA_VERSION)
+    }
+}
+
+/// The state of the connection pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// Connections open, in use or idle.
+    pub connections: u32,
+    /// Connections open and idle.
+    pub idle_connections: u32,
+    /// The most connections the pool opens ([`Config::max_connections`](crate::Config::max_connections)).
+    pub max_size: u32,
+}
+
+/// A change of the connection state, sent to every [`Store::connection_events`] receiver.
+/// Each outage gives one `Lost` and, when it ends, one `Restored`, however many calls
+/// fail in between.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionEvent {
+    /// A health check found the server unreachable after it had been reachable.
+    Lost {
+        /// When the check failed.
+        at: SystemTime,
+        /// Why, as the check saw it.
+        error: String,
+    },
+    /// A health check reached the server again after an outage.
+    Restored {
+        /// When the check succeeded.
+        at: SystemTime,
+        /// How long the outage lasted, from the first failed check to this one.
+        down_for: Duration,
+    },
+}
+
+#[derive(Debug)]
+enum Link {
+    Up,
+    Down { since: Instant },
+}
+
+/// The connection state of one store, and what is needed to check it: a connection of
+/// its own when the pool has no idle one (so that a busy pool does not look like an
+/// outage).
+pub(crate) struct Monitor {
+    pg: postgres::Config,
+    connector: Connector,
+    link: Mutex<Link>,
+    listeners: Mutex<Vec<Sender<ConnectionEvent>>>,
+    /// Dropped with the store, which ends the background thread at once.
+    stop: Mutex<Option<Sender<()>>>,
+}
+
+impl Monitor {
+    pub(crate) fn new(pg: postgres::Config, connector: Connector) -> Monitor {
+        Monitor {
+            pg,
+            connector,
+            link: Mutex::new(Link::Up),
+            listeners: Mutex::new(Vec::new()),
+            stop: Mutex::new(None),
+        }
+    }
+
+    /// A new connection outside the pool, or an error naming the server and the cause.
+    pub(crate) fn connect(&self) -> Result<postgres::Client> {
+        self.pg
+            .connect(crate::tls::clone(&self.connector))
+            .map_err(|source| Error::Connect {
+                target: target(&self.pg),
+                source,
+            })
+    }
+
+    /// Updates the state with a check's result and tells the listeners of a change.
+    fn observe(&self, report: &HealthReport) {
+        let event = {
+            let mut link = self.link.lock().unwrap();
+            match (&*link, report.reachable) {
+                (Link::Up, false) => {
+                    *link = Link::Down {
+                        since: Instant::now(),
+                    };
+                    Some(ConnectionEvent::Lost {
+                        at: report.checked_at,
+                        error: report.error.clone().unwrap_or_default(),
+                    })
+                }
+                (Link::Down { since }, true) => {
+                    let down_for = since.elapsed();
+                    *link = Link::Up;
+                    Some(ConnectionEvent::Restored {
+                        at: report.checked_at,
+                        down_for,
+                    })
+                }
+                _ => None,
+            }
+        };
+        let Some(event) = event else { return };
+        match &event {
+            ConnectionEvent::Lost { error, .. } => {
+                crate::metrics::connection_lost();
+                tracing::error!(target: "pg_eventstore", %error, "pg-eventstore: connection to PostgreSQL lost");
+            }
+            ConnectionEvent::Restored { down_for, .. } => {
+                tracing::info!(
+                    target: "pg_eventstore",
+                    down_for_ms = down_for.as_millis() as u64,
+                    "pg-eventstore: connection to PostgreSQL restored"
+                );
+            }
+        }
+        self.listeners
+            .lock()
+            .unwrap()
+            .retain(|tx| tx.send(event.clone()).is_ok());
+    }
+}
+
+/// `host:port` of every configured host.
+fn target(pg: &postgres::Config) -> String {
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match h {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{} (port {port})", path.display()),
+            }
+        })
+        .collect();
+    if hosts.is_empty() {
+        "(no host configured)".to_string()
+    } else {
+        hosts.join(", ")
+    }
+}
+
+impl Store {
+    /// Checks the server: one round trip on an idle pooled connection, or on a new
+    /// connection of its own when none is idle or the idle one is broken, so that a busy
+    /// pool is not taken for an outage. Never fails: an unreachable server is a report
+    /// with `reachable: false` and the reason in `error`.
+    ///
+    /// A check that finds the server gone after it was reachable, or back after it was
+    /// gone, sends a [`ConnectionEvent`] to the [`Store::connection_events`] receivers.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// let report = store.health_check();
+    /// if !report.is_ready() {
+    ///     eprintln!("not ready: {:?} (pool {:?})", report.error, report.pool);
+    /// }
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn health_check(&self) -> HealthReport {
+        let started = Instant::now();
+        let outcome = self.probe();
+        let latency = started.elapsed();
+        let state = self.inner.pool.state();
+        let (schema_version, error) = match outcome {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let report = HealthReport {
+            reachable: error.is_none(),
+            latency: error.is_none().then_some(latency),
+            schema_version,
+            error,
+            pool: PoolStatus {
+                connections: state.connections,
+                idle_connections: state.idle_connections,
+                max_size: self.inner.pool.max_size(),
+            },
+            listener: self.inner.hub.state(),
+            checked_at: SystemTime::now(),
+        };
+        self.inner.monitor.observe(&report);
+        report
+    }
+
+    /// A receiver of [`ConnectionEvent`]s: one `Lost` when an outage begins and one
+    /// `Restored` when it ends. Outages are found by health checks: those of the
+    /// background thread that [`Config::health_check_interval`](crate::Config::health_check_interval)
+    /// starts, and calls to [`Store::health_check`]. Every receiver gets every event;
+    /// the channel is unbounded, and disconnects when the last clone of the store is
+    /// dropped.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{Config, ConnectionEvent};
+    /// # use std::time::Duration;
+    /// let store = Config::from_env()?
+    ///     .health_check_interval(Some(Duration::from_secs(5)))
+    ///     .connect()?;
+    /// let events = store.connection_events();
+    /// std::thread::spawn(move || {
+    ///     for event in events {
+    ///         match event {
+    ///             ConnectionEvent::Lost { error, .. } => eprintln!("database lost: {error}"),
+    ///             ConnectionEvent::Restored { down_for, .. } => eprintln!("back after {down_for:?}"),
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// });
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn connection_events(&self) -> Receiver<ConnectionEvent> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.inner.monitor.listeners.lock().unwrap().push(tx);
+        rx
+    }
+
+    /// The schema version, through an idle pooled connection or a new one.
+    fn probe(&self) -> Result<i64> {
+        let config = &self.inner.config;
+        if let Some(mut conn) = self.inner.pool.try_get() {
+            match migrate::current_version(&mut *conn, &config.schema, &config.migrations_table) {
+                Ok(v) => return Ok(v),
+                // Poll the broken client once more so the pool drops it, clear out
+                // the other dead idle connections (after a restart they all are), and
+                // try a connection of our own.
+                Err(_) => {
+                    let _ = conn.simple_query("");
+                    drop(conn);
+                    crate::retry::sweep(self);
+                }
+            }
+        }
+        let mut client = self.inner.monitor.connect()?;
+        migrate::current_version(&mut client, &config.schema, &config.migrations_table)
+    }
+}
+
+/// Starts the background check if the store's config asks for one. The thread holds
+/// only a weak reference and ends when the last clone of the store is dropped.
+pub(crate) fn start(store: &Store) -> Result<()> {
+    let Some(interval) = store.inner.config.health_check_interval else {
+        return Ok(());
+    };
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    *store.inner.monitor.stop.lock().unwrap() = Some(stop_tx);
+    let weak = Arc::downgrade(&store.inner);
+    thread::Builder::new()
+        .name("pg-eventstore-health".into())
+        .spawn(move || loop {
+            match stop_rx.recv_timeout(interval) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            Store { inner }.health_check();
+        })
+        .map_err(|e| Error::Config(format!("cannot start the health check thread: {e}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_name_hosts_and_ports() {
+        let pg: postgres::Config = "postgres://u@a:1,b/db".parse().unwrap();
+        let t = target(&pg);
+        assert!(t.contains("a:1"), "{t}");
+        let pg: postgres::Config = "host=h port=6000 user=u".parse().unwrap();
+        assert_eq!(target(&pg), "h:6000");
+    }
+}
