@@ -219,6 +219,11 @@ fn retrying_with_the_same_ids_returns_the_original_result() -> TestResult {
         )
     );
     assert_eq!(t.count_events(), 3);
+    // With `Any` the version check passes and the insert itself meets the stored ids.
+    let any = t.append("s", ExpectedVersion::Any, &batch)?;
+    assert!(any.was_duplicate);
+    assert_eq!(any.last_position, first.last_position);
+    assert_eq!(t.count_events(), 3);
     // Reusing one of the ids for something else is refused, and writes nothing.
     let reused = vec![EventData::json("X", serde_json::json!({})).id(batch[1].event_id())];
     match t.append("s", ExpectedVersion::Any, &reused) {
