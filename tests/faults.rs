@@ -132,8 +132,7 @@ fn killed_backends_are_retried_and_nothing_is_written_twice() -> TestResult {
             w.join().expect("writer");
         }
         // The last read, slow enough (2 ms an event) to be cut by several kills.
-        let head = t.head_position().unwrap().unwrap();
-        common::wait_visible(&t, head);
+        t.wait_all_visible();
         let all: Vec<RecordedEvent> = metrics::with_local_recorder(&recorder, || {
             t.read_all(ReadAll::from_start())
                 .unwrap()

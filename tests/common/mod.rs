@@ -65,6 +65,18 @@ impl TestStore {
         TestStore { store, schema }
     }
 
+    /// Waits until `$all` readers can see every committed event of this schema.
+    pub fn wait_all_visible(&self) {
+        let sql = format!(
+            "SELECT max(global_position) FROM \"{}\".events",
+            self.schema
+        );
+        let tip: Option<i64> = client().query_one(&sql, &[]).unwrap().get(0);
+        if let Some(tip) = tip {
+            wait_visible(&self.store, tip as u64);
+        }
+    }
+
     /// Rows in this schema's events table.
     pub fn count_events(&self) -> i64 {
         let sql = format!("SELECT count(*) FROM \"{}\".events", self.schema);
