@@ -313,6 +313,9 @@ fn listen_statement(channel: &str) -> String {
     format!("LISTEN {}", quote(channel))
 }
 
+/// The shortest time between two NOTIFYs of one notifier.
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
+
 /// How long a notifier trusts its last look at who is listening.
 const LISTENERS_CHECK: Duration = Duration::from_secs(1);
 
@@ -340,7 +343,12 @@ fn notify_loop(
         };
         for attempt in 0..2 {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = pg.connect(crate::tls::clone(&connector)).ok();
+                // A wake-up needs no durability: the commit of a NOTIFY-only transaction
+                // need not wait for the WAL flush that the appends' commits also wait for.
+                client = pg
+                    .connect(crate::tls::clone(&connector))
+                    .and_then(|mut c| c.batch_execute("SET synchronous_commit = off").map(|()| c))
+                    .ok();
                 if let Some(c) = client.as_mut() {
                     let pid = c
                         .query_one("SELECT pg_backend_pid()", &[])
@@ -367,7 +375,12 @@ fn notify_loop(
                 break;
             }
             match c.batch_execute(&notify) {
-                Ok(()) => break,
+                Ok(()) => {
+                    // Under a stream of appends, at most one NOTIFY per interval: what
+                    // commits meanwhile rides on the next one.
+                    thread::sleep(NOTIFY_INTERVAL);
+                    break;
+                }
                 // Lost: other processes' subscribers find the events at their next poll.
                 Err(_) if attempt == 1 => break,
                 Err(_) => client = None,
