@@ -15,6 +15,8 @@
 //! * `--read-page-size N`: the store's `read_page_size` (default: the store's default).
 //! * `--no-notify`: run our side with `notify_on_append(false)` (no cross-process NOTIFY
 //!   after appends), to measure what the notification costs.
+//! * P1 (not in the table below): the worker in batch mode over 20,000 events, 1 and 4
+//!   threads, a trivial handler and a transactional read-model upsert, next to `read_all`.
 //! * `--subscriber`: while our side runs, a live `$all` subscription on a second store
 //!   (its own pool and listener, as another process would have) follows every event, so
 //!   appends pay for the NOTIFY that a listener elsewhere brings, and the server for
@@ -84,6 +86,7 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
     ("W6", "live subscription latency", w6),
     ("W7", "bulk import", w7),
     ("M1", "peak RSS, large read vs small read", m1),
+    ("P1", "worker, 4 threads, trivial handler, vs read_all", p1),
 ];
 
 /// Targets for ours ÷ raw (W6 has none; M1's is a difference in MiB, at most).
@@ -108,6 +111,7 @@ struct Sizes {
     w5_all: usize,
     w6_events: usize,
     w7_events: usize,
+    p1_events: usize,
     m1_large: usize,
     m1_small: usize,
 }
@@ -125,6 +129,7 @@ impl Sizes {
                 w5_all: s(6_000),
                 w6_events: s(50),
                 w7_events: s(10_000),
+                p1_events: s(500),
                 m1_large: s(20_000),
                 m1_small: s(200),
             }
@@ -138,6 +143,7 @@ impl Sizes {
                 w5_all: s(300_000),
                 w6_events: s(2_000),
                 w7_events: s(1_000_000),
+                p1_events: s(20_000),
                 m1_large: s(1_000_000),
                 m1_small: s(10_000),
             }
@@ -1252,4 +1258,85 @@ fn m1(ctx: &Ctx) -> Res<Outcome> {
         unit: "MiB VmHWM (ours: large read, raw: small read, ratio: difference)",
         extra: vec![("large", json!(large)), ("small", json!(small))],
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Workers.
+
+/// P1: the worker in batch mode over `p1_events` events in streams of 100, with 1 and 4
+/// threads, with a trivial handler and with one that upserts a read-model row in the
+/// worker's transaction; next to `read_all` of the same events. "ours" is 4 threads with
+/// the trivial handler, "raw" is `read_all` (no raw PostgreSQL side: the comparison the
+/// worker issue asks for).
+fn p1(ctx: &Ctx) -> Res<Outcome> {
+    let n = ctx.sizes.p1_events;
+    let pair = read_fixture(ctx, "p1", n, 0, false)?;
+    // Workers need threads + 3 connections.
+    let store = Store::connect(ctx.config.clone().max_connections(8).schema(&pair.ours))?;
+    let model = format!("{}.model", quote(&pair.ours));
+    store.pool().get()?.batch_execute(&format!(
+        "CREATE TABLE {model} (stream_id text PRIMARY KEY, n bigint NOT NULL)"
+    ))?;
+    let upsert = format!(
+        "INSERT INTO {model} VALUES ($1, 1) ON CONFLICT (stream_id) DO UPDATE SET n = model.n + 1"
+    );
+    let mut runs: HashMap<&str, Vec<f64>> = HashMap::new();
+    for rep in 0..ctx.reps {
+        let t = Instant::now();
+        let read = store.read_all(ReadAll::from_start())?.count();
+        check_count("read_all", read, n)?;
+        runs.entry("read_all")
+            .or_default()
+            .push(n as f64 / t.elapsed().as_secs_f64());
+        for threads in [1usize, 4] {
+            let t = Instant::now();
+            let s = store
+                .worker(&format!("trivial-{threads}-{rep}"))
+                .threads(threads)
+                .run_batch(|_| Ok(()))?;
+            check_count("worker", s.handled as usize, n)?;
+            let key = if threads == 1 {
+                "t1_trivial"
+            } else {
+                "t4_trivial"
+            };
+            runs.entry(key)
+                .or_default()
+                .push(n as f64 / t.elapsed().as_secs_f64());
+
+            let upsert = upsert.clone();
+            let t = Instant::now();
+            let s = store
+                .worker(&format!("model-{threads}-{rep}"))
+                .threads(threads)
+                .run_batch_transactional(move |tx, e| {
+                    tx.execute(&upsert, &[&e.stream_id])?;
+                    Ok(())
+                })?;
+            check_count("worker", s.handled as usize, n)?;
+            let key = if threads == 1 { "t1_model" } else { "t4_model" };
+            runs.entry(key)
+                .or_default()
+                .push(n as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let m = |k: &str| round(median_f(&runs[k]));
+    let mut o = Outcome {
+        ours: m("t4_trivial"),
+        raw: m("read_all"),
+        ratio: m("t4_trivial") / m("read_all"),
+        unit: "events/s",
+        extra: vec![("events", json!(n))],
+    };
+    for k in [
+        "read_all",
+        "t1_trivial",
+        "t4_trivial",
+        "t1_model",
+        "t4_model",
+    ] {
+        o.extra.push((k, json!(m(k))));
+    }
+    drop(store);
+    Ok(o)
 }
