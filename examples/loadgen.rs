@@ -15,8 +15,6 @@
 //! * `--read-page-size N`: the store's `read_page_size` (default: the store's default).
 //! * `--no-notify`: run our side with `notify_on_append(false)` (no cross-process NOTIFY
 //!   after appends), to measure what the notification costs.
-//! * P1 (not in the table below): the worker in batch mode over 20,000 events, 1 and 4
-//!   threads, a trivial handler and a transactional read-model upsert, next to `read_all`.
 //! * `--subscriber`: while our side runs, a live `$all` subscription on a second store
 //!   (its own pool and listener, as another process would have) follows every event, so
 //!   appends pay for the NOTIFY that a listener elsewhere brings, and the server for
@@ -37,6 +35,7 @@
 //! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
 //! | W7 | bulk import of 1,000,000 events (10,000 streams of 100) | `import` | one binary `COPY` |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
+//! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler and transactional read-model upsert | `Worker::run_batch` | `read_all` of the same events (no raw side) |
 //!
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
 //! PostgreSQL). For W6, `ours`/`raw` are the median p50 latency in ms from the start of
