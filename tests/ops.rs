@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{client, database_url, events, schema_name, TestResult, TestStore};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use pg_eventstore::{Config, Error, ExpectedVersion, ReadAll, ReadStream, SCHEMA_VERSION};
 
 #[test]
@@ -146,6 +146,16 @@ fn health_thread_ends_with_the_last_store() -> TestResult {
     Ok(())
 }
 
+/// What the recorder holds, as (metric name, value); taking it drains the counters.
+fn names_and_values(snapshotter: &Snapshotter) -> Vec<(String, DebugValue)> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(k, _, _, v)| (k.key().name().to_string(), v))
+        .collect()
+}
+
 /// Sums a metric over its labels: a counter's total, or a histogram's sample count.
 fn metric(snapshot: &[(String, DebugValue)], name: &str) -> u64 {
     snapshot
@@ -184,12 +194,7 @@ fn metrics_are_recorded() -> TestResult {
         assert!(!again.was_duplicate);
         Ok(())
     })?;
-    let snapshot: Vec<(String, DebugValue)> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(k, _, _, v)| (k.key().name().to_string(), v))
-        .collect();
+    let snapshot = names_and_values(&snapshotter);
     eprintln!("{snapshot:#?}");
     assert_eq!(metric(&snapshot, "pg_eventstore_events_appended_total"), 5);
     assert_eq!(metric(&snapshot, "pg_eventstore_append_conflicts_total"), 1);
@@ -245,12 +250,7 @@ fn every_call_that_is_safe_to_repeat_survives_killed_backends() -> TestResult {
         assert_eq!(read.len(), 2);
         Ok(())
     })?;
-    let snapshot: Vec<(String, DebugValue)> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(k, _, _, v)| (k.key().name().to_string(), v))
-        .collect();
+    let snapshot = names_and_values(&snapshotter);
     let retries = metric(&snapshot, "pg_eventstore_retries_total");
     eprintln!("calls after killed backends: {retries} retries");
     // Exactly one retry for each of the seven calls, although four dead connections
@@ -326,13 +326,10 @@ fn serialization_failures_and_deadlocks_in_appends_are_retried() -> TestResult {
     let snapshotter = recorder.snapshotter();
     // Retries since the previous look: a snapshot drains the recorder's counters.
     let retries = || -> u64 {
-        let snapshot: Vec<(String, DebugValue)> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .map(|(k, _, _, v)| (k.key().name().to_string(), v))
-            .collect();
-        metric(&snapshot, "pg_eventstore_retries_total")
+        metric(
+            &names_and_values(&snapshotter),
+            "pg_eventstore_retries_total",
+        )
     };
     metrics::with_local_recorder(&recorder, || -> TestResult {
         inject(Some("40001"), 2);
