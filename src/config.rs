@@ -42,6 +42,8 @@ pub struct Config {
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) read_page_size: u32,
     pub(crate) poll_interval: Duration,
+    pub(crate) read_all_wait: Duration,
+    pub(crate) held_back_warning: Duration,
     pub(crate) notify_on_append: bool,
 }
 
@@ -87,6 +89,8 @@ impl Config {
             statement_timeout: None,
             read_page_size: 1000,
             poll_interval: Duration::from_secs(1),
+            read_all_wait: Duration::from_secs(10),
+            held_back_warning: Duration::from_secs(5),
             notify_on_append: true,
         }
     }
@@ -329,6 +333,26 @@ impl Config {
     /// in memory at a time.
     pub fn read_page_size(mut self, n: u32) -> Self {
         self.read_page_size = n;
+        self
+    }
+
+    /// How long [`Store::read_all`](crate::Store::read_all) waits, by default, for events
+    /// committed before the call that an open appending transaction still holds back
+    /// (see [`Store::feed_status`](crate::Store::feed_status)), before it fails with
+    /// [`Error::HeldBack`] naming that transaction. A read never returns short without
+    /// saying so; [`ReadAll::visible_now`](crate::ReadAll::visible_now) reads only what is
+    /// visible at once instead. Default: 10 s.
+    pub fn read_all_wait(mut self, wait: Duration) -> Self {
+        self.read_all_wait = wait;
+        self
+    }
+
+    /// How long subscriptions and workers may be held back by an open appending
+    /// transaction before the store logs a `tracing` warning that names it (once per
+    /// blocker). The state is always in [`Store::health_check`](crate::Store::health_check)
+    /// and the metric `pg_eventstore_feed_held_back_seconds`. Default: 5 s.
+    pub fn held_back_warning(mut self, after: Duration) -> Self {
+        self.held_back_warning = after;
         self
     }
 

@@ -44,6 +44,27 @@ pub enum Error {
         /// The stream appended to.
         stream: String,
     },
+    /// Inside a caller's transaction (or a bulk import): the transaction got its id
+    /// before it first appended, and `$all` readers have meanwhile moved past that id, so
+    /// its events would sort before events already delivered. Nothing was written by this
+    /// call; roll the transaction back and retry it, as after a serialization failure.
+    /// Appends through the pool retry this themselves. See "The global order" in the crate
+    /// docs: taking the id with the first append (append first, then write your other
+    /// rows) avoids it.
+    FeedOrderConflict {
+        /// The stream appended to (`None` for an import).
+        stream: Option<String>,
+    },
+    /// A `$all` read waited for events committed before it, held back by an open
+    /// appending transaction, longer than its limit
+    /// ([`Config::read_all_wait`](crate::Config::read_all_wait),
+    /// [`ReadAll::wait_at_most`](crate::ReadAll::wait_at_most)). Nothing was read.
+    HeldBack {
+        /// What holds the feed back.
+        held: crate::HeldBack,
+        /// How long the read waited.
+        waited: std::time::Duration,
+    },
     /// Another worker with this processor name is running (it holds the advisory lock).
     ProcessorLocked {
         /// The processor name.
@@ -161,6 +182,22 @@ impl fmt::Display for Error {
                 f,
                 "stream {stream:?} was appended to by a transaction that started writing after \
                  this one; roll this transaction back and retry it"
+            ),
+            Error::FeedOrderConflict { stream } => {
+                match stream {
+                    Some(stream) => write!(f, "the append to stream {stream:?}")?,
+                    None => write!(f, "the import")?,
+                }
+                write!(
+                    f,
+                    " was refused: its transaction got its id before readers of the global \
+                     feed moved past it; roll this transaction back and retry it"
+                )
+            }
+            Error::HeldBack { held, waited } => write!(
+                f,
+                "read_all waited {:.1}s for events committed before it: {held}",
+                waited.as_secs_f64()
             ),
             Error::ProcessorLocked { name } => write!(
                 f,

@@ -32,6 +32,9 @@ pub struct HealthReport {
     pub pool: PoolStatus,
     /// The state of the notification listener, when the store has one.
     pub listener: Option<ListenerState>,
+    /// What has held this store's subscriptions (and workers) back the longest, if an
+    /// open appending transaction holds one back now: by whom and for how long.
+    pub held_back: Option<crate::HeldBack>,
     /// When the check ended.
     pub checked_at: SystemTime,
 }
@@ -227,6 +230,7 @@ impl Store {
                 max_size: self.inner.pool.max_size(),
             },
             listener: self.inner.hub.state(),
+            held_back: self.inner.held_back.longest(),
             checked_at: SystemTime::now(),
         };
         self.inner.monitor.observe(&report);

@@ -194,6 +194,12 @@ impl Store {
                 }));
             }
         }
+        // Take the events table's write lock before this transaction's id, where it has
+        // none yet: a transaction that gets its id after it holds the lock can never be
+        // passed by `$all` readers (see the crate docs), so only one that came with an
+        // id needs the feed floor check after the COPY.
+        tx.batch_execute(&format!("LOCK TABLE {events} IN ROW EXCLUSIVE MODE"))?;
+        let had_id: bool = tx.query_one(&self.inner.sql.needs_floor_check, &[])?.get(0);
         let row = tx.query_one(
             &format!(
                 "WITH r AS (SELECT pg_current_xact_id()::text::bigint << {POSITION_BITS} AS lo)
@@ -209,6 +215,8 @@ impl Store {
             Some(used) => used + 1,
             None => lo,
         };
+        // A transaction that has appended before holds the lock since: no check either.
+        let check_floor = had_id && first == lo;
         let total = (first - lo) as u64 + plan.events.len() as u64;
         if total > MAX_EVENTS_PER_TRANSACTION {
             return Err(Failure::Done(Error::TransactionTooLarge { events: total }));
@@ -255,6 +263,13 @@ impl Store {
         }
         let written = writer.finish()?;
         debug_assert_eq!(written, plan.events.len() as u64);
+        if check_floor
+            && tx
+                .query_one(&self.inner.sql.floor_check, &[])?
+                .get::<_, bool>(0)
+        {
+            return Err(Failure::Done(Error::FeedOrderConflict { stream: None }));
+        }
         Ok(ImportSummary {
             events: written,
             streams: plan.streams.len() as u64,

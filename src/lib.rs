@@ -58,13 +58,56 @@
 //!
 //! This store orders events by the **transaction that appended them**. Every event's
 //! global position is `xid << 20 | n`, where `xid` is the appending transaction's 64-bit
-//! id (`pg_current_xact_id()`) and `n` counts that transaction's events. A reader takes
-//! its snapshot's `xmin`, the oldest transaction still running, and reads only positions
-//! below `xmin << 20`: every transaction below `xmin` has ended, so no event can ever
-//! appear below that line again. The set a reader sees below its horizon is final, the
-//! horizon only moves forward, and so "events after the last position I saw" never skips
-//! and never repeats one, while appends to different streams run concurrently with no
-//! lock at all.
+//! id (`pg_current_xact_id()`) and `n` counts that transaction's events. A `$all` reader
+//! reads only below a **horizon**: a position below which no event can ever appear again.
+//! The set a reader sees below its horizon is final, so "events after the last position
+//! I saw" never skips and never repeats one, while appends to different streams run
+//! concurrently with no lock between them.
+//!
+//! ## How the horizon is found
+//!
+//! The easy horizon is the reading snapshot's `xmin << 20`: every transaction below
+//! `xmin` has ended. But `xmin` is cluster-wide: *any* transaction that holds an id, in
+//! any database, for any reason, would hold the feed back for as long as it runs. So the
+//! store uses it only when nothing is held back (the newest event is below it), and
+//! otherwise lets only transactions that **append to this store** hold the feed, and only
+//! at and after their own positions. Each read of `$all` (one statement; the
+//! `feed_horizon` function that the migration creates) does, in this order:
+//!
+//! 1. **Publish the floor.** `C` = one past the id of the newest committed event (and not
+//!    past the reader's snapshot). The floor, a sequence, is raised to `C` if it is lower
+//!    (under an advisory lock, so it only grows). `setval` is not transactional and a read
+//!    of the sequence sees the newest value under every isolation level.
+//! 2. **Find the appenders.** Every transaction that appends holds a write lock on the
+//!    events table from its first append until it ends, visible in `pg_locks` with its
+//!    transaction id. The oldest of them (with an id older than the reader's snapshot)
+//!    caps the horizon.
+//! 3. **Catch the late committers.** A transaction that was running at the reader's
+//!    snapshot and has committed events by now (so it is not in the snapshot, and no
+//!    longer in `pg_locks`) caps the horizon too; the next read gets it.
+//!
+//! The horizon is the smallest of the three, `<< 20`. An appender checks the floor once,
+//! in its first append, after it has taken the table lock: **a transaction whose id is
+//! below the floor may not start appending**, and gets [`Error::FeedOrderConflict`]
+//! (retry the transaction). Why no event can then appear below a reader's horizon `H`:
+//! take a transaction `T` with id `x < H` that commits events. Its first append took the
+//! table lock and then read the floor.
+//!
+//! * If it read the floor after step 1 published `C`: `x < H <= C`, so it was refused.
+//! * Otherwise it held the table lock before step 2 looked. If it was still running then
+//!   and had its id, step 2 saw it and `H <= x`. If it had no id yet, it got one after
+//!   the reader's snapshot, so `x` is at least the snapshot's `xmax`, and `H` never
+//!   passes that. If it had ended, it either committed before the reader's snapshot (the
+//!   reader sees its events) or was running at the snapshot and step 3 saw it (`H <= x`).
+//!
+//! The same argument shows why most appends never check anything: an append through the
+//! pool is one statement in its own transaction, which takes its id after the table lock;
+//! so does [`Store::append_in`] in a transaction whose first write is the append, and
+//! every later append of a transaction (it already holds the lock). Subtransactions do
+//! not change this: positions use the top-level id, a subtransaction that rolls back
+//! releases its lock together with its rows, and a released savepoint hands both to its
+//! parent. Prepared transactions keep their locks and ids in `pg_locks` and hold the feed
+//! like any open appender.
 //!
 //! What this costs, and what it means for you:
 //!
@@ -72,10 +115,29 @@
 //!   (they start near `xid × 1,048,576`). Treat them as opaque numbers to compare and
 //!   store. Events of one transaction get consecutive positions.
 //! * One transaction can append at most [`MAX_EVENTS_PER_TRANSACTION`] (1,048,576) events.
-//! * A `$all` reader sees an event once every transaction that started writing before
-//!   it has ended. Any long-running *writing* transaction in the cluster (read-only
-//!   transactions do not count) holds back `read_all` for as long as it runs. Stream reads
-//!   ([`Store::read_stream`]) are not held back: they see every committed event at once.
+//! * **What holds the feed back:** an open transaction that has appended to this store (or
+//!   is appending, or holds a write lock on its events table) holds back `$all` readers at
+//!   and after its own position, for as long as it stays open. Nothing else does:
+//!   transactions in other databases, and transactions in this one that do not append,
+//!   are not waited for. [`Store::feed_status`] says whether events wait, and for whom;
+//!   [`Store::read_all`] waits for everything committed before the call
+//!   ([`Config::read_all_wait`], 10 s by default) and then fails with
+//!   [`Error::HeldBack`] naming that transaction, rather than return a short read;
+//!   subscriptions report it in [`Store::health_check`], a metric and a warning. Stream
+//!   reads ([`Store::read_stream`]) are never held back.
+//! * **What can be refused:** an [`Store::append_in`] (or [`Store::import_in`]) whose
+//!   transaction got its id (by writing something else) before its first append, while
+//!   readers moved past that id: [`Error::FeedOrderConflict`]. Append first and write
+//!   your other rows after, and it cannot happen.
+//! * **Where the store falls back to `xmin`:** when the reading role may not move the
+//!   floor (it needs `UPDATE` on the sequence `<schema>.feed_floor`), in a read-only
+//!   transaction or session, under another isolation level than `READ COMMITTED`, and on
+//!   a **hot standby** (which cannot write the floor). There the cluster-wide horizon
+//!   applies as described at the top. Reading from a standby with the precise horizon
+//!   would need the primary's readers to publish it (the floor replicates with the WAL);
+//!   nothing in the design closes that door.
+//! * A reader that moves the floor gets a transaction id for it (its commit does not wait
+//!   for the disk: after a crash no transaction that the floor could refuse survives).
 //! * Transaction ids must only grow. They do in one cluster and through `pg_upgrade`, but
 //!   a logical dump restored into a *new* cluster starts again from small ids: restore
 //!   into a cluster whose transaction id is past the log's (`pg_resetwal -e/-x`), or the
@@ -177,6 +239,7 @@ mod checkpoint;
 mod config;
 mod error;
 mod event;
+mod feed;
 mod health;
 mod import;
 mod listener;
@@ -197,6 +260,7 @@ pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
 };
+pub use crate::feed::{FeedStatus, HeldBack};
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::listener::ListenerState;

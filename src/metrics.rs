@@ -20,6 +20,7 @@
 //! | `subscription_events_total` | counter | events delivered by subscriptions |
 //! | `subscription_lag_seconds` | histogram | from an event's `recorded_at` (its transaction's start) to its delivery by a subscription |
 //! | `listener_reconnects_total` | counter | reconnects of the notification listener |
+//! | `feed_held_back_seconds` | gauge | how long this store's subscriptions (and workers) have been held back by an open appending transaction (0: not held) |
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -43,6 +44,7 @@ pub(crate) const CONNECTION_LOST: &str = "pg_eventstore_connection_lost_total";
 pub(crate) const SUBSCRIPTION_LAG: &str = "pg_eventstore_subscription_lag_seconds";
 pub(crate) const SUBSCRIPTION_EVENTS: &str = "pg_eventstore_subscription_events_total";
 pub(crate) const LISTENER_RECONNECTS: &str = "pg_eventstore_listener_reconnects_total";
+pub(crate) const FEED_HELD_BACK: &str = "pg_eventstore_feed_held_back_seconds";
 
 /// Runs one append (`mode`: `store` or `in_transaction`) in a span, and records its
 /// outcome and latency.

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -36,6 +36,11 @@ const STEPS: &[Step] = &[
         version: 3,
         name: "create stream checkpoints and dead letters",
         sql: m0003_stream_checkpoints_dead_letters,
+    },
+    Step {
+        version: 4,
+        name: "create the feed floor and horizon",
+        sql: m0004_feed_horizon,
     },
 ];
 
@@ -126,6 +131,113 @@ fn m0003_stream_checkpoints_dead_letters(schema: &str) -> String {
     });
     finish(m)
 }
+
+/// The `$all` horizon (see "The global order" in the crate docs): a sequence that holds the
+/// feed floor, the transaction id below which no transaction may start appending, and the
+/// function that readers call to move the floor and find how far they may read.
+///
+/// The floor lives in a sequence because `setval` is not transactional and a read of
+/// `last_value` sees the newest value under every isolation level: an appender that checks
+/// it after it has locked the events table sees every floor published before that check.
+fn m0004_feed_horizon(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    let s = quote(schema);
+    m.inject_custom(format!(
+        "CREATE SEQUENCE {s}.feed_floor AS bigint MINVALUE 0 START WITH 0"
+    ));
+    m.inject_custom(feed_horizon_function(schema));
+    finish(m)
+}
+
+/// `feed_horizon(snapshot)`: how far a `$all` reader whose statement runs with `snapshot`
+/// may read (a position bound, exclusive), the newest committed position (`tip`), and the
+/// oldest transaction that holds the reader back (`blocker_pid`, `blocker_xid`).
+fn feed_horizon_function(schema: &str) -> String {
+    let s = quote(schema);
+    let bits = crate::sql::POSITION_BITS;
+    // The schema name is a checked identifier (letters, digits, `_`), so it can stand
+    // inside the string literals and the dollar-quoted body below.
+    let events = format!("{s}.events");
+    let floor = format!("{s}.feed_floor");
+    let lock_key = format!("{FLOOR_LOCK_CLASS}, hashtext('{schema}')");
+    format!(
+        r#"CREATE FUNCTION {s}.feed_horizon(snap pg_snapshot,
+    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint)
+LANGUAGE plpgsql VOLATILE AS $body$
+DECLARE
+    xmin8 bigint := pg_snapshot_xmin(snap)::text::bigint;
+    xmax8 bigint := pg_snapshot_xmax(snap)::text::bigint;
+    c bigint;
+BEGIN
+    horizon := xmin8 << {bits};
+    SELECT e.global_position INTO tip FROM {events} e ORDER BY e.global_position DESC LIMIT 1;
+    -- Every transaction below the snapshot's xmin has ended: when the newest event is
+    -- below that line, nothing is held back.
+    IF tip IS NULL OR tip < horizon THEN
+        RETURN;
+    END IF;
+    -- Where the floor cannot be moved (a hot standby, a read-only role or transaction,
+    -- another isolation level), the cluster-wide xmin is the horizon.
+    IF current_setting('transaction_read_only') = 'on'
+       OR current_setting('transaction_isolation') <> 'read committed'
+       OR NOT has_sequence_privilege('{floor}', 'UPDATE') THEN
+        RETURN;
+    END IF;
+    -- 1. Publish the floor: one past the newest committed event's transaction (never
+    --    past the snapshot). Appenders whose first append checks the floor from now on
+    --    and whose transaction id is below it are refused.
+    c := least((tip >> {bits}) + 1, xmax8);
+    IF (SELECT last_value FROM {floor}) < c THEN
+        PERFORM pg_advisory_xact_lock({lock_key});
+        IF (SELECT last_value FROM {floor}) < c THEN
+            -- setval gives this transaction an id; its commit need not wait for the disk
+            -- (after a crash no transaction that could be refused is left).
+            PERFORM set_config('synchronous_commit', 'off', true);
+            PERFORM setval('{floor}', c);
+        END IF;
+    END IF;
+    horizon := c << {bits};
+    -- 2. Appenders that checked the floor before it moved hold a write lock on the events
+    --    table until they end: the oldest of them (with a transaction id older than the
+    --    snapshot) holds the horizon. pg_locks has 32-bit ids: widen them from xmax.
+    SELECT w.x8, l.pid INTO blocker_xid, blocker_pid
+      FROM pg_locks l
+      JOIN pg_locks t ON t.virtualtransaction = l.virtualtransaction
+                     AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted
+      CROSS JOIN LATERAL (
+          SELECT (((xmax8 % 4294967296) - t.transactionid::text::bigint) % 4294967296
+                  + 4294967296) % 4294967296 AS d) dist
+      CROSS JOIN LATERAL (SELECT xmax8 - dist.d AS x8) w
+     WHERE l.locktype = 'relation'
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.relation = '{events}'::regclass
+       AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                      'AccessExclusiveLock')
+       AND dist.d > 0 AND dist.d <= 2147483648
+     ORDER BY w.x8 LIMIT 1;
+    IF blocker_xid IS NOT NULL AND (blocker_xid << {bits}) < horizon THEN
+        horizon := blocker_xid << {bits};
+    ELSE
+        blocker_xid := NULL;
+        blocker_pid := NULL;
+    END IF;
+    -- 3. A transaction that was running at the snapshot and has committed events since
+    --    (before step 2 looked) is not in the snapshot: stop before it; the next read
+    --    gets it.
+    SELECT least(horizon, min(x::text::bigint) << {bits}) INTO horizon
+      FROM pg_snapshot_xip(snap) x
+     WHERE (x::text::bigint << {bits}) < horizon
+       AND EXISTS (SELECT 1 FROM {events} e
+                    WHERE e.global_position >= x::text::bigint << {bits}
+                      AND e.global_position < (x::text::bigint + 1) << {bits});
+END
+$body$"#
+    )
+}
+
+/// The advisory lock class (with the hash of the schema name) that orders moves of the
+/// feed floor, so that it only ever grows.
+const FLOOR_LOCK_CLASS: i32 = 0x5045_5332; // "PES2"
 
 fn history_table(schema: &str, table: &str) -> String {
     let mut m = Migration::new().schema(schema);

@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -11,6 +12,7 @@ use postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES};
+use crate::feed::Horizon;
 use crate::metrics::ReadOps;
 use crate::retry::Retry;
 use crate::store::{Conn, Store};
@@ -92,6 +94,19 @@ pub struct ReadAll {
     pub(crate) event_types: Option<Vec<String>>,
     /// Leave out events visible in this snapshot (`pg_snapshot` text): live subscriptions.
     pub(crate) before_snapshot: Option<String>,
+    pub(crate) wait: Wait,
+}
+
+/// Whether a `$all` read first waits for events committed before it that an open
+/// appending transaction holds back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// For [`Config::read_all_wait`](crate::Config::read_all_wait).
+    Default,
+    /// At most this long.
+    AtMost(Duration),
+    /// Not at all: read what is visible now.
+    No,
 }
 
 impl ReadAll {
@@ -104,6 +119,7 @@ impl ReadAll {
             category: None,
             event_types: None,
             before_snapshot: None,
+            wait: Wait::Default,
         }
     }
 
@@ -155,6 +171,24 @@ impl ReadAll {
         self
     }
 
+    /// Reads only what a `$all` reader can see now, without waiting for events that
+    /// committed before the call but wait behind an open appending transaction with a
+    /// smaller position (see [`Store::feed_status`](crate::Store::feed_status)). The read
+    /// may then end before the newest committed event.
+    pub fn visible_now(mut self) -> Self {
+        self.wait = Wait::No;
+        self
+    }
+
+    /// Waits at most `limit` for events committed before the call that an open
+    /// appending transaction holds back, then fails with
+    /// [`Error::HeldBack`](crate::Error::HeldBack). Default:
+    /// [`Config::read_all_wait`](crate::Config::read_all_wait).
+    pub fn wait_at_most(mut self, limit: Duration) -> Self {
+        self.wait = Wait::AtMost(limit);
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         if let Some(c) = &self.category {
             validate_text("category prefix", c, MAX_STREAM_ID_BYTES)
@@ -195,6 +229,10 @@ enum Query {
         category: Option<String>,
         types: Option<Vec<String>>,
         before_snapshot: Option<String>,
+        /// The horizon this read stops at, once known: all its pages stop at the same one.
+        horizon: Option<i64>,
+        /// How long to wait for held-back events before the first page (`None`: not).
+        wait: Option<Duration>,
     },
 }
 
@@ -234,8 +272,9 @@ impl Query {
                 category,
                 types,
                 before_snapshot,
+                horizon,
                 ..
-            } => vec![bound, category, types, limit, before_snapshot],
+            } => vec![bound, category, types, limit, before_snapshot, horizon],
         }
     }
 
@@ -303,6 +342,8 @@ pub struct Events {
     /// The cursor reader's pages, and the thread (which owns the connection meanwhile).
     pages: Option<Receiver<Result<Vec<Row>>>>,
     reader: Option<JoinHandle<()>>,
+    /// What the last `$all` page said about the horizon.
+    status: Option<Horizon>,
 }
 
 impl fmt::Debug for Events {
@@ -337,6 +378,11 @@ impl Events {
 
     pub(crate) fn all(store: Store, options: ReadAll) -> Events {
         let forwards = options.direction == Direction::Forwards;
+        let wait = match options.wait {
+            Wait::Default => Some(store.inner.config.read_all_wait),
+            Wait::AtMost(d) => Some(d),
+            Wait::No => None,
+        };
         let bound = match (options.position, forwards) {
             (Some(p), _) => p as i64,
             (None, true) => -1,
@@ -350,6 +396,8 @@ impl Events {
                 category: options.category,
                 types: options.event_types,
                 before_snapshot: options.before_snapshot,
+                horizon: None,
+                wait,
             },
             options.max_count,
         )
@@ -372,7 +420,26 @@ impl Events {
             page,
             pages: None,
             reader: None,
+            status: None,
         }
+    }
+
+    /// What the read's last page said about the `$all` horizon (`None` for stream reads).
+    pub(crate) fn status(&self) -> Option<&Horizon> {
+        self.status.as_ref()
+    }
+
+    /// Takes the status row out of a `$all` page, and fixes the read's horizon to it.
+    fn take_status(&mut self, rows: &mut Vec<Row>) -> Result<()> {
+        let Query::All { horizon, .. } = &mut self.query else {
+            return Ok(());
+        };
+        if let Some(i) = rows.iter().position(Horizon::is_status_row) {
+            let status = Horizon::from_status_row(&rows.remove(i))?;
+            *horizon = Some(status.horizon as i64);
+            self.status = Some(status);
+        }
+        Ok(())
     }
 
     /// Fetches the next page into `rows`, moving through the states.
@@ -384,6 +451,15 @@ impl Events {
         match self.state {
             State::Done => Ok(()),
             State::Start => {
+                if let Query::All {
+                    horizon: horizon @ None,
+                    wait: Some(limit),
+                    ..
+                } = &mut self.query
+                {
+                    // Everything committed before the call first, or a clear error.
+                    *horizon = Some(self.store.wait_for_feed(*limit)? as i64);
+                }
                 let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                 let (key, _) = self.query.key();
                 let mut conn = self.store.conn()?;
@@ -391,9 +467,10 @@ impl Events {
                     .store
                     .prepared(&mut conn, key, self.query.sql(&self.store))?;
                 let limit_param = Some(limit as i64);
-                let rows = conn
+                let mut rows = conn
                     .query(&statement, &self.query.params(&limit_param))
                     .map_err(|e| self.store.map_error(e))?;
+                self.take_status(&mut rows)?;
                 let full = rows.len() as u64 == limit;
                 if full && self.remaining.is_none_or(|r| r > limit) {
                     // The cursor starts after the first page, which is still buffered:
@@ -422,8 +499,9 @@ impl Events {
             State::Cursor => {
                 let page = self.pages.as_ref().expect("a cursor has its reader").recv();
                 match page {
-                    Ok(Ok(rows)) => {
+                    Ok(Ok(mut rows)) => {
                         let last = (rows.len() as u64) < self.page;
+                        self.take_status(&mut rows)?;
                         self.rows.extend(rows);
                         if last {
                             // The reader has committed: wait for it to give the

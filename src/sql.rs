@@ -38,10 +38,6 @@ pub(crate) fn quote(name: &str) -> String {
 const COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
                        data, metadata, recorded_at";
 
-/// The position below which every event is final: all transactions with a smaller id
-/// than the reading snapshot's `xmin` have ended, so no event can still appear below it.
-pub(crate) const HORIZON: &str = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)";
-
 /// All statements of one store.
 #[derive(Debug)]
 pub(crate) struct Sql {
@@ -55,8 +51,11 @@ pub(crate) struct Sql {
     pub(crate) read_all_forwards: String,
     pub(crate) read_all_backwards: String,
     pub(crate) head_position: String,
-    pub(crate) held_back: String,
-    pub(crate) tip_and_horizon: String,
+    pub(crate) feed_status: String,
+    pub(crate) live_start: String,
+    pub(crate) floor_check: String,
+    pub(crate) lock_for_appends: String,
+    pub(crate) needs_floor_check: String,
     pub(crate) save_snapshot: String,
     pub(crate) load_snapshot: String,
     pub(crate) load_checkpoint: String,
@@ -71,6 +70,41 @@ impl Sql {
         let events = format!("{s}.events");
         let max = MAX_EVENTS_PER_TRANSACTION;
         let bits = POSITION_BITS;
+        let floor_seq = format!("{s}.feed_floor");
+        // The `$all` horizon for a statement's own snapshot: see `feed_horizon` in
+        // migrate.rs and "The global order" in the crate docs.
+        let horizon = format!("{s}.feed_horizon(pg_current_snapshot())");
+        // A `$all` read returns, besides its events, one status row: the horizon it read
+        // below in `global_position`, the newest committed position (or -1) in
+        // `stream_version`, the transaction holding it back as `{{"pid", "xid"}}` in
+        // `metadata`, and NULL `event_id` (which every event has). `$6` is the horizon of
+        // an earlier page of the same read, or NULL to compute it now.
+        // Set (to 'on', for the rest of the transaction) by `lock_for_appends` when the
+        // transaction took the events table's lock before it had an id: it can never be
+        // passed by readers, so its appends skip the floor check.
+        let lock_flag = format!("'pg_eventstore.lock_' || '{events}'::regclass::oid::text");
+        let locked_early = format!("current_setting({lock_flag}, true)");
+        let read_all = |direction: &str, bound: &str| {
+            format!(
+                "WITH h AS MATERIALIZED (
+    SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid FROM {horizon} f
+     WHERE $6::bigint IS NULL
+    UNION ALL
+    SELECT $6::bigint, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL
+)
+SELECT h.horizon, NULL::uuid, NULL::text, COALESCE(h.tip, -1), NULL::text, NULL::jsonb,
+       jsonb_build_object('pid', h.blocker_pid, 'xid', h.blocker_xid), NULL::timestamptz
+  FROM h
+UNION ALL
+(SELECT {COLUMNS} FROM {events}
+  WHERE {bound}
+    AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
+    AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
+    AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(
+           (global_position >> {bits})::text::xid8, $5::text::pg_snapshot))
+  ORDER BY global_position {direction} LIMIT $4)"
+            )
+        };
         // One statement, one round trip: find repeats of these ids, check the expected
         // version against the stream's head, claim positions inside this transaction's
         // slot, insert, and (inside a caller's transaction) notify listeners on commit.
@@ -103,6 +137,14 @@ impl Sql {
     SELECT COALESCE((SELECT max(e.global_position) + 1 FROM {events} e, slot_range r
                       WHERE e.global_position >= r.lo AND e.global_position < r.lo + {max}),
                     (SELECT lo FROM slot_range)) AS p
+), floor AS (
+    -- The first append of a transaction whose id is below the feed floor would sort
+    -- before events that `$all` readers have passed (see the crate docs). Later appends
+    -- of the same transaction are safe: it has held the events table's lock since the
+    -- first one, and readers stop before it.
+    SELECT s.p = r.lo AND (r.lo >> {bits}) < (SELECT last_value FROM {floor_seq})
+           AND {locked_early} IS DISTINCT FROM 'on' AS behind
+      FROM slot s, slot_range r
 ), ok AS (
     SELECT h.v, s.p FROM head h, slot s, slot_range r
      WHERE NOT EXISTS (SELECT 1 FROM dup)
@@ -112,6 +154,7 @@ impl Sql {
                         WHEN 2 THEN h.v IS NOT NULL
                         ELSE h.v = $7::bigint END
        AND (h.hp IS NULL OR h.hp < r.lo + {max})
+       AND NOT (SELECT behind FROM floor)
 ), ins AS (
     INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
     SELECT ok.p + i.n - 1, i.event_id, $1, COALESCE(ok.v, -1) + i.n, i.event_type, i.data, i.metadata
@@ -129,6 +172,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT array_agg(d.n ORDER BY d.n) FROM dup d) AS dup_index,
        (SELECT bool_and(d.same) FROM dup d) AS dup_same,
        (SELECT hp >= (SELECT lo FROM slot_range) + {max} FROM head) AS order_conflict,
+       (SELECT behind FROM floor) AS behind_floor,
        (SELECT count(*) FROM (SELECT pg_notify($8::text, '') WHERE $8::text IS NOT NULL
            AND EXISTS (SELECT 1 FROM ins)) n) AS notified"
         );
@@ -187,32 +231,47 @@ RETURNING global_position, stream_version"
                   WHERE stream_id = $1 AND stream_version <= $2
                   ORDER BY stream_version DESC LIMIT $3"
             ),
-            read_all_forwards: format!(
-                "SELECT {COLUMNS} FROM {events}
-                  WHERE global_position > $1 AND global_position < {HORIZON}
-                    AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
-                    AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
-                    AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(
-                           (global_position >> {bits})::text::xid8, $5::text::pg_snapshot))
-                  ORDER BY global_position LIMIT $4"
+            read_all_forwards: read_all(
+                "",
+                "global_position > $1 AND global_position < (SELECT horizon FROM h)",
             ),
-            read_all_backwards: format!(
-                "SELECT {COLUMNS} FROM {events}
-                  WHERE global_position < LEAST($1, {HORIZON})
-                    AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
-                    AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
-                    AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(
-                           (global_position >> {bits})::text::xid8, $5::text::pg_snapshot))
-                  ORDER BY global_position DESC LIMIT $4"
+            read_all_backwards: read_all(
+                "DESC",
+                "global_position < LEAST($1, (SELECT horizon FROM h))",
             ),
             head_position: format!(
-                "SELECT max(global_position) FROM {events} WHERE global_position < {HORIZON}"
+                "SELECT max(global_position) FROM {events}
+                  WHERE global_position < (SELECT horizon FROM {horizon})"
             ),
-            tip_and_horizon: format!(
-                "SELECT (SELECT max(global_position) FROM {events}), {HORIZON}"
+            // The horizon, the newest committed event, the head below the horizon, and
+            // who holds the feed back.
+            feed_status: format!(
+                "SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid,
+                        (SELECT max(e.global_position) FROM {events} e
+                          WHERE e.global_position < f.horizon) AS head,
+                        a.application_name,
+                        extract(epoch FROM clock_timestamp() - a.xact_start)::float8
+                   FROM {horizon} f
+                   LEFT JOIN pg_stat_activity a ON a.pid = f.blocker_pid"
             ),
-            held_back: format!(
-                "SELECT EXISTS (SELECT 1 FROM {events} WHERE global_position >= {HORIZON})"
+            // Where a live subscription starts: everything below the horizon is final;
+            // what is above it and visible in the snapshot committed before the call.
+            live_start: format!("SELECT pg_current_snapshot()::text, f.horizon FROM {horizon} f"),
+            // After a bulk import's COPY (which holds the events table's lock): whether
+            // the transaction is below the feed floor (see the `append` statement).
+            floor_check: format!(
+                "SELECT pg_current_xact_id()::text::bigint < last_value FROM {floor_seq}"
+            ),
+            lock_for_appends: format!(
+                "LOCK TABLE {events} IN ROW EXCLUSIVE MODE;
+                 SELECT set_config({lock_flag}, 'on', true)
+                  WHERE pg_current_xact_id_if_assigned() IS NULL"
+            ),
+            // Run after taking the events table's lock: whether this transaction's first
+            // append must check the feed floor (it had an id before it took the lock).
+            needs_floor_check: format!(
+                "SELECT pg_current_xact_id_if_assigned() IS NOT NULL
+                        AND {locked_early} IS DISTINCT FROM 'on'"
             ),
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots AS old (stream_id, version, data) VALUES ($1, $2, $3)

@@ -57,6 +57,7 @@ pub(crate) struct Inner {
     pub(crate) hub: Hub,
     last_connect_error: Arc<Mutex<Option<String>>>,
     pub(crate) monitor: crate::health::Monitor,
+    pub(crate) held_back: crate::feed::HeldBackBoard,
 }
 
 impl fmt::Debug for Store {
@@ -135,6 +136,7 @@ impl Store {
                 config,
                 last_connect_error,
                 monitor,
+                held_back: Default::default(),
             }),
         };
         crate::health::start(&store)?;
@@ -220,9 +222,18 @@ impl Store {
         let input = AppendInput::new(stream, expected, events)?;
         crate::metrics::append("store", stream, events.len(), || {
             let mut retry = Retry::new(self, "append");
+            let mut refused = 0;
             loop {
                 match self.append_once(&input, &retry) {
                     Err(e) if retry.again(&e) => continue,
+                    // Only the full statement checks the feed floor, and in a pool
+                    // transaction it can be passed only between taking the transaction
+                    // id and reading the floor, inside the statement: a new transaction
+                    // gets a newer id.
+                    Err(Error::FeedOrderConflict { .. }) if refused < APPEND_ATTEMPTS => {
+                        refused += 1;
+                        continue;
+                    }
                     result => return result,
                 }
             }
@@ -372,6 +383,33 @@ impl Store {
         }
     }
 
+    /// Readies the caller's transaction for appends made later in it, so that they are
+    /// never refused with [`Error::FeedOrderConflict`]: call it first, before the
+    /// transaction writes anything. It takes the events table's write lock (which blocks
+    /// no other appender) while the transaction has no id yet; see "The global order" in
+    /// the crate docs. From its first write on, the transaction then holds back `$all`
+    /// readers (at its own position) until it ends, as any appending transaction does.
+    /// Called later, when the transaction already has an id, it does no harm and no good.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
+    /// # let store = Store::from_env()?;
+    /// let mut client = store.pool().get().expect("connection");
+    /// let mut tx = client.transaction()?;
+    /// store.lock_for_appends(&mut tx)?;
+    /// tx.execute("INSERT INTO outbox (topic) VALUES ('account-1')", &[])?;
+    /// store.append_in(&mut tx, "account-1", ExpectedVersion::Any, &[
+    ///     EventData::json("Opened", serde_json::json!({})),
+    /// ])?;
+    /// tx.commit()?;
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn lock_for_appends<C: GenericClient>(&self, client: &mut C) -> Result<()> {
+        client
+            .batch_execute(&self.inner.sql.lock_for_appends)
+            .map_err(|e| self.map_error(e))
+    }
+
     /// The version of the stream's last event, or `None` when the stream does not exist.
     pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
         validate_stream_id(stream)?;
@@ -387,8 +425,10 @@ impl Store {
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
-    /// The position of the last event a `$all` reader can see now, or `None` when the
-    /// log is empty. Subscribing or reading "after" it skips the history.
+    /// The position of the last event a `$all` reader can see now, or `None` when there
+    /// is none. Subscribing or reading "after" it skips the history. Committed events may
+    /// wait above it for an open appending transaction: [`Store::feed_status`] says whether
+    /// they do, and which transaction holds them.
     pub fn head_position(&self) -> Result<Option<u64>> {
         crate::retry::run(self, "read", || self.head_position_once())
     }
@@ -429,47 +469,15 @@ impl Store {
         self.inner.hub.state()
     }
 
-    /// The current snapshot (as `pg_snapshot` text) and its horizon position.
+    /// Where a live subscription starts: the current snapshot (as `pg_snapshot` text) and
+    /// the `$all` horizon computed for it.
     pub(crate) fn snapshot_and_horizon(&self) -> Result<(String, u64)> {
         let mut conn = self.conn()?;
+        let statement = self.prepared(&mut conn, "live_start", &self.inner.sql.live_start)?;
         let row = conn
-            .query_one(
-                &format!(
-                    "SELECT pg_current_snapshot()::text, {}",
-                    crate::sql::HORIZON
-                ),
-                &[],
-            )
+            .query_one(&statement, &[])
             .map_err(|e| self.map_error(e))?;
         Ok((row.get(0), row.get::<_, i64>(1) as u64))
-    }
-
-    /// The largest committed position (visible to `$all` readers or not yet) and the
-    /// current horizon: everything below the horizon is final.
-    pub(crate) fn tip_and_horizon(&self) -> Result<(Option<u64>, u64)> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(
-            &mut conn,
-            "tip_and_horizon",
-            &self.inner.sql.tip_and_horizon,
-        )?;
-        let row = conn
-            .query_one(&statement, &[])
-            .map_err(|e| self.map_error(e))?;
-        Ok((
-            row.get::<_, Option<i64>>(0).map(|p| p as u64),
-            row.get::<_, i64>(1) as u64,
-        ))
-    }
-
-    /// Whether committed events wait above the `$all` horizon for a running transaction.
-    pub(crate) fn has_held_back_events(&self) -> Result<bool> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "held_back", &self.inner.sql.held_back)?;
-        let row = conn
-            .query_one(&statement, &[])
-            .map_err(|e| self.map_error(e))?;
-        Ok(row.get(0))
     }
 
     /// Stores a snapshot of a stream's state at `version`. An older snapshot never
@@ -724,6 +732,11 @@ impl<'a> AppendInput<'a> {
             return Err(Error::DuplicateEventId {
                 stream: self.stream.to_string(),
                 id: self.ids[index[0] as usize - 1],
+            });
+        }
+        if row.get::<_, Option<bool>>("behind_floor") == Some(true) {
+            return Err(Error::FeedOrderConflict {
+                stream: Some(self.stream.to_string()),
             });
         }
         let tx_events: i64 = row.get("tx_events");

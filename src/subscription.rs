@@ -13,8 +13,10 @@ use crate::read::{Events, ReadAll, ReadStream};
 use crate::store::Store;
 
 /// How often a caught-up `$all` subscription re-reads while committed events wait behind
-/// a transaction that is still running (see the crate docs on the global order).
-const HELD_BACK_POLL: Duration = Duration::from_millis(10);
+/// an open appending transaction (see the crate docs on the global order), at first and
+/// at most: its end may come with no wake-up (a rollback sends none).
+const HELD_BACK_POLL_START: Duration = Duration::from_millis(1);
+const HELD_BACK_POLL_MAX: Duration = Duration::from_millis(10);
 /// The wait after an error, at first and at most.
 const ERROR_BACKOFF_START: Duration = Duration::from_millis(50);
 const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -178,7 +180,8 @@ pub struct Subscription {
     wake: Receiver<()>,
     stop_rx: Receiver<()>,
     stopper: SubscriptionStopper,
-    held_back: bool,
+    /// While committed events wait behind an open appending transaction: the next pause.
+    held_back: Option<Duration>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -238,7 +241,7 @@ impl Subscription {
                 stopped: Arc::new(AtomicBool::new(false)),
                 tx,
             },
-            held_back: false,
+            held_back: None,
             retry_at: None,
             backoff: ERROR_BACKOFF_START,
         })
@@ -293,13 +296,7 @@ impl Subscription {
             Ok(read) => self.read = Some(read),
             Err(e) => return Some(self.failed(e)),
         }
-        if let Some(item) = self.next_from_read() {
-            return Some(item);
-        }
-        // Woken, but nothing to read: are committed events waiting behind a running
-        // transaction? Then look again soon, as its end may bring no wake-up.
-        self.held_back = self.is_all() && self.store.has_held_back_events().unwrap_or(false);
-        None
+        self.next_from_read()
     }
 
     /// The next event, waiting at most `timeout`. `None` when nothing came in time, or
@@ -319,10 +316,12 @@ impl Subscription {
             if self.retry_at.is_none() && !self.wake.is_empty() {
                 continue; // announced during the last read: read again at once
             }
-            let poll = if self.held_back {
-                HELD_BACK_POLL
-            } else {
-                self.store.inner.config.poll_interval
+            let poll = match self.held_back {
+                Some(pause) => {
+                    self.held_back = Some((pause * 2).min(HELD_BACK_POLL_MAX));
+                    pause
+                }
+                None => self.store.inner.config.poll_interval,
             };
             let mut until = Instant::now() + poll;
             if let Some(t) = self.retry_at {
@@ -344,10 +343,6 @@ impl Subscription {
         }
     }
 
-    fn is_all(&self) -> bool {
-        matches!(self.target, Target::All { .. })
-    }
-
     fn next_from_read(&mut self) -> Option<Result<RecordedEvent>> {
         let read = self.read.as_mut()?;
         match read.next() {
@@ -363,7 +358,22 @@ impl Subscription {
             }
             Some(Err(e)) => Some(self.failed(e)),
             None => {
+                // Caught up: do committed events wait behind an open appending
+                // transaction? Then look again soon, as its end may bring no wake-up.
+                let status = read.status().copied();
                 self.read = None;
+                let held = status.is_some_and(|h| h.holds_back());
+                self.held_back = match (held, self.held_back) {
+                    (false, _) => None,
+                    (true, None) => Some(HELD_BACK_POLL_START),
+                    (true, pause) => pause,
+                };
+                let config = &self.store.inner.config;
+                self.store.inner.held_back.report(
+                    self.id,
+                    status.as_ref(),
+                    config.held_back_warning,
+                );
                 None
             }
         }
@@ -382,7 +392,9 @@ impl Subscription {
                 .store
                 .read_stream(stream, ReadStream::forwards().from_version(*v)),
             (Target::All(filter), Cursor::Position(p)) => {
-                let mut options = filter.clone();
+                // A subscription never waits inside a read: it delivers what is visible
+                // and looks again when woken (or soon, while events are held back).
+                let mut options = filter.clone().visible_now();
                 options.position = *p;
                 options.before_snapshot = self.before_snapshot.clone();
                 self.store.read_all(options)
@@ -405,5 +417,6 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.read = None;
         self.store.inner.hub.unsubscribe(self.id);
+        self.store.inner.held_back.remove(self.id);
     }
 }

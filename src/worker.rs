@@ -438,7 +438,9 @@ struct UpToHead {
 
 impl UpToHead {
     fn new(store: &Store, options: ReadAll) -> Result<UpToHead> {
-        let (tip, _) = store.tip_and_horizon()?;
+        let tip = store.feed_status()?.tip;
+        // This loop waits for held-back events itself, for as long as it takes.
+        let options = options.visible_now();
         Ok(UpToHead {
             events: Some(store.read_all(options.clone())?),
             store: store.clone(),
@@ -460,8 +462,8 @@ impl UpToHead {
                 }
             }
             let tip = self.tip?;
-            match self.store.tip_and_horizon() {
-                Ok((_, horizon)) if horizon > tip => return None,
+            match self.store.feed_status() {
+                Ok(status) if status.horizon > tip => return None,
                 Ok(_) => thread::sleep(Duration::from_millis(10)),
                 Err(e) => return Some(Err(e)),
             }

@@ -158,3 +158,59 @@ pub fn kill_backends(app: &str) -> usize {
     .expect("terminated backends exit");
     pids.len()
 }
+
+/// A plain client to another database of the same cluster than `DATABASE_URL`'s (one
+/// that exists and takes connections, not a template; created if there is none).
+pub fn other_database_client() -> postgres::Client {
+    let mut c = client();
+    let name: Option<String> = c
+        .query_opt(
+            "SELECT datname FROM pg_database
+              WHERE datname <> current_database() AND datallowconn AND NOT datistemplate
+              ORDER BY datname = 'pg_eventstore_other' DESC, datname LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0));
+    let name = name.unwrap_or_else(|| {
+        // Two test processes may race to create it: the loser's "already exists" is fine.
+        let _ = c.batch_execute("CREATE DATABASE pg_eventstore_other");
+        "pg_eventstore_other".to_string()
+    });
+    let mut config: postgres::Config = database_url().parse().unwrap();
+    config.dbname(&name);
+    config
+        .connect(postgres::NoTls)
+        .expect("connect to another database")
+}
+
+/// Opens a transaction that holds a transaction id, on `client`, and keeps it open until
+/// the returned guard is dropped (then rolls it back). Returns the backend pid too.
+pub struct XidHolder {
+    client: postgres::Client,
+    pub pid: i32,
+}
+
+impl XidHolder {
+    /// `setup` runs inside the transaction and must give it an id (write something).
+    pub fn open(mut client: postgres::Client, setup: &str) -> XidHolder {
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0);
+        client.batch_execute("BEGIN").unwrap();
+        client.batch_execute(setup).unwrap();
+        XidHolder { client, pid }
+    }
+
+    /// A transaction in another database that only takes an id.
+    pub fn in_other_database() -> XidHolder {
+        XidHolder::open(other_database_client(), "SELECT pg_current_xact_id()")
+    }
+}
+
+impl Drop for XidHolder {
+    fn drop(&mut self) {
+        let _ = self.client.batch_execute("ROLLBACK");
+    }
+}
