@@ -33,6 +33,7 @@
 //! | W4 | read one stream of 100,000 events | `read_stream` | `SELECT ... ORDER BY version` |
 //! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
 //! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
+//! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
 //! | W7 | bulk import of 1,000,000 events (10,000 streams of 100) | `import` | one binary `COPY` |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler and transactional read-model upsert | `Worker::run_batch` | `read_all` of the same events (no raw side) |
@@ -83,6 +84,11 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
     ("W4", "read one stream", w4),
     ("W5", "read all in global order", w5),
     ("W6", "live subscription latency", w6),
+    (
+        "W6X",
+        "W6 while another database holds a transaction id",
+        w6x,
+    ),
     ("W7", "bulk import", w7),
     ("M1", "peak RSS, large read vs small read", m1),
     ("P1", "worker, 4 threads, trivial handler, vs read_all", p1),
@@ -95,6 +101,7 @@ fn target(workload: &str) -> Option<f64> {
         "W2" => Some(0.80),
         "W3" => Some(0.85),
         "W4" | "W5" => Some(0.95),
+        "W6X" => Some(0.80),
         "W7" => Some(0.80),
         "M1" => Some(16.0),
         _ => None,
@@ -984,6 +991,35 @@ fn paced(n: usize, mut append: impl FnMut(usize) -> Res<()>) -> Res<Vec<(Instant
     Ok(sent)
 }
 
+/// A transaction in another database of the cluster that holds an id until dropped.
+struct Blocker(Client);
+
+impl Blocker {
+    fn open(ctx: &Ctx) -> Res<Blocker> {
+        let mut admin = ctx.config.pg_config().connect(NoTls)?;
+        let db: String = admin
+            .query_one(
+                "SELECT datname FROM pg_database
+                  WHERE datname <> current_database() AND datallowconn AND NOT datistemplate
+                  ORDER BY datname LIMIT 1",
+                &[],
+            )
+            .map_err(|e| format!("W6X needs a second database in the cluster: {e}"))?
+            .get(0);
+        let mut pg = ctx.config.pg_config().clone();
+        pg.dbname(&db);
+        let mut client = pg.connect(NoTls)?;
+        client.batch_execute("BEGIN; SELECT pg_current_xact_id();")?;
+        Ok(Blocker(client))
+    }
+}
+
+impl Drop for Blocker {
+    fn drop(&mut self) {
+        let _ = self.0.batch_execute("ROLLBACK");
+    }
+}
+
 fn w6_ours(ctx: &Ctx, rows: &[Row]) -> Res<Latency> {
     let n = rows.len();
     let pair = Pair::new(ctx, "w6")?;
@@ -1084,6 +1120,59 @@ fn w6_raw(ctx: &Ctx, rows: &[Row]) -> Res<Latency> {
     receiver.join().expect("receiver")?;
     let got = got.lock().unwrap();
     Ok(latency(&sent, &got))
+}
+
+/// W6 (ours) with and without a transaction in another database that holds an id from
+/// before the first append to after the last delivery.
+fn w6x(ctx: &Ctx) -> Res<Outcome> {
+    let rows = rows(ctx.sizes.w6_events);
+    let (mut blocked, mut plain) = (Vec::new(), Vec::new());
+    for rep in 0..ctx.reps {
+        let with_blocker = |out: &mut Vec<Latency>| -> Res<()> {
+            let _blocker = Blocker::open(ctx)?;
+            out.push(w6_ours(ctx, &rows)?);
+            Ok(())
+        };
+        if rep % 2 == 0 {
+            with_blocker(&mut blocked)?;
+            plain.push(w6_ours(ctx, &rows)?);
+        } else {
+            plain.push(w6_ours(ctx, &rows)?);
+            with_blocker(&mut blocked)?;
+        }
+    }
+    let m = |v: &[Latency], f: fn(&Latency) -> f64| median_f(&v.iter().map(f).collect::<Vec<_>>());
+    let blocked_p50 = m(&blocked, |l| l.commit_p50);
+    let plain_p50 = m(&plain, |l| l.commit_p50);
+    Ok(Outcome {
+        ours: blocked_p50,
+        raw: plain_p50,
+        ratio: plain_p50 / blocked_p50,
+        unit: "ms p50 commit→delivery, blocked vs plain",
+        extra: vec![
+            ("events", json!(rows.len())),
+            (
+                "blocked_commit_p99_ms",
+                json!(round3(m(&blocked, |l| l.commit_p99))),
+            ),
+            (
+                "plain_commit_p99_ms",
+                json!(round3(m(&plain, |l| l.commit_p99))),
+            ),
+            (
+                "blocked_start_p50_ms",
+                json!(round3(m(&blocked, |l| l.start_p50))),
+            ),
+            (
+                "plain_start_p50_ms",
+                json!(round3(m(&plain, |l| l.start_p50))),
+            ),
+            (
+                "blocked_not_delivered",
+                json!(blocked.iter().map(|l| l.missing).max()),
+            ),
+        ],
+    })
 }
 
 fn w6(ctx: &Ctx) -> Res<Outcome> {
