@@ -253,34 +253,46 @@ impl Store {
         })
     }
 
-    /// Waits until every event committed before the call is below the horizon, and
-    /// returns that horizon; after `timeout`, [`Error::HeldBack`] names what holds it.
-    pub(crate) fn wait_for_feed(&self, timeout: Duration) -> Result<u64> {
+    /// The `$all` horizon now, as a read computes it.
+    pub(crate) fn horizon(&self) -> Result<Horizon> {
+        crate::retry::run(self, "read", || {
+            let mut conn = self.conn()?;
+            let statement = self.prepared(&mut conn, "horizon", &self.inner.sql.horizon)?;
+            let row = conn
+                .query_one(&statement, &[])
+                .map_err(|e| self.map_error(e))?;
+            Ok(Horizon {
+                horizon: row.get::<_, i64>(0) as u64,
+                tip: row.get::<_, Option<i64>>(1).map(|t| t as u64),
+                blocker_pid: row.get(2),
+                blocker_xid: row.get::<_, Option<i64>>(3).map(|x| x as u64),
+            })
+        })
+    }
+
+    /// Waits until the horizon has passed `tip` (the newest event committed before a
+    /// read began) and returns it; after `timeout`, [`Error::HeldBack`] names what holds
+    /// it.
+    pub(crate) fn wait_for_feed(&self, tip: u64, timeout: Duration) -> Result<Horizon> {
         let started = Instant::now();
-        let first = self.feed_status()?;
-        let Some(tip) = first.tip else {
-            return Ok(first.horizon);
-        };
-        let mut status = first;
         let mut pause = WAIT_START;
-        while status.horizon <= tip {
+        loop {
+            let now = self.horizon()?;
+            if now.horizon > tip {
+                return Ok(now);
+            }
             let waited = started.elapsed();
             if waited >= timeout {
-                let unknown = Horizon {
-                    horizon: status.horizon,
-                    tip: None,
-                    blocker_pid: None,
-                    blocker_xid: None,
+                let status = self.feed_status()?;
+                let held = match status.held_back {
+                    Some(held) => held,
+                    None if status.horizon > tip => return self.horizon(),
+                    None => held_back(&now, None),
                 };
-                let held = status
-                    .held_back
-                    .unwrap_or_else(|| held_back(&unknown, None));
                 return Err(Error::HeldBack { held, waited });
             }
             thread::sleep(pause.min(timeout - waited));
             pause = (pause * 2).min(WAIT_MAX);
-            status = self.feed_status()?;
         }
-        Ok(status.horizon)
     }
 }

@@ -435,11 +435,38 @@ impl Events {
             return Ok(());
         };
         if let Some(i) = rows.iter().position(Horizon::is_status_row) {
-            let status = Horizon::from_status_row(&rows.remove(i))?;
-            *horizon = Some(status.horizon as i64);
-            self.status = Some(status);
+            let row = rows.remove(i);
+            // A page read below a horizon fixed earlier says nothing new.
+            if horizon.is_none() {
+                let status = Horizon::from_status_row(&row)?;
+                *horizon = Some(status.horizon as i64);
+                self.status = Some(status);
+            }
         }
         Ok(())
+    }
+
+    /// After the first page of a `$all` read that waits: when committed events are held
+    /// back, waits until the horizon has passed them (or fails naming the blocker), and
+    /// moves the read's horizon there. Returns whether it waited.
+    fn wait_for_held_back(&mut self) -> Result<bool> {
+        let Query::All { horizon, wait, .. } = &mut self.query else {
+            return Ok(false);
+        };
+        let Some(limit) = wait.take() else {
+            return Ok(false);
+        };
+        let Some(tip) = self
+            .status
+            .and_then(|s| s.holds_back().then_some(s.tip))
+            .flatten()
+        else {
+            return Ok(false);
+        };
+        let passed = self.store.wait_for_feed(tip, limit)?;
+        *horizon = Some(passed.horizon as i64);
+        self.status = Some(passed);
+        Ok(true)
     }
 
     /// Fetches the next page into `rows`, moving through the states.
@@ -451,15 +478,6 @@ impl Events {
         match self.state {
             State::Done => Ok(()),
             State::Start => {
-                if let Query::All {
-                    horizon: horizon @ None,
-                    wait: Some(limit),
-                    ..
-                } = &mut self.query
-                {
-                    // Everything committed before the call first, or a clear error.
-                    *horizon = Some(self.store.wait_for_feed(*limit)? as i64);
-                }
                 let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                 let (key, _) = self.query.key();
                 let mut conn = self.store.conn()?;
@@ -472,6 +490,24 @@ impl Events {
                     .map_err(|e| self.store.map_error(e))?;
                 self.take_status(&mut rows)?;
                 let full = rows.len() as u64 == limit;
+                if self.wait_for_held_back()? {
+                    if matches!(
+                        self.query,
+                        Query::All {
+                            forwards: false,
+                            ..
+                        }
+                    ) {
+                        // Backwards, the events between the two horizons come first.
+                        return Ok(());
+                    }
+                    if !full {
+                        // This page ended at the old horizon: the next one starts after
+                        // it and goes on to the new one.
+                        self.rows.extend(rows);
+                        return Ok(());
+                    }
+                }
                 if full && self.remaining.is_none_or(|r| r > limit) {
                     // The cursor starts after the first page, which is still buffered:
                     // start reading ahead now, while the caller works through it.
@@ -621,7 +657,9 @@ impl Iterator for Events {
     type Item = Result<RecordedEvent>;
 
     fn next(&mut self) -> Option<Result<RecordedEvent>> {
-        if self.rows.is_empty() {
+        // A page may be empty and still not the last: one that ended at a horizon the
+        // read then waited past.
+        while self.rows.is_empty() {
             if self.state == State::Done {
                 return None;
             }

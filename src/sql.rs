@@ -52,6 +52,7 @@ pub(crate) struct Sql {
     pub(crate) read_all_backwards: String,
     pub(crate) head_position: String,
     pub(crate) feed_status: String,
+    pub(crate) horizon: String,
     pub(crate) live_start: String,
     pub(crate) floor_check: String,
     pub(crate) lock_for_appends: String,
@@ -253,6 +254,9 @@ RETURNING global_position, stream_version"
                         extract(epoch FROM clock_timestamp() - a.xact_start)::float8
                    FROM {horizon} f
                    LEFT JOIN pg_stat_activity a ON a.pid = f.blocker_pid"
+            ),
+            horizon: format!(
+                "SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid FROM {horizon} f"
             ),
             // Where a live subscription starts: everything below the horizon is final;
             // what is above it and visible in the snapshot committed before the call.
