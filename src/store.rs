@@ -451,6 +451,13 @@ impl Store {
 
     /// Reads all events in the global order; see [`ReadAll`] for the start, filters and
     /// count, and the crate docs for what the order guarantees.
+    ///
+    /// The read includes every event committed before the call. When some of them still
+    /// wait behind an open transaction that appends to this store (see
+    /// [`Store::feed_status`]), the read waits for it, at most
+    /// [`Config::read_all_wait`](crate::Config::read_all_wait) (10 s by default), and then
+    /// fails with [`Error::HeldBack`] naming that transaction: it never returns short
+    /// without saying so. [`ReadAll::visible_now`] reads only what is visible at once.
     pub fn read_all(&self, options: ReadAll) -> Result<Events> {
         options.validate()?;
         Ok(Events::all(self.clone(), options))
