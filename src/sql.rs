@@ -132,8 +132,14 @@ UNION ALL
     SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL (
         SELECT e.stream_version AS v, e.global_position AS hp FROM {events} e
          WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
-), slot_range AS (
-    SELECT pg_current_xact_id()::text::bigint << {bits} AS lo
+), slot_range AS MATERIALIZED (
+    -- The feed floor is read before this transaction's id is taken (the CASE orders
+    -- them): an id taken after the read is above every floor published before it, so
+    -- only a transaction that came with an id can be refused below.
+    SELECT f.last_value AS floor,
+           (CASE WHEN f.last_value >= 0 THEN pg_current_xact_id() END)::text::bigint
+             << {bits} AS lo
+      FROM {floor_seq} f
 ), slot AS (
     SELECT COALESCE((SELECT max(e.global_position) + 1 FROM {events} e, slot_range r
                       WHERE e.global_position >= r.lo AND e.global_position < r.lo + {max}),
@@ -143,7 +149,7 @@ UNION ALL
     -- before events that `$all` readers have passed (see the crate docs). Later appends
     -- of the same transaction are safe: it has held the events table's lock since the
     -- first one, and readers stop before it.
-    SELECT s.p = r.lo AND (r.lo >> {bits}) < (SELECT last_value FROM {floor_seq})
+    SELECT s.p = r.lo AND (r.lo >> {bits}) < r.floor
            AND {locked_early} IS DISTINCT FROM 'on' AS behind
       FROM slot s, slot_range r
 ), ok AS (
