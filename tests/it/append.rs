@@ -1,9 +1,7 @@
-mod common;
-
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use common::{events, TestResult, TestStore};
+use crate::common::{events, TestResult, TestStore};
 use pg_eventstore::{Error, EventData, ExpectedVersion, ReadAll, ReadStream};
 use serde::{Deserialize, Serialize};
 
@@ -318,7 +316,7 @@ fn positions_follow_the_read_order() -> TestResult {
     let a = t.append("a", ExpectedVersion::Any, &events("E", 2))?;
     let b = t.append("b", ExpectedVersion::Any, &events("E", 2))?;
     assert!(b.first_position > a.last_position);
-    common::wait_visible(&t, b.last_position);
+    crate::common::wait_visible(&t, b.last_position);
     let all: Vec<_> = t
         .read_all(ReadAll::from_start())?
         .map(|e| e.unwrap().position)

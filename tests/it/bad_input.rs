@@ -1,6 +1,4 @@
-mod common;
-
-use common::{events, TestResult, TestStore};
+use crate::common::{events, TestResult, TestStore};
 use pg_eventstore::{
     Config, Error, EventData, ExpectedVersion, ReadAll, ReadStream, MAX_STREAM_ID_BYTES,
 };
@@ -101,7 +99,7 @@ fn bad_reads_are_refused() -> TestResult {
 #[test]
 fn a_hostile_schema_name_is_refused_before_connecting() {
     for bad in ["x; DROP TABLE y", "x\"y", "", "1x", "a b"] {
-        match Config::new(&common::database_url())
+        match Config::new(&crate::common::database_url())
             .unwrap()
             .schema(bad)
             .connect()
@@ -110,7 +108,7 @@ fn a_hostile_schema_name_is_refused_before_connecting() {
             other => panic!("{bad:?}: expected a config error, got {other:?}"),
         }
     }
-    match Config::new(&common::database_url())
+    match Config::new(&crate::common::database_url())
         .unwrap()
         .migrations_table("t; --")
         .connect()

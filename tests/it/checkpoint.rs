@@ -1,8 +1,6 @@
-mod common;
-
 use std::time::Duration;
 
-use common::{TestResult, TestStore};
+use crate::common::{TestResult, TestStore};
 
 #[test]
 fn tracker_batches_writes_and_flushes_on_drop() -> TestResult {

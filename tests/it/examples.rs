@@ -2,8 +2,7 @@
 use std::process::Command;
 
 fn run_example(name: &str, args: &[&str], schema: &str) -> String {
-    let out = Command::new(env!("CARGO"))
-        .args(["run", "-q", "--example", name, "--"])
+    let out = Command::new(crate::common::example(name))
         .args(args)
         .env("DB_SCHEMA", schema)
         .output()

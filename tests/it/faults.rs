@@ -2,16 +2,14 @@
 //! connections), and a full restart of a private throwaway server. Each is bounded in
 //! time; the only timing assertions are generous upper bounds.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::server::{wait_until, TempServer};
-use common::{client, events, TestResult, TestStore};
+use crate::common::server::{wait_until, TempServer};
+use crate::common::{client, events, TestResult, TestStore};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_eventstore::{
     Config, ConnectionEvent, Error, ExpectedVersion, ReadAll, ReadStream, RecordedEvent, Store,
@@ -343,12 +341,12 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
         c.application_name(&app).read_page_size(3)
     });
     let first = t.append("s", ExpectedVersion::NoStream, &events("E", 20))?;
-    common::wait_visible(&t, first.last_position);
+    crate::common::wait_visible(&t, first.last_position);
     let recorder = DebuggingRecorder::new();
     metrics::with_local_recorder(&recorder, || -> TestResult {
         // Cut before the first event: the read starts again.
         let mut read = t.read_stream("s", ReadStream::forwards())?;
-        assert!(common::kill_backends(&app) >= 1);
+        assert!(crate::common::kill_backends(&app) >= 1);
         let versions: Vec<u64> = read.by_ref().map(|e| e.unwrap().version).collect();
         assert_eq!(versions, (0..20).collect::<Vec<_>>());
 
@@ -357,7 +355,7 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
             let mut read = t.read_stream("s", direction.clone())?;
             let head: Vec<u64> = read.by_ref().take(7).map(|e| e.unwrap().version).collect();
             assert!(
-                common::kill_backends(&app) >= 1,
+                crate::common::kill_backends(&app) >= 1,
                 "the open cursor's connection"
             );
             let rest: Vec<u64> = read.map(|e| e.unwrap().version).collect();
@@ -373,7 +371,7 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
         // The same for $all, with a limit that must still hold across the cut.
         let mut read = t.read_all(ReadAll::from_start().max_count(15))?;
         let head: Vec<u64> = read.by_ref().take(5).map(|e| e.unwrap().version).collect();
-        assert!(common::kill_backends(&app) >= 1);
+        assert!(crate::common::kill_backends(&app) >= 1);
         let rest: Vec<u64> = read.map(|e| e.unwrap().version).collect();
         assert_eq!(head, (0..5).collect::<Vec<_>>());
         assert_eq!(rest, (5..15).collect::<Vec<_>>());

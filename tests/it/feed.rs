@@ -1,11 +1,10 @@
 //! The `$all` horizon: only transactions that append to the store hold the feed back, and
 //! only at and after their own positions; `read_all` never returns short without saying
 //! so; subscribers get held-back events within milliseconds of the blocker's end.
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, events, TestResult, TestStore, XidHolder};
+use crate::common::{client, events, TestResult, TestStore, XidHolder};
 use pg_eventstore::{Error, EventData, ExpectedVersion, ImportOptions, ReadAll, SubscribeOptions};
 
 /// All events a `$all` read returns now, without waiting.

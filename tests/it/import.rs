@@ -1,11 +1,9 @@
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{events, wait_visible, TestResult, TestStore};
+use crate::common::{events, wait_visible, TestResult, TestStore};
 use pg_eventstore::{
     Error, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, RecordedEvent, Result,
     MAX_EVENTS_PER_TRANSACTION,
@@ -309,7 +307,7 @@ fn a_concurrent_append_to_a_continued_stream_fails_the_import_cleanly() -> TestR
             )
         });
         // Wait until the import's COPY waits for the append's row, then commit the append.
-        let mut client = common::client();
+        let mut client = crate::common::client();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let waiting: i64 = client

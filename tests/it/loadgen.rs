@@ -4,8 +4,8 @@ use std::process::Command;
 
 #[test]
 fn loadgen_quick_prints_one_json_line_per_workload() {
-    let out = Command::new(env!("CARGO"))
-        .args(["run", "-q", "--example", "loadgen", "--", "--quick"])
+    let out = Command::new(crate::common::example("loadgen"))
+        .arg("--quick")
         .output()
         .expect("cargo runs");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -23,7 +23,7 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         .collect();
     assert_eq!(
         workloads,
-        ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "M1", "P1"],
+        ["W1", "W2", "W3", "W4", "W5", "W6", "W6X", "W7", "M1", "P1"],
         "{stdout}"
     );
     for l in &lines {

@@ -1,8 +1,6 @@
-mod common;
-
 use std::thread;
 
-use common::{events, schema_name, TestResult, TestStore};
+use crate::common::{events, schema_name, TestResult, TestStore};
 use pg_eventstore::{Config, Error, ExpectedVersion, ReadStream, Store, SCHEMA_VERSION};
 
 #[test]
@@ -15,7 +13,7 @@ fn schema_dir_matches_what_the_migrations_produce() -> TestResult {
     let on_disk = std::fs::read_to_string(path)?;
     assert!(
         on_disk == generated,
-        "schema/eventstore.sql is out of date: run `UPDATE_SCHEMA=1 cargo test --test migrate`"
+        "schema/eventstore.sql is out of date: run `UPDATE_SCHEMA=1 cargo test --test it migrate::`"
     );
     Ok(())
 }
@@ -24,7 +22,7 @@ fn schema_dir_matches_what_the_migrations_produce() -> TestResult {
 fn the_schema_script_applied_by_hand_counts_as_migrated() -> TestResult {
     let t = TestStore::unmigrated("migrate_by_hand");
     let script = pg_eventstore::migration_sql(&t.schema, "schema_migrations")?;
-    common::client().batch_execute(&script)?;
+    crate::common::client().batch_execute(&script)?;
     assert_eq!(t.schema_version()?, SCHEMA_VERSION);
     let report = t.migrate()?;
     assert!(report.applied.is_empty());
@@ -53,7 +51,7 @@ fn concurrent_migrations_from_four_threads() -> TestResult {
     let t = TestStore::unmigrated("migrate_conc");
     let handles: Vec<_> = (0..4)
         .map(|_| {
-            let url = common::database_url();
+            let url = crate::common::database_url();
             let schema = t.schema.clone();
             thread::spawn(move || -> pg_eventstore::Result<usize> {
                 // Separate stores: as separate processes would be.
@@ -71,7 +69,7 @@ fn concurrent_migrations_from_four_threads() -> TestResult {
         SCHEMA_VERSION,
         "{applied:?}"
     );
-    let rows: i64 = common::client()
+    let rows: i64 = crate::common::client()
         .query_one(
             &format!("SELECT count(*) FROM \"{}\".schema_migrations", t.schema),
             &[],
@@ -84,7 +82,7 @@ fn concurrent_migrations_from_four_threads() -> TestResult {
 #[test]
 fn custom_history_table_name() -> TestResult {
     let t = TestStore::with("migrate_table", |c| c.migrations_table("my_history"));
-    let rows: i64 = common::client()
+    let rows: i64 = crate::common::client()
         .query_one(
             &format!("SELECT count(*) FROM \"{}\".my_history", t.schema),
             &[],
@@ -97,7 +95,7 @@ fn custom_history_table_name() -> TestResult {
 #[test]
 fn a_newer_schema_is_refused() -> TestResult {
     let t = TestStore::new("migrate_newer");
-    common::client().execute(
+    crate::common::client().execute(
         &format!(
             "INSERT INTO \"{}\".schema_migrations (version, name) VALUES ($1, 'from the future')",
             t.schema
@@ -110,7 +108,7 @@ fn a_newer_schema_is_refused() -> TestResult {
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
-    let err = Config::new(&common::database_url())?
+    let err = Config::new(&crate::common::database_url())?
         .schema(&t.schema)
         .connect()
         .unwrap_err();
@@ -121,7 +119,7 @@ fn a_newer_schema_is_refused() -> TestResult {
 #[test]
 fn an_unmigrated_database_gives_a_clear_error() -> TestResult {
     let schema = schema_name("not_migrated");
-    let store: Store = Config::new(&common::database_url())?
+    let store: Store = Config::new(&crate::common::database_url())?
         .schema(&schema)
         .connect()?;
     let err = store
@@ -136,7 +134,7 @@ fn an_unmigrated_database_gives_a_clear_error() -> TestResult {
         .unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
     // Nothing was created behind the caller's back.
-    let exists: bool = common::client()
+    let exists: bool = crate::common::client()
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
             &[&schema],

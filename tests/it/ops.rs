@@ -1,11 +1,9 @@
 //! Operations: pool errors, unreachable servers, health reports, the health thread's
 //! life, and the metrics the store records.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{client, database_url, events, schema_name, TestResult, TestStore};
+use crate::common::{client, database_url, events, schema_name, TestResult, TestStore};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use pg_eventstore::{Config, Error, ExpectedVersion, ReadAll, ReadStream, SCHEMA_VERSION};
 
@@ -135,8 +133,9 @@ fn health_thread_ends_with_the_last_store() -> TestResult {
         Err(crossbeam_channel::RecvTimeoutError::Disconnected)
     );
     if cfg!(target_os = "linux") {
-        let gone =
-            common::server::wait_until(Duration::from_secs(3), || health_threads() == before);
+        let gone = crate::common::server::wait_until(Duration::from_secs(3), || {
+            health_threads() == before
+        });
         assert!(gone.is_some(), "the health thread is still running");
     }
     eprintln!(
@@ -185,10 +184,10 @@ fn metrics_are_recorded() -> TestResult {
             .read_stream("m", ReadStream::forwards())?
             .collect::<Result<_, _>>()?;
         assert_eq!(read.len(), 3);
-        common::wait_visible(&t, r.last_position);
+        crate::common::wait_visible(&t, r.last_position);
         assert_eq!(t.read_all(ReadAll::from_start())?.count(), 3);
         // A killed connection: the next append retries on a new one.
-        assert!(common::kill_backends(&app) >= 1);
+        assert!(crate::common::kill_backends(&app) >= 1);
         let again = t.append("m", ExpectedVersion::Exact(2), &events("C", 2))?;
         assert_eq!((again.first_version, again.last_version), (3, 4));
         assert!(!again.was_duplicate);
@@ -225,7 +224,7 @@ fn every_call_that_is_safe_to_repeat_survives_killed_backends() -> TestResult {
             let held: Vec<_> = (0..4).map(|_| t.pool().get().unwrap()).collect();
             let state = t.pool().state();
             drop(held);
-            let n = common::kill_backends(&app);
+            let n = crate::common::kill_backends(&app);
             assert!(n >= 4, "step {}: killed {n}, pool {state:?}", step.get());
         };
         kill_pool();

@@ -1,6 +1,4 @@
-mod common;
-
-use common::{events, wait_visible, TestResult, TestStore};
+use crate::common::{events, wait_visible, TestResult, TestStore};
 use pg_eventstore::{EventData, ExpectedVersion, ReadAll, ReadStream, Result};
 
 fn stream_versions(t: &TestStore, stream: &str, options: ReadStream) -> Vec<u64> {
@@ -163,7 +161,7 @@ fn dropping_a_read_midway_gives_the_connection_back_clean() -> TestResult {
         .get()?
         .query_one("SELECT pg_backend_pid()", &[])?
         .get(0);
-    let state: String = common::client()
+    let state: String = crate::common::client()
         .query_one("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])?
         .get(0);
     assert_eq!(

@@ -1,12 +1,10 @@
 //! Tracing: the spans the store emits and their fields, captured by a small subscriber
 //! written here, and that no event data reaches them.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{TestResult, TestStore};
+use crate::common::{TestResult, TestStore};
 use pg_eventstore::{EventData, ExpectedVersion, ReadStream};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};

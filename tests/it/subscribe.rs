@@ -1,9 +1,7 @@
-mod common;
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{events, TestResult, TestStore};
+use crate::common::{events, TestResult, TestStore};
 use fallible_iterator::FallibleIterator;
 use pg_eventstore::{
     crossbeam_channel, Config, EventData, ExpectedVersion, RecordedEvent, Result, Store,
@@ -32,7 +30,7 @@ fn types(events: &[RecordedEvent]) -> Vec<String> {
 
 /// A second store on the same schema: another process, as far as notifications go.
 fn other_process(t: &TestStore, f: impl FnOnce(Config) -> Config) -> Store {
-    f(Config::new(&common::database_url())
+    f(Config::new(&crate::common::database_url())
         .unwrap()
         .schema(&t.schema))
     .connect()
@@ -152,7 +150,7 @@ fn next_timeout_returns_none_on_silence_and_try_next_does_not_wait() -> TestResu
     assert!(sub.try_next().is_none());
     let r = t.append("s", ExpectedVersion::Any, &events("E", 1))?;
     // A concurrent test's open transaction may hold the $all horizon back for a moment.
-    common::wait_visible(&t, r.last_position);
+    crate::common::wait_visible(&t, r.last_position);
     assert_eq!(sub.try_next().unwrap()?.event_type, "E");
     assert!(sub.try_next().is_none());
     Ok(())
@@ -277,7 +275,7 @@ fn wait_connected(store: &Store) {
 /// Kills the listener's backend and waits until it has reconnected.
 fn kill_listener(store: &Store) {
     let before = store.listener_state().expect("listener started");
-    let killed: bool = common::client()
+    let killed: bool = crate::common::client()
         .query_one("SELECT pg_terminate_backend($1)", &[&before.backend_pid])
         .unwrap()
         .get(0);
@@ -321,7 +319,7 @@ fn keeps_working_across_a_listener_reconnect_by_the_safety_poll() -> TestResult 
 }
 
 fn backends_named(name: &str) -> i64 {
-    common::client()
+    crate::common::client()
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
             &[&name],
@@ -334,7 +332,7 @@ fn backends_named(name: &str) -> i64 {
 fn dropping_subscriptions_and_the_store_leaks_no_connection_or_thread() -> TestResult {
     let t = TestStore::new("sub_leak");
     let app = format!("leak-{}", t.schema);
-    let mut pg: postgres::Config = common::database_url().parse()?;
+    let mut pg: postgres::Config = crate::common::database_url().parse()?;
     pg.application_name(&app);
     let store = Config::from_pg(pg)
         .schema(&t.schema)
@@ -371,7 +369,7 @@ fn appends_send_no_notify_while_no_other_process_listens() -> TestResult {
     let channel = format!("\"{}_events\"", t.schema);
     // A spy that listens, but whose last statement is not the listener's own `LISTEN`:
     // to the store's notifier it looks like nobody listens.
-    let mut spy = common::client();
+    let mut spy = crate::common::client();
     spy.batch_execute(&format!("LISTEN {channel}; SELECT 1"))?;
     for _ in 0..5 {
         t.append("s", ExpectedVersion::Any, &events("E", 1))?;

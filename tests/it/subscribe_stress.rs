@@ -1,7 +1,6 @@
 //! 8 writers (a fifth of their transactions rolled back), 3 subscribers (from the start,
 //! from a middle position, live) and the listener's backend killed twice: each subscriber
 //! must receive exactly the committed events of its range, in order, each once.
-mod common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Rng, TestResult, TestStore};
+use crate::common::{Rng, TestResult, TestStore};
 use pg_eventstore::{Config, Error, EventData, ExpectedVersion, Store, SubscribeOptions};
 use uuid::Uuid;
 
@@ -55,7 +54,7 @@ fn spawn_subscriber(
 
 fn kill_listener(store: &Store) {
     let pid = store.listener_state().expect("listener").backend_pid;
-    let killed: bool = common::client()
+    let killed: bool = crate::common::client()
         .query_one("SELECT pg_terminate_backend($1)", &[&pid])
         .unwrap()
         .get(0);
@@ -66,7 +65,7 @@ fn kill_listener(store: &Store) {
 fn three_subscribers_get_exactly_the_committed_events_across_listener_kills() -> TestResult {
     let t = TestStore::with("sub_stress", |c| c.max_connections(12));
     // Subscribers live in their own store: woken by NOTIFY, as another process would be.
-    let readers = Config::new(&common::database_url())?
+    let readers = Config::new(&crate::common::database_url())?
         .schema(&t.schema)
         .poll_interval(Duration::from_millis(500))
         .connect()?;

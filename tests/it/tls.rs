@@ -1,15 +1,12 @@
 //! TLS against a private throwaway server with a certificate from a test CA made here
 //! (`openssl` command line). Needs the crate feature `tls`:
-//! `cargo test --features tls --test tls`.
-#![cfg(feature = "tls")]
-
-mod common;
+//! `cargo test --features tls --test it tls::`.
 
 use std::path::Path;
 use std::process::Command;
 
-use common::server::TempServer;
-use common::{events, TestResult};
+use crate::common::server::TempServer;
+use crate::common::{events, TestResult};
 use pg_eventstore::{Config, Error, ExpectedVersion, ReadStream, Store};
 
 fn openssl(dir: &Path, args: &[&str]) {

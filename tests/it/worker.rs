@@ -1,11 +1,9 @@
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{events, wait_visible, TestResult, TestStore};
+use crate::common::{events, wait_visible, TestResult, TestStore};
 use pg_eventstore::{Error, ExpectedVersion, IfLocked, OnFailure, RecordedEvent, Store};
 
 /// 10 streams × `per_stream` events, appended in interleaved batches.
@@ -100,7 +98,7 @@ fn crash_back_to(t: &TestStore, name: &str, position: Option<u64>) {
             t.schema
         ),
     };
-    common::client()
+    crate::common::client()
         .execute(&sql, &[&name, &position.map(|p| p as i64)])
         .unwrap();
 }
@@ -247,7 +245,7 @@ fn retries_then_parks_and_goes_on() -> TestResult {
         (summary.handled, summary.parked, summary.retries),
         (49, 1, 2)
     );
-    let row = common::client().query_one(
+    let row = crate::common::client().query_one(
         &format!(
             "SELECT event_id, stream_id, stream_version, attempts, error FROM \"{}\".dead_letters",
             t.schema

@@ -1,6 +1,5 @@
 //! Test support: each test gets its own schema (and so its own NOTIFY channel), dropped
 //! when the test ends, so tests run in parallel without seeing each other.
-#![allow(dead_code)]
 
 pub mod server;
 
@@ -185,22 +184,17 @@ pub fn other_database_client() -> postgres::Client {
 }
 
 /// Opens a transaction that holds a transaction id, on `client`, and keeps it open until
-/// the returned guard is dropped (then rolls it back). Returns the backend pid too.
+/// the returned guard is dropped (then rolls it back).
 pub struct XidHolder {
     client: postgres::Client,
-    pub pid: i32,
 }
 
 impl XidHolder {
     /// `setup` runs inside the transaction and must give it an id (write something).
     pub fn open(mut client: postgres::Client, setup: &str) -> XidHolder {
-        let pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .unwrap()
-            .get(0);
         client.batch_execute("BEGIN").unwrap();
         client.batch_execute(setup).unwrap();
-        XidHolder { client, pid }
+        XidHolder { client }
     }
 
     /// A transaction in another database that only takes an id.
@@ -213,4 +207,25 @@ impl Drop for XidHolder {
     fn drop(&mut self) {
         let _ = self.client.batch_execute("ROLLBACK");
     }
+}
+
+/// The built example program `name` (`cargo test` builds the examples next to the test
+/// binaries; a run of this test binary alone builds the one it needs first).
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/it-<hash> → target/<profile>/examples/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary sits in target/<profile>/deps")
+        .join("examples")
+        .join(name);
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "--example", name])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build --example {name} failed");
+    }
+    path
 }
