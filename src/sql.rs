@@ -63,6 +63,7 @@ pub(crate) struct Sql {
     pub(crate) save_checkpoint: String,
     pub(crate) claim_stream_version: String,
     pub(crate) park: String,
+    pub(crate) scan_past: String,
 }
 
 impl Sql {
@@ -248,6 +249,17 @@ RETURNING global_position, stream_version"
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (processor_name, event_id) DO UPDATE
                    SET attempts = excluded.attempts, error = excluded.error, parked_at = now()"
+            ),
+            // A filtered worker's look past the events its filter left out: the last of
+            // the next `$4` events below the horizon, and whether any of them matches.
+            scan_past: format!(
+                "SELECT count(*), max(p), COALESCE(bool_or(m), false) FROM (
+                     SELECT global_position AS p,
+                            ($2::text IS NULL OR starts_with(stream_id, $2::text))
+                            AND ($3::text[] IS NULL OR event_type = ANY($3::text[])) AS m
+                       FROM {events}
+                      WHERE global_position > $1 AND global_position < {HORIZON}
+                      ORDER BY global_position LIMIT $4) s"
             ),
             schema: schema.to_string(),
         }

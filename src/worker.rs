@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use postgres::Transaction;
@@ -27,6 +27,8 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 const LOCK_CLASS: i32 = 0x5045_5332; // "PES2"
 /// Events queued per handler thread before the reader waits.
 const QUEUE: usize = 256;
+/// Events a filtered worker looks at per query when it moves past unmatched ones.
+const SCAN_PAGE: i64 = 100_000;
 
 /// What a worker does with an event whose handler still fails after its retries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +287,10 @@ impl Worker {
         stop: Arc<AtomicBool>,
         lock: ProcessorLock,
     ) -> Result<WorkerSummary> {
+        // Declared first, so dropped last: on every way out of this function (an error
+        // returned with `?` too) the dispatcher joins the handler threads before it
+        // releases the lock, and the tracker's last write comes before both.
+        let mut dispatcher = Dispatcher::start(&self, handler, lock);
         let mut tracker = self
             .store
             .tracker(&self.name)?
@@ -304,38 +310,12 @@ impl Worker {
                 Source::Live(self.store.subscribe(options)?)
             }
         };
-
-        let failed = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = unbounded::<Done>();
-        let mut queues = Vec::new();
-        let mut threads = Vec::new();
-        for i in 0..self.threads {
-            let (tx, rx) = bounded::<(u64, RecordedEvent)>(QUEUE);
-            queues.push(tx);
-            let ctx = ThreadContext {
-                store: self.store.clone(),
-                name: self.name.clone(),
-                handler: handler.clone(),
-                retries: self.retries,
-                retry_delay: self.retry_delay,
-                on_failure: self.on_failure,
-                failed: failed.clone(),
-                done: done_tx.clone(),
-            };
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("pg-eventstore-handler-{i}"))
-                    .spawn(move || ctx.run(rx))
-                    .expect("spawn a handler thread"),
-            );
-        }
-        drop(done_tx);
-
+        let mut scan = Scan::new(&self, start);
         let mut flight = InFlight::default();
         let mut summary = WorkerSummary::default();
         let mut fatal: Option<Error> = None;
         let mut seq = 0u64;
-        while !stop.load(Ordering::Relaxed) && !failed.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) && !dispatcher.has_failed() {
             let next = match &mut source {
                 Source::Batch(batch) => match batch.next() {
                     Some(e) => Some(e),
@@ -346,15 +326,23 @@ impl Worker {
             match next {
                 Some(Ok(event)) => {
                     flight.push(seq, event.position);
-                    let queue = &queues[thread_for(&event.stream_id, self.threads)];
-                    if queue.send((seq, event)).is_err() {
+                    scan.dispatched(event.position);
+                    if !dispatcher.send(seq, event) {
                         break; // a handler thread is gone: only after a fatal failure
                     }
                     seq += 1;
                 }
                 Some(Err(e)) => match &source {
-                    // A live subscription carries on after an error; a batch read cannot.
-                    Source::Live(_) => {}
+                    // A live subscription carries on after an error (it retries after
+                    // a backoff); a batch read cannot.
+                    Source::Live(_) => {
+                        crate::metrics::worker_error(&self.name, "subscription");
+                        tracing::warn!(
+                            processor = %self.name,
+                            error = %crate::error::chain(&e),
+                            "pg-eventstore: worker subscription failed, retrying"
+                        );
+                    }
                     Source::Batch(_) => {
                         fatal = Some(e);
                         break;
@@ -362,30 +350,36 @@ impl Worker {
                 },
                 None => {}
             }
-            self.collect(&done_rx, &mut flight, &mut summary, &mut fatal);
-            match flight.low_water.take() {
-                Some(p) => tracker.update(p)?,
-                None => tracker.flush_if_due()?,
+            self.collect(dispatcher.done(), &mut flight, &mut summary, &mut fatal);
+            if let Some(p) = flight.low_water.take() {
+                tracker.update(p)?;
+            } else if flight.queue.is_empty() && scan.is_due() {
+                // Nothing in flight: move past what the filter left out.
+                if let Some(p) = scan.read_past(tracker.position())? {
+                    tracker.update(p)?;
+                }
+            } else {
+                tracker.flush_if_due()?;
             }
         }
         // Finish what is in flight: close the queues, let the threads drain them.
-        drop(queues);
         drop(source);
-        for t in threads {
-            if t.join().is_err() {
-                fatal.get_or_insert(Error::HandlerPanicked {
-                    processor: self.name.clone(),
-                });
-            }
+        if dispatcher.finish() {
+            fatal.get_or_insert(Error::HandlerPanicked {
+                processor: self.name.clone(),
+            });
         }
-        self.collect(&done_rx, &mut flight, &mut summary, &mut fatal);
+        self.collect(dispatcher.done(), &mut flight, &mut summary, &mut fatal);
         if let Some(p) = flight.low_water.take() {
             tracker.update(p)?;
         }
-        let flushed = tracker.flush();
+        if fatal.is_none() && flight.queue.is_empty() {
+            if let Some(p) = scan.read_past(tracker.position())? {
+                tracker.update(p)?;
+            }
+        }
+        tracker.flush()?;
         summary.checkpoint = tracker.saved_position();
-        drop(lock);
-        flushed?;
         match fatal {
             Some(e) => Err(e),
             None => Ok(summary),
@@ -412,6 +406,164 @@ impl Worker {
                 }
             }
             flight.finish(d.seq);
+        }
+    }
+}
+
+/// The handler threads of one run, with the processor lock.
+///
+/// Dropped on any path (an error returned early included), it closes the queues, tells
+/// the threads to skip what is still queued, waits for them, and only then releases the
+/// lock: once another instance can take the lock, no thread of this one is running a
+/// handler. [`Dispatcher::finish`] is the graceful end, where the threads drain their
+/// queues first.
+struct Dispatcher {
+    queues: Vec<Sender<(u64, RecordedEvent)>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Set by a thread whose handler failed for good, and by `drop`: queued events are
+    /// skipped, unfinished, so the checkpoint stays before them.
+    abort: Arc<AtomicBool>,
+    done: Receiver<Done>,
+    /// Released after the threads have ended (fields drop after `Drop::drop`).
+    _lock: ProcessorLock,
+}
+
+impl Dispatcher {
+    fn start(worker: &Worker, handler: Handler, lock: ProcessorLock) -> Dispatcher {
+        let abort = Arc::new(AtomicBool::new(false));
+        let (done_tx, done) = unbounded::<Done>();
+        let mut queues = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..worker.threads {
+            let (tx, rx) = bounded::<(u64, RecordedEvent)>(QUEUE);
+            queues.push(tx);
+            let ctx = ThreadContext {
+                store: worker.store.clone(),
+                name: worker.name.clone(),
+                handler: handler.clone(),
+                retries: worker.retries,
+                retry_delay: worker.retry_delay,
+                on_failure: worker.on_failure,
+                failed: abort.clone(),
+                done: done_tx.clone(),
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("pg-eventstore-handler-{i}"))
+                    .spawn(move || ctx.run(rx))
+                    .expect("spawn a handler thread"),
+            );
+        }
+        Dispatcher {
+            queues,
+            threads,
+            abort,
+            done,
+            _lock: lock,
+        }
+    }
+
+    /// Queues an event on its stream's thread; `false` when that thread is gone.
+    fn send(&self, seq: u64, event: RecordedEvent) -> bool {
+        let queue = &self.queues[thread_for(&event.stream_id, self.queues.len())];
+        queue.send((seq, event)).is_ok()
+    }
+
+    fn done(&self) -> &Receiver<Done> {
+        &self.done
+    }
+
+    /// Whether a handler failed for good (the worker then stops).
+    fn has_failed(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+
+    /// Closes the queues and waits until the threads have handled what is in them.
+    /// Returns whether a thread panicked.
+    fn finish(&mut self) -> bool {
+        self.queues.clear();
+        let mut panicked = false;
+        for t in self.threads.drain(..) {
+            panicked |= t.join().is_err();
+        }
+        panicked
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.abort.store(true, Ordering::Relaxed);
+            self.finish();
+        }
+    }
+}
+
+/// How a filtered worker moves its checkpoint past the events its filter leaves out:
+/// when nothing is in flight, one query looks at the events after the last one
+/// dispatched and below the `$all` horizon; if none of them matches the filter, every
+/// one of them has been read, and the checkpoint moves to the last.
+struct Scan {
+    store: Store,
+    filter: Option<ReadAll>,
+    interval: Duration,
+    last: Option<Instant>,
+    /// The position of the last event dispatched.
+    dispatched: Option<u64>,
+}
+
+impl Scan {
+    fn new(worker: &Worker, start: Option<u64>) -> Scan {
+        let f = &worker.filter;
+        let filtered = f.category.is_some() || f.event_types.is_some();
+        Scan {
+            store: worker.store.clone(),
+            filter: filtered.then(|| f.clone()),
+            interval: worker.checkpoint_interval,
+            last: None,
+            dispatched: start,
+        }
+    }
+
+    fn dispatched(&mut self, position: u64) {
+        self.dispatched = Some(position);
+    }
+
+    fn is_due(&self) -> bool {
+        self.filter.is_some() && self.last.is_none_or(|t| t.elapsed() >= self.interval)
+    }
+
+    /// The position the checkpoint may move to, if it is past `checkpoint`.
+    fn read_past(&mut self, checkpoint: Option<u64>) -> Result<Option<u64>> {
+        let Some(filter) = &self.filter else {
+            return Ok(None);
+        };
+        self.last = Some(Instant::now());
+        let mut after = self.dispatched.max(checkpoint);
+        let mut past = None;
+        let mut conn = self.store.conn()?;
+        let sql = &self.store.inner.sql.scan_past;
+        let statement = self.store.prepared(&mut conn, "scan_past", sql)?;
+        loop {
+            let bound = after.map_or(-1, |p| p as i64);
+            let row = conn
+                .query_one(
+                    &statement,
+                    &[&bound, &filter.category, &filter.event_types, &SCAN_PAGE],
+                )
+                .map_err(|e| self.store.map_error(e))?;
+            let (count, last, matched): (i64, Option<i64>, bool) =
+                (row.get(0), row.get(1), row.get(2));
+            match last {
+                Some(last) if !matched => {
+                    past = Some(last as u64);
+                    after = past;
+                }
+                _ => return Ok(past),
+            }
+            if count < SCAN_PAGE {
+                return Ok(past);
+            }
         }
     }
 }
@@ -471,6 +623,12 @@ impl UpToHead {
             }
         }
     }
+}
+
+/// The wait before retry number `attempt` (from 1) of a failing handler: the crate's
+/// capped, jittered backoff from `base`.
+fn retry_wait(base: Duration, attempt: u32) -> Duration {
+    crate::retry::backoff(base, attempt)
 }
 
 /// Which thread handles a stream: always the same one, so a stream stays in order.
@@ -562,8 +720,20 @@ impl ThreadContext {
             match result {
                 Ok(true) => return (Outcome::Handled, attempt - 1),
                 Ok(false) => return (Outcome::Skipped, attempt - 1),
-                Err(_) if attempt <= self.retries => {
-                    thread::sleep(self.retry_delay * 2u32.saturating_pow(attempt - 1));
+                Err(e) if attempt <= self.retries => {
+                    let wait = retry_wait(self.retry_delay, attempt);
+                    crate::metrics::worker_error(&self.name, "handler");
+                    tracing::warn!(
+                        processor = %self.name,
+                        stream = %event.stream_id,
+                        position = event.position,
+                        attempt,
+                        retries = self.retries,
+                        wait_ms = wait.as_millis() as u64,
+                        error = %crate::error::chain(e.as_ref()),
+                        "pg-eventstore: handler failed, retrying"
+                    );
+                    thread::sleep(wait);
                 }
                 Err(e) => {
                     let error = Error::Handler {
@@ -576,7 +746,18 @@ impl ThreadContext {
                     let outcome = match self.on_failure {
                         OnFailure::Stop => Outcome::Failed(error),
                         OnFailure::Park => match self.park(event, attempt, &error) {
-                            Ok(()) => Outcome::Parked,
+                            Ok(()) => {
+                                crate::metrics::worker_error(&self.name, "parked");
+                                tracing::error!(
+                                    processor = %self.name,
+                                    stream = %event.stream_id,
+                                    position = event.position,
+                                    attempts = attempt,
+                                    error = %error,
+                                    "pg-eventstore: handler failed, event parked"
+                                );
+                                Outcome::Parked
+                            }
                             Err(e) => Outcome::Failed(e),
                         },
                     };
@@ -762,6 +943,16 @@ mod tests {
         f.finish(2);
         assert_eq!(f.low_water.take(), Some(30));
         assert!(f.queue.is_empty());
+    }
+
+    #[test]
+    fn retry_waits_are_capped() {
+        let base = Duration::from_millis(100);
+        assert!(retry_wait(base, 1) <= base);
+        // `retries(30)`: the 30th wait is at most 30 s, not years.
+        assert!(retry_wait(base, 30) <= Duration::from_secs(30));
+        let total: Duration = (1..=30).map(|a| retry_wait(base, a)).sum();
+        assert!(total <= Duration::from_secs(15 * 60), "{total:?}");
     }
 
     #[test]

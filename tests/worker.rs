@@ -1,11 +1,12 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{events, wait_visible, TestResult, TestStore};
+use common::{client, events, wait_visible, Fault, TestResult, TestStore};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use pg_eventstore::{Error, ExpectedVersion, IfLocked, OnFailure, RecordedEvent, Store};
 
 /// 10 streams × `per_stream` events, appended in interleaved batches.
@@ -27,6 +28,50 @@ fn fill(t: &TestStore, per_stream: usize) -> u64 {
     }
     wait_visible(t, last);
     last
+}
+
+/// A counter's total over the whole test binary, for the labels given. Workers count on
+/// their own threads, so the recorder is global; a snapshot drains it, so every look
+/// adds what it drained to running totals that all tests share.
+fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    type Totals = Mutex<Vec<(String, Vec<(String, String)>, u64)>>;
+    static RECORDER: OnceLock<(Snapshotter, Totals)> = OnceLock::new();
+    let (snapshotter, totals) = RECORDER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only global recorder");
+        (snapshotter, Mutex::new(Vec::new()))
+    });
+    let mut totals = totals.lock().unwrap();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if let DebugValue::Counter(n) = value {
+            let labels = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_string(), l.value().to_string()))
+                .collect();
+            totals.push((key.key().name().to_string(), labels, n));
+        }
+    }
+    totals
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|t| t.2)
+        .sum()
+}
+
+/// Waits up to 20 s for `f` to hold.
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn store_with(name: &str) -> TestStore {
@@ -243,6 +288,13 @@ fn retries_then_parks_and_goes_on() -> TestResult {
             Ok(())
         })?;
     assert_eq!(*calls.lock().unwrap(), 3, "one call and two retries");
+    let errors = |kind| {
+        counter(
+            "pg_eventstore_worker_errors_total",
+            &[("processor", "park"), ("kind", kind)],
+        )
+    };
+    assert_eq!((errors("handler"), errors("parked")), (2, 1));
     assert_eq!(
         (summary.handled, summary.parked, summary.retries),
         (49, 1, 2)
@@ -347,5 +399,272 @@ fn a_second_worker_with_the_same_name_is_refused_and_live_mode_follows() -> Test
     let summary = first.stop()?;
     assert_eq!(summary.handled, 7);
     assert_eq!(waiter.join().unwrap()?.handled, 0);
+    Ok(())
+}
+
+/// What the handlers of two instances of one processor did, to find overlaps.
+#[derive(Default)]
+struct Overlaps {
+    /// stream -> the instance inside its handler now.
+    busy: HashMap<String, u8>,
+    /// "stream: instance x entered while y was inside".
+    overlaps: Vec<String>,
+    /// (instance, stream, version, entered, left), in the order handlers finished.
+    log: Vec<(u8, String, u64, Instant, Instant)>,
+}
+
+fn watched(
+    shared: &Arc<Mutex<Overlaps>>,
+    instance: u8,
+) -> impl Fn(&RecordedEvent) -> Result<(), pg_eventstore::HandlerError> + Send + Sync + 'static {
+    let shared = shared.clone();
+    move |e| {
+        let entered = Instant::now();
+        {
+            let mut s = shared.lock().unwrap();
+            if let Some(other) = s.busy.insert(e.stream_id.clone(), instance) {
+                let msg = format!(
+                    "{}: instance {instance} entered at v{} while instance {other} was inside",
+                    e.stream_id, e.version
+                );
+                s.overlaps.push(msg);
+            }
+        }
+        thread::sleep(Duration::from_millis(2));
+        let mut s = shared.lock().unwrap();
+        s.busy.remove(&e.stream_id);
+        s.log.push((
+            instance,
+            e.stream_id.clone(),
+            e.version,
+            entered,
+            Instant::now(),
+        ));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_checkpoint_write_ends_every_handler_before_another_instance_starts() -> TestResult {
+    let t = store_with("worker_overlap");
+    fill(&t, 100);
+    let fault = Fault::install(&t, "checkpoints");
+    let shared = Arc::new(Mutex::new(Overlaps::default()));
+    let first = t
+        .worker("twice")
+        .threads(4)
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(watched(&shared, 1))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shared.lock().unwrap().log.len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance handled nothing"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    // A second instance waits for the lock, as a second process would.
+    let store: Store = t.store.clone();
+    let handlers = watched(&shared, 2);
+    let second = thread::spawn(move || {
+        store
+            .worker("twice")
+            .threads(4)
+            .if_locked(IfLocked::Wait)
+            .spawn(handlers)
+    });
+    // The next checkpoint write fails, with an error that is not worth a retry.
+    fault.inject(Some("42501"), 1);
+    let err = first.join().unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    let second = second.join().unwrap()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = {
+            let s = shared.lock().unwrap();
+            s.log
+                .iter()
+                .filter(|(i, _, v, _, _)| *i == 2 && *v == 99)
+                .count()
+        };
+        if done == 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second instance did not finish"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    second.stop()?;
+    let s = shared.lock().unwrap();
+    assert!(
+        s.overlaps.is_empty(),
+        "{:#?}",
+        &s.overlaps[..s.overlaps.len().min(10)]
+    );
+    // Every handler call of the first instance ended before the second one's first began.
+    let first_left = s
+        .log
+        .iter()
+        .filter(|l| l.0 == 1)
+        .map(|l| l.4)
+        .max()
+        .unwrap();
+    let second_entered = s
+        .log
+        .iter()
+        .filter(|l| l.0 == 2)
+        .map(|l| l.3)
+        .min()
+        .unwrap();
+    assert!(
+        first_left <= second_entered,
+        "the first instance was still handling {:?} after the second one started",
+        first_left - second_entered
+    );
+    // Each instance saw each stream in order, without gaps.
+    for instance in [1, 2] {
+        let mut next: HashMap<&str, u64> = HashMap::new();
+        for (_, stream, version, _, _) in s.log.iter().filter(|l| l.0 == instance) {
+            let n = next.entry(stream).or_insert(*version);
+            assert_eq!(*version, *n, "instance {instance}: {stream} out of order");
+            *n += 1;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
+    let t = store_with("worker_filtered");
+    let mut last = 0;
+    for i in 0..10 {
+        last = t
+            .append(
+                &format!("b-{i}"),
+                ExpectedVersion::NoStream,
+                &events("B", 100),
+            )?
+            .last_position;
+    }
+    wait_visible(&t, last);
+    // Batch: nothing matches, and the checkpoint still ends at the last event read.
+    let summary = t
+        .worker("only-a")
+        .event_types(["A"])
+        .run_batch(|_| Ok(()))?;
+    assert_eq!((summary.handled, summary.checkpoint), (0, Some(last)));
+    assert_eq!(t.checkpoint("only-a")?, Some(last));
+
+    // Live: the checkpoint follows the log while nothing matches, and the one event
+    // that matches is handled.
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let worker = t
+        .worker("live-a")
+        .category("b-")
+        .event_types(["A"])
+        .checkpoint_interval(Duration::from_millis(10))
+        .spawn(move |e| {
+            h.lock().unwrap().push(e.position);
+            Ok(())
+        })?;
+    wait_for(
+        "the checkpoint of live-a reaches the end of the log",
+        || t.checkpoint("live-a").unwrap() == Some(last),
+    );
+    let more = t.append("b-0", ExpectedVersion::Any, &events("B", 50))?;
+    let a = t.append("b-1", ExpectedVersion::Any, &events("A", 1))?;
+    let after = t.append("b-2", ExpectedVersion::Any, &events("B", 50))?;
+    wait_visible(&t, after.last_position);
+    wait_for("live-a checkpoints past the last B", || {
+        t.checkpoint("live-a").unwrap() == Some(after.last_position)
+    });
+    assert!(more.last_position < a.last_position);
+    assert_eq!(*handled.lock().unwrap(), vec![a.last_position]);
+    let summary = worker.stop()?;
+    assert_eq!(
+        (summary.handled, summary.checkpoint),
+        (1, Some(after.last_position))
+    );
+    Ok(())
+}
+
+#[test]
+fn retried_checkpoint_writes_and_failed_subscription_reads_are_counted_and_absorbed() -> TestResult
+{
+    let app = format!("pges_worker_absorb_{}", std::process::id());
+    let t = TestStore::with("worker_absorb", |c| {
+        c.max_connections(10)
+            .application_name(&app)
+            .poll_interval(Duration::from_millis(50))
+            .retry_delay(Duration::from_millis(5))
+    });
+    let fault = Fault::install(&t, "checkpoints");
+    let seen = Arc::new(Mutex::new(0u64));
+    let s = seen.clone();
+    let worker = t
+        .worker("absorb")
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(move |_| {
+            *s.lock().unwrap() += 1;
+            Ok(())
+        })?;
+    let retried = || {
+        counter(
+            "pg_eventstore_retries_total",
+            &[("operation", "save_checkpoint")],
+        )
+    };
+    let before = retried();
+
+    // Three checkpoint writes fail with a serialization failure: retried, not fatal.
+    fault.inject(Some("40001"), 3);
+    let r = t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    wait_visible(&t, r.last_position);
+    wait_for("the checkpoint reaches the appended events", || {
+        t.checkpoint("absorb").unwrap() == Some(r.last_position)
+    });
+    assert!(
+        worker.is_running(),
+        "a retried checkpoint write stopped the worker"
+    );
+    assert_eq!(retried() - before, 3);
+
+    // A read of the subscription fails (cancelled while it waits for a lock): counted,
+    // and the worker goes on.
+    let subscription_errors = || {
+        counter(
+            "pg_eventstore_worker_errors_total",
+            &[("processor", "absorb"), ("kind", "subscription")],
+        )
+    };
+    let mut locker = client();
+    let mut tx = locker.transaction()?;
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{}\".events IN ACCESS EXCLUSIVE MODE",
+        t.schema
+    ))?;
+    let mut c = client();
+    wait_for("a read of the worker waits for the lock", || {
+        c.query_one(
+            "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            &[&app],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    });
+    wait_for("the failed read is counted", || subscription_errors() >= 1);
+    tx.rollback()?;
+    let r = t.append("a", ExpectedVersion::Exact(2), &events("E", 2))?;
+    wait_for("the worker handles events after the failure", || {
+        *seen.lock().unwrap() == 5
+    });
+    assert!(worker.is_running());
+    let summary = worker.stop()?;
+    assert_eq!(summary.checkpoint, Some(r.last_position));
     Ok(())
 }
