@@ -64,6 +64,14 @@ pub(crate) struct Sql {
     pub(crate) claim_stream_version: String,
     pub(crate) park: String,
     pub(crate) scan_past: String,
+    pub(crate) list_processors: String,
+    pub(crate) delete_checkpoint: String,
+    pub(crate) delete_stream_claims: String,
+    pub(crate) list_dead_letters: String,
+    pub(crate) delete_dead_letter: String,
+    pub(crate) delete_dead_letters: String,
+    pub(crate) take_dead_letter: String,
+    pub(crate) event_at: String,
 }
 
 impl Sql {
@@ -261,6 +269,55 @@ RETURNING global_position, stream_version"
                       WHERE global_position > $1 AND global_position < {HORIZON}
                       ORDER BY global_position LIMIT $4) s"
             ),
+            // Every processor with a checkpoint, per-stream claims or dead letters; the
+            // lag counts the events after its checkpoint that `$all` readers can see;
+            // it runs while a session holds its advisory lock ($1: the lock class).
+            list_processors: format!(
+                "WITH names AS (
+                     SELECT processor_name FROM {s}.checkpoints
+                     UNION SELECT DISTINCT processor_name FROM {s}.stream_checkpoints
+                     UNION SELECT DISTINCT processor_name FROM {s}.dead_letters)
+                 SELECT n.processor_name, c.position, c.updated_at,
+                        (SELECT count(*) FROM {events} e
+                          WHERE e.global_position > COALESCE(c.position, -1)
+                            AND e.global_position < {HORIZON}) AS lag,
+                        (SELECT count(*) FROM {s}.stream_checkpoints sc
+                          WHERE sc.processor_name = n.processor_name) AS claims,
+                        (SELECT count(*) FROM {s}.dead_letters d
+                          WHERE d.processor_name = n.processor_name) AS dead_letters,
+                        EXISTS (SELECT 1 FROM pg_locks l
+                                 WHERE l.locktype = 'advisory' AND l.granted
+                                   AND l.database = (SELECT oid FROM pg_database
+                                                      WHERE datname = current_database())
+                                   AND l.classid = $1::int::oid AND l.objsubid = 2
+                                   AND l.objid = hashtext($2 || n.processor_name)::oid) AS running
+                   FROM names n LEFT JOIN {s}.checkpoints c USING (processor_name)
+                  ORDER BY n.processor_name"
+            ),
+            delete_checkpoint: format!(
+                "DELETE FROM {s}.checkpoints WHERE processor_name = $1 RETURNING position"
+            ),
+            delete_stream_claims: format!(
+                "DELETE FROM {s}.stream_checkpoints WHERE processor_name = $1"
+            ),
+            list_dead_letters: format!(
+                "SELECT d.event_id, d.stream_id, d.stream_version, d.global_position,
+                        e.event_type, d.attempts, d.error, d.parked_at
+                   FROM {s}.dead_letters d LEFT JOIN {events} e USING (global_position)
+                  WHERE d.processor_name = $1
+                  ORDER BY d.global_position"
+            ),
+            delete_dead_letter: format!(
+                "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2"
+            ),
+            delete_dead_letters: format!("DELETE FROM {s}.dead_letters WHERE processor_name = $1"),
+            // Inside a replay's transaction: removes the dead letter and keeps its row
+            // locked until the handler's effects commit with the removal.
+            take_dead_letter: format!(
+                "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2
+                 RETURNING 1"
+            ),
+            event_at: format!("SELECT {COLUMNS} FROM {events} WHERE global_position = $1"),
             schema: schema.to_string(),
         }
     }

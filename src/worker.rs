@@ -16,6 +16,7 @@ use postgres::Transaction;
 use crate::checkpoint::validate_processor_name;
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
+use crate::processor::ProcessorLock;
 use crate::read::ReadAll;
 use crate::store::{Conn, Store};
 use crate::subscription::SubscribeOptions;
@@ -23,8 +24,6 @@ use crate::subscription::SubscribeOptions;
 /// What a handler returns on failure: any error.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The advisory lock class of workers (with the hash of schema and processor name).
-const LOCK_CLASS: i32 = 0x5045_5332; // "PES2"
 /// Events queued per handler thread before the reader waits.
 const QUEUE: usize = 256;
 /// Events a filtered worker looks at per query when it moves past unmatched ones.
@@ -263,7 +262,7 @@ impl Worker {
         self.check()?;
         let stop = Arc::new(AtomicBool::new(false));
         // Take the lock here, so that "already running" is this call's error.
-        let lock = ProcessorLock::acquire(&self.store, &self.name, self.if_locked, &stop)?;
+        let lock = self.lock(&stop)?;
         let flag = stop.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-worker-{}", self.name))
@@ -275,8 +274,13 @@ impl Worker {
         })
     }
 
+    fn lock(&self, stop: &AtomicBool) -> Result<ProcessorLock> {
+        let wait = self.if_locked == IfLocked::Wait;
+        ProcessorLock::acquire(&self.store, &self.name, wait, stop)
+    }
+
     fn run(self, handler: Handler, mode: Mode, stop: Arc<AtomicBool>) -> Result<WorkerSummary> {
-        let lock = ProcessorLock::acquire(&self.store, &self.name, self.if_locked, &stop)?;
+        let lock = self.lock(&stop)?;
         self.run_locked(handler, mode, stop, lock)
     }
 
@@ -437,16 +441,7 @@ impl Dispatcher {
         for i in 0..worker.threads {
             let (tx, rx) = bounded::<(u64, RecordedEvent)>(QUEUE);
             queues.push(tx);
-            let ctx = ThreadContext {
-                store: worker.store.clone(),
-                name: worker.name.clone(),
-                handler: handler.clone(),
-                retries: worker.retries,
-                retry_delay: worker.retry_delay,
-                on_failure: worker.on_failure,
-                failed: abort.clone(),
-                done: done_tx.clone(),
-            };
+            let ctx = ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
             threads.push(
                 thread::Builder::new()
                     .name(format!("pg-eventstore-handler-{i}"))
@@ -689,9 +684,31 @@ struct ThreadContext {
     on_failure: OnFailure,
     failed: Arc<AtomicBool>,
     done: Sender<Done>,
+    /// Replaying dead letters: a transactional handler's guard is the removal of the
+    /// dead letter, not the per-stream claim (which later events have moved past).
+    replay: bool,
 }
 
 impl ThreadContext {
+    fn new(
+        worker: &Worker,
+        handler: Handler,
+        failed: Arc<AtomicBool>,
+        done: Sender<Done>,
+    ) -> ThreadContext {
+        ThreadContext {
+            store: worker.store.clone(),
+            name: worker.name.clone(),
+            handler,
+            retries: worker.retries,
+            retry_delay: worker.retry_delay,
+            on_failure: worker.on_failure,
+            failed,
+            done,
+            replay: false,
+        }
+    }
+
     fn run(self, rx: Receiver<(u64, RecordedEvent)>) {
         for (seq, event) in rx {
             if self.failed.load(Ordering::Relaxed) {
@@ -771,16 +788,28 @@ impl ThreadContext {
     /// Returns `Ok(false)` when an earlier run already committed it.
     fn in_transaction(&self, h: &TxHandler, event: &RecordedEvent) -> Result<bool, HandlerError> {
         let mut conn: Conn = self.store.conn()?;
-        let claim = self.store.prepared(
-            &mut conn,
-            "claim_stream_version",
-            &self.store.inner.sql.claim_stream_version,
-        )?;
-        let mut tx = conn.transaction()?;
-        let claimed = tx.query_opt(
-            &claim,
-            &[&self.name, &event.stream_id, &(event.version as i64)],
-        )?;
+        let sql = &self.store.inner.sql;
+        let claimed = if self.replay {
+            let take = self
+                .store
+                .prepared(&mut conn, "take_dead_letter", &sql.take_dead_letter)?;
+            let mut tx = conn.transaction()?;
+            let taken = tx.query_opt(&take, &[&self.name, &event.id])?;
+            (tx, taken)
+        } else {
+            let claim = self.store.prepared(
+                &mut conn,
+                "claim_stream_version",
+                &sql.claim_stream_version,
+            )?;
+            let mut tx = conn.transaction()?;
+            let claimed = tx.query_opt(
+                &claim,
+                &[&self.name, &event.stream_id, &(event.version as i64)],
+            )?;
+            (tx, claimed)
+        };
+        let (mut tx, claimed) = claimed;
         if claimed.is_none() {
             return Ok(false); // the transaction rolls back on drop
         }
@@ -815,57 +844,127 @@ impl ThreadContext {
     }
 }
 
-/// A session advisory lock on a dedicated pooled connection, released on drop.
-struct ProcessorLock {
-    conn: Option<Conn>,
-    key: String,
+/// What [`Worker::replay_dead_letters`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplaySummary {
+    /// Dead letters the handler succeeded on: removed from the dead-letter table.
+    pub replayed: u64,
+    /// Dead letters the handler failed on again, after the worker's retries: kept, with
+    /// the new error and attempt count.
+    pub failed: u64,
+    /// Dead letters whose event is no longer in the log: kept, for you to delete.
+    pub missing: u64,
 }
 
-impl ProcessorLock {
-    fn acquire(
-        store: &Store,
-        name: &str,
-        policy: IfLocked,
-        stop: &AtomicBool,
-    ) -> Result<ProcessorLock> {
-        let key = format!("{}:{}", store.schema(), name);
-        let mut conn = store.conn()?;
-        loop {
-            let got: bool = conn
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                    &[&LOCK_CLASS, &key],
-                )?
-                .get(0);
-            if got {
-                return Ok(ProcessorLock {
-                    conn: Some(conn),
-                    key,
-                });
+impl Worker {
+    /// Runs the handler again on every dead letter of this processor, in the global
+    /// order, with the worker's retries. A dead letter the handler now succeeds on is
+    /// removed; one it fails on again stays, with the new error. Takes the processor's
+    /// lock like a run does ([`Worker::if_locked`]): stop the running instance first.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// let summary = store.worker("mailer").replay_dead_letters(|event| {
+    ///     println!("mail for {} again", event.stream_id);
+    ///     Ok(())
+    /// })?;
+    /// println!("{} replayed, {} failed again", summary.replayed, summary.failed);
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn replay_dead_letters<H>(self, handler: H) -> Result<ReplaySummary>
+    where
+        H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        self.replay(Handler::Plain(Arc::new(handler)))
+    }
+
+    /// Like [`Worker::replay_dead_letters`] with a transactional handler: the handler's
+    /// writes commit in one transaction with the removal of the dead letter, so each
+    /// replayed event's effects commit exactly once.
+    pub fn replay_dead_letters_transactional<H>(self, handler: H) -> Result<ReplaySummary>
+    where
+        H: Fn(&mut Transaction<'_>, &RecordedEvent) -> Result<(), HandlerError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.replay(Handler::Tx(Arc::new(handler)))
+    }
+
+    fn replay(self, handler: Handler) -> Result<ReplaySummary> {
+        self.check()?;
+        let _lock = self.lock(&AtomicBool::new(false))?;
+        let (done, _) = unbounded();
+        let plain = matches!(handler, Handler::Plain(_));
+        let mut ctx = ThreadContext::new(&self, handler, Arc::new(AtomicBool::new(false)), done);
+        ctx.on_failure = OnFailure::Park;
+        ctx.replay = true;
+        let mut summary = ReplaySummary::default();
+        for dead in self.store.dead_letters(&self.name)? {
+            let event = self.event_at(dead.position)?;
+            let Some(event) = event.filter(|e| e.id == dead.event_id) else {
+                summary.missing += 1;
+                continue;
+            };
+            match ctx.handle(&event).0 {
+                Outcome::Handled => {
+                    if plain {
+                        self.store.delete_dead_letter(&self.name, event.id)?;
+                    }
+                    summary.replayed += 1;
+                }
+                Outcome::Skipped => {} // removed meanwhile, by another replay
+                Outcome::Parked => summary.failed += 1,
+                Outcome::Failed(e) => return Err(e),
             }
-            if policy == IfLocked::Fail || stop.load(Ordering::Relaxed) {
-                return Err(Error::ProcessorLocked {
-                    name: name.to_string(),
-                });
-            }
-            thread::sleep(Duration::from_millis(100));
         }
+        Ok(summary)
+    }
+
+    fn event_at(&self, position: u64) -> Result<Option<RecordedEvent>> {
+        let mut conn = self.store.conn()?;
+        let sql = &self.store.inner.sql.event_at;
+        let statement = self.store.prepared(&mut conn, "event_at", sql)?;
+        let row = conn
+            .query_opt(&statement, &[&(position as i64)])
+            .map_err(|e| self.store.map_error(e))?;
+        row.as_ref().map(RecordedEvent::from_row).transpose()
     }
 }
 
-impl Drop for ProcessorLock {
-    fn drop(&mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            // A session lock outlives the caller on a pooled connection: release it, or
-            // close the connection if that fails.
-            let released = conn.query_one(
-                "SELECT pg_advisory_unlock($1, hashtext($2))",
-                &[&LOCK_CLASS, &self.key],
-            );
-            if released.is_err() {
-                let _ = conn.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())");
-            }
-        }
+/// Stops a running worker from another thread or a signal handler: a cloneable handle,
+/// like [`SubscriptionStopper`](crate::SubscriptionStopper). Made by
+/// [`WorkerHandle::stopper`].
+///
+/// ```no_run
+/// # use pg_eventstore::Store;
+/// # let store = Store::from_env()?;
+/// let worker = store.worker("mailer").spawn(|_| Ok(()))?;
+/// let stopper = worker.stopper();
+/// std::thread::spawn(move || {
+///     // ... on shutdown:
+///     stopper.stop();
+/// });
+/// let summary = worker.join()?; // returns once stopped: in-flight events finished
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct WorkerStopper {
+    stop: Arc<AtomicBool>,
+}
+
+impl WorkerStopper {
+    /// Asks the worker to stop: it finishes the events in flight, writes its checkpoint,
+    /// and ends (within about 50 ms plus the handler calls in flight). Does not wait.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 }
 
@@ -885,6 +984,13 @@ impl fmt::Debug for WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// A cloneable handle that stops this worker from anywhere.
+    pub fn stopper(&self) -> WorkerStopper {
+        WorkerStopper {
+            stop: self.stop.clone(),
+        }
+    }
+
     /// Asks the worker to stop without waiting; [`WorkerHandle::join`] waits.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Relaxed);

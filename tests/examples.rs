@@ -68,3 +68,77 @@ fn projection_is_restartable_and_exact() {
         assert!(out.contains("read model matches the log: true"), "{out}");
     }
 }
+
+/// Builds an example (a build, not a run: the test runs the binary itself, so that it
+/// can signal and kill the very process) and returns the path of its binary.
+fn example_binary(name: &str) -> std::path::PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "--example", name])
+        .status()
+        .expect("cargo builds");
+    assert!(status.success(), "building example {name} failed");
+    // This test binary is target/<profile>/deps/examples-<hash>.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Sends `signal` (a `kill` name: TERM, INT, KILL) to a child process.
+fn signal(child: &std::process::Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Reads the child's stdout lines until one equals `line`; returns everything read.
+fn read_until(lines: &mut impl Iterator<Item = std::io::Result<String>>, line: &str) -> String {
+    let mut out = String::new();
+    for l in lines {
+        let l = l.unwrap();
+        out.push_str(&l);
+        out.push('\n');
+        if l == line {
+            return out;
+        }
+    }
+    panic!("the example ended before printing {line:?}:\n{out}");
+}
+
+#[test]
+fn service_stops_cleanly_on_sigterm_and_sigint() {
+    use std::io::BufRead;
+    let schema = format!("t_service_{}", std::process::id());
+    let binary = example_binary("service");
+    for (sig, expected) in [("TERM", 3), ("INT", 3)] {
+        let mut child = Command::new(&binary)
+            .env("DB_SCHEMA", &schema)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the example starts");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut out = read_until(&mut lines, "ready");
+        signal(&child, sig);
+        for l in lines {
+            out.push_str(&l.unwrap());
+            out.push('\n');
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "SIG{sig}: {status}\n{out}");
+        assert!(
+            out.contains(&format!("stopped: handled {expected}, checkpoint Some(")),
+            "SIG{sig}:\n{out}"
+        );
+    }
+    // The lock is released and the checkpoint covers all six events.
+    let config = pg_eventstore::Config::from_env().unwrap().schema(&schema);
+    let store = pg_eventstore::Store::connect(config).unwrap();
+    let p = store.processors().unwrap();
+    drop_schema(&schema);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].name.as_str(), p[0].lag, p[0].is_running),
+        ("service-demo", 0, false)
+    );
+}

@@ -594,17 +594,29 @@ fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
 #[test]
 fn retried_checkpoint_writes_and_failed_subscription_reads_are_counted_and_absorbed() -> TestResult
 {
-    let app = format!("pges_worker_absorb_{}", std::process::id());
-    let t = TestStore::with("worker_absorb", |c| {
-        c.max_connections(10)
-            .application_name(&app)
-            .poll_interval(Duration::from_millis(50))
-            .retry_delay(Duration::from_millis(5))
-    });
+    let t = store_with("worker_absorb");
     let fault = Fault::install(&t, "checkpoints");
+    // The worker runs as a role of its own, so that its reads can be refused.
+    let role = format!("pges_absorb_{}", std::process::id());
+    let mut admin = client();
+    admin.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA \"{s}\" TO {role};",
+        s = t.schema
+    ))?;
+    let mut pg: postgres::Config = common::database_url().parse()?;
+    pg.user(&role);
+    let store = pg_eventstore::Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(6)
+        .poll_interval(Duration::from_millis(50))
+        .retry_delay(Duration::from_millis(5))
+        .connect()?;
     let seen = Arc::new(Mutex::new(0u64));
     let s = seen.clone();
-    let worker = t
+    let worker = store
         .worker("absorb")
         .checkpoint_interval(Duration::ZERO)
         .spawn(move |_| {
@@ -632,33 +644,17 @@ fn retried_checkpoint_writes_and_failed_subscription_reads_are_counted_and_absor
     );
     assert_eq!(retried() - before, 3);
 
-    // A read of the subscription fails (cancelled while it waits for a lock): counted,
-    // and the worker goes on.
+    // The subscription's reads are refused for a while: counted, and the worker goes on.
     let subscription_errors = || {
         counter(
             "pg_eventstore_worker_errors_total",
             &[("processor", "absorb"), ("kind", "subscription")],
         )
     };
-    let mut locker = client();
-    let mut tx = locker.transaction()?;
-    tx.batch_execute(&format!(
-        "LOCK TABLE \"{}\".events IN ACCESS EXCLUSIVE MODE",
-        t.schema
-    ))?;
-    let mut c = client();
-    wait_for("a read of the worker waits for the lock", || {
-        c.query_one(
-            "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = $1 AND wait_event_type = 'Lock'",
-            &[&app],
-        )
-        .unwrap()
-        .get::<_, i64>(0)
-            > 0
-    });
-    wait_for("the failed read is counted", || subscription_errors() >= 1);
-    tx.rollback()?;
+    let events_table = format!("\"{}\".events", t.schema);
+    admin.batch_execute(&format!("REVOKE SELECT ON {events_table} FROM {role}"))?;
+    wait_for("a failed read is counted", || subscription_errors() >= 1);
+    admin.batch_execute(&format!("GRANT SELECT ON {events_table} TO {role}"))?;
     let r = t.append("a", ExpectedVersion::Exact(2), &events("E", 2))?;
     wait_for("the worker handles events after the failure", || {
         *seen.lock().unwrap() == 5
@@ -666,5 +662,211 @@ fn retried_checkpoint_writes_and_failed_subscription_reads_are_counted_and_absor
     assert!(worker.is_running());
     let summary = worker.stop()?;
     assert_eq!(summary.checkpoint, Some(r.last_position));
+    drop(store);
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))?;
+    Ok(())
+}
+
+#[test]
+fn processors_are_listed_reset_and_deleted_through_the_api() -> TestResult {
+    let t = store_with("worker_admin");
+    let last = fill(&t, 5);
+    let model = format!("\"{}\".model", t.schema);
+    common::client().batch_execute(&format!(
+        "CREATE TABLE {model} (stream_id text PRIMARY KEY, n int NOT NULL)"
+    ))?;
+    let upsert = format!(
+        "INSERT INTO {model} VALUES ($1, 1) ON CONFLICT (stream_id) DO UPDATE SET n = model.n + 1"
+    );
+    let run_model = || {
+        let upsert = upsert.clone();
+        t.worker("model")
+            .threads(2)
+            .run_batch_transactional(move |tx, e| {
+                tx.execute(&upsert, &[&e.stream_id])?;
+                Ok(())
+            })
+    };
+    assert_eq!(run_model()?.handled, 50);
+    let bad = t
+        .read_stream("acc-3", pg_eventstore::ReadStream::forwards())?
+        .next()
+        .unwrap()?;
+    let summary = t
+        .worker("plain")
+        .retries(0)
+        .on_failure(OnFailure::Park)
+        .run_batch(move |e| match e.id == bad.id {
+            true => Err("no".into()),
+            false => Ok(()),
+        })?;
+    assert_eq!((summary.handled, summary.parked), (49, 1));
+
+    let list = t.processors()?;
+    let summary: Vec<_> = list
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.position,
+                p.lag,
+                p.stream_claims,
+                p.dead_letters,
+                p.is_running,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("model", Some(last), 0, 10, 0, false),
+            ("plain", Some(last), 0, 0, 1, false)
+        ]
+    );
+    assert!(list[0].updated_at.is_some());
+    let more = t.append("acc-0", ExpectedVersion::Exact(4), &events("E", 5))?;
+    wait_visible(&t, more.last_position);
+    assert!(t.processors()?.iter().all(|p| p.lag == 5));
+
+    // A running processor cannot be reset or have its checkpoint deleted.
+    let running = t.worker("model").spawn(|_| Ok(()))?;
+    assert!(t.processors()?[0].is_running);
+    assert!(matches!(
+        t.reset_processor("model"),
+        Err(Error::ProcessorLocked { .. })
+    ));
+    assert!(matches!(
+        t.delete_checkpoint("model"),
+        Err(Error::ProcessorLocked { .. })
+    ));
+    running.stop()?;
+    let checkpoint = t.checkpoint("model")?;
+
+    // Reset: checkpoint and claims go together, and the next run rebuilds everything.
+    let report = t.reset_processor("model")?;
+    assert_eq!((report.checkpoint, report.stream_claims), (checkpoint, 10));
+    assert_eq!(t.processors()?.len(), 1, "model has no state left");
+    assert_eq!(t.checkpoint("model")?, None);
+    common::client().batch_execute(&format!("TRUNCATE {model}"))?;
+    let rebuilt = run_model()?;
+    assert_eq!((rebuilt.handled, rebuilt.skipped), (55, 0));
+
+    assert_eq!(t.delete_checkpoint("plain")?, Some(last));
+    assert_eq!(t.delete_checkpoint("plain")?, None);
+    assert!(matches!(t.reset_processor(""), Err(Error::InvalidInput(_))));
+    Ok(())
+}
+
+#[test]
+fn dead_letters_are_listed_replayed_and_deleted_through_the_api() -> TestResult {
+    let t = store_with("worker_dead");
+    fill(&t, 5);
+    let all: Vec<RecordedEvent> = t
+        .read_all(pg_eventstore::ReadAll::from_start())?
+        .collect::<Result<_, _>>()?;
+    let (bad1, bad2, bad3) = (all[7].clone(), all[21].clone(), all[33].clone());
+    let failing = Arc::new(Mutex::new(HashSet::from([bad1.id, bad2.id, bad3.id])));
+    let handler = |failing: Arc<Mutex<HashSet<uuid::Uuid>>>| {
+        move |e: &RecordedEvent| match failing.lock().unwrap().contains(&e.id) {
+            true => Err(format!("cannot handle {}", e.id).into()),
+            false => Ok(()),
+        }
+    };
+    let parked = t
+        .worker("mailer")
+        .retries(1)
+        .retry_delay(Duration::from_millis(1))
+        .on_failure(OnFailure::Park)
+        .run_batch(handler(failing.clone()))?
+        .parked;
+    assert_eq!(parked, 3);
+    let dead = t.dead_letters("mailer")?;
+    let got: Vec<_> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.event_id,
+                d.stream_id.as_str(),
+                d.version,
+                d.position,
+                d.attempts,
+            )
+        })
+        .collect();
+    let want: Vec<_> = [&bad1, &bad2, &bad3]
+        .iter()
+        .map(|e| (e.id, e.stream_id.as_str(), e.version, e.position, 2))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(dead[0].event_type.as_deref(), Some("E"));
+    assert_eq!(dead[0].error, format!("cannot handle {}", bad1.id));
+
+    // Replay while the processor runs: refused.
+    let running = t.worker("mailer").spawn(|_| Ok(()))?;
+    assert!(matches!(
+        t.worker("mailer").replay_dead_letters(|_| Ok(())),
+        Err(Error::ProcessorLocked { .. })
+    ));
+    running.stop()?;
+
+    // bad1 is fixed now; bad2 and bad3 still fail.
+    failing.lock().unwrap().remove(&bad1.id);
+    let replayed = Arc::new(Mutex::new(Vec::new()));
+    let (r, f) = (replayed.clone(), failing.clone());
+    let summary = t
+        .worker("mailer")
+        .retries(0)
+        .replay_dead_letters(move |e| {
+            r.lock().unwrap().push(e.id);
+            handler(f.clone())(e)
+        })?;
+    assert_eq!(
+        (summary.replayed, summary.failed, summary.missing),
+        (1, 2, 0)
+    );
+    assert_eq!(*replayed.lock().unwrap(), vec![bad1.id, bad2.id, bad3.id]);
+    let left: Vec<_> = t
+        .dead_letters("mailer")?
+        .iter()
+        .map(|d| (d.event_id, d.attempts))
+        .collect();
+    assert_eq!(left, vec![(bad2.id, 1), (bad3.id, 1)]);
+
+    assert!(t.delete_dead_letter("mailer", bad2.id)?);
+    assert!(!t.delete_dead_letter("mailer", bad2.id)?);
+    assert_eq!(t.delete_dead_letters("mailer")?, 1);
+    assert!(t.dead_letters("mailer")?.is_empty());
+
+    // A transactional replay commits the handler's writes with the removal: once.
+    let table = format!("\"{}\".replayed", t.schema);
+    common::client().batch_execute(&format!("CREATE TABLE {table} (event_id uuid PRIMARY KEY)"))?;
+    failing.lock().unwrap().insert(bad1.id);
+    let parked = t
+        .worker("model")
+        .retries(0)
+        .on_failure(OnFailure::Park)
+        .run_batch_transactional({
+            let failing = failing.clone();
+            move |_, e| handler(failing.clone())(e)
+        })?
+        .parked;
+    assert_eq!(parked, 3);
+    failing.lock().unwrap().clear();
+    let insert = format!("INSERT INTO {table} VALUES ($1)");
+    let replay = || {
+        let insert = insert.clone();
+        t.worker("model")
+            .replay_dead_letters_transactional(move |tx, e| {
+                tx.execute(&insert, &[&e.id])?;
+                Ok(())
+            })
+    };
+    assert_eq!(replay()?.replayed, 3);
+    assert_eq!(replay()?.replayed, 0);
+    let n: i64 = common::client()
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])?
+        .get(0);
+    assert_eq!(n, 3);
+    assert!(t.dead_letters("model")?.is_empty());
     Ok(())
 }
