@@ -581,6 +581,8 @@ struct UpToHead {
     options: ReadAll,
     events: Option<crate::Events>,
     tip: Option<u64>,
+    /// The read under way began after the horizon had passed the tip: the last one.
+    last_read: bool,
 }
 
 impl UpToHead {
@@ -591,6 +593,7 @@ impl UpToHead {
             store: store.clone(),
             options,
             tip,
+            last_read: false,
         })
     }
 
@@ -606,9 +609,15 @@ impl UpToHead {
                     None => self.events = None,
                 }
             }
+            if self.last_read {
+                return None;
+            }
             let tip = self.tip?;
             match self.store.tip_and_horizon() {
-                Ok((_, horizon)) if horizon > tip => return None,
+                // The read just exhausted may have begun while the horizon was still
+                // below the tip: one more read, which begins after it has passed the
+                // tip, sees every event up to the tip.
+                Ok((_, horizon)) if horizon > tip => self.last_read = true,
                 Ok(_) => thread::sleep(Duration::from_millis(10)),
                 Err(e) => return Some(Err(e)),
             }

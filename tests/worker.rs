@@ -870,3 +870,33 @@ fn dead_letters_are_listed_replayed_and_deleted_through_the_api() -> TestResult 
     assert!(t.dead_letters("model")?.is_empty());
     Ok(())
 }
+
+#[test]
+fn batch_mode_reads_again_after_the_horizon_passes_the_tip() -> TestResult {
+    // A batch run that starts while another transaction holds the `$all` horizon below
+    // an event committed before the run must still handle it, however the blocker's
+    // commit falls between the run's reads and its horizon checks.
+    let t = store_with("worker_tip");
+    let mut blocker = client();
+    let mut rng = common::Rng(0x9e37_79b9_7f4a_7c15);
+    let mut missed = Vec::new();
+    for round in 0..40u64 {
+        let mut tx = blocker.transaction()?;
+        tx.batch_execute("SELECT pg_current_xact_id()")?;
+        let e = t.append(
+            &format!("tip-{round}"),
+            ExpectedVersion::NoStream,
+            &events("E", 1),
+        )?;
+        let store: Store = t.store.clone();
+        let run = thread::spawn(move || store.worker("tip").run_batch(|_| Ok(())));
+        thread::sleep(Duration::from_micros(rng.next() % 15_000));
+        tx.commit()?;
+        let summary = run.join().unwrap()?;
+        if summary.handled != 1 || summary.checkpoint != Some(e.last_position) {
+            missed.push((round, summary));
+        }
+    }
+    assert!(missed.is_empty(), "{missed:?}");
+    Ok(())
+}
