@@ -72,6 +72,8 @@ pub(crate) struct Sql {
     pub(crate) delete_dead_letters: String,
     pub(crate) take_dead_letter: String,
     pub(crate) event_at: String,
+    pub(crate) read_claims: String,
+    pub(crate) write_claims: String,
 }
 
 impl Sql {
@@ -318,6 +320,29 @@ RETURNING global_position, stream_version"
                  RETURNING 1"
             ),
             event_at: format!("SELECT {COLUMNS} FROM {events} WHERE global_position = $1"),
+            // A group of a transactional worker's events: lock the claims of its
+            // streams, then move them (update the rows that existed and were locked,
+            // insert the others: a concurrent insert fails on the primary key).
+            read_claims: format!(
+                "SELECT stream_id, version FROM {s}.stream_checkpoints
+                  WHERE processor_name = $1 AND stream_id = ANY($2::text[])
+                  ORDER BY stream_id FOR UPDATE"
+            ),
+            write_claims: format!(
+                "WITH t AS (
+                     SELECT * FROM unnest($2::text[], $3::bigint[], $4::bool[]) AS t(s, v, existed)
+                 ), upd AS (
+                     UPDATE {s}.stream_checkpoints c SET version = t.v, updated_at = now()
+                       FROM t
+                      WHERE t.existed AND c.processor_name = $1 AND c.stream_id = t.s
+                     RETURNING 1
+                 ), ins AS (
+                     INSERT INTO {s}.stream_checkpoints (processor_name, stream_id, version)
+                     SELECT $1, t.s, t.v FROM t WHERE NOT t.existed
+                     RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
+            ),
             schema: schema.to_string(),
         }
     }

@@ -1,13 +1,13 @@
 //! Runs the example programs, so that they cannot rot.
 use std::process::Command;
 
+/// Builds an example, runs its binary with `args` in `schema`, and returns its stdout.
 fn run_example(name: &str, args: &[&str], schema: &str) -> String {
-    let out = Command::new(env!("CARGO"))
-        .args(["run", "-q", "--example", name, "--"])
+    let out = Command::new(example_binary(name))
         .args(args)
         .env("DB_SCHEMA", schema)
         .output()
-        .expect("cargo runs");
+        .expect("the example runs");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -141,4 +141,75 @@ fn service_stops_cleanly_on_sigterm_and_sigint() {
         (p[0].name.as_str(), p[0].lag, p[0].is_running),
         ("service-demo", 0, false)
     );
+}
+
+/// Balances by account, in account order.
+type Balances = Vec<(String, i64)>;
+
+/// The read model of examples/projection.rs and the sums from the log, by account.
+fn balances_and_log(schema: &str) -> (Balances, Balances) {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| pg_eventstore::DEFAULT_DATABASE_URL.to_string());
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let rows = |c: &mut postgres::Client, sql: &str| -> Balances {
+        match c.query(sql, &[]) {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(_) => Vec::new(), // not created yet
+        }
+    };
+    let model = rows(
+        &mut c,
+        &format!("SELECT account, balance FROM \"{schema}\".balances ORDER BY 1"),
+    );
+    let log = rows(
+        &mut c,
+        &format!(
+            "SELECT stream_id, sum((data->>'amount')::bigint)::bigint FROM \"{schema}\".events \
+             WHERE starts_with(stream_id, 'projection-') GROUP BY 1 ORDER BY 1"
+        ),
+    );
+    (model, log)
+}
+
+#[test]
+fn projection_killed_with_sigkill_mid_run_ends_exactly_once() {
+    let schema = format!("t_projection_kill_{}", std::process::id());
+    let binary = example_binary("projection");
+    let mut child = Command::new(&binary)
+        .args(["--deposits", "20000"])
+        .env("DB_SCHEMA", &schema)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the example starts");
+    // Kill it as soon as the read model has taken its first groups of events.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (model, _) = balances_and_log(&schema);
+        if model.iter().map(|r| r.1).sum::<i64>() > 0 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the example ended before it was killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    signal(&child, "KILL");
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{status}");
+    let (model, log) = balances_and_log(&schema);
+    let (done, total) = (
+        model.iter().map(|r| r.1).sum::<i64>(),
+        log.iter().map(|r| r.1).sum::<i64>(),
+    );
+    assert!(done < total, "killed after the end: {done} of {total}");
+
+    // Started again, it finishes the job: every deposit counted exactly once.
+    let out = run_example("projection", &[], &schema);
+    let (model, log) = balances_and_log(&schema);
+    drop_schema(&schema);
+    assert!(out.contains("read model matches the log: true"), "{out}");
+    assert_eq!(model, log);
+    eprintln!("killed at {done} of {total}; {out}");
 }
