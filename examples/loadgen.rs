@@ -36,7 +36,8 @@
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
 //! | W7 | bulk import of 1,000,000 events (10,000 streams of 100) | `import` | one binary `COPY` |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
-//! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler and transactional read-model upsert | `Worker::run_batch` | `read_all` of the same events (no raw side) |
+//! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
+//! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections, 100 per transaction |
 //!
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
 //! PostgreSQL). For W6, `ours`/`raw` are the median p50 latency in ms from the start of
@@ -65,7 +66,7 @@ use pg_eventstore::postgres::{Client, NoTls};
 use pg_eventstore::uuid::Uuid;
 use pg_eventstore::{
     Config, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, Store,
-    SubscribeOptions, SubscriptionStopper,
+    SubscribeOptions, SubscriptionStopper, Worker,
 };
 use serde_json::{json, Value};
 
@@ -92,6 +93,11 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
     ("W7", "bulk import", w7),
     ("M1", "peak RSS, large read vs small read", m1),
     ("P1", "worker, 4 threads, trivial handler, vs read_all", p1),
+    (
+        "P2",
+        "transactional worker, 4 threads, read-model upsert, vs raw upserts in transactions of 100",
+        p2,
+    ),
 ];
 
 /// Targets for ours ÷ raw (W6 has none; M1's is a difference in MiB, at most).
@@ -103,6 +109,7 @@ fn target(workload: &str) -> Option<f64> {
         "W4" | "W5" => Some(0.95),
         "W6X" => Some(0.80),
         "W7" => Some(0.80),
+        "P2" => Some(0.80),
         "M1" => Some(16.0),
         _ => None,
     }
@@ -1352,22 +1359,13 @@ fn m1(ctx: &Ctx) -> Res<Outcome> {
 // Workers.
 
 /// P1: the worker in batch mode over `p1_events` events in streams of 100, with 1 and 4
-/// threads, with a trivial handler and with one that upserts a read-model row in the
-/// worker's transaction; next to `read_all` of the same events. "ours" is 4 threads with
-/// the trivial handler, "raw" is `read_all` (no raw PostgreSQL side: the comparison the
-/// worker issue asks for).
+/// threads and a trivial handler, next to `read_all` of the same events. "ours" is 4
+/// threads, "raw" is `read_all` (no raw PostgreSQL side: what the worker adds to a read).
 fn p1(ctx: &Ctx) -> Res<Outcome> {
     let n = ctx.sizes.p1_events;
     let pair = read_fixture(ctx, "p1", n, 0, false)?;
     // Workers need threads + 3 connections.
     let store = Store::connect(ctx.config.clone().max_connections(8).schema(&pair.ours))?;
-    let model = format!("{}.model", quote(&pair.ours));
-    store.pool().get()?.batch_execute(&format!(
-        "CREATE TABLE {model} (stream_id text PRIMARY KEY, n bigint NOT NULL)"
-    ))?;
-    let upsert = format!(
-        "INSERT INTO {model} VALUES ($1, 1) ON CONFLICT (stream_id) DO UPDATE SET n = model.n + 1"
-    );
     let mut runs: HashMap<&str, Vec<f64>> = HashMap::new();
     for rep in 0..ctx.reps {
         let t = Instant::now();
@@ -1391,40 +1389,128 @@ fn p1(ctx: &Ctx) -> Res<Outcome> {
             runs.entry(key)
                 .or_default()
                 .push(n as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    drop(store);
+    Ok(median_outcome(&runs, "t4_trivial", "read_all", n))
+}
 
-            let upsert = upsert.clone();
+/// Events per second: the median of each run kind, with `ours` ÷ `raw` as the ratio and
+/// every kind as an extra field.
+fn median_outcome(
+    runs: &HashMap<&'static str, Vec<f64>>,
+    ours: &str,
+    raw: &str,
+    n: usize,
+) -> Outcome {
+    let m = |k: &str| round(median_f(&runs[k]));
+    let mut extra = vec![("events", json!(n))];
+    let mut kinds: Vec<&&str> = runs.keys().collect();
+    kinds.sort();
+    for k in kinds {
+        extra.push((*k, json!(m(k))));
+    }
+    Outcome {
+        ours: m(ours),
+        raw: m(raw),
+        ratio: m(ours) / m(raw),
+        unit: "events/s",
+        extra,
+    }
+}
+
+/// P2: a transactional worker in batch mode over `p1_events` events (streams of 100),
+/// 4 threads, its handler upserting one read-model row per event in the worker's
+/// transaction (grouped: `Worker::transaction_batch`, default 100 events); next to raw
+/// PostgreSQL doing the same upserts from 4 connections (the events of a stream on one
+/// connection, as the worker does) in transactions of 100. Also the worker with 1 thread.
+fn p2(ctx: &Ctx) -> Res<Outcome> {
+    let n = ctx.sizes.p1_events;
+    let pair = read_fixture(ctx, "p2", n, 0, false)?;
+    let store = Store::connect(ctx.config.clone().max_connections(8).schema(&pair.ours))?;
+    let model = |schema: &str| format!("{}.model", quote(schema));
+    let upsert = |table: &str| {
+        format!(
+            "INSERT INTO {table} AS m VALUES ($1, 1) \
+             ON CONFLICT (stream_id) DO UPDATE SET n = m.n + 1"
+        )
+    };
+    for schema in [&pair.ours, &pair.raw] {
+        store.pool().get()?.batch_execute(&format!(
+            "CREATE TABLE {} (stream_id text PRIMARY KEY, n bigint NOT NULL)",
+            model(schema)
+        ))?;
+    }
+    // The raw side's input: the stream of every event, in the log's order, split over
+    // 4 connections by stream.
+    let mut parts: Vec<Vec<String>> = vec![Vec::new(); 4];
+    for e in store.read_all(ReadAll::from_start())? {
+        let stream = e?.stream_id;
+        let k = stream.bytes().map(usize::from).sum::<usize>() % 4;
+        parts[k].push(stream);
+    }
+    let parts = Arc::new(parts);
+    let mut runs: HashMap<&str, Vec<f64>> = HashMap::new();
+    for rep in 0..ctx.reps {
+        let ours = |threads: usize| -> Res<f64> {
+            let sql = upsert(&model(&pair.ours));
             let t = Instant::now();
             let s = store
                 .worker(&format!("model-{threads}-{rep}"))
                 .threads(threads)
                 .run_batch_transactional(move |tx, e| {
+                    let upsert = Worker::prepare_cached(tx, &sql)?;
                     tx.execute(&upsert, &[&e.stream_id])?;
                     Ok(())
                 })?;
             check_count("worker", s.handled as usize, n)?;
-            let key = if threads == 1 { "t1_model" } else { "t4_model" };
-            runs.entry(key)
-                .or_default()
-                .push(n as f64 / t.elapsed().as_secs_f64());
-        }
-    }
-    let m = |k: &str| round(median_f(&runs[k]));
-    let mut o = Outcome {
-        ours: m("t4_trivial"),
-        raw: m("read_all"),
-        ratio: m("t4_trivial") / m("read_all"),
-        unit: "events/s",
-        extra: vec![("events", json!(n))],
-    };
-    for k in [
-        "read_all",
-        "t1_trivial",
-        "t4_trivial",
-        "t1_model",
-        "t4_model",
-    ] {
-        o.extra.push((k, json!(m(k))));
+            Ok(n as f64 / t.elapsed().as_secs_f64())
+        };
+        let raw = || -> Res<f64> {
+            let sql = upsert(&model(&pair.raw));
+            let mut clients = Vec::new();
+            for _ in 0..4 {
+                clients.push(pair.raw_client(ctx)?);
+            }
+            let barrier = Arc::new(Barrier::new(5));
+            let handles: Vec<_> = clients
+                .into_iter()
+                .enumerate()
+                .map(|(k, mut client)| {
+                    let (sql, parts, barrier) = (sql.clone(), parts.clone(), barrier.clone());
+                    thread::spawn(move || -> Result<(), String> {
+                        let statement = client.prepare(&sql).map_err(|e| e.to_string())?;
+                        barrier.wait();
+                        for chunk in parts[k].chunks(100) {
+                            let mut tx = client.transaction().map_err(|e| e.to_string())?;
+                            for stream in chunk {
+                                tx.execute(&statement, &[stream])
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            tx.commit().map_err(|e| e.to_string())?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let t = Instant::now();
+            for h in handles {
+                h.join().expect("raw upsert thread")?;
+            }
+            Ok(n as f64 / t.elapsed().as_secs_f64())
+        };
+        let (o, r) = if rep % 2 == 0 {
+            let o = ours(4)?;
+            (o, raw()?)
+        } else {
+            let r = raw()?;
+            (ours(4)?, r)
+        };
+        runs.entry("t4_model").or_default().push(o);
+        runs.entry("raw_batched").or_default().push(r);
+        runs.entry("t1_model").or_default().push(ours(1)?);
     }
     drop(store);
-    Ok(o)
+    Ok(median_outcome(&runs, "t4_model", "raw_batched", n))
 }

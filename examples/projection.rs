@@ -4,9 +4,11 @@
 //!
 //! `cargo run --example projection` — each run appends a few deposits, then brings the
 //! `balances` table up to date with everything in the log and checks it against the log.
+//! `-- --deposits N` appends `N` more deposits over 100 accounts first (a test kills the
+//! program with `kill -9` in the middle of such a run, then runs it again).
 use std::collections::BTreeMap;
 
-use pg_eventstore::{EventData, ExpectedVersion, OnFailure, ReadAll, Store};
+use pg_eventstore::{EventData, ExpectedVersion, OnFailure, ReadAll, Store, Worker};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -24,6 +26,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
              account text PRIMARY KEY,
              balance bigint NOT NULL)"
     ))?;
+
+    let args: Vec<String> = std::env::args().collect();
+    let deposits: usize = match args.iter().position(|a| a == "--deposits") {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or("--deposits needs a number")?
+            .parse()?,
+        None => 0,
+    };
+    for (k, chunk) in (0..deposits).collect::<Vec<_>>().chunks(100).enumerate() {
+        let events = chunk
+            .iter()
+            .map(|i| {
+                EventData::new(
+                    "Deposited",
+                    &Deposited {
+                        amount: (*i % 7) as i64 + 1,
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let account = format!("projection-many-{}", k % 100);
+        store.append(&account, ExpectedVersion::Any, &events)?;
+    }
 
     // New events for this run.
     for (account, amount) in [
@@ -49,6 +75,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .on_failure(OnFailure::Stop)
         .run_batch_transactional(move |tx, event| {
             let deposit: Deposited = event.data_as()?;
+            // Prepared once per pooled connection, not on every call.
+            let upsert = Worker::prepare_cached(tx, &upsert)?;
             tx.execute(&upsert, &[&event.stream_id, &deposit.amount])?;
             Ok(())
         })?;

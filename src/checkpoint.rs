@@ -33,9 +33,16 @@ impl Store {
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
-    /// Stores the checkpoint of processor `name` now.
+    /// Stores the checkpoint of processor `name` now. Transient failures are retried
+    /// (see [`Config::max_retries`](crate::Config::max_retries)): the write is idempotent.
     pub fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_processor_name(name)?;
+        crate::retry::run(self, "save_checkpoint", || {
+            self.save_checkpoint_once(name, position)
+        })
+    }
+
+    fn save_checkpoint_once(&self, name: &str, position: u64) -> Result<()> {
         let mut conn = self.conn()?;
         let statement = self.prepared(
             &mut conn,

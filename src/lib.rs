@@ -198,6 +198,13 @@
 //! graceful shutdown, a batch mode for jobs ([`Worker::run_batch`]), and one running
 //! worker per processor name. Transactional handlers ([`Worker::spawn_transactional`])
 //! commit their writes together with a per-stream claim, for exactly-once effects.
+//! [`WorkerHandle::stopper`] stops a running worker from anywhere (a signal handler:
+//! `examples/service.rs`).
+//!
+//! Operating processors needs no SQL on the store's tables: [`Store::processors`] lists
+//! them with position, lag and whether they run; [`Store::reset_processor`] and
+//! [`Store::delete_checkpoint`] rebuild them; [`Store::dead_letters`],
+//! [`Worker::replay_dead_letters`] and [`Store::delete_dead_letter`] handle parked events.
 //!
 //! # Failures, health and observability
 //!
@@ -245,6 +252,7 @@ mod import;
 mod listener;
 mod metrics;
 mod migrate;
+mod processor;
 mod read;
 mod retry;
 mod sql;
@@ -265,12 +273,16 @@ pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
+pub use crate::processor::{DeadLetter, ProcessorInfo, ResetReport};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
 pub use crate::tls::{Connector, Manager};
-pub use crate::worker::{HandlerError, IfLocked, OnFailure, Worker, WorkerHandle, WorkerSummary};
+pub use crate::worker::{
+    HandlerError, IfLocked, OnFailure, ReplaySummary, Worker, WorkerHandle, WorkerStopper,
+    WorkerSummary,
+};
 
 pub use crossbeam_channel;
 #[cfg(feature = "tls")]

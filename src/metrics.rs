@@ -21,6 +21,7 @@
 //! | `subscription_lag_seconds` | histogram | from an event's `recorded_at` (its transaction's start) to its delivery by a subscription |
 //! | `listener_reconnects_total` | counter | reconnects of the notification listener |
 //! | `feed_held_back_seconds` | gauge | how long this store's subscriptions (and workers) have been held back by an open appending transaction (0: not held) |
+//! | `worker_errors_total` | counter | errors a worker absorbed and went on after (labels `processor`, and `kind`: `subscription` for a failed read of its subscription, `handler` for a handler call that failed and is retried, `parked` for an event parked in the dead-letter table); retried checkpoint writes count in `retries_total` with `operation` `save_checkpoint` |
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -45,6 +46,7 @@ pub(crate) const SUBSCRIPTION_LAG: &str = "pg_eventstore_subscription_lag_second
 pub(crate) const SUBSCRIPTION_EVENTS: &str = "pg_eventstore_subscription_events_total";
 pub(crate) const LISTENER_RECONNECTS: &str = "pg_eventstore_listener_reconnects_total";
 pub(crate) const FEED_HELD_BACK: &str = "pg_eventstore_feed_held_back_seconds";
+pub(crate) const WORKER_ERRORS: &str = "pg_eventstore_worker_errors_total";
 
 /// Runs one append (`mode`: `store` or `in_transaction`) in a span, and records its
 /// outcome and latency.
@@ -127,6 +129,11 @@ pub(crate) fn subscription_delivered(recorded_at: std::time::SystemTime) {
 /// Counts one reconnect of the notification listener.
 pub(crate) fn listener_reconnected() {
     counter!(LISTENER_RECONNECTS).increment(1);
+}
+
+/// Counts one error a worker absorbed (`kind`: see the table above).
+pub(crate) fn worker_error(processor: &str, kind: &'static str) {
+    counter!(WORKER_ERRORS, "processor" => processor.to_string(), "kind" => kind).increment(1);
 }
 
 /// How many yielded events a read counts before it reports them.

@@ -63,6 +63,17 @@ pub(crate) struct Sql {
     pub(crate) save_checkpoint: String,
     pub(crate) claim_stream_version: String,
     pub(crate) park: String,
+    pub(crate) scan_past: String,
+    pub(crate) list_processors: String,
+    pub(crate) delete_checkpoint: String,
+    pub(crate) delete_stream_claims: String,
+    pub(crate) list_dead_letters: String,
+    pub(crate) delete_dead_letter: String,
+    pub(crate) delete_dead_letters: String,
+    pub(crate) take_dead_letter: String,
+    pub(crate) event_at: String,
+    pub(crate) read_claims: String,
+    pub(crate) write_claims: String,
 }
 
 impl Sql {
@@ -317,6 +328,89 @@ RETURNING global_position, stream_version"
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (processor_name, event_id) DO UPDATE
                    SET attempts = excluded.attempts, error = excluded.error, parked_at = now()"
+            ),
+            // A filtered worker's look past the events its filter left out: the last of
+            // the next `$4` events below the horizon, and whether any of them matches.
+            scan_past: format!(
+                "SELECT count(*), max(p), COALESCE(bool_or(m), false) FROM (
+                     SELECT global_position AS p,
+                            ($2::text IS NULL OR starts_with(stream_id, $2::text))
+                            AND ($3::text[] IS NULL OR event_type = ANY($3::text[])) AS m
+                       FROM {events}
+                      WHERE global_position > $1 AND global_position < (SELECT horizon FROM {horizon})
+                      ORDER BY global_position LIMIT $4) s"
+            ),
+            // Every processor with a checkpoint, per-stream claims or dead letters; the
+            // lag counts the events after its checkpoint that `$all` readers can see;
+            // it runs while a session holds its advisory lock ($1: the lock class).
+            list_processors: format!(
+                "WITH names AS (
+                     SELECT processor_name FROM {s}.checkpoints
+                     UNION SELECT DISTINCT processor_name FROM {s}.stream_checkpoints
+                     UNION SELECT DISTINCT processor_name FROM {s}.dead_letters)
+                 SELECT n.processor_name, c.position, c.updated_at,
+                        (SELECT count(*) FROM {events} e
+                          WHERE e.global_position > COALESCE(c.position, -1)
+                            AND e.global_position < (SELECT horizon FROM {horizon})) AS lag,
+                        (SELECT count(*) FROM {s}.stream_checkpoints sc
+                          WHERE sc.processor_name = n.processor_name) AS claims,
+                        (SELECT count(*) FROM {s}.dead_letters d
+                          WHERE d.processor_name = n.processor_name) AS dead_letters,
+                        EXISTS (SELECT 1 FROM pg_locks l
+                                 WHERE l.locktype = 'advisory' AND l.granted
+                                   AND l.database = (SELECT oid FROM pg_database
+                                                      WHERE datname = current_database())
+                                   AND l.classid = $1::int::oid AND l.objsubid = 2
+                                   AND l.objid = hashtext($2 || n.processor_name)::oid) AS running
+                   FROM names n LEFT JOIN {s}.checkpoints c USING (processor_name)
+                  ORDER BY n.processor_name"
+            ),
+            delete_checkpoint: format!(
+                "DELETE FROM {s}.checkpoints WHERE processor_name = $1 RETURNING position"
+            ),
+            delete_stream_claims: format!(
+                "DELETE FROM {s}.stream_checkpoints WHERE processor_name = $1"
+            ),
+            list_dead_letters: format!(
+                "SELECT d.event_id, d.stream_id, d.stream_version, d.global_position,
+                        e.event_type, d.attempts, d.error, d.parked_at
+                   FROM {s}.dead_letters d LEFT JOIN {events} e USING (global_position)
+                  WHERE d.processor_name = $1
+                  ORDER BY d.global_position"
+            ),
+            delete_dead_letter: format!(
+                "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2"
+            ),
+            delete_dead_letters: format!("DELETE FROM {s}.dead_letters WHERE processor_name = $1"),
+            // Inside a replay's transaction: removes the dead letter and keeps its row
+            // locked until the handler's effects commit with the removal.
+            take_dead_letter: format!(
+                "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2
+                 RETURNING 1"
+            ),
+            event_at: format!("SELECT {COLUMNS} FROM {events} WHERE global_position = $1"),
+            // A group of a transactional worker's events: lock the claims of its
+            // streams, then move them (update the rows that existed and were locked,
+            // insert the others: a concurrent insert fails on the primary key).
+            read_claims: format!(
+                "SELECT stream_id, version FROM {s}.stream_checkpoints
+                  WHERE processor_name = $1 AND stream_id = ANY($2::text[])
+                  ORDER BY stream_id FOR UPDATE"
+            ),
+            write_claims: format!(
+                "WITH t AS (
+                     SELECT * FROM unnest($2::text[], $3::bigint[], $4::bool[]) AS t(s, v, existed)
+                 ), upd AS (
+                     UPDATE {s}.stream_checkpoints c SET version = t.v, updated_at = now()
+                       FROM t
+                      WHERE t.existed AND c.processor_name = $1 AND c.stream_id = t.s
+                     RETURNING 1
+                 ), ins AS (
+                     INSERT INTO {s}.stream_checkpoints (processor_name, stream_id, version)
+                     SELECT $1, t.s, t.v FROM t WHERE NOT t.existed
+                     RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
             ),
             schema: schema.to_string(),
         }

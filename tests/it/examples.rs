@@ -1,12 +1,13 @@
 //! Runs the example programs, so that they cannot rot.
 use std::process::Command;
 
+/// Builds an example, runs its binary with `args` in `schema`, and returns its stdout.
 fn run_example(name: &str, args: &[&str], schema: &str) -> String {
     let out = Command::new(crate::common::example(name))
         .args(args)
         .env("DB_SCHEMA", schema)
         .output()
-        .expect("cargo runs");
+        .expect("the example runs");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -66,4 +67,135 @@ fn projection_is_restartable_and_exact() {
     for out in [&first, &second] {
         assert!(out.contains("read model matches the log: true"), "{out}");
     }
+}
+
+/// Sends `signal` (a `kill` name: TERM, INT, KILL) to a child process.
+fn signal(child: &std::process::Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Reads the child's stdout lines until one equals `line`; returns everything read.
+fn read_until(lines: &mut impl Iterator<Item = std::io::Result<String>>, line: &str) -> String {
+    let mut out = String::new();
+    for l in lines {
+        let l = l.unwrap();
+        out.push_str(&l);
+        out.push('\n');
+        if l == line {
+            return out;
+        }
+    }
+    panic!("the example ended before printing {line:?}:\n{out}");
+}
+
+#[test]
+fn service_stops_cleanly_on_sigterm_and_sigint() {
+    use std::io::BufRead;
+    let schema = format!("t_service_{}", std::process::id());
+    let binary = crate::common::example("service");
+    for (sig, expected) in [("TERM", 3), ("INT", 3)] {
+        let mut child = Command::new(&binary)
+            .env("DB_SCHEMA", &schema)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the example starts");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut out = read_until(&mut lines, "ready");
+        signal(&child, sig);
+        for l in lines {
+            out.push_str(&l.unwrap());
+            out.push('\n');
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "SIG{sig}: {status}\n{out}");
+        assert!(
+            out.contains(&format!("stopped: handled {expected}, checkpoint Some(")),
+            "SIG{sig}:\n{out}"
+        );
+    }
+    // The lock is released and the checkpoint covers all six events.
+    let config = pg_eventstore::Config::from_env().unwrap().schema(&schema);
+    let store = pg_eventstore::Store::connect(config).unwrap();
+    let p = store.processors().unwrap();
+    drop_schema(&schema);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].name.as_str(), p[0].lag, p[0].is_running),
+        ("service-demo", 0, false)
+    );
+}
+
+/// Balances by account, in account order.
+type Balances = Vec<(String, i64)>;
+
+/// The read model of examples/projection.rs and the sums from the log, by account.
+fn balances_and_log(schema: &str) -> (Balances, Balances) {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| pg_eventstore::DEFAULT_DATABASE_URL.to_string());
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let rows = |c: &mut postgres::Client, sql: &str| -> Balances {
+        match c.query(sql, &[]) {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(_) => Vec::new(), // not created yet
+        }
+    };
+    let model = rows(
+        &mut c,
+        &format!("SELECT account, balance FROM \"{schema}\".balances ORDER BY 1"),
+    );
+    let log = rows(
+        &mut c,
+        &format!(
+            "SELECT stream_id, sum((data->>'amount')::bigint)::bigint FROM \"{schema}\".events \
+             WHERE starts_with(stream_id, 'projection-') GROUP BY 1 ORDER BY 1"
+        ),
+    );
+    (model, log)
+}
+
+#[test]
+fn projection_killed_with_sigkill_mid_run_ends_exactly_once() {
+    let schema = format!("t_projection_kill_{}", std::process::id());
+    let binary = crate::common::example("projection");
+    let mut child = Command::new(&binary)
+        .args(["--deposits", "20000"])
+        .env("DB_SCHEMA", &schema)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the example starts");
+    // Kill it as soon as the read model has taken its first groups of events.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (model, _) = balances_and_log(&schema);
+        if model.iter().map(|r| r.1).sum::<i64>() > 0 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the example ended before it was killed"
+        );
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    signal(&child, "KILL");
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{status}");
+    let (model, log) = balances_and_log(&schema);
+    let (done, total) = (
+        model.iter().map(|r| r.1).sum::<i64>(),
+        log.iter().map(|r| r.1).sum::<i64>(),
+    );
+    assert!(done < total, "killed after the end: {done} of {total}");
+
+    // Started again, it finishes the job: every deposit counted exactly once.
+    let out = run_example("projection", &[], &schema);
+    let (model, log) = balances_and_log(&schema);
+    drop_schema(&schema);
+    assert!(out.contains("read model matches the log: true"), "{out}");
+    assert_eq!(model, log);
+    eprintln!("killed at {done} of {total}; {out}");
 }

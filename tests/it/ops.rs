@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{client, database_url, events, schema_name, TestResult, TestStore};
+use crate::common::{client, database_url, events, schema_name, Fault, TestResult, TestStore};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use pg_eventstore::{Config, Error, ExpectedVersion, ReadAll, ReadStream, SCHEMA_VERSION};
 
@@ -292,35 +292,9 @@ fn which_sqlstates_are_transient() -> TestResult {
 #[test]
 fn serialization_failures_and_deadlocks_in_appends_are_retried() -> TestResult {
     let t = TestStore::new("ops_faultinject");
-    let s = format!("\"{}\"", t.schema);
-    // A statement trigger on the events table that fails the next `n` inserts with a
-    // chosen SQLSTATE. The sequence counts attempts outside the failing transactions.
-    client().batch_execute(&format!(
-        "CREATE TABLE {s}.fault (code text, fail_below bigint);
-         INSERT INTO {s}.fault VALUES (NULL, 0);
-         CREATE SEQUENCE {s}.fault_seq;
-         CREATE FUNCTION {s}.fault() RETURNS trigger LANGUAGE plpgsql AS $f$
-         DECLARE f record;
-         BEGIN
-             SELECT * INTO f FROM {s}.fault;
-             IF f.code IS NOT NULL AND nextval('{s}.fault_seq') <= f.fail_below THEN
-                 RAISE EXCEPTION 'injected fault' USING ERRCODE = f.code;
-             END IF;
-             RETURN NULL;
-         END $f$;
-         CREATE TRIGGER fault BEFORE INSERT ON {s}.events
-             FOR EACH STATEMENT EXECUTE FUNCTION {s}.fault();"
-    ))?;
-    let inject = |code: Option<&str>, times: i64| {
-        let mut c = client();
-        c.execute(
-            &format!("UPDATE {s}.fault SET code = $1, fail_below = $2"),
-            &[&code, &times],
-        )
-        .unwrap();
-        c.execute(&format!("SELECT setval('{s}.fault_seq', 1, false)"), &[])
-            .unwrap();
-    };
+    // The next `n` appends fail with a chosen SQLSTATE.
+    let fault = Fault::install(&t, "events");
+    let inject = |code: Option<&str>, times: i64| fault.inject(code, times);
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     // Retries since the previous look: a snapshot drains the recorder's counters.

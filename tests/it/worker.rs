@@ -1,9 +1,10 @@
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::{events, wait_visible, TestResult, TestStore};
+use crate::common::{client, events, wait_visible, Fault, TestResult, TestStore};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use pg_eventstore::{Error, ExpectedVersion, IfLocked, OnFailure, RecordedEvent, Store};
 
 /// 10 streams × `per_stream` events, appended in interleaved batches.
@@ -25,6 +26,50 @@ fn fill(t: &TestStore, per_stream: usize) -> u64 {
     }
     wait_visible(t, last);
     last
+}
+
+/// A counter's total over the whole test binary, for the labels given. Workers count on
+/// their own threads, so the recorder is global; a snapshot drains it, so every look
+/// adds what it drained to running totals that all tests share.
+fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    type Totals = Mutex<Vec<(String, Vec<(String, String)>, u64)>>;
+    static RECORDER: OnceLock<(Snapshotter, Totals)> = OnceLock::new();
+    let (snapshotter, totals) = RECORDER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only global recorder");
+        (snapshotter, Mutex::new(Vec::new()))
+    });
+    let mut totals = totals.lock().unwrap();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if let DebugValue::Counter(n) = value {
+            let labels = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_string(), l.value().to_string()))
+                .collect();
+            totals.push((key.key().name().to_string(), labels, n));
+        }
+    }
+    totals
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|t| t.2)
+        .sum()
+}
+
+/// Waits up to 20 s for `f` to hold.
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn store_with(name: &str) -> TestStore {
@@ -241,6 +286,13 @@ fn retries_then_parks_and_goes_on() -> TestResult {
             Ok(())
         })?;
     assert_eq!(*calls.lock().unwrap(), 3, "one call and two retries");
+    let errors = |kind| {
+        counter(
+            "pg_eventstore_worker_errors_total",
+            &[("processor", "park"), ("kind", kind)],
+        )
+    };
+    assert_eq!((errors("handler"), errors("parked")), (2, 1));
     assert_eq!(
         (summary.handled, summary.parked, summary.retries),
         (49, 1, 2)
@@ -345,5 +397,505 @@ fn a_second_worker_with_the_same_name_is_refused_and_live_mode_follows() -> Test
     let summary = first.stop()?;
     assert_eq!(summary.handled, 7);
     assert_eq!(waiter.join().unwrap()?.handled, 0);
+    Ok(())
+}
+
+/// What the handlers of two instances of one processor did, to find overlaps.
+#[derive(Default)]
+struct Overlaps {
+    /// stream -> the instance inside its handler now.
+    busy: HashMap<String, u8>,
+    /// "stream: instance x entered while y was inside".
+    overlaps: Vec<String>,
+    /// (instance, stream, version, entered, left), in the order handlers finished.
+    log: Vec<(u8, String, u64, Instant, Instant)>,
+}
+
+fn watched(
+    shared: &Arc<Mutex<Overlaps>>,
+    instance: u8,
+) -> impl Fn(&RecordedEvent) -> Result<(), pg_eventstore::HandlerError> + Send + Sync + 'static {
+    let shared = shared.clone();
+    move |e| {
+        let entered = Instant::now();
+        {
+            let mut s = shared.lock().unwrap();
+            if let Some(other) = s.busy.insert(e.stream_id.clone(), instance) {
+                let msg = format!(
+                    "{}: instance {instance} entered at v{} while instance {other} was inside",
+                    e.stream_id, e.version
+                );
+                s.overlaps.push(msg);
+            }
+        }
+        thread::sleep(Duration::from_millis(2));
+        let mut s = shared.lock().unwrap();
+        s.busy.remove(&e.stream_id);
+        s.log.push((
+            instance,
+            e.stream_id.clone(),
+            e.version,
+            entered,
+            Instant::now(),
+        ));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_checkpoint_write_ends_every_handler_before_another_instance_starts() -> TestResult {
+    let t = store_with("worker_overlap");
+    fill(&t, 100);
+    let fault = Fault::install(&t, "checkpoints");
+    let shared = Arc::new(Mutex::new(Overlaps::default()));
+    let first = t
+        .worker("twice")
+        .threads(4)
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(watched(&shared, 1))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shared.lock().unwrap().log.len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance handled nothing"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    // A second instance waits for the lock, as a second process would.
+    let store: Store = t.store.clone();
+    let handlers = watched(&shared, 2);
+    let second = thread::spawn(move || {
+        store
+            .worker("twice")
+            .threads(4)
+            .if_locked(IfLocked::Wait)
+            .spawn(handlers)
+    });
+    // The next checkpoint write fails, with an error that is not worth a retry.
+    fault.inject(Some("42501"), 1);
+    let err = first.join().unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    let second = second.join().unwrap()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = {
+            let s = shared.lock().unwrap();
+            s.log
+                .iter()
+                .filter(|(i, _, v, _, _)| *i == 2 && *v == 99)
+                .count()
+        };
+        if done == 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second instance did not finish"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    second.stop()?;
+    let s = shared.lock().unwrap();
+    assert!(
+        s.overlaps.is_empty(),
+        "{:#?}",
+        &s.overlaps[..s.overlaps.len().min(10)]
+    );
+    // Every handler call of the first instance ended before the second one's first began.
+    let first_left = s
+        .log
+        .iter()
+        .filter(|l| l.0 == 1)
+        .map(|l| l.4)
+        .max()
+        .unwrap();
+    let second_entered = s
+        .log
+        .iter()
+        .filter(|l| l.0 == 2)
+        .map(|l| l.3)
+        .min()
+        .unwrap();
+    assert!(
+        first_left <= second_entered,
+        "the first instance was still handling {:?} after the second one started",
+        first_left - second_entered
+    );
+    // Each instance saw each stream in order, without gaps.
+    for instance in [1, 2] {
+        let mut next: HashMap<&str, u64> = HashMap::new();
+        for (_, stream, version, _, _) in s.log.iter().filter(|l| l.0 == instance) {
+            let n = next.entry(stream).or_insert(*version);
+            assert_eq!(*version, *n, "instance {instance}: {stream} out of order");
+            *n += 1;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
+    let t = store_with("worker_filtered");
+    let mut last = 0;
+    for i in 0..10 {
+        last = t
+            .append(
+                &format!("b-{i}"),
+                ExpectedVersion::NoStream,
+                &events("B", 100),
+            )?
+            .last_position;
+    }
+    wait_visible(&t, last);
+    // Batch: nothing matches, and the checkpoint still ends at the last event read.
+    let summary = t
+        .worker("only-a")
+        .event_types(["A"])
+        .run_batch(|_| Ok(()))?;
+    assert_eq!((summary.handled, summary.checkpoint), (0, Some(last)));
+    assert_eq!(t.checkpoint("only-a")?, Some(last));
+
+    // Live: the checkpoint follows the log while nothing matches, and the one event
+    // that matches is handled.
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let worker = t
+        .worker("live-a")
+        .category("b-")
+        .event_types(["A"])
+        .checkpoint_interval(Duration::from_millis(10))
+        .spawn(move |e| {
+            h.lock().unwrap().push(e.position);
+            Ok(())
+        })?;
+    wait_for(
+        "the checkpoint of live-a reaches the end of the log",
+        || t.checkpoint("live-a").unwrap() == Some(last),
+    );
+    let more = t.append("b-0", ExpectedVersion::Any, &events("B", 50))?;
+    let a = t.append("b-1", ExpectedVersion::Any, &events("A", 1))?;
+    let after = t.append("b-2", ExpectedVersion::Any, &events("B", 50))?;
+    wait_visible(&t, after.last_position);
+    wait_for("live-a checkpoints past the last B", || {
+        t.checkpoint("live-a").unwrap() == Some(after.last_position)
+    });
+    assert!(more.last_position < a.last_position);
+    assert_eq!(*handled.lock().unwrap(), vec![a.last_position]);
+    let summary = worker.stop()?;
+    assert_eq!(
+        (summary.handled, summary.checkpoint),
+        (1, Some(after.last_position))
+    );
+    Ok(())
+}
+
+#[test]
+fn retried_checkpoint_writes_and_failed_subscription_reads_are_counted_and_absorbed() -> TestResult
+{
+    let t = store_with("worker_absorb");
+    let fault = Fault::install(&t, "checkpoints");
+    // The worker runs as a role of its own, so that its reads can be refused.
+    let role = format!("pges_absorb_{}", std::process::id());
+    let mut admin = client();
+    admin.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA \"{s}\" TO {role};",
+        s = t.schema
+    ))?;
+    let mut pg: postgres::Config = crate::common::database_url().parse()?;
+    pg.user(&role);
+    let store = pg_eventstore::Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(6)
+        .poll_interval(Duration::from_millis(50))
+        .retry_delay(Duration::from_millis(5))
+        .connect()?;
+    let seen = Arc::new(Mutex::new(0u64));
+    let s = seen.clone();
+    let worker = store
+        .worker("absorb")
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(move |_| {
+            *s.lock().unwrap() += 1;
+            Ok(())
+        })?;
+    let retried = || {
+        counter(
+            "pg_eventstore_retries_total",
+            &[("operation", "save_checkpoint")],
+        )
+    };
+    let before = retried();
+
+    // Three checkpoint writes fail with a serialization failure: retried, not fatal.
+    fault.inject(Some("40001"), 3);
+    let r = t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    wait_visible(&t, r.last_position);
+    wait_for("the checkpoint reaches the appended events", || {
+        t.checkpoint("absorb").unwrap() == Some(r.last_position)
+    });
+    assert!(
+        worker.is_running(),
+        "a retried checkpoint write stopped the worker"
+    );
+    assert_eq!(retried() - before, 3);
+
+    // The subscription's reads are refused for a while: counted, and the worker goes on.
+    let subscription_errors = || {
+        counter(
+            "pg_eventstore_worker_errors_total",
+            &[("processor", "absorb"), ("kind", "subscription")],
+        )
+    };
+    let events_table = format!("\"{}\".events", t.schema);
+    admin.batch_execute(&format!("REVOKE SELECT ON {events_table} FROM {role}"))?;
+    wait_for("a failed read is counted", || subscription_errors() >= 1);
+    admin.batch_execute(&format!("GRANT SELECT ON {events_table} TO {role}"))?;
+    let r = t.append("a", ExpectedVersion::Exact(2), &events("E", 2))?;
+    wait_for("the worker handles events after the failure", || {
+        *seen.lock().unwrap() == 5
+    });
+    assert!(worker.is_running());
+    let summary = worker.stop()?;
+    assert_eq!(summary.checkpoint, Some(r.last_position));
+    drop(store);
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))?;
+    Ok(())
+}
+
+#[test]
+fn processors_are_listed_reset_and_deleted_through_the_api() -> TestResult {
+    let t = store_with("worker_admin");
+    let last = fill(&t, 5);
+    let model = format!("\"{}\".model", t.schema);
+    crate::common::client().batch_execute(&format!(
+        "CREATE TABLE {model} (stream_id text PRIMARY KEY, n int NOT NULL)"
+    ))?;
+    let upsert = format!(
+        "INSERT INTO {model} VALUES ($1, 1) ON CONFLICT (stream_id) DO UPDATE SET n = model.n + 1"
+    );
+    let run_model = || {
+        let upsert = upsert.clone();
+        t.worker("model")
+            .threads(2)
+            .run_batch_transactional(move |tx, e| {
+                tx.execute(&upsert, &[&e.stream_id])?;
+                Ok(())
+            })
+    };
+    assert_eq!(run_model()?.handled, 50);
+    let bad = t
+        .read_stream("acc-3", pg_eventstore::ReadStream::forwards())?
+        .next()
+        .unwrap()?;
+    let summary = t
+        .worker("plain")
+        .retries(0)
+        .on_failure(OnFailure::Park)
+        .run_batch(move |e| match e.id == bad.id {
+            true => Err("no".into()),
+            false => Ok(()),
+        })?;
+    assert_eq!((summary.handled, summary.parked), (49, 1));
+
+    let list = t.processors()?;
+    let summary: Vec<_> = list
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.position,
+                p.lag,
+                p.stream_claims,
+                p.dead_letters,
+                p.is_running,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("model", Some(last), 0, 10, 0, false),
+            ("plain", Some(last), 0, 0, 1, false)
+        ]
+    );
+    assert!(list[0].updated_at.is_some());
+    let more = t.append("acc-0", ExpectedVersion::Exact(4), &events("E", 5))?;
+    wait_visible(&t, more.last_position);
+    assert!(t.processors()?.iter().all(|p| p.lag == 5));
+
+    // A running processor cannot be reset or have its checkpoint deleted.
+    let running = t.worker("model").spawn(|_| Ok(()))?;
+    assert!(t.processors()?[0].is_running);
+    assert!(matches!(
+        t.reset_processor("model"),
+        Err(Error::ProcessorLocked { .. })
+    ));
+    assert!(matches!(
+        t.delete_checkpoint("model"),
+        Err(Error::ProcessorLocked { .. })
+    ));
+    running.stop()?;
+    let checkpoint = t.checkpoint("model")?;
+
+    // Reset: checkpoint and claims go together, and the next run rebuilds everything.
+    let report = t.reset_processor("model")?;
+    assert_eq!((report.checkpoint, report.stream_claims), (checkpoint, 10));
+    assert_eq!(t.processors()?.len(), 1, "model has no state left");
+    assert_eq!(t.checkpoint("model")?, None);
+    crate::common::client().batch_execute(&format!("TRUNCATE {model}"))?;
+    let rebuilt = run_model()?;
+    assert_eq!((rebuilt.handled, rebuilt.skipped), (55, 0));
+
+    assert_eq!(t.delete_checkpoint("plain")?, Some(last));
+    assert_eq!(t.delete_checkpoint("plain")?, None);
+    assert!(matches!(t.reset_processor(""), Err(Error::InvalidInput(_))));
+    Ok(())
+}
+
+#[test]
+fn dead_letters_are_listed_replayed_and_deleted_through_the_api() -> TestResult {
+    let t = store_with("worker_dead");
+    fill(&t, 5);
+    let all: Vec<RecordedEvent> = t
+        .read_all(pg_eventstore::ReadAll::from_start())?
+        .collect::<Result<_, _>>()?;
+    let (bad1, bad2, bad3) = (all[7].clone(), all[21].clone(), all[33].clone());
+    let failing = Arc::new(Mutex::new(HashSet::from([bad1.id, bad2.id, bad3.id])));
+    let handler = |failing: Arc<Mutex<HashSet<uuid::Uuid>>>| {
+        move |e: &RecordedEvent| match failing.lock().unwrap().contains(&e.id) {
+            true => Err(format!("cannot handle {}", e.id).into()),
+            false => Ok(()),
+        }
+    };
+    let parked = t
+        .worker("mailer")
+        .retries(1)
+        .retry_delay(Duration::from_millis(1))
+        .on_failure(OnFailure::Park)
+        .run_batch(handler(failing.clone()))?
+        .parked;
+    assert_eq!(parked, 3);
+    let dead = t.dead_letters("mailer")?;
+    let got: Vec<_> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.event_id,
+                d.stream_id.as_str(),
+                d.version,
+                d.position,
+                d.attempts,
+            )
+        })
+        .collect();
+    let want: Vec<_> = [&bad1, &bad2, &bad3]
+        .iter()
+        .map(|e| (e.id, e.stream_id.as_str(), e.version, e.position, 2))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(dead[0].event_type.as_deref(), Some("E"));
+    assert_eq!(dead[0].error, format!("cannot handle {}", bad1.id));
+
+    // Replay while the processor runs: refused.
+    let running = t.worker("mailer").spawn(|_| Ok(()))?;
+    assert!(matches!(
+        t.worker("mailer").replay_dead_letters(|_| Ok(())),
+        Err(Error::ProcessorLocked { .. })
+    ));
+    running.stop()?;
+
+    // bad1 is fixed now; bad2 and bad3 still fail.
+    failing.lock().unwrap().remove(&bad1.id);
+    let replayed = Arc::new(Mutex::new(Vec::new()));
+    let (r, f) = (replayed.clone(), failing.clone());
+    let summary = t
+        .worker("mailer")
+        .retries(0)
+        .replay_dead_letters(move |e| {
+            r.lock().unwrap().push(e.id);
+            handler(f.clone())(e)
+        })?;
+    assert_eq!(
+        (summary.replayed, summary.failed, summary.missing),
+        (1, 2, 0)
+    );
+    assert_eq!(*replayed.lock().unwrap(), vec![bad1.id, bad2.id, bad3.id]);
+    let left: Vec<_> = t
+        .dead_letters("mailer")?
+        .iter()
+        .map(|d| (d.event_id, d.attempts))
+        .collect();
+    assert_eq!(left, vec![(bad2.id, 1), (bad3.id, 1)]);
+
+    assert!(t.delete_dead_letter("mailer", bad2.id)?);
+    assert!(!t.delete_dead_letter("mailer", bad2.id)?);
+    assert_eq!(t.delete_dead_letters("mailer")?, 1);
+    assert!(t.dead_letters("mailer")?.is_empty());
+
+    // A transactional replay commits the handler's writes with the removal: once.
+    let table = format!("\"{}\".replayed", t.schema);
+    crate::common::client()
+        .batch_execute(&format!("CREATE TABLE {table} (event_id uuid PRIMARY KEY)"))?;
+    failing.lock().unwrap().insert(bad1.id);
+    let parked = t
+        .worker("model")
+        .retries(0)
+        .on_failure(OnFailure::Park)
+        .run_batch_transactional({
+            let failing = failing.clone();
+            move |_, e| handler(failing.clone())(e)
+        })?
+        .parked;
+    assert_eq!(parked, 3);
+    failing.lock().unwrap().clear();
+    let insert = format!("INSERT INTO {table} VALUES ($1)");
+    let replay = || {
+        let insert = insert.clone();
+        t.worker("model")
+            .replay_dead_letters_transactional(move |tx, e| {
+                tx.execute(&insert, &[&e.id])?;
+                Ok(())
+            })
+    };
+    assert_eq!(replay()?.replayed, 3);
+    assert_eq!(replay()?.replayed, 0);
+    let n: i64 = crate::common::client()
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])?
+        .get(0);
+    assert_eq!(n, 3);
+    assert!(t.dead_letters("model")?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn batch_mode_reads_again_after_the_horizon_passes_the_tip() -> TestResult {
+    // A batch run that starts while another transaction holds the `$all` horizon below
+    // an event committed before the run must still handle it, however the blocker's
+    // commit falls between the run's reads and its horizon checks.
+    let t = store_with("worker_tip");
+    let mut blocker = client();
+    let mut rng = crate::common::Rng(0x9e37_79b9_7f4a_7c15);
+    let mut missed = Vec::new();
+    for round in 0..40u64 {
+        let mut tx = blocker.transaction()?;
+        tx.batch_execute("SELECT pg_current_xact_id()")?;
+        let e = t.append(
+            &format!("tip-{round}"),
+            ExpectedVersion::NoStream,
+            &events("E", 1),
+        )?;
+        let store: Store = t.store.clone();
+        let run = thread::spawn(move || store.worker("tip").run_batch(|_| Ok(())));
+        thread::sleep(Duration::from_micros(rng.next() % 15_000));
+        tx.commit()?;
+        let summary = run.join().unwrap()?;
+        if summary.handled != 1 || summary.checkpoint != Some(e.last_position) {
+            missed.push((round, summary));
+        }
+    }
+    assert!(missed.is_empty(), "{missed:?}");
     Ok(())
 }

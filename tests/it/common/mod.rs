@@ -229,3 +229,51 @@ pub fn example(name: &str) -> std::path::PathBuf {
     }
     path
 }
+/// A statement trigger on one table of a test schema that fails the next `n` inserts
+/// (upserts included) with a chosen SQLSTATE. A sequence counts the attempts outside the
+/// failing transactions, so a failure does not roll its own count back.
+pub struct Fault {
+    schema: String,
+}
+
+impl Fault {
+    /// Installs the trigger on `table` of `t`'s schema; it does nothing until
+    /// [`Fault::inject`].
+    pub fn install(t: &TestStore, table: &str) -> Fault {
+        let s = format!("\"{}\"", t.schema);
+        client()
+            .batch_execute(&format!(
+                "CREATE TABLE {s}.fault (code text, fail_below bigint);
+                 INSERT INTO {s}.fault VALUES (NULL, 0);
+                 CREATE SEQUENCE {s}.fault_seq;
+                 CREATE FUNCTION {s}.fault() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 DECLARE f record;
+                 BEGIN
+                     SELECT * INTO f FROM {s}.fault;
+                     IF f.code IS NOT NULL AND nextval('{s}.fault_seq') <= f.fail_below THEN
+                         RAISE EXCEPTION 'injected fault' USING ERRCODE = f.code;
+                     END IF;
+                     RETURN NULL;
+                 END $f$;
+                 CREATE TRIGGER fault BEFORE INSERT ON {s}.\"{table}\"
+                     FOR EACH STATEMENT EXECUTE FUNCTION {s}.fault();"
+            ))
+            .expect("install the fault trigger");
+        Fault { schema: s }
+    }
+
+    /// Fails the next `times` inserts with SQLSTATE `code` (`None`: none fail).
+    pub fn inject(&self, code: Option<&str>, times: i64) {
+        let s = &self.schema;
+        let mut c = client();
+        let mut tx = c.transaction().unwrap();
+        tx.execute(&format!("SELECT setval('{s}.fault_seq', 1, false)"), &[])
+            .unwrap();
+        tx.execute(
+            &format!("UPDATE {s}.fault SET code = $1, fail_below = $2"),
+            &[&code, &times],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+}

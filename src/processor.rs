@@ -1,0 +1,282 @@
+//! Processor administration: what a command-line tool or an operator needs to run
+//! projections in production without touching the store's tables — list processors with
+//! their position and lag, reset or delete their progress, list and delete dead letters —
+//! and the advisory lock that lets one instance of a processor run at a time.
+//!
+//! Replaying dead letters needs the handler, so it is on the [`Worker`](crate::Worker):
+//! [`Worker::replay_dead_letters`](crate::Worker::replay_dead_letters).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+use crate::checkpoint::validate_processor_name;
+use crate::error::{Error, Result};
+use crate::store::{Conn, Store};
+
+/// The advisory lock class of processors (with the hash of schema and processor name).
+const LOCK_CLASS: i32 = 0x5045_5332; // "PES2"
+
+/// One processor's progress, as [`Store::processors`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProcessorInfo {
+    /// The processor name.
+    pub name: String,
+    /// Its checkpoint: every event up to this global position is done (`None`: none
+    /// stored, it starts from the beginning).
+    pub position: Option<u64>,
+    /// When the checkpoint was last written.
+    pub updated_at: Option<SystemTime>,
+    /// Events in the log after the checkpoint that `$all` readers can see now, whatever
+    /// the processor's filters (a filtered processor moves its checkpoint past the events
+    /// it skips, so its lag too falls to 0 once it has caught up).
+    pub lag: u64,
+    /// Streams with a per-stream claim of a transactional handler (exactly-once state).
+    pub stream_claims: u64,
+    /// Events parked in the dead-letter table.
+    pub dead_letters: u64,
+    /// Whether an instance of the processor runs now (holds its lock), in any process.
+    pub is_running: bool,
+}
+
+/// What [`Store::reset_processor`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResetReport {
+    /// The checkpoint that was stored (`None`: there was none).
+    pub checkpoint: Option<u64>,
+    /// Per-stream claims removed.
+    pub stream_claims: u64,
+}
+
+/// An event a worker's handler failed on and parked ([`OnFailure::Park`](crate::OnFailure::Park)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The event's id.
+    pub event_id: Uuid,
+    /// Its stream.
+    pub stream_id: String,
+    /// Its version in the stream.
+    pub version: u64,
+    /// Its global position.
+    pub position: u64,
+    /// Its type (`None` if the event is no longer in the log).
+    pub event_type: Option<String>,
+    /// Handler calls made, the first one included.
+    pub attempts: u32,
+    /// The last error, with its causes.
+    pub error: String,
+    /// When it was parked (or last failed a replay).
+    pub parked_at: SystemTime,
+}
+
+impl Store {
+    /// Every processor that has a checkpoint, per-stream claims or dead letters, by name,
+    /// with its position and lag. The lag is counted, so it costs a scan of the
+    /// positions after each checkpoint: meant for operators and tools, not a hot loop.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// for p in store.processors()? {
+    ///     println!("{} at {:?}, {} behind, running: {}", p.name, p.position, p.lag, p.is_running);
+    /// }
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn processors(&self) -> Result<Vec<ProcessorInfo>> {
+        crate::retry::run(self, "read", || {
+            let mut conn = self.conn()?;
+            let sql = &self.inner.sql.list_processors;
+            let statement = self.prepared(&mut conn, "list_processors", sql)?;
+            let prefix = lock_key(self, "");
+            let rows = conn
+                .query(&statement, &[&LOCK_CLASS, &prefix])
+                .map_err(|e| self.map_error(e))?;
+            Ok(rows
+                .iter()
+                .map(|r| ProcessorInfo {
+                    name: r.get(0),
+                    position: r.get::<_, Option<i64>>(1).map(|p| p as u64),
+                    updated_at: r.get(2),
+                    lag: r.get::<_, i64>(3) as u64,
+                    stream_claims: r.get::<_, i64>(4) as u64,
+                    dead_letters: r.get::<_, i64>(5) as u64,
+                    is_running: r.get(6),
+                })
+                .collect())
+        })
+    }
+
+    /// Resets processor `name` so that its next run rebuilds from the first event: its
+    /// checkpoint and its per-stream claims are removed in one transaction. Its dead
+    /// letters stay ([`Store::delete_dead_letters`] removes them). A transactional
+    /// projection's own tables are yours to empty, in the same deployment step.
+    ///
+    /// Refused with [`Error::ProcessorLocked`] while an instance of the processor runs
+    /// (anywhere): stop it first, or its next checkpoint write would undo the reset.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// let removed = store.reset_processor("balances")?;
+    /// println!("was at {:?}, {} stream claims removed", removed.checkpoint, removed.stream_claims);
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn reset_processor(&self, name: &str) -> Result<ResetReport> {
+        validate_processor_name(name)?;
+        let _lock = ProcessorLock::try_acquire(self, name)?;
+        let mut conn = self.conn()?;
+        let sql = &self.inner.sql;
+        let mut tx = conn.transaction()?;
+        let checkpoint = tx
+            .query_opt(&sql.delete_checkpoint, &[&name])
+            .map_err(|e| self.map_error(e))?
+            .map(|r| r.get::<_, i64>(0) as u64);
+        let stream_claims = tx
+            .execute(&sql.delete_stream_claims, &[&name])
+            .map_err(|e| self.map_error(e))?;
+        tx.commit()?;
+        Ok(ResetReport {
+            checkpoint,
+            stream_claims,
+        })
+    }
+
+    /// Deletes the checkpoint of processor `name` and returns it (`None`: there was
+    /// none). Its next run starts from the first event; a transactional handler still
+    /// skips the events its per-stream claims cover ([`Store::reset_processor`] removes
+    /// those too). Refused with [`Error::ProcessorLocked`] while the processor runs.
+    pub fn delete_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        validate_processor_name(name)?;
+        let _lock = ProcessorLock::try_acquire(self, name)?;
+        let mut conn = self.conn()?;
+        let row = conn
+            .query_opt(&self.inner.sql.delete_checkpoint, &[&name])
+            .map_err(|e| self.map_error(e))?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    /// The dead letters of processor `name`, in the global order.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// for d in store.dead_letters("mailer")? {
+    ///     println!("{} v{} after {} attempts: {}", d.stream_id, d.version, d.attempts, d.error);
+    /// }
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>> {
+        validate_processor_name(name)?;
+        crate::retry::run(self, "read", || {
+            let mut conn = self.conn()?;
+            let sql = &self.inner.sql.list_dead_letters;
+            let statement = self.prepared(&mut conn, "list_dead_letters", sql)?;
+            let rows = conn
+                .query(&statement, &[&name])
+                .map_err(|e| self.map_error(e))?;
+            Ok(rows
+                .iter()
+                .map(|r| DeadLetter {
+                    event_id: r.get(0),
+                    stream_id: r.get(1),
+                    version: r.get::<_, i64>(2) as u64,
+                    position: r.get::<_, i64>(3) as u64,
+                    event_type: r.get(4),
+                    attempts: r.get::<_, i32>(5) as u32,
+                    error: r.get(6),
+                    parked_at: r.get(7),
+                })
+                .collect())
+        })
+    }
+
+    /// Deletes one dead letter of processor `name`; `false` when there was none for
+    /// that event.
+    pub fn delete_dead_letter(&self, name: &str, event_id: Uuid) -> Result<bool> {
+        validate_processor_name(name)?;
+        let mut conn = self.conn()?;
+        let n = conn
+            .execute(&self.inner.sql.delete_dead_letter, &[&name, &event_id])
+            .map_err(|e| self.map_error(e))?;
+        Ok(n > 0)
+    }
+
+    /// Deletes every dead letter of processor `name`; returns how many there were.
+    pub fn delete_dead_letters(&self, name: &str) -> Result<u64> {
+        validate_processor_name(name)?;
+        let mut conn = self.conn()?;
+        conn.execute(&self.inner.sql.delete_dead_letters, &[&name])
+            .map_err(|e| self.map_error(e))
+    }
+}
+
+/// The advisory lock key of processor `name` in this store's schema.
+fn lock_key(store: &Store, name: &str) -> String {
+    format!("{}:{}", store.schema(), name)
+}
+
+/// A session advisory lock on a dedicated pooled connection, released on drop: one
+/// instance of a processor at a time, across processes and machines.
+pub(crate) struct ProcessorLock {
+    conn: Option<Conn>,
+    key: String,
+}
+
+impl ProcessorLock {
+    /// Takes the lock, or fails with [`Error::ProcessorLocked`].
+    pub(crate) fn try_acquire(store: &Store, name: &str) -> Result<ProcessorLock> {
+        Self::acquire(store, name, false, &AtomicBool::new(false))
+    }
+
+    /// Takes the lock; with `wait`, polls until it is free or `stop` is set.
+    pub(crate) fn acquire(
+        store: &Store,
+        name: &str,
+        wait: bool,
+        stop: &AtomicBool,
+    ) -> Result<ProcessorLock> {
+        let key = lock_key(store, name);
+        let mut conn = store.conn()?;
+        loop {
+            let got: bool = conn
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    &[&LOCK_CLASS, &key],
+                )?
+                .get(0);
+            if got {
+                return Ok(ProcessorLock {
+                    conn: Some(conn),
+                    key,
+                });
+            }
+            if !wait || stop.load(Ordering::Relaxed) {
+                return Err(Error::ProcessorLocked {
+                    name: name.to_string(),
+                });
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ProcessorLock {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            // A session lock outlives the caller on a pooled connection: release it, or
+            // close the connection if that fails.
+            let released = conn.query_one(
+                "SELECT pg_advisory_unlock($1, hashtext($2))",
+                &[&LOCK_CLASS, &self.key],
+            );
+            if released.is_err() {
+                let _ = conn.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())");
+            }
+        }
+    }
+}
