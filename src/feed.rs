@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use postgres::Row;
 
 use crate::error::{Error, Result};
+use crate::retry::Backoff;
 use crate::store::Store;
 
-/// The first wait and the longest wait between two looks at a held-back horizon.
-const WAIT_START: Duration = Duration::from_millis(1);
-const WAIT_MAX: Duration = Duration::from_millis(20);
+/// The waits between two looks at a held-back horizon.
+const WAIT: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
 
 /// One answer of `feed_horizon`: read below `horizon`; the newest committed event is at
 /// `tip`; the oldest appending transaction still open, if it is what holds the horizon.
@@ -275,7 +275,7 @@ impl Store {
     /// it.
     pub(crate) fn wait_for_feed(&self, tip: u64, timeout: Duration) -> Result<Horizon> {
         let started = Instant::now();
-        let mut pause = WAIT_START;
+        let mut pauses = WAIT;
         loop {
             let now = self.horizon()?;
             if now.horizon > tip {
@@ -291,8 +291,7 @@ impl Store {
                 };
                 return Err(Error::HeldBack { held, waited });
             }
-            thread::sleep(pause.min(timeout - waited));
-            pause = (pause * 2).min(WAIT_MAX);
+            thread::sleep(pauses.next_delay().min(timeout - waited));
         }
     }
 }

@@ -15,13 +15,13 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use fallible_iterator::FallibleIterator;
 
 use crate::error::chain;
+use crate::retry::Backoff;
 use crate::sql::quote;
 
 /// How long one wait for a notification lasts before the listener checks its stop flag.
 const LISTEN_ROUND: Duration = Duration::from_millis(100);
 /// How long the listener waits before reconnecting, at first and at most.
-const BACKOFF_START: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 
 /// The NOTIFY channel of a schema: `<schema>_events`, or the schema name itself when that
 /// would not fit PostgreSQL's 63-byte identifiers.
@@ -223,7 +223,7 @@ fn listen(
     channel: String,
     poll: Duration,
 ) {
-    let mut backoff = BACKOFF_START;
+    let mut backoff = RECONNECT;
     let mut first = true;
     while !shared.stop.load(Ordering::Relaxed) {
         let listen_sql = listen_statement(&channel);
@@ -238,14 +238,13 @@ fn listen(
             Ok(c) => c,
             Err(e) => {
                 *shared.last_error.lock().unwrap() = Some(chain(&e));
-                if !pause(&shared, backoff) {
+                if !pause(&shared, backoff.next_delay()) {
                     return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
-        backoff = BACKOFF_START;
+        backoff.reset();
         if !first {
             shared.reconnects.fetch_add(1, Ordering::Relaxed);
             crate::metrics::listener_reconnected();
@@ -282,7 +281,7 @@ fn listen(
         shared.listener_pid.store(0, Ordering::Relaxed);
         if let Some(e) = error {
             *shared.last_error.lock().unwrap() = Some(chain(&e));
-            if !pause(&shared, backoff) {
+            if !pause(&shared, backoff.next_delay()) {
                 return;
             }
         }

@@ -6,18 +6,62 @@
 //! expected version (it is not transient) and never `append_in` (the caller's
 //! transaction is gone with its connection).
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use postgres::error::SqlState;
 
 use crate::error::{Error, Result};
 use crate::store::{Conn, Store};
 
-/// The longest wait between two attempts, however many there were.
-const MAX_DELAY: Duration = Duration::from_secs(30);
+/// The longest wait between two attempts of a call, however many there were.
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// The one backoff policy of the crate: every loop that waits before trying again (calls
+/// retried after transient failures, the listener's reconnects, a subscription after an
+/// error or while events are held back, a worker's handler retries, appends that lost a
+/// race) waits `first × 2^n`, at most `max`, less a random part of up to a half, so that
+/// clients do not retry in step.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Backoff {
+    first: Duration,
+    max: Duration,
+    /// Waits handed out since the last reset.
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) const fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The wait before the next attempt; each call doubles the next one, up to `max`.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        self.delay(self.attempt)
+    }
+
+    /// The wait before attempt number `attempt` (from 1), without changing the state.
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(20);
+        let full = self.first.saturating_mul(factor).min(self.max);
+        full.mul_f64(0.5 + 0.5 * fastrand::f64())
+    }
+
+    /// Waits handed out since the last reset.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Starts again from the first wait (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
 
 /// Whether `e` is worth another attempt (see [`Config::max_retries`](crate::Config::max_retries)).
 pub(crate) fn is_transient(e: &Error) -> bool {
@@ -74,9 +118,8 @@ fn is_transient_pg(e: &postgres::Error) -> bool {
 pub(crate) struct Retry {
     operation: &'static str,
     max: u32,
-    base: Duration,
-    /// Retries since the last success.
-    attempt: u32,
+    /// Its attempts count the retries since the last success.
+    backoff: Backoff,
 }
 
 impl Retry {
@@ -85,8 +128,7 @@ impl Retry {
         Retry {
             operation,
             max: config.max_retries,
-            base: config.retry_delay,
-            attempt: 0,
+            backoff: Backoff::new(config.retry_delay, MAX_DELAY),
         }
     }
 
@@ -94,17 +136,8 @@ impl Retry {
     /// server restart or a killed backend the pool still holds dead ones, and each
     /// would otherwise cost an attempt.
     pub(crate) fn conn(&self, store: &Store) -> Result<Conn> {
-        if self.attempt == 0 {
-            return store.conn();
-        }
-        for _ in 0..store.inner.pool.max_size() {
-            let mut conn = store.conn()?;
-            if conn.simple_query("").is_ok() {
-                return Ok(conn);
-            }
-            // Polled once more so the client knows it is closed; dropped here, the pool
-            // discards it instead of handing it out again.
-            let _ = conn.simple_query("");
+        if self.backoff.attempts() > 0 {
+            sweep(store);
         }
         store.conn()
     }
@@ -112,15 +145,14 @@ impl Retry {
     /// Whether to try again after `e`. If so, waits the backoff first and counts the
     /// retry; if not (not transient, or no retries left) the caller returns `e`.
     pub(crate) fn again(&mut self, e: &Error) -> bool {
-        if self.attempt >= self.max || !is_transient(e) {
+        if self.backoff.attempts() >= self.max || !is_transient(e) {
             return false;
         }
-        self.attempt += 1;
-        let delay = backoff(self.base, self.attempt);
+        let delay = self.backoff.next_delay();
         crate::metrics::retried(self.operation);
         tracing::warn!(
             operation = self.operation,
-            attempt = self.attempt,
+            attempt = self.backoff.attempts(),
             max_retries = self.max,
             delay_ms = delay.as_millis() as u64,
             error = %e,
@@ -132,7 +164,7 @@ impl Retry {
 
     /// Forgets earlier failures: a long read gets its full budget for each outage.
     pub(crate) fn succeeded(&mut self) {
-        self.attempt = 0;
+        self.backoff.reset();
     }
 }
 
@@ -171,24 +203,6 @@ pub(crate) fn sweep(store: &Store) {
     }
 }
 
-/// Before retry number `attempt` (from 1): `base × 2^(attempt-1)`, at most
-/// [`MAX_DELAY`], less a random part of up to a half.
-pub(crate) fn backoff(base: Duration, attempt: u32) -> Duration {
-    let factor = 1u32 << attempt.saturating_sub(1).min(20);
-    let full = base.saturating_mul(factor).min(MAX_DELAY);
-    full.mul_f64(0.5 + 0.5 * random_fraction())
-}
-
-/// A number in `[0, 1)`, random enough to keep clients from retrying in step.
-fn random_fraction() -> f64 {
-    let mut h = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    h.write_u128(nanos);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,18 +210,27 @@ mod tests {
     #[test]
     fn backoff_doubles_with_jitter_and_a_cap() {
         let base = Duration::from_millis(100);
+        let b = Backoff::new(base, MAX_DELAY);
         for attempt in 1..=6 {
             let full = base * (1 << (attempt - 1));
             for _ in 0..50 {
-                let d = backoff(base, attempt);
+                let d = b.delay(attempt);
                 assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
             }
         }
-        assert!(backoff(base, 40) <= MAX_DELAY);
-        assert!(backoff(base, 40) >= MAX_DELAY / 2);
+        assert!(b.delay(40) <= MAX_DELAY);
+        assert!(b.delay(40) >= MAX_DELAY / 2);
         // The jitter varies.
-        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(base, 3)).collect();
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| b.delay(3)).collect();
         assert!(samples.len() > 1);
+        // The state: each wait doubles the next, a reset starts again.
+        let mut b = Backoff::new(base, Duration::from_millis(250));
+        let waits: Vec<Duration> = (0..4).map(|_| b.next_delay()).collect();
+        assert!(waits[0] <= base && waits[3] <= Duration::from_millis(250));
+        assert!(waits[3] >= Duration::from_millis(125));
+        assert_eq!(b.attempts(), 4);
+        b.reset();
+        assert!(b.next_delay() <= base);
     }
 
     #[test]

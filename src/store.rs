@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
@@ -19,7 +19,7 @@ use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion,
 use crate::listener::{Hub, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::read::{Events, ReadAll, ReadStream};
-use crate::retry::Retry;
+use crate::retry::{Backoff, Retry};
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
 use crate::subscription::{SubscribeOptions, Subscription};
 use crate::tls::Manager;
@@ -250,6 +250,9 @@ impl Store {
             return Ok(result);
         }
         let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
+        // Several writers on one hot stream lose to each other in turn: a random pause
+        // breaks the lockstep.
+        let mut pause = Backoff::new(Duration::from_micros(50), Duration::from_millis(20));
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -262,9 +265,7 @@ impl Store {
                     return Ok(result);
                 }
                 Err(e) if attempt < APPEND_ATTEMPTS && unique_violation(&e).is_some() => {
-                    // Several writers on one hot stream lose to each other in turn;
-                    // a random pause breaks the lockstep.
-                    std::thread::sleep(jitter(attempt));
+                    std::thread::sleep(pause.next_delay());
                 }
                 Err(e) => return Err(self.map_error(e)),
             }
@@ -786,15 +787,6 @@ pub(crate) fn unique_violation(e: &postgres::Error) -> Option<UniqueViolation> {
         Some("events_event_id_key") => Some(UniqueViolation::EventId),
         _ => None,
     }
-}
-
-/// A random pause below 50 µs × 2^attempt, capped at 20 ms.
-fn jitter(attempt: usize) -> std::time::Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_usize(attempt);
-    let cap = (50u64 << attempt.min(9)).min(20_000);
-    std::time::Duration::from_micros(h.finish() % cap)
 }
 
 /// The id in "Key (event_id)=(…) already exists."

@@ -10,16 +10,15 @@ use crossbeam_channel::{bounded, select, Receiver, Sender};
 use crate::error::{Error, Result};
 use crate::event::{validate_stream_id, RecordedEvent};
 use crate::read::{Events, ReadAll, ReadStream};
+use crate::retry::Backoff;
 use crate::store::Store;
 
 /// How often a caught-up `$all` subscription re-reads while committed events wait behind
 /// an open appending transaction (see the crate docs on the global order), at first and
 /// at most: its end may come with no wake-up (a rollback sends none).
-const HELD_BACK_POLL_START: Duration = Duration::from_millis(1);
-const HELD_BACK_POLL_MAX: Duration = Duration::from_millis(10);
+const HELD_BACK_POLL: Backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(10));
 /// The wait after an error, at first and at most.
-const ERROR_BACKOFF_START: Duration = Duration::from_millis(50);
-const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const ERROR_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Target {
@@ -180,10 +179,11 @@ pub struct Subscription {
     wake: Receiver<()>,
     stop_rx: Receiver<()>,
     stopper: SubscriptionStopper,
-    /// While committed events wait behind an open appending transaction: the next pause.
-    held_back: Option<Duration>,
+    /// While committed events wait behind an open appending transaction: the pauses
+    /// between looks.
+    held_back: Option<Backoff>,
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl fmt::Debug for Subscription {
@@ -243,7 +243,7 @@ impl Subscription {
             },
             held_back: None,
             retry_at: None,
-            backoff: ERROR_BACKOFF_START,
+            backoff: ERROR_BACKOFF,
         })
     }
 
@@ -316,11 +316,8 @@ impl Subscription {
             if self.retry_at.is_none() && !self.wake.is_empty() {
                 continue; // announced during the last read: read again at once
             }
-            let poll = match self.held_back {
-                Some(pause) => {
-                    self.held_back = Some((pause * 2).min(HELD_BACK_POLL_MAX));
-                    pause
-                }
+            let poll = match &mut self.held_back {
+                Some(pauses) => pauses.next_delay(),
                 None => self.store.inner.config.poll_interval,
             };
             let mut until = Instant::now() + poll;
@@ -348,7 +345,7 @@ impl Subscription {
         match read.next() {
             Some(Ok(event)) => {
                 self.retry_at = None;
-                self.backoff = ERROR_BACKOFF_START;
+                self.backoff.reset();
                 match &mut self.cursor {
                     Cursor::Position(p) => *p = Some(event.position),
                     Cursor::Version(v) => *v = event.version + 1,
@@ -365,8 +362,8 @@ impl Subscription {
                 let held = status.is_some_and(|h| h.holds_back());
                 self.held_back = match (held, self.held_back) {
                     (false, _) => None,
-                    (true, None) => Some(HELD_BACK_POLL_START),
-                    (true, pause) => pause,
+                    (true, None) => Some(HELD_BACK_POLL),
+                    (true, pauses) => pauses,
                 };
                 let config = &self.store.inner.config;
                 self.store.inner.held_back.report(
@@ -381,8 +378,7 @@ impl Subscription {
 
     fn failed(&mut self, e: Error) -> Result<RecordedEvent> {
         self.read = None;
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(ERROR_BACKOFF_MAX);
+        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
         Err(e)
     }
 

@@ -768,7 +768,7 @@ impl Batch {
 /// The wait before retry number `attempt` (from 1) of a failing handler: the crate's
 /// capped, jittered backoff from `base`.
 fn retry_wait(base: Duration, attempt: u32) -> Duration {
-    crate::retry::backoff(base, attempt)
+    crate::retry::Backoff::new(base, crate::retry::MAX_DELAY).delay(attempt)
 }
 
 /// Which thread handles a stream: always the same one, so a stream stays in order.
