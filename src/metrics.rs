@@ -21,7 +21,6 @@
 //! | `subscription_lag_seconds` | histogram | from an event's `recorded_at` (its transaction's start) to its delivery by a subscription |
 //! | `listener_reconnects_total` | counter | reconnects of the notification listener |
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ::metrics::{counter, histogram};
@@ -190,11 +189,11 @@ impl Drop for ReadOps {
 /// pool waits and timeouts.
 #[derive(Debug)]
 pub(crate) struct PoolEvents {
-    last_connect_error: Arc<Mutex<Option<String>>>,
+    last_connect_error: crate::store::LastConnectError,
 }
 
 impl PoolEvents {
-    pub(crate) fn new(last_connect_error: Arc<Mutex<Option<String>>>) -> PoolEvents {
+    pub(crate) fn new(last_connect_error: crate::store::LastConnectError) -> PoolEvents {
         PoolEvents { last_connect_error }
     }
 }

@@ -472,7 +472,7 @@ impl Events {
                     self.finish();
                     self.state = State::Start;
                     // Dead idle connections (a restart leaves only those) cost no attempt.
-                    crate::retry::sweep(&self.store);
+                    crate::retry::sweep(&self.store.inner.pool);
                 }
                 Err(e) => return Err(e),
             }

@@ -23,6 +23,8 @@ const MAX_DELAY: Duration = Duration::from_secs(30);
 pub(crate) fn is_transient(e: &Error) -> bool {
     match e {
         Error::Postgres(e) | Error::Connect { source: e, .. } => is_transient_pg(e),
+        // The server did not answer in time: it may be restarting or overloaded.
+        Error::ConnectTimeout { .. } => true,
         // No connection could be opened in time (the pool was not merely exhausted: that
         // leaves no connect error): the server is down or restarting.
         Error::Pool {
@@ -123,7 +125,7 @@ impl Retry {
             attempt = self.attempt,
             max_retries = self.max,
             delay_ms = delay.as_millis() as u64,
-            error = %e,
+            error = %e.report(),
             "pg-eventstore: transient failure, retrying"
         );
         std::thread::sleep(delay);
@@ -147,7 +149,7 @@ pub(crate) fn run<T>(
     let mut retry = Retry::new(store, operation);
     loop {
         match f() {
-            Err(e) if retry.again(&e) => sweep(store),
+            Err(e) if retry.again(&e) => sweep(&store.inner.pool),
             result => return result,
         }
     }
@@ -155,8 +157,7 @@ pub(crate) fn run<T>(
 
 /// Checks every idle pooled connection with an empty query and lets the pool drop the
 /// dead ones. The live ones are held until the end, so each is checked once.
-pub(crate) fn sweep(store: &Store) {
-    let pool = &store.inner.pool;
+pub(crate) fn sweep(pool: &r2d2::Pool<crate::Manager>) {
     let mut alive = Vec::new();
     for _ in 0..2 * pool.max_size() {
         let Some(mut conn) = pool.try_get() else {
@@ -216,7 +217,7 @@ mod tests {
         assert!(!is_transient(&Error::WrongExpectedVersion {
             stream: "s".into(),
             expected: crate::ExpectedVersion::NoStream,
-            actual: Some(1),
+            actual: crate::error::ActualVersion::Exact(1),
         }));
         // Exhaustion is not retried: it would only queue more callers.
         assert!(!is_transient(&Error::Pool {
@@ -225,7 +226,11 @@ mod tests {
         }));
         assert!(is_transient(&Error::Pool {
             message: "cannot open".into(),
-            last_connect_error: Some("connection refused".into()),
+            last_connect_error: Some(std::sync::Arc::new(Error::ConnectTimeout {
+                target: "h:5432".into(),
+                timeout: Duration::from_secs(1),
+                connected: true,
+            })),
         }));
     }
 

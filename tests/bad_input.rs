@@ -130,7 +130,8 @@ fn server_errors_keep_their_cause() -> TestResult {
     let mut conn = t2.pool().get()?;
     let err: pg_eventstore::Error = conn.execute("SELECT pg_sleep(1)", &[]).unwrap_err().into();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"));
-    let text = err.to_string();
+    let text = err.report();
+    assert_eq!(common::chain(&err), text);
     assert!(
         text.contains("57014") && text.contains("statement timeout"),
         "{text}"

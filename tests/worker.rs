@@ -298,7 +298,7 @@ fn stop_policy_returns_the_error_and_keeps_the_checkpoint_before_it() -> TestRes
         }
         other => panic!("expected a handler error, got {other:?}"),
     }
-    assert!(err.to_string().contains("boom"), "{err}");
+    assert!(err.report().contains("boom"), "{err}");
     let checkpoint = t.checkpoint("stopper")?;
     assert!(
         checkpoint.is_none_or(|c| c < bad.position),
