@@ -66,7 +66,8 @@ pub enum Error {
         /// What the handler returned.
         source: Box<dyn StdError + Send + Sync>,
     },
-    /// A worker's handler panicked; the worker stopped, its checkpoint before the event.
+    /// A worker's handler panicked; the worker stopped (whatever its
+    /// [`OnFailure`](crate::OnFailure) policy), its checkpoint before the event.
     HandlerPanicked {
         /// The processor name.
         processor: String,

@@ -182,7 +182,7 @@ pub(crate) fn validate_text(what: &str, text: &str, max: usize) -> std::result::
 
 /// Whether serialized JSON holds the escape `\u0000` (an unescaped backslash followed by
 /// `u0000`). serde_json escapes a NUL character that way, and jsonb refuses it.
-fn has_nul_escape(json: &[u8]) -> bool {
+pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
     let mut i = 0;
     while i < json.len() {
         if json[i] == b'\\' {

@@ -452,7 +452,15 @@ impl Store {
     /// Follows events as they are appended: catches up from history first, then goes
     /// live. See [`SubscribeOptions`] for what to follow and where to start, and
     /// [`Subscription`] for how to wait, poll and stop.
+    ///
+    /// Fails at once with [`Error::NotMigrated`] when the schema has not been created,
+    /// and with [`Error::InvalidInput`] for a start position above `i64::MAX`.
     pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        if self.schema_version()? == 0 {
+            return Err(Error::NotMigrated {
+                schema: self.inner.sql.schema.clone(),
+            });
+        }
         Subscription::new(self.clone(), options)
     }
 
@@ -514,21 +522,31 @@ impl Store {
         state: &T,
     ) -> Result<()> {
         validate_stream_id(stream)?;
-        let data = serde_json::to_value(state)?;
+        // Versions are `bigint`s: a larger one would wrap to a negative number, and an
+        // older snapshot would then replace it.
+        let version = i64::try_from(version).map_err(|_| {
+            Error::InvalidInput(format!(
+                "snapshot of stream {stream:?}: version {version} is out of range \
+                 (versions go up to {})",
+                i64::MAX
+            ))
+        })?;
+        let data = serde_json::to_vec(state)?;
+        if crate::event::has_nul_escape(&data) {
+            return Err(Error::InvalidInput(format!(
+                "snapshot of stream {stream:?}: the state contains the NUL character \\u0000, \
+                 which PostgreSQL's jsonb cannot store"
+            )));
+        }
         crate::retry::run(self, "save_snapshot", || {
             self.save_snapshot_once(stream, version, &data)
         })
     }
 
-    fn save_snapshot_once(
-        &self,
-        stream: &str,
-        version: u64,
-        data: &serde_json::Value,
-    ) -> Result<()> {
+    fn save_snapshot_once(&self, stream: &str, version: i64, data: &[u8]) -> Result<()> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
-        conn.execute(&statement, &[&stream, &(version as i64), &data])
+        conn.execute(&statement, &[&stream, &version, &JsonText(data)])
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }

@@ -198,6 +198,14 @@ impl Subscription {
         if let Some(msg) = options.misuse {
             return Err(Error::InvalidInput(msg.into()));
         }
+        if let Start::After(p) = options.start {
+            if p > i64::MAX as u64 {
+                return Err(Error::InvalidInput(format!(
+                    "cannot subscribe after {p}: positions and versions go up to {}",
+                    i64::MAX
+                )));
+            }
+        }
         let mut before_snapshot = None;
         let cursor = match (&options.target, options.start) {
             (Target::All(filter), start) => {

@@ -263,11 +263,13 @@ impl Worker {
         // Take the lock here, so that "already running" is this call's error.
         let lock = ProcessorLock::acquire(&self.store, &self.name, self.if_locked, &stop)?;
         let flag = stop.clone();
+        let name = self.name.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-worker-{}", self.name))
             .spawn(move || self.run_locked(handler, Mode::Live, flag, lock))
             .expect("spawn the worker thread");
         Ok(WorkerHandle {
+            name,
             stop,
             thread: Some(thread),
         })
@@ -539,7 +541,16 @@ impl ThreadContext {
             if self.failed.load(Ordering::Relaxed) {
                 continue; // after a fatal failure nothing more is handled: order matters
             }
-            let (outcome, retries) = self.handle(&event);
+            // A panicking handler is a fatal failure like any other: the worker stops
+            // with the checkpoint before the event, instead of running on without it.
+            let (outcome, retries) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(&event)))
+                    .unwrap_or_else(|_| {
+                        let panicked = Error::HandlerPanicked {
+                            processor: self.name.clone(),
+                        };
+                        (Outcome::Failed(panicked), 0)
+                    });
             if matches!(outcome, Outcome::Failed(_)) {
                 self.failed.store(true, Ordering::Relaxed);
             }
@@ -691,6 +702,7 @@ impl Drop for ProcessorLock {
 /// A running worker. [`WorkerHandle::stop`] shuts it down gracefully: in-flight events
 /// finish and the checkpoint is written. Dropping the handle does the same.
 pub struct WorkerHandle {
+    name: String,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<WorkerSummary>>>,
 }
@@ -698,6 +710,7 @@ pub struct WorkerHandle {
 impl fmt::Debug for WorkerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerHandle")
+            .field("name", &self.name)
             .field("running", &self.is_running())
             .finish()
     }
@@ -730,7 +743,7 @@ impl WorkerHandle {
         match self.thread.take() {
             Some(t) => t.join().unwrap_or_else(|_| {
                 Err(Error::HandlerPanicked {
-                    processor: String::new(),
+                    processor: self.name.clone(),
                 })
             }),
             None => Ok(WorkerSummary::default()),

@@ -349,3 +349,48 @@ fn a_second_worker_with_the_same_name_is_refused_and_live_mode_follows() -> Test
     assert_eq!(waiter.join().unwrap()?.handled, 0);
     Ok(())
 }
+
+#[test]
+fn a_panicking_handler_stops_the_worker_and_names_it() -> TestResult {
+    let t = store_with("worker_panic");
+    fill(&t, 5);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = t.store.clone();
+    thread::spawn(move || {
+        let result = store.worker("panicker").threads(2).run_batch(|e| {
+            if e.version == 2 {
+                panic!("handler bug")
+            } else {
+                Ok(())
+            }
+        });
+        let _ = tx.send(result);
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("run_batch returns after a handler panicked");
+    match result {
+        Err(Error::HandlerPanicked { processor }) => assert_eq!(processor, "panicker"),
+        other => panic!("expected HandlerPanicked, got {other:?}"),
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = t.worker("live-panicker").spawn(|e| {
+        if e.version == 2 {
+            panic!("handler bug")
+        } else {
+            Ok(())
+        }
+    })?;
+    thread::spawn(move || {
+        let _ = tx.send(handle.join());
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("join returns after a handler panicked");
+    match result {
+        Err(Error::HandlerPanicked { processor }) => assert_eq!(processor, "live-panicker"),
+        other => panic!("expected HandlerPanicked, got {other:?}"),
+    }
+    Ok(())
+}
