@@ -114,8 +114,7 @@ impl Store {
     }
 }
 
-/// Tracks a processor's position, writing its checkpoint at most once per interval
-/// (the old product's `createEventStreamTracker({ processorName, checkpointIntervalMs })`).
+/// Tracks a processor's position, writing its checkpoint at most once per interval.
 ///
 /// Updates in between are kept in memory and written by [`Tracker::flush`], by the next
 /// update after the interval, and on drop. After a crash a processor may therefore see

@@ -93,8 +93,8 @@ impl Config {
 
     /// Settings from the environment.
     ///
-    /// `DATABASE_URL` wins when set. Otherwise the variables of the product this one
-    /// replaces are read: `DB_HOST` (default `127.0.0.1`), `DB_PORT` (5432), `DB_NAME`
+    /// `DATABASE_URL` wins when set. Otherwise the connection is put together from
+    /// `DB_HOST` (default `127.0.0.1`), `DB_PORT` (5432), `DB_NAME`
     /// (`postgres`), `DB_USER` (`postgres`), `DB_PASSWORD`, `DB_MAX_CONNECTIONS` (10) and
     /// `DB_SSL`. `DB_SCHEMA` sets the schema in both cases.
     ///

@@ -127,7 +127,8 @@ pub enum Error {
     },
     /// A PostgreSQL error: from the server (with SQLSTATE) or from the connection.
     Postgres(postgres::Error),
-    /// Event data could not be turned into JSON.
+    /// Data could not be turned into JSON, or a snapshot's state out of it (a stored
+    /// event that cannot be decoded is [`Error::Decode`]).
     Json(serde_json::Error),
     /// A stored event's data or metadata could not be decoded into the type asked for
     /// ([`RecordedEvent::data_as`](crate::RecordedEvent::data_as),
@@ -311,7 +312,7 @@ impl fmt::Display for Error {
                 }
                 None => fmt::Display::fmt(e, f),
             },
-            Error::Json(_) => f.write_str("cannot serialize to JSON"),
+            Error::Json(_) => f.write_str("JSON error"),
             Error::Decode {
                 stream,
                 version,

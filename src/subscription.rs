@@ -55,7 +55,7 @@ pub struct SubscribeOptions {
 }
 
 impl SubscribeOptions {
-    /// All events (the old product's `streamPattern: '*'`), from the beginning.
+    /// All events, from the beginning.
     pub fn all() -> Self {
         Self::filtered(ReadAll::from_start())
     }
@@ -113,8 +113,7 @@ impl SubscribeOptions {
         self
     }
 
-    /// Only events whose transaction commits after the subscription is created (the old
-    /// product's `fromPosition: 'live'`).
+    /// Only events whose transaction commits after the subscription is created.
     pub fn live(mut self) -> Self {
         self.start = Start::Live;
         self
