@@ -375,7 +375,7 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Each level of the chain, from the error down.
@@ -404,7 +404,8 @@ mod tests {
         }
     }
 
-    fn refused() -> postgres::Error {
+    /// The error of a connect to a port nobody listens on.
+    pub(crate) fn refused() -> postgres::Error {
         match postgres::Config::new()
             .host("127.0.0.1")
             .port(1)

@@ -236,15 +236,7 @@ mod tests {
 
     #[test]
     fn refused_connection_is_transient() {
-        let e = match postgres::Config::new()
-            .host("127.0.0.1")
-            .port(1)
-            .user("u")
-            .connect(postgres::NoTls)
-        {
-            Ok(_) => panic!("something listens on port 1"),
-            Err(e) => e,
-        };
+        let e = crate::error::tests::refused();
         assert!(is_transient_pg(&e), "{e:?}");
     }
 }

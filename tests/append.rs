@@ -4,7 +4,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use common::{events, TestResult, TestStore};
-use pg_eventstore::{ActualVersion, Error, EventData, ExpectedVersion, ReadAll, ReadStream};
+use pg_eventstore::{
+    ActualVersion, AppendResult, Error, EventData, ExpectedVersion, ReadAll, ReadStream,
+};
 use serde::{Deserialize, Serialize};
 
 fn versions(t: &TestStore, stream: &str) -> Vec<u64> {
@@ -300,15 +302,7 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     let mut c1 = t.pool().get()?;
     let mut tx1 = c1.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    let mut c2 = t.pool().get()?;
-    let loser_pid: i32 = c2.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let store = t.store.clone();
-    let loser = thread::spawn(move || {
-        let mut tx2 = c2.transaction().unwrap();
-        // Blocks on the unique constraint until tx1 commits, then fails.
-        store.append_in(&mut tx2, "s", ExpectedVersion::Exact(0), &events("C", 1))
-    });
-    wait_for_lock(loser_pid);
+    let loser = lose_race(&t)?;
     // The version is read on an idle pooled connection.
     assert!(
         common::server::wait_until(std::time::Duration::from_secs(10), || {
@@ -317,7 +311,7 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
         .is_some()
     );
     tx1.commit()?;
-    match loser.join().unwrap() {
+    match loser.join().unwrap().0 {
         Err(Error::WrongExpectedVersion { actual, .. }) => {
             assert_eq!(actual, ActualVersion::Exact(1))
         }
@@ -325,6 +319,25 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     }
     assert_eq!(versions(&t, "s"), vec![0, 1]);
     Ok(())
+}
+
+type Loser = thread::JoinHandle<(pg_eventstore::Result<AppendResult>, std::time::Instant)>;
+
+/// Starts an append of version 1 to stream "s" in a transaction on a pooled connection,
+/// once a transaction of the caller holds that version, and returns when it waits for
+/// that transaction; the thread returns its result and when it got it.
+fn lose_race(t: &TestStore) -> pg_eventstore::Result<Loser> {
+    let mut conn = t.pool().get().expect("a pooled connection");
+    let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let store = t.store.clone();
+    let loser = thread::spawn(move || {
+        let mut tx = conn.transaction().unwrap();
+        // Blocks on the unique constraint until the winner commits, then fails.
+        let result = store.append_in(&mut tx, "s", ExpectedVersion::Exact(0), &events("C", 1));
+        (result, std::time::Instant::now())
+    });
+    wait_for_lock(pid);
+    Ok(loser)
 }
 
 /// Waits until backend `pid` waits for a lock.
@@ -353,15 +366,7 @@ fn a_lost_race_inside_a_transaction_never_reports_a_wrong_version() -> TestResul
     let mut winner = common::client();
     let mut tx1 = winner.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    let mut c2 = t.pool().get()?;
-    let loser_pid: i32 = c2.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let store = t.store.clone();
-    let loser = thread::spawn(move || {
-        let mut tx2 = c2.transaction().unwrap();
-        let result = store.append_in(&mut tx2, "s", ExpectedVersion::Exact(0), &events("C", 1));
-        (result, std::time::Instant::now())
-    });
-    wait_for_lock(loser_pid);
+    let loser = lose_race(&t)?;
     let committed = std::time::Instant::now();
     tx1.commit()?;
     let (result, failed) = loser.join().unwrap();
