@@ -16,6 +16,18 @@ pub(crate) fn validate_processor_name(name: &str) -> Result<()> {
     validate_text("processor name", name, MAX_PROCESSOR_NAME_BYTES).map_err(Error::InvalidInput)
 }
 
+/// The checkpoint `position` of processor `name` as stored: positions are `bigint`s, so
+/// a value above `i64::MAX` is refused rather than wrapped to a negative number.
+fn stored_position(name: &str, position: u64) -> Result<i64> {
+    validate_processor_name(name)?;
+    i64::try_from(position).map_err(|_| {
+        Error::InvalidInput(format!(
+            "checkpoint {name:?}: position {position} is out of range (positions go up to {})",
+            i64::MAX
+        ))
+    })
+}
+
 impl Store {
     /// The stored checkpoint of processor `name`: the global position of the last event
     /// it finished, or `None` when it has none.
@@ -30,26 +42,35 @@ impl Store {
         let row = conn
             .query_opt(&statement, &[&name])
             .map_err(|e| self.map_error(e))?;
-        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        match row.map(|r| r.get::<_, i64>(0)) {
+            None => Ok(None),
+            Some(p) => u64::try_from(p).map(Some).map_err(|_| {
+                Error::InvalidInput(format!(
+                    "checkpoint {name:?}: the stored position {p} is negative, so not a \
+                     position (earlier releases stored positions above i64::MAX that way); \
+                     save a valid checkpoint"
+                ))
+            }),
+        }
     }
 
     /// Stores the checkpoint of processor `name` now. Transient failures are retried
     /// (see [`Config::max_retries`](crate::Config::max_retries)): the write is idempotent.
     pub fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
-        validate_processor_name(name)?;
+        let position = stored_position(name, position)?;
         crate::retry::run(self, "save_checkpoint", || {
             self.save_checkpoint_once(name, position)
         })
     }
 
-    fn save_checkpoint_once(&self, name: &str, position: u64) -> Result<()> {
+    fn save_checkpoint_once(&self, name: &str, position: i64) -> Result<()> {
         let mut conn = self.conn()?;
         let statement = self.prepared(
             &mut conn,
             "save_checkpoint",
             &self.inner.sql.save_checkpoint,
         )?;
-        conn.execute(&statement, &[&name, &(position as i64)])
+        conn.execute(&statement, &[&name, &position])
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }
@@ -78,12 +99,9 @@ impl Store {
         name: &str,
         position: u64,
     ) -> Result<()> {
-        validate_processor_name(name)?;
+        let position = stored_position(name, position)?;
         client
-            .execute(
-                &self.inner.sql.save_checkpoint,
-                &[&name, &(position as i64)],
-            )
+            .execute(&self.inner.sql.save_checkpoint, &[&name, &position])
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }
@@ -103,8 +121,7 @@ impl Store {
     }
 }
 
-/// Tracks a processor's position, writing its checkpoint at most once per interval
-/// (the old product's `createEventStreamTracker({ processorName, checkpointIntervalMs })`).
+/// Tracks a processor's position, writing its checkpoint at most once per interval.
 ///
 /// Updates in between are kept in memory and written by [`Tracker::flush`], by the next
 /// update after the interval, and on drop. After a crash a processor may therefore see

@@ -97,8 +97,8 @@ impl Config {
 
     /// Settings from the environment.
     ///
-    /// `DATABASE_URL` wins when set. Otherwise the variables of the product this one
-    /// replaces are read: `DB_HOST` (default `127.0.0.1`), `DB_PORT` (5432), `DB_NAME`
+    /// `DATABASE_URL` wins when set. Otherwise the connection is put together from
+    /// `DB_HOST` (default `127.0.0.1`), `DB_PORT` (5432), `DB_NAME`
     /// (`postgres`), `DB_USER` (`postgres`), `DB_PASSWORD`, `DB_MAX_CONNECTIONS` (10) and
     /// `DB_SSL`. `DB_SCHEMA` sets the schema in both cases.
     ///
@@ -211,8 +211,25 @@ impl Config {
         self
     }
 
-    /// How long opening one TCP connection (and its TLS handshake) may take. Default: the
-    /// `connect_timeout` of the connection string, or else [`Config::connection_timeout`].
+    /// How long opening one connection may take, per configured host: the name lookup,
+    /// the TCP connect, the TLS handshake, authentication and the server's answer to the
+    /// startup message. Default: the `connect_timeout` of the connection string, or else
+    /// [`Config::connection_timeout`].
+    ///
+    /// It bounds every connection the store opens: [`Store::connect`], the pool's, the
+    /// listener's, the notifier's and the health check's. A server that accepts the TCP
+    /// connection and never answers (a hung server, a pooler whose queue is full) gives
+    /// [`Error::ConnectTimeout`], naming the server. A health check also waits at most
+    /// twice this long for its query.
+    ///
+    /// Once a connection is open, nothing on the client side limits how long a query may
+    /// wait for its answer, since a query that waits for a lock cannot be told from a
+    /// server that stopped. A server or network that died is found by TCP keepalives
+    /// ([`Config::keepalives_idle`]; about a minute with the defaults) and by
+    /// [`Config::tcp_user_timeout`] for data sent and never acknowledged; a server that
+    /// is alive but stopped answering (a stopped process, a disk that hangs) keeps a
+    /// query waiting until it answers, and [`Config::statement_timeout`] bounds only what
+    /// the server itself does.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.pg.connect_timeout(timeout);
         self

@@ -2,6 +2,8 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::event::ExpectedVersion;
 
@@ -11,8 +13,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in `pg_eventstore`.
 ///
 /// Domain errors carry their data; wrapped failures keep their cause, reachable through
-/// [`std::error::Error::source`] and printed by `Display`, so a log line says *why* (the
-/// SQLSTATE and server message, or "connection refused") and not only "db error".
+/// [`std::error::Error::source`]. As in `postgres`, `Display` says what went wrong at
+/// this level only and `source()` gives the rest, so a report that walks the chain
+/// (`anyhow`'s `{:#}`, or [`Error::report`]) prints every cause exactly once: the
+/// SQLSTATE, the server's message, or "connection refused".
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -22,10 +26,9 @@ pub enum Error {
         stream: String,
         /// What the caller expected.
         expected: ExpectedVersion,
-        /// The stream's version when the append was refused (`None`: the stream does not
-        /// exist). `None` is also reported when a concurrent append won a race inside the
-        /// caller's own transaction and the winner has not committed yet.
-        actual: Option<u64>,
+        /// The stream's version when the append was refused, as far as it is known
+        /// (see [`ActualVersion`]).
+        actual: ActualVersion,
     },
     /// An event id given to an append already belongs to another event, and the append is
     /// not an exact repeat of the one that wrote it. Nothing was written.
@@ -84,7 +87,8 @@ pub enum Error {
         /// What the handler returned.
         source: Box<dyn StdError + Send + Sync>,
     },
-    /// A worker's handler panicked; the worker stopped, its checkpoint before the event.
+    /// A worker's handler panicked; the worker stopped (whatever its
+    /// [`OnFailure`](crate::OnFailure) policy), its checkpoint before the event.
     HandlerPanicked {
         /// The processor name.
         processor: String,
@@ -117,8 +121,8 @@ pub enum Error {
         /// What the pool reported, with its size and state.
         message: String,
         /// The last error seen while opening a connection, if any: the real cause when
-        /// the server is down or refuses us.
-        last_connect_error: Option<String>,
+        /// the server is down, refuses us or does not answer. It is also the `source()`.
+        last_connect_error: Option<Arc<Error>>,
     },
     /// The server could not be reached or refused the connection, when the store was
     /// opened or a health check connected.
@@ -128,10 +132,83 @@ pub enum Error {
         /// Why it failed, such as "connection refused" or a server error.
         source: postgres::Error,
     },
+    /// The server did not finish opening a connection within the connect timeout
+    /// ([`Config::connect_timeout`](crate::Config::connect_timeout), per configured
+    /// host): it accepted the TCP connection and never answered the startup message (a
+    /// hung server, a pooler whose queue is full), or no TCP connection was made (a name
+    /// lookup or connect that hung).
+    ConnectTimeout {
+        /// The server waited for (`host:port`).
+        target: String,
+        /// The connect timeout.
+        timeout: Duration,
+        /// Whether the TCP connection was made, so that the wait was for the server's
+        /// answer to the startup message (or the TLS handshake or authentication).
+        connected: bool,
+    },
     /// A PostgreSQL error: from the server (with SQLSTATE) or from the connection.
     Postgres(postgres::Error),
-    /// Event data could not be turned into or out of JSON.
+    /// Data could not be turned into JSON, or a snapshot's state out of it (a stored
+    /// event that cannot be decoded is [`Error::Decode`]).
     Json(serde_json::Error),
+    /// A stored event's data or metadata could not be decoded into the type asked for
+    /// ([`RecordedEvent::data_as`](crate::RecordedEvent::data_as),
+    /// [`RecordedEvent::metadata_as`](crate::RecordedEvent::metadata_as)).
+    Decode {
+        /// The event's stream.
+        stream: String,
+        /// The event's version in its stream.
+        version: u64,
+        /// The event's type.
+        event_type: String,
+        /// `"data"` or `"metadata"`.
+        part: &'static str,
+        /// What serde reported, such as a missing field.
+        source: serde_json::Error,
+    },
+}
+
+/// The version a stream was at when an append expecting another one was refused
+/// ([`Error::WrongExpectedVersion`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ActualVersion {
+    /// The stream does not exist.
+    NoStream,
+    /// The stream's last event has this version.
+    Exact(u64),
+    /// The version could not be read without giving a wrong answer: inside a caller's
+    /// transaction, a concurrent append won the race and has not committed yet (see
+    /// [`Store::append_in`](crate::Store::append_in)).
+    Unknown,
+}
+
+impl ActualVersion {
+    /// The version as an `Option` (`None`: no stream), or `None` too when unknown.
+    pub fn known(self) -> Option<Option<u64>> {
+        match self {
+            ActualVersion::NoStream => Some(None),
+            ActualVersion::Exact(v) => Some(Some(v)),
+            ActualVersion::Unknown => None,
+        }
+    }
+
+    pub(crate) fn from_head(head: Option<u64>) -> ActualVersion {
+        head.map_or(ActualVersion::NoStream, ActualVersion::Exact)
+    }
+}
+
+impl fmt::Display for ActualVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ActualVersion::NoStream => f.write_str("the stream does not exist"),
+            ActualVersion::Exact(v) => write!(f, "the stream is at version {v}"),
+            ActualVersion::Unknown => f.write_str(
+                "a concurrent append to the stream has not committed yet, so its version \
+                 is unknown",
+            ),
+        }
+    }
 }
 
 impl Error {
@@ -141,6 +218,18 @@ impl Error {
             Error::Postgres(e) | Error::Connect { source: e, .. } => e.code(),
             _ => None,
         }
+    }
+
+    /// The error and each of its causes on one line, each once: what `anyhow`'s `{:#}`
+    /// prints.
+    ///
+    /// ```
+    /// # use pg_eventstore::Config;
+    /// let e = Config::new("postgres://[").unwrap_err();
+    /// assert!(e.report().starts_with("invalid configuration"));
+    /// ```
+    pub fn report(&self) -> String {
+        chain(self)
     }
 
     /// Whether this is a [`Error::WrongExpectedVersion`].
@@ -164,16 +253,10 @@ impl fmt::Display for Error {
                 stream,
                 expected,
                 actual,
-            } => {
-                write!(
-                    f,
-                    "wrong expected version for stream {stream:?}: expected {expected}, but "
-                )?;
-                match actual {
-                    Some(v) => write!(f, "the stream is at version {v}"),
-                    None => write!(f, "the stream does not exist"),
-                }
-            }
+            } => write!(
+                f,
+                "wrong expected version for stream {stream:?}: expected {expected}, but {actual}"
+            ),
             Error::DuplicateEventId { stream, id } => write!(
                 f,
                 "event id {id} is already used by another event (appending to stream {stream:?})"
@@ -208,11 +291,11 @@ impl fmt::Display for Error {
                 stream,
                 position,
                 attempts,
-                source,
+                source: _,
             } => write!(
                 f,
                 "worker {processor:?} failed on the event at position {position} of stream \
-                 {stream:?} after {attempts} attempts: {source}"
+                 {stream:?} after {attempts} attempts"
             ),
             Error::HandlerPanicked { processor } => {
                 write!(f, "a handler of worker {processor:?} panicked")
@@ -233,56 +316,68 @@ impl fmt::Display for Error {
                 "one transaction may append at most {} events, this one would hold {events}",
                 crate::MAX_EVENTS_PER_TRANSACTION
             ),
-            Error::Pool {
-                message,
-                last_connect_error,
-            } => {
-                write!(f, "{message}")?;
-                if let Some(cause) = last_connect_error {
-                    write!(f, "; last connection error: {cause}")?;
+            Error::Pool { message, .. } => f.write_str(message),
+            Error::Connect { target, .. } => {
+                write!(f, "cannot connect to PostgreSQL at {target}")
+            }
+            Error::ConnectTimeout {
+                target,
+                timeout,
+                connected: true,
+            } => write!(
+                f,
+                "connecting to {target}: no answer to the startup message within {timeout:?} \
+                 (the server accepted the TCP connection)"
+            ),
+            Error::ConnectTimeout {
+                target,
+                timeout,
+                connected: false,
+            } => write!(
+                f,
+                "connecting to {target}: no TCP connection within {timeout:?}"
+            ),
+            Error::Postgres(e) => match e.as_db_error() {
+                // This level is the SQLSTATE (and constraint); the server's message,
+                // detail and hint are the source's.
+                Some(db) => {
+                    write!(f, "database error {}", db.code().code())?;
+                    if let Some(c) = db.constraint() {
+                        write!(f, " on constraint {c}")?;
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-            Error::Connect { target, source } => {
-                write!(f, "cannot connect to PostgreSQL at {target}: ")?;
-                write_postgres_error(f, source)
-            }
-            Error::Postgres(e) => write_postgres_error(f, e),
-            Error::Json(e) => write!(f, "JSON error: {e}"),
+                None => fmt::Display::fmt(e, f),
+            },
+            Error::Json(_) => f.write_str("JSON error"),
+            Error::Decode {
+                stream,
+                version,
+                event_type,
+                part,
+                source: _,
+            } => write!(
+                f,
+                "cannot decode the {part} of event {version} of stream {stream:?} \
+                 (type {event_type:?})"
+            ),
         }
     }
-}
-
-/// `postgres::Error` prints only "db error"; print the server's words and SQLSTATE,
-/// or the I/O cause, too.
-fn write_postgres_error(f: &mut fmt::Formatter<'_>, e: &postgres::Error) -> fmt::Result {
-    if let Some(db) = e.as_db_error() {
-        write!(
-            f,
-            "database error {}: {}: {}",
-            db.code().code(),
-            db.severity(),
-            db.message()
-        )?;
-        if let Some(detail) = db.detail() {
-            write!(f, " (detail: {detail})")?;
-        }
-        if let Some(c) = db.constraint() {
-            write!(f, " (constraint: {c})")?;
-        }
-        return Ok(());
-    }
-    // The causes, each once: TLS errors repeat their source's text in their own.
-    write!(f, "{}", chain(e))
 }
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
-            Error::Postgres(e) => Some(e),
+            // `Display` stood in for the `postgres::Error` level: go on below it.
+            Error::Postgres(e) => StdError::source(e),
             Error::Connect { source, .. } => Some(source),
             Error::Json(e) => Some(e),
+            Error::Decode { source, .. } => Some(source),
             Error::Handler { source, .. } => Some(source.as_ref()),
+            Error::Pool {
+                last_connect_error: Some(e),
+                ..
+            } => Some(e.as_ref()),
             _ => None,
         }
     }
@@ -300,7 +395,8 @@ impl From<serde_json::Error> for Error {
     }
 }
 
-/// Renders an error and its whole `source()` chain on one line.
+/// Renders an error and its whole `source()` chain on one line. A level whose text is
+/// already in the line is left out (TLS errors repeat their source's text in their own).
 pub(crate) fn chain(e: &dyn StdError) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -313,4 +409,140 @@ pub(crate) fn chain(e: &dyn StdError) -> String {
         source = c.source();
     }
     s
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Each level of the chain, from the error down.
+    fn levels(e: &dyn StdError) -> Vec<String> {
+        let mut levels = vec![e.to_string()];
+        let mut source = e.source();
+        while let Some(s) = source {
+            levels.push(s.to_string());
+            source = s.source();
+        }
+        levels
+    }
+
+    /// No level of `e`'s chain repeats what a level below it says.
+    fn assert_no_repeats(e: &dyn StdError) {
+        let levels = levels(e);
+        for (i, upper) in levels.iter().enumerate() {
+            assert!(!upper.is_empty(), "an empty level in {levels:?}");
+            for lower in &levels[i + 1..] {
+                let first_line = lower.lines().next().unwrap_or_default();
+                assert!(
+                    !upper.contains(first_line),
+                    "{upper:?} repeats its cause {lower:?} (chain {levels:?})"
+                );
+            }
+        }
+    }
+
+    /// The error of a connect to a port nobody listens on.
+    pub(crate) fn refused() -> postgres::Error {
+        match postgres::Config::new()
+            .host("127.0.0.1")
+            .port(1)
+            .user("u")
+            .connect(postgres::NoTls)
+        {
+            Ok(_) => panic!("something listens on port 1"),
+            Err(e) => e,
+        }
+    }
+
+    fn json_error() -> serde_json::Error {
+        serde_json::from_str::<u32>("\"x\"").unwrap_err()
+    }
+
+    #[test]
+    fn every_variant_prints_each_cause_once() {
+        let connect = Error::Connect {
+            target: "127.0.0.1:1".into(),
+            source: refused(),
+        };
+        let report = connect.report().to_lowercase();
+        assert!(
+            report.starts_with("cannot connect to postgresql at 127.0.0.1:1: ")
+                && report.contains("refused"),
+            "{report}"
+        );
+        let timeout = Error::ConnectTimeout {
+            target: "127.0.0.1:6543".into(),
+            timeout: Duration::from_secs(2),
+            connected: true,
+        };
+        assert!(timeout.to_string().starts_with(
+            "connecting to 127.0.0.1:6543: no answer to the startup message within 2s"
+        ));
+        let handler_cause =
+            std::io::Error::other(Error::InvalidInput("the amount is negative".into()));
+        let all = vec![
+            Error::WrongExpectedVersion {
+                stream: "s".into(),
+                expected: ExpectedVersion::Exact(1),
+                actual: ActualVersion::Unknown,
+            },
+            Error::DuplicateEventId {
+                stream: "s".into(),
+                id: uuid::Uuid::nil(),
+            },
+            Error::StreamOrderConflict { stream: "s".into() },
+            Error::ProcessorLocked { name: "p".into() },
+            Error::Handler {
+                processor: "p".into(),
+                stream: "s".into(),
+                position: 7,
+                attempts: 3,
+                source: Box::new(handler_cause),
+            },
+            Error::HandlerPanicked {
+                processor: "p".into(),
+            },
+            Error::InvalidInput("x".into()),
+            Error::Config("y".into()),
+            Error::NotMigrated { schema: "s".into() },
+            Error::SchemaTooNew {
+                found: 9,
+                supported: 4,
+            },
+            Error::TransactionTooLarge { events: 1 << 21 },
+            Error::Pool {
+                message: "the connection pool could not open a connection within 5s".into(),
+                last_connect_error: Some(Arc::new(Error::Connect {
+                    target: "127.0.0.1:1".into(),
+                    source: refused(),
+                })),
+            },
+            Error::Pool {
+                message: "the connection pool is exhausted".into(),
+                last_connect_error: Some(Arc::new(Error::ConnectTimeout {
+                    target: "127.0.0.1:6543".into(),
+                    timeout: Duration::from_secs(2),
+                    connected: true,
+                })),
+            },
+            connect,
+            Error::ConnectTimeout {
+                target: "127.0.0.1:6543".into(),
+                timeout: Duration::from_secs(2),
+                connected: false,
+            },
+            Error::Postgres(refused()),
+            Error::Json(json_error()),
+            Error::Decode {
+                stream: "s".into(),
+                version: 3,
+                event_type: "Deposited".into(),
+                part: "data",
+                source: json_error(),
+            },
+        ];
+        for e in &all {
+            assert_no_repeats(e);
+        }
+    }
 }

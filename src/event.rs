@@ -182,7 +182,7 @@ pub(crate) fn validate_text(what: &str, text: &str, max: usize) -> std::result::
 
 /// Whether serialized JSON holds the escape `\u0000` (an unescaped backslash followed by
 /// `u0000`). serde_json escapes a NUL character that way, and jsonb refuses it.
-fn has_nul_escape(json: &[u8]) -> bool {
+pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
     let mut i = 0;
     while i < json.len() {
         if json[i] == b'\\' {
@@ -245,16 +245,30 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
-    /// Deserializes the data into `T`.
+    /// Deserializes the data into `T`. A failure is [`Error::Decode`], which names the
+    /// event's stream, version and type.
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T> {
-        Ok(T::deserialize(&self.data)?)
+        T::deserialize(&self.data).map_err(|e| self.decode_error("data", e))
     }
 
-    /// Deserializes the metadata into `T` (`Ok(None)` when there is none).
+    /// Deserializes the metadata into `T` (`Ok(None)` when there is none). A failure is
+    /// [`Error::Decode`], which names the event's stream, version and type.
     pub fn metadata_as<T: DeserializeOwned>(&self) -> Result<Option<T>> {
         match &self.metadata {
             None => Ok(None),
-            Some(m) => Ok(Some(T::deserialize(m)?)),
+            Some(m) => T::deserialize(m)
+                .map(Some)
+                .map_err(|e| self.decode_error("metadata", e)),
+        }
+    }
+
+    fn decode_error(&self, part: &'static str, source: serde_json::Error) -> Error {
+        Error::Decode {
+            stream: self.stream_id.clone(),
+            version: self.version,
+            event_type: self.event_type.clone(),
+            part,
+            source,
         }
     }
 

@@ -6,7 +6,6 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use postgres::config::Host;
 
 use crate::error::{Error, Result};
 use crate::listener::ListenerState;
@@ -97,6 +96,9 @@ pub(crate) struct Monitor {
     listeners: Mutex<Vec<Sender<ConnectionEvent>>>,
     /// Dropped with the store, which ends the background thread at once.
     stop: Mutex<Option<Sender<()>>>,
+    /// A probe whose check gave up waiting for it: the next check waits for it rather
+    /// than starting another on a server that does not answer.
+    pending: Mutex<Option<Receiver<Result<i64>>>>,
 }
 
 impl Monitor {
@@ -107,17 +109,14 @@ impl Monitor {
             link: Mutex::new(Link::Up),
             listeners: Mutex::new(Vec::new()),
             stop: Mutex::new(None),
+            pending: Mutex::new(None),
         }
     }
 
-    /// A new connection outside the pool, or an error naming the server and the cause.
+    /// A new connection outside the pool, or an error naming the server and the cause,
+    /// within the connect timeout.
     pub(crate) fn connect(&self) -> Result<postgres::Client> {
-        self.pg
-            .connect(crate::tls::clone(&self.connector))
-            .map_err(|source| Error::Connect {
-                target: target(&self.pg),
-                source,
-            })
+        crate::connect::open(&self.pg, &self.connector)
     }
 
     /// Updates the state with a check's result and tells the listeners of a change.
@@ -166,32 +165,6 @@ impl Monitor {
     }
 }
 
-/// `host:port` of every configured host.
-fn target(pg: &postgres::Config) -> String {
-    let ports = pg.get_ports();
-    let hosts: Vec<String> = pg
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let port = ports
-                .get(i)
-                .or_else(|| ports.first())
-                .copied()
-                .unwrap_or(5432);
-            match h {
-                Host::Tcp(name) => format!("{name}:{port}"),
-                Host::Unix(path) => format!("{} (port {port})", path.display()),
-            }
-        })
-        .collect();
-    if hosts.is_empty() {
-        "(no host configured)".to_string()
-    } else {
-        hosts.join(", ")
-    }
-}
-
 impl Store {
     /// Checks the server: one round trip on an idle pooled connection, or on a new
     /// connection of its own when none is idle or the idle one is broken, so that a busy
@@ -217,7 +190,7 @@ impl Store {
         let state = self.inner.pool.state();
         let (schema_version, error) = match outcome {
             Ok(v) => (Some(v), None),
-            Err(e) => (None, Some(e.to_string())),
+            Err(e) => (None, Some(e)),
         };
         let report = HealthReport {
             reachable: error.is_none(),
@@ -268,11 +241,72 @@ impl Store {
         rx
     }
 
+    /// The schema version, or why the server did not tell it. The probe runs on a
+    /// thread of its own and is waited for at most twice the connect timeout (a new
+    /// connection, then one round trip): a server that accepts connections but stopped
+    /// answering is reported, not waited for. The probe goes on waiting in the background
+    /// and the next check waits for it instead of starting another.
+    fn probe(&self) -> std::result::Result<i64, String> {
+        let monitor = &self.inner.monitor;
+        let mut pending = monitor.pending.lock().unwrap();
+        let rx = match pending.take() {
+            Some(rx) => rx,
+            None => {
+                let probe = Probe {
+                    pool: self.inner.pool.clone(),
+                    pg: monitor.pg.clone(),
+                    connector: crate::tls::clone(&monitor.connector),
+                    schema: self.inner.config.schema.clone(),
+                    migrations_table: self.inner.config.migrations_table.clone(),
+                };
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                thread::Builder::new()
+                    .name("pg-eventstore-probe".into())
+                    .spawn(move || {
+                        let _ = tx.send(probe.run());
+                    })
+                    .map_err(|e| format!("cannot start the health check thread: {e}"))?;
+                rx
+            }
+        };
+        let timeout = monitor
+            .pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
+        let limit = 2 * timeout;
+        match rx.recv_timeout(limit) {
+            Ok(result) => result.map_err(|e| e.report()),
+            Err(RecvTimeoutError::Timeout) => {
+                *pending = Some(rx);
+                Err(format!(
+                    "no answer from {} within {limit:?}: the server accepts connections but \
+                     does not answer queries",
+                    crate::connect::target(&monitor.pg)
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err("the health check thread ended without an answer".into())
+            }
+        }
+    }
+}
+
+/// What a health check's probe needs, apart from the store (so that a probe stuck on a
+/// server that does not answer keeps nothing but the pool alive).
+struct Probe {
+    pool: r2d2::Pool<crate::Manager>,
+    pg: postgres::Config,
+    connector: Connector,
+    schema: String,
+    migrations_table: String,
+}
+
+impl Probe {
     /// The schema version, through an idle pooled connection or a new one.
-    fn probe(&self) -> Result<i64> {
-        let config = &self.inner.config;
-        if let Some(mut conn) = self.inner.pool.try_get() {
-            match migrate::current_version(&mut *conn, &config.schema, &config.migrations_table) {
+    fn run(&self) -> Result<i64> {
+        if let Some(mut conn) = self.pool.try_get() {
+            match migrate::current_version(&mut *conn, &self.schema, &self.migrations_table) {
                 Ok(v) => return Ok(v),
                 // Poll the broken client once more so the pool drops it, clear out
                 // the other dead idle connections (after a restart they all are), and
@@ -280,12 +314,12 @@ impl Store {
                 Err(_) => {
                     let _ = conn.simple_query("");
                     drop(conn);
-                    crate::retry::sweep(self);
+                    crate::retry::sweep(&self.pool);
                 }
             }
         }
-        let mut client = self.inner.monitor.connect()?;
-        migrate::current_version(&mut client, &config.schema, &config.migrations_table)
+        let mut client = crate::connect::open(&self.pg, &self.connector)?;
+        migrate::current_version(&mut client, &self.schema, &self.migrations_table)
     }
 }
 
@@ -310,18 +344,4 @@ pub(crate) fn start(store: &Store) -> Result<()> {
         })
         .map_err(|e| Error::Config(format!("cannot start the health check thread: {e}")))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_name_hosts_and_ports() {
-        let pg: postgres::Config = "postgres://u@a:1,b/db".parse().unwrap();
-        let t = target(&pg);
-        assert!(t.contains("a:1"), "{t}");
-        let pg: postgres::Config = "host=h port=6000 user=u".parse().unwrap();
-        assert_eq!(target(&pg), "h:6000");
-    }
 }

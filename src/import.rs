@@ -8,7 +8,7 @@ use postgres::types::{ToSql, Type};
 use postgres::Transaction;
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{ActualVersion, Error, Result};
 use crate::event::{validate_stream_id, EventData, ExpectedVersion, JsonText};
 use crate::sql::{quote, MAX_EVENTS_PER_TRANSACTION, POSITION_BITS};
 use crate::store::{duplicate_id, unique_violation, Store, UniqueViolation};
@@ -190,7 +190,7 @@ impl Store {
                 return Err(Failure::Done(Error::WrongExpectedVersion {
                     stream: s.to_string(),
                     expected: ExpectedVersion::NoStream,
-                    actual: Some(heads[*s].0 as u64),
+                    actual: ActualVersion::Exact(heads[*s].0 as u64),
                 }));
             }
         }
@@ -300,7 +300,7 @@ impl Store {
                 // The stream's version in "Key (…)=(stream, version)" was taken by a
                 // concurrent writer: we expected the version before it.
                 Some((stream, version)) => Error::WrongExpectedVersion {
-                    actual: self.stream_version(&stream).ok().flatten(),
+                    actual: self.version_after_lost_race(&stream),
                     expected: if version == 0 {
                         ExpectedVersion::NoStream
                     } else {

@@ -244,6 +244,7 @@
 
 mod checkpoint;
 mod config;
+mod connect;
 mod error;
 mod event;
 mod feed;
@@ -263,7 +264,8 @@ mod worker;
 
 pub use crate::checkpoint::{Tracker, MAX_PROCESSOR_NAME_BYTES};
 pub use crate::config::{Config, DEFAULT_DATABASE_URL};
-pub use crate::error::{Error, Result};
+pub use crate::connect::Manager;
+pub use crate::error::{ActualVersion, Error, Result};
 pub use crate::event::{
     AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
     MAX_STREAM_ID_BYTES,
@@ -278,7 +280,7 @@ pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
-pub use crate::tls::{Connector, Manager};
+pub use crate::tls::Connector;
 pub use crate::worker::{
     HandlerError, IfLocked, OnFailure, ReplaySummary, Worker, WorkerHandle, WorkerStopper,
     WorkerSummary,
@@ -291,7 +293,6 @@ pub use postgres;
 #[cfg(feature = "tls")]
 pub use postgres_native_tls;
 pub use r2d2;
-pub use r2d2_postgres;
 pub use serde_json;
 pub use uuid;
 

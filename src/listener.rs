@@ -229,7 +229,7 @@ fn listen(
         let listen_sql = listen_statement(&channel);
         // LISTEN is the last statement this connection runs (the heartbeat repeats it), so
         // `pg_stat_activity.query` shows other processes' notifiers who is listening.
-        let connected = pg.connect(crate::tls::clone(&connector)).and_then(|mut c| {
+        let connected = crate::connect::open(&pg, &connector).and_then(|mut c| {
             let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
             c.batch_execute(&listen_sql)?;
             Ok((c, pid))
@@ -344,9 +344,11 @@ fn notify_loop(
             if client.as_ref().is_none_or(|c| c.is_closed()) {
                 // A wake-up needs no durability: the commit of a NOTIFY-only transaction
                 // need not wait for the WAL flush that the appends' commits also wait for.
-                client = pg
-                    .connect(crate::tls::clone(&connector))
-                    .and_then(|mut c| c.batch_execute("SET synchronous_commit = off").map(|()| c))
+                client = crate::connect::open(&pg, &connector)
+                    .and_then(|mut c| {
+                        c.batch_execute("SET synchronous_commit = off")?;
+                        Ok(c)
+                    })
                     .ok();
                 if let Some(c) = client.as_mut() {
                     let pid = c

@@ -23,7 +23,6 @@
 //! | `feed_held_back_seconds` | gauge | how long this store's subscriptions (and workers) have been held back by an open appending transaction (0: not held) |
 //! | `worker_errors_total` | counter | errors a worker absorbed and went on after (labels `processor`, and `kind`: `subscription` for a failed read of its subscription, `handler` for a handler call that failed and is retried, `parked` for an event parked in the dead-letter table); retried checkpoint writes count in `retries_total` with `operation` `save_checkpoint` |
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ::metrics::{counter, histogram};
@@ -199,11 +198,11 @@ impl Drop for ReadOps {
 /// pool waits and timeouts.
 #[derive(Debug)]
 pub(crate) struct PoolEvents {
-    last_connect_error: Arc<Mutex<Option<String>>>,
+    last_connect_error: crate::store::LastConnectError,
 }
 
 impl PoolEvents {
-    pub(crate) fn new(last_connect_error: Arc<Mutex<Option<String>>>) -> PoolEvents {
+    pub(crate) fn new(last_connect_error: crate::store::LastConnectError) -> PoolEvents {
         PoolEvents { last_connect_error }
     }
 }

@@ -205,8 +205,11 @@ impl ReadAll {
                     .map_err(Error::InvalidInput)?;
             }
         }
-        if self.position.is_some_and(|p| p > i64::MAX as u64) {
-            return Err(Error::InvalidInput("the position is out of range".into()));
+        if let Some(p) = self.position.filter(|p| *p > i64::MAX as u64) {
+            return Err(Error::InvalidInput(format!(
+                "the position {p} is out of range (positions go up to {})",
+                i64::MAX
+            )));
         }
         Ok(())
     }
@@ -586,7 +589,7 @@ impl Events {
                     self.finish();
                     self.state = State::Start;
                     // Dead idle connections (a restart leaves only those) cost no attempt.
-                    crate::retry::sweep(&self.store);
+                    crate::retry::sweep(&self.store.inner.pool);
                 }
                 Err(e) => return Err(e),
             }

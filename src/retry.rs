@@ -67,6 +67,8 @@ impl Backoff {
 pub(crate) fn is_transient(e: &Error) -> bool {
     match e {
         Error::Postgres(e) | Error::Connect { source: e, .. } => is_transient_pg(e),
+        // The server did not answer in time: it may be restarting or overloaded.
+        Error::ConnectTimeout { .. } => true,
         // No connection could be opened in time (the pool was not merely exhausted: that
         // leaves no connect error): the server is down or restarting.
         Error::Pool {
@@ -137,7 +139,7 @@ impl Retry {
     /// would otherwise cost an attempt.
     pub(crate) fn conn(&self, store: &Store) -> Result<Conn> {
         if self.backoff.attempts() > 0 {
-            sweep(store);
+            sweep(&store.inner.pool);
         }
         store.conn()
     }
@@ -155,7 +157,7 @@ impl Retry {
             attempt = self.backoff.attempts(),
             max_retries = self.max,
             delay_ms = delay.as_millis() as u64,
-            error = %e,
+            error = %e.report(),
             "pg-eventstore: transient failure, retrying"
         );
         std::thread::sleep(delay);
@@ -179,7 +181,7 @@ pub(crate) fn run<T>(
     let mut retry = Retry::new(store, operation);
     loop {
         match f() {
-            Err(e) if retry.again(&e) => sweep(store),
+            Err(e) if retry.again(&e) => sweep(&store.inner.pool),
             result => return result,
         }
     }
@@ -187,8 +189,7 @@ pub(crate) fn run<T>(
 
 /// Checks every idle pooled connection with an empty query and lets the pool drop the
 /// dead ones. The live ones are held until the end, so each is checked once.
-pub(crate) fn sweep(store: &Store) {
-    let pool = &store.inner.pool;
+pub(crate) fn sweep(pool: &r2d2::Pool<crate::Manager>) {
     let mut alive = Vec::new();
     for _ in 0..2 * pool.max_size() {
         let Some(mut conn) = pool.try_get() else {
@@ -239,7 +240,7 @@ mod tests {
         assert!(!is_transient(&Error::WrongExpectedVersion {
             stream: "s".into(),
             expected: crate::ExpectedVersion::NoStream,
-            actual: Some(1),
+            actual: crate::error::ActualVersion::Exact(1),
         }));
         // Exhaustion is not retried: it would only queue more callers.
         assert!(!is_transient(&Error::Pool {
@@ -248,21 +249,17 @@ mod tests {
         }));
         assert!(is_transient(&Error::Pool {
             message: "cannot open".into(),
-            last_connect_error: Some("connection refused".into()),
+            last_connect_error: Some(std::sync::Arc::new(Error::ConnectTimeout {
+                target: "h:5432".into(),
+                timeout: Duration::from_secs(1),
+                connected: true,
+            })),
         }));
     }
 
     #[test]
     fn refused_connection_is_transient() {
-        let e = match postgres::Config::new()
-            .host("127.0.0.1")
-            .port(1)
-            .user("u")
-            .connect(postgres::NoTls)
-        {
-            Ok(_) => panic!("something listens on port 1"),
-            Err(e) => e,
-        };
+        let e = crate::error::tests::refused();
         assert!(is_transient_pg(&e), "{e:?}");
     }
 }

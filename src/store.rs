@@ -14,7 +14,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::error::{chain, Error, Result};
+use crate::connect::Manager;
+use crate::error::{ActualVersion, Error, Result};
 use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion, JsonText};
 use crate::listener::{Hub, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
@@ -22,7 +23,6 @@ use crate::read::{Events, ReadAll, ReadStream};
 use crate::retry::{Backoff, Retry};
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
 use crate::subscription::{SubscribeOptions, Subscription};
-use crate::tls::Manager;
 
 pub(crate) type Conn = PooledConnection<Manager>;
 
@@ -55,7 +55,7 @@ pub(crate) struct Inner {
     pub(crate) sql: Sql,
     pub(crate) config: Config,
     pub(crate) hub: Hub,
-    last_connect_error: Arc<Mutex<Option<String>>>,
+    last_connect_error: LastConnectError,
     pub(crate) monitor: crate::health::Monitor,
     pub(crate) held_back: crate::feed::HeldBackBoard,
 }
@@ -69,13 +69,16 @@ impl fmt::Debug for Store {
     }
 }
 
-/// Keeps the full text of the last connection error; r2d2 keeps only a short phrase.
-#[derive(Debug)]
-struct RecordConnectError(Arc<Mutex<Option<String>>>);
+/// The last error of the pool's connects; r2d2 keeps only its text.
+pub(crate) type LastConnectError = Arc<Mutex<Option<Arc<Error>>>>;
 
-impl r2d2::HandleError<postgres::Error> for RecordConnectError {
-    fn handle_error(&self, error: postgres::Error) {
-        *self.0.lock().unwrap() = Some(chain(&error));
+/// Keeps the last connection error, typed; r2d2 keeps only a short phrase.
+#[derive(Debug)]
+struct RecordConnectError(LastConnectError);
+
+impl r2d2::HandleError<Error> for RecordConnectError {
+    fn handle_error(&self, error: Error) {
+        *self.0.lock().unwrap() = Some(Arc::new(error));
     }
 }
 
@@ -323,11 +326,20 @@ impl Store {
     /// Appends inside the caller's own transaction (or on any client), so that a
     /// read-model or outbox row commits or rolls back together with the events.
     ///
-    /// The events become visible when the transaction commits. On a conflict with a
-    /// concurrent append the statement fails, which aborts the caller's transaction
-    /// (PostgreSQL's rule): the error is still [`Error::WrongExpectedVersion`], and the
-    /// caller retries the whole transaction. Nothing is retried here, not even a lost
-    /// connection: the caller's transaction went with it.
+    /// The events become visible when the transaction commits. A wrong expected version
+    /// found by the statement itself leaves the transaction usable. A concurrent append
+    /// that takes the same version first (it commits while this statement waits for it)
+    /// makes the statement fail, which aborts the caller's transaction (PostgreSQL's
+    /// rule): the error is still [`Error::WrongExpectedVersion`], and the caller rolls
+    /// back and retries the whole transaction. Its `actual` version is read on an idle
+    /// pooled connection if there is one at once, and is [`ActualVersion::Unknown`]
+    /// otherwise: the caller's own connection can no longer read, and waiting for the
+    /// pool (which may be the very connection the caller holds) would only delay the
+    /// error. No savepoint is taken to keep the transaction alive: it would cost two
+    /// more round trips per append and a subtransaction each, and more than 64
+    /// subtransactions in one transaction slow down every snapshot on the server.
+    /// Nothing is retried here, not even a lost connection: the caller's transaction
+    /// went with it.
     ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
@@ -373,7 +385,7 @@ impl Store {
                 Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
                     stream: stream.to_string(),
                     expected,
-                    actual: self.stream_version(stream).ok().flatten(),
+                    actual: self.version_after_lost_race(stream),
                 }),
                 Some(UniqueViolation::EventId) => Err(Error::DuplicateEventId {
                     stream: stream.to_string(),
@@ -409,6 +421,27 @@ impl Store {
         client
             .batch_execute(&self.inner.sql.lock_for_appends)
             .map_err(|e| self.map_error(e))
+    }
+
+    /// The committed version of a stream that a concurrent append just took from us,
+    /// read on an idle pooled connection: the caller's own connection cannot read any
+    /// more (its transaction is aborted). Never waits for the pool: with no idle
+    /// connection, or any error, the version is [`ActualVersion::Unknown`] rather than
+    /// a guess.
+    pub(crate) fn version_after_lost_race(&self, stream: &str) -> ActualVersion {
+        let Some(mut conn) = self.inner.pool.try_get() else {
+            return ActualVersion::Unknown;
+        };
+        let head = self
+            .prepared(&mut conn, "stream_head", &self.inner.sql.stream_head)
+            .and_then(|statement| {
+                conn.query_one(&statement, &[&stream])
+                    .map_err(|e| self.map_error(e))
+            });
+        match head {
+            Ok(row) => ActualVersion::from_head(row.get::<_, Option<i64>>(0).map(|v| v as u64)),
+            Err(_) => ActualVersion::Unknown,
+        }
     }
 
     /// The version of the stream's last event, or `None` when the stream does not exist.
@@ -467,7 +500,15 @@ impl Store {
     /// Follows events as they are appended: catches up from history first, then goes
     /// live. See [`SubscribeOptions`] for what to follow and where to start, and
     /// [`Subscription`] for how to wait, poll and stop.
+    ///
+    /// Fails at once with [`Error::NotMigrated`] when the schema has not been created,
+    /// and with [`Error::InvalidInput`] for a start position above `i64::MAX`.
     pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        if self.schema_version()? == 0 {
+            return Err(Error::NotMigrated {
+                schema: self.inner.sql.schema.clone(),
+            });
+        }
         Subscription::new(self.clone(), options)
     }
 
@@ -497,21 +538,31 @@ impl Store {
         state: &T,
     ) -> Result<()> {
         validate_stream_id(stream)?;
-        let data = serde_json::to_value(state)?;
+        // Versions are `bigint`s: a larger one would wrap to a negative number, and an
+        // older snapshot would then replace it.
+        let version = i64::try_from(version).map_err(|_| {
+            Error::InvalidInput(format!(
+                "snapshot of stream {stream:?}: version {version} is out of range \
+                 (versions go up to {})",
+                i64::MAX
+            ))
+        })?;
+        let data = serde_json::to_vec(state)?;
+        if crate::event::has_nul_escape(&data) {
+            return Err(Error::InvalidInput(format!(
+                "snapshot of stream {stream:?}: the state contains the NUL character \\u0000, \
+                 which PostgreSQL's jsonb cannot store"
+            )));
+        }
         crate::retry::run(self, "save_snapshot", || {
             self.save_snapshot_once(stream, version, &data)
         })
     }
 
-    fn save_snapshot_once(
-        &self,
-        stream: &str,
-        version: u64,
-        data: &serde_json::Value,
-    ) -> Result<()> {
+    fn save_snapshot_once(&self, stream: &str, version: i64, data: &[u8]) -> Result<()> {
         let mut conn = self.conn()?;
         let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
-        conn.execute(&statement, &[&stream, &(version as i64), &data])
+        conn.execute(&statement, &[&stream, &version, &JsonText(data)])
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }
@@ -541,7 +592,9 @@ impl Store {
     /// A pooled connection, or an error that says why none could be had: the pool was
     /// exhausted, or no connection could be opened (with the cause).
     pub(crate) fn conn(&self) -> Result<Conn> {
-        self.inner.pool.get().map_err(|e| {
+        // r2d2's own error is "timed out waiting for connection" plus the text of the
+        // last connect error, which is our source already.
+        self.inner.pool.get().map_err(|_| {
             let state = self.inner.pool.state();
             let max = self.inner.pool.max_size();
             let timeout = self.inner.config.connection_timeout;
@@ -549,12 +602,12 @@ impl Store {
             let message = if last_connect_error.is_none() && state.connections >= max {
                 format!(
                     "the connection pool is exhausted: all {max} connections were in use \
-                     for {timeout:?} (raise max_connections, or return connections sooner): {e}"
+                     for {timeout:?} (raise max_connections, or return connections sooner)"
                 )
             } else {
                 format!(
                     "the connection pool could not open a connection within {timeout:?} \
-                     ({} of at most {max} open, {} idle): {e}",
+                     ({} of at most {max} open, {} idle)",
                     state.connections, state.idle_connections
                 )
             };
@@ -767,7 +820,7 @@ impl<'a> AppendInput<'a> {
         Err(Error::WrongExpectedVersion {
             stream: self.stream.to_string(),
             expected: self.expected,
-            actual: head.map(|v| v as u64),
+            actual: ActualVersion::from_head(head.map(|v| v as u64)),
         })
     }
 }

@@ -56,7 +56,7 @@ pub struct SubscribeOptions {
 }
 
 impl SubscribeOptions {
-    /// All events (the old product's `streamPattern: '*'`), from the beginning.
+    /// All events, from the beginning.
     pub fn all() -> Self {
         Self::filtered(ReadAll::from_start())
     }
@@ -114,8 +114,7 @@ impl SubscribeOptions {
         self
     }
 
-    /// Only events whose transaction commits after the subscription is created (the old
-    /// product's `fromPosition: 'live'`).
+    /// Only events whose transaction commits after the subscription is created.
     pub fn live(mut self) -> Self {
         self.start = Start::Live;
         self
@@ -200,6 +199,14 @@ impl Subscription {
     pub(crate) fn new(store: Store, options: SubscribeOptions) -> Result<Subscription> {
         if let Some(msg) = options.misuse {
             return Err(Error::InvalidInput(msg.into()));
+        }
+        if let Start::After(p) = options.start {
+            if p > i64::MAX as u64 {
+                return Err(Error::InvalidInput(format!(
+                    "cannot subscribe after {p}: positions and versions go up to {}",
+                    i64::MAX
+                )));
+            }
         }
         let mut before_snapshot = None;
         let cursor = match (&options.target, options.start) {

@@ -29,9 +29,6 @@ pub type Connector = postgres_native_tls::MakeTlsConnector;
 #[cfg(not(feature = "tls"))]
 pub type Connector = postgres::NoTls;
 
-/// The r2d2 connection manager of the store's pool (see [`Store::pool`](crate::Store::pool)).
-pub type Manager = r2d2_postgres::PostgresConnectionManager<Connector>;
-
 /// A copy of the connector (`NoTls` is `Copy`, the TLS connector only `Clone`).
 #[allow(clippy::clone_on_copy)]
 pub(crate) fn clone(connector: &Connector) -> Connector {

@@ -341,11 +341,13 @@ impl Worker {
         // Take the lock here, so that "already running" is this call's error.
         let lock = self.lock(&stop)?;
         let flag = stop.clone();
+        let name = self.name.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-worker-{}", self.name))
             .spawn(move || self.run_locked(handler, Mode::Live, flag, lock))
             .expect("spawn the worker thread");
         Ok(WorkerHandle {
+            name,
             stop,
             thread: Some(thread),
         })
@@ -876,7 +878,16 @@ impl ThreadContext {
         if self.failed.load(Ordering::Relaxed) {
             return;
         }
-        let (outcome, retries) = self.handle(&event);
+        // A panicking handler is a fatal failure like any other: the worker stops with
+        // the checkpoint before the event, instead of running on without this thread.
+        let (outcome, retries) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(&event)))
+                .unwrap_or_else(|_| {
+                    let panicked = Error::HandlerPanicked {
+                        processor: self.name.clone(),
+                    };
+                    (Outcome::Failed(panicked), 0)
+                });
         if matches!(outcome, Outcome::Failed(_)) {
             self.failed.store(true, Ordering::Relaxed);
         }
@@ -892,7 +903,13 @@ impl ThreadContext {
     /// in its own transaction with the worker's retries, so that a failing event gets
     /// the same treatment (retries, then stop or park) as without grouping.
     fn in_batch(&self, h: &TxHandler, batch: Vec<(u64, RecordedEvent)>) {
-        match self.commit_batch(h, &batch) {
+        // A panic in the group rolls it back like an error; handled one by one, the
+        // event that panics then stops the worker.
+        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.commit_batch(h, &batch)
+        }))
+        .unwrap_or_else(|_| Err("a handler panicked".into()));
+        match committed {
             Ok(handled) => {
                 for ((seq, _), handled) in batch.iter().zip(handled) {
                     let outcome = match handled {
@@ -1244,6 +1261,7 @@ impl WorkerStopper {
 /// A running worker. [`WorkerHandle::stop`] shuts it down gracefully: in-flight events
 /// finish and the checkpoint is written. Dropping the handle does the same.
 pub struct WorkerHandle {
+    name: String,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<WorkerSummary>>>,
 }
@@ -1251,6 +1269,7 @@ pub struct WorkerHandle {
 impl fmt::Debug for WorkerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerHandle")
+            .field("name", &self.name)
             .field("running", &self.is_running())
             .finish()
     }
@@ -1290,7 +1309,7 @@ impl WorkerHandle {
         match self.thread.take() {
             Some(t) => t.join().unwrap_or_else(|_| {
                 Err(Error::HandlerPanicked {
-                    processor: String::new(),
+                    processor: self.name.clone(),
                 })
             }),
             None => Ok(WorkerSummary::default()),

@@ -2,7 +2,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use crate::common::{events, TestResult, TestStore};
-use pg_eventstore::{Error, EventData, ExpectedVersion, ReadAll, ReadStream};
+use pg_eventstore::{
+    ActualVersion, AppendResult, Error, EventData, ExpectedVersion, ReadAll, ReadStream,
+};
 use serde::{Deserialize, Serialize};
 
 fn versions(t: &TestStore, stream: &str) -> Vec<u64> {
@@ -30,7 +32,7 @@ fn no_stream_then_exact_then_conflicts() -> TestResult {
         }) => {
             assert_eq!(stream, "s");
             assert_eq!(expected, ExpectedVersion::NoStream);
-            assert_eq!(actual, Some(1));
+            assert_eq!(actual, ActualVersion::Exact(1));
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
@@ -48,7 +50,10 @@ fn no_stream_then_exact_then_conflicts() -> TestResult {
     );
     // Exact on a missing stream.
     match t.append("missing", ExpectedVersion::Exact(0), &events("D", 1)) {
-        Err(Error::WrongExpectedVersion { actual: None, .. }) => {}
+        Err(Error::WrongExpectedVersion {
+            actual: ActualVersion::NoStream,
+            ..
+        }) => {}
         other => panic!("expected a conflict, got {other:?}"),
     }
     // StreamExists.
@@ -57,7 +62,7 @@ fn no_stream_then_exact_then_conflicts() -> TestResult {
     match t.append("missing", ExpectedVersion::StreamExists, &events("E", 1)) {
         Err(Error::WrongExpectedVersion {
             expected: ExpectedVersion::StreamExists,
-            actual: None,
+            actual: ActualVersion::NoStream,
             ..
         }) => {}
         other => panic!("expected a conflict, got {other:?}"),
@@ -159,7 +164,7 @@ fn two_threads_racing_on_one_stream_exactly_one_wins() -> TestResult {
                 // The loser either saw the winner's head or lost on the unique constraint
                 // and re-ran: either way it reports the winner's version.
                 Err(Error::WrongExpectedVersion { actual, .. }) => {
-                    assert_eq!(*actual, Some(head + 2))
+                    assert_eq!(*actual, ActualVersion::Exact(head + 2))
                 }
                 Err(e) => panic!("unexpected error {e}"),
             }
@@ -278,7 +283,9 @@ fn append_inside_the_callers_transaction() -> TestResult {
     // A conflict inside a transaction is reported with the version that won.
     let mut tx = conn.transaction()?;
     match t.append_in(&mut tx, "acc", ExpectedVersion::Exact(0), &events("D", 1)) {
-        Err(Error::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(2)),
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::Exact(2))
+        }
         other => panic!("expected a conflict, got {other:?}"),
     }
     drop(tx);
@@ -293,19 +300,83 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     let mut c1 = t.pool().get()?;
     let mut tx1 = c1.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    let store = t.store.clone();
-    let loser = thread::spawn(move || {
-        let mut c2 = store.pool().get().unwrap();
-        let mut tx2 = c2.transaction().unwrap();
-        // Blocks on the unique constraint until tx1 commits, then fails.
-        store.append_in(&mut tx2, "s", ExpectedVersion::Exact(0), &events("C", 1))
-    });
-    thread::sleep(std::time::Duration::from_millis(200));
+    let loser = lose_race(&t)?;
+    // The version is read on an idle pooled connection.
+    assert!(
+        crate::common::server::wait_until(std::time::Duration::from_secs(10), || {
+            t.pool().state().idle_connections > 0
+        })
+        .is_some()
+    );
     tx1.commit()?;
-    match loser.join().unwrap() {
-        Err(Error::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(1)),
+    match loser.join().unwrap().0 {
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::Exact(1))
+        }
         other => panic!("expected a conflict, got {other:?}"),
     }
+    assert_eq!(versions(&t, "s"), vec![0, 1]);
+    Ok(())
+}
+
+type Loser = thread::JoinHandle<(pg_eventstore::Result<AppendResult>, std::time::Instant)>;
+
+/// Starts an append of version 1 to stream "s" in a transaction on a pooled connection,
+/// once a transaction of the caller holds that version, and returns when it waits for
+/// that transaction; the thread returns its result and when it got it.
+fn lose_race(t: &TestStore) -> pg_eventstore::Result<Loser> {
+    let mut conn = t.pool().get().expect("a pooled connection");
+    let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let store = t.store.clone();
+    let loser = thread::spawn(move || {
+        let mut tx = conn.transaction().unwrap();
+        // Blocks on the unique constraint until the winner commits, then fails.
+        let result = store.append_in(&mut tx, "s", ExpectedVersion::Exact(0), &events("C", 1));
+        (result, std::time::Instant::now())
+    });
+    wait_for_lock(pid);
+    Ok(loser)
+}
+
+/// Waits until backend `pid` waits for a lock.
+fn wait_for_lock(pid: i32) {
+    let mut c = crate::common::client();
+    let waiting = crate::common::server::wait_until(std::time::Duration::from_secs(10), || {
+        c.query_one(
+            "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .is_ok_and(|r| r.get::<_, bool>(0))
+    });
+    assert!(waiting.is_some(), "backend {pid} never waited for a lock");
+}
+
+#[test]
+fn a_lost_race_inside_a_transaction_never_reports_a_wrong_version() -> TestResult {
+    // One pooled connection, held by the loser's own transaction: the stream's version
+    // cannot be read anywhere else without waiting for the pool.
+    let t = TestStore::with("append_tx_race_one", |c| {
+        c.max_connections(1)
+            .min_idle(0)
+            .connection_timeout(std::time::Duration::from_secs(30))
+    });
+    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+    let mut winner = crate::common::client();
+    let mut tx1 = winner.transaction()?;
+    t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
+    let loser = lose_race(&t)?;
+    let committed = std::time::Instant::now();
+    tx1.commit()?;
+    let (result, failed) = loser.join().unwrap();
+    match result {
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::Unknown)
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // It did not wait for the pool's connection timeout to find that out.
+    let took = failed - committed;
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     assert_eq!(versions(&t, "s"), vec![0, 1]);
     Ok(())
 }

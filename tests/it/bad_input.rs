@@ -128,12 +128,95 @@ fn server_errors_keep_their_cause() -> TestResult {
     let mut conn = t2.pool().get()?;
     let err: pg_eventstore::Error = conn.execute("SELECT pg_sleep(1)", &[]).unwrap_err().into();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"));
-    let text = err.to_string();
+    let text = err.report();
+    assert_eq!(crate::common::chain(&err), text);
     assert!(
         text.contains("57014") && text.contains("statement timeout"),
         "{text}"
     );
     assert!(std::error::Error::source(&err).is_some());
     drop(t);
+    Ok(())
+}
+
+#[test]
+fn values_above_i64_max_are_refused_not_wrapped() -> TestResult {
+    let t = TestStore::new("bad_overflow");
+    // A checkpoint would be stored as -1 and read back as u64::MAX.
+    let e = t.save_checkpoint("projector", u64::MAX).unwrap_err();
+    assert_invalid(Err::<(), _>(e), "18446744073709551615");
+    let e = t.save_checkpoint("projector", u64::MAX).unwrap_err();
+    assert!(e.to_string().contains("\"projector\""), "{e}");
+    let mut client = crate::common::client();
+    let mut tx = client.transaction()?;
+    assert_invalid(
+        t.save_checkpoint_in(&mut tx, "projector", i64::MAX as u64 + 1),
+        "projector",
+    );
+    drop(tx);
+    assert_eq!(t.checkpoint("projector")?, None, "nothing was written");
+    t.save_checkpoint("projector", i64::MAX as u64)?;
+    assert_eq!(t.checkpoint("projector")?, Some(i64::MAX as u64));
+
+    // A snapshot would be stored as -1, and an older one would then replace it.
+    let e = t.save_snapshot("acc-1", u64::MAX, &json!({ "balance": 1 }));
+    assert_invalid(e, "acc-1");
+    assert!(t.load_snapshot::<serde_json::Value>("acc-1")?.is_none());
+
+    // A subscription after an impossible position fails at once, not on every next().
+    assert_invalid(
+        t.subscribe(pg_eventstore::SubscribeOptions::all().after(u64::MAX)),
+        "18446744073709551615",
+    );
+    assert_invalid(
+        t.subscribe(pg_eventstore::SubscribeOptions::stream("acc-1").after(u64::MAX)),
+        "18446744073709551615",
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stored_checkpoint_out_of_range_is_named() -> TestResult {
+    let t = TestStore::new("bad_stored_ckpt");
+    // Written behind the store's back, as an older release did for u64::MAX.
+    crate::common::client().execute(
+        &format!(
+            "INSERT INTO \"{}\".checkpoints (processor_name, position) VALUES ('mailer', -1)",
+            t.schema
+        ),
+        &[],
+    )?;
+    let e = t.checkpoint("mailer").unwrap_err().to_string();
+    assert!(e.contains("\"mailer\"") && e.contains("-1"), "{e}");
+    // A worker of that processor says which checkpoint is wrong.
+    let e = t.worker("mailer").run_batch(|_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("checkpoint \"mailer\""), "{e}");
+    Ok(())
+}
+
+#[test]
+fn snapshots_refuse_nul_like_appends() -> TestResult {
+    let t = TestStore::new("bad_snapshot_nul");
+    assert_invalid(
+        t.save_snapshot("acc-1", 3, &json!({ "name": "a\u{0}b" })),
+        "NUL",
+    );
+    assert!(t.load_snapshot::<serde_json::Value>("acc-1")?.is_none());
+    Ok(())
+}
+
+#[test]
+fn subscribing_to_an_unmigrated_schema_fails_at_once() -> TestResult {
+    let t = TestStore::unmigrated("bad_sub_unmigrated");
+    for options in [
+        pg_eventstore::SubscribeOptions::all().live(),
+        pg_eventstore::SubscribeOptions::all(),
+        pg_eventstore::SubscribeOptions::category("acc-"),
+    ] {
+        match t.subscribe(options) {
+            Err(Error::NotMigrated { .. }) => {}
+            other => panic!("expected NotMigrated, got {other:?}"),
+        }
+    }
     Ok(())
 }

@@ -8,11 +8,13 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::common::proxy::{self, Proxy};
 use crate::common::server::{wait_until, TempServer};
 use crate::common::{client, events, TestResult, TestStore};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_eventstore::{
     Config, ConnectionEvent, Error, ExpectedVersion, ReadAll, ReadStream, RecordedEvent, Store,
+    SubscribeOptions,
 };
 
 fn retries(recorder: &DebuggingRecorder) -> HashMap<String, u64> {
@@ -322,7 +324,7 @@ fn server_restart_loses_nothing_and_is_reported_once() -> TestResult {
     eprintln!("server down: append failed after {took:?}: {e}");
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(e.is_transient(), "{e:?}");
-    let text = e.to_string().to_lowercase();
+    let text = e.report().to_lowercase();
     assert!(
         text.contains("refused") || text.contains("terminat") || text.contains("closed"),
         "{text}"
@@ -380,5 +382,113 @@ fn a_read_cut_midway_resumes_after_its_last_event() -> TestResult {
     let retries = retries(&recorder);
     eprintln!("reads cut midway: retries {retries:?}");
     assert_eq!(retries.get("read").copied(), Some(4));
+    Ok(())
+}
+
+/// Runs `f` on a thread and waits at most `limit` for it: a hang fails the test with
+/// `what` instead of blocking the test run.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} was still blocked after {limit:?}"))
+}
+
+#[test]
+fn opening_a_store_gives_up_on_a_server_that_never_answers() -> TestResult {
+    let silent = Proxy::silent();
+    let config = Config::new(&silent.url(&crate::common::database_url()))?
+        .connect_timeout(Duration::from_secs(1));
+    let started = Instant::now();
+    let result = within(Duration::from_secs(30), "Store::connect", move || {
+        Store::connect(config).map(drop)
+    });
+    let e = result.expect_err("a server that never answers cannot be connected to");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            Error::ConnectTimeout {
+                connected: true,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", silent.port))
+            && text.contains("no answer to the startup message within 1s"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn every_connection_gives_up_when_the_server_stops_answering() -> TestResult {
+    let proxy = Proxy::to(proxy::upstream(&crate::common::database_url()));
+    let schema = crate::common::schema_name("silent");
+    let store = Config::new(&proxy.url(&crate::common::database_url()))?
+        .schema(&schema)
+        .max_connections(4)
+        .connect_timeout(Duration::from_secs(1))
+        .connection_timeout(Duration::from_secs(2))
+        .max_retries(0)
+        .connect()?;
+    store.migrate()?;
+    let _drop_schema = crate::common::DropSchema(schema);
+    proxy.silence_new_connections();
+
+    // The pool: a new connection is needed while the open ones are held.
+    let mut held = Vec::new();
+    while let Some(c) = store.pool().try_get() {
+        held.push(c);
+    }
+    let e = store
+        .stream_version("s-1")
+        .expect_err("no connection can be opened");
+    let chain = crate::common::chain(&e);
+    assert!(
+        chain.contains("no answer to the startup message"),
+        "{chain}"
+    );
+    drop(held);
+
+    // The listener, started by the first subscription, reports why it is not connected.
+    let _subscription = store.subscribe(SubscribeOptions::all())?;
+    let waited = wait_until(Duration::from_secs(20), || {
+        store
+            .listener_state()
+            .and_then(|s| s.last_error)
+            .is_some_and(|e| e.contains("no answer to the startup message"))
+    });
+    assert!(waited.is_some(), "{:?}", store.listener_state());
+    drop(_subscription);
+
+    // The notifier, started by an append through the pool.
+    store.append("s-1", ExpectedVersion::NoStream, &events("E", 1))?;
+
+    // A health check on an established connection that stops answering.
+    proxy.freeze();
+    let checked = store.clone();
+    let report = within(Duration::from_secs(30), "health_check", move || {
+        checked.health_check()
+    });
+    assert!(!report.reachable, "{report:?}");
+
+    // Dropping the store joins the listener and notifier threads: neither is stuck.
+    within(Duration::from_secs(30), "dropping the store", move || {
+        drop(store)
+    });
     Ok(())
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::{events, wait_visible, TestResult, TestStore};
 use pg_eventstore::{
-    Error, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, RecordedEvent, Result,
-    MAX_EVENTS_PER_TRANSACTION,
+    ActualVersion, Error, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream,
+    RecordedEvent, Result, MAX_EVENTS_PER_TRANSACTION,
 };
 use serde_json::json;
 
@@ -84,7 +84,7 @@ fn existing_stream_is_refused_and_nothing_written() -> TestResult {
         }) => {
             assert_eq!(stream, "b");
             assert_eq!(expected, ExpectedVersion::NoStream);
-            assert_eq!(actual, Some(0));
+            assert_eq!(actual, ActualVersion::Exact(0));
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
@@ -335,7 +335,7 @@ fn a_concurrent_append_to_a_continued_stream_fails_the_import_cleanly() -> TestR
             }) => {
                 assert_eq!(stream, "b");
                 assert_eq!(expected, ExpectedVersion::Exact(1));
-                assert_eq!(actual, Some(2));
+                assert_eq!(actual, ActualVersion::Exact(2));
             }
             other => panic!("expected a conflict, got {other:?}"),
         }

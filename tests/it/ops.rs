@@ -55,7 +55,7 @@ fn unreachable_server_fails_fast_with_the_cause() -> TestResult {
         Error::Connect { target, .. } => assert_eq!(target, "127.0.0.1:1"),
         other => panic!("expected a connect error, got {other:?}"),
     }
-    let text = e.to_string();
+    let text = e.report();
     assert!(text.contains("127.0.0.1:1"), "{text}");
     assert!(text.to_lowercase().contains("refused"), "{text}");
     assert!(e.is_transient());

@@ -216,3 +216,39 @@ fn reads_of_many_pages_see_every_event_once() -> TestResult {
     assert_eq!(versions, (0..batch as u64).rev().collect::<Vec<_>>());
     Ok(())
 }
+
+#[test]
+fn a_decode_error_names_the_event() -> TestResult {
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Deposited {
+        amount: u64,
+    }
+    let t = TestStore::new("read_decode");
+    t.append(
+        "account-7",
+        ExpectedVersion::NoStream,
+        &[
+            EventData::json("Opened", serde_json::json!({ "owner": "ada" })),
+            EventData::json("Opened", serde_json::json!({ "owner": "bob" }))
+                .metadata(&serde_json::json!({ "by": 1 }))?,
+        ],
+    )?;
+    let event = t
+        .read_stream("account-7", ReadStream::forwards())?
+        .nth(1)
+        .unwrap()?;
+    let e = event.data_as::<Deposited>().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "cannot decode the data of event 1 of stream \"account-7\" (type \"Opened\")"
+    );
+    assert!(e.report().contains("missing field `amount`"), "{e:?}");
+    let e = event.metadata_as::<Deposited>().unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("cannot decode the metadata of event 1 of stream \"account-7\""),
+        "{e}"
+    );
+    Ok(())
+}

@@ -348,7 +348,7 @@ fn stop_policy_returns_the_error_and_keeps_the_checkpoint_before_it() -> TestRes
         }
         other => panic!("expected a handler error, got {other:?}"),
     }
-    assert!(err.to_string().contains("boom"), "{err}");
+    assert!(err.report().contains("boom"), "{err}");
     let checkpoint = t.checkpoint("stopper")?;
     assert!(
         checkpoint.is_none_or(|c| c < bad.position),
@@ -897,5 +897,50 @@ fn batch_mode_reads_again_after_the_horizon_passes_the_tip() -> TestResult {
         }
     }
     assert!(missed.is_empty(), "{missed:?}");
+    Ok(())
+}
+
+#[test]
+fn a_panicking_handler_stops_the_worker_and_names_it() -> TestResult {
+    let t = store_with("worker_panic");
+    fill(&t, 5);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = t.store.clone();
+    thread::spawn(move || {
+        let result = store.worker("panicker").threads(2).run_batch(|e| {
+            if e.version == 2 {
+                panic!("handler bug")
+            } else {
+                Ok(())
+            }
+        });
+        let _ = tx.send(result);
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("run_batch returns after a handler panicked");
+    match result {
+        Err(Error::HandlerPanicked { processor }) => assert_eq!(processor, "panicker"),
+        other => panic!("expected HandlerPanicked, got {other:?}"),
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = t.worker("live-panicker").spawn(|e| {
+        if e.version == 2 {
+            panic!("handler bug")
+        } else {
+            Ok(())
+        }
+    })?;
+    thread::spawn(move || {
+        let _ = tx.send(handle.join());
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("join returns after a handler panicked");
+    match result {
+        Err(Error::HandlerPanicked { processor }) => assert_eq!(processor, "live-panicker"),
+        other => panic!("expected HandlerPanicked, got {other:?}"),
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Test support: each test gets its own schema (and so its own NOTIFY channel), dropped
 //! when the test ends, so tests run in parallel without seeing each other.
 
+pub mod proxy;
 pub mod server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,6 +98,39 @@ impl Drop for TestStore {
             eprintln!("could not drop test schema {}: {e}", self.schema);
         }
     }
+}
+
+/// Drops a schema on drop, for stores that are not [`TestStore`]s.
+pub struct DropSchema(pub String);
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0);
+        if let Err(e) = client().batch_execute(&sql) {
+            eprintln!("could not drop test schema {}: {e}", self.0);
+        }
+    }
+}
+
+/// An error and its `source()` chain, one level after the other, after checking that
+/// no level repeats the text of a level below it.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut levels = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        levels.push(s.to_string());
+        source = s.source();
+    }
+    for (i, upper) in levels.iter().enumerate() {
+        for lower in &levels[i + 1..] {
+            let first_line = lower.lines().next().unwrap_or_default();
+            assert!(
+                !upper.contains(first_line),
+                "{upper:?} repeats its cause {lower:?}"
+            );
+        }
+    }
+    levels.join(": ")
 }
 
 /// `n` small events of type `t`, data `{"i": k}`.

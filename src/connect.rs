@@ -1,0 +1,273 @@
+//! Opening connections with a deadline: every connection the store opens (the pool's,
+//! the listener's, the notifier's, the health check's) gives up after the connect
+//! timeout, however far it got.
+//!
+//! `postgres::Config::connect_timeout` bounds only the TCP connect. A server that accepts
+//! the connection and then never answers the startup message (a hung server, a pooler
+//! whose queue is full, a stopped process behind a live kernel) would keep `connect`
+//! waiting forever: TCP keepalives are answered by the peer's kernel, and
+//! `tcp_user_timeout` only fires for data that is not acknowledged. The synchronous
+//! `postgres` crate has no `connect_raw` to hand it a socket of our own, and its runtime
+//! is private, so the deadline is kept from outside: the connect runs on a short-lived
+//! thread and the caller waits for it at most the timeout. TLS is untouched (the
+//! configured connector does the handshake as before, inside the same deadline).
+//!
+//! An attempt that times out cannot be cancelled: its thread ends when the server
+//! finally answers (the connection is then closed at once) or the TCP connection breaks.
+//! At most [`MAX_ABANDONED`] such attempts per server are left waiting; a caller that
+//! finds that many waits for one of them to end instead of starting another, so a hung
+//! server costs a few threads, not one per retry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, RecvTimeoutError};
+use postgres::config::Host;
+use postgres::tls::MakeTlsConnect;
+use postgres::{Client, Socket};
+
+use crate::error::{Error, Result};
+use crate::tls::Connector;
+
+/// How long a connect may take when the configuration sets no `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many timed-out attempts per server may still be waiting for an answer.
+const MAX_ABANDONED: usize = 4;
+
+/// Timed-out attempts still waiting, per server (`host:port` list).
+static ABANDONED: LazyLock<(Mutex<HashMap<String, usize>>, Condvar)> =
+    LazyLock::new(Default::default);
+
+/// Opens a connection, or fails within the connect timeout (per configured host, as in
+/// libpq) with an error that names the server and how far the connect got.
+pub(crate) fn open(pg: &postgres::Config, connector: &Connector) -> Result<Client> {
+    let timeout = pg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let budget = timeout * pg.get_hosts().len().max(1) as u32;
+    let deadline = Instant::now() + budget;
+    let servers = target(pg);
+    wait_for_room(&servers, deadline).map_err(|()| Error::ConnectTimeout {
+        target: servers.clone(),
+        timeout,
+        connected: true,
+    })?;
+
+    let reached = Arc::new(Mutex::new(None::<String>));
+    let attempt = Arc::new(Mutex::new(Attempt::default()));
+    let (tx, rx) = bounded(1);
+    let tls = Watch {
+        inner: crate::tls::clone(connector),
+        reached: reached.clone(),
+    };
+    let config = pg.clone();
+    let (thread_attempt, thread_servers) = (attempt.clone(), servers.clone());
+    thread::Builder::new()
+        .name("pg-eventstore-connect".into())
+        .spawn(move || {
+            let result = config.connect(tls);
+            let mut attempt = thread_attempt.lock().unwrap();
+            attempt.done = true;
+            if attempt.abandoned {
+                // Nobody waits for it: close a late connection at once.
+                drop(result);
+                release(&thread_servers);
+            } else {
+                let _ = tx.send(result);
+            }
+        })
+        .map_err(|e| Error::Config(format!("cannot start a connect thread: {e}")))?;
+
+    let outcome = match rx.recv_deadline(deadline) {
+        Ok(result) => Some(result),
+        Err(RecvTimeoutError::Timeout) => {
+            let mut attempt = attempt.lock().unwrap();
+            if attempt.done {
+                // Finished just now: the result is in the channel.
+                rx.try_recv().ok()
+            } else {
+                attempt.abandoned = true;
+                *ABANDONED
+                    .0
+                    .lock()
+                    .unwrap()
+                    .entry(servers.clone())
+                    .or_insert(0) += 1;
+                None
+            }
+        }
+        Err(RecvTimeoutError::Disconnected) => None,
+    };
+    match outcome {
+        Some(Ok(client)) => Ok(client),
+        Some(Err(source)) => Err(Error::Connect {
+            target: servers,
+            source,
+        }),
+        None => {
+            let reached = reached.lock().unwrap().take();
+            Err(Error::ConnectTimeout {
+                connected: reached.is_some(),
+                target: reached
+                    .and_then(|host| host_port(pg, &host))
+                    .unwrap_or(servers),
+                timeout,
+            })
+        }
+    }
+}
+
+/// The state of one connect thread, shared with its caller.
+#[derive(Default)]
+struct Attempt {
+    done: bool,
+    abandoned: bool,
+}
+
+/// Waits until fewer than [`MAX_ABANDONED`] timed-out attempts to `servers` are still
+/// waiting; `Err` at the deadline.
+fn wait_for_room(servers: &str, deadline: Instant) -> std::result::Result<(), ()> {
+    let (counts, changed) = &*ABANDONED;
+    let mut counts = counts.lock().unwrap();
+    while counts.get(servers).copied().unwrap_or(0) >= MAX_ABANDONED {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(());
+        }
+        counts = changed.wait_timeout(counts, left).unwrap().0;
+    }
+    Ok(())
+}
+
+/// A timed-out attempt to `servers` has ended.
+fn release(servers: &str) {
+    let (counts, changed) = &*ABANDONED;
+    let mut counts = counts.lock().unwrap();
+    if let Some(n) = counts.get_mut(servers) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(servers);
+        }
+    }
+    changed.notify_all();
+}
+
+/// The configured connector, noting the host whose TCP connection was established:
+/// `postgres` asks for the TLS connector right after the TCP connect, before the startup.
+struct Watch {
+    inner: Connector,
+    reached: Arc<Mutex<Option<String>>>,
+}
+
+impl MakeTlsConnect<Socket> for Watch {
+    type Stream = <Connector as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = <Connector as MakeTlsConnect<Socket>>::TlsConnect;
+    type Error = <Connector as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(
+        &mut self,
+        domain: &str,
+    ) -> std::result::Result<Self::TlsConnect, Self::Error> {
+        *self.reached.lock().unwrap() = Some(domain.to_string());
+        MakeTlsConnect::<Socket>::make_tls_connect(&mut self.inner, domain)
+    }
+}
+
+/// `host:port` of every configured host.
+pub(crate) fn target(pg: &postgres::Config) -> String {
+    let hosts: Vec<String> = (0..pg.get_hosts().len())
+        .filter_map(|i| host_at(pg, i))
+        .collect();
+    if hosts.is_empty() {
+        "(no host configured)".to_string()
+    } else {
+        hosts.join(", ")
+    }
+}
+
+fn host_at(pg: &postgres::Config, i: usize) -> Option<String> {
+    let ports = pg.get_ports();
+    let port = ports
+        .get(i)
+        .or_else(|| ports.first())
+        .copied()
+        .unwrap_or(5432);
+    Some(match pg.get_hosts().get(i)? {
+        Host::Tcp(name) => format!("{name}:{port}"),
+        Host::Unix(path) => format!("{} (port {port})", path.display()),
+    })
+}
+
+/// `host:port` of the configured TCP host named `host`.
+fn host_port(pg: &postgres::Config, host: &str) -> Option<String> {
+    let i = pg
+        .get_hosts()
+        .iter()
+        .position(|h| matches!(h, Host::Tcp(name) if name == host))?;
+    host_at(pg, i)
+}
+
+/// The r2d2 connection manager of the store's pool: opens connections with the
+/// store's settings and the same deadline as every other connection of the store (see
+/// [`Config::connect_timeout`](crate::Config::connect_timeout)), and keeps the typed
+/// error of a failed connect.
+pub struct Manager {
+    pg: postgres::Config,
+    connector: Connector,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("servers", &target(&self.pg))
+            .finish()
+    }
+}
+
+impl Manager {
+    pub(crate) fn new(pg: postgres::Config, connector: Connector) -> Manager {
+        Manager { pg, connector }
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Client;
+    type Error = Error;
+
+    fn connect(&self) -> Result<Client> {
+        open(&self.pg, &self.connector)
+    }
+
+    fn is_valid(&self, client: &mut Client) -> Result<()> {
+        let timeout = self
+            .pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        client.is_valid(timeout).map_err(Error::Postgres)
+    }
+
+    fn has_broken(&self, client: &mut Client) -> bool {
+        client.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_name_hosts_and_ports() {
+        let pg: postgres::Config = "postgres://u@a:1,b/db".parse().unwrap();
+        let t = target(&pg);
+        assert!(t.contains("a:1"), "{t}");
+        assert_eq!(host_port(&pg, "b").as_deref(), Some("b:5432"));
+        let pg: postgres::Config = "host=h port=6000 user=u".parse().unwrap();
+        assert_eq!(target(&pg), "h:6000");
+        assert_eq!(host_port(&pg, "x"), None);
+    }
+}
