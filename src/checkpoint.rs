@@ -33,15 +33,9 @@ impl Store {
     /// it finished, or `None` when it has none.
     pub fn checkpoint(&self, name: &str) -> Result<Option<u64>> {
         validate_processor_name(name)?;
-        let mut conn = self.conn()?;
-        let statement = self.prepared(
-            &mut conn,
-            "load_checkpoint",
-            &self.inner.sql.load_checkpoint,
-        )?;
-        let row = conn
-            .query_opt(&statement, &[&name])
-            .map_err(|e| self.map_error(e))?;
+        let row = self.run("read", &self.inner.sql.load_checkpoint, |c, s| {
+            c.query_opt(s, &[&name])
+        })?;
         match row.map(|r| r.get::<_, i64>(0)) {
             None => Ok(None),
             Some(p) => u64::try_from(p).map(Some).map_err(|_| {
@@ -58,20 +52,11 @@ impl Store {
     /// (see [`Config::max_retries`](crate::Config::max_retries)): the write is idempotent.
     pub fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         let position = stored_position(name, position)?;
-        crate::retry::run(self, "save_checkpoint", || {
-            self.save_checkpoint_once(name, position)
-        })
-    }
-
-    fn save_checkpoint_once(&self, name: &str, position: i64) -> Result<()> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(
-            &mut conn,
+        self.run(
             "save_checkpoint",
             &self.inner.sql.save_checkpoint,
+            |c, s| c.execute(s, &[&name, &position]),
         )?;
-        conn.execute(&statement, &[&name, &position])
-            .map_err(|e| self.map_error(e))?;
         Ok(())
     }
 
@@ -101,7 +86,7 @@ impl Store {
     ) -> Result<()> {
         let position = stored_position(name, position)?;
         client
-            .execute(&self.inner.sql.save_checkpoint, &[&name, &position])
+            .execute(self.inner.sql.save_checkpoint.text(), &[&name, &position])
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }

@@ -41,6 +41,17 @@ impl Horizon {
             .is_ok_and(|id| id.is_none())
     }
 
+    /// Reads `horizon, tip, blocker_pid, blocker_xid`, as the `horizon` and
+    /// `feed_status` statements return them.
+    fn from_row(row: &Row) -> Horizon {
+        Horizon {
+            horizon: row.get::<_, i64>(0) as u64,
+            tip: row.get::<_, Option<i64>>(1).map(|t| t as u64),
+            blocker_pid: row.get(2),
+            blocker_xid: row.get::<_, Option<i64>>(3).map(|x| x as u64),
+        }
+    }
+
     /// Reads a `$all` read's status row.
     pub(crate) fn from_status_row(row: &Row) -> Result<Horizon> {
         let tip: i64 = row.try_get(3)?;
@@ -222,21 +233,10 @@ impl Store {
     /// # Ok::<(), pg_eventstore::Error>(())
     /// ```
     pub fn feed_status(&self) -> Result<FeedStatus> {
-        crate::retry::run(self, "read", || self.feed_status_once())
-    }
-
-    fn feed_status_once(&self) -> Result<FeedStatus> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "feed_status", &self.inner.sql.feed_status)?;
-        let row = conn
-            .query_one(&statement, &[])
-            .map_err(|e| self.map_error(e))?;
-        let horizon = Horizon {
-            horizon: row.get::<_, i64>(0) as u64,
-            tip: row.get::<_, Option<i64>>(1).map(|t| t as u64),
-            blocker_pid: row.get(2),
-            blocker_xid: row.get::<_, Option<i64>>(3).map(|x| x as u64),
-        };
+        let row = self.run("read", &self.inner.sql.feed_status, |c, s| {
+            c.query_one(s, &[])
+        })?;
+        let horizon = Horizon::from_row(&row);
         let held_back = horizon.holds_back().then(|| HeldBack {
             application_name: row.get(5),
             transaction_age: row
@@ -255,19 +255,8 @@ impl Store {
 
     /// The `$all` horizon now, as a read computes it.
     pub(crate) fn horizon(&self) -> Result<Horizon> {
-        crate::retry::run(self, "read", || {
-            let mut conn = self.conn()?;
-            let statement = self.prepared(&mut conn, "horizon", &self.inner.sql.horizon)?;
-            let row = conn
-                .query_one(&statement, &[])
-                .map_err(|e| self.map_error(e))?;
-            Ok(Horizon {
-                horizon: row.get::<_, i64>(0) as u64,
-                tip: row.get::<_, Option<i64>>(1).map(|t| t as u64),
-                blocker_pid: row.get(2),
-                blocker_xid: row.get::<_, Option<i64>>(3).map(|x| x as u64),
-            })
-        })
+        let row = self.run("read", &self.inner.sql.horizon, |c, s| c.query_one(s, &[]))?;
+        Ok(Horizon::from_row(&row))
     }
 
     /// Waits until the horizon has passed `tip` (the newest event committed before a

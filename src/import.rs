@@ -199,7 +199,9 @@ impl Store {
         // passed by `$all` readers (see the crate docs), so only one that came with an
         // id needs the feed floor check after the COPY.
         tx.batch_execute(&format!("LOCK TABLE {events} IN ROW EXCLUSIVE MODE"))?;
-        let had_id: bool = tx.query_one(&self.inner.sql.needs_floor_check, &[])?.get(0);
+        let had_id: bool = tx
+            .query_one(self.inner.sql.needs_floor_check.text(), &[])?
+            .get(0);
         let row = tx.query_one(
             &format!(
                 "WITH r AS (SELECT pg_current_xact_id()::text::bigint << {POSITION_BITS} AS lo)
@@ -265,7 +267,7 @@ impl Store {
         debug_assert_eq!(written, plan.events.len() as u64);
         if check_floor
             && tx
-                .query_one(&self.inner.sql.floor_check, &[])?
+                .query_one(self.inner.sql.floor_check.text(), &[])?
                 .get::<_, bool>(0)
         {
             return Err(Failure::Done(Error::FeedOrderConflict { stream: None }));

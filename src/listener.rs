@@ -16,7 +16,7 @@ use fallible_iterator::FallibleIterator;
 
 use crate::error::chain;
 use crate::retry::Backoff;
-use crate::sql::quote;
+use crate::sql;
 
 /// How long one wait for a notification lasts before the listener checks its stop flag.
 const LISTEN_ROUND: Duration = Duration::from_millis(100);
@@ -226,11 +226,11 @@ fn listen(
     let mut backoff = RECONNECT;
     let mut first = true;
     while !shared.stop.load(Ordering::Relaxed) {
-        let listen_sql = listen_statement(&channel);
+        let listen_sql = sql::listen(&channel);
         // LISTEN is the last statement this connection runs (the heartbeat repeats it), so
         // `pg_stat_activity.query` shows other processes' notifiers who is listening.
         let connected = crate::connect::open(&pg, &connector).and_then(|mut c| {
-            let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+            let pid: i32 = c.query_one(sql::BACKEND_PID, &[])?.get(0);
             c.batch_execute(&listen_sql)?;
             Ok((c, pid))
         });
@@ -307,11 +307,6 @@ fn wait_for_notifications(
     Ok(woken)
 }
 
-/// The statement the listener runs, and what notifiers look for in `pg_stat_activity`.
-fn listen_statement(channel: &str) -> String {
-    format!("LISTEN {}", quote(channel))
-}
-
 /// The shortest time between two NOTIFYs of one notifier.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -329,8 +324,8 @@ fn notify_loop(
     channel: String,
     rx: Receiver<()>,
 ) {
-    let notify = format!("NOTIFY {}", quote(&channel));
-    let listen = listen_statement(&channel);
+    let notify = sql::notify(&channel);
+    let listen = sql::listen(&channel);
     let mut client: Option<postgres::Client> = None;
     let mut checked: Option<Instant> = None;
     loop {
@@ -346,13 +341,13 @@ fn notify_loop(
                 // need not wait for the WAL flush that the appends' commits also wait for.
                 client = crate::connect::open(&pg, &connector)
                     .and_then(|mut c| {
-                        c.batch_execute("SET synchronous_commit = off")?;
+                        c.batch_execute(sql::ASYNC_COMMIT)?;
                         Ok(c)
                     })
                     .ok();
                 if let Some(c) = client.as_mut() {
                     let pid = c
-                        .query_one("SELECT pg_backend_pid()", &[])
+                        .query_one(sql::BACKEND_PID, &[])
                         .map(|r| r.get::<_, i32>(0))
                         .unwrap_or(0);
                     shared.notifier_pid.store(pid, Ordering::Relaxed);
@@ -397,12 +392,6 @@ fn others_listen(
     listen: &str,
     own: i32,
 ) -> Result<bool, postgres::Error> {
-    let row = client.query_one(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                         WHERE backend_type = 'client backend' AND pid <> $2
-                           AND pid <> pg_backend_pid()
-                           AND (query = $1 OR query = '<insufficient privilege>'))",
-        &[&listen, &own],
-    )?;
+    let row = client.query_one(sql::OTHERS_LISTEN, &[&listen, &own])?;
     Ok(row.get(0))
 }

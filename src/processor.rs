@@ -88,27 +88,22 @@ impl Store {
     /// # Ok::<(), pg_eventstore::Error>(())
     /// ```
     pub fn processors(&self) -> Result<Vec<ProcessorInfo>> {
-        crate::retry::run(self, "read", || {
-            let mut conn = self.conn()?;
-            let sql = &self.inner.sql.list_processors;
-            let statement = self.prepared(&mut conn, "list_processors", sql)?;
-            let prefix = lock_key(self, "");
-            let rows = conn
-                .query(&statement, &[&LOCK_CLASS, &prefix])
-                .map_err(|e| self.map_error(e))?;
-            Ok(rows
-                .iter()
-                .map(|r| ProcessorInfo {
-                    name: r.get(0),
-                    position: r.get::<_, Option<i64>>(1).map(|p| p as u64),
-                    updated_at: r.get(2),
-                    lag: r.get::<_, i64>(3) as u64,
-                    stream_claims: r.get::<_, i64>(4) as u64,
-                    dead_letters: r.get::<_, i64>(5) as u64,
-                    is_running: r.get(6),
-                })
-                .collect())
-        })
+        let prefix = lock_key(self, "");
+        let rows = self.run("read", &self.inner.sql.list_processors, |c, s| {
+            c.query(s, &[&LOCK_CLASS, &prefix])
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| ProcessorInfo {
+                name: r.get(0),
+                position: r.get::<_, Option<i64>>(1).map(|p| p as u64),
+                updated_at: r.get(2),
+                lag: r.get::<_, i64>(3) as u64,
+                stream_claims: r.get::<_, i64>(4) as u64,
+                dead_letters: r.get::<_, i64>(5) as u64,
+                is_running: r.get(6),
+            })
+            .collect())
     }
 
     /// Resets processor `name` so that its next run rebuilds from the first event: its
@@ -133,11 +128,11 @@ impl Store {
         let sql = &self.inner.sql;
         let mut tx = conn.transaction()?;
         let checkpoint = tx
-            .query_opt(&sql.delete_checkpoint, &[&name])
+            .query_opt(sql.delete_checkpoint.text(), &[&name])
             .map_err(|e| self.map_error(e))?
             .map(|r| r.get::<_, i64>(0) as u64);
         let stream_claims = tx
-            .execute(&sql.delete_stream_claims, &[&name])
+            .execute(sql.delete_stream_claims.text(), &[&name])
             .map_err(|e| self.map_error(e))?;
         tx.commit()?;
         Ok(ResetReport {
@@ -153,10 +148,11 @@ impl Store {
     pub fn delete_checkpoint(&self, name: &str) -> Result<Option<u64>> {
         validate_processor_name(name)?;
         let _lock = ProcessorLock::try_acquire(self, name)?;
-        let mut conn = self.conn()?;
-        let row = conn
-            .query_opt(&self.inner.sql.delete_checkpoint, &[&name])
-            .map_err(|e| self.map_error(e))?;
+        let row = self.run(
+            "delete_checkpoint",
+            &self.inner.sql.delete_checkpoint,
+            |c, s| c.query_opt(s, &[&name]),
+        )?;
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
@@ -172,46 +168,44 @@ impl Store {
     /// ```
     pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>> {
         validate_processor_name(name)?;
-        crate::retry::run(self, "read", || {
-            let mut conn = self.conn()?;
-            let sql = &self.inner.sql.list_dead_letters;
-            let statement = self.prepared(&mut conn, "list_dead_letters", sql)?;
-            let rows = conn
-                .query(&statement, &[&name])
-                .map_err(|e| self.map_error(e))?;
-            Ok(rows
-                .iter()
-                .map(|r| DeadLetter {
-                    event_id: r.get(0),
-                    stream_id: r.get(1),
-                    version: r.get::<_, i64>(2) as u64,
-                    position: r.get::<_, i64>(3) as u64,
-                    event_type: r.get(4),
-                    attempts: r.get::<_, i32>(5) as u32,
-                    error: r.get(6),
-                    parked_at: r.get(7),
-                })
-                .collect())
-        })
+        let rows = self.run("read", &self.inner.sql.list_dead_letters, |c, s| {
+            c.query(s, &[&name])
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                event_id: r.get(0),
+                stream_id: r.get(1),
+                version: r.get::<_, i64>(2) as u64,
+                position: r.get::<_, i64>(3) as u64,
+                event_type: r.get(4),
+                attempts: r.get::<_, i32>(5) as u32,
+                error: r.get(6),
+                parked_at: r.get(7),
+            })
+            .collect())
     }
 
     /// Deletes one dead letter of processor `name`; `false` when there was none for
     /// that event.
     pub fn delete_dead_letter(&self, name: &str, event_id: Uuid) -> Result<bool> {
         validate_processor_name(name)?;
-        let mut conn = self.conn()?;
-        let n = conn
-            .execute(&self.inner.sql.delete_dead_letter, &[&name, &event_id])
-            .map_err(|e| self.map_error(e))?;
+        let n = self.run(
+            "delete_dead_letter",
+            &self.inner.sql.delete_dead_letter,
+            |c, s| c.execute(s, &[&name, &event_id]),
+        )?;
         Ok(n > 0)
     }
 
     /// Deletes every dead letter of processor `name`; returns how many there were.
     pub fn delete_dead_letters(&self, name: &str) -> Result<u64> {
         validate_processor_name(name)?;
-        let mut conn = self.conn()?;
-        conn.execute(&self.inner.sql.delete_dead_letters, &[&name])
-            .map_err(|e| self.map_error(e))
+        self.run(
+            "delete_dead_letters",
+            &self.inner.sql.delete_dead_letters,
+            |c, s| c.execute(s, &[&name]),
+        )
     }
 }
 
@@ -244,10 +238,7 @@ impl ProcessorLock {
         let mut conn = store.conn()?;
         loop {
             let got: bool = conn
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                    &[&LOCK_CLASS, &key],
-                )?
+                .query_one(crate::sql::TRY_LOCK_PROCESSOR, &[&LOCK_CLASS, &key])?
                 .get(0);
             if got {
                 return Ok(ProcessorLock {
@@ -270,12 +261,9 @@ impl Drop for ProcessorLock {
         if let Some(mut conn) = self.conn.take() {
             // A session lock outlives the caller on a pooled connection: release it, or
             // close the connection if that fails.
-            let released = conn.query_one(
-                "SELECT pg_advisory_unlock($1, hashtext($2))",
-                &[&LOCK_CLASS, &self.key],
-            );
+            let released = conn.query_one(crate::sql::UNLOCK_PROCESSOR, &[&LOCK_CLASS, &self.key]);
             if released.is_err() {
-                let _ = conn.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())");
+                let _ = conn.batch_execute(crate::sql::TERMINATE_SELF);
             }
         }
     }

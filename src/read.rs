@@ -15,6 +15,7 @@ use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREA
 use crate::feed::Horizon;
 use crate::metrics::ReadOps;
 use crate::retry::Retry;
+use crate::sql::Statement;
 use crate::store::{Conn, Store};
 
 /// Which way a read goes.
@@ -240,20 +241,7 @@ enum Query {
 }
 
 impl Query {
-    fn key(&self) -> (&'static str, &'static str) {
-        match self {
-            Query::Stream { forwards: true, .. } => ("read_stream_fw", "declare_stream_fw"),
-            Query::Stream {
-                forwards: false, ..
-            } => ("read_stream_bw", "declare_stream_bw"),
-            Query::All { forwards: true, .. } => ("read_all_fw", "declare_all_fw"),
-            Query::All {
-                forwards: false, ..
-            } => ("read_all_bw", "declare_all_bw"),
-        }
-    }
-
-    fn sql<'s>(&self, store: &'s Store) -> &'s str {
+    fn statement<'s>(&self, store: &'s Store) -> &'s Statement {
         let sql = &store.inner.sql;
         match self {
             Query::Stream { forwards: true, .. } => &sql.read_stream_forwards,
@@ -311,8 +299,6 @@ enum State {
     /// Everything is fetched; the connection is back in the pool.
     Done,
 }
-
-const CURSOR: &str = "pg_eventstore_read";
 
 /// The events of a read, in order: an `Iterator<Item = Result<RecordedEvent>>`.
 ///
@@ -482,11 +468,10 @@ impl Events {
             State::Done => Ok(()),
             State::Start => {
                 let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
-                let (key, _) = self.query.key();
                 let mut conn = self.store.conn()?;
                 let statement = self
                     .store
-                    .prepared(&mut conn, key, self.query.sql(&self.store))?;
+                    .prepared(&mut conn, self.query.statement(&self.store))?;
                 let limit_param = Some(limit as i64);
                 let mut rows = conn
                     .query(&statement, &self.query.params(&limit_param))
@@ -603,11 +588,12 @@ impl Events {
     }
 }
 
-/// The cursor reader: opens a read-only transaction with a cursor after the first page,
-/// sends page after page (one ahead of the consumer), and ends the transaction after the
-/// last page, after an error, or when the consumer has gone. Dropping `conn` at the end
-/// gives it back to the pool; if the rollback failed the connection is broken, and the
-/// pool drops it instead of reusing it.
+/// The cursor reader: opens a read-only transaction with a portal (the protocol's
+/// cursor) on the read's statement after the first page, sends page after page (one
+/// ahead of the consumer), and commits after the last page. On an error, or when the
+/// consumer has gone, the transaction is dropped, which rolls it back. Dropping `conn` at
+/// the end gives it back to the pool; if the rollback failed the connection is broken, and
+/// the pool drops it instead of reusing it.
 fn read_cursor(
     store: Store,
     mut conn: Conn,
@@ -616,43 +602,31 @@ fn read_cursor(
     page: u64,
     pages: Sender<Result<Vec<Row>>>,
 ) {
-    let mut run = || -> Result<bool> {
-        conn.batch_execute("BEGIN READ ONLY")?;
-        let (_, key) = query.key();
-        let declare = format!(
-            "DECLARE {CURSOR} NO SCROLL CURSOR FOR {}",
-            query.sql(&store)
-        );
-        let statement = store.prepared(&mut conn, key, &declare)?;
-        conn.execute(&statement, &query.params(&limit))
+    let mut run = || -> Result<()> {
+        let statement = store.prepared(&mut conn, query.statement(&store))?;
+        let mut tx = conn.build_transaction().read_only(true).start()?;
+        let portal = tx
+            .bind(&statement, &query.params(&limit))
             .map_err(|e| store.map_error(e))?;
-        let fetch = format!("FETCH FORWARD {page} FROM {CURSOR}");
-        let fetch = store.prepared(&mut conn, "fetch", &fetch)?;
+        let max_rows = i32::try_from(page).unwrap_or(i32::MAX);
         loop {
-            let rows = conn.query(&fetch, &[]).map_err(|e| store.map_error(e))?;
-            let last = (rows.len() as u64) < page;
-            if last {
+            let rows = tx
+                .query_portal(&portal, max_rows)
+                .map_err(|e| store.map_error(e))?;
+            if (rows.len() as u64) < page {
                 // End the transaction before handing over the last page, so that the
                 // connection is back in the pool when the consumer sees the end.
-                conn.batch_execute("COMMIT")?;
+                tx.commit()?;
+                let _ = pages.send(Ok(rows));
+                return Ok(());
             }
             if pages.send(Ok(rows)).is_err() {
-                return Ok(!last); // the consumer has gone
-            }
-            if last {
-                return Ok(false);
+                return Ok(()); // the consumer has gone
             }
         }
     };
-    match run() {
-        Ok(false) => {}
-        Ok(true) => {
-            let _ = conn.batch_execute("ROLLBACK");
-        }
-        Err(e) => {
-            let _ = conn.batch_execute("ROLLBACK");
-            let _ = pages.send(Err(e));
-        }
+    if let Err(e) = run() {
+        let _ = pages.send(Err(e));
     }
 }
 

@@ -38,42 +38,151 @@ pub(crate) fn quote(name: &str) -> String {
 const COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
                        data, metadata, recorded_at";
 
+// Statements that do not depend on the schema.
+
+/// This connection's backend pid.
+pub(crate) const BACKEND_PID: &str = "SELECT pg_backend_pid()";
+
+/// For connections whose commits need not wait for the WAL flush (the notifier's).
+pub(crate) const ASYNC_COMMIT: &str = "SET synchronous_commit = off";
+
+/// `LISTEN` on a channel; also what notifiers look for in `pg_stat_activity`.
+pub(crate) fn listen(channel: &str) -> String {
+    format!("LISTEN {}", quote(channel))
+}
+
+/// `NOTIFY` on a channel.
+pub(crate) fn notify(channel: &str) -> String {
+    format!("NOTIFY {}", quote(channel))
+}
+
+/// Whether a backend other than ours and the listener `$2` runs `$1` (the `LISTEN`), or
+/// may: a backend whose query text the role may not see counts as a listener.
+pub(crate) const OTHERS_LISTEN: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+     WHERE backend_type = 'client backend' AND pid <> $2 AND pid <> pg_backend_pid()
+       AND (query = $1 OR query = '<insufficient privilege>'))";
+
+/// A processor's session-level advisory lock (`$1` the class, `$2` the key text).
+pub(crate) const TRY_LOCK_PROCESSOR: &str = "SELECT pg_try_advisory_lock($1, hashtext($2))";
+pub(crate) const UNLOCK_PROCESSOR: &str = "SELECT pg_advisory_unlock($1, hashtext($2))";
+
+/// Ends this connection's backend: the way out when a session lock cannot be released.
+pub(crate) const TERMINATE_SELF: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
+
+/// The last event of the stream named by the SQL expression `stream`: its version `v`
+/// and position `hp`, or no row. One index probe, newest version first.
+fn stream_head_lookup(events: &str, stream: &str) -> String {
+    format!(
+        "SELECT e.stream_version AS v, e.global_position AS hp FROM {events} e
+          WHERE e.stream_id = {stream} ORDER BY e.stream_version DESC LIMIT 1"
+    )
+}
+
+/// The head of the stream `$1` as one row, `(v, hp)` NULL when the stream does not exist.
+fn stream_head_row(events: &str) -> String {
+    format!(
+        "SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL ({}) h ON true",
+        stream_head_lookup(events, "$1")
+    )
+}
+
+/// Whether the stream's head version `v` (NULL: no stream) is what the append expects:
+/// `$6` is the kind (0 any, 1 no stream, 2 stream exists, 3 exact) and `$7` the version,
+/// as `ExpectedVersion::to_params` gives them.
+fn expected_version_ok(v: &str) -> String {
+    format!(
+        "CASE $6::int WHEN 0 THEN true
+                      WHEN 1 THEN {v} IS NULL
+                      WHEN 2 THEN {v} IS NOT NULL
+                      ELSE {v} = $7::bigint END"
+    )
+}
+
+/// The first free position of the transaction slot that starts at the SQL expression
+/// `lo` (`xid << POSITION_BITS`): after the transaction's earlier events, if any.
+pub(crate) fn slot_next(events: &str, lo: &str) -> String {
+    let max = MAX_EVENTS_PER_TRANSACTION;
+    format!(
+        "COALESCE((SELECT max(e.global_position) + 1 FROM {events} e
+                    WHERE e.global_position >= {lo} AND e.global_position < {lo} + {max}),
+                  {lo})"
+    )
+}
+
+/// One statement of a store: its SQL text, built once for the store's schema, and its
+/// name (the field of [`Sql`] that holds it), which keys the prepared-statement cache of
+/// each pooled connection. Key and text cannot drift apart: [`statements!`] takes both
+/// from the same line.
+#[derive(Debug)]
+pub(crate) struct Statement {
+    name: &'static str,
+    text: String,
+}
+
+impl Statement {
+    /// The key of this statement in a connection's prepared-statement cache.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The SQL text, for clients that are not ours (a caller's transaction).
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Builds [`Sql`]: `name: text` (or a variable `name` that holds the text) for each
+/// statement, named after its field.
+macro_rules! statements {
+    (schema: $schema:expr; $($name:ident $(: $text:expr)?),* $(,)?) => {
+        Sql {
+            schema: $schema,
+            $($name: Statement {
+                name: stringify!($name),
+                text: statements!(@text $name $(, $text)?),
+            },)*
+        }
+    };
+    (@text $name:ident) => { $name };
+    (@text $name:ident, $text:expr) => { $text };
+}
+
 /// All statements of one store.
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) schema: String,
-    pub(crate) append: String,
-    pub(crate) append_fast: String,
-    pub(crate) append_one: String,
-    pub(crate) stream_head: String,
-    pub(crate) read_stream_forwards: String,
-    pub(crate) read_stream_backwards: String,
-    pub(crate) read_all_forwards: String,
-    pub(crate) read_all_backwards: String,
-    pub(crate) head_position: String,
-    pub(crate) feed_status: String,
-    pub(crate) horizon: String,
-    pub(crate) live_start: String,
-    pub(crate) floor_check: String,
-    pub(crate) lock_for_appends: String,
-    pub(crate) needs_floor_check: String,
-    pub(crate) save_snapshot: String,
-    pub(crate) load_snapshot: String,
-    pub(crate) load_checkpoint: String,
-    pub(crate) save_checkpoint: String,
-    pub(crate) claim_stream_version: String,
-    pub(crate) park: String,
-    pub(crate) scan_past: String,
-    pub(crate) list_processors: String,
-    pub(crate) delete_checkpoint: String,
-    pub(crate) delete_stream_claims: String,
-    pub(crate) list_dead_letters: String,
-    pub(crate) delete_dead_letter: String,
-    pub(crate) delete_dead_letters: String,
-    pub(crate) take_dead_letter: String,
-    pub(crate) event_at: String,
-    pub(crate) read_claims: String,
-    pub(crate) write_claims: String,
+    pub(crate) append: Statement,
+    pub(crate) append_fast: Statement,
+    pub(crate) append_one: Statement,
+    pub(crate) stream_head: Statement,
+    pub(crate) read_stream_forwards: Statement,
+    pub(crate) read_stream_backwards: Statement,
+    pub(crate) read_all_forwards: Statement,
+    pub(crate) read_all_backwards: Statement,
+    pub(crate) head_position: Statement,
+    pub(crate) feed_status: Statement,
+    pub(crate) horizon: Statement,
+    pub(crate) live_start: Statement,
+    pub(crate) floor_check: Statement,
+    pub(crate) lock_for_appends: Statement,
+    pub(crate) needs_floor_check: Statement,
+    pub(crate) save_snapshot: Statement,
+    pub(crate) load_snapshot: Statement,
+    pub(crate) load_checkpoint: Statement,
+    pub(crate) save_checkpoint: Statement,
+    pub(crate) claim_stream_version: Statement,
+    pub(crate) park: Statement,
+    pub(crate) scan_past: Statement,
+    pub(crate) list_processors: Statement,
+    pub(crate) delete_checkpoint: Statement,
+    pub(crate) delete_stream_claims: Statement,
+    pub(crate) list_dead_letters: Statement,
+    pub(crate) delete_dead_letter: Statement,
+    pub(crate) delete_dead_letters: Statement,
+    pub(crate) take_dead_letter: Statement,
+    pub(crate) event_at: Statement,
+    pub(crate) read_claims: Statement,
+    pub(crate) write_claims: Statement,
 }
 
 impl Sql {
@@ -86,16 +195,16 @@ impl Sql {
         // The `$all` horizon for a statement's own snapshot: see `feed_horizon` in
         // migrate.rs and "The global order" in the crate docs.
         let horizon = format!("{s}.feed_horizon(pg_current_snapshot())");
-        // A `$all` read returns, besides its events, one status row: the horizon it read
-        // below in `global_position`, the newest committed position (or -1) in
-        // `stream_version`, the transaction holding it back as `{{"pid", "xid"}}` in
-        // `metadata`, and NULL `event_id` (which every event has). `$6` is the horizon of
-        // an earlier page of the same read, or NULL to compute it now.
         // Set (to 'on', for the rest of the transaction) by `lock_for_appends` when the
         // transaction took the events table's lock before it had an id: it can never be
         // passed by readers, so its appends skip the floor check.
         let lock_flag = format!("'pg_eventstore.lock_' || '{events}'::regclass::oid::text");
         let locked_early = format!("current_setting({lock_flag}, true)");
+        // A `$all` read returns, besides its events, one status row: the horizon it read
+        // below in `global_position`, the newest committed position (or -1) in
+        // `stream_version`, the transaction holding it back as `{{"pid", "xid"}}` in
+        // `metadata`, and NULL `event_id` (which every event has). `$6` is the horizon of
+        // an earlier page of the same read, or NULL to compute it now.
         let read_all = |direction: &str, bound: &str| {
             format!(
                 "WITH h AS MATERIALIZED (
@@ -123,6 +232,9 @@ UNION ALL
         // The head must sort before this transaction's slot, so that a stream's events
         // are in version order in the global order too. A concurrent writer that slips in between is caught by the unique
         // constraints, not by this read.
+        let head = stream_head_row(&events);
+        let expected = expected_version_ok("h.v");
+        let slot = slot_next(&events, "r.lo");
         let append = format!(
             "WITH input AS (
     SELECT t.event_id, t.event_type, t.data, t.metadata, t.n
@@ -140,9 +252,7 @@ UNION ALL
                   e.data, e.metadata
              FROM {events} e WHERE e.event_id = i.event_id LIMIT 1) e
 ), head AS (
-    SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL (
-        SELECT e.stream_version AS v, e.global_position AS hp FROM {events} e
-         WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
+    {head}
 ), slot_range AS MATERIALIZED (
     -- The feed floor is read before this transaction's id is taken (the CASE orders
     -- them): an id taken after the read is above every floor published before it, so
@@ -152,9 +262,7 @@ UNION ALL
              << {bits} AS lo
       FROM {floor_seq} f
 ), slot AS (
-    SELECT COALESCE((SELECT max(e.global_position) + 1 FROM {events} e, slot_range r
-                      WHERE e.global_position >= r.lo AND e.global_position < r.lo + {max}),
-                    (SELECT lo FROM slot_range)) AS p
+    SELECT {slot} AS p FROM slot_range r
 ), floor AS (
     -- The first append of a transaction whose id is below the feed floor would sort
     -- before events that `$all` readers have passed (see the crate docs). Later appends
@@ -167,10 +275,7 @@ UNION ALL
     SELECT h.v, s.p FROM head h, slot s, slot_range r
      WHERE NOT EXISTS (SELECT 1 FROM dup)
        AND s.p + (SELECT count(*) FROM input) <= r.lo + {max}
-       AND CASE $6::int WHEN 0 THEN true
-                        WHEN 1 THEN h.v IS NULL
-                        WHEN 2 THEN h.v IS NOT NULL
-                        ELSE h.v = $7::bigint END
+       AND {expected}
        AND (h.hp IS NULL OR h.hp < r.lo + {max})
        AND NOT (SELECT behind FROM floor)
 ), ins AS (
@@ -200,19 +305,14 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
         // whenever this inserts nothing or fails, the full statement above decides.
         let append_fast = format!(
             "WITH head AS (
-    SELECT h.v FROM (SELECT 1) one LEFT JOIN LATERAL (
-        SELECT e.stream_version AS v FROM {events} e
-         WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
+    {head}
 ), ins AS (
     INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
     SELECT (pg_current_xact_id()::text::bigint << {bits}) + t.n - 1, t.event_id, $1,
            COALESCE(h.v, -1) + t.n, t.event_type, t.data, t.metadata
       FROM head h, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
            WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
-     WHERE CASE $6::int WHEN 0 THEN true
-                        WHEN 1 THEN h.v IS NULL
-                        WHEN 2 THEN h.v IS NOT NULL
-                        ELSE h.v = $7::bigint END
+     WHERE {expected}
     RETURNING global_position, stream_version
 )
 SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins"
@@ -220,25 +320,21 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         // The same for one event, with plain parameters instead of arrays to unnest.
         let append_one = format!(
             "WITH head AS (
-    SELECT h.v FROM (SELECT 1) one LEFT JOIN LATERAL (
-        SELECT e.stream_version AS v FROM {events} e
-         WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
+    {head}
 )
 INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
 SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v, -1) + 1,
        $3::text, $4::jsonb, $5::jsonb
   FROM head h
- WHERE CASE $6::int WHEN 0 THEN true
-                    WHEN 1 THEN h.v IS NULL
-                    WHEN 2 THEN h.v IS NOT NULL
-                    ELSE h.v = $7::bigint END
+ WHERE {expected}
 RETURNING global_position, stream_version"
         );
-        Sql {
+        statements! {
+            schema: schema.to_string();
             append,
             append_fast,
             append_one,
-            stream_head: format!("SELECT max(stream_version) FROM {events} WHERE stream_id = $1"),
+            stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}
                   WHERE stream_id = $1 AND stream_version >= $2
@@ -412,7 +508,6 @@ RETURNING global_position, stream_version"
                  )
                  SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
             ),
-            schema: schema.to_string(),
         }
     }
 }

@@ -252,7 +252,7 @@ impl Store {
             self.inner.hub.appended();
             return Ok(result);
         }
-        let statement = self.prepared(&mut conn, "append", &self.inner.sql.append)?;
+        let statement = self.prepared(&mut conn, &self.inner.sql.append)?;
         // Several writers on one hot stream lose to each other in turn: a random pause
         // breaks the lockstep.
         let mut pause = Backoff::new(Duration::from_micros(50), Duration::from_millis(20));
@@ -288,7 +288,7 @@ impl Store {
         };
         let n = input.ids.len() as i64;
         let (count, first_position, last_position, last_version) = if n == 1 {
-            let statement = self.prepared(conn, "append_one", &self.inner.sql.append_one)?;
+            let statement = self.prepared(conn, &self.inner.sql.append_one)?;
             let params: [&(dyn ToSql + Sync); 7] = [
                 &input.stream,
                 &input.ids[0],
@@ -304,7 +304,7 @@ impl Store {
                 Err(e) => return lost(e),
             }
         } else {
-            let statement = self.prepared(conn, "append_fast", &self.inner.sql.append_fast)?;
+            let statement = self.prepared(conn, &self.inner.sql.append_fast)?;
             let row = match conn.query_one(&statement, &input.params()[..7]) {
                 Ok(row) => row,
                 Err(e) => return lost(e),
@@ -379,7 +379,7 @@ impl Store {
             .copied()
             .zip(APPEND_PARAM_TYPES.iter().cloned())
             .collect();
-        match client.query_typed(&self.inner.sql.append, &typed) {
+        match client.query_typed(self.inner.sql.append.text(), &typed) {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
             Err(e) => match unique_violation(&e) {
                 Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
@@ -419,7 +419,7 @@ impl Store {
     /// ```
     pub fn lock_for_appends<C: GenericClient>(&self, client: &mut C) -> Result<()> {
         client
-            .batch_execute(&self.inner.sql.lock_for_appends)
+            .batch_execute(self.inner.sql.lock_for_appends.text())
             .map_err(|e| self.map_error(e))
     }
 
@@ -433,7 +433,7 @@ impl Store {
             return ActualVersion::Unknown;
         };
         let head = self
-            .prepared(&mut conn, "stream_head", &self.inner.sql.stream_head)
+            .prepared(&mut conn, &self.inner.sql.stream_head)
             .and_then(|statement| {
                 conn.query_one(&statement, &[&stream])
                     .map_err(|e| self.map_error(e))
@@ -447,15 +447,9 @@ impl Store {
     /// The version of the stream's last event, or `None` when the stream does not exist.
     pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
         validate_stream_id(stream)?;
-        crate::retry::run(self, "read", || self.stream_version_once(stream))
-    }
-
-    fn stream_version_once(&self, stream: &str) -> Result<Option<u64>> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "stream_head", &self.inner.sql.stream_head)?;
-        let row = conn
-            .query_one(&statement, &[&stream])
-            .map_err(|e| self.map_error(e))?;
+        let row = self.run("read", &self.inner.sql.stream_head, |c, s| {
+            c.query_one(s, &[&stream])
+        })?;
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
@@ -464,15 +458,9 @@ impl Store {
     /// wait above it for an open appending transaction: [`Store::feed_status`] says whether
     /// they do, and which transaction holds them.
     pub fn head_position(&self) -> Result<Option<u64>> {
-        crate::retry::run(self, "read", || self.head_position_once())
-    }
-
-    fn head_position_once(&self) -> Result<Option<u64>> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "head_position", &self.inner.sql.head_position)?;
-        let row = conn
-            .query_one(&statement, &[])
-            .map_err(|e| self.map_error(e))?;
+        let row = self.run("read", &self.inner.sql.head_position, |c, s| {
+            c.query_one(s, &[])
+        })?;
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
@@ -521,11 +509,9 @@ impl Store {
     /// Where a live subscription starts: the current snapshot (as `pg_snapshot` text) and
     /// the `$all` horizon computed for it.
     pub(crate) fn snapshot_and_horizon(&self) -> Result<(String, u64)> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "live_start", &self.inner.sql.live_start)?;
-        let row = conn
-            .query_one(&statement, &[])
-            .map_err(|e| self.map_error(e))?;
+        let row = self.run("read", &self.inner.sql.live_start, |c, s| {
+            c.query_one(s, &[])
+        })?;
         Ok((row.get(0), row.get::<_, i64>(1) as u64))
     }
 
@@ -554,31 +540,18 @@ impl Store {
                  which PostgreSQL's jsonb cannot store"
             )));
         }
-        crate::retry::run(self, "save_snapshot", || {
-            self.save_snapshot_once(stream, version, &data)
-        })
-    }
-
-    fn save_snapshot_once(&self, stream: &str, version: i64, data: &[u8]) -> Result<()> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "save_snapshot", &self.inner.sql.save_snapshot)?;
-        conn.execute(&statement, &[&stream, &version, &JsonText(data)])
-            .map_err(|e| self.map_error(e))?;
+        self.run("save_snapshot", &self.inner.sql.save_snapshot, |c, s| {
+            c.execute(s, &[&stream, &version, &JsonText(&data)])
+        })?;
         Ok(())
     }
 
     /// Loads the latest snapshot of a stream, if there is one.
     pub fn load_snapshot<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
         validate_stream_id(stream)?;
-        crate::retry::run(self, "read", || self.load_snapshot_once(stream))
-    }
-
-    fn load_snapshot_once<T: DeserializeOwned>(&self, stream: &str) -> Result<Option<Snapshot<T>>> {
-        let mut conn = self.conn()?;
-        let statement = self.prepared(&mut conn, "load_snapshot", &self.inner.sql.load_snapshot)?;
-        let row = conn
-            .query_opt(&statement, &[&stream])
-            .map_err(|e| self.map_error(e))?;
+        let row = self.run("read", &self.inner.sql.load_snapshot, |c, s| {
+            c.query_opt(s, &[&stream])
+        })?;
         match row {
             None => Ok(None),
             Some(row) => Ok(Some(Snapshot {
@@ -618,20 +591,22 @@ impl Store {
         })
     }
 
-    /// The statement `sql`, prepared once per pooled connection.
+    /// `statement`, prepared once per pooled connection (cached in the connection's
+    /// r2d2 extensions under the statement's name).
     pub(crate) fn prepared(
         &self,
         conn: &mut Conn,
-        key: &'static str,
-        sql: &str,
+        statement: &crate::sql::Statement,
     ) -> Result<Statement> {
         if let Some(s) = PooledConnection::extensions(conn)
             .get::<Statements>()
-            .and_then(|c| c.0.get(key))
+            .and_then(|c| c.0.get(statement.name()))
         {
             return Ok(s.clone());
         }
-        let statement = conn.prepare(sql).map_err(|e| self.map_error(e))?;
+        let prepared = conn
+            .prepare(statement.text())
+            .map_err(|e| self.map_error(e))?;
         let extensions = PooledConnection::extensions_mut(conn);
         if extensions.get::<Statements>().is_none() {
             extensions.insert(Statements::default());
@@ -640,8 +615,25 @@ impl Store {
             .get_mut::<Statements>()
             .expect("inserted above")
             .0
-            .insert(key, statement.clone());
-        Ok(statement)
+            .insert(statement.name(), prepared.clone());
+        Ok(prepared)
+    }
+
+    /// The one way the store runs a statement of its own on the pool: check out a
+    /// connection, prepare `statement` (cached), run `f` with both, map the error, and
+    /// retry the whole after transient failures. Only for work that is safe to repeat
+    /// (`operation` names it in retry logs and metrics).
+    pub(crate) fn run<T>(
+        &self,
+        operation: &'static str,
+        statement: &crate::sql::Statement,
+        mut f: impl FnMut(&mut Conn, &Statement) -> std::result::Result<T, postgres::Error>,
+    ) -> Result<T> {
+        crate::retry::run(self, operation, || {
+            let mut conn = self.conn()?;
+            let prepared = self.prepared(&mut conn, statement)?;
+            f(&mut conn, &prepared).map_err(|e| self.map_error(e))
+        })
     }
 
     /// Turns "relation does not exist" into [`Error::NotMigrated`].

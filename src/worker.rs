@@ -617,7 +617,7 @@ impl Scan {
         let mut past = None;
         let mut conn = self.store.conn()?;
         let sql = &self.store.inner.sql.scan_past;
-        let statement = self.store.prepared(&mut conn, "scan_past", sql)?;
+        let statement = self.store.prepared(&mut conn, sql)?;
         loop {
             let bound = after.map_or(-1, |p| p as i64);
             let row = conn
@@ -956,10 +956,8 @@ impl ThreadContext {
         batch: &[(u64, RecordedEvent)],
     ) -> Result<Vec<bool>, HandlerError> {
         let sql = &self.store.inner.sql;
-        let read = self.store.prepared(conn, "read_claims", &sql.read_claims)?;
-        let write = self
-            .store
-            .prepared(conn, "write_claims", &sql.write_claims)?;
+        let read = self.store.prepared(conn, &sql.read_claims)?;
+        let write = self.store.prepared(conn, &sql.write_claims)?;
         let mut streams: Vec<&str> = batch.iter().map(|(_, e)| e.stream_id.as_str()).collect();
         streams.sort_unstable();
         streams.dedup();
@@ -1082,16 +1080,12 @@ impl ThreadContext {
     ) -> Result<bool, HandlerError> {
         let sql = &self.store.inner.sql;
         let claimed = if self.replay {
-            let take = self
-                .store
-                .prepared(conn, "take_dead_letter", &sql.take_dead_letter)?;
+            let take = self.store.prepared(conn, &sql.take_dead_letter)?;
             let mut tx = conn.transaction()?;
             let taken = tx.query_opt(&take, &[&self.name, &event.id])?;
             (tx, taken)
         } else {
-            let claim =
-                self.store
-                    .prepared(conn, "claim_stream_version", &sql.claim_stream_version)?;
+            let claim = self.store.prepared(conn, &sql.claim_stream_version)?;
             let mut tx = conn.transaction()?;
             let claimed = tx.query_opt(
                 &claim,
@@ -1110,9 +1104,7 @@ impl ThreadContext {
 
     fn park(&self, event: &RecordedEvent, attempts: u32, error: &Error) -> Result<()> {
         let mut conn = self.store.conn()?;
-        let park = self
-            .store
-            .prepared(&mut conn, "park", &self.store.inner.sql.park)?;
+        let park = self.store.prepared(&mut conn, &self.store.inner.sql.park)?;
         let text = match error {
             Error::Handler { source, .. } => crate::error::chain(source.as_ref()),
             other => other.to_string(),
@@ -1216,7 +1208,7 @@ impl Worker {
     fn event_at(&self, position: u64) -> Result<Option<RecordedEvent>> {
         let mut conn = self.store.conn()?;
         let sql = &self.store.inner.sql.event_at;
-        let statement = self.store.prepared(&mut conn, "event_at", sql)?;
+        let statement = self.store.prepared(&mut conn, sql)?;
         let row = conn
             .query_opt(&statement, &[&(position as i64)])
             .map_err(|e| self.store.map_error(e))?;
