@@ -33,7 +33,7 @@ impl Store {
     /// it finished, or `None` when it has none.
     pub fn checkpoint(&self, name: &str) -> Result<Option<u64>> {
         validate_processor_name(name)?;
-        let row = self.run("read", &self.inner.sql.load_checkpoint, |c, s| {
+        let row = self.run("read", &self.sql().load_checkpoint, |c, s| {
             c.query_opt(s, &[&name])
         })?;
         match row.map(|r| r.get::<_, i64>(0)) {
@@ -52,11 +52,9 @@ impl Store {
     /// (see [`Config::max_retries`](crate::Config::max_retries)): the write is idempotent.
     pub fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         let position = stored_position(name, position)?;
-        self.run(
-            "save_checkpoint",
-            &self.inner.sql.save_checkpoint,
-            |c, s| c.execute(s, &[&name, &position]),
-        )?;
+        self.run("save_checkpoint", &self.sql().save_checkpoint, |c, s| {
+            c.execute(s, &[&name, &position])
+        })?;
         Ok(())
     }
 
@@ -86,7 +84,7 @@ impl Store {
     ) -> Result<()> {
         let position = stored_position(name, position)?;
         client
-            .execute(self.inner.sql.save_checkpoint.text(), &[&name, &position])
+            .execute(self.sql().save_checkpoint.text(), &[&name, &position])
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }

@@ -256,6 +256,10 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// The last error of the pool's connects; r2d2 keeps only its text.
+pub(crate) type LastConnectError =
+    std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<crate::Error>>>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,10 +2,12 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::event::ExpectedVersion;
+use crate::version::{ActualVersion, ExpectedVersion};
+use postgres::error::SqlState;
 
 /// A `Result` whose error defaults to this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -168,49 +170,6 @@ pub enum Error {
     },
 }
 
-/// The version a stream was at when an append expecting another one was refused
-/// ([`Error::WrongExpectedVersion`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ActualVersion {
-    /// The stream does not exist.
-    NoStream,
-    /// The stream's last event has this version.
-    Exact(u64),
-    /// The version could not be read without giving a wrong answer: inside a caller's
-    /// transaction, a concurrent append won the race and has not committed yet (see
-    /// [`Store::append_in`](crate::Store::append_in)).
-    Unknown,
-}
-
-impl ActualVersion {
-    /// The version as an `Option` (`None`: no stream), or `None` too when unknown.
-    pub fn known(self) -> Option<Option<u64>> {
-        match self {
-            ActualVersion::NoStream => Some(None),
-            ActualVersion::Exact(v) => Some(Some(v)),
-            ActualVersion::Unknown => None,
-        }
-    }
-
-    pub(crate) fn from_head(head: Option<u64>) -> ActualVersion {
-        head.map_or(ActualVersion::NoStream, ActualVersion::Exact)
-    }
-}
-
-impl fmt::Display for ActualVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ActualVersion::NoStream => f.write_str("the stream does not exist"),
-            ActualVersion::Exact(v) => write!(f, "the stream is at version {v}"),
-            ActualVersion::Unknown => f.write_str(
-                "a concurrent append to the stream has not committed yet, so its version \
-                 is unknown",
-            ),
-        }
-    }
-}
-
 impl Error {
     /// The SQLSTATE code when the server reported the error.
     pub fn code(&self) -> Option<&postgres::error::SqlState> {
@@ -242,7 +201,7 @@ impl Error {
     /// or deadlock conflict. The store has already retried such a failure
     /// [`Config::max_retries`](crate::Config::max_retries) times before returning it.
     pub fn is_transient(&self) -> bool {
-        crate::retry::is_transient(self)
+        is_transient(self)
     }
 }
 
@@ -381,6 +340,58 @@ impl StdError for Error {
             _ => None,
         }
     }
+}
+
+/// Whether `e` is worth another attempt (see [`Config::max_retries`](crate::Config::max_retries)).
+fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::Postgres(e) | Error::Connect { source: e, .. } => is_transient_pg(e),
+        // The server did not answer in time: it may be restarting or overloaded.
+        Error::ConnectTimeout { .. } => true,
+        // No connection could be opened in time (the pool was not merely exhausted: that
+        // leaves no connect error): the server is down or restarting.
+        Error::Pool {
+            last_connect_error: Some(_),
+            ..
+        } => true,
+        _ => false,
+    }
+}
+
+fn is_transient_pg(e: &postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        return [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ]
+        .contains(code)
+            // Class 08: connection exceptions.
+            || code.code().starts_with("08");
+    }
+    if e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::TimedOut
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl From<postgres::Error> for Error {
@@ -544,5 +555,34 @@ pub(crate) mod tests {
         for e in &all {
             assert_no_repeats(e);
         }
+    }
+
+    #[test]
+    fn what_is_transient() {
+        assert!(!is_transient(&Error::InvalidInput("x".into())));
+        assert!(!is_transient(&Error::WrongExpectedVersion {
+            stream: "s".into(),
+            expected: crate::ExpectedVersion::NoStream,
+            actual: crate::ActualVersion::Exact(1),
+        }));
+        // Exhaustion is not retried: it would only queue more callers.
+        assert!(!is_transient(&Error::Pool {
+            message: "exhausted".into(),
+            last_connect_error: None,
+        }));
+        assert!(is_transient(&Error::Pool {
+            message: "cannot open".into(),
+            last_connect_error: Some(std::sync::Arc::new(Error::ConnectTimeout {
+                target: "h:5432".into(),
+                timeout: Duration::from_secs(1),
+                connected: true,
+            })),
+        }));
+    }
+
+    #[test]
+    fn refused_connection_is_transient() {
+        let e = crate::error::tests::refused();
+        assert!(is_transient_pg(&e), "{e:?}");
     }
 }

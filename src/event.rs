@@ -1,7 +1,5 @@
-//! Events going in ([`EventData`]) and coming out ([`RecordedEvent`]), and the version
-//! an append expects ([`ExpectedVersion`]).
+//! Events going in ([`EventData`]) and coming out ([`RecordedEvent`]).
 
-use std::fmt;
 use std::time::SystemTime;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -16,47 +14,6 @@ use crate::error::{Error, Result};
 pub const MAX_STREAM_ID_BYTES: usize = 512;
 /// The longest event type accepted, in bytes.
 pub const MAX_EVENT_TYPE_BYTES: usize = 256;
-
-/// What version an append expects the stream to be at.
-///
-/// Versions count from **0**: the first event of a stream has version 0, the tenth has
-/// version 9. `Exact(n)` therefore means "the stream's last event has version `n`", that
-/// is, the stream holds exactly `n + 1` events. The same convention holds everywhere in
-/// the API: [`RecordedEvent::version`], [`AppendResult`], and stream reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ExpectedVersion {
-    /// No check: append to the end of the stream, whatever it holds.
-    Any,
-    /// The stream must not exist (hold no events).
-    NoStream,
-    /// The stream must exist (hold at least one event).
-    StreamExists,
-    /// The stream's last event must have exactly this version.
-    Exact(u64),
-}
-
-impl ExpectedVersion {
-    /// Encodes the expectation as the (kind, version) pair the append statement takes.
-    pub(crate) fn to_params(self) -> (i32, i64) {
-        match self {
-            ExpectedVersion::Any => (0, 0),
-            ExpectedVersion::NoStream => (1, 0),
-            ExpectedVersion::StreamExists => (2, 0),
-            ExpectedVersion::Exact(v) => (3, v as i64),
-        }
-    }
-}
-
-impl fmt::Display for ExpectedVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExpectedVersion::Any => f.write_str("any version"),
-            ExpectedVersion::NoStream => f.write_str("no stream"),
-            ExpectedVersion::StreamExists => f.write_str("an existing stream"),
-            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
-        }
-    }
-}
 
 /// An event to append: a type name, JSON data, optional JSON metadata and an id.
 ///
@@ -331,11 +288,5 @@ mod tests {
             msg.contains("event 3") && msg.contains("event type is empty"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn expected_version_params() {
-        assert_eq!(ExpectedVersion::Exact(7).to_params(), (3, 7));
-        assert_eq!(ExpectedVersion::NoStream.to_string(), "no stream");
     }
 }

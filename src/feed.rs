@@ -233,9 +233,7 @@ impl Store {
     /// # Ok::<(), pg_eventstore::Error>(())
     /// ```
     pub fn feed_status(&self) -> Result<FeedStatus> {
-        let row = self.run("read", &self.inner.sql.feed_status, |c, s| {
-            c.query_one(s, &[])
-        })?;
+        let row = self.run("read", &self.sql().feed_status, |c, s| c.query_one(s, &[]))?;
         let horizon = Horizon::from_row(&row);
         let held_back = horizon.holds_back().then(|| HeldBack {
             application_name: row.get(5),
@@ -255,7 +253,7 @@ impl Store {
 
     /// The `$all` horizon now, as a read computes it.
     pub(crate) fn horizon(&self) -> Result<Horizon> {
-        let row = self.run("read", &self.inner.sql.horizon, |c, s| c.query_one(s, &[]))?;
+        let row = self.run("read", &self.sql().horizon, |c, s| c.query_one(s, &[]))?;
         Ok(Horizon::from_row(&row))
     }
 

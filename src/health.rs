@@ -1,7 +1,7 @@
 //! Health: [`Store::health_check`], the connection state, and the optional background
 //! check that reports outages through [`Store::connection_events`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -187,7 +187,7 @@ impl Store {
         let started = Instant::now();
         let outcome = self.probe();
         let latency = started.elapsed();
-        let state = self.inner.pool.state();
+        let state = self.pool().state();
         let (schema_version, error) = match outcome {
             Ok(v) => (Some(v), None),
             Err(e) => (None, Some(e)),
@@ -200,13 +200,13 @@ impl Store {
             pool: PoolStatus {
                 connections: state.connections,
                 idle_connections: state.idle_connections,
-                max_size: self.inner.pool.max_size(),
+                max_size: self.pool().max_size(),
             },
-            listener: self.inner.hub.state(),
-            held_back: self.inner.held_back.longest(),
+            listener: self.hub().state(),
+            held_back: self.held_back_board().longest(),
             checked_at: SystemTime::now(),
         };
-        self.inner.monitor.observe(&report);
+        self.monitor().observe(&report);
         report
     }
 
@@ -237,7 +237,7 @@ impl Store {
     /// ```
     pub fn connection_events(&self) -> Receiver<ConnectionEvent> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        self.inner.monitor.listeners.lock().unwrap().push(tx);
+        self.monitor().listeners.lock().unwrap().push(tx);
         rx
     }
 
@@ -247,17 +247,17 @@ impl Store {
     /// answering is reported, not waited for. The probe goes on waiting in the background
     /// and the next check waits for it instead of starting another.
     fn probe(&self) -> std::result::Result<i64, String> {
-        let monitor = &self.inner.monitor;
+        let monitor = &self.monitor();
         let mut pending = monitor.pending.lock().unwrap();
         let rx = match pending.take() {
             Some(rx) => rx,
             None => {
                 let probe = Probe {
-                    pool: self.inner.pool.clone(),
+                    pool: self.pool().clone(),
                     pg: monitor.pg.clone(),
                     connector: crate::tls::clone(&monitor.connector),
-                    schema: self.inner.config.schema.clone(),
-                    migrations_table: self.inner.config.migrations_table.clone(),
+                    schema: self.config().schema.clone(),
+                    migrations_table: self.config().migrations_table.clone(),
                 };
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 thread::Builder::new()
@@ -326,12 +326,12 @@ impl Probe {
 /// Starts the background check if the store's config asks for one. The thread holds
 /// only a weak reference and ends when the last clone of the store is dropped.
 pub(crate) fn start(store: &Store) -> Result<()> {
-    let Some(interval) = store.inner.config.health_check_interval else {
+    let Some(interval) = store.config().health_check_interval else {
         return Ok(());
     };
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-    *store.inner.monitor.stop.lock().unwrap() = Some(stop_tx);
-    let weak = Arc::downgrade(&store.inner);
+    *store.monitor().stop.lock().unwrap() = Some(stop_tx);
+    let weak = store.downgrade();
     thread::Builder::new()
         .name("pg-eventstore-health".into())
         .spawn(move || loop {
@@ -339,8 +339,8 @@ pub(crate) fn start(store: &Store) -> Result<()> {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            let Some(inner) = weak.upgrade() else { return };
-            Store { inner }.health_check();
+            let Some(store) = weak.upgrade() else { return };
+            store.health_check();
         })
         .map_err(|e| Error::Config(format!("cannot start the health check thread: {e}")))?;
     Ok(())

@@ -8,10 +8,11 @@ use postgres::types::{ToSql, Type};
 use postgres::Transaction;
 use uuid::Uuid;
 
-use crate::error::{ActualVersion, Error, Result};
-use crate::event::{validate_stream_id, EventData, ExpectedVersion, JsonText};
+use crate::error::{Error, Result};
+use crate::event::{validate_stream_id, EventData, JsonText};
 use crate::sql::{quote, MAX_EVENTS_PER_TRANSACTION, POSITION_BITS};
 use crate::store::{duplicate_id, unique_violation, Store, UniqueViolation};
+use crate::version::{ActualVersion, ExpectedVersion};
 
 /// Options for [`Store::import`]. The default refuses streams that already exist.
 ///
@@ -121,7 +122,7 @@ impl Store {
         };
         tx.commit().map_err(|e| self.map_error(e))?;
         drop(conn);
-        self.inner.hub.appended();
+        self.hub().appended();
         Ok(summary)
     }
 
@@ -147,7 +148,7 @@ impl Store {
             .run_import(tx, &plan, options)
             .map_err(|e| self.import_error(e, &plan))?;
         // Listeners (in this and other processes) hear of it when the caller commits.
-        tx.execute("SELECT pg_notify($1, '')", &[&self.inner.hub.channel()])
+        tx.execute("SELECT pg_notify($1, '')", &[&self.hub().channel()])
             .map_err(|e| self.map_error(e))?;
         Ok(summary)
     }
@@ -200,7 +201,7 @@ impl Store {
         // id needs the feed floor check after the COPY.
         tx.batch_execute(&format!("LOCK TABLE {events} IN ROW EXCLUSIVE MODE"))?;
         let had_id: bool = tx
-            .query_one(self.inner.sql.needs_floor_check.text(), &[])?
+            .query_one(self.sql().needs_floor_check.text(), &[])?
             .get(0);
         let row = tx.query_one(
             &format!(
@@ -267,7 +268,7 @@ impl Store {
         debug_assert_eq!(written, plan.events.len() as u64);
         if check_floor
             && tx
-                .query_one(self.inner.sql.floor_check.text(), &[])?
+                .query_one(self.sql().floor_check.text(), &[])?
                 .get::<_, bool>(0)
         {
             return Err(Failure::Done(Error::FeedOrderConflict { stream: None }));

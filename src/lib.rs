@@ -260,15 +260,15 @@ mod sql;
 mod store;
 mod subscription;
 mod tls;
+mod version;
 mod worker;
 
 pub use crate::checkpoint::{Tracker, MAX_PROCESSOR_NAME_BYTES};
 pub use crate::config::{Config, DEFAULT_DATABASE_URL};
 pub use crate::connect::Manager;
-pub use crate::error::{ActualVersion, Error, Result};
+pub use crate::error::{Error, Result};
 pub use crate::event::{
-    AppendResult, EventData, ExpectedVersion, RecordedEvent, MAX_EVENT_TYPE_BYTES,
-    MAX_STREAM_ID_BYTES,
+    AppendResult, EventData, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
 };
 pub use crate::feed::{FeedStatus, HeldBack};
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
@@ -281,6 +281,7 @@ pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
 pub use crate::tls::Connector;
+pub use crate::version::{ActualVersion, ExpectedVersion};
 pub use crate::worker::{
     HandlerError, IfLocked, OnFailure, ReplaySummary, Worker, WorkerHandle, WorkerStopper,
     WorkerSummary,

@@ -198,11 +198,11 @@ impl Drop for ReadOps {
 /// pool waits and timeouts.
 #[derive(Debug)]
 pub(crate) struct PoolEvents {
-    last_connect_error: crate::store::LastConnectError,
+    last_connect_error: crate::connect::LastConnectError,
 }
 
 impl PoolEvents {
-    pub(crate) fn new(last_connect_error: crate::store::LastConnectError) -> PoolEvents {
+    pub(crate) fn new(last_connect_error: crate::connect::LastConnectError) -> PoolEvents {
         PoolEvents { last_connect_error }
     }
 }

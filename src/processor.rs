@@ -89,7 +89,7 @@ impl Store {
     /// ```
     pub fn processors(&self) -> Result<Vec<ProcessorInfo>> {
         let prefix = lock_key(self, "");
-        let rows = self.run("read", &self.inner.sql.list_processors, |c, s| {
+        let rows = self.run("read", &self.sql().list_processors, |c, s| {
             c.query(s, &[&LOCK_CLASS, &prefix])
         })?;
         Ok(rows
@@ -125,7 +125,7 @@ impl Store {
         validate_processor_name(name)?;
         let _lock = ProcessorLock::try_acquire(self, name)?;
         let mut conn = self.conn()?;
-        let sql = &self.inner.sql;
+        let sql = &self.sql();
         let mut tx = conn.transaction()?;
         let checkpoint = tx
             .query_opt(sql.delete_checkpoint.text(), &[&name])
@@ -150,7 +150,7 @@ impl Store {
         let _lock = ProcessorLock::try_acquire(self, name)?;
         let row = self.run(
             "delete_checkpoint",
-            &self.inner.sql.delete_checkpoint,
+            &self.sql().delete_checkpoint,
             |c, s| c.query_opt(s, &[&name]),
         )?;
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
@@ -168,7 +168,7 @@ impl Store {
     /// ```
     pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>> {
         validate_processor_name(name)?;
-        let rows = self.run("read", &self.inner.sql.list_dead_letters, |c, s| {
+        let rows = self.run("read", &self.sql().list_dead_letters, |c, s| {
             c.query(s, &[&name])
         })?;
         Ok(rows
@@ -192,7 +192,7 @@ impl Store {
         validate_processor_name(name)?;
         let n = self.run(
             "delete_dead_letter",
-            &self.inner.sql.delete_dead_letter,
+            &self.sql().delete_dead_letter,
             |c, s| c.execute(s, &[&name, &event_id]),
         )?;
         Ok(n > 0)
@@ -203,7 +203,7 @@ impl Store {
         validate_processor_name(name)?;
         self.run(
             "delete_dead_letters",
-            &self.inner.sql.delete_dead_letters,
+            &self.sql().delete_dead_letters,
             |c, s| c.execute(s, &[&name]),
         )
     }

@@ -11,7 +11,9 @@ use postgres::types::ToSql;
 use postgres::Row;
 
 use crate::error::{Error, Result};
-use crate::event::{validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES};
+use crate::event::{
+    validate_stream_id, validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
+};
 use crate::feed::Horizon;
 use crate::metrics::ReadOps;
 use crate::retry::Retry;
@@ -216,6 +218,29 @@ impl ReadAll {
     }
 }
 
+impl Store {
+    /// Reads one stream; see [`ReadStream`] for direction, start and count.
+    /// The iterator owns a pooled connection until it is exhausted or dropped.
+    pub fn read_stream(&self, stream: &str, options: ReadStream) -> Result<Events> {
+        validate_stream_id(stream)?;
+        Ok(Events::stream(self.clone(), stream.to_string(), options))
+    }
+
+    /// Reads all events in the global order; see [`ReadAll`] for the start, filters and
+    /// count, and the crate docs for what the order guarantees.
+    ///
+    /// The read includes every event committed before the call. When some of them still
+    /// wait behind an open transaction that appends to this store (see
+    /// [`Store::feed_status`]), the read waits for it, at most
+    /// [`Config::read_all_wait`](crate::Config::read_all_wait) (10 s by default), and then
+    /// fails with [`Error::HeldBack`] naming that transaction: it never returns short
+    /// without saying so. [`ReadAll::visible_now`] reads only what is visible at once.
+    pub fn read_all(&self, options: ReadAll) -> Result<Events> {
+        options.validate()?;
+        Ok(Events::all(self.clone(), options))
+    }
+}
+
 /// What a read walks over, and where it has got to (a keyset bound, so that the read
 /// can go on in a cursor after its first page).
 #[derive(Clone, Debug)]
@@ -242,7 +267,7 @@ enum Query {
 
 impl Query {
     fn statement<'s>(&self, store: &'s Store) -> &'s Statement {
-        let sql = &store.inner.sql;
+        let sql = &store.sql();
         match self {
             Query::Stream { forwards: true, .. } => &sql.read_stream_forwards,
             Query::Stream {
@@ -368,7 +393,7 @@ impl Events {
     pub(crate) fn all(store: Store, options: ReadAll) -> Events {
         let forwards = options.direction == Direction::Forwards;
         let wait = match options.wait {
-            Wait::Default => Some(store.inner.config.read_all_wait),
+            Wait::Default => Some(store.config().read_all_wait),
             Wait::AtMost(d) => Some(d),
             Wait::No => None,
         };
@@ -393,13 +418,13 @@ impl Events {
     }
 
     fn new(store: Store, query: Query, max_count: Option<u64>) -> Events {
-        let page = store.inner.config.read_page_size as u64;
+        let page = store.config().read_page_size as u64;
         let ops = match &query {
             Query::Stream { stream, .. } => ReadOps::new("stream", Some(stream)),
             Query::All { .. } => ReadOps::new("all", None),
         };
         Events {
-            retry: Retry::new(&store, "read"),
+            retry: Retry::new(store.config(), "read"),
             ops,
             store,
             query,
@@ -574,7 +599,7 @@ impl Events {
                     self.finish();
                     self.state = State::Start;
                     // Dead idle connections (a restart leaves only those) cost no attempt.
-                    crate::retry::sweep(&self.store.inner.pool);
+                    crate::retry::sweep(self.store.pool());
                 }
                 Err(e) => return Err(e),
             }

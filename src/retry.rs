@@ -6,13 +6,13 @@
 //! expected version (it is not transient) and never `append_in` (the caller's
 //! transaction is gone with its connection).
 
-use std::io;
 use std::time::Duration;
 
-use postgres::error::SqlState;
-
 use crate::error::{Error, Result};
-use crate::store::{Conn, Store};
+use r2d2::Pool;
+
+use crate::config::Config;
+use crate::connect::Manager;
 
 /// The longest wait between two attempts of a call, however many there were.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(30);
@@ -63,58 +63,6 @@ impl Backoff {
     }
 }
 
-/// Whether `e` is worth another attempt (see [`Config::max_retries`](crate::Config::max_retries)).
-pub(crate) fn is_transient(e: &Error) -> bool {
-    match e {
-        Error::Postgres(e) | Error::Connect { source: e, .. } => is_transient_pg(e),
-        // The server did not answer in time: it may be restarting or overloaded.
-        Error::ConnectTimeout { .. } => true,
-        // No connection could be opened in time (the pool was not merely exhausted: that
-        // leaves no connect error): the server is down or restarting.
-        Error::Pool {
-            last_connect_error: Some(_),
-            ..
-        } => true,
-        _ => false,
-    }
-}
-
-fn is_transient_pg(e: &postgres::Error) -> bool {
-    if let Some(code) = e.code() {
-        return [
-            SqlState::ADMIN_SHUTDOWN,
-            SqlState::CRASH_SHUTDOWN,
-            SqlState::CANNOT_CONNECT_NOW,
-            SqlState::TOO_MANY_CONNECTIONS,
-            SqlState::T_R_SERIALIZATION_FAILURE,
-            SqlState::T_R_DEADLOCK_DETECTED,
-        ]
-        .contains(code)
-            // Class 08: connection exceptions.
-            || code.code().starts_with("08");
-    }
-    if e.is_closed() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            return matches!(
-                io.kind(),
-                io::ErrorKind::ConnectionRefused
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::NotConnected
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::TimedOut
-            );
-        }
-        source = s.source();
-    }
-    false
-}
-
 /// The retry state of one operation.
 #[derive(Debug)]
 pub(crate) struct Retry {
@@ -125,8 +73,7 @@ pub(crate) struct Retry {
 }
 
 impl Retry {
-    pub(crate) fn new(store: &Store, operation: &'static str) -> Retry {
-        let config = &store.inner.config;
+    pub(crate) fn new(config: &Config, operation: &'static str) -> Retry {
         Retry {
             operation,
             max: config.max_retries,
@@ -134,20 +81,16 @@ impl Retry {
         }
     }
 
-    /// A pooled connection. On a retry, pooled connections are checked first: after a
-    /// server restart or a killed backend the pool still holds dead ones, and each
-    /// would otherwise cost an attempt.
-    pub(crate) fn conn(&self, store: &Store) -> Result<Conn> {
-        if self.backoff.attempts() > 0 {
-            sweep(&store.inner.pool);
-        }
-        store.conn()
+    /// Whether a failure is being retried: then the pool's idle connections may be
+    /// dead ones left by a restart, and are checked before use ([`sweep`]).
+    pub(crate) fn is_retrying(&self) -> bool {
+        self.backoff.attempts() > 0
     }
 
     /// Whether to try again after `e`. If so, waits the backoff first and counts the
     /// retry; if not (not transient, or no retries left) the caller returns `e`.
     pub(crate) fn again(&mut self, e: &Error) -> bool {
-        if self.backoff.attempts() >= self.max || !is_transient(e) {
+        if self.backoff.attempts() >= self.max || !e.is_transient() {
             return false;
         }
         let delay = self.backoff.next_delay();
@@ -174,14 +117,15 @@ impl Retry {
 /// to repeat: reads, and writes that are idempotent. Before each retry the pool's idle
 /// connections are checked, so that dead ones left by a restart cost no attempt.
 pub(crate) fn run<T>(
-    store: &Store,
+    config: &Config,
+    pool: &Pool<Manager>,
     operation: &'static str,
     mut f: impl FnMut() -> Result<T>,
 ) -> Result<T> {
-    let mut retry = Retry::new(store, operation);
+    let mut retry = Retry::new(config, operation);
     loop {
         match f() {
-            Err(e) if retry.again(&e) => sweep(&store.inner.pool),
+            Err(e) if retry.again(&e) => sweep(pool),
             result => return result,
         }
     }
@@ -189,7 +133,7 @@ pub(crate) fn run<T>(
 
 /// Checks every idle pooled connection with an empty query and lets the pool drop the
 /// dead ones. The live ones are held until the end, so each is checked once.
-pub(crate) fn sweep(pool: &r2d2::Pool<crate::Manager>) {
+pub(crate) fn sweep(pool: &Pool<Manager>) {
     let mut alive = Vec::new();
     for _ in 0..2 * pool.max_size() {
         let Some(mut conn) = pool.try_get() else {
@@ -232,34 +176,5 @@ mod tests {
         assert_eq!(b.attempts(), 4);
         b.reset();
         assert!(b.next_delay() <= base);
-    }
-
-    #[test]
-    fn what_is_transient() {
-        assert!(!is_transient(&Error::InvalidInput("x".into())));
-        assert!(!is_transient(&Error::WrongExpectedVersion {
-            stream: "s".into(),
-            expected: crate::ExpectedVersion::NoStream,
-            actual: crate::error::ActualVersion::Exact(1),
-        }));
-        // Exhaustion is not retried: it would only queue more callers.
-        assert!(!is_transient(&Error::Pool {
-            message: "exhausted".into(),
-            last_connect_error: None,
-        }));
-        assert!(is_transient(&Error::Pool {
-            message: "cannot open".into(),
-            last_connect_error: Some(std::sync::Arc::new(Error::ConnectTimeout {
-                target: "h:5432".into(),
-                timeout: Duration::from_secs(1),
-                connected: true,
-            })),
-        }));
-    }
-
-    #[test]
-    fn refused_connection_is_transient() {
-        let e = crate::error::tests::refused();
-        assert!(is_transient_pg(&e), "{e:?}");
     }
 }

@@ -14,15 +14,14 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::connect::Manager;
-use crate::error::{ActualVersion, Error, Result};
-use crate::event::{validate_stream_id, AppendResult, EventData, ExpectedVersion, JsonText};
+use crate::connect::{LastConnectError, Manager};
+use crate::error::{Error, Result};
+use crate::event::{validate_stream_id, AppendResult, EventData, JsonText};
 use crate::listener::{Hub, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
-use crate::read::{Events, ReadAll, ReadStream};
 use crate::retry::{Backoff, Retry};
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
-use crate::subscription::{SubscribeOptions, Subscription};
+use crate::version::{ActualVersion, ExpectedVersion};
 
 pub(crate) type Conn = PooledConnection<Manager>;
 
@@ -47,17 +46,27 @@ const APPEND_ATTEMPTS: usize = 30;
 /// ```
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) pool: r2d2::Pool<Manager>,
-    pub(crate) sql: Sql,
-    pub(crate) config: Config,
-    pub(crate) hub: Hub,
+/// A [`Store`] that its holder does not keep open.
+pub(crate) struct WeakStore(std::sync::Weak<Inner>);
+
+impl WeakStore {
+    /// The store, unless its last clone has been dropped.
+    pub(crate) fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(|inner| Store { inner })
+    }
+}
+
+struct Inner {
+    pool: r2d2::Pool<Manager>,
+    sql: Sql,
+    config: Config,
+    hub: Hub,
     last_connect_error: LastConnectError,
-    pub(crate) monitor: crate::health::Monitor,
-    pub(crate) held_back: crate::feed::HeldBackBoard,
+    monitor: crate::health::Monitor,
+    held_back: crate::feed::HeldBackBoard,
 }
 
 impl fmt::Debug for Store {
@@ -68,9 +77,6 @@ impl fmt::Debug for Store {
             .finish()
     }
 }
-
-/// The last error of the pool's connects; r2d2 keeps only its text.
-pub(crate) type LastConnectError = Arc<Mutex<Option<Arc<Error>>>>;
 
 /// Keeps the last connection error, typed; r2d2 keeps only a short phrase.
 #[derive(Debug)]
@@ -161,7 +167,7 @@ impl Store {
             // One transaction under an advisory lock, and a no-op once done: safe to
             // retry.
             || {
-                crate::retry::run(self, "migrate", || {
+                crate::retry::run(self.config(), self.pool(), "migrate", || {
                     let mut conn = self.conn()?;
                     migrate::run(&mut conn, &config.schema, &config.migrations_table)
                 })
@@ -172,7 +178,7 @@ impl Store {
 
     /// The schema version recorded in the database (0 before [`Store::migrate`]).
     pub fn schema_version(&self) -> Result<i64> {
-        crate::retry::run(self, "read", || {
+        crate::retry::run(self.config(), self.pool(), "read", || {
             let mut conn = self.conn()?;
             let config = &self.inner.config;
             migrate::current_version(&mut *conn, &config.schema, &config.migrations_table)
@@ -224,7 +230,7 @@ impl Store {
     ) -> Result<AppendResult> {
         let input = AppendInput::new(stream, expected, events)?;
         crate::metrics::append("store", stream, events.len(), || {
-            let mut retry = Retry::new(self, "append");
+            let mut retry = Retry::new(self.config(), "append");
             let mut refused = 0;
             loop {
                 match self.append_once(&input, &retry) {
@@ -247,7 +253,10 @@ impl Store {
     /// or fails on a unique constraint, the full one, which tells a repeat, a conflict
     /// and a lost race apart.
     fn append_once(&self, input: &AppendInput<'_>, retry: &Retry) -> Result<AppendResult> {
-        let mut conn = retry.conn(self)?;
+        if retry.is_retrying() {
+            crate::retry::sweep(self.pool());
+        }
+        let mut conn = self.conn()?;
         if let Some(result) = self.append_fast(&mut conn, input)? {
             self.inner.hub.appended();
             return Ok(result);
@@ -464,42 +473,6 @@ impl Store {
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
-    /// Reads one stream; see [`ReadStream`] for direction, start and count.
-    /// The iterator owns a pooled connection until it is exhausted or dropped.
-    pub fn read_stream(&self, stream: &str, options: ReadStream) -> Result<Events> {
-        validate_stream_id(stream)?;
-        Ok(Events::stream(self.clone(), stream.to_string(), options))
-    }
-
-    /// Reads all events in the global order; see [`ReadAll`] for the start, filters and
-    /// count, and the crate docs for what the order guarantees.
-    ///
-    /// The read includes every event committed before the call. When some of them still
-    /// wait behind an open transaction that appends to this store (see
-    /// [`Store::feed_status`]), the read waits for it, at most
-    /// [`Config::read_all_wait`](crate::Config::read_all_wait) (10 s by default), and then
-    /// fails with [`Error::HeldBack`] naming that transaction: it never returns short
-    /// without saying so. [`ReadAll::visible_now`] reads only what is visible at once.
-    pub fn read_all(&self, options: ReadAll) -> Result<Events> {
-        options.validate()?;
-        Ok(Events::all(self.clone(), options))
-    }
-
-    /// Follows events as they are appended: catches up from history first, then goes
-    /// live. See [`SubscribeOptions`] for what to follow and where to start, and
-    /// [`Subscription`] for how to wait, poll and stop.
-    ///
-    /// Fails at once with [`Error::NotMigrated`] when the schema has not been created,
-    /// and with [`Error::InvalidInput`] for a start position above `i64::MAX`.
-    pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
-        if self.schema_version()? == 0 {
-            return Err(Error::NotMigrated {
-                schema: self.inner.sql.schema.clone(),
-            });
-        }
-        Subscription::new(self.clone(), options)
-    }
-
     /// The state of the listener connection, or `None` before the first subscription
     /// started it.
     pub fn listener_state(&self) -> Option<ListenerState> {
@@ -560,6 +533,36 @@ impl Store {
                 created_at: row.get(2),
             })),
         }
+    }
+
+    /// A handle that does not keep the store open: for its own background threads.
+    pub(crate) fn downgrade(&self) -> WeakStore {
+        WeakStore(Arc::downgrade(&self.inner))
+    }
+
+    /// The statements of this store's schema.
+    pub(crate) fn sql(&self) -> &Sql {
+        &self.inner.sql
+    }
+
+    /// The settings the store was opened with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The wake-up hub: listener, notifier and subscribers.
+    pub(crate) fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    /// What holds this store's subscriptions back, for health checks.
+    pub(crate) fn held_back_board(&self) -> &crate::feed::HeldBackBoard {
+        &self.inner.held_back
+    }
+
+    /// The connection monitor of health checks.
+    pub(crate) fn monitor(&self) -> &crate::health::Monitor {
+        &self.inner.monitor
     }
 
     /// A pooled connection, or an error that says why none could be had: the pool was
@@ -629,7 +632,7 @@ impl Store {
         statement: &crate::sql::Statement,
         mut f: impl FnMut(&mut Conn, &Statement) -> std::result::Result<T, postgres::Error>,
     ) -> Result<T> {
-        crate::retry::run(self, operation, || {
+        crate::retry::run(self.config(), self.pool(), operation, || {
             let mut conn = self.conn()?;
             let prepared = self.prepared(&mut conn, statement)?;
             f(&mut conn, &prepared).map_err(|e| self.map_error(e))

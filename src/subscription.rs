@@ -121,6 +121,23 @@ impl SubscribeOptions {
     }
 }
 
+impl Store {
+    /// Follows events as they are appended: catches up from history first, then goes
+    /// live. See [`SubscribeOptions`] for what to follow and where to start, and
+    /// [`Subscription`] for how to wait, poll and stop.
+    ///
+    /// Fails at once with [`Error::NotMigrated`] when the schema has not been created,
+    /// and with [`Error::InvalidInput`] for a start position above `i64::MAX`.
+    pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        if self.schema_version()? == 0 {
+            return Err(Error::NotMigrated {
+                schema: self.schema().to_string(),
+            });
+        }
+        Subscription::new(self.clone(), options)
+    }
+}
+
 /// Stops a [`Subscription`] from another thread: a blocked `next()` returns `None`.
 #[derive(Clone, Debug)]
 pub struct SubscriptionStopper {
@@ -233,7 +250,7 @@ impl Subscription {
                 }
             }
         };
-        let (id, wake) = store.inner.hub.subscribe();
+        let (id, wake) = store.hub().subscribe();
         let (tx, stop_rx) = bounded(1);
         Ok(Subscription {
             store,
@@ -325,7 +342,7 @@ impl Subscription {
             }
             let poll = match &mut self.held_back {
                 Some(pauses) => pauses.next_delay(),
-                None => self.store.inner.config.poll_interval,
+                None => self.store.config().poll_interval,
             };
             let mut until = Instant::now() + poll;
             if let Some(t) = self.retry_at {
@@ -372,8 +389,8 @@ impl Subscription {
                     (true, None) => Some(HELD_BACK_POLL),
                     (true, pauses) => pauses,
                 };
-                let config = &self.store.inner.config;
-                self.store.inner.held_back.report(
+                let config = &self.store.config();
+                self.store.held_back_board().report(
                     self.id,
                     status.as_ref(),
                     config.held_back_warning,
@@ -419,7 +436,7 @@ impl Iterator for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.read = None;
-        self.store.inner.hub.unsubscribe(self.id);
-        self.store.inner.held_back.remove(self.id);
+        self.store.hub().unsubscribe(self.id);
+        self.store.held_back_board().remove(self.id);
     }
 }

@@ -324,7 +324,7 @@ impl Worker {
                 "a worker needs at least one thread".into(),
             ));
         }
-        let max = self.store.inner.config.max_connections as usize;
+        let max = self.store.config().max_connections as usize;
         if self.threads + 3 > max {
             return Err(Error::Config(format!(
                 "a worker with {} threads needs {} pooled connections, but max_connections is {max}",
@@ -616,7 +616,7 @@ impl Scan {
         let mut after = self.dispatched.max(checkpoint);
         let mut past = None;
         let mut conn = self.store.conn()?;
-        let sql = &self.store.inner.sql.scan_past;
+        let sql = &self.store.sql().scan_past;
         let statement = self.store.prepared(&mut conn, sql)?;
         loop {
             let bound = after.map_or(-1, |p| p as i64);
@@ -955,7 +955,7 @@ impl ThreadContext {
         h: &TxHandler,
         batch: &[(u64, RecordedEvent)],
     ) -> Result<Vec<bool>, HandlerError> {
-        let sql = &self.store.inner.sql;
+        let sql = &self.store.sql();
         let read = self.store.prepared(conn, &sql.read_claims)?;
         let write = self.store.prepared(conn, &sql.write_claims)?;
         let mut streams: Vec<&str> = batch.iter().map(|(_, e)| e.stream_id.as_str()).collect();
@@ -1078,7 +1078,7 @@ impl ThreadContext {
         h: &TxHandler,
         event: &RecordedEvent,
     ) -> Result<bool, HandlerError> {
-        let sql = &self.store.inner.sql;
+        let sql = &self.store.sql();
         let claimed = if self.replay {
             let take = self.store.prepared(conn, &sql.take_dead_letter)?;
             let mut tx = conn.transaction()?;
@@ -1104,7 +1104,7 @@ impl ThreadContext {
 
     fn park(&self, event: &RecordedEvent, attempts: u32, error: &Error) -> Result<()> {
         let mut conn = self.store.conn()?;
-        let park = self.store.prepared(&mut conn, &self.store.inner.sql.park)?;
+        let park = self.store.prepared(&mut conn, &self.store.sql().park)?;
         let text = match error {
             Error::Handler { source, .. } => crate::error::chain(source.as_ref()),
             other => other.to_string(),
@@ -1207,7 +1207,7 @@ impl Worker {
 
     fn event_at(&self, position: u64) -> Result<Option<RecordedEvent>> {
         let mut conn = self.store.conn()?;
-        let sql = &self.store.inner.sql.event_at;
+        let sql = &self.store.sql().event_at;
         let statement = self.store.prepared(&mut conn, sql)?;
         let row = conn
             .query_opt(&statement, &[&(position as i64)])
