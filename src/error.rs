@@ -91,6 +91,21 @@ pub enum Error {
         /// How many events the transaction would have held.
         events: u64,
     },
+    /// A chunked import ([`ImportOptions::chunked`](crate::ImportOptions::chunked))
+    /// failed after it had committed some of its transactions. The committed events are
+    /// the first `committed_events` of the input; nothing after them was written. The
+    /// cause is [`std::error::Error::source`] (and [`Error::ImportIncomplete`]'s `source`).
+    ImportIncomplete {
+        /// How many events of the input are committed: import the rest by skipping this
+        /// many, continuing existing streams.
+        committed_events: u64,
+        /// How many transactions committed them.
+        transactions: u64,
+        /// The global position of the last committed event.
+        last_position: u64,
+        /// Why the import stopped.
+        source: Box<Error>,
+    },
     /// No connection could be had from the pool in time.
     Pool {
         /// What the pool reported, with its size and state.
@@ -196,6 +211,18 @@ impl fmt::Display for Error {
                 "one transaction may append at most {} events, this one would hold {events}",
                 crate::MAX_EVENTS_PER_TRANSACTION
             ),
+            Error::ImportIncomplete {
+                committed_events,
+                transactions,
+                last_position,
+                ..
+            } => write!(
+                f,
+                "the import stopped after committing the first {committed_events} events of \
+                 its input in {transactions} transaction(s), up to position {last_position}; \
+                 nothing after them was written (go on by skipping {committed_events} events \
+                 and continuing existing streams)"
+            ),
             Error::Pool {
                 message,
                 last_connect_error,
@@ -246,6 +273,7 @@ impl StdError for Error {
             Error::Connect { source, .. } => Some(source),
             Error::Json(e) => Some(e),
             Error::Handler { source, .. } => Some(source.as_ref()),
+            Error::ImportIncomplete { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

@@ -179,6 +179,7 @@ mod error;
 mod event;
 mod health;
 mod import;
+mod jsonl;
 mod listener;
 mod metrics;
 mod migrate;
@@ -198,7 +199,8 @@ pub use crate::event::{
     MAX_STREAM_ID_BYTES,
 };
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
-pub use crate::import::{ImportOptions, ImportSummary};
+pub use crate::import::{ImportEvent, ImportOptions, ImportSummary};
+pub use crate::jsonl::JsonLines;
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
