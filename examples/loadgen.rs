@@ -800,35 +800,53 @@ fn raw_copy<'a>(
     stream: impl Fn(usize) -> (&'a str, i64),
 ) -> Res<u64> {
     let mut tx = client.transaction()?;
-    let sink = tx.copy_in(&format!(
-        "COPY {table} (event_id, stream_id, version, event_type, data, metadata) \
-         FROM STDIN (FORMAT binary)"
-    ))?;
-    let mut writer = BinaryCopyInWriter::new(
-        sink,
-        &[
-            Type::UUID,
-            Type::TEXT,
-            Type::INT8,
-            Type::TEXT,
-            Type::JSONB,
-            Type::JSONB,
-        ],
-    );
+    let mut writer = raw_copy_in(&mut tx, table)?;
     for (i, r) in rows.iter().enumerate() {
         let (s, v) = stream(i);
-        writer.write(&[
-            &r.id,
-            &s,
-            &v,
-            &EVENT_TYPE,
-            &Jsonb(&r.data),
-            &Jsonb(&r.metadata),
-        ])?;
+        raw_copy_row(&mut writer, &r.id, s, v, &r.data, &r.metadata)?;
     }
     let n = writer.finish()?;
     tx.commit()?;
     Ok(n)
+}
+
+/// A binary `COPY` into the raw table, row by row with [`raw_copy_row`].
+fn raw_copy_in<'a>(
+    tx: &'a mut pg_eventstore::postgres::Transaction<'_>,
+    table: &str,
+) -> Res<BinaryCopyInWriter<'a>> {
+    let sink = tx.copy_in(&format!(
+        "COPY {table} (event_id, stream_id, version, event_type, data, metadata) \
+         FROM STDIN (FORMAT binary)"
+    ))?;
+    let types = [
+        Type::UUID,
+        Type::TEXT,
+        Type::INT8,
+        Type::TEXT,
+        Type::JSONB,
+        Type::JSONB,
+    ];
+    Ok(BinaryCopyInWriter::new(sink, &types))
+}
+
+fn raw_copy_row(
+    writer: &mut BinaryCopyInWriter<'_>,
+    id: &Uuid,
+    stream: &str,
+    version: i64,
+    data: &[u8],
+    metadata: &[u8],
+) -> Res<()> {
+    writer.write(&[
+        id,
+        &stream,
+        &version,
+        &EVENT_TYPE,
+        &Jsonb(data),
+        &Jsonb(metadata),
+    ])?;
+    Ok(())
 }
 
 fn decode_raw(row: &pg_eventstore::postgres::Row) -> Res<Decoded> {
@@ -1228,32 +1246,18 @@ fn w7_child(args: &[String]) -> Res<()> {
         let mut client = Config::from_env()?.pg_config().connect(NoTls)?;
         let t = Instant::now();
         let mut tx = client.transaction()?;
-        let sink = tx.copy_in(&format!(
-            "COPY {target} (event_id, stream_id, version, event_type, data, metadata) \
-             FROM STDIN (FORMAT binary)"
-        ))?;
-        let mut writer = BinaryCopyInWriter::new(
-            sink,
-            &[
-                Type::UUID,
-                Type::TEXT,
-                Type::INT8,
-                Type::TEXT,
-                Type::JSONB,
-                Type::JSONB,
-            ],
-        );
+        let mut writer = raw_copy_in(&mut tx, target)?;
         for i in 0..n {
             let (id, stream, data, metadata) = w7_row(i);
             let version = (i % W7_PER_STREAM) as i64;
-            writer.write(&[
+            raw_copy_row(
+                &mut writer,
                 &id,
                 &stream,
-                &version,
-                &EVENT_TYPE,
-                &Jsonb(data.as_bytes()),
-                &Jsonb(metadata.as_bytes()),
-            ])?;
+                version,
+                data.as_bytes(),
+                metadata.as_bytes(),
+            )?;
         }
         let written = writer.finish()?;
         tx.commit()?;
