@@ -30,7 +30,8 @@ pub enum Error {
     /// An event id given to an append already belongs to another event, and the append is
     /// not an exact repeat of the one that wrote it. Nothing was written.
     DuplicateEventId {
-        /// The stream appended to.
+        /// The stream appended to (empty when a streaming import cannot tell: the server
+        /// reports a repeated id at the end of a `COPY` of several batches).
         stream: String,
         /// The id that is taken.
         id: uuid::Uuid,
@@ -167,6 +168,9 @@ impl fmt::Display for Error {
                     Some(v) => write!(f, "the stream is at version {v}"),
                     None => write!(f, "the stream does not exist"),
                 }
+            }
+            Error::DuplicateEventId { stream, id } if stream.is_empty() => {
+                write!(f, "event id {id} is already used by another event")
             }
             Error::DuplicateEventId { stream, id } => write!(
                 f,

@@ -523,6 +523,15 @@ fn feed<I: Iterator<Item = Result<ImportEvent>>>(events: I, writer: Sender<Msg>)
     Ok(())
 }
 
+/// The next batch from the reader: `None` when the input has ended.
+fn receive(input: &Receiver<Msg>) -> Result<Option<Vec<Item>>, Failure> {
+    match input.recv() {
+        Ok(Msg::Batch(batch)) => Ok(Some(batch)),
+        Ok(Msg::End) => Ok(None),
+        Err(_) => Err(Failure::InputFailed),
+    }
+}
+
 /// Why the writer stopped.
 enum Failure {
     /// An error decided here.
@@ -612,8 +621,12 @@ struct Writer<'s> {
     store: &'s Store,
     options: ImportOptions,
     statements: Option<Statements>,
-    /// The next version of each stream met in the current transaction.
+    /// The next version of each stream met (in the current transaction, when
+    /// continuing existing streams).
     known: HashMap<String, i64>,
+    /// Whether `known` was ever emptied because it grew too large: from then on, a
+    /// stream it does not hold may be one this import wrote, and is looked up.
+    forgot: bool,
     /// The position ranges of the transactions this import has committed, so that a
     /// stream it wrote to there is not taken for one that existed before.
     ours: Vec<(i64, i64)>,
@@ -628,6 +641,7 @@ impl<'s> Writer<'s> {
             options,
             statements: None,
             known: HashMap::new(),
+            forgot: false,
             ours: Vec::new(),
             current: Progress::default(),
             committed: Progress::default(),
@@ -729,7 +743,8 @@ impl<'s> Writer<'s> {
 
     /// Writes batches into `tx` until the input ends (`Ok(false)`) or, for a chunked
     /// import, the transaction is full (`Ok(true)`; the rest of the batch waits in
-    /// `pending`).
+    /// `pending`). One `COPY` takes batch after batch until one brings streams that
+    /// must be looked up first.
     fn transaction(
         &mut self,
         tx: &mut Transaction<'_>,
@@ -746,46 +761,105 @@ impl<'s> Writer<'s> {
             next,
             now: row.get(2),
         };
-        // Streams are looked up (and locked) again in each transaction.
-        self.known.clear();
+        if self.options.continue_existing {
+            // Existing streams are looked up (and locked) again in each transaction.
+            self.known.clear();
+        }
+        let mut next_batch = pending.take();
         loop {
-            let mut batch = match pending.take() {
+            let mut batch = match next_batch.take() {
                 Some(batch) => batch,
-                None => match input.recv() {
-                    Ok(Msg::Batch(batch)) => batch,
-                    Ok(Msg::End) => return Ok(false),
-                    Err(_) => return Err(Failure::InputFailed),
+                None => match receive(input)? {
+                    Some(batch) => batch,
+                    None => return Ok(false),
                 },
             };
-            let room = ((slot.lo + SLOT - slot.next) as u64)
-                .min(self.options.chunk_events - self.current.events)
-                as usize;
-            if batch.len() > room {
-                if !self.options.chunked {
-                    return Err(Failure::Done(Error::TransactionTooLarge {
-                        events: (slot.next - slot.lo) as u64 + batch.len() as u64,
-                    }));
+            let rest = self.split(&slot, &mut batch)?;
+            self.resolve(tx, &slot, &batch)?;
+            let copy = self.statements(tx)?.copy.clone();
+            let mut writer = BinaryCopyInWriter::new(tx.copy_in(&copy)?, &COPY_TYPES);
+            let first = slot.next;
+            loop {
+                self.write_rows(&mut writer, &mut slot, &batch)?;
+                if rest.is_some() {
+                    self.finish(writer, first, &slot, &batch)?;
+                    *pending = rest;
+                    return Ok(true);
                 }
-                let rest = batch.split_off(room);
-                if !batch.is_empty() {
-                    self.write(tx, &mut slot, &batch)?;
+                // An error here drops the writer, which aborts the COPY.
+                let Some(following) = receive(input)? else {
+                    self.finish(writer, first, &slot, &batch)?;
+                    return Ok(false);
+                };
+                let fits = following.len() as u64 <= self.room(&slot);
+                if fits && !self.must_look_up(&following) {
+                    self.add_new_streams(&following);
+                    batch = following;
+                    continue;
                 }
-                *pending = Some(rest);
-                return Ok(true);
+                self.finish(writer, first, &slot, &batch)?;
+                next_batch = Some(following);
+                break;
             }
-            self.write(tx, &mut slot, &batch)?;
         }
     }
 
-    /// Writes one batch through one `COPY`, after looking up the streams it brings.
-    fn write(
+    /// How many more events this transaction takes.
+    fn room(&self, slot: &Slot) -> u64 {
+        let written = (slot.next - slot.first) as u64;
+        ((slot.lo + SLOT - slot.next) as u64).min(self.options.chunk_events - written)
+    }
+
+    /// Cuts `batch` to the room left in the transaction: the rest, for the next
+    /// transaction of a chunked import; an error for an atomic one.
+    fn split(&self, slot: &Slot, batch: &mut Vec<Item>) -> Result<Option<Vec<Item>>, Failure> {
+        let room = self.room(slot) as usize;
+        if batch.len() <= room {
+            return Ok(None);
+        }
+        if !self.options.chunked {
+            return Err(Failure::Done(Error::TransactionTooLarge {
+                events: (slot.next - slot.lo) as u64 + batch.len() as u64,
+            }));
+        }
+        Ok(Some(batch.split_off(room)))
+    }
+
+    /// Whether `batch` brings a stream whose next version must be queried. Without
+    /// continuing existing streams, and while `known` holds every stream the import has
+    /// written, an unknown stream is a new one and needs no query: if it exists after
+    /// all, its version 0 is taken and the `COPY` fails on the unique constraint.
+    fn must_look_up(&self, batch: &[Item]) -> bool {
+        (self.options.continue_existing || self.forgot)
+            && batch
+                .iter()
+                .any(|i| !self.known.contains_key(i.event.stream.as_str()))
+    }
+
+    /// Starts the new streams of `batch` at version 0 (when no query is needed).
+    fn add_new_streams(&mut self, batch: &[Item]) {
+        for item in batch {
+            if !self.known.contains_key(item.event.stream.as_str()) {
+                self.known.insert(item.event.stream.clone(), 0);
+                self.current.streams += 1;
+            }
+        }
+    }
+
+    /// Makes sure every stream of `batch` has its next version in `known`.
+    fn resolve(
         &mut self,
         tx: &mut Transaction<'_>,
-        slot: &mut Slot,
+        slot: &Slot,
         batch: &[Item],
     ) -> Result<(), Failure> {
         if self.known.len() > MAX_KNOWN_STREAMS {
             self.known.clear();
+            self.forgot = true;
+        }
+        if !self.must_look_up(batch) {
+            self.add_new_streams(batch);
+            return Ok(());
         }
         let mut seen = HashSet::new();
         let unknown: Vec<&str> = batch
@@ -793,17 +867,22 @@ impl<'s> Writer<'s> {
             .map(|i| i.event.stream.as_str())
             .filter(|s| !self.known.contains_key(*s) && seen.insert(*s))
             .collect();
-        if !unknown.is_empty() {
-            self.look_up(tx, slot, unknown)?;
-        }
-        let copy = self.statements(tx)?.copy.clone();
-        let mut writer = BinaryCopyInWriter::new(tx.copy_in(&copy)?, &COPY_TYPES);
-        for (k, item) in batch.iter().enumerate() {
+        self.look_up(tx, slot, unknown)
+    }
+
+    /// Writes the rows of one batch into the open `COPY`.
+    fn write_rows(
+        &mut self,
+        writer: &mut BinaryCopyInWriter<'_>,
+        slot: &mut Slot,
+        batch: &[Item],
+    ) -> Result<(), Failure> {
+        for item in batch {
             let e = &item.event;
             let version = self
                 .known
                 .get_mut(e.stream.as_str())
-                .expect("every stream of the batch was looked up");
+                .expect("every stream of the batch is resolved");
             if let Some(given) = e.version.filter(|v| *v as i64 != *version) {
                 return Err(Failure::Done(Error::InvalidInput(format!(
                     "{}: the input gives version {given}, but the event would be version \
@@ -813,10 +892,9 @@ impl<'s> Writer<'s> {
                     e.stream
                 ))));
             }
-            let position = slot.next + k as i64;
             let recorded_at = e.recorded_at.unwrap_or(slot.now);
             let row: [&(dyn ToSql + Sync); 8] = [
-                &position,
+                &slot.next,
                 &e.event.id,
                 &e.stream,
                 &*version,
@@ -827,14 +905,26 @@ impl<'s> Writer<'s> {
             ];
             writer.write(&row).map_err(|e| Failure::copy(e, batch))?;
             *version += 1;
+            slot.next += 1;
         }
-        let written = writer.finish().map_err(|e| Failure::copy(e, batch))?;
-        debug_assert_eq!(written, batch.len() as u64);
-        let last = slot.next + written as i64 - 1;
-        self.current.first = self.current.first.or(Some(slot.next));
-        self.current.last = last;
-        self.current.events += written;
-        slot.next = last + 1;
+        Ok(())
+    }
+
+    /// Ends a `COPY` that wrote the positions from `first` up to `slot.next`.
+    fn finish(
+        &mut self,
+        writer: BinaryCopyInWriter<'_>,
+        first: i64,
+        slot: &Slot,
+        last_batch: &[Item],
+    ) -> Result<(), Failure> {
+        let written = writer.finish().map_err(|e| Failure::copy(e, last_batch))?;
+        debug_assert_eq!(written as i64, slot.next - first);
+        if written > 0 {
+            self.current.first = self.current.first.or(Some(first));
+            self.current.last = slot.next - 1;
+            self.current.events += written;
+        }
         Ok(())
     }
 
