@@ -34,7 +34,7 @@
 //! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
 //! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
-//! | W7 | bulk import of 1,000,000 events (10,000 streams of 100) | `import` | one binary `COPY` |
+//! | W7 | streaming bulk import of 1,000,000 events (10,000 streams of 100), generated as they are written, each side in a child process that reports its peak RSS; `--only W7 --scale 10 --reps 1` for 10,000,000 | `import_iter` (chunked above 1,048,576 events) | one binary `COPY` in one transaction |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
 //! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections, 100 per transaction |
@@ -65,9 +65,10 @@ use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use pg_eventstore::postgres::{Client, NoTls};
 use pg_eventstore::uuid::Uuid;
 use pg_eventstore::{
-    Config, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream, Store,
-    SubscribeOptions, SubscriptionStopper, Worker,
+    Config, EventData, ExpectedVersion, ImportEvent, ImportOptions, ReadAll, ReadStream, Store,
+    SubscribeOptions, SubscriptionStopper, Worker, MAX_EVENTS_PER_TRANSACTION,
 };
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 type Res<T> = Result<T, Box<dyn StdError + Send + Sync>>;
@@ -209,12 +210,16 @@ fn median_f(v: &[f64]) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--m1-child") {
-        if let Err(e) = m1_child(&args[1..]) {
-            eprintln!("loadgen --m1-child: {e}");
-            std::process::exit(1);
+    type Child = fn(&[String]) -> Res<()>;
+    let children: [(&str, Child); 2] = [("--m1-child", m1_child), ("--w7-child", w7_child)];
+    for (flag, f) in children {
+        if args.first().map(String::as_str) == Some(flag) {
+            if let Err(e) = f(&args[1..]) {
+                eprintln!("loadgen {flag}: {e}");
+                std::process::exit(1);
+            }
+            return;
         }
-        return;
     }
     if let Err(e) = run(&args) {
         eprintln!("loadgen: {e}");
@@ -809,35 +814,53 @@ fn raw_copy<'a>(
     stream: impl Fn(usize) -> (&'a str, i64),
 ) -> Res<u64> {
     let mut tx = client.transaction()?;
-    let sink = tx.copy_in(&format!(
-        "COPY {table} (event_id, stream_id, version, event_type, data, metadata) \
-         FROM STDIN (FORMAT binary)"
-    ))?;
-    let mut writer = BinaryCopyInWriter::new(
-        sink,
-        &[
-            Type::UUID,
-            Type::TEXT,
-            Type::INT8,
-            Type::TEXT,
-            Type::JSONB,
-            Type::JSONB,
-        ],
-    );
+    let mut writer = raw_copy_in(&mut tx, table)?;
     for (i, r) in rows.iter().enumerate() {
         let (s, v) = stream(i);
-        writer.write(&[
-            &r.id,
-            &s,
-            &v,
-            &EVENT_TYPE,
-            &Jsonb(&r.data),
-            &Jsonb(&r.metadata),
-        ])?;
+        raw_copy_row(&mut writer, &r.id, s, v, &r.data, &r.metadata)?;
     }
     let n = writer.finish()?;
     tx.commit()?;
     Ok(n)
+}
+
+/// A binary `COPY` into the raw table, row by row with [`raw_copy_row`].
+fn raw_copy_in<'a>(
+    tx: &'a mut pg_eventstore::postgres::Transaction<'_>,
+    table: &str,
+) -> Res<BinaryCopyInWriter<'a>> {
+    let sink = tx.copy_in(&format!(
+        "COPY {table} (event_id, stream_id, version, event_type, data, metadata) \
+         FROM STDIN (FORMAT binary)"
+    ))?;
+    let types = [
+        Type::UUID,
+        Type::TEXT,
+        Type::INT8,
+        Type::TEXT,
+        Type::JSONB,
+        Type::JSONB,
+    ];
+    Ok(BinaryCopyInWriter::new(sink, &types))
+}
+
+fn raw_copy_row(
+    writer: &mut BinaryCopyInWriter<'_>,
+    id: &Uuid,
+    stream: &str,
+    version: i64,
+    data: &[u8],
+    metadata: &[u8],
+) -> Res<()> {
+    writer.write(&[
+        id,
+        &stream,
+        &version,
+        &EVENT_TYPE,
+        &Jsonb(data),
+        &Jsonb(metadata),
+    ])?;
+    Ok(())
 }
 
 fn decode_raw(row: &pg_eventstore::postgres::Row) -> Res<Decoded> {
@@ -1240,41 +1263,124 @@ fn w6(ctx: &Ctx) -> Res<Outcome> {
 // ---------------------------------------------------------------------------------------
 // Bulk import.
 
+/// W7: ours streams `n` generated events through `Store::import_iter` (chunked when `n`
+/// is above one transaction's limit), raw streams the same rows through one binary
+/// `COPY` in one transaction. Each side runs in a child process (`--w7-child`) that
+/// generates its rows as it goes, so neither holds the input, and reports its time and
+/// its peak RSS (`VmHWM`).
 fn w7(ctx: &Ctx) -> Res<Outcome> {
-    const PER_STREAM: usize = 100;
     let n = ctx.sizes.w7_events;
-    let rows = rows(n);
-    let names: Vec<String> = (0..n.div_ceil(PER_STREAM))
-        .map(|k| format!("user-{k}"))
-        .collect();
-    let input: Vec<(&str, EventData)> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (names[i / PER_STREAM].as_str(), r.event()))
-        .collect();
-    let (ours, raw) = alternate(
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let (mut ours_rss, mut raw_rss) = (Vec::new(), Vec::new());
+    let (o, r) = alternate(
         ctx.reps,
         || {
             let pair = Pair::new(ctx, "w7")?;
-            let t = Instant::now();
-            let summary = pair.store().import(&input, ImportOptions::new())?;
-            let elapsed = t.elapsed();
-            check_count("ours", summary.events as usize, n)?;
+            let (elapsed, rss) = w7_run("ours", &pair.ours, n)?;
+            ours_rss.push(rss);
             Ok(elapsed)
         },
         || {
             let pair = Pair::new(ctx, "w7")?;
-            let mut client = pair.raw_client(ctx)?;
-            let t = Instant::now();
-            let written = raw_copy(&mut client, &pair.raw_table(), &rows, |i| {
-                (names[i / PER_STREAM].as_str(), (i % PER_STREAM) as i64)
-            })?;
-            let elapsed = t.elapsed();
-            check_count("raw", written as usize, n)?;
+            let (elapsed, rss) = w7_run("raw", &pair.raw_table(), n)?;
+            raw_rss.push(rss);
             Ok(elapsed)
         },
     )?;
-    Ok(Outcome::throughput(n, &ours, &raw))
+    ours.extend(o);
+    raw.extend(r);
+    let mut outcome = Outcome::throughput(n, &ours, &raw);
+    outcome
+        .extra
+        .push(("ours_peak_rss_mib", json!(round(median_f(&ours_rss)))));
+    outcome
+        .extra
+        .push(("raw_peak_rss_mib", json!(round(median_f(&raw_rss)))));
+    Ok(outcome)
+}
+
+const W7_PER_STREAM: usize = 100;
+
+/// The `i`th W7 event: ~210 bytes of data and a small metadata object, as `Row::new`
+/// makes them, but cheap enough to make while importing.
+fn w7_row(i: usize) -> (Uuid, String, String, String) {
+    let id = Uuid::now_v7();
+    let mut data = format!(
+        r#"{{"type":"{EVENT_TYPE}","seq":{i},"userId":"user-{i}","email":"user-{i}@example.com","padding":""#
+    );
+    let padding = DATA_BYTES.saturating_sub(data.len() + 2);
+    data.extend(std::iter::repeat_n('x', padding));
+    data.push_str("\"}");
+    let metadata = format!(r#"{{"correlationId":"{id}","source":"loadgen"}}"#);
+    (id, format!("user-{}", i / W7_PER_STREAM), data, metadata)
+}
+
+/// `--w7-child ours|raw <schema or table> <count>`: imports `count` generated events and
+/// prints the seconds it took and its peak RSS.
+fn w7_child(args: &[String]) -> Res<()> {
+    let side = args.first().ok_or("side missing")?;
+    let target = args.get(1).ok_or("schema or table missing")?;
+    let n: usize = args.get(2).ok_or("count missing")?.parse()?;
+    let elapsed = if side == "ours" {
+        let store = Store::connect(Config::from_env()?.schema(target).max_connections(2))?;
+        let events = (0..n).map(|i| {
+            let (id, stream, data, metadata) = w7_row(i);
+            let data = RawValue::from_string(data)?;
+            let metadata = RawValue::from_string(metadata)?;
+            let event = EventData::new(EVENT_TYPE, &data)?
+                .metadata(&metadata)?
+                .id(id);
+            Ok(ImportEvent::new(stream, event))
+        });
+        let options = ImportOptions::new().chunked(n as u64 > MAX_EVENTS_PER_TRANSACTION);
+        let t = Instant::now();
+        let summary = store.import_iter(events, options)?;
+        let elapsed = t.elapsed();
+        check_count("ours", summary.events as usize, n)?;
+        elapsed
+    } else {
+        let mut client = Config::from_env()?.pg_config().connect(NoTls)?;
+        let t = Instant::now();
+        let mut tx = client.transaction()?;
+        let mut writer = raw_copy_in(&mut tx, target)?;
+        for i in 0..n {
+            let (id, stream, data, metadata) = w7_row(i);
+            let version = (i % W7_PER_STREAM) as i64;
+            raw_copy_row(
+                &mut writer,
+                &id,
+                &stream,
+                version,
+                data.as_bytes(),
+                metadata.as_bytes(),
+            )?;
+        }
+        let written = writer.finish()?;
+        tx.commit()?;
+        let elapsed = t.elapsed();
+        check_count("raw", written as usize, n)?;
+        elapsed
+    };
+    println!("elapsed_s {}", elapsed.as_secs_f64());
+    println!("VmHWM_KiB {}", vm_hwm_kib()?);
+    Ok(())
+}
+
+/// Runs one W7 side in a child process: (its time, its peak RSS in MiB).
+fn w7_run(side: &str, target: &str, n: usize) -> Res<(Duration, f64)> {
+    let out = child(&["--w7-child", side, target, &n.to_string()])?;
+    let field = |name: &str| -> Res<f64> {
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .ok_or_else(|| format!("the W7 child printed no {name}"))?
+            .trim()
+            .parse()?)
+    };
+    Ok((
+        Duration::from_secs_f64(field("elapsed_s ")?),
+        field("VmHWM_KiB ")? / 1024.0,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1315,19 +1421,25 @@ fn m1_child(args: &[String]) -> Res<()> {
     Ok(())
 }
 
-fn m1_run(schema: &str, count: usize) -> Res<f64> {
+/// Runs this program with `args` and returns what it printed.
+fn child(args: &[&str]) -> Res<String> {
     let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["--m1-child", schema, &count.to_string()])
+        .args(args)
         .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         return Err(format!(
-            "the M1 child failed: {}{}",
+            "the child {args:?} failed: {}{}",
             stdout,
             String::from_utf8_lossy(&out.stderr)
         )
         .into());
     }
+    Ok(stdout)
+}
+
+fn m1_run(schema: &str, count: usize) -> Res<f64> {
+    let stdout = child(&["--m1-child", schema, &count.to_string()])?;
     let kib: f64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM_KiB "))

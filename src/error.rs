@@ -35,7 +35,8 @@ pub enum Error {
     /// An event id given to an append already belongs to another event, and the append is
     /// not an exact repeat of the one that wrote it. Nothing was written.
     DuplicateEventId {
-        /// The stream appended to.
+        /// The stream appended to (empty when a streaming import cannot tell: the server
+        /// reports a repeated id at the end of a `COPY` of several batches).
         stream: String,
         /// The id that is taken.
         id: uuid::Uuid,
@@ -117,6 +118,21 @@ pub enum Error {
     TransactionTooLarge {
         /// How many events the transaction would have held.
         events: u64,
+    },
+    /// A chunked import ([`ImportOptions::chunked`](crate::ImportOptions::chunked))
+    /// failed after it had committed some of its transactions. The committed events are
+    /// the first `committed_events` of the input; nothing after them was written. The
+    /// cause is [`std::error::Error::source`] (and [`Error::ImportIncomplete`]'s `source`).
+    ImportIncomplete {
+        /// How many events of the input are committed: import the rest by skipping this
+        /// many, continuing existing streams.
+        committed_events: u64,
+        /// How many transactions committed them.
+        transactions: u64,
+        /// The global position of the last committed event.
+        last_position: u64,
+        /// Why the import stopped.
+        source: Box<Error>,
     },
     /// No connection could be had from the pool in time.
     Pool {
@@ -216,6 +232,9 @@ impl fmt::Display for Error {
                 f,
                 "wrong expected version for stream {stream:?}: expected {expected}, but {actual}"
             ),
+            Error::DuplicateEventId { stream, id } if stream.is_empty() => {
+                write!(f, "event id {id} is already used by another event")
+            }
             Error::DuplicateEventId { stream, id } => write!(
                 f,
                 "event id {id} is already used by another event (appending to stream {stream:?})"
@@ -274,6 +293,18 @@ impl fmt::Display for Error {
                 f,
                 "one transaction may append at most {} events, this one would hold {events}",
                 crate::MAX_EVENTS_PER_TRANSACTION
+            ),
+            Error::ImportIncomplete {
+                committed_events,
+                transactions,
+                last_position,
+                ..
+            } => write!(
+                f,
+                "the import stopped after committing the first {committed_events} events of \
+                 its input in {transactions} transaction(s), up to position {last_position}; \
+                 nothing after them was written (go on by skipping {committed_events} events \
+                 and continuing existing streams)"
             ),
             Error::Pool { message, .. } => f.write_str(message),
             Error::Connect { target, .. } => {
@@ -337,6 +368,7 @@ impl StdError for Error {
                 last_connect_error: Some(e),
                 ..
             } => Some(e.as_ref()),
+            Error::ImportIncomplete { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

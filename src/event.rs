@@ -1,5 +1,6 @@
 //! Events going in ([`EventData`]) and coming out ([`RecordedEvent`]).
 
+use std::fmt;
 use std::time::SystemTime;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -54,7 +55,7 @@ impl EventData {
         Self::from_json_bytes(event_type.into(), bytes)
     }
 
-    fn from_json_bytes(event_type: String, data: Vec<u8>) -> Self {
+    pub(crate) fn from_json_bytes(event_type: String, data: Vec<u8>) -> Self {
         EventData {
             id: Uuid::now_v7(),
             event_type,
@@ -94,21 +95,24 @@ impl EventData {
     /// Checks what PostgreSQL would refuse half-way through a write, so that a bad event
     /// fails the whole append before anything is sent.
     pub(crate) fn validate(&self, index: usize) -> Result<()> {
+        self.validate_as(&format_args!("event {index}"))
+    }
+
+    /// [`EventData::validate`], naming the event as `label` ("event 3", "line 4").
+    pub(crate) fn validate_as(&self, label: &dyn fmt::Display) -> Result<()> {
         validate_text("event type", &self.event_type, MAX_EVENT_TYPE_BYTES)
-            .map_err(|m| Error::InvalidInput(format!("event {index}: {m}")))?;
-        if has_nul_escape(&self.data) {
-            return Err(Error::InvalidInput(format!(
-                "event {index} ({}): its data contains the NUL character \\u0000, which \
-                 PostgreSQL's jsonb cannot store",
-                self.event_type
-            )));
-        }
-        if self.metadata.as_deref().is_some_and(has_nul_escape) {
-            return Err(Error::InvalidInput(format!(
-                "event {index} ({}): its metadata contains the NUL character \\u0000, which \
-                 PostgreSQL's jsonb cannot store",
-                self.event_type
-            )));
+            .map_err(|m| Error::InvalidInput(format!("{label}: {m}")))?;
+        for (what, json) in [
+            ("data", Some(&self.data)),
+            ("metadata", self.metadata.as_ref()),
+        ] {
+            if json.is_some_and(|j| has_nul_escape(j)) {
+                return Err(Error::InvalidInput(format!(
+                    "{label} ({}): its {what} contains the NUL character \\u0000, which \
+                     PostgreSQL's jsonb cannot store",
+                    self.event_type
+                )));
+            }
         }
         Ok(())
     }
@@ -179,12 +183,28 @@ impl ToSql for JsonText<'_> {
 }
 
 /// An event as stored: what was appended plus where and when it was recorded.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// It serializes (serde) to the JSON object that `pg-eventstore read` and `export` print,
+/// one per line, and that [`Store::import_json_lines`](crate::Store::import_json_lines)
+/// reads back: `id`, `stream`, `version`, `position`, `type`, `data`, `metadata` (left out
+/// when the event has none) and `recorded_at` (RFC 3339 in UTC, in microseconds).
+///
+/// ```
+/// # use pg_eventstore::RecordedEvent;
+/// fn print_line(event: &RecordedEvent) -> serde_json::Result<()> {
+///     // {"id":"0190…","stream":"account-1","version":0,"position":…,"type":"Deposited",
+///     //  "data":{"amount":10},"recorded_at":"2026-11-25T10:00:00.123456Z"}
+///     println!("{}", serde_json::to_string(event)?);
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct RecordedEvent {
     /// The event id.
     pub id: Uuid,
     /// The stream the event belongs to.
+    #[serde(rename = "stream")]
     pub stream_id: String,
     /// The event's version in its stream, counting from 0.
     pub version: u64,
@@ -192,12 +212,16 @@ pub struct RecordedEvent {
     /// readers and subscriptions deliver events. Positions are sparse (see the crate docs).
     pub position: u64,
     /// The event type.
+    #[serde(rename = "type")]
     pub event_type: String,
     /// The event data.
     pub data: Value,
     /// The event metadata, if any was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
-    /// When the event was recorded (the append transaction's start time on the server).
+    /// When the event was recorded (the append transaction's start time on the server,
+    /// or the time an import carried over).
+    #[serde(serialize_with = "crate::jsonl::serialize_time")]
     pub recorded_at: SystemTime,
 }
 
@@ -244,7 +268,8 @@ impl RecordedEvent {
 }
 
 /// What an append wrote (or, for a repeated append, what the original wrote).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Serializes with its field names, as `pg-eventstore append` prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct AppendResult {
     /// Version of the first event appended.

@@ -221,13 +221,20 @@
 //! nothing until the program installs a subscriber or recorder; `OPERATIONS.md` lists
 //! them. TLS needs the crate feature `tls`.
 //!
-//! # Bulk import
+//! # Bulk import, JSON lines and the command line
 //!
-//! [`Store::import`] loads many events into many streams with one binary `COPY` in one
+//! [`Store::import`] loads many events into many streams with binary `COPY` in one
 //! transaction, the fastest way to load history: versions are counted per stream from 0,
 //! positions are consecutive, existing streams are refused unless
 //! [`ImportOptions::continue_existing_streams`] is set, and on any error nothing is
-//! written. One import holds at most [`MAX_EVENTS_PER_TRANSACTION`] events.
+//! written. [`Store::import_iter`] and [`Store::import_json_lines`] stream any number of
+//! events with bounded memory: atomic up to [`MAX_EVENTS_PER_TRANSACTION`] events, and
+//! with [`ImportOptions::chunked`] committed in transactions of that size beyond it.
+//!
+//! [`RecordedEvent`] serializes (serde) to one JSON object per event, and [`JsonLines`]
+//! reads such lines back: the interchange format of the `pg-eventstore` command-line tool
+//! (crate feature `cli`: `migrate`, `append`, `read`, `read-all`, `tail`, `export`,
+//! `import`, `stats`, `schema`). [`Store::stats`] counts events and streams per category.
 //!
 //! # Bad input
 //!
@@ -250,6 +257,7 @@ mod event;
 mod feed;
 mod health;
 mod import;
+mod jsonl;
 mod listener;
 mod metrics;
 mod migrate;
@@ -257,6 +265,7 @@ mod processor;
 mod read;
 mod retry;
 mod sql;
+mod stats;
 mod store;
 mod subscription;
 mod tls;
@@ -272,12 +281,14 @@ pub use crate::event::{
 };
 pub use crate::feed::{FeedStatus, HeldBack};
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
-pub use crate::import::{ImportOptions, ImportSummary};
+pub use crate::import::{ImportEvent, ImportOptions, ImportSummary};
+pub use crate::jsonl::JsonLines;
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::processor::{DeadLetter, ProcessorInfo, ResetReport};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
+pub use crate::stats::{CategoryStats, Stats};
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
 pub use crate::tls::Connector;

@@ -283,8 +283,9 @@ pub fn migration_sql(schema: &str, migrations_table: &str) -> Result<String> {
     Ok(out)
 }
 
-/// What [`Store::migrate`](crate::Store::migrate) did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What [`Store::migrate`](crate::Store::migrate) did. Serializes with its field names
+/// (`applied` as `[[version, "name"], ...]`), as `pg-eventstore migrate` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct MigrationReport {
     /// The schema version before (0: nothing was there).

@@ -182,6 +182,15 @@ pub(crate) struct Sql {
     pub(crate) take_dead_letter: Statement,
     pub(crate) event_at: Statement,
     pub(crate) read_claims: Statement,
+    pub(crate) notify_in: Statement,
+    pub(crate) lock_events: Statement,
+    pub(crate) import_slot: Statement,
+    pub(crate) import_lock_streams: Statement,
+    pub(crate) import_heads: Statement,
+    pub(crate) import_copy: Statement,
+    pub(crate) stats_categories: Statement,
+    pub(crate) count_from: Statement,
+    pub(crate) count_matching: Statement,
     pub(crate) write_claims: Statement,
 }
 
@@ -483,6 +492,51 @@ RETURNING global_position, stream_version"
             take_dead_letter: format!(
                 "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2
                  RETURNING 1"
+            ),
+            // Wakes listeners when the caller's transaction commits.
+            notify_in: "SELECT pg_notify($1, '')".to_string(),
+            // A bulk import's first statement: the events table's write lock (then
+            // `needs_floor_check`).
+            lock_events: format!("LOCK TABLE {events} IN ROW EXCLUSIVE MODE"),
+            // The import's slot: its start (`xid << POSITION_BITS`), the first free
+            // position in it, and the transaction's time.
+            import_slot: format!(
+                "WITH r AS (SELECT pg_current_xact_id()::text::bigint << {bits} AS lo)
+                 SELECT r.lo, {}, now() FROM r",
+                slot_next(&events, "r.lo")
+            ),
+            // Continuing streams: their locks, sorted so that two imports take their
+            // common streams in one order (the same lock as `import_in` had).
+            import_lock_streams: "SELECT count(pg_advisory_xact_lock(hashtext($1), hashtext(s)))
+                 FROM unnest($2::text[]) AS s"
+                .to_string(),
+            // The head (version, position) of each of the streams `$1` that exists.
+            import_heads: format!(
+                "SELECT s.name, h.v, h.hp FROM unnest($1::text[]) AS s(name),
+                        LATERAL ({}) AS h",
+                stream_head_lookup(&events, "s.name")
+            ),
+            import_copy: format!(
+                "COPY {events} (global_position, event_id, stream_id, stream_version, \
+                 event_type, data, metadata, recorded_at) FROM STDIN (FORMAT binary)"
+            ),
+            // Events and streams per category (the stream id up to its first `-`).
+            stats_categories: format!(
+                "SELECT CASE WHEN strpos(stream_id, '-') > 0
+                             THEN left(stream_id, strpos(stream_id, '-')) END AS category,
+                        count(DISTINCT stream_id), count(*)
+                   FROM {events} GROUP BY 1 ORDER BY 1 NULLS LAST"
+            ),
+            count_from: format!("SELECT count(*) FROM {events} WHERE global_position >= $1"),
+            // How many events a `$all` read with these bounds and filters returns now.
+            count_matching: format!(
+                "SELECT count(*) FROM (
+                     SELECT 1 FROM {events}
+                      WHERE global_position > $1
+                        AND global_position < LEAST($2, (SELECT horizon FROM {horizon}))
+                        AND ($3::text IS NULL OR starts_with(stream_id, $3::text))
+                        AND ($4::text[] IS NULL OR event_type = ANY($4::text[]))
+                      LIMIT $5) AS matching"
             ),
             event_at: format!("SELECT {COLUMNS} FROM {events} WHERE global_position = $1"),
             // A group of a transactional worker's events: lock the claims of its

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::{events, wait_visible, TestResult, TestStore};
 use pg_eventstore::{
-    ActualVersion, Error, EventData, ExpectedVersion, ImportOptions, ReadAll, ReadStream,
-    RecordedEvent, Result, MAX_EVENTS_PER_TRANSACTION,
+    ActualVersion, Error, EventData, ExpectedVersion, ImportEvent, ImportOptions, ReadAll,
+    ReadStream, RecordedEvent, Result, MAX_EVENTS_PER_TRANSACTION,
 };
 use serde_json::json;
 
@@ -342,5 +342,219 @@ fn a_concurrent_append_to_a_continued_stream_fails_the_import_cleanly() -> TestR
         Ok(())
     })?;
     assert_eq!(t.count_events(), 3);
+    Ok(())
+}
+
+/// `n` events as JSON lines over `streams` round-robin, as an export would have them
+/// (with versions, increasing positions and times).
+fn json_lines(streams: &[&str], n: usize) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        out.push_str(
+            &json!({
+                "stream": streams[i % streams.len()],
+                "version": i / streams.len(),
+                "position": 1000 + 7 * i,
+                "id": pg_eventstore::uuid::Uuid::now_v7(),
+                "type": format!("T{}", i % 3),
+                "data": { "k": i },
+                "metadata": { "m": i },
+                "recorded_at": format!("2020-01-02T03:04:{:02}.{:06}Z", i % 60, i),
+            })
+            .to_string(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn streamed_json_lines_read_back_exactly() -> TestResult {
+    let t = TestStore::with("import_stream", |c| c.read_page_size(500));
+    // More than one batch (8,192 events), interleaved over streams.
+    let n = 20_000;
+    let lines = json_lines(&["a", "b", "c", "d", "e"], n);
+    let summary = t.import_json_lines(lines.as_bytes(), ImportOptions::new())?;
+    assert_eq!(
+        (summary.events, summary.streams, summary.transactions),
+        (n as u64, 5, 1)
+    );
+    assert_eq!(summary.last_position, summary.first_position + n as u64 - 1);
+    wait_visible(&t, summary.last_position);
+    let log = all(&t);
+    assert_eq!(log.len(), n);
+    for (i, (e, line)) in log.iter().zip(lines.lines()).enumerate() {
+        let line: serde_json::Value = serde_json::from_str(line)?;
+        assert_eq!(e.position, summary.first_position + i as u64);
+        assert_eq!(json!(e.id), line["id"]);
+        assert_eq!(e.stream_id, line["stream"].as_str().unwrap());
+        assert_eq!(e.version, line["version"].as_u64().unwrap());
+        assert_eq!(e.event_type, line["type"].as_str().unwrap());
+        assert_eq!(e.data, line["data"]);
+        assert_eq!(e.metadata.as_ref(), Some(&line["metadata"]));
+        // Kept, to the microsecond; and serialized back the same way.
+        let out = serde_json::to_value(e)?;
+        assert_eq!(out["recorded_at"], line["recorded_at"]);
+        assert_eq!(out["stream"], line["stream"]);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bad_line_names_its_number_and_writes_nothing() -> TestResult {
+    let t = TestStore::new("import_bad_line");
+    let mut lines: Vec<String> = json_lines(&["a", "b"], 10_000)
+        .lines()
+        .map(String::from)
+        .collect();
+    // Past the first batch, so that the writer has already sent events.
+    lines[9_000] = r#"{"stream":"a","type":"T","data":{"k":}}"#.into();
+    let input = lines.join("\n");
+    match t.import_json_lines(input.as_bytes(), ImportOptions::new()) {
+        Err(Error::InvalidInput(msg)) => assert!(msg.starts_with("line 9001, column"), "{msg}"),
+        other => panic!("expected a bad line, got {other:?}"),
+    }
+    assert_eq!(t.count_events(), 0);
+    Ok(())
+}
+
+#[test]
+fn versions_and_positions_are_checked_not_trusted() -> TestResult {
+    let t = TestStore::new("import_checks");
+    let lines: Vec<String> = json_lines(&["a", "b"], 20)
+        .lines()
+        .map(String::from)
+        .collect();
+    // Line 9 (stream "a") missing: line 11 says version 5, but would be version 4.
+    let mut missing = lines.clone();
+    missing.remove(8);
+    let input = missing.join("\n");
+    match t.import_json_lines(input.as_bytes(), ImportOptions::new()) {
+        Err(Error::InvalidInput(msg)) => assert!(
+            msg.starts_with("line 10: the input gives version 5, but the event would be version 4 of stream \"a\""),
+            "{msg}"
+        ),
+        other => panic!("expected a version mismatch, got {other:?}"),
+    }
+    // Lines 4 and 6 swapped (the same stream): the positions go backwards at line 6.
+    let mut swapped = lines.clone();
+    swapped.swap(3, 5);
+    let input = swapped.join("\n");
+    match t.import_json_lines(input.as_bytes(), ImportOptions::new()) {
+        Err(Error::InvalidInput(msg)) => assert!(
+            msg.starts_with(
+                "line 5: position 1028 does not come after the previous event's position 1035"
+            ),
+            "{msg}"
+        ),
+        other => panic!("expected positions out of order, got {other:?}"),
+    }
+    assert_eq!(t.count_events(), 0);
+    // Into a stream that already holds events, with continuing allowed: the versions of
+    // the lines are those of a new stream, so they are refused too.
+    t.append("a", ExpectedVersion::NoStream, &events("E", 1))?;
+    let input = lines.join("\n");
+    let options = ImportOptions::new().continue_existing_streams(true);
+    match t.import_json_lines(input.as_bytes(), options) {
+        Err(Error::InvalidInput(msg)) => assert!(
+            msg.contains("line 1: the input gives version 0, but the event would be version 1"),
+            "{msg}"
+        ),
+        other => panic!("expected a version mismatch, got {other:?}"),
+    }
+    assert_eq!(t.count_events(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_chunked_import_commits_a_prefix_and_resumes_after_it() -> TestResult {
+    let t = TestStore::with("import_chunks", |c| c.read_page_size(300));
+    // Batches of 8,192 reach the writer before the reader meets line 25,001: the
+    // transactions of 10,000 that they filled are committed, the third one is not.
+    let n = 30_000;
+    let mut lines: Vec<String> = json_lines(&["a", "b", "c"], n)
+        .lines()
+        .map(String::from)
+        .collect();
+    let good = lines[25_000].clone();
+    lines[25_000] = "{oops".into();
+    let options = ImportOptions::new().chunk_size(10_000);
+    let err = t
+        .import_json_lines(lines.join("\n").as_bytes(), options)
+        .unwrap_err();
+    let committed = match &err {
+        Error::ImportIncomplete {
+            committed_events,
+            transactions,
+            source,
+            ..
+        } => {
+            assert_eq!((*committed_events, *transactions), (20_000, 2));
+            assert!(
+                source.to_string().contains("line 25001, column 2"),
+                "{source}"
+            );
+            *committed_events
+        }
+        other => panic!("expected an incomplete import, got {other:?}"),
+    };
+    assert_eq!(t.count_events(), 20_000);
+    // Fixed, and resumed after the committed prefix: the versions on the lines check
+    // that it goes on exactly where it stopped.
+    lines[25_000] = good;
+    let rest = lines[committed as usize..].join("\n");
+    let options = options.continue_existing_streams(true);
+    let summary = t.import_json_lines(rest.as_bytes(), options)?;
+    assert_eq!((summary.events, summary.transactions), (10_000, 1));
+    assert_eq!(summary.streams, 3);
+    t.wait_all_visible();
+    let log = all(&t);
+    assert_eq!(log.len(), n);
+    for (e, line) in log.iter().zip(&lines) {
+        let line: serde_json::Value = serde_json::from_str(line)?;
+        assert_eq!(json!(e.id), line["id"]);
+        assert_eq!(json!(e.version), line["version"]);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_stream_met_again_after_many_others_goes_on_where_it_was() -> TestResult {
+    // More streams than the writer keeps in memory, then the first ones again: they are
+    // looked up again, in the import's own transaction, and recognised as its own.
+    let t = TestStore::new("import_forget");
+    let streams = 80_000;
+    let events = (0..streams + 10).map(|i| {
+        let stream = format!("s-{}", i % streams);
+        Ok(ImportEvent::new(stream, EventData::json("T", json!(i))))
+    });
+    let summary = t.import_iter(events, ImportOptions::new())?;
+    assert_eq!(
+        (summary.events, summary.streams),
+        (streams as u64 + 10, streams as u64)
+    );
+    let s0 = stream(&t, "s-0");
+    assert_eq!(s0.iter().map(|e| e.version).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(s0[1].data, json!(streams));
+    Ok(())
+}
+
+#[test]
+fn an_atomic_stream_of_more_than_one_transaction_writes_nothing() -> TestResult {
+    let t = TestStore::new("import_too_many");
+    let e = EventData::json("T", serde_json::Value::Null);
+    let events = (0..=MAX_EVENTS_PER_TRANSACTION).map(|i| {
+        Ok(ImportEvent::new(
+            format!("s-{}", i % 100),
+            e.clone().id(pg_eventstore::uuid::Uuid::now_v7()),
+        ))
+    });
+    match t.import_iter(events, ImportOptions::new()) {
+        Err(Error::TransactionTooLarge { events }) => {
+            assert!(events > MAX_EVENTS_PER_TRANSACTION, "{events}")
+        }
+        other => panic!("expected too large, got {other:?}"),
+    }
+    assert_eq!(t.count_events(), 0);
     Ok(())
 }

@@ -6,6 +6,9 @@ mod common;
 mod append;
 mod bad_input;
 mod checkpoint;
+// Needs the crate feature `cli`: `cargo test --features cli --test it cli::`.
+#[cfg(feature = "cli")]
+mod cli;
 mod examples;
 mod faults;
 mod feed;

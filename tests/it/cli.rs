@@ -1,0 +1,311 @@
+//! The `pg-eventstore` binary against the real PostgreSQL (`cargo test --features cli --test it cli::`):
+//! each test runs the built binary on a schema of its own.
+
+use std::process::{Command, Output, Stdio};
+
+use crate::common::{database_url, events, TestResult, TestStore};
+use pg_eventstore::{
+    EventData, ExpectedVersion, ImportOptions, ReadAll, RecordedEvent, Result, SCHEMA_VERSION,
+};
+use serde_json::{json, Value};
+
+fn bin() -> &'static std::path::Path {
+    assert_cmd::cargo::cargo_bin!("pg-eventstore")
+}
+
+/// `pg-eventstore --url DATABASE_URL --schema <schema> args...` with `stdin`.
+fn run(schema: &str, args: &[&str], stdin: &str) -> Output {
+    assert_cmd::Command::new(bin())
+        .args(["--url", &database_url(), "--schema", schema])
+        .args(args)
+        .write_stdin(stdin)
+        .timeout(std::time::Duration::from_secs(120))
+        .output()
+        .expect("run pg-eventstore")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn all(t: &TestStore) -> Vec<RecordedEvent> {
+    t.read_all(ReadAll::from_start())
+        .unwrap()
+        .collect::<Result<Vec<_>>>()
+        .unwrap()
+}
+
+#[test]
+fn export_then_import_into_another_schema_gives_identical_events() -> TestResult {
+    let from = TestStore::new("cli_export");
+    let into = TestStore::new("cli_import");
+    // Appends (several transactions) and an import, several streams, with and without
+    // metadata, JSON null metadata, and unicode.
+    from.append("order-1", ExpectedVersion::NoStream, &events("Placed", 3))?;
+    from.append(
+        "user-ä",
+        ExpectedVersion::NoStream,
+        &[
+            EventData::json("Named", json!({ "name": "Åsa \"q\"" })).metadata(&json!({"by": 1}))?,
+            EventData::json("Nothing", Value::Null).metadata(&Value::Null)?,
+        ],
+    )?;
+    let bulk: Vec<(String, EventData)> = (0..2_500)
+        .map(|i| {
+            let e = EventData::json("Bulk", json!({ "i": i, "nested": [i, { "x": true }] }));
+            (format!("bulk-{}", i % 7), e)
+        })
+        .collect();
+    from.import(&bulk, ImportOptions::new())?;
+    from.append("order-1", ExpectedVersion::Exact(2), &events("Shipped", 1))?;
+    from.wait_all_visible();
+
+    let export = run(&from.schema, &["export"], "");
+    assert!(export.status.success(), "{}", stderr(&export));
+    assert!(export.stderr.is_empty(), "silent without a terminal");
+    let lines = stdout(&export);
+    assert_eq!(lines.lines().count(), 2_506);
+
+    let import = run(&into.schema, &["import"], &lines);
+    assert!(import.status.success(), "{}", stderr(&import));
+    let summary: Value = serde_json::from_slice(&import.stdout)?;
+    assert_eq!(summary["events"], 2_506);
+    assert_eq!(summary["streams"], 9);
+    assert_eq!(summary["transactions"], 1);
+
+    into.wait_all_visible();
+    let (a, b) = (all(&from), all(&into));
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(&b) {
+        // Everything but the position, which belongs to the importing transaction.
+        assert_eq!(
+            (
+                &a.id,
+                &a.stream_id,
+                a.version,
+                &a.event_type,
+                &a.data,
+                &a.metadata,
+                a.recorded_at
+            ),
+            (
+                &b.id,
+                &b.stream_id,
+                b.version,
+                &b.event_type,
+                &b.data,
+                &b.metadata,
+                b.recorded_at
+            )
+        );
+    }
+    assert!(b.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(b[3].metadata, Some(json!({"by": 1})));
+    assert_eq!(b[4].metadata, Some(Value::Null));
+    assert_eq!(b[0].metadata, None);
+
+    // Importing the same export again: the streams exist, so it is a conflict and
+    // nothing is written.
+    let again = run(&into.schema, &["import"], &lines);
+    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
+    assert_eq!(into.count_events(), 2_506);
+    Ok(())
+}
+
+#[test]
+fn append_with_a_wrong_expected_version_is_a_conflict_and_writes_nothing() -> TestResult {
+    let t = TestStore::new("cli_conflict");
+    let lines = "{\"type\":\"Deposited\",\"data\":{\"amount\":10}}\n\
+                 {\"type\":\"Deposited\",\"data\":{\"amount\":5},\"metadata\":{\"by\":\"ada\"}}\n";
+    let first = run(
+        &t.schema,
+        &["append", "account-1", "--expected", "no-stream"],
+        lines,
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let result: Value = serde_json::from_slice(&first.stdout)?;
+    assert_eq!(
+        (
+            &result["first_version"],
+            &result["last_version"],
+            &result["was_duplicate"]
+        ),
+        (&json!(0), &json!(1), &json!(false))
+    );
+
+    let wrong = run(
+        &t.schema,
+        &["append", "account-1", "--expected", "0"],
+        lines,
+    );
+    assert_eq!(wrong.status.code(), Some(3), "{}", stderr(&wrong));
+    assert!(
+        stderr(&wrong).contains("expected version 0, but the stream is at version 1"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(wrong.stdout.is_empty());
+    assert_eq!(t.count_events(), 2);
+
+    let right = run(
+        &t.schema,
+        &["append", "account-1", "--expected", "1"],
+        lines,
+    );
+    assert!(right.status.success(), "{}", stderr(&right));
+    let read = run(
+        &t.schema,
+        &["read", "account-1", "--backwards", "--limit", "2"],
+        "",
+    );
+    let versions: Vec<u64> = stdout(&read)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["version"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(versions, vec![3, 2]);
+    Ok(())
+}
+
+#[test]
+fn a_bad_json_line_in_an_import_names_the_line_and_writes_nothing() -> TestResult {
+    let t = TestStore::new("cli_bad_line");
+    let input = "{\"stream\":\"a\",\"type\":\"T\",\"data\":{}}\n\
+                 {\"stream\":\"a\",\"type\":\"T\",\"data\":{}}\n\
+                 {\"stream\":\"a\",\"type\":\"T\",\"data\":{]}\n\
+                 {\"stream\":\"a\",\"type\":\"T\",\"data\":{}}\n";
+    let out = run(&t.schema, &["import"], input);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("line 3, column"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert_eq!(t.count_events(), 0);
+    Ok(())
+}
+
+#[test]
+fn tail_piped_into_head_exits_cleanly() -> TestResult {
+    let t = TestStore::new("cli_tail");
+    for i in 0..3 {
+        t.append(
+            &format!("s-{i}"),
+            ExpectedVersion::NoStream,
+            &events("T", 2),
+        )?;
+    }
+    t.wait_all_visible();
+    // Six events and `head -n 6`: tail has written everything and waits for more when
+    // head exits, so it must notice the closed pipe without writing. And `head -n 5`,
+    // where the sixth line meets the closed pipe.
+    for n in [5, 6] {
+        let script = format!(
+            "set -o pipefail; timeout 60 \"$0\" --url \"$1\" --schema \"$2\" tail | head -n {n}"
+        );
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .arg(bin())
+            .args([&database_url(), &t.schema])
+            .stdin(Stdio::null())
+            .output()?;
+        assert!(
+            out.status.success(),
+            "tail | head -n {n}: {:?} {}",
+            out.status,
+            stderr(&out)
+        );
+        assert_eq!(stdout(&out).lines().count(), n);
+    }
+    Ok(())
+}
+
+#[test]
+fn read_all_stats_and_schema() -> TestResult {
+    let t = TestStore::new("cli_misc");
+    t.append("order-1", ExpectedVersion::NoStream, &events("Placed", 2))?;
+    t.append("order-2", ExpectedVersion::NoStream, &events("Paid", 1))?;
+    t.append("lonely", ExpectedVersion::NoStream, &events("Placed", 1))?;
+    t.wait_all_visible();
+
+    let out = run(
+        &t.schema,
+        &["read-all", "--category", "order-", "--type", "Placed"],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let streams: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["stream"]
+                .as_str()
+                .unwrap()
+                .into()
+        })
+        .collect();
+    assert_eq!(streams, vec!["order-1", "order-1"]);
+
+    let stats: Value = serde_json::from_slice(&run(&t.schema, &["stats"], "").stdout)?;
+    assert_eq!(
+        stats,
+        json!({
+            "events": 4,
+            "streams": 3,
+            "head_position": t.head_position()?,
+            "held_back_events": 0,
+            "held_back_by_pid": null,
+            "categories": [
+                { "category": "order-", "streams": 2, "events": 3 },
+                { "category": null, "streams": 1, "events": 1 },
+            ],
+        })
+    );
+
+    let version = run(&t.schema, &["schema", "version"], "");
+    assert_eq!(stdout(&version).trim(), SCHEMA_VERSION.to_string());
+    // Printing the schema needs no server.
+    let print = assert_cmd::Command::new(bin())
+        .args([
+            "--url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--schema",
+            "billing",
+        ])
+        .args(["schema", "print"])
+        .output()?;
+    assert!(print.status.success(), "{}", stderr(&print));
+    assert!(stdout(&print).contains("CREATE SCHEMA IF NOT EXISTS \"billing\""));
+    Ok(())
+}
+
+#[test]
+fn exit_codes_tell_usage_connection_and_input_errors_apart() -> TestResult {
+    let t = TestStore::new("cli_codes");
+    let usage = run(&t.schema, &["append"], "");
+    assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
+    let bad_expected = run(&t.schema, &["append", "s", "--expected", "soon"], "");
+    assert_eq!(bad_expected.status.code(), Some(2));
+    let bad_schema = run("no such schema", &["stats"], "");
+    assert_eq!(bad_schema.status.code(), Some(2), "{}", stderr(&bad_schema));
+
+    let refused = assert_cmd::Command::new(bin())
+        .args(["--url", "postgres://postgres@127.0.0.1:1/postgres", "stats"])
+        .output()?;
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("127.0.0.1:1"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let empty = run(&t.schema, &["append", "s"], "");
+    assert_eq!(empty.status.code(), Some(5), "{}", stderr(&empty));
+    let help = assert_cmd::Command::new(bin()).arg("--help").output()?;
+    assert!(help.status.success());
+    assert!(stdout(&help).contains("EXIT CODES"));
+    Ok(())
+}
