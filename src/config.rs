@@ -6,12 +6,11 @@ use std::time::Duration;
 use postgres::config::SslMode;
 
 use crate::error::{Error, Result};
-use crate::Store;
 
 /// The connection string used when neither `DATABASE_URL` nor `DB_HOST` is set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// Settings for a [`Store`]. Every setter documents its default.
+/// Settings for a [`Store`](crate::Store). Every setter documents its default.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -216,7 +215,7 @@ impl Config {
     /// startup message. Default: the `connect_timeout` of the connection string, or else
     /// [`Config::connection_timeout`].
     ///
-    /// It bounds every connection the store opens: [`Store::connect`], the pool's, the
+    /// It bounds every connection the store opens: [`Store::connect`](crate::Store::connect), the pool's, the
     /// listener's, the notifier's and the health check's. A server that accepts the TCP
     /// connection and never answers (a hung server, a pooler whose queue is full) gives
     /// [`Error::ConnectTimeout`], naming the server. A health check also waits at most
@@ -279,8 +278,8 @@ impl Config {
     /// idempotent: an append whose first attempt did commit before its connection died
     /// comes back with [`AppendResult::was_duplicate`](crate::AppendResult::was_duplicate)
     /// set instead of writing twice. A wrong expected version is never retried, and
-    /// neither is [`Store::append_in`] (the caller owns that transaction), an exhausted
-    /// pool, or [`Store::connect`] (it fails fast, so that a wrong address shows at once).
+    /// neither is [`Store::append_in`](crate::Store::append_in) (the caller owns that transaction), an exhausted
+    /// pool, or [`Store::connect`](crate::Store::connect) (it fails fast, so that a wrong address shows at once).
     ///
     /// While the server is down each attempt waits up to [`Config::connection_timeout`]
     /// for a connection, so a call gives up after about `(max_retries + 1) ×
@@ -299,9 +298,9 @@ impl Config {
     }
 
     /// Checks the connection to the server every `interval` on a background thread and
-    /// reports an outage and its end through [`Store::connection_events`]. Default: off
-    /// (`None`); then only calls to [`Store::health_check`] update the connection state.
-    /// The thread ends when the last clone of the [`Store`] is dropped.
+    /// reports an outage and its end through [`Store::connection_events`](crate::Store::connection_events). Default: off
+    /// (`None`); then only calls to [`Store::health_check`](crate::Store::health_check) update the connection state.
+    /// The thread ends when the last clone of the [`Store`](crate::Store) is dropped.
     pub fn health_check_interval(mut self, interval: Option<Duration>) -> Self {
         self.health_check_interval = interval;
         self
@@ -390,7 +389,7 @@ impl Config {
     /// within about a second, and finds the events by its own catch-up and safety poll
     /// before that. With `false` other processes find new events at their safety poll
     /// only; subscribers of this store are woken directly either way.
-    /// [`Store::append_in`] always notifies, from inside the caller's transaction, since
+    /// [`Store::append_in`](crate::Store::append_in) always notifies, from inside the caller's transaction, since
     /// only its commit can tell.
     pub fn notify_on_append(mut self, notify: bool) -> Self {
         self.notify_on_append = notify;
@@ -400,11 +399,6 @@ impl Config {
     /// The PostgreSQL connection settings.
     pub fn pg_config(&self) -> &postgres::Config {
         &self.pg
-    }
-
-    /// Opens a [`Store`] with these settings (see [`Store::connect`]).
-    pub fn connect(self) -> Result<Store> {
-        Store::connect(self)
     }
 
     /// Checks what can be checked without a server and fills in connection defaults.
@@ -432,7 +426,7 @@ impl Config {
             ));
         }
         let mut pg = self.pg.clone();
-        crate::tls::check_ssl_mode(&mut pg)?;
+        check_ssl_mode(&mut pg)?;
         if pg.get_application_name().is_none() {
             pg.application_name("pg-eventstore");
         }
@@ -463,6 +457,23 @@ impl Config {
         }
         Ok(pg)
     }
+}
+
+/// Refuses TLS that cannot be had, and turns `prefer` into `disable` (see the `tls` module docs).
+pub(crate) fn check_ssl_mode(pg: &mut postgres::Config) -> Result<()> {
+    let mode = pg.get_ssl_mode();
+    if mode == SslMode::Prefer {
+        pg.ssl_mode(SslMode::Disable);
+    }
+    if mode == SslMode::Require && !cfg!(feature = "tls") {
+        return Err(Error::Config(
+            "TLS was requested (DB_SSL or sslmode=require), but this build of \
+             pg-eventstore has no TLS support: enable the crate feature `tls`, or \
+             connect without TLS or over a tunnel"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

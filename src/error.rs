@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::version::{ActualVersion, ExpectedVersion};
 use postgres::error::SqlState;
 
-/// A `Result` whose error defaults to this crate's [`Error`].
+/// A `Result` whose error defaults to this crate's [`Error`](crate::Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in `pg_eventstore`.
@@ -17,7 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Domain errors carry their data; wrapped failures keep their cause, reachable through
 /// [`std::error::Error::source`]. As in `postgres`, `Display` says what went wrong at
 /// this level only and `source()` gives the rest, so a report that walks the chain
-/// (`anyhow`'s `{:#}`, or [`Error::report`]) prints every cause exactly once: the
+/// (`anyhow`'s `{:#}`, or [`Error::report`](crate::Error::report)) prints every cause exactly once: the
 /// SQLSTATE, the server's message, or "connection refused".
 #[derive(Debug)]
 #[non_exhaustive]
@@ -122,7 +122,7 @@ pub enum Error {
     /// A chunked import ([`ImportOptions::chunked`](crate::ImportOptions::chunked))
     /// failed after it had committed some of its transactions. The committed events are
     /// the first `committed_events` of the input; nothing after them was written. The
-    /// cause is [`std::error::Error::source`] (and [`Error::ImportIncomplete`]'s `source`).
+    /// cause is [`std::error::Error::source`] (and [`Error::ImportIncomplete`](crate::Error::ImportIncomplete)'s `source`).
     ImportIncomplete {
         /// How many events of the input are committed: import the rest by skipping this
         /// many, continuing existing streams.
@@ -167,7 +167,7 @@ pub enum Error {
     /// A PostgreSQL error: from the server (with SQLSTATE) or from the connection.
     Postgres(postgres::Error),
     /// Data could not be turned into JSON, or a snapshot's state out of it (a stored
-    /// event that cannot be decoded is [`Error::Decode`]).
+    /// event that cannot be decoded is [`Error::Decode`](crate::Error::Decode)).
     Json(serde_json::Error),
     /// A stored event's data or metadata could not be decoded into the type asked for
     /// ([`RecordedEvent::data_as`](crate::RecordedEvent::data_as),
@@ -207,7 +207,7 @@ impl Error {
         chain(self)
     }
 
-    /// Whether this is a [`Error::WrongExpectedVersion`].
+    /// Whether this is a [`Error::WrongExpectedVersion`](crate::Error::WrongExpectedVersion).
     pub fn is_wrong_expected_version(&self) -> bool {
         matches!(self, Error::WrongExpectedVersion { .. })
     }

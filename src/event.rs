@@ -1,11 +1,11 @@
-//! Events going in ([`EventData`]) and coming out ([`RecordedEvent`]).
+//! Events going in ([`EventData`](crate::EventData)) and coming out ([`RecordedEvent`](crate::RecordedEvent)).
 
 use std::fmt;
 use std::time::SystemTime;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -40,7 +40,7 @@ pub struct EventData {
 
 impl EventData {
     /// An event of type `event_type` whose data is `data` serialized as JSON.
-    /// The id is a fresh UUIDv7; set your own with [`EventData::id`] to make retries
+    /// The id is a fresh UUIDv7; set your own with [`EventData::id`](crate::EventData::id) to make retries
     /// idempotent across processes.
     pub fn new<T: Serialize + ?Sized>(event_type: impl Into<String>, data: &T) -> Result<Self> {
         Ok(Self::from_json_bytes(
@@ -98,7 +98,7 @@ impl EventData {
         self.validate_as(&format_args!("event {index}"))
     }
 
-    /// [`EventData::validate`], naming the event as `label` ("event 3", "line 4").
+    /// [`EventData::validate`](crate::EventData::validate), naming the event as `label` ("event 3", "line 4").
     pub(crate) fn validate_as(&self, label: &dyn fmt::Display) -> Result<()> {
         validate_text("event type", &self.event_type, MAX_EVENT_TYPE_BYTES)
             .map_err(|m| Error::InvalidInput(format!("{label}: {m}")))?;
@@ -221,19 +221,19 @@ pub struct RecordedEvent {
     pub metadata: Option<Value>,
     /// When the event was recorded (the append transaction's start time on the server,
     /// or the time an import carried over).
-    #[serde(serialize_with = "crate::jsonl::serialize_time")]
+    #[serde(serialize_with = "serialize_time")]
     pub recorded_at: SystemTime,
 }
 
 impl RecordedEvent {
-    /// Deserializes the data into `T`. A failure is [`Error::Decode`], which names the
+    /// Deserializes the data into `T`. A failure is [`Error::Decode`](crate::Error::Decode), which names the
     /// event's stream, version and type.
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T> {
         T::deserialize(&self.data).map_err(|e| self.decode_error("data", e))
     }
 
     /// Deserializes the metadata into `T` (`Ok(None)` when there is none). A failure is
-    /// [`Error::Decode`], which names the event's stream, version and type.
+    /// [`Error::Decode`](crate::Error::Decode), which names the event's stream, version and type.
     pub fn metadata_as<T: DeserializeOwned>(&self) -> Result<Option<T>> {
         match &self.metadata {
             None => Ok(None),
@@ -267,6 +267,90 @@ impl RecordedEvent {
     }
 }
 
+/// One event of a streaming import: the event, its stream, and what the input says
+/// about it. Made by hand with [`ImportEvent::new`], or read by [`JsonLines`](crate::JsonLines).
+///
+/// ```
+/// use pg_eventstore::{EventData, ImportEvent};
+/// let event = ImportEvent::new("user-1", EventData::json("Registered", serde_json::json!({})))
+///     .version(0);
+/// assert_eq!(event.stream_id(), "user-1");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportEvent {
+    pub(crate) stream: String,
+    pub(crate) event: EventData,
+    pub(crate) version: Option<u64>,
+    pub(crate) position: Option<u64>,
+    pub(crate) recorded_at: Option<SystemTime>,
+    /// The input line, for error messages (set by [`JsonLines`](crate::JsonLines)).
+    pub(crate) line: Option<u64>,
+}
+
+impl ImportEvent {
+    /// `event`, to be imported into `stream`.
+    pub fn new(stream: impl Into<String>, event: EventData) -> Self {
+        ImportEvent {
+            stream: stream.into(),
+            event,
+            version: None,
+            position: None,
+            recorded_at: None,
+            line: None,
+        }
+    }
+
+    /// The version the event must get in its stream. **Checked, not trusted**: the
+    /// import counts versions itself (from 0, or on from the stream's last event with
+    /// [`ImportOptions::continue_existing_streams`](crate::ImportOptions::continue_existing_streams)), and when the count differs from
+    /// this one, it fails with [`Error::InvalidInput`](crate::Error::InvalidInput) naming the event and writes
+    /// nothing (in a chunked import: nothing of that transaction). So an export that is
+    /// imported with lines missing, repeated or reordered, or into streams that already
+    /// hold other events, is refused rather than renumbered.
+    pub fn version(mut self, version: u64) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    /// The global position the event had where it came from. **Checked, not trusted**:
+    /// positions are never copied (an imported event gets a position in the importing
+    /// transaction's range, see the crate docs), but the positions that the input gives
+    /// must increase strictly from one event to the next, so that the events are imported
+    /// in the global order they were exported in; an event whose position does not is
+    /// refused with [`Error::InvalidInput`](crate::Error::InvalidInput) and nothing is written.
+    pub fn position(mut self, position: u64) -> Self {
+        self.position = Some(position);
+        self
+    }
+
+    /// The time the event was first recorded, kept as its `recorded_at`. Without it the
+    /// event gets the importing transaction's time.
+    pub fn recorded_at(mut self, time: SystemTime) -> Self {
+        self.recorded_at = Some(time);
+        self
+    }
+
+    pub(crate) fn line(mut self, line: u64) -> Self {
+        self.line = Some(line);
+        self
+    }
+
+    /// The stream the event goes to.
+    pub fn stream_id(&self) -> &str {
+        &self.stream
+    }
+
+    /// The event.
+    pub fn event_data(&self) -> &EventData {
+        &self.event
+    }
+
+    /// The event, without its stream and checks (to append it somewhere).
+    pub fn into_event_data(self) -> EventData {
+        self.event
+    }
+}
+
 /// What an append wrote (or, for a repeated append, what the original wrote).
 /// Serializes with its field names, as `pg-eventstore append` prints it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -284,6 +368,14 @@ pub struct AppendResult {
     /// `true` when these events were already stored by an earlier call with the same ids,
     /// and this call wrote nothing.
     pub was_duplicate: bool,
+}
+
+/// Serializes a time as RFC 3339 in UTC with microseconds, PostgreSQL's precision.
+pub(crate) fn serialize_time<S: Serializer>(
+    t: &SystemTime,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*t))
 }
 
 #[cfg(test)]

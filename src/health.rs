@@ -1,7 +1,7 @@
-//! Health: [`Store::health_check`], the connection state, and the optional background
-//! check that reports outages through [`Store::connection_events`].
+//! Health: [`Store::health_check`](crate::Store::health_check), the connection state, and the optional background
+//! check that reports outages through [`Store::connection_events`](crate::Store::connection_events).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,10 +10,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::error::{Error, Result};
 use crate::listener::ListenerState;
 use crate::migrate;
-use crate::store::Store;
+use r2d2::Pool;
+
+use crate::connect::Manager;
 use crate::tls::Connector;
 
-/// What [`Store::health_check`] found.
+/// What [`Store::health_check`](crate::Store::health_check) found.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct HealthReport {
@@ -58,7 +60,7 @@ pub struct PoolStatus {
     pub max_size: u32,
 }
 
-/// A change of the connection state, sent to every [`Store::connection_events`] receiver.
+/// A change of the connection state, sent to every [`Store::connection_events`](crate::Store::connection_events) receiver.
 /// Each outage gives one `Lost` and, when it ends, one `Restored`, however many calls
 /// fail in between.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +94,8 @@ enum Link {
 pub(crate) struct Monitor {
     pg: postgres::Config,
     connector: Connector,
+    schema: String,
+    migrations_table: String,
     link: Mutex<Link>,
     listeners: Mutex<Vec<Sender<ConnectionEvent>>>,
     /// Dropped with the store, which ends the background thread at once.
@@ -102,10 +106,17 @@ pub(crate) struct Monitor {
 }
 
 impl Monitor {
-    pub(crate) fn new(pg: postgres::Config, connector: Connector) -> Monitor {
+    pub(crate) fn new(
+        pg: postgres::Config,
+        connector: Connector,
+        schema: &str,
+        migrations_table: &str,
+    ) -> Monitor {
         Monitor {
             pg,
             connector,
+            schema: schema.to_string(),
+            migrations_table: migrations_table.to_string(),
             link: Mutex::new(Link::Up),
             listeners: Mutex::new(Vec::new()),
             stop: Mutex::new(None),
@@ -165,29 +176,18 @@ impl Monitor {
     }
 }
 
-impl Store {
-    /// Checks the server: one round trip on an idle pooled connection, or on a new
-    /// connection of its own when none is idle or the idle one is broken, so that a busy
-    /// pool is not taken for an outage. Never fails: an unreachable server is a report
-    /// with `reachable: false` and the reason in `error`.
-    ///
-    /// A check that finds the server gone after it was reachable, or back after it was
-    /// gone, sends a [`ConnectionEvent`] to the [`Store::connection_events`] receivers.
-    ///
-    /// ```no_run
-    /// # use pg_eventstore::Store;
-    /// # let store = Store::from_env()?;
-    /// let report = store.health_check();
-    /// if !report.is_ready() {
-    ///     eprintln!("not ready: {:?} (pool {:?})", report.error, report.pool);
-    /// }
-    /// # Ok::<(), pg_eventstore::Error>(())
-    /// ```
-    pub fn health_check(&self) -> HealthReport {
+impl Monitor {
+    /// A health check of the store with this `pool` (see [`Store::health_check`](crate::Store::health_check)).
+    pub(crate) fn check(
+        &self,
+        pool: &Pool<Manager>,
+        listener: Option<ListenerState>,
+        held_back: Option<crate::HeldBack>,
+    ) -> HealthReport {
         let started = Instant::now();
-        let outcome = self.probe();
+        let outcome = self.probe(pool);
         let latency = started.elapsed();
-        let state = self.pool().state();
+        let state = pool.state();
         let (schema_version, error) = match outcome {
             Ok(v) => (Some(v), None),
             Err(e) => (None, Some(e)),
@@ -200,44 +200,20 @@ impl Store {
             pool: PoolStatus {
                 connections: state.connections,
                 idle_connections: state.idle_connections,
-                max_size: self.pool().max_size(),
+                max_size: pool.max_size(),
             },
-            listener: self.hub().state(),
-            held_back: self.held_back_board().longest(),
+            listener,
+            held_back,
             checked_at: SystemTime::now(),
         };
-        self.monitor().observe(&report);
+        self.observe(&report);
         report
     }
 
-    /// A receiver of [`ConnectionEvent`]s: one `Lost` when an outage begins and one
-    /// `Restored` when it ends. Outages are found by health checks: those of the
-    /// background thread that [`Config::health_check_interval`](crate::Config::health_check_interval)
-    /// starts, and calls to [`Store::health_check`]. Every receiver gets every event;
-    /// the channel is unbounded, and disconnects when the last clone of the store is
-    /// dropped.
-    ///
-    /// ```no_run
-    /// # use pg_eventstore::{Config, ConnectionEvent};
-    /// # use std::time::Duration;
-    /// let store = Config::from_env()?
-    ///     .health_check_interval(Some(Duration::from_secs(5)))
-    ///     .connect()?;
-    /// let events = store.connection_events();
-    /// std::thread::spawn(move || {
-    ///     for event in events {
-    ///         match event {
-    ///             ConnectionEvent::Lost { error, .. } => eprintln!("database lost: {error}"),
-    ///             ConnectionEvent::Restored { down_for, .. } => eprintln!("back after {down_for:?}"),
-    ///             _ => {}
-    ///         }
-    ///     }
-    /// });
-    /// # Ok::<(), pg_eventstore::Error>(())
-    /// ```
-    pub fn connection_events(&self) -> Receiver<ConnectionEvent> {
+    /// A new receiver of the outage events (see [`Store::connection_events`](crate::Store::connection_events)).
+    pub(crate) fn events(&self) -> Receiver<ConnectionEvent> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        self.monitor().listeners.lock().unwrap().push(tx);
+        self.listeners.lock().unwrap().push(tx);
         rx
     }
 
@@ -246,18 +222,18 @@ impl Store {
     /// connection, then one round trip): a server that accepts connections but stopped
     /// answering is reported, not waited for. The probe goes on waiting in the background
     /// and the next check waits for it instead of starting another.
-    fn probe(&self) -> std::result::Result<i64, String> {
-        let monitor = &self.monitor();
+    fn probe(&self, pool: &Pool<Manager>) -> std::result::Result<i64, String> {
+        let monitor = self;
         let mut pending = monitor.pending.lock().unwrap();
         let rx = match pending.take() {
             Some(rx) => rx,
             None => {
                 let probe = Probe {
-                    pool: self.pool().clone(),
+                    pool: pool.clone(),
                     pg: monitor.pg.clone(),
                     connector: crate::tls::clone(&monitor.connector),
-                    schema: self.config().schema.clone(),
-                    migrations_table: self.config().migrations_table.clone(),
+                    schema: monitor.schema.clone(),
+                    migrations_table: monitor.migrations_table.clone(),
                 };
                 let (tx, rx) = crossbeam_channel::bounded(1);
                 thread::Builder::new()
@@ -323,15 +299,13 @@ impl Probe {
     }
 }
 
-/// Starts the background check if the store's config asks for one. The thread holds
-/// only a weak reference and ends when the last clone of the store is dropped.
-pub(crate) fn start(store: &Store) -> Result<()> {
-    let Some(interval) = store.config().health_check_interval else {
-        return Ok(());
-    };
+/// Starts the background check every `interval` of the store with this `pool`. The
+/// thread holds the monitor only weakly and ends when the store (its only strong owner)
+/// is dropped: then the stop channel disconnects at once.
+pub(crate) fn start(monitor: &Arc<Monitor>, interval: Duration, pool: Pool<Manager>) -> Result<()> {
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-    *store.monitor().stop.lock().unwrap() = Some(stop_tx);
-    let weak = store.downgrade();
+    *monitor.stop.lock().unwrap() = Some(stop_tx);
+    let weak = Arc::downgrade(monitor);
     thread::Builder::new()
         .name("pg-eventstore-health".into())
         .spawn(move || loop {
@@ -339,8 +313,10 @@ pub(crate) fn start(store: &Store) -> Result<()> {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            let Some(store) = weak.upgrade() else { return };
-            store.health_check();
+            let Some(monitor) = weak.upgrade() else {
+                return;
+            };
+            monitor.check(&pool, None, None);
         })
         .map_err(|e| Error::Config(format!("cannot start the health check thread: {e}")))?;
     Ok(())

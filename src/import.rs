@@ -25,7 +25,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::event::{validate_stream_id, EventData, JsonText};
+use crate::event::{validate_stream_id, EventData, ImportEvent, JsonText};
 use crate::jsonl::JsonLines;
 use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 use crate::store::{duplicate_id, unique_violation, Store, UniqueViolation};
@@ -122,90 +122,6 @@ pub struct ImportSummary {
     /// How many transactions committed the events (more than 1 only for a chunked
     /// import).
     pub transactions: u64,
-}
-
-/// One event of a streaming import: the event, its stream, and what the input says
-/// about it. Made by hand with [`ImportEvent::new`], or read by [`JsonLines`].
-///
-/// ```
-/// use pg_eventstore::{EventData, ImportEvent};
-/// let event = ImportEvent::new("user-1", EventData::json("Registered", serde_json::json!({})))
-///     .version(0);
-/// assert_eq!(event.stream_id(), "user-1");
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImportEvent {
-    pub(crate) stream: String,
-    pub(crate) event: EventData,
-    pub(crate) version: Option<u64>,
-    pub(crate) position: Option<u64>,
-    pub(crate) recorded_at: Option<SystemTime>,
-    /// The input line, for error messages (set by [`JsonLines`]).
-    pub(crate) line: Option<u64>,
-}
-
-impl ImportEvent {
-    /// `event`, to be imported into `stream`.
-    pub fn new(stream: impl Into<String>, event: EventData) -> Self {
-        ImportEvent {
-            stream: stream.into(),
-            event,
-            version: None,
-            position: None,
-            recorded_at: None,
-            line: None,
-        }
-    }
-
-    /// The version the event must get in its stream. **Checked, not trusted**: the
-    /// import counts versions itself (from 0, or on from the stream's last event with
-    /// [`ImportOptions::continue_existing_streams`]), and when the count differs from
-    /// this one, it fails with [`Error::InvalidInput`] naming the event and writes
-    /// nothing (in a chunked import: nothing of that transaction). So an export that is
-    /// imported with lines missing, repeated or reordered, or into streams that already
-    /// hold other events, is refused rather than renumbered.
-    pub fn version(mut self, version: u64) -> Self {
-        self.version = Some(version);
-        self
-    }
-
-    /// The global position the event had where it came from. **Checked, not trusted**:
-    /// positions are never copied (an imported event gets a position in the importing
-    /// transaction's range, see the crate docs), but the positions that the input gives
-    /// must increase strictly from one event to the next, so that the events are imported
-    /// in the global order they were exported in; an event whose position does not is
-    /// refused with [`Error::InvalidInput`] and nothing is written.
-    pub fn position(mut self, position: u64) -> Self {
-        self.position = Some(position);
-        self
-    }
-
-    /// The time the event was first recorded, kept as its `recorded_at`. Without it the
-    /// event gets the importing transaction's time.
-    pub fn recorded_at(mut self, time: SystemTime) -> Self {
-        self.recorded_at = Some(time);
-        self
-    }
-
-    pub(crate) fn line(mut self, line: u64) -> Self {
-        self.line = Some(line);
-        self
-    }
-
-    /// The stream the event goes to.
-    pub fn stream_id(&self) -> &str {
-        &self.stream
-    }
-
-    /// The event.
-    pub fn event_data(&self) -> &EventData {
-        &self.event
-    }
-
-    /// The event, without its stream and checks (to append it somewhere).
-    pub fn into_event_data(self) -> EventData {
-        self.event
-    }
 }
 
 /// Names an input event in errors: "line 7" when it came from JSON lines, else

@@ -17,23 +17,13 @@
 
 use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read};
-use std::time::SystemTime;
 
-use serde::{Deserialize, Deserializer, Serializer};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::event::EventData;
-use crate::import::ImportEvent;
-
-/// Serializes a time as RFC 3339 in UTC with microseconds, PostgreSQL's precision.
-pub(crate) fn serialize_time<S: Serializer>(
-    t: &SystemTime,
-    s: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_micros(*t))
-}
+use crate::event::{EventData, ImportEvent};
 
 /// One input line, borrowed from the line buffer.
 #[derive(Deserialize)]
@@ -67,7 +57,7 @@ fn present<'de, D: Deserializer<'de>>(
 /// Reads JSON lines from any [`Read`] (buffered here), one [`ImportEvent`] per line, for
 /// [`Store::import_iter`](crate::Store::import_iter). Holds one line at a time.
 ///
-/// The first bad line ends the iteration with an [`Error::InvalidInput`] that names it
+/// The first bad line ends the iteration with an [`Error::InvalidInput`](crate::Error::InvalidInput) that names it
 /// ("line 3, column 7: expected value").
 ///
 /// ```

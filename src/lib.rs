@@ -256,6 +256,7 @@ mod error;
 mod event;
 mod feed;
 mod health;
+mod horizon;
 mod import;
 mod jsonl;
 mod listener;
@@ -277,11 +278,11 @@ pub use crate::config::{Config, DEFAULT_DATABASE_URL};
 pub use crate::connect::Manager;
 pub use crate::error::{Error, Result};
 pub use crate::event::{
-    AppendResult, EventData, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
+    AppendResult, EventData, ImportEvent, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
 };
-pub use crate::feed::{FeedStatus, HeldBack};
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
-pub use crate::import::{ImportEvent, ImportOptions, ImportSummary};
+pub use crate::horizon::{FeedStatus, HeldBack};
+pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::jsonl::JsonLines;
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::event::{
     validate_stream_id, validate_text, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
 };
-use crate::feed::Horizon;
+use crate::horizon::Horizon;
 use crate::metrics::ReadOps;
 use crate::retry::Retry;
 use crate::sql::Statement;

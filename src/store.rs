@@ -49,24 +49,14 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-/// A [`Store`] that its holder does not keep open.
-pub(crate) struct WeakStore(std::sync::Weak<Inner>);
-
-impl WeakStore {
-    /// The store, unless its last clone has been dropped.
-    pub(crate) fn upgrade(&self) -> Option<Store> {
-        self.0.upgrade().map(|inner| Store { inner })
-    }
-}
-
 struct Inner {
     pool: r2d2::Pool<Manager>,
     sql: Sql,
     config: Config,
     hub: Hub,
     last_connect_error: LastConnectError,
-    monitor: crate::health::Monitor,
-    held_back: crate::feed::HeldBackBoard,
+    monitor: Arc<crate::health::Monitor>,
+    held_back: crate::horizon::HeldBackBoard,
 }
 
 impl fmt::Debug for Store {
@@ -103,7 +93,12 @@ impl Store {
     pub fn connect(config: Config) -> Result<Store> {
         let pg = config.finish()?;
         let connector = crate::tls::connector(&config)?;
-        let monitor = crate::health::Monitor::new(pg.clone(), crate::tls::clone(&connector));
+        let monitor = Arc::new(crate::health::Monitor::new(
+            pg.clone(),
+            crate::tls::clone(&connector),
+            &config.schema,
+            &config.migrations_table,
+        ));
         // One connection outside the pool: fails fast with the real cause.
         let version = {
             let mut client = monitor.connect()?;
@@ -148,7 +143,9 @@ impl Store {
                 held_back: Default::default(),
             }),
         };
-        crate::health::start(&store)?;
+        if let Some(interval) = store.config().health_check_interval {
+            crate::health::start(&store.inner.monitor, interval, store.pool().clone())?;
+        }
         Ok(store)
     }
 
@@ -535,11 +532,6 @@ impl Store {
         }
     }
 
-    /// A handle that does not keep the store open: for its own background threads.
-    pub(crate) fn downgrade(&self) -> WeakStore {
-        WeakStore(Arc::downgrade(&self.inner))
-    }
-
     /// The statements of this store's schema.
     pub(crate) fn sql(&self) -> &Sql {
         &self.inner.sql
@@ -556,13 +548,63 @@ impl Store {
     }
 
     /// What holds this store's subscriptions back, for health checks.
-    pub(crate) fn held_back_board(&self) -> &crate::feed::HeldBackBoard {
+    pub(crate) fn held_back_board(&self) -> &crate::horizon::HeldBackBoard {
         &self.inner.held_back
     }
 
-    /// The connection monitor of health checks.
-    pub(crate) fn monitor(&self) -> &crate::health::Monitor {
-        &self.inner.monitor
+    /// Checks the server: one round trip on an idle pooled connection, or on a new
+    /// connection of its own when none is idle or the idle one is broken, so that a busy
+    /// pool is not taken for an outage. Never fails: an unreachable server is a report
+    /// with `reachable: false` and the reason in `error`.
+    ///
+    /// A check that finds the server gone after it was reachable, or back after it was
+    /// gone, sends a [`ConnectionEvent`](crate::ConnectionEvent) to the
+    /// [`Store::connection_events`] receivers.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// let report = store.health_check();
+    /// if !report.is_ready() {
+    ///     eprintln!("not ready: {:?} (pool {:?})", report.error, report.pool);
+    /// }
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn health_check(&self) -> crate::HealthReport {
+        self.inner.monitor.check(
+            self.pool(),
+            self.hub().state(),
+            self.held_back_board().longest(),
+        )
+    }
+
+    /// A receiver of [`ConnectionEvent`](crate::ConnectionEvent)s: one `Lost` when an outage begins and one
+    /// `Restored` when it ends. Outages are found by health checks: those of the
+    /// background thread that [`Config::health_check_interval`](crate::Config::health_check_interval)
+    /// starts, and calls to [`Store::health_check`]. Every receiver gets every event;
+    /// the channel is unbounded, and disconnects when the last clone of the store is
+    /// dropped.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{Config, ConnectionEvent};
+    /// # use std::time::Duration;
+    /// let store = Config::from_env()?
+    ///     .health_check_interval(Some(Duration::from_secs(5)))
+    ///     .connect()?;
+    /// let events = store.connection_events();
+    /// std::thread::spawn(move || {
+    ///     for event in events {
+    ///         match event {
+    ///             ConnectionEvent::Lost { error, .. } => eprintln!("database lost: {error}"),
+    ///             ConnectionEvent::Restored { down_for, .. } => eprintln!("back after {down_for:?}"),
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// });
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn connection_events(&self) -> crossbeam_channel::Receiver<crate::ConnectionEvent> {
+        self.inner.monitor.events()
     }
 
     /// A pooled connection, or an error that says why none could be had: the pool was
@@ -649,6 +691,13 @@ impl Store {
             }
             _ => Error::Postgres(e),
         }
+    }
+}
+
+impl Config {
+    /// Opens a [`Store`] with these settings (see [`Store::connect`]).
+    pub fn connect(self) -> Result<Store> {
+        Store::connect(self)
     }
 }
 

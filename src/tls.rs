@@ -3,19 +3,19 @@
 //! With the feature, connections use `native-tls` (OpenSSL on Linux) through
 //! `postgres-native-tls` when TLS is asked for: `sslmode=require` in the connection
 //! string or `DB_SSL=true`. The server's certificate is verified against the system's
-//! roots and any given with [`Config::tls_root_certificate`]; only
-//! [`Config::danger_accept_invalid_certs`] turns that off. `sslmode=prefer`, the
+//! roots and any given with [`Config::tls_root_certificate`](crate::Config::tls_root_certificate); only
+//! [`Config::danger_accept_invalid_certs`](crate::Config::danger_accept_invalid_certs) turns that off. `sslmode=prefer`, the
 //! connection strings' default, is treated as `disable`: an unverified "TLS if the
 //! server offers it" gives no protection, and a verified one would break every plain
 //! local setup whose server offers a self-signed certificate. Ask for `require`.
 //!
 //! Without the feature there is no TLS at all, and asking for it is an
-//! [`Error::Config`] rather than a silent plain-text connection.
-
-use postgres::config::SslMode;
+//! [`Error::Config`](crate::Error::Config) rather than a silent plain-text connection.
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+#[cfg(feature = "tls")]
+use crate::error::Error;
+use crate::error::Result;
 
 /// The TLS connector of the store's connections: `postgres_native_tls::MakeTlsConnector`
 /// with the crate feature `tls`, `postgres::NoTls` without it. Name this alias rather
@@ -33,23 +33,6 @@ pub type Connector = postgres::NoTls;
 #[allow(clippy::clone_on_copy)]
 pub(crate) fn clone(connector: &Connector) -> Connector {
     connector.clone()
-}
-
-/// Refuses TLS that cannot be had, and turns `prefer` into `disable` (see the module docs).
-pub(crate) fn check_ssl_mode(pg: &mut postgres::Config) -> Result<()> {
-    let mode = pg.get_ssl_mode();
-    if mode == SslMode::Prefer {
-        pg.ssl_mode(SslMode::Disable);
-    }
-    if mode == SslMode::Require && !cfg!(feature = "tls") {
-        return Err(Error::Config(
-            "TLS was requested (DB_SSL or sslmode=require), but this build of \
-             pg-eventstore has no TLS support: enable the crate feature `tls`, or \
-             connect without TLS or over a tunnel"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 /// The connector for `config`.
@@ -84,7 +67,10 @@ pub(crate) fn connector(_config: &Config) -> Result<Connector> {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "tls")]
     use super::*;
+    use crate::config::check_ssl_mode;
+    use postgres::config::SslMode;
 
     #[test]
     fn prefer_means_disable() {

@@ -8,7 +8,7 @@ use std::fmt;
 /// Versions count from **0**: the first event of a stream has version 0, the tenth has
 /// version 9. `Exact(n)` therefore means "the stream's last event has version `n`", that
 /// is, the stream holds exactly `n + 1` events. The same convention holds everywhere in
-/// the API: [`RecordedEvent::version`], [`AppendResult`], and stream reads.
+/// the API: [`RecordedEvent::version`](crate::RecordedEvent::version), [`AppendResult`](crate::AppendResult), and stream reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExpectedVersion {
     /// No check: append to the end of the stream, whatever it holds.
@@ -45,7 +45,7 @@ impl fmt::Display for ExpectedVersion {
 }
 
 /// The version a stream was at when an append expecting another one was refused
-/// ([`Error::WrongExpectedVersion`]).
+/// ([`Error::WrongExpectedVersion`](crate::Error::WrongExpectedVersion)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ActualVersion {
