@@ -242,7 +242,22 @@
 //! or a schema name that is not a plain identifier is refused with
 //! [`Error::InvalidInput`] or [`Error::Config`] before anything is sent. User text is
 //! never formatted into SQL.
-#![warn(
+//!
+//! # Module map
+//!
+//! One file per concept; each uses only those above it in this list (no module imports
+//! one below it, and there are no cycles):
+//!
+//! | layer | files | what |
+//! |---|---|---|
+//! | values | `version`, `error`, `event`, `sql`, `jsonl`, `config`, `migrate` | versions, the one error type, events in and out, every SQL statement (the registry, built once per schema), JSON lines, settings, migrations |
+//! | connections | `tls`, `connect`, `metrics`, `horizon`, `retry` | TLS, connecting within a deadline, metrics and spans, the `$all` horizon's data, the one backoff policy |
+//! | services | `listener`, `health` | the wake-up hub (LISTEN, coalesced NOTIFY), health checks and outage events |
+//! | the store | `store` | the pool, the statement cache, appends, and `Store::run` (checkout, prepare, query, error mapping, retry) |
+//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin |
+//! | workers | `worker` | handler threads over a subscription, with checkpoints |
+//! | the tool | `main.rs` (feature `cli`) | the `pg-eventstore` command line, on the public API only |
+#![
     missing_docs,
     missing_debug_implementations,
     rust_2018_idioms,
