@@ -257,7 +257,7 @@
 //! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin |
 //! | workers | `worker` | handler threads over a subscription, with checkpoints |
 //! | the tool | `main.rs` (feature `cli`) | the `pg-eventstore` command line, on the public API only |
-#![
+#![warn(
     missing_docs,
     missing_debug_implementations,
     rust_2018_idioms,
