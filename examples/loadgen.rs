@@ -63,13 +63,13 @@ use std::time::{Duration, Instant};
 use pg_eventstore::postgres::binary_copy::BinaryCopyInWriter;
 use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use pg_eventstore::postgres::{Client, NoTls};
-use pg_eventstore::uuid::Uuid;
 use pg_eventstore::{
     Config, EventData, ExpectedVersion, ImportEvent, ImportOptions, ReadAll, ReadStream, Store,
     SubscribeOptions, SubscriptionStopper, Worker, MAX_EVENTS_PER_TRANSACTION,
 };
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use uuid::Uuid;
 
 type Res<T> = Result<T, Box<dyn StdError + Send + Sync>>;
 

@@ -29,7 +29,7 @@ fn main() -> Result<(), Error> {
     store.migrate()?;
 
     // A fresh stream per run, so the example can run again and again.
-    let stream = format!("account-{}", pg_eventstore::uuid::Uuid::now_v7().simple());
+    let stream = format!("account-{}", uuid::Uuid::now_v7().simple());
     let opened = store.append(
         &stream,
         ExpectedVersion::NoStream,

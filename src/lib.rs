@@ -307,22 +307,19 @@ pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::stats::{CategoryStats, Stats};
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
-pub use crate::tls::Connector;
 pub use crate::version::{ActualVersion, ExpectedVersion};
 pub use crate::worker::{
     HandlerError, IfLocked, OnFailure, ReplaySummary, Worker, WorkerHandle, WorkerStopper,
     WorkerSummary,
 };
 
-pub use crossbeam_channel;
-#[cfg(feature = "tls")]
-pub use native_tls;
+// The crates whose types a caller must name to call the API: `postgres` for the
+// transaction and client of `append_in` and friends, `r2d2` for the pool. Others that
+// appear in signatures (`uuid::Uuid` ids, `serde_json::Value` data, the
+// `crossbeam_channel::Receiver` of `Subscription::ready`) are the caller's own
+// dependencies, at the major versions named in the README.
 pub use postgres;
-#[cfg(feature = "tls")]
-pub use postgres_native_tls;
 pub use r2d2;
-pub use serde_json;
-pub use uuid;
 
 /// The README's example compiles (`cargo test --doc`).
 #[cfg(doctest)]

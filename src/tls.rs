@@ -21,13 +21,13 @@ use crate::error::Result;
 /// with the crate feature `tls`, `postgres::NoTls` without it. Name this alias rather
 /// than either type, and code keeps compiling whichever way the feature is set.
 #[cfg(feature = "tls")]
-pub type Connector = postgres_native_tls::MakeTlsConnector;
+pub(crate) type Connector = postgres_native_tls::MakeTlsConnector;
 
 /// The TLS connector of the store's connections: `postgres_native_tls::MakeTlsConnector`
 /// with the crate feature `tls`, `postgres::NoTls` without it. Name this alias rather
 /// than either type, and code keeps compiling whichever way the feature is set.
 #[cfg(not(feature = "tls"))]
-pub type Connector = postgres::NoTls;
+pub(crate) type Connector = postgres::NoTls;
 
 /// A copy of the connector (`NoTls` is `Copy`, the TLS connector only `Clone`).
 #[allow(clippy::clone_on_copy)]

@@ -355,7 +355,7 @@ fn json_lines(streams: &[&str], n: usize) -> String {
                 "stream": streams[i % streams.len()],
                 "version": i / streams.len(),
                 "position": 1000 + 7 * i,
-                "id": pg_eventstore::uuid::Uuid::now_v7(),
+                "id": uuid::Uuid::now_v7(),
                 "type": format!("T{}", i % 3),
                 "data": { "k": i },
                 "metadata": { "m": i },
@@ -546,7 +546,7 @@ fn an_atomic_stream_of_more_than_one_transaction_writes_nothing() -> TestResult 
     let events = (0..=MAX_EVENTS_PER_TRANSACTION).map(|i| {
         Ok(ImportEvent::new(
             format!("s-{}", i % 100),
-            e.clone().id(pg_eventstore::uuid::Uuid::now_v7()),
+            e.clone().id(uuid::Uuid::now_v7()),
         ))
     });
     match t.import_iter(events, ImportOptions::new()) {

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 use crate::common::{events, TestResult, TestStore};
 use fallible_iterator::FallibleIterator;
 use pg_eventstore::{
-    crossbeam_channel, Config, EventData, ExpectedVersion, RecordedEvent, Result, Store,
-    SubscribeOptions, Subscription,
+    Config, EventData, ExpectedVersion, RecordedEvent, Result, Store, SubscribeOptions,
+    Subscription,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
