@@ -534,7 +534,7 @@ impl ToSql for Jsonb<'_> {
     fn to_sql(
         &self,
         ty: &Type,
-        out: &mut pg_eventstore::postgres::types::private::BytesMut,
+        out: &mut bytes::BytesMut,
     ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
         if *ty == Type::JSONB {
             out.extend_from_slice(&[1]);

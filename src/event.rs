@@ -166,7 +166,7 @@ impl ToSql for JsonText<'_> {
     fn to_sql(
         &self,
         ty: &Type,
-        out: &mut postgres::types::private::BytesMut,
+        out: &mut bytes::BytesMut,
     ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         if *ty == Type::JSONB {
             out.extend_from_slice(&[1]); // jsonb binary format version

@@ -43,6 +43,8 @@ pub enum Direction {
 pub struct ReadStream {
     pub(crate) direction: Direction,
     pub(crate) from: Option<u64>,
+    /// Whether `from` itself is left out ([`ReadStream::after_version`]).
+    pub(crate) exclusive: bool,
     pub(crate) max_count: Option<u64>,
 }
 
@@ -52,6 +54,7 @@ impl ReadStream {
         ReadStream {
             direction: Direction::Forwards,
             from: None,
+            exclusive: false,
             max_count: None,
         }
     }
@@ -68,6 +71,16 @@ impl ReadStream {
     /// this one and earlier ones).
     pub fn from_version(mut self, version: u64) -> Self {
         self.from = Some(version);
+        self.exclusive = false;
+        self
+    }
+
+    /// Starts after this version, exclusive (forwards: the later ones; backwards: the
+    /// earlier ones), as [`ReadAll::after`] does with positions: pass the version of the
+    /// last event you processed. A backwards read after version 0 reads nothing.
+    pub fn after_version(mut self, version: u64) -> Self {
+        self.from = Some(version);
+        self.exclusive = true;
         self
     }
 
@@ -375,7 +388,15 @@ impl Events {
     pub(crate) fn stream(store: Store, stream: String, options: ReadStream) -> Events {
         let forwards = options.direction == Direction::Forwards;
         let next = match (options.from, forwards) {
-            (Some(v), _) => v.min(i64::MAX as u64) as i64,
+            (Some(v), _) => {
+                let v = v.min(i64::MAX as u64) as i64;
+                match (options.exclusive, forwards) {
+                    (false, _) => v,
+                    (true, true) => v.saturating_add(1),
+                    // -1 after version 0: nothing is left to read.
+                    (true, false) => v - 1,
+                }
+            }
             (None, true) => 0,
             (None, false) => i64::MAX,
         };

@@ -252,3 +252,34 @@ fn a_decode_error_names_the_event() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn stream_reads_start_from_or_after_a_version() -> TestResult {
+    let t = TestStore::new("read_after_version");
+    t.append(
+        "s",
+        pg_eventstore::ExpectedVersion::NoStream,
+        &events("E", 5),
+    )?;
+    let versions = |options: ReadStream| -> pg_eventstore::Result<Vec<u64>> {
+        t.read_stream("s", options)?
+            .map(|e| e.map(|e| e.version))
+            .collect()
+    };
+    assert_eq!(versions(ReadStream::forwards().from_version(2))?, [2, 3, 4]);
+    assert_eq!(versions(ReadStream::forwards().after_version(2))?, [3, 4]);
+    assert_eq!(
+        versions(ReadStream::backwards().from_version(2))?,
+        [2, 1, 0]
+    );
+    assert_eq!(versions(ReadStream::backwards().after_version(2))?, [1, 0]);
+    assert_eq!(
+        versions(ReadStream::backwards().after_version(0))?,
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        versions(ReadStream::forwards().after_version(4))?,
+        Vec::<u64>::new()
+    );
+    Ok(())
+}
