@@ -80,7 +80,22 @@ impl r2d2::HandleError<Error> for RecordConnectError {
 
 /// Prepared statements of one pooled connection, kept in its r2d2 extensions.
 #[derive(Default)]
-struct Statements(HashMap<&'static str, Statement>);
+struct Statements(HashMap<&'static str, (Statement, u64)>);
+
+/// Whether a cached statement is prepared anew at its `uses`-th use. PostgreSQL keeps a
+/// prepared statement's generic plan, made at its sixth run, until the table's statistics
+/// change: made while the events table was nearly empty (a new store, or one analysed
+/// while empty), it may scan the whole table on every run as the table grows. Preparing
+/// again after 64, 256, 1024, ... runs (every 65,536 at most) lets the planner see the
+/// table as it is now, at a cost of one parse in thousands of runs.
+fn replan_at(uses: u64) -> bool {
+    const EVERY: u64 = 1 << 16;
+    if uses >= EVERY {
+        uses % EVERY == 0
+    } else {
+        uses >= 64 && uses.is_power_of_two() && uses.trailing_zeros() % 2 == 0
+    }
+}
 
 impl Store {
     /// Opens a pool with `config` and checks the server: it must be reachable and its
@@ -643,11 +658,15 @@ impl Store {
         conn: &mut Conn,
         statement: &crate::sql::Statement,
     ) -> Result<Statement> {
-        if let Some(s) = PooledConnection::extensions(conn)
-            .get::<Statements>()
-            .and_then(|c| c.0.get(statement.name()))
-        {
-            return Ok(s.clone());
+        let cached = PooledConnection::extensions_mut(conn)
+            .get_mut::<Statements>()
+            .and_then(|c| c.0.get_mut(statement.name()))
+            .and_then(|(prepared, uses)| {
+                *uses += 1;
+                (!replan_at(*uses)).then(|| prepared.clone())
+            });
+        if let Some(prepared) = cached {
+            return Ok(prepared);
         }
         let prepared = conn
             .prepare(statement.text())
@@ -656,11 +675,14 @@ impl Store {
         if extensions.get::<Statements>().is_none() {
             extensions.insert(Statements::default());
         }
-        extensions
+        let entry = extensions
             .get_mut::<Statements>()
             .expect("inserted above")
             .0
-            .insert(statement.name(), prepared.clone());
+            .entry(statement.name())
+            .or_insert_with(|| (prepared.clone(), 0));
+        // The old statement, if any, is closed when its last copy is dropped.
+        entry.0 = prepared.clone();
         Ok(prepared)
     }
 
@@ -892,4 +914,14 @@ pub(crate) fn duplicate_id(e: &postgres::Error) -> Option<Uuid> {
     let start = detail.find(")=(")? + 3;
     let end = start + detail[start..].find(')')?;
     detail[start..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn statements_are_prepared_again_at_growing_intervals() {
+        let at: Vec<u64> = (1..=70_000u64).filter(|&u| super::replan_at(u)).collect();
+        assert_eq!(at, [64, 256, 1024, 4096, 16384, 65536]);
+        assert!(super::replan_at(2 * 65536) && !super::replan_at(2 * 65536 + 1));
+    }
 }

@@ -23,7 +23,7 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         .collect();
     assert_eq!(
         workloads,
-        ["W1", "W2", "W3", "W4", "W5", "W6", "W6X", "W7", "M1", "P1", "P2"],
+        ["W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "W7", "M1", "P1", "P2"],
         "{stdout}"
     );
     for l in &lines {
@@ -36,7 +36,7 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         assert!(l["unit"].is_string(), "{l}");
     }
     // Live delivery lost nothing, on either side.
-    let w6 = &lines[5];
+    let w6 = &lines[6];
     assert_eq!(w6["ours_not_delivered"], 0, "{w6}");
     assert_eq!(w6["raw_not_delivered"], 0, "{w6}");
     // The markdown table lists every workload too.
