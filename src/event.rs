@@ -371,6 +371,17 @@ pub struct AppendResult {
 }
 
 /// Serializes a time as RFC 3339 in UTC with microseconds, PostgreSQL's precision.
+/// [`serialize_time`] for an optional time (`null` when there is none).
+pub(crate) fn serialize_time_opt<S: Serializer>(
+    t: &Option<SystemTime>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serialize_time(t, s),
+        None => s.serialize_none(),
+    }
+}
+
 pub(crate) fn serialize_time<S: Serializer>(
     t: &SystemTime,
     s: S,

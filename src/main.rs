@@ -35,6 +35,9 @@ EXAMPLES:
     pg-eventstore export > events.jsonl
     pg-eventstore --schema copy migrate && pg-eventstore --schema copy import < events.jsonl
     pg-eventstore schema print --schema billing > billing.sql
+    pg-eventstore checkpoints list
+    pg-eventstore checkpoints reset balances
+    pg-eventstore dead-letters list mailer
 
 EVENTS AS JSON LINES:
     Output: one object per line with id, stream, version, position, type, data,
@@ -48,7 +51,8 @@ EXIT CODES:
     0  success (also: tail stopped by Ctrl-C, or its reader went away)
     1  any other error
     2  usage error: bad arguments, or a bad DATABASE_URL / DB_* / schema name
-    3  conflict: wrong expected version, event id already used, stream order conflict
+    3  conflict: wrong expected version, event id already used, stream order conflict,
+       a processor that is running (checkpoints reset/delete)
     4  connection failure: the server cannot be reached, refused us, or went away
     5  invalid input: a bad JSON line, a bad event, too many events for one transaction";
 
@@ -72,6 +76,16 @@ struct Cli {
 enum Command {
     /// Create or upgrade the store's schema (safe to run again); prints what it did.
     Migrate,
+    /// Processors' checkpoints: list, reset, delete.
+    Checkpoints {
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
+    /// A processor's dead letters: list, delete.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
     /// The schema's SQL, or its version in the database.
     Schema {
         #[command(subcommand)]
@@ -157,6 +171,50 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum CheckpointsCommand {
+    /// One JSON line per processor: name, position, lag (events `read-all` would still
+    /// give it), stream claims, dead letters, and whether it is running.
+    List,
+    /// Rebuild a processor from the first event: remove its checkpoint and its
+    /// per-stream claims together. Refused (exit 3) while it runs.
+    Reset {
+        /// The processor name.
+        name: String,
+    },
+    /// Remove a processor's checkpoint only. Refused (exit 3) while it runs.
+    Delete {
+        /// The processor name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadLettersCommand {
+    /// One JSON line per dead letter of PROCESSOR, in the global order. (Replaying one
+    /// needs the processor's handler: `Worker::replay_dead_letters` in its program.)
+    List {
+        /// The processor name.
+        processor: String,
+    },
+    /// Delete one dead letter (--event ID) or all of them (--all).
+    Delete {
+        /// The processor name.
+        processor: String,
+        /// The event id of the dead letter to delete.
+        #[arg(
+            long,
+            value_name = "ID",
+            conflicts_with = "all",
+            required_unless_present = "all"
+        )]
+        event: Option<uuid::Uuid>,
+        /// Delete every dead letter of the processor.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum SchemaCommand {
     /// Print the SQL that creates the schema (for --schema NAME), without connecting.
     Print,
@@ -238,7 +296,9 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         Error::WrongExpectedVersion { .. }
         | Error::DuplicateEventId { .. }
-        | Error::StreamOrderConflict { .. } => EXIT_CONFLICT,
+        | Error::StreamOrderConflict { .. }
+        | Error::FeedOrderConflict { .. }
+        | Error::ProcessorLocked { .. } => EXIT_CONFLICT,
         Error::Connect { .. } | Error::Pool { .. } => EXIT_CONNECTION,
         // No SQLSTATE: the connection itself failed.
         Error::Postgres(p) if p.as_db_error().is_none() => EXIT_CONNECTION,
@@ -379,6 +439,45 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             tail(&connect(cli)?, options, out)?;
         }
         Command::Stats => print_json(out, &connect(cli)?.stats()?)?,
+        Command::Checkpoints { command } => {
+            let store = connect(cli)?;
+            match command {
+                CheckpointsCommand::List => {
+                    for p in store.processors()? {
+                        print_json(out, &p)?;
+                    }
+                }
+                CheckpointsCommand::Reset { name } => {
+                    print_json(out, &store.reset_processor(name)?)?
+                }
+                CheckpointsCommand::Delete { name } => {
+                    let removed = store.delete_checkpoint(name)?;
+                    print_json(out, &serde_json::json!({ "checkpoint": removed }))?
+                }
+            }
+        }
+        Command::DeadLetters { command } => {
+            let store = connect(cli)?;
+            match command {
+                DeadLettersCommand::List { processor } => {
+                    for d in store.dead_letters(processor)? {
+                        print_json(out, &d)?;
+                    }
+                }
+                DeadLettersCommand::Delete {
+                    processor,
+                    event: Some(id),
+                    ..
+                } => {
+                    let deleted = u64::from(store.delete_dead_letter(processor, *id)?);
+                    print_json(out, &serde_json::json!({ "deleted": deleted }))?
+                }
+                DeadLettersCommand::Delete { processor, .. } => {
+                    let deleted = store.delete_dead_letters(processor)?;
+                    print_json(out, &serde_json::json!({ "deleted": deleted }))?
+                }
+            }
+        }
     }
     out.flush()?;
     Ok(())

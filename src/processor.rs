@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::checkpoint::validate_processor_name;
@@ -20,7 +21,7 @@ use crate::store::{Conn, Store};
 const LOCK_CLASS: i32 = 0x5045_5332; // "PES2"
 
 /// One processor's progress, as [`Store::processors`] lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ProcessorInfo {
     /// The processor name.
@@ -29,6 +30,7 @@ pub struct ProcessorInfo {
     /// stored, it starts from the beginning).
     pub position: Option<u64>,
     /// When the checkpoint was last written.
+    #[serde(serialize_with = "crate::event::serialize_time_opt")]
     pub updated_at: Option<SystemTime>,
     /// Events in the log after the checkpoint that `$all` readers can see now, whatever
     /// the processor's filters (a filtered processor moves its checkpoint past the events
@@ -43,7 +45,7 @@ pub struct ProcessorInfo {
 }
 
 /// What [`Store::reset_processor`] removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ResetReport {
     /// The checkpoint that was stored (`None`: there was none).
@@ -53,7 +55,7 @@ pub struct ResetReport {
 }
 
 /// An event a worker's handler failed on and parked ([`OnFailure::Park`](crate::OnFailure::Park)).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct DeadLetter {
     /// The event's id.
@@ -71,6 +73,7 @@ pub struct DeadLetter {
     /// The last error, with its causes.
     pub error: String,
     /// When it was parked (or last failed a replay).
+    #[serde(serialize_with = "crate::event::serialize_time")]
     pub parked_at: SystemTime,
 }
 

@@ -309,3 +309,61 @@ fn exit_codes_tell_usage_connection_and_input_errors_apart() -> TestResult {
     assert!(stdout(&help).contains("EXIT CODES"));
     Ok(())
 }
+
+#[test]
+fn checkpoints_and_dead_letters_from_the_shell() -> TestResult {
+    let t = TestStore::new("cli_admin");
+    let written = t.append("acc-1", ExpectedVersion::NoStream, &events("E", 2))?;
+    t.save_checkpoint("balances", written.first_position)?;
+    crate::common::client().execute(
+        &format!(
+            "INSERT INTO \"{}\".dead_letters (processor_name, event_id, stream_id,
+                 stream_version, global_position, attempts, error)
+             VALUES ('mailer', gen_random_uuid(), 'acc-1', 1, $1, 3, 'smtp down')",
+            t.schema
+        ),
+        &[&(written.last_position as i64)],
+    )?;
+
+    let out = run(&t.schema, &["checkpoints", "list"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let balances = lines
+        .iter()
+        .find(|l| l["name"] == "balances")
+        .expect("listed");
+    assert_eq!(balances["position"], json!(written.first_position));
+    assert_eq!(balances["lag"], json!(1));
+    assert_eq!(balances["is_running"], json!(false));
+    assert!(lines
+        .iter()
+        .any(|l| l["name"] == "mailer" && l["dead_letters"] == 1));
+
+    let out = run(&t.schema, &["dead-letters", "list", "mailer"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dead: Value = serde_json::from_str(stdout(&out).trim())?;
+    assert_eq!(dead["stream_id"], "acc-1");
+    assert_eq!(dead["error"], "smtp down");
+
+    let out = run(&t.schema, &["checkpoints", "reset", "balances"], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(t.checkpoint("balances")?, None);
+    let out = run(
+        &t.schema,
+        &["dead-letters", "delete", "mailer", "--all"],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Value>(stdout(&out).trim())?["deleted"],
+        1
+    );
+    assert!(t.dead_letters("mailer")?.is_empty());
+    // Neither --event nor --all: a usage error.
+    let out = run(&t.schema, &["dead-letters", "delete", "mailer"], "");
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
