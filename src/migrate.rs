@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -41,6 +41,11 @@ const STEPS: &[Step] = &[
         version: 4,
         name: "create the feed floor and horizon",
         sql: m0004_feed_horizon,
+    },
+    Step {
+        version: 5,
+        name: "create consumer group members, leases and checkpoints",
+        sql: m0005_consumer_groups,
     },
 ];
 
@@ -146,6 +151,39 @@ fn m0004_feed_horizon(schema: &str) -> String {
         "CREATE SEQUENCE {s}.feed_floor AS bigint MINVALUE 0 START WITH 0"
     ));
     m.inject_custom(feed_horizon_function(schema));
+    finish(m)
+}
+
+/// Consumer groups (see `group.rs`): the members of each group with their heartbeats
+/// (`expires_at` is the database's clock plus the lease timeout), one lease row per
+/// partition (`owner` a live member or NULL; `epoch` counts the acquisitions and fences
+/// a former owner), and one checkpoint per partition.
+fn m0005_consumer_groups(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    m.create_table("group_members", |t| {
+        t.add_column("group_name", types::text());
+        t.add_column("member_id", types::uuid().unique(false));
+        t.add_column("info", types::text());
+        t.add_column("joined_at", timestamptz_now());
+        t.add_column("heartbeat_at", timestamptz_now());
+        t.add_column("expires_at", types::custom("TIMESTAMPTZ"));
+        t.set_primary_key(&["group_name", "member_id"]);
+    });
+    m.create_table("group_leases", |t| {
+        t.add_column("group_name", types::text());
+        t.add_column("partition", types::integer());
+        t.add_column("owner", types::uuid().unique(false).nullable(true));
+        t.add_column("epoch", bigint().default(0));
+        t.add_column("acquired_at", types::custom("TIMESTAMPTZ").nullable(true));
+        t.set_primary_key(&["group_name", "partition"]);
+    });
+    m.create_table("group_checkpoints", |t| {
+        t.add_column("group_name", types::text());
+        t.add_column("partition", types::integer());
+        t.add_column("position", bigint());
+        t.add_column("updated_at", timestamptz_now());
+        t.set_primary_key(&["group_name", "partition"]);
+    });
     finish(m)
 }
 
