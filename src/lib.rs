@@ -247,6 +247,7 @@ mod config;
 mod error;
 mod event;
 mod feed;
+mod group;
 mod health;
 mod import;
 mod listener;
@@ -269,11 +270,14 @@ pub use crate::event::{
     MAX_STREAM_ID_BYTES,
 };
 pub use crate::feed::{FeedStatus, HeldBack};
+pub use crate::group::{
+    ConsumerGroup, GroupHandle, GroupMember, GroupOptions, GroupPartition, GroupSummary,
+};
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
-pub use crate::processor::{DeadLetter, ProcessorInfo, ResetReport};
+pub use crate::processor::{DeadLetter, GroupInfo, ProcessorInfo, ResetReport};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::store::{Snapshot, Store};
