@@ -9,6 +9,7 @@ mod checkpoint;
 mod examples;
 mod faults;
 mod feed;
+mod group;
 mod import;
 mod loadgen;
 mod migrate;
