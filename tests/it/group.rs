@@ -646,3 +646,89 @@ fn bad_group_settings_and_a_worker_of_the_same_name_are_refused() -> TestResult 
     member.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_member_paused_past_its_lease_commits_nothing_twice_and_joins_again() -> TestResult {
+    const STREAMS: usize = 200;
+    const PER_STREAM: usize = 100;
+    const TOTAL: i64 = (STREAMS * PER_STREAM) as i64;
+    let t = TestStore::new("group_pause");
+    let s = format!("\"{}\"", t.schema);
+    import_interleaved(&t, "p-", STREAMS, PER_STREAM);
+    let args = [
+        "--lease-ms",
+        "1500",
+        "--heartbeat-ms",
+        "250",
+        "--threads",
+        "2",
+        "--delay-us",
+        "300",
+    ];
+    let paused = MemberProcess::start(&t.schema, "g", &args);
+    let other = MemberProcess::start(&t.schema, "g", &args);
+    let handled = || query_i64(&format!("SELECT count(*) FROM {s}.group_log"));
+    let holds = |id: &str| -> usize {
+        t.group_members("g")
+            .unwrap()
+            .iter()
+            .find(|m| m.member_id.to_string() == id)
+            .map_or(0, |m| m.partitions.len())
+    };
+    wait_for("an even split", Duration::from_secs(30), || {
+        holds(&paused.id) == 32 && holds(&other.id) == 32
+    });
+    wait_for("a tenth handled", Duration::from_secs(60), || {
+        handled() >= TOTAL / 10
+    });
+    // SIGSTOP: a pause (a GC, a VM migration) in the middle of whatever it was doing,
+    // open handler transactions included, for twice its lease.
+    paused.signal("STOP");
+    let stopped_at = Instant::now();
+    let (other_id, paused_id) = (other.id.clone(), paused.id.clone());
+    wait_for(
+        "the other member takes partitions over",
+        Duration::from_secs(30),
+        || holds(&other_id) > 32,
+    );
+    let removed = t
+        .group_members("g")?
+        .iter()
+        .all(|m| m.member_id.to_string() != paused_id);
+    thread::sleep(Duration::from_millis(3000).saturating_sub(stopped_at.elapsed()));
+    // Partitions whose lease rows the paused member's open transactions lock cannot be
+    // taken until those transactions end.
+    let taken = holds(&other_id);
+    paused.signal("CONT");
+    wait_for("every event handled", Duration::from_secs(90), || {
+        handled() >= TOTAL
+    });
+    let rejoined = wait_for(
+        "the paused member joins again with a share",
+        Duration::from_secs(30),
+        || {
+            t.group_members("g").unwrap().iter().any(|m| {
+                m.member_id.to_string() != paused_id
+                    && m.member_id.to_string() != other_id
+                    && m.partitions.len() == 32
+            })
+        },
+    );
+    let out_paused = paused.stop();
+    let out_other = other.stop();
+    assert_exactly_once_in_order(&t.schema, TOTAL, STREAMS as i64, PER_STREAM as i64);
+    assert!(
+        removed,
+        "the paused member was still listed after the takeover"
+    );
+    assert!(out_paused.contains("rejoined 1"), "{out_paused}");
+    eprintln!(
+        "paused member: the other held {taken} of 64 partitions after 3 s (the rest locked \
+         by the paused member's open transactions); after SIGCONT the paused member joined \
+         again and had its share back {:.2} s after the last event\n  {}\n  {}",
+        rejoined.as_secs_f64(),
+        out_paused.replace('\n', " | "),
+        out_other.replace('\n', " | ")
+    );
+    Ok(())
+}
