@@ -33,10 +33,10 @@
 //! * **Checkpoints per partition.** `group_checkpoints` holds one position per partition:
 //!   every event of that partition up to it is done. It moves with what the member has
 //!   read, not only with what it handled, so it passes the events of other partitions
-//!   (and of filtered-out types). A member reads the events of all its partitions in one
-//!   `$all` read (below the feed horizon, like every `$all` reader), from the lowest of
-//!   their checkpoints, and skips, per partition, what it had already read. A member
-//!   that takes a partition starts after its checkpoint.
+//!   (and of filtered-out types). A member reads the events of its partitions with one
+//!   `$all` read per page (below the feed horizon, like every `$all` reader); a partition
+//!   it has just taken from an older checkpoint is read on its own until it has caught up
+//!   with the others. A member that takes a partition starts after its checkpoint.
 //!
 //! # Failures
 //!
@@ -149,6 +149,9 @@ const HELD_BACK_WAIT: Duration = Duration::from_millis(5);
 /// How long the coordinator waits for room on a full handler queue before it looks
 /// after its leases again.
 const SEND_WAIT: Duration = Duration::from_millis(20);
+/// The most events queued on one handler thread of a member (twice its transaction
+/// batch).
+const QUEUE_PER_THREAD: usize = 512;
 /// The share of the lease timeout a member trusts its lease for, counted by its own
 /// clock from before it sent the renewal.
 const TRUST: f64 = 0.9;
@@ -978,7 +981,12 @@ impl Member {
     ) -> Result<GroupSummary> {
         let fence: Arc<dyn Fence> = self.shared.clone();
         // Its guard is the membership: dropped after the handler threads have ended.
-        let mut dispatcher = Dispatcher::start(worker, handler, Box::new(membership), Some(fence));
+        // Short queues: what is queued must be finished before a partition can be
+        // handed over; what is read beyond them waits in `buffer`, where a partition
+        // being handed over can take it back.
+        let queue = (2 * worker.batch.max_events).clamp(16, QUEUE_PER_THREAD);
+        let mut dispatcher =
+            Dispatcher::start(worker, handler, Box::new(membership), Some(fence), queue);
         let mut fatal: Option<Error> = None;
         let result = self.run_loop(worker, &mut dispatcher, &mut fatal);
         self.buffer.clear();
@@ -1193,11 +1201,36 @@ impl Member {
                 .map(|(p, _)| *p)
                 .collect();
             for p in surplus {
-                self.parts.get_mut(&p).expect("listed above").draining = true;
+                self.drain(p);
             }
         }
         self.publish();
         Ok(())
+    }
+
+    /// Starts handing partition `p` over: no more reading, and the events read but not
+    /// queued yet go back (its read position moves back before them), so that only what
+    /// the handler threads have must finish first.
+    fn drain(&mut self, p: i32) {
+        let Some(part) = self.parts.get_mut(&p) else {
+            return;
+        };
+        part.draining = true;
+        let mut first_taken_back = None;
+        self.buffer.retain(|job| {
+            let mine = job.lease.is_some_and(|l| l.partition == p);
+            if mine && first_taken_back.is_none() {
+                first_taken_back = Some((job.seq, job.event.position));
+            }
+            !mine
+        });
+        if let Some((seq, position)) = first_taken_back {
+            // The buffer holds the newest events read: a tail of the partition's flight.
+            while part.flight.back().is_some_and(|f| f.0 >= seq) {
+                part.flight.pop_back();
+            }
+            part.read = position.checked_sub(1);
+        }
     }
 
     /// Makes the partitions held known to the handler threads (and the metrics); not
@@ -1382,25 +1415,20 @@ impl Member {
         true
     }
 
-    /// Reads the next page of the partitions this member reads. Returns how long to
-    /// wait before the next read (zero: more to read now).
+    /// Reads the next page of the partitions this member reads that are furthest
+    /// behind (all of them once they have caught up; a partition just taken from an old
+    /// checkpoint alone until it reaches the others). Returns how long to wait before
+    /// the next read (zero: more to read now).
     fn read(&mut self, worker: &Worker) -> Result<Duration> {
-        let active: Vec<i32> = self
-            .parts
-            .iter()
-            .filter(|(_, p)| !p.draining)
+        let active = || self.parts.iter().filter(|(_, p)| !p.draining);
+        let Some(behind) = active().map(|(_, p)| p.read).min() else {
+            return Ok(IDLE_WAIT);
+        };
+        let laggards: Vec<i32> = active()
+            .filter(|(_, p)| p.read == behind)
             .map(|(p, _)| *p)
             .collect();
-        if active.is_empty() {
-            return Ok(IDLE_WAIT);
-        }
-        let after = self
-            .parts
-            .values()
-            .filter(|p| !p.draining)
-            .map(|p| p.read.map_or(-1, |r| r as i64))
-            .min()
-            .unwrap_or(-1);
+        let others = active().count() > laggards.len();
         let page = i64::from(self.store.inner.config.read_page_size.max(1));
         let mut conn = self.store.conn()?;
         let read = statement(&self.store, &mut conn, S::Read)?;
@@ -1408,8 +1436,8 @@ impl Member {
             .query(
                 &read,
                 &[
-                    &after,
-                    &active,
+                    &behind.map_or(-1, |r| r as i64),
+                    &laggards,
                     &(self.partitions as i64),
                     &worker.filter.category,
                     &worker.filter.event_types,
@@ -1437,7 +1465,7 @@ impl Member {
                 continue;
             };
             if part.read.is_some_and(|r| r >= event.position) {
-                continue; // read before, when this partition was ahead of the others
+                continue;
             }
             let seq = self.seq;
             self.seq += 1;
@@ -1451,19 +1479,26 @@ impl Member {
                 }),
             });
         }
+        // Everything of the laggards up to the frontier is read: the last event of a
+        // full page; otherwise the horizon, or the newest event if that is lower (no
+        // need to move past positions no event holds: an idle log writes no checkpoints).
         let full = count == page;
         let frontier = match (full, last) {
             (true, Some(last)) => Some(last),
-            _ => u64::try_from(horizon - 1).ok(),
+            _ => tip
+                .map(|t| t.min(horizon - 1))
+                .and_then(|f| u64::try_from(f).ok()),
         };
+        let mut moved = false;
         if let Some(f) = frontier {
-            for p in &active {
+            for p in &laggards {
                 if let Some(part) = self.parts.get_mut(p) {
+                    moved |= part.read < Some(f);
                     part.read = part.read.max(Some(f));
                 }
             }
         }
-        Ok(if full {
+        Ok(if full || (moved && others) {
             Duration::ZERO
         } else if tip.is_some_and(|t| t >= horizon) {
             HELD_BACK_WAIT // committed events wait behind an open transaction

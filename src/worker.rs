@@ -148,7 +148,7 @@ pub(crate) trait Fence: Send + Sync {
 pub struct Worker {
     pub(crate) store: Store,
     pub(crate) name: String,
-    threads: usize,
+    pub(crate) threads: usize,
     /// Which events: the category and event type filters of a `$all` read.
     pub(crate) filter: ReadAll,
     pub(crate) checkpoint_interval: Duration,
@@ -156,7 +156,7 @@ pub struct Worker {
     retry_delay: Duration,
     on_failure: OnFailure,
     pub(crate) if_locked: IfLocked,
-    batch: Batch,
+    pub(crate) batch: Batch,
 }
 
 impl fmt::Debug for Worker {
@@ -411,7 +411,7 @@ impl Worker {
         // Declared first, so dropped last: on every way out of this function (an error
         // returned with `?` too) the dispatcher joins the handler threads before it
         // releases the lock, and the tracker's last write comes before both.
-        let mut dispatcher = Dispatcher::start(&self, handler, Box::new(lock), None);
+        let mut dispatcher = Dispatcher::start(&self, handler, Box::new(lock), None, QUEUE);
         let mut tracker = self
             .store
             .tracker(&self.name)?
@@ -556,18 +556,20 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// `queue`: events queued per thread before a send waits.
     pub(crate) fn start(
         worker: &Worker,
         handler: Handler,
         guard: Box<dyn Send>,
         fence: Option<Arc<dyn Fence>>,
+        queue: usize,
     ) -> Dispatcher {
         let abort = Arc::new(AtomicBool::new(false));
         let (done_tx, done) = unbounded::<Done>();
         let mut queues = Vec::new();
         let mut threads = Vec::new();
         for i in 0..worker.threads {
-            let (tx, rx) = bounded::<Job>(QUEUE);
+            let (tx, rx) = bounded::<Job>(queue);
             queues.push(tx);
             let mut ctx =
                 ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
@@ -804,8 +806,8 @@ fn with_handler_statements<T>(conn: &mut Conn, f: impl FnOnce(&mut Conn) -> T) -
 
 /// How a transactional handler's thread groups events into one transaction.
 #[derive(Clone, Copy, Debug)]
-struct Batch {
-    max_events: usize,
+pub(crate) struct Batch {
+    pub(crate) max_events: usize,
     max_wait: Duration,
 }
 
