@@ -4,119 +4,9 @@
 //! checkpoints are rows in the store's schema, and the database's clock decides when a
 //! lease lapses.
 //!
-//! # How it works
-//!
-//! * **Partitions.** A group has a fixed number of partitions (64 by default, chosen by
-//!   its first member and stored with it). A stream belongs to partition
-//!   `md5(stream_id)`'s first 32 bits modulo that number: stable across PostgreSQL
-//!   versions and platforms, so a stream never changes partition. All of a stream's
-//!   events are in one partition, so one member at a time handles a stream, in order.
-//! * **Members.** A member joins with a fresh random id and a row in `group_members`
-//!   whose `expires_at` is the database's `clock_timestamp()` plus the lease timeout. A
-//!   heartbeat thread renews it every [`GroupOptions::heartbeat_interval`]. A member
-//!   whose row has expired is removed by the next member that looks (every member looks
-//!   on each of its rounds); a member id is never used again, so a removed member that
-//!   wakes up finds itself gone, drops everything it held and joins again as a new member.
-//! * **Leases.** Each partition has a row in `group_leases` with its owner and an
-//!   `epoch` that counts its acquisitions. A lease is valid as long as its owner's member
-//!   row is there: one heartbeat renews all of a member's leases. A partition is free
-//!   when it has no owner or its owner is no longer a member; taking it sets the owner
-//!   and increments the epoch, in one statement that skips rows another transaction has
-//!   locked.
-//! * **Fair shares and rebalancing.** On every round (once per heartbeat interval) a
-//!   member lists the live members (in the order they joined) and computes its share:
-//!   `partitions / members`, one more for the first `partitions % members`. Below its
-//!   share it takes free partitions; above it, it stops reading the surplus, lets the
-//!   events already read of those partitions finish, writes their checkpoints, and only
-//!   then releases them, in one transaction. A new member thus gets its share within a
-//!   few rounds, and no partition is ever handled by two members that both hold it.
-//! * **Checkpoints per partition.** `group_checkpoints` holds one position per partition:
-//!   every event of that partition up to it is done. It moves with what the member has
-//!   read, not only with what it handled, so it passes the events of other partitions
-//!   (and of filtered-out types). A member reads the events of its partitions with one
-//!   `$all` read per page (below the feed horizon, like every `$all` reader); a partition
-//!   it has just taken from an older checkpoint is read on its own until it has caught up
-//!   with the others. A member that takes a partition starts after its checkpoint.
-//!
-//! # Failures
-//!
-//! **A member dies** (`kill -9`, a crash, a lost machine): its heartbeats stop, its row
-//! expires after the lease timeout, the next member to look removes it, and its
-//! partitions are free; the other members take them (up to their new shares) from the
-//! partitions' checkpoints. Takeover time is the lease timeout plus up to one heartbeat
-//! interval. Events the dead member had handled after its last checkpoint are handled
-//! again: a transactional handler skips them (its per-stream claims committed with the
-//! effects), a plain handler sees them again (at-least-once, in order).
-//!
-//! **A member stops cleanly** ([`GroupHandle::stop`]): it finishes the events it has
-//! read, writes its checkpoints, releases its partitions and leaves; the others take
-//! them at their next round, without waiting for a timeout.
-//!
-//! **Split brain: a member that was paused for longer than its lease** (a long GC or
-//! swap pause, `SIGSTOP`, a VM migration, a network partition between it and the
-//! database) comes back believing it still holds partitions that others have taken.
-//! What it may still do:
-//!
-//! * *Transactional handlers are fenced.* Every handler transaction first locks the
-//!   lease rows of its events' partitions (`FOR SHARE`) and checks that this member still
-//!   holds them with the epoch it read them under; events of partitions it no longer
-//!   holds are left out (not handled, not claimed) and the member drops their partitions.
-//!   A takeover changes the owner and epoch with an `UPDATE` that cannot commit while
-//!   such a lock is held, and skips the row until the transaction ends. So every handler
-//!   transaction either commits before the takeover (and the new owner, reading the
-//!   per-stream claims, skips what it committed) or finds the new epoch and writes
-//!   nothing. **No effect of a handler transaction commits after another member took its
-//!   partition**, whatever the clocks say and however long the pause. Checkpoint writes
-//!   and releases are fenced the same way. The cost: a member paused *inside* a handler
-//!   transaction holds its partitions' lease rows until the transaction ends, and they
-//!   cannot be taken over until then. A member cut off from the database by a network
-//!   partition keeps its transaction open until the server notices the dead connection:
-//!   set `idle_in_transaction_session_timeout` and TCP keepalives on the server to
-//!   bound that.
-//! * *Plain handlers are not fenced*: their effects happen outside the database.
-//!   A member calls a plain handler only while its own lease is valid by its own
-//!   monotonic clock: from the moment it *sent* the last successful renewal, for 90 % of
-//!   the lease timeout (the database starts the timeout later than that, when it runs
-//!   the renewal). Once that passes without a renewal, its handler threads wait; a
-//!   renewal that finds the member still there (and its epochs unchanged) lets them go
-//!   on, and one that finds it removed drops all its partitions. So a plain handler call
-//!   can overlap with the new owner's calls only if it **started** before the deadline
-//!   and is still running, or paused, after the lease lapsed in the database: a pause
-//!   (or a handler call) longer than the remaining 10 % of the lease timeout, in the
-//!   middle of a handler call. Plain handlers get at-least-once delivery and per-stream
-//!   order within one owner's tenure; make their effects idempotent, or use the
-//!   transactional handler, where overlap must be impossible.
-//!
-//! **Clock skew.** Expiry is decided by the database's `clock_timestamp()` alone: the
-//! members' wall clocks never meet, and may be hours apart. A member measures its own
-//! deadline with its monotonic clock, from before it sent the renewal, so it gives up
-//! before the database lets its lease lapse as long as the two clocks run at about the
-//! same *rate* (any real clock does: the 10 % margin is far above drift). A **step** of
-//! the database server's clock (a manual change, an NTP step rather than a slew) moves
-//! every expiry at once: a forward step can let leases lapse early; transactional
-//! handlers stay fenced, plain handlers can overlap for the size of the step. Run the
-//! database server with a slewing time daemon.
-//!
-//! **The database restarts (or fails over).** Connections break: handler transactions
-//! roll back (and are retried with the worker's retries), heartbeats and rounds fail and
-//! are retried on the next interval, and the member rows, leases and checkpoints are as
-//! last committed (they are ordinary logged tables). If the database is back within the
-//! lease timeout, the first renewal succeeds and every member goes on with the
-//! partitions it had. If it stays away longer, every member's own deadline passes first
-//! (plain handlers wait), the members expire in the database too, and when it is back
-//! the first member to look removes the others; each then finds itself removed, drops its
-//! partitions and joins again, and the partitions are shared out afresh from their
-//! checkpoints. A member whose handler transactions keep failing for longer than its
-//! [`Worker::retries`] allow stops with the error (as a [`Worker`] does): raise the
-//! retries for members that must ride out a restart. The shared advisory lock that keeps
-//! a [`Worker`] of the same name away is taken again on the heartbeat's new connection;
-//! if a worker or a reset took it meanwhile, the member stops with
-//! [`Error::ProcessorLocked`].
-//!
-//! A [`Worker`] and a group with the same name exclude each other (the processor's
-//! advisory lock, taken shared by every member), and [`Store::reset_processor`] is
-//! refused while a member runs; it removes the group's checkpoints, leases and members
-//! with the rest, which is also how a group changes its partition count.
+//! The protocol and what happens on failures — a crash, a pause past the lease (split
+//! brain), clock skew, a database restart — are documented on [`ConsumerGroup`], where the
+//! rendered docs show them to users.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -269,8 +159,8 @@ impl Worker {
 /// partition), handles their events in per-stream order on its worker's threads, and
 /// keeps a checkpoint per partition. Members join, leave and die at any time: a new
 /// member gets its share within a few heartbeat intervals, a dead one's partitions are
-/// taken over after the lease timeout. See the module documentation for how, and for
-/// what a member paused past its lease can and cannot do (split brain).
+/// taken over after the lease timeout: see below for how, and for what a member paused
+/// past its lease can and cannot do (split brain).
 ///
 /// ```no_run
 /// # use std::time::Duration;
@@ -295,6 +185,120 @@ impl Worker {
 /// let summary = member.stop()?;
 /// # Ok::<(), pg_eventstore::Error>(())
 /// ```
+///
+/// # How it works
+///
+/// * **Partitions.** A group has a fixed number of partitions (64 by default, chosen by
+///   its first member and stored with it). A stream belongs to partition
+///   `md5(stream_id)`'s first 32 bits modulo that number: stable across PostgreSQL
+///   versions and platforms, so a stream never changes partition. All of a stream's
+///   events are in one partition, so one member at a time handles a stream, in order.
+/// * **Members.** A member joins with a fresh random id and a row in `group_members`
+///   whose `expires_at` is the database's `clock_timestamp()` plus the lease timeout. A
+///   heartbeat thread renews it every [`GroupOptions::heartbeat_interval`]. A member
+///   whose row has expired is removed by the next member that looks (every member looks
+///   on each of its rounds); a member id is never used again, so a removed member that
+///   wakes up finds itself gone, drops everything it held and joins again as a new member.
+/// * **Leases.** Each partition has a row in `group_leases` with its owner and an
+///   `epoch` that counts its acquisitions. A lease is valid as long as its owner's member
+///   row is there: one heartbeat renews all of a member's leases. A partition is free
+///   when it has no owner or its owner is no longer a member; taking it sets the owner
+///   and increments the epoch, in one statement that skips rows another transaction has
+///   locked.
+/// * **Fair shares and rebalancing.** On every round (once per heartbeat interval) a
+///   member lists the live members (in the order they joined) and computes its share:
+///   `partitions / members`, one more for the first `partitions % members`. Below its
+///   share it takes free partitions; above it, it stops reading the surplus, lets the
+///   events already read of those partitions finish, writes their checkpoints, and only
+///   then releases them, in one transaction. A new member thus gets its share within a
+///   few rounds, and no partition is ever handled by two members that both hold it.
+/// * **Checkpoints per partition.** `group_checkpoints` holds one position per partition:
+///   every event of that partition up to it is done. It moves with what the member has
+///   read, not only with what it handled, so it passes the events of other partitions
+///   (and of filtered-out types). A member reads the events of its partitions with one
+///   `$all` read per page (below the feed horizon, like every `$all` reader); a partition
+///   it has just taken from an older checkpoint is read on its own until it has caught up
+///   with the others. A member that takes a partition starts after its checkpoint.
+///
+/// # Failures
+///
+/// **A member dies** (`kill -9`, a crash, a lost machine): its heartbeats stop, its row
+/// expires after the lease timeout, the next member to look removes it, and its
+/// partitions are free; the other members take them (up to their new shares) from the
+/// partitions' checkpoints. Takeover time is the lease timeout plus up to one heartbeat
+/// interval. Events the dead member had handled after its last checkpoint are handled
+/// again: a transactional handler skips them (its per-stream claims committed with the
+/// effects), a plain handler sees them again (at-least-once, in order).
+///
+/// **A member stops cleanly** ([`GroupHandle::stop`]): it finishes the events it has
+/// read, writes its checkpoints, releases its partitions and leaves; the others take
+/// them at their next round, without waiting for a timeout.
+///
+/// **Split brain: a member that was paused for longer than its lease** (a long GC or
+/// swap pause, `SIGSTOP`, a VM migration, a network partition between it and the
+/// database) comes back believing it still holds partitions that others have taken.
+/// What it may still do:
+///
+/// * *Transactional handlers are fenced.* Every handler transaction first locks the
+///   lease rows of its events' partitions (`FOR SHARE`) and checks that this member still
+///   holds them with the epoch it read them under; events of partitions it no longer
+///   holds are left out (not handled, not claimed) and the member drops their partitions.
+///   A takeover changes the owner and epoch with an `UPDATE` that cannot commit while
+///   such a lock is held, and skips the row until the transaction ends. So every handler
+///   transaction either commits before the takeover (and the new owner, reading the
+///   per-stream claims, skips what it committed) or finds the new epoch and writes
+///   nothing. **No effect of a handler transaction commits after another member took its
+///   partition**, whatever the clocks say and however long the pause. Checkpoint writes
+///   and releases are fenced the same way. The cost: a member paused *inside* a handler
+///   transaction holds its partitions' lease rows until the transaction ends, and they
+///   cannot be taken over until then. A member cut off from the database by a network
+///   partition keeps its transaction open until the server notices the dead connection:
+///   set `idle_in_transaction_session_timeout` and TCP keepalives on the server to
+///   bound that.
+/// * *Plain handlers are not fenced*: their effects happen outside the database.
+///   A member calls a plain handler only while its own lease is valid by its own
+///   monotonic clock: from the moment it *sent* the last successful renewal, for 90 % of
+///   the lease timeout (the database starts the timeout later than that, when it runs
+///   the renewal). Once that passes without a renewal, its handler threads wait; a
+///   renewal that finds the member still there (and its epochs unchanged) lets them go
+///   on, and one that finds it removed drops all its partitions. So a plain handler call
+///   can overlap with the new owner's calls only if it **started** before the deadline
+///   and is still running, or paused, after the lease lapsed in the database: a pause
+///   (or a handler call) longer than the remaining 10 % of the lease timeout, in the
+///   middle of a handler call. Plain handlers get at-least-once delivery and per-stream
+///   order within one owner's tenure; make their effects idempotent, or use the
+///   transactional handler, where overlap must be impossible.
+///
+/// **Clock skew.** Expiry is decided by the database's `clock_timestamp()` alone: the
+/// members' wall clocks never meet, and may be hours apart. A member measures its own
+/// deadline with its monotonic clock, from before it sent the renewal, so it gives up
+/// before the database lets its lease lapse as long as the two clocks run at about the
+/// same *rate* (any real clock does: the 10 % margin is far above drift). A **step** of
+/// the database server's clock (a manual change, an NTP step rather than a slew) moves
+/// every expiry at once: a forward step can let leases lapse early; transactional
+/// handlers stay fenced, plain handlers can overlap for the size of the step. Run the
+/// database server with a slewing time daemon.
+///
+/// **The database restarts (or fails over).** Connections break: handler transactions
+/// roll back (and are retried with the worker's retries), heartbeats and rounds fail and
+/// are retried on the next interval, and the member rows, leases and checkpoints are as
+/// last committed (they are ordinary logged tables). If the database is back within the
+/// lease timeout, the first renewal succeeds and every member goes on with the
+/// partitions it had. If it stays away longer, every member's own deadline passes first
+/// (plain handlers wait), the members expire in the database too, and when it is back
+/// the first member to look removes the others; each then finds itself removed, drops its
+/// partitions and joins again, and the partitions are shared out afresh from their
+/// checkpoints. A member whose handler transactions keep failing for longer than its
+/// [`Worker::retries`] allow stops with the error (as a [`Worker`] does): raise the
+/// retries for members that must ride out a restart. The shared advisory lock that keeps
+/// a [`Worker`] of the same name away is taken again on the heartbeat's new connection;
+/// if a worker or a reset took it meanwhile, the member stops with
+/// [`Error::ProcessorLocked`].
+///
+/// A [`Worker`] and a group with the same name exclude each other (the processor's
+/// advisory lock, taken shared by every member), and [`Store::reset_processor`] is
+/// refused while a member runs; it removes the group's checkpoints, leases and members
+/// with the rest, which is also how a group changes its partition count.
 pub struct ConsumerGroup {
     worker: Worker,
     options: GroupOptions,
@@ -311,7 +315,7 @@ impl fmt::Debug for ConsumerGroup {
 
 impl ConsumerGroup {
     /// Joins the group and starts handling on the worker's threads with a plain handler:
-    /// at-least-once, per-stream order (see the module docs on what a paused member may
+    /// at-least-once, per-stream order (see [`ConsumerGroup`] on what a paused member may
     /// still do). Returns once joined: a group created with another partition count, or
     /// a running [`Worker`] of the same name, is this call's error.
     pub fn spawn<H>(self, handler: H) -> Result<GroupHandle>

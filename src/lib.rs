@@ -206,6 +206,45 @@
 //! [`Store::delete_checkpoint`] rebuild them; [`Store::dead_letters`],
 //! [`Worker::replay_dead_letters`] and [`Store::delete_dead_letter`] handle parked events.
 //!
+//! # Consumer groups
+//!
+//! When one process is not enough, [`Worker::group`] makes a worker a member of a
+//! [`ConsumerGroup`]: any number of processes, on any number of machines, run members with
+//! the same processor name and share its streams, each owning a share of the group's
+//! partitions (a stream's events are all in one partition, so each stream stays in order,
+//! handled by one member at a time). Members, leases and per-partition checkpoints are rows
+//! in the store's schema; members renew their leases with heartbeats, judged by the
+//! database's clock; a new member gets its share within a few heartbeats, as the others
+//! finish and checkpoint what they read of the partitions they hand over; a dead member's
+//! partitions are taken over after the lease timeout, from their checkpoints. Transactional
+//! handlers stay exactly-once through all of it, and are fenced: a member that was paused
+//! past its lease cannot commit an effect for a partition another member has taken.
+//! [`Store::group_members`] and [`Store::group_partitions`] show who holds what.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pg_eventstore::{GroupOptions, Store};
+//!
+//! # fn main() -> Result<(), pg_eventstore::Error> {
+//! let store = Store::from_env()?;
+//! // Run this in as many processes as needed.
+//! let member = store
+//!     .worker("read-model")
+//!     .threads(2)
+//!     .group(GroupOptions::new().lease_timeout(Duration::from_secs(10)))
+//!     .spawn_transactional(|tx, event| {
+//!         tx.execute("INSERT INTO seen VALUES ($1, $2)", &[&event.stream_id, &(event.version as i64)])?;
+//!         Ok(())
+//!     })?;
+//! // ... until shutdown: hands its partitions over to the other members.
+//! member.stop()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`ConsumerGroup`] and `OPERATIONS.md` say what happens on a crash, a pause past the
+//! lease (split brain), clock skew and a database restart.
+//!
 //! # Failures, health and observability
 //!
 //! Transient failures (a lost or refused connection, a server restart, a serialization
