@@ -732,3 +732,93 @@ fn a_member_paused_past_its_lease_commits_nothing_twice_and_joins_again() -> Tes
     );
     Ok(())
 }
+
+#[test]
+fn members_ride_out_a_database_restart_within_the_lease() -> TestResult {
+    let server = crate::common::server::TempServer::start(&[]);
+    let connect = || {
+        Config::new(&server.url())
+            .unwrap()
+            .schema("groups")
+            .max_connections(6)
+            .connect()
+            .unwrap()
+    };
+    let first = connect();
+    first.migrate()?;
+    let mut c = postgres::Client::connect(&server.url(), postgres::NoTls)?;
+    c.batch_execute("CREATE TABLE groups.seen (stream_id text, version bigint, previous bigint)")?;
+    let names: Vec<String> = (0..50).map(|k| format!("r-{k}")).collect();
+    let input: Vec<(&str, EventData)> = (0..60)
+        .flat_map(|_| {
+            names
+                .iter()
+                .map(|n| (n.as_str(), EventData::json("E", serde_json::json!({}))))
+        })
+        .collect();
+    first.import(&input, ImportOptions::new())?;
+    // Each event records the version it saw before, in the claiming transaction.
+    let record = "INSERT INTO groups.seen
+                  SELECT $1, $2, (SELECT max(version) FROM groups.seen WHERE stream_id = $1)";
+    let member = |store: &Store| {
+        store
+            .worker("restart")
+            .retries(30)
+            .retry_delay(Duration::from_millis(100))
+            .group(
+                GroupOptions::new()
+                    .partitions(8)
+                    .lease_timeout(Duration::from_secs(8))
+                    .heartbeat_interval(Duration::from_millis(300)),
+            )
+            .spawn_transactional(move |tx, e| {
+                thread::sleep(Duration::from_millis(1));
+                let record = Worker::prepare_cached(tx, record)?;
+                tx.execute(&record, &[&e.stream_id, &(e.version as i64)])?;
+                Ok(())
+            })
+            .unwrap()
+    };
+    let second = connect();
+    let (a, b) = (member(&first), member(&second));
+    let seen = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM groups.seen", &[])
+            .map(|r| r.get(0))
+            .unwrap_or(0)
+    };
+    wait_for("a fifth handled", Duration::from_secs(30), || {
+        seen(&mut c) >= 600
+    });
+    let outage = Instant::now();
+    server.stop();
+    server.start_again();
+    let down = outage.elapsed();
+    let mut c = postgres::Client::connect(&server.url(), postgres::NoTls)?;
+    wait_for("every event handled", Duration::from_secs(60), || {
+        seen(&mut c) >= 3000
+    });
+    let (sa, sb) = (a.stop()?, b.stop()?);
+    let row = c.query_one(
+        "SELECT count(*), count(DISTINCT (stream_id, version)),
+                count(*) FILTER (WHERE COALESCE(previous, -1) <> version - 1)
+           FROM groups.seen",
+        &[],
+    )?;
+    let (total, distinct, out_of_order): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (total, distinct, out_of_order),
+        (3000, 3000, 0),
+        "{}",
+        server.log()
+    );
+    // Back within the lease: nobody lost a partition or had to join again.
+    for s in [sa, sb] {
+        assert_eq!((s.lost, s.rejoined), (0, 0), "{s:?}");
+    }
+    assert_eq!(sa.handled + sb.handled, 3000, "{sa:?} {sb:?}");
+    eprintln!(
+        "database restart of {:.2} s ridden out: {sa:?} {sb:?}",
+        down.as_secs_f64()
+    );
+    Ok(())
+}
