@@ -114,6 +114,26 @@ impl Drop for MemberProcess {
     }
 }
 
+/// Member processes with a 1.5 s lease, a heartbeat every 0.25 s, 2 threads, and a
+/// handler that takes `delay_us` µs per event.
+fn member_args(delay_us: &'static str) -> [&'static str; 8] {
+    [
+        "--lease-ms",
+        "1500",
+        "--heartbeat-ms",
+        "250",
+        "--threads",
+        "2",
+        "--delay-us",
+        delay_us,
+    ]
+}
+
+/// Events the member processes have handled (`s`: the quoted schema).
+fn logged(s: &str) -> i64 {
+    query_i64(&format!("SELECT count(*) FROM {s}.group_log"))
+}
+
 /// The checks every run of examples/group_member.rs ends with: every event handled
 /// exactly once, each stream in version order.
 fn assert_exactly_once_in_order(schema: &str, total: i64, streams: i64, per_stream: i64) {
@@ -155,20 +175,11 @@ fn three_member_processes_one_killed_one_added_every_event_once_in_order() -> Te
     let t = TestStore::new("group_procs");
     let s = format!("\"{}\"", t.schema);
     import_interleaved(&t, "acc-", STREAMS, PER_STREAM);
-    let args = [
-        "--lease-ms",
-        "1500",
-        "--heartbeat-ms",
-        "250",
-        "--threads",
-        "2",
-        "--delay-us",
-        "200",
-    ];
+    let args = member_args("200");
     let mut members: Vec<MemberProcess> = (0..3)
         .map(|_| MemberProcess::start(&t.schema, "g", &args))
         .collect();
-    let handled = || query_i64(&format!("SELECT count(*) FROM {s}.group_log"));
+    let handled = || logged(&s);
 
     // Kill one member once the three share the work and it has done some of it.
     wait_for(
@@ -655,19 +666,10 @@ fn a_member_paused_past_its_lease_commits_nothing_twice_and_joins_again() -> Tes
     let t = TestStore::new("group_pause");
     let s = format!("\"{}\"", t.schema);
     import_interleaved(&t, "p-", STREAMS, PER_STREAM);
-    let args = [
-        "--lease-ms",
-        "1500",
-        "--heartbeat-ms",
-        "250",
-        "--threads",
-        "2",
-        "--delay-us",
-        "300",
-    ];
+    let args = member_args("300");
     let paused = MemberProcess::start(&t.schema, "g", &args);
     let other = MemberProcess::start(&t.schema, "g", &args);
-    let handled = || query_i64(&format!("SELECT count(*) FROM {s}.group_log"));
+    let handled = || logged(&s);
     let holds = |id: &str| -> usize {
         t.group_members("g")
             .unwrap()
