@@ -39,6 +39,7 @@
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
 //! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections, 100 per transaction |
+//! | G1 | a consumer group of 4 members (and 2), each with its own pool and 1 thread, one read-model upsert per event in its transactional handler, over 20,000 events imported once the members have shared the partitions | `Worker::group` | the same group with 1 member |
 //!
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
 //! PostgreSQL). For W6, `ours`/`raw` are the median p50 latency in ms from the start of
@@ -65,8 +66,8 @@ use pg_eventstore::postgres::binary_copy::BinaryCopyInWriter;
 use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use pg_eventstore::postgres::{Client, NoTls};
 use pg_eventstore::{
-    Config, EventData, ExpectedVersion, ImportEvent, ImportOptions, ReadAll, ReadStream, Store,
-    SubscribeOptions, SubscriptionStopper, Worker, MAX_EVENTS_PER_TRANSACTION,
+    Config, EventData, ExpectedVersion, GroupOptions, ImportEvent, ImportOptions, ReadAll,
+    ReadStream, Store, SubscribeOptions, SubscriptionStopper, Worker, MAX_EVENTS_PER_TRANSACTION,
 };
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -100,6 +101,11 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
         "P2",
         "transactional worker, 4 threads, read-model upsert, vs raw upserts in transactions of 100",
         p2,
+    ),
+    (
+        "G1",
+        "consumer group, 4 members of 1 thread, read-model upsert, vs 1 member",
+        g1,
     ),
 ];
 
@@ -1657,4 +1663,109 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
     }
     drop(store);
     Ok(median_outcome(&runs, "t4_model", "raw_batched", n))
+}
+
+/// G1: a consumer group over `p1_events` events (streams of 100) with 1, 2 and 4
+/// members in this process, each with its own store (pool, listener) as a process of its
+/// own would have, 1 handler thread, and a transactional handler upserting one
+/// read-model row per event. The members join a fresh schema and share its partitions
+/// first; then the events are imported in one transaction, and the clock runs from the
+/// import's commit until the handlers have taken every event. "ours" is 4 members, "raw"
+/// 1 member; the read model is checked against the count after each run.
+fn g1(ctx: &Ctx) -> Res<Outcome> {
+    let n = ctx.sizes.p1_events;
+    let rows = rows(n);
+    let streams: Vec<String> = (0..n.div_ceil(100)).map(|k| format!("user-{k}")).collect();
+    let input: Vec<(&str, EventData)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (streams[i / 100].as_str(), r.event()))
+        .collect();
+    let mut runs: HashMap<&str, Vec<f64>> = HashMap::new();
+    for rep in 0..ctx.reps {
+        let mut sizes = [1usize, 2, 4];
+        if rep % 2 == 1 {
+            sizes.reverse();
+        }
+        for members in sizes {
+            let pair = Pair::new(ctx, &format!("g1_{members}"))?;
+            let model = format!("{}.model", quote(&pair.ours));
+            pair.store().pool().get()?.batch_execute(&format!(
+                "CREATE TABLE {model} (stream_id text PRIMARY KEY, n bigint NOT NULL)"
+            ))?;
+            let upsert = format!(
+                "INSERT INTO {model} AS m VALUES ($1, 1) \
+                 ON CONFLICT (stream_id) DO UPDATE SET n = m.n + 1"
+            );
+            let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut handles = Vec::new();
+            for _ in 0..members {
+                let store =
+                    Store::connect(ctx.config.clone().max_connections(4).schema(&pair.ours))?;
+                let (sql, count) = (upsert.clone(), handled.clone());
+                let handle = store
+                    .worker("g1")
+                    .threads(1)
+                    .group(
+                        GroupOptions::new()
+                            .lease_timeout(Duration::from_secs(5))
+                            .heartbeat_interval(Duration::from_millis(100)),
+                    )
+                    .spawn_transactional(move |tx, e| {
+                        let upsert = Worker::prepare_cached(tx, &sql)?;
+                        tx.execute(&upsert, &[&e.stream_id])?;
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok(())
+                    })?;
+                handles.push((handle, store));
+            }
+            let settled = Instant::now();
+            while handles
+                .iter()
+                .any(|(h, _)| h.partitions().len() != 64 / members)
+            {
+                if settled.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("{members} members did not share the partitions").into());
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            pair.store().import(&input, ImportOptions::new())?;
+            let t = Instant::now();
+            while handled.load(std::sync::atomic::Ordering::Relaxed) < n as u64 {
+                if t.elapsed() > Duration::from_secs(600) {
+                    return Err("the group did not handle every event".into());
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            let elapsed = t.elapsed();
+            for (h, _) in handles {
+                h.stop()?;
+            }
+            let sum: i64 = pair
+                .store()
+                .pool()
+                .get()?
+                .query_one(
+                    &format!("SELECT COALESCE(sum(n), 0)::bigint FROM {model}"),
+                    &[],
+                )?
+                .get(0);
+            check_count("group read model", sum as usize, n)?;
+            let key = match members {
+                1 => "members_1",
+                2 => "members_2",
+                _ => "members_4",
+            };
+            runs.entry(key)
+                .or_default()
+                .push(n as f64 / elapsed.as_secs_f64());
+        }
+    }
+    let mut outcome = median_outcome(&runs, "members_4", "members_1", n);
+    let m = |k: &str| median_f(&runs[k]);
+    outcome.extra.push((
+        "ratio_2_to_1",
+        json!(round3(m("members_2") / m("members_1"))),
+    ));
+    Ok(outcome)
 }

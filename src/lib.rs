@@ -81,7 +81,12 @@
 //! 2. **Find the appenders.** Every transaction that appends holds a write lock on the
 //!    events table from its first append until it ends, visible in `pg_locks` with its
 //!    transaction id. The oldest of them (with an id older than the reader's snapshot)
-//!    caps the horizon.
+//!    caps the horizon. So does every backend of this database that is *running a
+//!    statement* with a transaction id: under load, a transaction whose append statement
+//!    was running (its id assigned) has been seen missing from the lock table's write
+//!    locks on the events table, which this step relies on, and the stress test then
+//!    skipped its event; counting running statements closed that (0 skipped in 12 runs
+//!    after 3 skipping runs in 12 before). The cause is not understood yet.
 //! 3. **Catch the late committers.** A transaction that was running at the reader's
 //!    snapshot and has committed events by now (so it is not in the snapshot, and no
 //!    longer in `pg_locks`) caps the horizon too; the next read gets it.
@@ -117,9 +122,11 @@
 //! * One transaction can append at most [`MAX_EVENTS_PER_TRANSACTION`] (1,048,576) events.
 //! * **What holds the feed back:** an open transaction that has appended to this store (or
 //!   is appending, or holds a write lock on its events table) holds back `$all` readers at
-//!   and after its own position, for as long as it stays open. Nothing else does:
-//!   transactions in other databases, and transactions in this one that do not append,
-//!   are not waited for. [`Store::feed_status`] says whether events wait, and for whom;
+//!   and after its own position, for as long as it stays open; and, in this database, a
+//!   statement that is running with a transaction id, for as long as the statement runs
+//!   (a long `UPDATE` of another table, while it runs; not the idle transaction after it).
+//!   Nothing else does: transactions in other databases, and idle transactions in this
+//!   one that do not append, are not waited for. [`Store::feed_status`] says whether events wait, and for whom;
 //!   [`Store::read_all`] waits for everything committed before the call
 //!   ([`Config::read_all_wait`], 10 s by default) and then fails with
 //!   [`Error::HeldBack`] naming that transaction, rather than return a short read;
@@ -206,6 +213,45 @@
 //! [`Store::delete_checkpoint`] rebuild them; [`Store::dead_letters`],
 //! [`Worker::replay_dead_letters`] and [`Store::delete_dead_letter`] handle parked events.
 //!
+//! # Consumer groups
+//!
+//! When one process is not enough, [`Worker::group`] makes a worker a member of a
+//! [`ConsumerGroup`]: any number of processes, on any number of machines, run members with
+//! the same processor name and share its streams, each owning a share of the group's
+//! partitions (a stream's events are all in one partition, so each stream stays in order,
+//! handled by one member at a time). Members, leases and per-partition checkpoints are rows
+//! in the store's schema; members renew their leases with heartbeats, judged by the
+//! database's clock; a new member gets its share within a few heartbeats, as the others
+//! finish and checkpoint what they read of the partitions they hand over; a dead member's
+//! partitions are taken over after the lease timeout, from their checkpoints. Transactional
+//! handlers stay exactly-once through all of it, and are fenced: a member that was paused
+//! past its lease cannot commit an effect for a partition another member has taken.
+//! [`Store::group_members`] and [`Store::group_partitions`] show who holds what.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pg_eventstore::{GroupOptions, Store};
+//!
+//! # fn main() -> Result<(), pg_eventstore::Error> {
+//! let store = Store::from_env()?;
+//! // Run this in as many processes as needed.
+//! let member = store
+//!     .worker("read-model")
+//!     .threads(2)
+//!     .group(GroupOptions::new().lease_timeout(Duration::from_secs(10)))
+//!     .spawn_transactional(|tx, event| {
+//!         tx.execute("INSERT INTO seen VALUES ($1, $2)", &[&event.stream_id, &(event.version as i64)])?;
+//!         Ok(())
+//!     })?;
+//! // ... until shutdown: hands its partitions over to the other members.
+//! member.stop()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`ConsumerGroup`] and `OPERATIONS.md` say what happens on a crash, a pause past the
+//! lease (split brain), clock skew and a database restart.
+//!
 //! # Failures, health and observability
 //!
 //! Transient failures (a lost or refused connection, a server restart, a serialization
@@ -270,6 +316,7 @@ mod connect;
 mod error;
 mod event;
 mod feed;
+mod group;
 mod health;
 mod horizon;
 mod import;
@@ -295,13 +342,16 @@ pub use crate::error::{Error, Result};
 pub use crate::event::{
     AppendResult, EventData, ImportEvent, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
 };
+pub use crate::group::{
+    ConsumerGroup, GroupHandle, GroupMember, GroupOptions, GroupPartition, GroupSummary,
+};
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::horizon::{FeedStatus, HeldBack};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::jsonl::JsonLines;
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
-pub use crate::processor::{DeadLetter, ProcessorInfo, ResetReport};
+pub use crate::processor::{DeadLetter, GroupInfo, ProcessorInfo, ResetReport};
 pub use crate::read::{Direction, Events, ReadAll, ReadStream};
 pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::stats::{CategoryStats, Stats};

@@ -21,7 +21,10 @@
 //! | `subscription_lag_seconds` | histogram | from an event's `recorded_at` (its transaction's start) to its delivery by a subscription |
 //! | `listener_reconnects_total` | counter | reconnects of the notification listener |
 //! | `feed_held_back_seconds` | gauge | how long this store's subscriptions (and workers) have been held back by an open appending transaction (0: not held) |
-//! | `worker_errors_total` | counter | errors a worker absorbed and went on after (labels `processor`, and `kind`: `subscription` for a failed read of its subscription, `handler` for a handler call that failed and is retried, `parked` for an event parked in the dead-letter table); retried checkpoint writes count in `retries_total` with `operation` `save_checkpoint` |
+//! | `group_leases_total` | counter | partitions a consumer group member took, handed over or lost (labels `processor`, `change`: `acquired`, `released`, `lost`) |
+//! | `group_partitions` | gauge | partitions a consumer group member of this process holds (labels `processor`, `member`) |
+//! | `group_revoked_events_total` | counter | events a consumer group member dropped unhandled because their partition's lease was gone (label `processor`) |
+//! | `worker_errors_total` | counter | errors a worker absorbed and went on after (labels `processor`, and `kind`: `subscription` for a failed read of its subscription, `handler` for a handler call that failed and is retried, `parked` for an event parked in the dead-letter table; a consumer group member also counts `heartbeat` for a failed renewal and `group` for a failed lease or read statement, both retried); retried checkpoint writes count in `retries_total` with `operation` `save_checkpoint` |
 
 use std::time::Instant;
 
@@ -46,6 +49,9 @@ pub(crate) const SUBSCRIPTION_EVENTS: &str = "pg_eventstore_subscription_events_
 pub(crate) const LISTENER_RECONNECTS: &str = "pg_eventstore_listener_reconnects_total";
 pub(crate) const FEED_HELD_BACK: &str = "pg_eventstore_feed_held_back_seconds";
 pub(crate) const WORKER_ERRORS: &str = "pg_eventstore_worker_errors_total";
+pub(crate) const GROUP_LEASES: &str = "pg_eventstore_group_leases_total";
+pub(crate) const GROUP_PARTITIONS: &str = "pg_eventstore_group_partitions";
+pub(crate) const GROUP_REVOKED: &str = "pg_eventstore_group_revoked_events_total";
 
 /// Runs one append (`mode`: `store` or `in_transaction`) in a span, and records its
 /// outcome and latency.
@@ -133,6 +139,23 @@ pub(crate) fn listener_reconnected() {
 /// Counts one error a worker absorbed (`kind`: see the table above).
 pub(crate) fn worker_error(processor: &str, kind: &'static str) {
     counter!(WORKER_ERRORS, "processor" => processor.to_string(), "kind" => kind).increment(1);
+}
+
+/// Counts partitions a consumer group member took, handed over or lost (`change`).
+pub(crate) fn group_leases(processor: &str, change: &'static str, n: u64) {
+    counter!(GROUP_LEASES, "processor" => processor.to_string(), "change" => change).increment(n);
+}
+
+/// The partitions a consumer group member of this process holds now.
+pub(crate) fn group_partitions(processor: &str, member: uuid::Uuid, n: usize) {
+    ::metrics::gauge!(GROUP_PARTITIONS, "processor" => processor.to_string(), "member" => member.to_string())
+        .set(n as f64);
+}
+
+/// Counts events a consumer group member dropped because their partition's lease was
+/// gone (the fence).
+pub(crate) fn group_revoked(processor: &str, n: u64) {
+    counter!(GROUP_REVOKED, "processor" => processor.to_string()).increment(n);
 }
 
 /// How many yielded events a read counts before it reports them.

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -41,6 +41,11 @@ const STEPS: &[Step] = &[
         version: 4,
         name: "create the feed floor and horizon",
         sql: m0004_feed_horizon,
+    },
+    Step {
+        version: 5,
+        name: "create consumer group members, leases and checkpoints",
+        sql: m0005_consumer_groups,
     },
 ];
 
@@ -149,6 +154,39 @@ fn m0004_feed_horizon(schema: &str) -> String {
     finish(m)
 }
 
+/// Consumer groups (see `group.rs`): the members of each group with their heartbeats
+/// (`expires_at` is the database's clock plus the lease timeout), one lease row per
+/// partition (`owner` a live member or NULL; `epoch` counts the acquisitions and fences
+/// a former owner), and one checkpoint per partition.
+fn m0005_consumer_groups(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    m.create_table("group_members", |t| {
+        t.add_column("group_name", types::text());
+        t.add_column("member_id", types::uuid().unique(false));
+        t.add_column("info", types::text());
+        t.add_column("joined_at", timestamptz_now());
+        t.add_column("heartbeat_at", timestamptz_now());
+        t.add_column("expires_at", types::custom("TIMESTAMPTZ"));
+        t.set_primary_key(&["group_name", "member_id"]);
+    });
+    m.create_table("group_leases", |t| {
+        t.add_column("group_name", types::text());
+        t.add_column("partition", types::integer());
+        t.add_column("owner", types::uuid().unique(false).nullable(true));
+        t.add_column("epoch", bigint().default(0));
+        t.add_column("acquired_at", types::custom("TIMESTAMPTZ").nullable(true));
+        t.set_primary_key(&["group_name", "partition"]);
+    });
+    m.create_table("group_checkpoints", |t| {
+        t.add_column("group_name", types::text());
+        t.add_column("partition", types::integer());
+        t.add_column("position", bigint());
+        t.add_column("updated_at", timestamptz_now());
+        t.set_primary_key(&["group_name", "partition"]);
+    });
+    finish(m)
+}
+
 /// `feed_horizon(snapshot)`: how far a `$all` reader whose statement runs with `snapshot`
 /// may read (a position bound, exclusive), the newest committed position (`tip`), and the
 /// oldest transaction that holds the reader back (`blocker_pid`, `blocker_xid`).
@@ -199,21 +237,38 @@ BEGIN
     horizon := c << {bits};
     -- 2. Appenders that checked the floor before it moved hold a write lock on the events
     --    table until they end: the oldest of them (with a transaction id older than the
-    --    snapshot) holds the horizon. pg_locks has 32-bit ids: widen them from xmax.
-    SELECT w.x8, l.pid INTO blocker_xid, blocker_pid
-      FROM pg_locks l
-      JOIN pg_locks t ON t.virtualtransaction = l.virtualtransaction
-                     AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted
+    --    snapshot) holds the horizon. A backend of this database that is running a
+    --    statement counts too, whatever it has locked: a transaction's write lock on the
+    --    events table has been seen missing from the lock table while its append
+    --    statement ran (its id already assigned), and only its end is certain. Where the
+    --    role may not see other sessions' state, they count as running. Ids (32-bit in
+    --    both views) are widened from xmax.
+    WITH locks AS MATERIALIZED (SELECT * FROM pg_lock_status()),
+    candidates AS (
+        SELECT t.transactionid AS x32, l.pid
+          FROM locks l
+          JOIN locks t ON t.virtualtransaction = l.virtualtransaction
+                      AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
+                      AND t.granted
+         WHERE l.locktype = 'relation'
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.relation = '{events}'::regclass
+           AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                          'AccessExclusiveLock')
+        UNION ALL
+        SELECT a.backend_xid, a.pid
+          FROM pg_stat_activity a
+         WHERE a.datname = current_database() AND a.backend_xid IS NOT NULL
+           AND a.pid <> pg_backend_pid()
+           AND (a.state = 'active' OR a.state IS NULL)
+    )
+    SELECT w.x8, c.pid INTO blocker_xid, blocker_pid
+      FROM candidates c
       CROSS JOIN LATERAL (
-          SELECT (((xmax8 % 4294967296) - t.transactionid::text::bigint) % 4294967296
+          SELECT (((xmax8 % 4294967296) - c.x32::text::bigint) % 4294967296
                   + 4294967296) % 4294967296 AS d) dist
       CROSS JOIN LATERAL (SELECT xmax8 - dist.d AS x8) w
-     WHERE l.locktype = 'relation'
-       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-       AND l.relation = '{events}'::regclass
-       AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
-                      'AccessExclusiveLock')
-       AND dist.d > 0 AND dist.d <= 2147483648
+     WHERE dist.d > 0 AND dist.d <= 2147483648
      ORDER BY w.x8 LIMIT 1;
     IF blocker_xid IS NOT NULL AND (blocker_xid << {bits}) < horizon THEN
         horizon := blocker_xid << {bits};

@@ -40,8 +40,25 @@ pub struct ProcessorInfo {
     pub stream_claims: u64,
     /// Events parked in the dead-letter table.
     pub dead_letters: u64,
-    /// Whether an instance of the processor runs now (holds its lock), in any process.
+    /// Whether an instance of the processor runs now (holds its lock), in any process:
+    /// a worker, or a member of a consumer group.
     pub is_running: bool,
+    /// For a consumer group ([`Worker::group`](crate::Worker::group)): its partitions and
+    /// live members. `position` is then its lowest partition checkpoint (`None` while a
+    /// partition has none), `updated_at` its last checkpoint write, and `lag` the events
+    /// after each partition's own checkpoint. [`Store::group_partitions`] and
+    /// [`Store::group_members`] have the details.
+    pub group: Option<GroupInfo>,
+}
+
+/// A consumer group's side of [`ProcessorInfo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// Its number of partitions.
+    pub partitions: u32,
+    /// Members whose lease is valid now, by the database's clock.
+    pub live_members: u32,
 }
 
 /// What [`Store::reset_processor`] removed.
@@ -52,6 +69,8 @@ pub struct ResetReport {
     pub checkpoint: Option<u64>,
     /// Per-stream claims removed.
     pub stream_claims: u64,
+    /// Partition checkpoints of a consumer group removed (with its leases and members).
+    pub partition_checkpoints: u64,
 }
 
 /// An event a worker's handler failed on and parked ([`OnFailure::Park`](crate::OnFailure::Park)).
@@ -91,31 +110,69 @@ impl Store {
     /// # Ok::<(), pg_eventstore::Error>(())
     /// ```
     pub fn processors(&self) -> Result<Vec<ProcessorInfo>> {
-        let prefix = lock_key(self, "");
-        let rows = self.run("read", &self.sql().list_processors, |c, s| {
-            c.query(s, &[&LOCK_CLASS, &prefix])
-        })?;
-        Ok(rows
-            .iter()
-            .map(|r| ProcessorInfo {
-                name: r.get(0),
-                position: r.get::<_, Option<i64>>(1).map(|p| p as u64),
-                updated_at: r.get(2),
-                lag: r.get::<_, i64>(3) as u64,
-                stream_claims: r.get::<_, i64>(4) as u64,
-                dead_letters: r.get::<_, i64>(5) as u64,
-                is_running: r.get(6),
-            })
-            .collect())
+        crate::retry::run(self.config(), self.pool(), "read", || {
+            let mut conn = self.conn()?;
+            let statement = self.prepared(&mut conn, &self.sql().list_processors)?;
+            let prefix = lock_key(self, "");
+            let rows = conn
+                .query(&statement, &[&LOCK_CLASS, &prefix])
+                .map_err(|e| self.map_error(e))?;
+            let mut list: Vec<ProcessorInfo> = rows
+                .iter()
+                .map(|r| ProcessorInfo {
+                    name: r.get(0),
+                    position: r.get::<_, Option<i64>>(1).map(|p| p as u64),
+                    updated_at: r.get(2),
+                    lag: r.get::<_, i64>(3) as u64,
+                    stream_claims: r.get::<_, i64>(4) as u64,
+                    dead_letters: r.get::<_, i64>(5) as u64,
+                    is_running: r.get(6),
+                    group: None,
+                })
+                .collect();
+            let statement = self.prepared(&mut conn, &self.sql().group.list_groups)?;
+            for r in conn.query(&statement, &[]).map_err(|e| self.map_error(e))? {
+                let name: String = r.get(0);
+                let i = match list.iter().position(|p| p.name == name) {
+                    Some(i) => i,
+                    None => {
+                        list.push(ProcessorInfo {
+                            name,
+                            position: None,
+                            updated_at: None,
+                            lag: 0,
+                            stream_claims: 0,
+                            dead_letters: 0,
+                            is_running: false,
+                            group: None,
+                        });
+                        list.len() - 1
+                    }
+                };
+                let live_members = r.get::<_, i64>(5) as u32;
+                let p = &mut list[i];
+                p.position = r.get::<_, Option<i64>>(2).map(|p| p as u64);
+                p.updated_at = r.get(3);
+                p.lag = r.get::<_, i64>(4) as u64;
+                p.is_running |= live_members > 0;
+                p.group = Some(GroupInfo {
+                    partitions: r.get::<_, i64>(1) as u32,
+                    live_members,
+                });
+            }
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(list)
+        })
     }
 
     /// Resets processor `name` so that its next run rebuilds from the first event: its
-    /// checkpoint and its per-stream claims are removed in one transaction. Its dead
-    /// letters stay ([`Store::delete_dead_letters`] removes them). A transactional
+    /// checkpoint and its per-stream claims — and for a consumer group its partition
+    /// checkpoints, leases and members (so it may start again with another partition
+    /// count) — are removed in one transaction. Its dead letters stay ([`Store::delete_dead_letters`] removes them). A transactional
     /// projection's own tables are yours to empty, in the same deployment step.
     ///
-    /// Refused with [`Error::ProcessorLocked`] while an instance of the processor runs
-    /// (anywhere): stop it first, or its next checkpoint write would undo the reset.
+    /// Refused with [`Error::ProcessorLocked`] while an instance of the processor (a
+    /// worker or a group member) runs anywhere: stop it first, or its next checkpoint write would undo the reset.
     ///
     /// ```no_run
     /// # use pg_eventstore::Store;
@@ -137,10 +194,15 @@ impl Store {
         let stream_claims = tx
             .execute(sql.delete_stream_claims.text(), &[&name])
             .map_err(|e| self.map_error(e))?;
+        let partition_checkpoints = tx
+            .query_one(sql.group.reset.text(), &[&name])
+            .map_err(|e| self.map_error(e))?
+            .get::<_, i64>(0) as u64;
         tx.commit()?;
         Ok(ResetReport {
             checkpoint,
             stream_claims,
+            partition_checkpoints,
         })
     }
 
@@ -218,10 +280,13 @@ fn lock_key(store: &Store, name: &str) -> String {
 }
 
 /// A session advisory lock on a dedicated pooled connection, released on drop: one
-/// instance of a processor at a time, across processes and machines.
+/// instance of a processor at a time, across processes and machines. The members of a
+/// consumer group hold it in shared mode: any number of them, but no worker of the same
+/// name, and no reset, while one runs.
 pub(crate) struct ProcessorLock {
     conn: Option<Conn>,
     key: String,
+    shared: bool,
 }
 
 impl ProcessorLock {
@@ -237,16 +302,45 @@ impl ProcessorLock {
         wait: bool,
         stop: &AtomicBool,
     ) -> Result<ProcessorLock> {
+        Self::take(store, name, false, wait, stop)
+    }
+
+    /// Takes the lock in shared mode (a consumer group member), like
+    /// [`ProcessorLock::acquire`].
+    pub(crate) fn acquire_shared(
+        store: &Store,
+        name: &str,
+        wait: bool,
+        stop: &AtomicBool,
+    ) -> Result<ProcessorLock> {
+        Self::take(store, name, true, wait, stop)
+    }
+
+    /// The connection that holds the lock: the lock lasts as long as its session.
+    pub(crate) fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("held until drop")
+    }
+
+    fn take(
+        store: &Store,
+        name: &str,
+        shared: bool,
+        wait: bool,
+        stop: &AtomicBool,
+    ) -> Result<ProcessorLock> {
         let key = lock_key(store, name);
         let mut conn = store.conn()?;
+        let sql = match shared {
+            true => crate::sql::TRY_LOCK_PROCESSOR_SHARED,
+            false => crate::sql::TRY_LOCK_PROCESSOR,
+        };
         loop {
-            let got: bool = conn
-                .query_one(crate::sql::TRY_LOCK_PROCESSOR, &[&LOCK_CLASS, &key])?
-                .get(0);
+            let got: bool = conn.query_one(sql, &[&LOCK_CLASS, &key])?.get(0);
             if got {
                 return Ok(ProcessorLock {
                     conn: Some(conn),
                     key,
+                    shared,
                 });
             }
             if !wait || stop.load(Ordering::Relaxed) {
@@ -264,7 +358,11 @@ impl Drop for ProcessorLock {
         if let Some(mut conn) = self.conn.take() {
             // A session lock outlives the caller on a pooled connection: release it, or
             // close the connection if that fails.
-            let released = conn.query_one(crate::sql::UNLOCK_PROCESSOR, &[&LOCK_CLASS, &self.key]);
+            let sql = match self.shared {
+                true => crate::sql::UNLOCK_PROCESSOR_SHARED,
+                false => crate::sql::UNLOCK_PROCESSOR,
+            };
+            let released = conn.query_one(sql, &[&LOCK_CLASS, &self.key]);
             if released.is_err() {
                 let _ = conn.batch_execute(crate::sql::TERMINATE_SELF);
             }

@@ -65,6 +65,11 @@ pub(crate) const OTHERS_LISTEN: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_act
 /// A processor's session-level advisory lock (`$1` the class, `$2` the key text).
 pub(crate) const TRY_LOCK_PROCESSOR: &str = "SELECT pg_try_advisory_lock($1, hashtext($2))";
 pub(crate) const UNLOCK_PROCESSOR: &str = "SELECT pg_advisory_unlock($1, hashtext($2))";
+/// The same lock in shared mode: the members of a consumer group.
+pub(crate) const TRY_LOCK_PROCESSOR_SHARED: &str =
+    "SELECT pg_try_advisory_lock_shared($1, hashtext($2))";
+pub(crate) const UNLOCK_PROCESSOR_SHARED: &str =
+    "SELECT pg_advisory_unlock_shared($1, hashtext($2))";
 
 /// Ends this connection's backend: the way out when a session lock cannot be released.
 pub(crate) const TERMINATE_SELF: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
@@ -134,9 +139,10 @@ impl Statement {
 /// Builds [`Sql`]: `name: text` (or a variable `name` that holds the text) for each
 /// statement, named after its field.
 macro_rules! statements {
-    (schema: $schema:expr; $($name:ident $(: $text:expr)?),* $(,)?) => {
+    (schema: $schema:expr, group: $group:expr; $($name:ident $(: $text:expr)?),* $(,)?) => {
         Sql {
             schema: $schema,
+            group: $group,
             $($name: Statement {
                 name: stringify!($name),
                 text: statements!(@text $name $(, $text)?),
@@ -192,6 +198,7 @@ pub(crate) struct Sql {
     pub(crate) count_from: Statement,
     pub(crate) count_matching: Statement,
     pub(crate) write_claims: Statement,
+    pub(crate) group: GroupSql,
 }
 
 impl Sql {
@@ -339,7 +346,7 @@ SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v,
 RETURNING global_position, stream_version"
         );
         statements! {
-            schema: schema.to_string();
+            schema: schema.to_string(), group: GroupSql::new(schema);
             append,
             append_fast,
             append_one,
@@ -561,6 +568,324 @@ RETURNING global_position, stream_version"
                      RETURNING 1
                  )
                  SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
+            ),
+        }
+    }
+}
+
+/// The partition (0 to `count` - 1) of the stream id `stream` in a consumer group: the
+/// first 32 bits of its MD5, modulo `count`. MD5 is defined once and for all, unlike
+/// PostgreSQL's internal `hashtext`, so a stream keeps its partition across upgrades and
+/// platforms; the per-partition checkpoints depend on it.
+fn partition_of(stream: &str, count: &str) -> String {
+    format!("((('x' || substr(md5({stream}), 1, 8))::bit(32)::bigint % ({count})::bigint)::int)")
+}
+
+/// The statements of consumer groups (`group.rs`; `processor.rs` for the admin lists),
+/// named `group_<field>`.
+#[derive(Debug)]
+pub(crate) struct GroupSql {
+    pub(crate) create_partitions: Statement,
+    pub(crate) count_partitions: Statement,
+    pub(crate) join: Statement,
+    pub(crate) heartbeat: Statement,
+    pub(crate) live_members: Statement,
+    pub(crate) my_leases: Statement,
+    pub(crate) acquire: Statement,
+    pub(crate) save_checkpoints: Statement,
+    pub(crate) release: Statement,
+    pub(crate) leave: Statement,
+    pub(crate) fence: Statement,
+    pub(crate) read: Statement,
+    pub(crate) list_members: Statement,
+    pub(crate) list_partitions: Statement,
+    pub(crate) list_groups: Statement,
+    pub(crate) reset: Statement,
+}
+
+impl GroupSql {
+    fn new(schema: &str) -> GroupSql {
+        let t = GroupText::new(schema);
+        GroupSql {
+            create_partitions: Statement {
+                name: concat!("group_", stringify!(create_partitions)),
+                text: t.create_partitions,
+            },
+            count_partitions: Statement {
+                name: concat!("group_", stringify!(count_partitions)),
+                text: t.count_partitions,
+            },
+            join: Statement {
+                name: concat!("group_", stringify!(join)),
+                text: t.join,
+            },
+            heartbeat: Statement {
+                name: concat!("group_", stringify!(heartbeat)),
+                text: t.heartbeat,
+            },
+            live_members: Statement {
+                name: concat!("group_", stringify!(live_members)),
+                text: t.live_members,
+            },
+            my_leases: Statement {
+                name: concat!("group_", stringify!(my_leases)),
+                text: t.my_leases,
+            },
+            acquire: Statement {
+                name: concat!("group_", stringify!(acquire)),
+                text: t.acquire,
+            },
+            save_checkpoints: Statement {
+                name: concat!("group_", stringify!(save_checkpoints)),
+                text: t.save_checkpoints,
+            },
+            release: Statement {
+                name: concat!("group_", stringify!(release)),
+                text: t.release,
+            },
+            leave: Statement {
+                name: concat!("group_", stringify!(leave)),
+                text: t.leave,
+            },
+            fence: Statement {
+                name: concat!("group_", stringify!(fence)),
+                text: t.fence,
+            },
+            read: Statement {
+                name: concat!("group_", stringify!(read)),
+                text: t.read,
+            },
+            list_members: Statement {
+                name: concat!("group_", stringify!(list_members)),
+                text: t.list_members,
+            },
+            list_partitions: Statement {
+                name: concat!("group_", stringify!(list_partitions)),
+                text: t.list_partitions,
+            },
+            list_groups: Statement {
+                name: concat!("group_", stringify!(list_groups)),
+                text: t.list_groups,
+            },
+            reset: Statement {
+                name: concat!("group_", stringify!(reset)),
+                text: t.reset,
+            },
+        }
+    }
+}
+
+/// The texts of the consumer groups' statements, before they are named.
+#[derive(Debug)]
+struct GroupText {
+    create_partitions: String,
+    count_partitions: String,
+    join: String,
+    heartbeat: String,
+    live_members: String,
+    my_leases: String,
+    acquire: String,
+    save_checkpoints: String,
+    release: String,
+    leave: String,
+    fence: String,
+    read: String,
+    list_members: String,
+    list_partitions: String,
+    list_groups: String,
+    reset: String,
+}
+
+impl GroupText {
+    fn new(schema: &str) -> GroupText {
+        let s = quote(schema);
+        let events = format!("{s}.events");
+        let horizon = format!("{s}.feed_horizon(pg_current_snapshot())");
+        let members = format!("{s}.group_members");
+        let leases = format!("{s}.group_leases");
+        let checkpoints = format!("{s}.group_checkpoints");
+        let ms = "::bigint * interval '1 millisecond'";
+        GroupText {
+            // Only for a group that has no partitions yet (under the join's lock), so
+            // that members configured with another count cannot add rows to it.
+            create_partitions: format!(
+                "INSERT INTO {leases} (group_name, partition)
+                 SELECT $1, p FROM generate_series(0, $2::int - 1) p
+                  WHERE NOT EXISTS (SELECT 1 FROM {leases} WHERE group_name = $1)"
+            ),
+            count_partitions: format!("SELECT count(*) FROM {leases} WHERE group_name = $1"),
+            join: format!(
+                "INSERT INTO {members} (group_name, member_id, info, expires_at)
+                 VALUES ($1, $2, $3, clock_timestamp() + $4{ms})
+                 ON CONFLICT DO NOTHING"
+            ),
+            // The database's clock decides when a member expires, never the members'.
+            heartbeat: format!(
+                "UPDATE {members} SET heartbeat_at = clock_timestamp(),
+                        expires_at = clock_timestamp() + $3{ms}
+                  WHERE group_name = $1 AND member_id = $2
+                 RETURNING 1"
+            ),
+            // Removes the members whose heartbeats stopped (a renewal that commits first
+            // wins: the DELETE re-checks the row it waited for), then lists the others in
+            // the order that decides who gets the odd partitions.
+            live_members: format!(
+                "WITH reaped AS (
+                     DELETE FROM {members} WHERE group_name = $1 AND expires_at < clock_timestamp()
+                     RETURNING member_id)
+                 SELECT m.member_id FROM {members} m
+                  WHERE m.group_name = $1 AND m.expires_at >= clock_timestamp()
+                    AND m.member_id NOT IN (SELECT member_id FROM reaped)
+                  ORDER BY m.joined_at, m.member_id"
+            ),
+            my_leases: format!(
+                "SELECT partition, epoch FROM {leases} WHERE group_name = $1 AND owner = $2"
+            ),
+            // Takes up to $3 partitions that nobody holds: no owner, or an owner that is
+            // no longer a member (removed after its heartbeats stopped; member ids are
+            // never reused). Rows locked by a former owner's transaction that is still
+            // open (a fenced handler transaction) are skipped until it ends.
+            acquire: format!(
+                "WITH free AS (
+                     SELECT l.partition FROM {leases} l
+                      WHERE l.group_name = $1
+                        AND (l.owner IS NULL OR NOT EXISTS (
+                             SELECT 1 FROM {members} m
+                              WHERE m.group_name = $1 AND m.member_id = l.owner))
+                      ORDER BY l.partition LIMIT $3
+                      FOR UPDATE SKIP LOCKED
+                 ), took AS (
+                     UPDATE {leases} l SET owner = $2, epoch = l.epoch + 1, acquired_at = now()
+                       FROM free
+                      WHERE l.group_name = $1 AND l.partition = free.partition
+                        AND EXISTS (SELECT 1 FROM {members} m
+                                     WHERE m.group_name = $1 AND m.member_id = $2)
+                     RETURNING l.partition, l.epoch
+                 )
+                 SELECT t.partition, t.epoch, c.position FROM took t
+                   LEFT JOIN {checkpoints} c ON c.group_name = $1 AND c.partition = t.partition
+                  ORDER BY t.partition"
+            ),
+            // Fenced: only the partitions this member still holds with these epochs,
+            // their lease rows share-locked so that no takeover commits in between.
+            save_checkpoints: format!(
+                "WITH held AS (
+                     SELECT l.partition, t.pos FROM {leases} l
+                       JOIN unnest($3::int[], $4::bigint[], $5::bigint[]) AS t(p, e, pos)
+                         ON l.partition = t.p AND l.epoch = t.e
+                      WHERE l.group_name = $1 AND l.owner = $2
+                      ORDER BY l.partition FOR SHARE OF l)
+                 INSERT INTO {checkpoints} AS c (group_name, partition, position)
+                 SELECT $1, partition, pos FROM held
+                 ON CONFLICT (group_name, partition) DO UPDATE
+                   SET position = excluded.position, updated_at = now()
+                 RETURNING c.partition"
+            ),
+            release: format!(
+                "UPDATE {leases} l SET owner = NULL
+                   FROM unnest($3::int[], $4::bigint[]) AS t(p, e)
+                  WHERE l.group_name = $1 AND l.owner = $2 AND l.partition = t.p
+                    AND l.epoch = t.e
+                 RETURNING l.partition"
+            ),
+            leave: format!(
+                "WITH gone AS (
+                     DELETE FROM {members} WHERE group_name = $1 AND member_id = $2)
+                 UPDATE {leases} SET owner = NULL WHERE group_name = $1 AND owner = $2"
+            ),
+            // Inside a transactional handler's transaction: locks the lease rows of its
+            // events' partitions (in partition order) and returns those still held with
+            // these epochs. A takeover waits for this transaction; a transaction that
+            // comes after a takeover finds the new epoch and handles nothing.
+            fence: format!(
+                "SELECT l.partition FROM {leases} l
+                   JOIN unnest($2::int[], $3::bigint[]) AS t(p, e)
+                     ON l.partition = t.p AND l.epoch = t.e
+                  WHERE l.group_name = $1 AND l.owner = $4
+                  ORDER BY l.partition FOR SHARE OF l"
+            ),
+            // A page of the events of some partitions below the `$all` horizon, with each
+            // event's partition, and the horizon and tip on every row (one row of NULL
+            // events when the page is empty).
+            read: format!(
+                "WITH h AS MATERIALIZED (SELECT f.horizon, f.tip FROM {horizon} f),
+                 page AS (
+                     SELECT {COLUMNS}, {part} AS partition FROM {events}
+                      WHERE global_position > $1 AND global_position < (SELECT horizon FROM h)
+                        AND {part} = ANY($2::int[])
+                        AND ($4::text IS NULL OR starts_with(stream_id, $4::text))
+                        AND ($5::text[] IS NULL OR event_type = ANY($5::text[]))
+                      ORDER BY global_position LIMIT $6)
+                 SELECT page.*, h.horizon, h.tip FROM h LEFT JOIN page ON true
+                  ORDER BY page.global_position",
+                part = partition_of("stream_id", "$3")
+            ),
+            list_members: format!(
+                "SELECT m.member_id, m.info, m.joined_at, m.heartbeat_at,
+                        extract(epoch FROM m.expires_at - clock_timestamp())::float8,
+                        ARRAY(SELECT l.partition FROM {leases} l
+                               WHERE l.group_name = m.group_name AND l.owner = m.member_id
+                               ORDER BY l.partition)
+                   FROM {members} m WHERE m.group_name = $1
+                  ORDER BY m.joined_at, m.member_id"
+            ),
+            // Each partition's lease and checkpoint, and the events after its checkpoint
+            // that `$all` readers can see (one scan from the lowest checkpoint).
+            list_partitions: format!(
+                "WITH h AS MATERIALIZED (SELECT horizon FROM {horizon}),
+                 g AS MATERIALIZED (
+                     SELECT count(*) AS n, min(COALESCE(c.position, -1)) AS lo
+                       FROM {leases} l LEFT JOIN {checkpoints} c USING (group_name, partition)
+                      WHERE l.group_name = $1),
+                 lag AS (
+                     SELECT p.partition, count(*) AS n FROM (
+                         SELECT {part} AS partition, e.global_position
+                           FROM {events} e, g
+                          WHERE e.global_position > g.lo
+                            AND e.global_position < (SELECT horizon FROM h)) p
+                       LEFT JOIN {checkpoints} c ON c.group_name = $1 AND c.partition = p.partition
+                      WHERE p.global_position > COALESCE(c.position, -1)
+                      GROUP BY p.partition)
+                 SELECT l.partition, l.owner, l.epoch, l.acquired_at,
+                        m.member_id IS NOT NULL AND m.expires_at >= clock_timestamp(),
+                        c.position, c.updated_at, COALESCE(lag.n, 0)
+                   FROM {leases} l
+                   LEFT JOIN {checkpoints} c USING (group_name, partition)
+                   LEFT JOIN {members} m ON m.group_name = l.group_name AND m.member_id = l.owner
+                   LEFT JOIN lag ON lag.partition = l.partition
+                  WHERE l.group_name = $1
+                  ORDER BY l.partition",
+                part = partition_of("e.stream_id", "(SELECT n FROM g)")
+            ),
+            // Every group: partitions, the lowest checkpoint (NULL while a partition has
+            // none), the last checkpoint write, the events after each partition's
+            // checkpoint that `$all` readers can see, and the live members.
+            list_groups: format!(
+                "WITH h AS MATERIALIZED (SELECT horizon FROM {horizon}),
+                 g AS (
+                     SELECT l.group_name, count(*) AS n, min(COALESCE(c.position, -1)) AS lo,
+                            bool_and(c.position IS NOT NULL) AS all_set,
+                            max(c.updated_at) AS updated_at
+                       FROM {leases} l LEFT JOIN {checkpoints} c USING (group_name, partition)
+                      GROUP BY l.group_name)
+                 SELECT g.group_name, g.n, CASE WHEN g.all_set THEN g.lo END, g.updated_at,
+                        (SELECT count(*) FROM {events} e
+                           LEFT JOIN {checkpoints} c
+                             ON c.group_name = g.group_name AND c.partition = {part}
+                          WHERE e.global_position > g.lo
+                            AND e.global_position < (SELECT horizon FROM h)
+                            AND e.global_position > COALESCE(c.position, -1)),
+                        (SELECT count(*) FROM {members} m
+                          WHERE m.group_name = g.group_name
+                            AND m.expires_at >= clock_timestamp())
+                   FROM g ORDER BY g.group_name",
+                part = partition_of("e.stream_id", "g.n")
+            ),
+            reset: format!(
+                "WITH c AS (DELETE FROM {checkpoints} WHERE group_name = $1 RETURNING 1),
+                      l AS (DELETE FROM {leases} WHERE group_name = $1),
+                      m AS (DELETE FROM {members} WHERE group_name = $1)
+                 SELECT count(*) FROM c"
             ),
         }
     }

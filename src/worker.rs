@@ -73,9 +73,49 @@ type TxHandler =
     dyn Fn(&mut Transaction<'_>, &RecordedEvent) -> Result<(), HandlerError> + Send + Sync;
 
 #[derive(Clone)]
-enum Handler {
+pub(crate) enum Handler {
     Plain(Arc<PlainHandler>),
     Tx(Arc<TxHandler>),
+}
+
+/// One event on its way to a handler thread.
+pub(crate) struct Job {
+    pub(crate) seq: u64,
+    pub(crate) event: RecordedEvent,
+    /// In a consumer group: the lease of the event's partition it was read under.
+    pub(crate) lease: Option<Lease>,
+}
+
+/// A consumer group member's hold on one partition: the partition and the epoch (the
+/// count of acquisitions) it was acquired with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Lease {
+    pub(crate) partition: i32,
+    pub(crate) epoch: i64,
+}
+
+/// What a consumer group member adds to its handler threads (implemented in `group.rs`):
+/// plain handlers run only while the member's lease is valid by its own clock, and
+/// transactional handlers only in a transaction that has locked the lease rows and found
+/// them still held.
+pub(crate) trait Fence: Send + Sync {
+    /// Before a plain handler call: waits while the member's leases have lapsed by its
+    /// own clock (a heartbeat may renew them), and says whether `lease` is still held.
+    /// `false`: the event is dropped unfinished, for the partition's next owner.
+    fn hold(&self, lease: Lease, abort: &AtomicBool) -> bool;
+    /// The statement [`Fence::check`] runs, prepared on `conn` before its transaction.
+    fn prepare(&self, store: &Store, conn: &mut Conn) -> Result<Statement>;
+    /// Inside a transactional handler's transaction, before the handler runs: locks the
+    /// lease rows of `leases` until the transaction ends and returns the partitions still
+    /// held with those epochs.
+    fn check(
+        &self,
+        tx: &mut Transaction<'_>,
+        statement: &Statement,
+        leases: &[Lease],
+    ) -> Result<Vec<i32>>;
+    /// Counts events that a handler thread dropped because their lease was gone.
+    fn revoked(&self, events: u64);
 }
 
 /// Runs a handler over the events of the log, from the processor's checkpoint on.
@@ -106,17 +146,17 @@ enum Handler {
 /// # Ok::<(), pg_eventstore::Error>(())
 /// ```
 pub struct Worker {
-    store: Store,
-    name: String,
-    threads: usize,
+    pub(crate) store: Store,
+    pub(crate) name: String,
+    pub(crate) threads: usize,
     /// Which events: the category and event type filters of a `$all` read.
-    filter: ReadAll,
-    checkpoint_interval: Duration,
+    pub(crate) filter: ReadAll,
+    pub(crate) checkpoint_interval: Duration,
     retries: u32,
     retry_delay: Duration,
     on_failure: OnFailure,
-    if_locked: IfLocked,
-    batch: Batch,
+    pub(crate) if_locked: IfLocked,
+    pub(crate) batch: Batch,
 }
 
 impl fmt::Debug for Worker {
@@ -312,7 +352,7 @@ impl Worker {
         self.run(Handler::Tx(Arc::new(handler)), Mode::Batch, stop)
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         validate_processor_name(&self.name)?;
         if self.batch.max_events == 0 {
             return Err(Error::InvalidInput(
@@ -373,7 +413,7 @@ impl Worker {
         // Declared first, so dropped last: on every way out of this function (an error
         // returned with `?` too) the dispatcher joins the handler threads before it
         // releases the lock, and the tracker's last write comes before both.
-        let mut dispatcher = Dispatcher::start(&self, handler, lock);
+        let mut dispatcher = Dispatcher::start(&self, handler, Box::new(lock), None, QUEUE);
         let mut tracker = self
             .store
             .tracker(&self.name)?
@@ -410,7 +450,11 @@ impl Worker {
                 Some(Ok(event)) => {
                     flight.push(seq, event.position);
                     scan.dispatched(event.position);
-                    if !dispatcher.send(seq, event) {
+                    if !dispatcher.send(Job {
+                        seq,
+                        event,
+                        lease: None,
+                    }) {
                         break; // a handler thread is gone: only after a fatal failure
                     }
                     seq += 1;
@@ -487,40 +531,51 @@ impl Worker {
                     fatal.get_or_insert(e);
                     continue;
                 }
+                Outcome::Revoked => continue, // only in consumer groups
             }
             flight.finish(d.seq);
         }
     }
 }
 
-/// The handler threads of one run, with the processor lock.
+/// The handler threads of one run, with the processor lock (or a group membership).
 ///
 /// Dropped on any path (an error returned early included), it closes the queues, tells
 /// the threads to skip what is still queued, waits for them, and only then releases the
 /// lock: once another instance can take the lock, no thread of this one is running a
 /// handler. [`Dispatcher::finish`] is the graceful end, where the threads drain their
 /// queues first.
-struct Dispatcher {
-    queues: Vec<Sender<(u64, RecordedEvent)>>,
+pub(crate) struct Dispatcher {
+    queues: Vec<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
     /// Set by a thread whose handler failed for good, and by `drop`: queued events are
     /// skipped, unfinished, so the checkpoint stays before them.
     abort: Arc<AtomicBool>,
     done: Receiver<Done>,
-    /// Released after the threads have ended (fields drop after `Drop::drop`).
-    _lock: ProcessorLock,
+    /// Released after the threads have ended (fields drop after `Drop::drop`): the
+    /// processor lock of a worker, the membership of a group member.
+    _guard: Box<dyn Send>,
 }
 
 impl Dispatcher {
-    fn start(worker: &Worker, handler: Handler, lock: ProcessorLock) -> Dispatcher {
+    /// `queue`: events queued per thread before a send waits.
+    pub(crate) fn start(
+        worker: &Worker,
+        handler: Handler,
+        guard: Box<dyn Send>,
+        fence: Option<Arc<dyn Fence>>,
+        queue: usize,
+    ) -> Dispatcher {
         let abort = Arc::new(AtomicBool::new(false));
         let (done_tx, done) = unbounded::<Done>();
         let mut queues = Vec::new();
         let mut threads = Vec::new();
         for i in 0..worker.threads {
-            let (tx, rx) = bounded::<(u64, RecordedEvent)>(QUEUE);
+            let (tx, rx) = bounded::<Job>(queue);
             queues.push(tx);
-            let ctx = ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
+            let mut ctx =
+                ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
+            ctx.fence = fence.clone();
             threads.push(
                 thread::Builder::new()
                     .name(format!("pg-eventstore-handler-{i}"))
@@ -533,28 +588,44 @@ impl Dispatcher {
             threads,
             abort,
             done,
-            _lock: lock,
+            _guard: guard,
         }
     }
 
     /// Queues an event on its stream's thread; `false` when that thread is gone.
-    fn send(&self, seq: u64, event: RecordedEvent) -> bool {
-        let queue = &self.queues[thread_for(&event.stream_id, self.queues.len())];
-        queue.send((seq, event)).is_ok()
+    fn send(&self, job: Job) -> bool {
+        let queue = &self.queues[thread_for(&job.event.stream_id, self.queues.len())];
+        queue.send(job).is_ok()
     }
 
-    fn done(&self) -> &Receiver<Done> {
+    /// Queues an event on its stream's thread, waiting at most `wait` for room: the job
+    /// comes back in `Ok(Some(..))` when there was none, and `Err` says the thread is
+    /// gone.
+    pub(crate) fn send_within(
+        &self,
+        job: Job,
+        wait: Duration,
+    ) -> std::result::Result<Option<Job>, ()> {
+        let queue = &self.queues[thread_for(&job.event.stream_id, self.queues.len())];
+        match queue.send_timeout(job, wait) {
+            Ok(()) => Ok(None),
+            Err(crossbeam_channel::SendTimeoutError::Timeout(job)) => Ok(Some(job)),
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => Err(()),
+        }
+    }
+
+    pub(crate) fn done(&self) -> &Receiver<Done> {
         &self.done
     }
 
     /// Whether a handler failed for good (the worker then stops).
-    fn has_failed(&self) -> bool {
+    pub(crate) fn has_failed(&self) -> bool {
         self.abort.load(Ordering::Relaxed)
     }
 
     /// Closes the queues and waits until the threads have handled what is in them.
     /// Returns whether a thread panicked.
-    fn finish(&mut self) -> bool {
+    pub(crate) fn finish(&mut self) -> bool {
         self.queues.clear();
         let mut panicked = false;
         for t in self.threads.drain(..) {
@@ -737,19 +808,15 @@ fn with_handler_statements<T>(conn: &mut Conn, f: impl FnOnce(&mut Conn) -> T) -
 
 /// How a transactional handler's thread groups events into one transaction.
 #[derive(Clone, Copy, Debug)]
-struct Batch {
-    max_events: usize,
+pub(crate) struct Batch {
+    pub(crate) max_events: usize,
     max_wait: Duration,
 }
 
 impl Batch {
     /// `first` and what follows it on the queue: at most `max_events`, waiting at most
     /// `max_wait` for more.
-    fn collect(
-        &self,
-        first: (u64, RecordedEvent),
-        rx: &Receiver<(u64, RecordedEvent)>,
-    ) -> Vec<(u64, RecordedEvent)> {
+    fn collect(&self, first: Job, rx: &Receiver<Job>) -> Vec<Job> {
         let deadline = Instant::now() + self.max_wait;
         let mut batch = vec![first];
         while batch.len() < self.max_events {
@@ -809,17 +876,32 @@ impl InFlight {
     }
 }
 
-struct Done {
-    seq: u64,
-    retries: u32,
-    outcome: Outcome,
+/// What a handler thread did with one event.
+pub(crate) struct Done {
+    pub(crate) seq: u64,
+    pub(crate) retries: u32,
+    pub(crate) outcome: Outcome,
+    /// The lease the event was dispatched under (consumer groups).
+    pub(crate) lease: Option<Lease>,
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Handled,
     Skipped,
     Parked,
     Failed(Error),
+    /// Not handled: the member no longer holds the event's partition (consumer groups).
+    Revoked,
+}
+
+/// What a transactional handler's transaction did with one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TxOutcome {
+    Handled,
+    /// An earlier transaction had committed it (its claim was there).
+    Skipped,
+    /// The lease of its partition was gone (consumer groups): nothing was written.
+    Revoked,
 }
 
 struct ThreadContext {
@@ -835,6 +917,8 @@ struct ThreadContext {
     /// dead letter, not the per-stream claim (which later events have moved past).
     replay: bool,
     batch: Batch,
+    /// In a consumer group: the lease checks.
+    fence: Option<Arc<dyn Fence>>,
 }
 
 impl ThreadContext {
@@ -855,10 +939,11 @@ impl ThreadContext {
             done,
             replay: false,
             batch: worker.batch,
+            fence: None,
         }
     }
 
-    fn run(self, rx: Receiver<(u64, RecordedEvent)>) {
+    fn run(self, rx: Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             if self.failed.load(Ordering::Relaxed) {
                 continue; // after a fatal failure nothing more is handled: order matters
@@ -874,27 +959,39 @@ impl ThreadContext {
     }
 
     /// Handles one event on its own, with retries, and reports it.
-    fn one(&self, (seq, event): (u64, RecordedEvent)) {
+    fn one(&self, job: Job) {
         if self.failed.load(Ordering::Relaxed) {
             return;
         }
         // A panicking handler is a fatal failure like any other: the worker stops with
         // the checkpoint before the event, instead of running on without this thread.
-        let (outcome, retries) =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(&event)))
-                .unwrap_or_else(|_| {
-                    let panicked = Error::HandlerPanicked {
-                        processor: self.name.clone(),
-                    };
-                    (Outcome::Failed(panicked), 0)
-                });
-        if matches!(outcome, Outcome::Failed(_)) {
-            self.failed.store(true, Ordering::Relaxed);
+        let (outcome, retries) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.handle(&job.event, job.lease)
+        }))
+        .unwrap_or_else(|_| {
+            let panicked = Error::HandlerPanicked {
+                processor: self.name.clone(),
+            };
+            (Outcome::Failed(panicked), 0)
+        });
+        self.report(job.seq, job.lease, retries, outcome);
+    }
+
+    fn report(&self, seq: u64, lease: Option<Lease>, retries: u32, outcome: Outcome) {
+        match &outcome {
+            Outcome::Failed(_) => self.failed.store(true, Ordering::Relaxed),
+            Outcome::Revoked => {
+                if let Some(f) = &self.fence {
+                    f.revoked(1);
+                }
+            }
+            _ => {}
         }
         let _ = self.done.send(Done {
             seq,
             retries,
             outcome,
+            lease,
         });
     }
 
@@ -902,7 +999,7 @@ impl ThreadContext {
     /// it fails, it is rolled back and the events are handled one by one instead, each
     /// in its own transaction with the worker's retries, so that a failing event gets
     /// the same treatment (retries, then stop or park) as without grouping.
-    fn in_batch(&self, h: &TxHandler, batch: Vec<(u64, RecordedEvent)>) {
+    fn in_batch(&self, h: &TxHandler, batch: Vec<Job>) {
         // A panic in the group rolls it back like an error; handled one by one, the
         // event that panics then stops the worker.
         let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -910,17 +1007,14 @@ impl ThreadContext {
         }))
         .unwrap_or_else(|_| Err("a handler panicked".into()));
         match committed {
-            Ok(handled) => {
-                for ((seq, _), handled) in batch.iter().zip(handled) {
-                    let outcome = match handled {
-                        true => Outcome::Handled,
-                        false => Outcome::Skipped,
+            Ok(outcomes) => {
+                for (job, outcome) in batch.iter().zip(outcomes) {
+                    let outcome = match outcome {
+                        TxOutcome::Handled => Outcome::Handled,
+                        TxOutcome::Skipped => Outcome::Skipped,
+                        TxOutcome::Revoked => Outcome::Revoked,
                     };
-                    let _ = self.done.send(Done {
-                        seq: *seq,
-                        retries: 0,
-                        outcome,
-                    });
+                    self.report(job.seq, job.lease, 0, outcome);
                 }
             }
             Err(e) => {
@@ -937,14 +1031,11 @@ impl ThreadContext {
         }
     }
 
-    /// One transaction: reads and locks the claims of the group's streams, runs the
-    /// handler on every event not claimed yet, moves the claims, commits. Returns which
-    /// events were handled (`false`: an earlier run had committed them).
-    fn commit_batch(
-        &self,
-        h: &TxHandler,
-        batch: &[(u64, RecordedEvent)],
-    ) -> Result<Vec<bool>, HandlerError> {
+    /// One transaction: (in a consumer group, locks the leases of the events'
+    /// partitions and leaves out the events of partitions no longer held,) reads and
+    /// locks the claims of the group's streams, runs the handler on every event not
+    /// claimed yet, moves the claims, commits. Returns what happened to each event.
+    fn commit_batch(&self, h: &TxHandler, batch: &[Job]) -> Result<Vec<TxOutcome>, HandlerError> {
         let mut conn: Conn = self.store.conn()?;
         with_handler_statements(&mut conn, |conn| self.commit_batch_on(conn, h, batch))
     }
@@ -953,15 +1044,37 @@ impl ThreadContext {
         &self,
         conn: &mut Conn,
         h: &TxHandler,
-        batch: &[(u64, RecordedEvent)],
-    ) -> Result<Vec<bool>, HandlerError> {
+        batch: &[Job],
+    ) -> Result<Vec<TxOutcome>, HandlerError> {
         let sql = &self.store.sql();
         let read = self.store.prepared(conn, &sql.read_claims)?;
         let write = self.store.prepared(conn, &sql.write_claims)?;
-        let mut streams: Vec<&str> = batch.iter().map(|(_, e)| e.stream_id.as_str()).collect();
+        let fence = match &self.fence {
+            Some(f) => Some((f, f.prepare(&self.store, conn)?)),
+            None => None,
+        };
+        let mut tx = conn.transaction()?;
+        let revoked = match &fence {
+            Some((f, statement)) => {
+                let mut leases: Vec<Lease> = batch.iter().filter_map(|j| j.lease).collect();
+                leases.sort_unstable_by_key(|l| (l.partition, l.epoch));
+                leases.dedup();
+                let held = f.check(&mut tx, statement, &leases)?;
+                batch
+                    .iter()
+                    .map(|j| j.lease.is_some_and(|l| !held.contains(&l.partition)))
+                    .collect()
+            }
+            None => vec![false; batch.len()],
+        };
+        let mut streams: Vec<&str> = batch
+            .iter()
+            .zip(&revoked)
+            .filter(|(_, r)| !**r)
+            .map(|(j, _)| j.event.stream_id.as_str())
+            .collect();
         streams.sort_unstable();
         streams.dedup();
-        let mut tx = conn.transaction()?;
         // stream -> (claimed version, whether a claim row exists, last version handled here)
         let mut claims: HashMap<&str, (Option<i64>, bool, Option<i64>)> =
             streams.iter().map(|s| (*s, (None, false, None))).collect();
@@ -972,18 +1085,23 @@ impl ThreadContext {
             }
         }
         let mut handled = Vec::with_capacity(batch.len());
-        for (_, event) in batch {
+        for (job, revoked) in batch.iter().zip(revoked) {
+            if revoked {
+                handled.push(TxOutcome::Revoked);
+                continue;
+            }
+            let event = &job.event;
             let claim = claims
                 .get_mut(event.stream_id.as_str())
                 .expect("every stream of the group");
             let version = event.version as i64;
             if claim.0.is_some_and(|c| c >= version) {
-                handled.push(false);
+                handled.push(TxOutcome::Skipped);
                 continue;
             }
             h(&mut tx, event)?;
             claim.2 = Some(version);
-            handled.push(true);
+            handled.push(TxOutcome::Handled);
         }
         let (mut ids, mut versions, mut existed) = (Vec::new(), Vec::new(), Vec::new());
         for (stream, (_, exists, last)) in &claims {
@@ -1007,17 +1125,21 @@ impl ThreadContext {
         Ok(handled)
     }
 
-    fn handle(&self, event: &RecordedEvent) -> (Outcome, u32) {
+    fn handle(&self, event: &RecordedEvent, lease: Option<Lease>) -> (Outcome, u32) {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let result = match &self.handler {
-                Handler::Plain(h) => h(event).map(|()| true),
-                Handler::Tx(h) => self.in_transaction(h.as_ref(), event),
+                Handler::Plain(h) => match (&self.fence, lease) {
+                    (Some(f), Some(l)) if !f.hold(l, &self.failed) => Ok(TxOutcome::Revoked),
+                    _ => h(event).map(|()| TxOutcome::Handled),
+                },
+                Handler::Tx(h) => self.in_transaction(h.as_ref(), event, lease),
             };
             match result {
-                Ok(true) => return (Outcome::Handled, attempt - 1),
-                Ok(false) => return (Outcome::Skipped, attempt - 1),
+                Ok(TxOutcome::Handled) => return (Outcome::Handled, attempt - 1),
+                Ok(TxOutcome::Skipped) => return (Outcome::Skipped, attempt - 1),
+                Ok(TxOutcome::Revoked) => return (Outcome::Revoked, attempt - 1),
                 Err(e) if attempt <= self.retries => {
                     let wait = retry_wait(self.retry_delay, attempt);
                     crate::metrics::worker_error(&self.name, "handler");
@@ -1065,11 +1187,18 @@ impl ThreadContext {
         }
     }
 
-    /// Runs a transactional handler after claiming the event for this processor.
-    /// Returns `Ok(false)` when an earlier run already committed it.
-    fn in_transaction(&self, h: &TxHandler, event: &RecordedEvent) -> Result<bool, HandlerError> {
+    /// Runs a transactional handler after claiming the event for this processor (in a
+    /// consumer group, after checking the lease of its partition).
+    fn in_transaction(
+        &self,
+        h: &TxHandler,
+        event: &RecordedEvent,
+        lease: Option<Lease>,
+    ) -> Result<TxOutcome, HandlerError> {
         let mut conn: Conn = self.store.conn()?;
-        with_handler_statements(&mut conn, |conn| self.in_transaction_on(conn, h, event))
+        with_handler_statements(&mut conn, |conn| {
+            self.in_transaction_on(conn, h, event, lease)
+        })
     }
 
     fn in_transaction_on(
@@ -1077,8 +1206,27 @@ impl ThreadContext {
         conn: &mut Conn,
         h: &TxHandler,
         event: &RecordedEvent,
-    ) -> Result<bool, HandlerError> {
+        lease: Option<Lease>,
+    ) -> Result<TxOutcome, HandlerError> {
         let sql = &self.store.sql();
+        if let (Some(f), Some(lease)) = (&self.fence, lease) {
+            let statement = f.prepare(&self.store, conn)?;
+            let claim = self.store.prepared(conn, &sql.claim_stream_version)?;
+            let mut tx = conn.transaction()?;
+            if f.check(&mut tx, &statement, &[lease])?.is_empty() {
+                return Ok(TxOutcome::Revoked);
+            }
+            let claimed = tx.query_opt(
+                &claim,
+                &[&self.name, &event.stream_id, &(event.version as i64)],
+            )?;
+            if claimed.is_none() {
+                return Ok(TxOutcome::Skipped);
+            }
+            h(&mut tx, event)?;
+            tx.commit()?;
+            return Ok(TxOutcome::Handled);
+        }
         let claimed = if self.replay {
             let take = self.store.prepared(conn, &sql.take_dead_letter)?;
             let mut tx = conn.transaction()?;
@@ -1095,11 +1243,11 @@ impl ThreadContext {
         };
         let (mut tx, claimed) = claimed;
         if claimed.is_none() {
-            return Ok(false); // the transaction rolls back on drop
+            return Ok(TxOutcome::Skipped); // the transaction rolls back on drop
         }
         h(&mut tx, event)?;
         tx.commit()?;
-        Ok(true)
+        Ok(TxOutcome::Handled)
     }
 
     fn park(&self, event: &RecordedEvent, attempts: u32, error: &Error) -> Result<()> {
@@ -1190,14 +1338,14 @@ impl Worker {
                 summary.missing += 1;
                 continue;
             };
-            match ctx.handle(&event).0 {
+            match ctx.handle(&event, None).0 {
                 Outcome::Handled => {
                     if plain {
                         self.store.delete_dead_letter(&self.name, event.id)?;
                     }
                     summary.replayed += 1;
                 }
-                Outcome::Skipped => {} // removed meanwhile, by another replay
+                Outcome::Skipped | Outcome::Revoked => {} // removed meanwhile, by another replay
                 Outcome::Parked => summary.failed += 1,
                 Outcome::Failed(e) => return Err(e),
             }
@@ -1238,6 +1386,10 @@ pub struct WorkerStopper {
 }
 
 impl WorkerStopper {
+    pub(crate) fn new(stop: Arc<AtomicBool>) -> WorkerStopper {
+        WorkerStopper { stop }
+    }
+
     /// Asks the worker to stop: it finishes the events in flight, writes its checkpoint,
     /// and ends (within about 50 ms plus the handler calls in flight). Does not wait.
     pub fn stop(&self) {

@@ -23,7 +23,7 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         .collect();
     assert_eq!(
         workloads,
-        ["W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "W7", "M1", "P1", "P2"],
+        ["W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "W7", "M1", "P1", "P2", "G1"],
         "{stdout}"
     );
     for l in &lines {

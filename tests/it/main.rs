@@ -12,6 +12,7 @@ mod cli;
 mod examples;
 mod faults;
 mod feed;
+mod group;
 mod import;
 mod loadgen;
 mod migrate;

@@ -177,7 +177,35 @@ fn three_subscribers_get_exactly_the_committed_events_across_listener_kills() ->
         && done(&from_middle.0, expected_middle.len())
         && done(&live.0, must_live.len()))
     {
-        assert!(Instant::now() < deadline, "subscribers did not catch up");
+        if Instant::now() >= deadline {
+            let got: HashSet<Uuid> = from_start.0.lock().unwrap().iter().map(|g| g.1).collect();
+            let delivered: Vec<u64> = from_start.0.lock().unwrap().iter().map(|g| g.0).collect();
+            for w in written.iter().filter(|w| !got.contains(&w.id)) {
+                let before = delivered.iter().filter(|p| **p < w.position).max();
+                let after = delivered.iter().filter(|p| **p > w.position).min();
+                eprintln!(
+                    "missing: position {} (xid {}), delivered around it: {:?} / {:?}, \
+                     began {:?} committed {:?} after the start",
+                    w.position,
+                    w.position >> 20,
+                    before.map(|p| (p, p >> 20)),
+                    after.map(|p| (p, p >> 20)),
+                    w.began - started,
+                    w.committed - started
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscribers did not catch up: {} of {}, {} of {}, {} of {} (live); feed: {:?}",
+            from_start.0.lock().unwrap().len(),
+            expected_all.len(),
+            from_middle.0.lock().unwrap().len(),
+            expected_middle.len(),
+            live.0.lock().unwrap().len(),
+            must_live.len(),
+            t.feed_status()
+        );
         thread::sleep(Duration::from_millis(20));
     }
     thread::sleep(Duration::from_millis(500));
