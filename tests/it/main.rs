@@ -13,6 +13,7 @@ mod examples;
 mod faults;
 mod feed;
 mod import;
+mod lifecycle;
 mod loadgen;
 mod migrate;
 mod ops;
