@@ -89,8 +89,8 @@ END
 $body$;
 INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (4, 'create the feed floor and horizon');
 
--- 0005 stream lifecycle: immutable events
-CREATE FUNCTION "eventstore".events_are_immutable() RETURNS trigger
+-- 0005 stream lifecycle: immutable events, stream metadata
+CREATE TABLE "eventstore"."stream_metadata" ("stream_id" TEXT PRIMARY KEY NOT NULL, "version" BIGINT NOT NULL, "metadata" JSONB NOT NULL, "updated_at" TIMESTAMPTZ DEFAULT CURRENT_TIMESTAMP NOT NULL, CONSTRAINT "stream_metadata_is_object" CHECK (jsonb_typeof(metadata) = 'object'));CREATE FUNCTION "eventstore".events_are_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $body$
 BEGIN
     IF TG_OP = 'DELETE' AND current_setting('pg_eventstore.lifecycle', true) = 'on' THEN
@@ -105,5 +105,5 @@ END
 $body$;CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON "eventstore".events
     FOR EACH ROW EXECUTE FUNCTION "eventstore".events_are_immutable();CREATE TRIGGER events_are_not_truncated BEFORE TRUNCATE ON "eventstore".events
     FOR EACH STATEMENT EXECUTE FUNCTION "eventstore".events_are_immutable();
-INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (5, 'stream lifecycle: immutable events');
+INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (5, 'stream lifecycle: immutable events, stream metadata');
 COMMIT;

@@ -254,7 +254,7 @@
 //! | connections | `tls`, `connect`, `metrics`, `horizon`, `retry` | TLS, connecting within a deadline, metrics and spans, the `$all` horizon's data, the one backoff policy |
 //! | services | `listener`, `health` | the wake-up hub (LISTEN, coalesced NOTIFY), health checks and outage events |
 //! | the store | `store` | the pool, the statement cache, appends, and `Store::run` (checkout, prepare, query, error mapping, retry) |
-//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin |
+//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor`, `lifecycle` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin, stream metadata, deletes and scavenging |
 //! | workers | `worker` | handler threads over a subscription, with checkpoints |
 //! | the tool | `main.rs` (feature `cli`) | the `pg-eventstore` command line, on the public API only |
 #![warn(
@@ -274,6 +274,7 @@ mod health;
 mod horizon;
 mod import;
 mod jsonl;
+mod lifecycle;
 mod listener;
 mod metrics;
 mod migrate;
@@ -299,6 +300,9 @@ pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::horizon::{FeedStatus, HeldBack};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::jsonl::JsonLines;
+pub use crate::lifecycle::{
+    StreamMetadata, MAX_AGE, MAX_AGE_LIMIT_SECS, MAX_COUNT, TRUNCATE_BEFORE,
+};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::processor::{DeadLetter, ProcessorInfo, ResetReport};

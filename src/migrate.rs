@@ -44,7 +44,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         version: 5,
-        name: "stream lifecycle: immutable events",
+        name: "stream lifecycle: immutable events, stream metadata",
         sql: m0005_lifecycle,
     },
 ];
@@ -257,6 +257,17 @@ fn m0005_lifecycle(schema: &str) -> String {
     let s = quote(schema);
     let events = format!("{s}.events");
     let setting = LIFECYCLE_SETTING;
+    // Stream metadata: a JSON object with a version of its own (from 0), read by stream
+    // reads (`$tb`) and by the scavenger (`$maxCount`, `$maxAge`).
+    m.create_table("stream_metadata", |t| {
+        t.add_column("stream_id", types::text().primary(true));
+        t.add_column("version", bigint());
+        t.add_column("metadata", jsonb());
+        t.add_column("updated_at", timestamptz_now());
+        t.inject_custom(
+            "CONSTRAINT \"stream_metadata_is_object\" CHECK (jsonb_typeof(metadata) = 'object')",
+        );
+    });
     // The schema name is a checked identifier: it may stand inside the message literal.
     m.inject_custom(format!(
         r#"CREATE FUNCTION {s}.events_are_immutable() RETURNS trigger

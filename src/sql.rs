@@ -192,6 +192,8 @@ pub(crate) struct Sql {
     pub(crate) count_from: Statement,
     pub(crate) count_matching: Statement,
     pub(crate) write_claims: Statement,
+    pub(crate) set_stream_metadata: Statement,
+    pub(crate) stream_metadata: Statement,
 }
 
 impl Sql {
@@ -338,6 +340,12 @@ SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v,
  WHERE {expected}
 RETURNING global_position, stream_version"
         );
+        // The first version that reads of stream `$1` return: its metadata's `$tb`
+        // (truncate before; a delete sets it past the stream's end).
+        let truncated = format!(
+            "COALESCE((SELECT (m.metadata->>'$tb')::bigint FROM {s}.stream_metadata m
+                        WHERE m.stream_id = $1), 0)"
+        );
         statements! {
             schema: schema.to_string();
             append,
@@ -346,12 +354,13 @@ RETURNING global_position, stream_version"
             stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}
-                  WHERE stream_id = $1 AND stream_version >= $2
+                  WHERE stream_id = $1 AND stream_version >= GREATEST($2, {truncated})
                   ORDER BY stream_version LIMIT $3"
             ),
             read_stream_backwards: format!(
                 "SELECT {COLUMNS} FROM {events}
                   WHERE stream_id = $1 AND stream_version <= $2
+                    AND stream_version >= {truncated}
                   ORDER BY stream_version DESC LIMIT $3"
             ),
             read_all_forwards: read_all(
@@ -561,6 +570,25 @@ RETURNING global_position, stream_version"
                      RETURNING 1
                  )
                  SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
+            ),
+            // Writes a stream's metadata (`$2`) if its own version is what `$3` (the kind
+            // of `ExpectedVersion::to_params`) and `$4` expect: a new row at version 0
+            // for "any" and "no stream", the next version for "any", "exists" and a
+            // matching exact version, checked on the locked row. No row back: the
+            // expectation failed.
+            set_stream_metadata: format!(
+                "INSERT INTO {s}.stream_metadata AS old (stream_id, version, metadata)
+                 SELECT $1, 0, $2 WHERE $3::int IN (0, 1)
+                    OR EXISTS (SELECT 1 FROM {s}.stream_metadata m WHERE m.stream_id = $1)
+                 ON CONFLICT (stream_id) DO UPDATE
+                   SET version = old.version + 1, metadata = excluded.metadata,
+                       updated_at = now()
+                 WHERE $3::int IN (0, 2) OR ($3::int = 3 AND old.version = $4::bigint)
+                 RETURNING version"
+            ),
+            stream_metadata: format!(
+                "SELECT version, metadata, updated_at FROM {s}.stream_metadata
+                  WHERE stream_id = $1"
             ),
         }
     }
