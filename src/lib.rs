@@ -236,6 +236,19 @@
 //! (crate feature `cli`: `migrate`, `append`, `read`, `read-all`, `tail`, `export`,
 //! `import`, `stats`, `schema`). [`Store::stats`] counts events and streams per category.
 //!
+//! # Stream lifecycle
+//!
+//! Events are immutable by the database's own rule: a trigger refuses `UPDATE`,
+//! `TRUNCATE` and any `DELETE` that does not come through the statements below (it
+//! guards against accidents, not against a superuser who means it). A stream has
+//! metadata ([`Store::set_stream_metadata`]): a JSON object with a version of its own
+//! and the reserved keys `$tb` (truncate before), `$maxCount` and `$maxAge`.
+//! [`Store::delete_stream`] (soft) and [`Store::tombstone_stream`] (hard, for good)
+//! append a marker event after the stream's head, atomically with respect to appends,
+//! and then remove the stream's events in short batches. `$all` readers and
+//! subscriptions receive the marker; removed events stop being delivered, and events
+//! already delivered are not recalled.
+//!
 //! # Bad input
 //!
 //! An empty or over-long stream id or event type, a NUL byte in text, `\u0000` in JSON,
@@ -295,13 +308,15 @@ pub use crate::connect::Manager;
 pub use crate::error::{Error, Result};
 pub use crate::event::{
     AppendResult, EventData, ImportEvent, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
+    STREAM_DELETED, STREAM_TOMBSTONE,
 };
 pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::horizon::{FeedStatus, HeldBack};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::jsonl::JsonLines;
 pub use crate::lifecycle::{
-    StreamMetadata, MAX_AGE, MAX_AGE_LIMIT_SECS, MAX_COUNT, TRUNCATE_BEFORE,
+    DeleteResult, StreamMetadata, MAX_AGE, MAX_AGE_LIMIT_SECS, MAX_COUNT, REMOVE_BATCH,
+    TRUNCATE_BEFORE,
 };
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};

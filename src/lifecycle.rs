@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::event::{has_nul_escape, validate_stream_id};
-use crate::store::Store;
+use crate::event::{has_nul_escape, validate_stream_id, STREAM_DELETED, STREAM_TOMBSTONE};
+use crate::sql::TOMBSTONE_HEAD;
+use crate::store::{unique_violation, Store};
 use crate::version::{ActualVersion, ExpectedVersion};
 
 /// The reserved metadata key: keep at most this many of the stream's newest events.
@@ -57,6 +58,22 @@ impl StreamMetadata {
     pub fn truncate_before(&self) -> Option<u64> {
         self.metadata.get(TRUNCATE_BEFORE).and_then(Value::as_u64)
     }
+}
+
+/// How many events one removal statement deletes: each batch is its own short
+/// transaction, so appends and `$all` readers never wait long for it.
+pub const REMOVE_BATCH: i64 = 1000;
+
+/// What [`Store::delete_stream`] or [`Store::tombstone_stream`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeleteResult {
+    /// The version of the marker appended ([`STREAM_DELETED`] or [`STREAM_TOMBSTONE`]),
+    /// or `None` when a soft delete found no stream. After a soft delete the next append
+    /// gets the version after it.
+    pub marker_version: Option<u64>,
+    /// How many events were physically removed (in batches of [`REMOVE_BATCH`]).
+    pub removed: u64,
 }
 
 /// Checks metadata before anything is sent: a JSON object whose reserved keys hold
@@ -124,7 +141,7 @@ impl Store {
     /// Anything else is [`Error::InvalidInput`] naming the key, and nothing is written. A
     /// wrong expected version is [`Error::WrongExpectedVersion`] with the stream named
     /// `$$<stream>` and the metadata's actual version. Stream reads honour `$tb` at once;
-    /// [`Store::scavenge`] applies `$maxCount` and `$maxAge` and removes what `$tb`
+    /// `Store::scavenge` (coming) applies `$maxCount` and `$maxAge` and removes what `$tb`
     /// hides.
     ///
     /// ```no_run
@@ -152,6 +169,11 @@ impl Store {
                 )));
             }
         }
+        if self.is_tombstoned(stream)? {
+            return Err(Error::StreamDeleted {
+                stream: stream.to_string(),
+            });
+        }
         let (kind, version) = expected.to_params();
         // Not retried: a repeat after a lost reply would meet its own write and report a
         // wrong expected version.
@@ -167,6 +189,158 @@ impl Store {
                 expected,
                 actual: ActualVersion::from_head(self.stream_metadata(stream)?.map(|m| m.version)),
             }),
+        }
+    }
+
+    /// Soft-deletes `stream` if it is at the `expected` version: stream reads return
+    /// nothing from now on, the stream's snapshot is dropped, and its events are removed
+    /// from the table in batches right away. A later append continues the stream's
+    /// versions after the marker (its [`DeleteResult::marker_version`]); reads then
+    /// return only what was appended after the delete.
+    ///
+    /// The delete is one statement that appends a [`STREAM_DELETED`] marker event after
+    /// the stream's last event and sets the stream's `$tb` past it, so it is atomic with
+    /// appends: a delete and an append racing for the stream's next version cannot both
+    /// win. `$all` readers and subscriptions receive the marker like any event; the
+    /// events removed stop being delivered (a reader that is behind never sees them;
+    /// events already delivered are not recalled). The marker is kept (it carries the
+    /// version) until a later append makes it removable by `Store::scavenge` (coming).
+    ///
+    /// A wrong expected version is [`Error::WrongExpectedVersion`]; a tombstoned stream
+    /// is [`Error::StreamDeleted`]. Deleting a stream that does not exist (with `Any` or
+    /// `NoStream`) does nothing.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::{ExpectedVersion, Store};
+    /// # let store = Store::from_env()?;
+    /// let deleted = store.delete_stream("cart-7", ExpectedVersion::Exact(2))?;
+    /// assert_eq!(deleted.marker_version, Some(3));
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn delete_stream(&self, stream: &str, expected: ExpectedVersion) -> Result<DeleteResult> {
+        self.delete(stream, expected, false)
+    }
+
+    /// Hard-deletes `stream` (a tombstone) if it is at the `expected` version: as
+    /// [`Store::delete_stream`], but the stream can never be written again: appends,
+    /// imports and metadata writes fail with [`Error::StreamDeleted`]. All its events
+    /// but the [`STREAM_TOMBSTONE`] marker are removed at once, in batches. A stream that
+    /// does not exist can be tombstoned too, so that it is never created.
+    pub fn tombstone_stream(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+    ) -> Result<DeleteResult> {
+        self.delete(stream, expected, true)
+    }
+
+    fn delete(&self, stream: &str, expected: ExpectedVersion, hard: bool) -> Result<DeleteResult> {
+        validate_stream_id(stream)?;
+        if let ExpectedVersion::Exact(v) = expected {
+            if v > i64::MAX as u64 {
+                return Err(Error::InvalidInput(format!(
+                    "expected version {v} of stream {stream:?} is out of range"
+                )));
+            }
+        }
+        let (kind, version) = expected.to_params();
+        let marker = if hard {
+            STREAM_TOMBSTONE
+        } else {
+            STREAM_DELETED
+        };
+        let data = serde_json::json!({});
+        let metadata: Option<Value> = None;
+        // Not retried: a repeat after a lost reply would meet its own marker.
+        let mut conn = self.conn()?;
+        let statement = self.prepared(&mut conn, &self.sql().delete_stream)?;
+        let row = conn.query_one(
+            &statement,
+            &[
+                &stream,
+                &uuid::Uuid::now_v7(),
+                &marker,
+                &data,
+                &metadata,
+                &kind,
+                &version,
+            ],
+        );
+        drop(conn);
+        let (head, marker_version) = match row {
+            Ok(row) => (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)),
+            // A concurrent append took the version first.
+            Err(e) if unique_violation(&e).is_some() => {
+                return Err(match self.stream_version(stream) {
+                    Err(e) => e,
+                    Ok(actual) => Error::WrongExpectedVersion {
+                        stream: stream.to_string(),
+                        expected,
+                        actual: ActualVersion::from_head(actual),
+                    },
+                })
+            }
+            Err(e) => return Err(self.map_error(e)),
+        };
+        let Some(marker_version) = marker_version else {
+            return match head {
+                Some(TOMBSTONE_HEAD) => Err(Error::StreamDeleted {
+                    stream: stream.to_string(),
+                }),
+                None if matches!(expected, ExpectedVersion::Any | ExpectedVersion::NoStream) => {
+                    Ok(DeleteResult {
+                        marker_version: None,
+                        removed: 0,
+                    })
+                }
+                _ => Err(Error::WrongExpectedVersion {
+                    stream: stream.to_string(),
+                    expected,
+                    actual: ActualVersion::from_head(head.map(|v| v as u64)),
+                }),
+            };
+        };
+        let before = if hard {
+            TOMBSTONE_HEAD
+        } else {
+            marker_version + 1
+        };
+        Ok(DeleteResult {
+            marker_version: Some(marker_version as u64),
+            removed: self.remove_before(stream, before)?,
+        })
+    }
+
+    /// Removes the events of `stream` below version `before` (never its last event), in
+    /// batches of [`REMOVE_BATCH`], each in its own short transaction.
+    pub(crate) fn remove_before(&self, stream: &str, before: i64) -> Result<u64> {
+        let mut removed = 0;
+        loop {
+            let n = self.run("remove_events", &self.sql().remove_events, |c, s| {
+                c.execute(s, &[&stream, &before, &REMOVE_BATCH])
+            })?;
+            removed += n;
+            if n < REMOVE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Deletes the snapshot of `stream`; returns whether there was one. (Deleting the
+    /// stream deletes its snapshot too.)
+    pub fn delete_snapshot(&self, stream: &str) -> Result<bool> {
+        validate_stream_id(stream)?;
+        let n = self.run("delete_snapshot", &self.sql().delete_snapshot, |c, s| {
+            c.execute(s, &[&stream])
+        })?;
+        Ok(n > 0)
+    }
+
+    fn is_tombstoned(&self, stream: &str) -> Result<bool> {
+        match self.stream_version(stream) {
+            Err(Error::StreamDeleted { .. }) => Ok(true),
+            Err(e) => Err(e),
+            Ok(_) => Ok(false),
         }
     }
 

@@ -7,7 +7,7 @@ use postgres::error::SqlState;
 use postgres::GenericClient;
 
 use crate::error::{Error, Result};
-use crate::sql::{check_identifier, quote};
+use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
 pub const SCHEMA_VERSION: i64 = 5;
@@ -239,12 +239,6 @@ END
 $body$"#
     )
 }
-
-/// The name of the transaction-local setting that the library's lifecycle statements
-/// (deletes, truncation, scavenging) set to `on` for the rest of their own transaction;
-/// the trigger on the events table refuses any `DELETE` without it, and every `UPDATE`
-/// and `TRUNCATE`.
-pub(crate) const LIFECYCLE_SETTING: &str = "pg_eventstore.lifecycle";
 
 /// Stream lifecycle. Events are immutable by the database's own rule: a trigger refuses
 /// every `UPDATE` and `TRUNCATE` of the events table, and every `DELETE` that does not

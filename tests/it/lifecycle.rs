@@ -1,7 +1,12 @@
 //! Stream lifecycle: immutable events, metadata, deletes, truncation, retention.
 
 use crate::common::{client, events, TestResult, TestStore};
-use pg_eventstore::{ActualVersion, Error, ExpectedVersion, ReadStream, SCHEMA_VERSION};
+use std::time::Duration;
+
+use pg_eventstore::{
+    ActualVersion, Error, ExpectedVersion, ImportOptions, ReadAll, ReadStream, SubscribeOptions,
+    SCHEMA_VERSION, STREAM_DELETED, STREAM_TOMBSTONE,
+};
 use serde_json::json;
 
 /// The `(stream_id, version, data)` of every row of the events table, in position order.
@@ -218,5 +223,297 @@ fn stream_reads_start_at_truncate_before() -> TestResult {
         .collect();
     assert_eq!(from_1, vec![3, 4]);
     assert_eq!(t.count_events(), 5, "hidden, not yet removed");
+    Ok(())
+}
+
+/// `(stream, version, type)` of every event a `$all` read returns now.
+fn all_events(t: &TestStore) -> Vec<(String, u64, String)> {
+    t.wait_all_visible();
+    t.read_all(ReadAll::from_start())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.stream_id, e.version, e.event_type)
+        })
+        .collect()
+}
+
+#[test]
+fn soft_delete_hides_removes_and_a_later_append_continues_the_versions() -> TestResult {
+    let t = TestStore::new("soft_delete");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.append("b", ExpectedVersion::NoStream, &events("E", 2))?;
+    t.save_snapshot("a", 2, &json!({ "n": 3 }))?;
+    let before = all_events(&t);
+    assert_eq!(before.len(), 5);
+
+    let r = t.delete_stream("a", ExpectedVersion::Exact(2))?;
+    assert_eq!((r.marker_version, r.removed), (Some(3), 3));
+    assert_eq!(versions(&t, "a"), (vec![], vec![]));
+    assert!(t.load_snapshot::<serde_json::Value>("a")?.is_none());
+    assert_eq!(t.stream_version("a")?, Some(3));
+    // Only the marker is left of `a`; `b` is untouched.
+    let after = all_events(&t);
+    assert_eq!(
+        after,
+        vec![
+            ("b".to_string(), 0, "E".to_string()),
+            ("b".to_string(), 1, "E".to_string()),
+            ("a".to_string(), 3, STREAM_DELETED.to_string()),
+        ]
+    );
+    assert_eq!(t.stream_metadata("a")?.unwrap().truncate_before(), Some(4));
+
+    let next = t.append("a", ExpectedVersion::Exact(3), &events("F", 2))?;
+    assert_eq!((next.first_version, next.last_version), (4, 5));
+    assert_eq!(versions(&t, "a"), (vec![4, 5], vec![5, 4]));
+    // Deleting again, with Any, removes the old marker too.
+    let again = t.delete_stream("a", ExpectedVersion::Any)?;
+    assert_eq!((again.marker_version, again.removed), (Some(6), 3));
+    assert_eq!(versions(&t, "a"), (vec![], vec![]));
+    // A stream that does not exist: nothing to do.
+    let none = t.delete_stream("nothing", ExpectedVersion::Any)?;
+    assert_eq!((none.marker_version, none.removed), (None, 0));
+    assert_eq!(t.stream_version("nothing")?, None);
+    Ok(())
+}
+
+#[test]
+fn a_tombstoned_stream_can_never_be_written_again() -> TestResult {
+    let t = TestStore::new("tombstone");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 4))?;
+    t.save_snapshot("a", 3, &json!({}))?;
+    let r = t.tombstone_stream("a", ExpectedVersion::StreamExists)?;
+    assert_eq!((r.marker_version, r.removed), (Some(4), 4));
+    assert_eq!(versions(&t, "a"), (vec![], vec![]));
+    assert!(t.load_snapshot::<serde_json::Value>("a")?.is_none());
+    assert_eq!(
+        all_events(&t),
+        vec![("a".to_string(), 4, STREAM_TOMBSTONE.to_string())]
+    );
+    let deleted = |r: pg_eventstore::Result<_>| match r {
+        Err(Error::StreamDeleted { stream }) => assert_eq!(stream, "a"),
+        other => panic!("{other:?}"),
+    };
+    for expected in [
+        ExpectedVersion::Any,
+        ExpectedVersion::NoStream,
+        ExpectedVersion::StreamExists,
+        ExpectedVersion::Exact(4),
+        ExpectedVersion::Exact(i64::MAX as u64),
+    ] {
+        for n in [1, 3] {
+            deleted(t.append("a", expected, &events("E", n)).map(|_| ()));
+        }
+        deleted(t.delete_stream("a", expected).map(|_| ()));
+        deleted(t.tombstone_stream("a", expected).map(|_| ()));
+    }
+    let mut c = client();
+    let mut tx = c.transaction()?;
+    deleted(
+        t.append_in(&mut tx, "a", ExpectedVersion::Any, &events("E", 1))
+            .map(|_| ()),
+    );
+    drop(tx);
+    let import = [("a", events("E", 1).remove(0))];
+    deleted(
+        t.import(
+            &import,
+            ImportOptions::new().continue_existing_streams(true),
+        )
+        .map(|_| ()),
+    );
+    deleted(t.stream_version("a").map(|_| ()));
+    deleted(
+        t.set_stream_metadata("a", ExpectedVersion::Any, &json!({}))
+            .map(|_| ()),
+    );
+    let msg = t
+        .append("a", ExpectedVersion::Any, &events("E", 1))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        msg,
+        "stream \"a\" has been deleted for good (tombstoned): it can never be written again"
+    );
+    assert_eq!(t.count_events(), 1);
+    // A stream that never existed can be tombstoned, so that it is never created.
+    let r = t.tombstone_stream("never", ExpectedVersion::NoStream)?;
+    assert_eq!((r.marker_version, r.removed), (Some(0), 0));
+    deleted_named(
+        t.append("never", ExpectedVersion::NoStream, &events("E", 1)),
+        "never",
+    );
+    Ok(())
+}
+
+fn deleted_named<T: std::fmt::Debug>(r: pg_eventstore::Result<T>, name: &str) {
+    match r {
+        Err(Error::StreamDeleted { stream }) => assert_eq!(stream, name),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_delete_with_a_wrong_expected_version_changes_nothing() -> TestResult {
+    let t = TestStore::new("delete_wrong");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.save_snapshot("a", 2, &json!({}))?;
+    let before = rows(&t);
+    for (expected, actual) in [
+        (ExpectedVersion::Exact(1), ActualVersion::Exact(2)),
+        (ExpectedVersion::NoStream, ActualVersion::Exact(2)),
+    ] {
+        for hard in [false, true] {
+            let r = if hard {
+                t.tombstone_stream("a", expected)
+            } else {
+                t.delete_stream("a", expected)
+            };
+            match r {
+                Err(Error::WrongExpectedVersion {
+                    stream, actual: a, ..
+                }) => {
+                    assert_eq!((stream.as_str(), a), ("a", actual))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    match t.delete_stream("missing", ExpectedVersion::StreamExists) {
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::NoStream)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rows(&t), before);
+    assert_eq!(t.stream_metadata("a")?, None);
+    assert!(t.load_snapshot::<serde_json::Value>("a")?.is_some());
+    // Event types starting with '$' are the store's own.
+    match t.append("a", ExpectedVersion::Any, &events(STREAM_TOMBSTONE, 1)) {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("reserved"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.delete_snapshot("a")?);
+    assert!(!t.delete_snapshot("a")?);
+    assert!(t.load_snapshot::<serde_json::Value>("a")?.is_none());
+    Ok(())
+}
+
+#[test]
+fn a_delete_racing_an_append_one_wins() -> TestResult {
+    let t = TestStore::new("delete_race");
+    let n = 40;
+    for i in 0..n {
+        t.append(
+            &format!("s-{i}"),
+            ExpectedVersion::NoStream,
+            &events("E", 1),
+        )?;
+    }
+    for hard in [false, true] {
+        let prefix = if hard { "h" } else { "s" };
+        if hard {
+            for i in 0..n {
+                t.append(
+                    &format!("h-{i}"),
+                    ExpectedVersion::NoStream,
+                    &events("E", 1),
+                )?;
+            }
+        }
+        let barrier = std::sync::Barrier::new(2);
+        let (deletes, appends) = std::thread::scope(|scope| {
+            let deleter = scope.spawn(|| {
+                barrier.wait();
+                (0..n)
+                    .map(|i| {
+                        let s = format!("{prefix}-{i}");
+                        if hard {
+                            t.tombstone_stream(&s, ExpectedVersion::Exact(0))
+                        } else {
+                            t.delete_stream(&s, ExpectedVersion::Exact(0))
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let appender = scope.spawn(|| {
+                barrier.wait();
+                (0..n)
+                    .map(|i| {
+                        t.append(
+                            &format!("{prefix}-{i}"),
+                            ExpectedVersion::Exact(0),
+                            &events("F", 1),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            });
+            (deleter.join().unwrap(), appender.join().unwrap())
+        });
+        let mut both = [0, 0];
+        for (i, (d, a)) in deletes.iter().zip(&appends).enumerate() {
+            let s = format!("{prefix}-{i}");
+            match (d, a) {
+                (Ok(d), Err(Error::WrongExpectedVersion { .. } | Error::StreamDeleted { .. })) => {
+                    both[0] += 1;
+                    assert_eq!(d.marker_version, Some(1));
+                    assert_eq!(versions(&t, &s), (vec![], vec![]), "{s}");
+                }
+                (Err(Error::WrongExpectedVersion { actual, .. }), Ok(a)) => {
+                    both[1] += 1;
+                    assert_eq!(a.last_version, 1);
+                    assert_eq!(*actual, ActualVersion::Exact(1));
+                    assert_eq!(versions(&t, &s), (vec![0, 1], vec![1, 0]), "{s}");
+                }
+                other => panic!("{s}: {other:?}"),
+            }
+        }
+        eprintln!(
+            "hard {hard}: deletes won {}, appends won {}",
+            both[0], both[1]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn all_readers_and_subscriptions_stop_seeing_removed_events() -> TestResult {
+    let t = TestStore::new("delete_feed");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.append("b", ExpectedVersion::NoStream, &events("E", 1))?;
+    t.wait_all_visible();
+    // A subscriber that has received everything before the delete keeps it (nothing is
+    // recalled) and then gets the marker and what follows.
+    let mut sub = t.subscribe(SubscribeOptions::all().from_start())?;
+    let next = |sub: &mut pg_eventstore::Subscription| {
+        let e = sub
+            .next_timeout(Duration::from_secs(10))
+            .expect("an event")
+            .unwrap();
+        (e.stream_id, e.version, e.event_type)
+    };
+    let e = |s: &str, v: u64, ty: &str| (s.to_string(), v, ty.to_string());
+    let seen: Vec<_> = (0..4).map(|_| next(&mut sub)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            e("a", 0, "E"),
+            e("a", 1, "E"),
+            e("a", 2, "E"),
+            e("b", 0, "E")
+        ]
+    );
+    t.delete_stream("a", ExpectedVersion::Exact(2))?;
+    t.append("b", ExpectedVersion::Exact(0), &events("E", 1))?;
+    assert_eq!(next(&mut sub), e("a", 3, STREAM_DELETED));
+    assert_eq!(next(&mut sub), e("b", 1, "E"));
+    // Readers and subscribers that come later never see the removed events.
+    let after = vec![e("b", 0, "E"), e("a", 3, STREAM_DELETED), e("b", 1, "E")];
+    assert_eq!(all_events(&t), after);
+    let mut late = t.subscribe(SubscribeOptions::all().from_start())?;
+    let got: Vec<_> = (0..3).map(|_| next(&mut late)).collect();
+    assert_eq!(got, after);
+    assert!(late.next_timeout(Duration::from_millis(200)).is_none());
     Ok(())
 }
