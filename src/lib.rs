@@ -245,7 +245,8 @@
 //! and the reserved keys `$tb` (truncate before), `$maxCount` and `$maxAge`.
 //! [`Store::delete_stream`] (soft) and [`Store::tombstone_stream`] (hard, for good)
 //! append a marker event after the stream's head, atomically with respect to appends,
-//! and then remove the stream's events in short batches. `$all` readers and
+//! and then remove the stream's events in short batches; [`Store::truncate_stream`] and
+//! [`Store::scavenge`] (retention) remove events the same way. `$all` readers and
 //! subscriptions receive the marker; removed events stop being delivered, and events
 //! already delivered are not recalled.
 //!
@@ -315,8 +316,8 @@ pub use crate::horizon::{FeedStatus, HeldBack};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::jsonl::JsonLines;
 pub use crate::lifecycle::{
-    DeleteResult, StreamMetadata, MAX_AGE, MAX_AGE_LIMIT_SECS, MAX_COUNT, REMOVE_BATCH,
-    TRUNCATE_BEFORE,
+    DeleteResult, ScavengeReport, StreamMetadata, MAX_AGE, MAX_AGE_LIMIT_SECS, MAX_COUNT,
+    REMOVE_BATCH, TRUNCATE_BEFORE,
 };
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};

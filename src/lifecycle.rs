@@ -76,6 +76,21 @@ pub struct DeleteResult {
     pub removed: u64,
 }
 
+/// What [`Store::scavenge`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScavengeReport {
+    /// Streams with metadata that it looked at.
+    pub streams_checked: u64,
+    /// Streams it removed events from.
+    pub streams_trimmed: u64,
+    /// Events it removed.
+    pub events_removed: u64,
+}
+
+/// How many streams the scavenger looks at per query.
+const SCAVENGE_PAGE: i64 = 100;
+
 /// Checks metadata before anything is sent: a JSON object whose reserved keys hold
 /// whole numbers in range, and no other key starting with `$`.
 fn validate_metadata(stream: &str, metadata: &Value) -> Result<Map<String, Value>> {
@@ -141,7 +156,7 @@ impl Store {
     /// Anything else is [`Error::InvalidInput`] naming the key, and nothing is written. A
     /// wrong expected version is [`Error::WrongExpectedVersion`] with the stream named
     /// `$$<stream>` and the metadata's actual version. Stream reads honour `$tb` at once;
-    /// `Store::scavenge` (coming) applies `$maxCount` and `$maxAge` and removes what `$tb`
+    /// [`Store::scavenge`] applies `$maxCount` and `$maxAge` and removes what `$tb`
     /// hides.
     ///
     /// ```no_run
@@ -204,7 +219,7 @@ impl Store {
     /// win. `$all` readers and subscriptions receive the marker like any event; the
     /// events removed stop being delivered (a reader that is behind never sees them;
     /// events already delivered are not recalled). The marker is kept (it carries the
-    /// version) until a later append makes it removable by `Store::scavenge` (coming).
+    /// version) until a later append makes it removable by [`Store::scavenge`].
     ///
     /// A wrong expected version is [`Error::WrongExpectedVersion`]; a tombstoned stream
     /// is [`Error::StreamDeleted`]. Deleting a stream that does not exist (with `Any` or
@@ -322,6 +337,88 @@ impl Store {
             removed += n;
             if n < REMOVE_BATCH as u64 {
                 return Ok(removed);
+            }
+        }
+    }
+
+    /// Truncates `stream` before version `before`: stream reads start there at once (the
+    /// stream's `$tb` is raised to it, never lowered; its other metadata keys stay), and
+    /// the events below it are removed in batches. Returns how many were removed. The
+    /// stream's last event is always kept (it carries the version appends continue from),
+    /// so `before` may be at most one past it. A stream that does not exist is
+    /// [`Error::InvalidInput`]; a tombstoned one [`Error::StreamDeleted`].
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// // A snapshot covers versions 0..=499: keep the tail.
+    /// let removed = store.truncate_stream("meter-4", 500)?;
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn truncate_stream(&self, stream: &str, before: u64) -> Result<u64> {
+        validate_stream_id(stream)?;
+        let head = self.stream_version(stream)?;
+        let Some(head) = head else {
+            return Err(Error::InvalidInput(format!(
+                "cannot truncate stream {stream:?}: it does not exist"
+            )));
+        };
+        if before > head + 1 {
+            return Err(Error::InvalidInput(format!(
+                "cannot truncate stream {stream:?} before version {before}: its last version \
+                 is {head}, so {} is the most",
+                head + 1
+            )));
+        }
+        let before = before as i64;
+        let tb: i64 = self
+            .run("truncate", &self.sql().set_truncate_before, |c, s| {
+                c.query_one(s, &[&stream, &before])
+            })?
+            .get(0);
+        self.remove_before(stream, tb)
+    }
+
+    /// Removes what stream metadata allows, in bounded batches: events below each
+    /// stream's `$tb` (left by truncation, or by a delete that was interrupted), beyond
+    /// its `$maxCount` newest, and older than its `$maxAge` seconds. Looks at streams
+    /// with metadata 100 at a time and removes at most [`REMOVE_BATCH`] events per short
+    /// transaction, so appends and readers never wait long. A stream's last event is
+    /// always kept (it carries the version), even when it is older than `$maxAge`.
+    ///
+    /// `$maxCount` and `$maxAge` take effect here, not on reads: between scavenges a
+    /// stream read may still return events that retention allows to remove.
+    /// `$all` readers and subscriptions stop receiving removed events, as after a delete.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// let report = store.scavenge()?;
+    /// println!("removed {} events from {} streams", report.events_removed, report.streams_trimmed);
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn scavenge(&self) -> Result<ScavengeReport> {
+        let mut report = ScavengeReport::default();
+        let mut after = String::new();
+        loop {
+            let rows = self.run("scavenge", &self.sql().scavenge_page, |c, s| {
+                c.query(s, &[&after, &SCAVENGE_PAGE])
+            })?;
+            for row in &rows {
+                let stream: String = row.get(0);
+                let (lo, hi, cut): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
+                report.streams_checked += 1;
+                if lo < cut.min(hi) {
+                    let n = self.remove_before(&stream, cut)?;
+                    if n > 0 {
+                        report.streams_trimmed += 1;
+                        report.events_removed += n;
+                    }
+                }
+            }
+            match rows.last() {
+                Some(row) if rows.len() as i64 == SCAVENGE_PAGE => after = row.get(0),
+                _ => return Ok(report),
             }
         }
     }

@@ -212,6 +212,8 @@ pub(crate) struct Sql {
     pub(crate) delete_stream: Statement,
     pub(crate) remove_events: Statement,
     pub(crate) delete_snapshot: Statement,
+    pub(crate) scavenge_page: Statement,
+    pub(crate) set_truncate_before: Statement,
 }
 
 impl Sql {
@@ -658,6 +660,39 @@ SELECT (SELECT v FROM head), (SELECT stream_version FROM ins),
                                                     WHERE m.stream_id = $1)
                          ORDER BY d.stream_version LIMIT $3)",
                 setting = LIFECYCLE_SETTING,
+            ),
+            // The scavenger's look at up to `$2` streams with metadata after stream id
+            // `$1`: each one's first and last version, and the version below which its
+            // `$tb`, `$maxCount` and `$maxAge` allow removal.
+            scavenge_page: format!(
+                "SELECT m.stream_id, h.lo, h.hi,
+                        GREATEST(
+                            COALESCE((m.metadata->>'$tb')::bigint, 0),
+                            COALESCE(h.hi + 1 - (m.metadata->>'$maxCount')::bigint, 0),
+                            CASE WHEN m.metadata ? '$maxAge' THEN COALESCE(
+                                (SELECT min(e.stream_version) FROM {events} e
+                                  WHERE e.stream_id = m.stream_id
+                                    AND e.recorded_at >= now() - make_interval(
+                                        secs => (m.metadata->>'$maxAge')::float8)),
+                                h.hi + 1) ELSE 0 END) AS cut
+                   FROM {s}.stream_metadata m
+                  CROSS JOIN LATERAL (
+                        SELECT min(e.stream_version) AS lo, max(e.stream_version) AS hi
+                          FROM {events} e WHERE e.stream_id = m.stream_id) h
+                  WHERE m.stream_id > $1 AND h.hi IS NOT NULL
+                  ORDER BY m.stream_id LIMIT $2"
+            ),
+            // Raises stream `$1`'s `$tb` to `$2` (never lowers it), keeping its other
+            // metadata; returns the `$tb` now in force.
+            set_truncate_before: format!(
+                "INSERT INTO {s}.stream_metadata AS old (stream_id, version, metadata)
+                 VALUES ($1, 0, jsonb_build_object('$tb', $2::bigint))
+                 ON CONFLICT (stream_id) DO UPDATE
+                   SET version = old.version + 1,
+                       metadata = old.metadata || jsonb_build_object('$tb', GREATEST(
+                           $2::bigint, COALESCE((old.metadata->>'$tb')::bigint, 0))),
+                       updated_at = now()
+                 RETURNING (metadata->>'$tb')::bigint"
             ),
             delete_snapshot: format!(
                 "DELETE FROM {s}.snapshots WHERE stream_id = $1"

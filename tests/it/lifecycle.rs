@@ -1,11 +1,11 @@
 //! Stream lifecycle: immutable events, metadata, deletes, truncation, retention.
 
 use crate::common::{client, events, TestResult, TestStore};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pg_eventstore::{
-    ActualVersion, Error, ExpectedVersion, ImportOptions, ReadAll, ReadStream, SubscribeOptions,
-    SCHEMA_VERSION, STREAM_DELETED, STREAM_TOMBSTONE,
+    ActualVersion, Error, ExpectedVersion, ImportEvent, ImportOptions, ReadAll, ReadStream,
+    SubscribeOptions, SCHEMA_VERSION, STREAM_DELETED, STREAM_TOMBSTONE,
 };
 use serde_json::json;
 
@@ -515,5 +515,109 @@ fn all_readers_and_subscriptions_stop_seeing_removed_events() -> TestResult {
     let got: Vec<_> = (0..3).map(|_| next(&mut late)).collect();
     assert_eq!(got, after);
     assert!(late.next_timeout(Duration::from_millis(200)).is_none());
+    Ok(())
+}
+
+#[test]
+fn truncate_before_keeps_exactly_the_tail() -> TestResult {
+    let t = TestStore::new("truncate");
+    t.append("s", ExpectedVersion::NoStream, &events("E", 10))?;
+    t.append("other", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.set_stream_metadata("s", ExpectedVersion::NoStream, &json!({ "owner": "x" }))?;
+    assert_eq!(t.truncate_stream("s", 6)?, 6);
+    assert_eq!(versions(&t, "s"), (vec![6, 7, 8, 9], vec![9, 8, 7, 6]));
+    assert_eq!(t.count_events(), 7);
+    let m = t.stream_metadata("s")?.unwrap();
+    assert_eq!(m.metadata, json!({ "owner": "x", "$tb": 6 }));
+    // Never lowered.
+    assert_eq!(t.truncate_stream("s", 2)?, 0);
+    assert_eq!(t.stream_metadata("s")?.unwrap().truncate_before(), Some(6));
+    // Up to one past the end: the last event stays in the table, hidden.
+    assert_eq!(t.truncate_stream("s", 10)?, 3);
+    assert_eq!(versions(&t, "s"), (vec![], vec![]));
+    let next = t.append("s", ExpectedVersion::Exact(9), &events("E", 1))?;
+    assert_eq!(next.last_version, 10);
+    assert_eq!(versions(&t, "s"), (vec![10], vec![10]));
+    for (stream, before, says) in [
+        ("s", 12, "its last version is 10, so 11 is the most"),
+        ("none", 0, "it does not exist"),
+    ] {
+        match t.truncate_stream(stream, before) {
+            Err(Error::InvalidInput(m)) => assert!(m.contains(says), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(versions(&t, "other"), (vec![0, 1, 2], vec![2, 1, 0]));
+    Ok(())
+}
+
+#[test]
+fn scavenge_applies_max_count_max_age_and_truncate_before_and_nothing_else() -> TestResult {
+    let t = TestStore::new("scavenge");
+    let old = SystemTime::now() - Duration::from_secs(7200);
+    let mut import = Vec::new();
+    for v in 0..10u64 {
+        let at = if v < 6 { old } else { SystemTime::now() };
+        import.push(Ok(
+            ImportEvent::new("aged", events("E", 1).remove(0)).recorded_at(at)
+        ));
+    }
+    for _ in 0..5 {
+        import.push(Ok(
+            ImportEvent::new("all-old", events("E", 1).remove(0)).recorded_at(old)
+        ));
+    }
+    t.import_iter(import, ImportOptions::new())?;
+    t.append("counted", ExpectedVersion::NoStream, &events("E", 10))?;
+    t.append("plain", ExpectedVersion::NoStream, &events("E", 10))?;
+    t.append("truncated", ExpectedVersion::NoStream, &events("E", 10))?;
+    t.append("roomy", ExpectedVersion::NoStream, &events("E", 4))?;
+    t.set_stream_metadata(
+        "aged",
+        ExpectedVersion::NoStream,
+        &json!({ "$maxAge": 3600 }),
+    )?;
+    t.set_stream_metadata(
+        "all-old",
+        ExpectedVersion::NoStream,
+        &json!({ "$maxAge": 3600 }),
+    )?;
+    t.set_stream_metadata(
+        "counted",
+        ExpectedVersion::NoStream,
+        &json!({ "$maxCount": 3 }),
+    )?;
+    t.set_stream_metadata(
+        "truncated",
+        ExpectedVersion::NoStream,
+        &json!({ "$tb": 4, "$maxCount": 8 }),
+    )?;
+    t.set_stream_metadata(
+        "roomy",
+        ExpectedVersion::NoStream,
+        &json!({ "$maxCount": 5, "$maxAge": 3600 }),
+    )?;
+    // Many streams with metadata and nothing to remove: the scavenger pages through them.
+    for i in 0..150 {
+        let s = format!("quiet-{i:03}");
+        t.append(&s, ExpectedVersion::NoStream, &events("E", 1))?;
+        t.set_stream_metadata(&s, ExpectedVersion::NoStream, &json!({ "$maxCount": 1 }))?;
+    }
+    let report = t.scavenge()?;
+    assert_eq!(report.streams_checked, 155);
+    assert_eq!(report.streams_trimmed, 4);
+    assert_eq!(report.events_removed, 6 + 4 + 7 + 4);
+    assert_eq!(versions(&t, "aged").0, vec![6, 7, 8, 9]);
+    // The last event carries the version: kept, though old.
+    assert_eq!(versions(&t, "all-old").0, vec![4]);
+    assert_eq!(versions(&t, "counted").0, vec![7, 8, 9]);
+    assert_eq!(versions(&t, "truncated").0, vec![4, 5, 6, 7, 8, 9]);
+    assert_eq!(versions(&t, "roomy").0, vec![0, 1, 2, 3]);
+    assert_eq!(versions(&t, "plain").0, (0..10).collect::<Vec<u64>>());
+    assert_eq!(versions(&t, "quiet-149").0, vec![0]);
+    assert_eq!(t.count_events(), 4 + 1 + 3 + 6 + 4 + 10 + 150);
+    // Nothing left to do.
+    let again = t.scavenge()?;
+    assert_eq!((again.streams_trimmed, again.events_removed), (0, 0));
     Ok(())
 }
