@@ -648,6 +648,7 @@ fn scavenge_under_load_keeps_every_remaining_event_delivered_once() -> TestResul
     t.wait_all_visible();
     let mut sub = t.subscribe(SubscribeOptions::all().from_start())?;
     let done = std::sync::atomic::AtomicBool::new(false);
+    let scavenging = std::sync::atomic::AtomicBool::new(false);
     let (report, latencies, delivered) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
             let mut latencies = Vec::new();
@@ -661,7 +662,10 @@ fn scavenge_under_load_keeps_every_remaining_event_delivered_once() -> TestResul
                 let start = std::time::Instant::now();
                 t.append(&stream, ExpectedVersion::Any, &events("L", 1))
                     .unwrap();
-                latencies.push(start.elapsed());
+                latencies.push((
+                    scavenging.load(std::sync::atomic::Ordering::Relaxed),
+                    start.elapsed(),
+                ));
                 i += 1;
             }
             latencies
@@ -675,6 +679,9 @@ fn scavenge_under_load_keeps_every_remaining_event_delivered_once() -> TestResul
             // The feed was quiet for 5 s: the writer has stopped.
             got
         });
+        // The writer's usual latency first, then during the scavenge.
+        std::thread::sleep(Duration::from_secs(2));
+        scavenging.store(true, std::sync::atomic::Ordering::Relaxed);
         let report = t.scavenge().unwrap();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let latencies = writer.join().unwrap();
@@ -725,16 +732,23 @@ fn scavenge_under_load_keeps_every_remaining_event_delivered_once() -> TestResul
         .filter(|e| !delivered.contains(&e.0))
         .count();
     assert_eq!(missing, 0, "of {} remaining", remaining.len());
-    let mut l = latencies.clone();
-    l.sort();
-    eprintln!(
-        "scavenge removed {} events from {} streams while {} appends ran: median {:?}, p99 {:?}, worst {:?}",
-        report.events_removed,
-        report.streams_trimmed,
-        l.len(),
-        l[l.len() / 2],
-        l[l.len() * 99 / 100],
-        l[l.len() - 1]
-    );
+    for (phase, during) in [("before", false), ("during", true)] {
+        let mut l: Vec<Duration> = latencies
+            .iter()
+            .filter(|l| l.0 == during)
+            .map(|l| l.1)
+            .collect();
+        l.sort();
+        eprintln!(
+            "appends {phase} the scavenge ({} removed from {} streams): {}, median {:?}, \
+             p99 {:?}, worst {:?}",
+            report.events_removed,
+            report.streams_trimmed,
+            l.len(),
+            l[l.len() / 2],
+            l[l.len() * 99 / 100],
+            l[l.len() - 1]
+        );
+    }
     Ok(())
 }
