@@ -155,7 +155,9 @@ impl Store {
     /// [`MAX_AGE_LIMIT_SECS`]) and [`TRUNCATE_BEFORE`] (a version) take whole numbers.
     /// Anything else is [`Error::InvalidInput`] naming the key, and nothing is written. A
     /// wrong expected version is [`Error::WrongExpectedVersion`] with the stream named
-    /// `$$<stream>` and the metadata's actual version. Stream reads honour `$tb` at once;
+    /// `$$<stream>` and the metadata's actual version. The object replaces the whole old
+    /// one: keep `$tb` when you rewrite the metadata of a deleted or truncated stream, or
+    /// what was hidden and not yet removed shows again. Stream reads honour `$tb` at once;
     /// [`Store::scavenge`] applies `$maxCount` and `$maxAge` and removes what `$tb`
     /// hides.
     ///
