@@ -41,6 +41,12 @@ pub enum Error {
         /// The id that is taken.
         id: uuid::Uuid,
     },
+    /// The stream was deleted for good ([`Store::tombstone_stream`](crate::Store::tombstone_stream)):
+    /// it can never be written again. Nothing was written.
+    StreamDeleted {
+        /// The stream.
+        stream: String,
+    },
     /// Inside a caller's transaction: the stream's last event was appended by a
     /// transaction that began writing after this one, so this append would sort before it
     /// in the global order. Nothing was written by this append, but the caller's
@@ -238,6 +244,11 @@ impl fmt::Display for Error {
             Error::DuplicateEventId { stream, id } => write!(
                 f,
                 "event id {id} is already used by another event (appending to stream {stream:?})"
+            ),
+            Error::StreamDeleted { stream } => write!(
+                f,
+                "stream {stream:?} has been deleted for good (tombstoned): it can never be \
+                 written again"
             ),
             Error::StreamOrderConflict { stream } => write!(
                 f,
@@ -534,6 +545,7 @@ pub(crate) mod tests {
                 id: uuid::Uuid::nil(),
             },
             Error::StreamOrderConflict { stream: "s".into() },
+            Error::StreamDeleted { stream: "s".into() },
             Error::ProcessorLocked { name: "p".into() },
             Error::Handler {
                 processor: "p".into(),

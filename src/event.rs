@@ -13,6 +13,13 @@ use crate::error::{Error, Result};
 
 /// The longest stream id accepted, in bytes.
 pub const MAX_STREAM_ID_BYTES: usize = 512;
+/// The event type of the marker that [`Store::delete_stream`](crate::Store::delete_stream)
+/// appends: `$all` readers and subscriptions see it; stream reads do not.
+pub const STREAM_DELETED: &str = "$streamDeleted";
+/// The event type of the tombstone that
+/// [`Store::tombstone_stream`](crate::Store::tombstone_stream) appends: `$all` readers and
+/// subscriptions see it; stream reads do not, and no append can follow it.
+pub const STREAM_TOMBSTONE: &str = "$tombstone";
 /// The longest event type accepted, in bytes.
 pub const MAX_EVENT_TYPE_BYTES: usize = 256;
 
@@ -102,6 +109,13 @@ impl EventData {
     pub(crate) fn validate_as(&self, label: &dyn fmt::Display) -> Result<()> {
         validate_text("event type", &self.event_type, MAX_EVENT_TYPE_BYTES)
             .map_err(|m| Error::InvalidInput(format!("{label}: {m}")))?;
+        if self.event_type.starts_with('$') {
+            return Err(Error::InvalidInput(format!(
+                "{label}: the event type {:?} starts with '$', which is reserved for the \
+                 store's own markers ({STREAM_DELETED}, {STREAM_TOMBSTONE})",
+                self.event_type
+            )));
+        }
         for (what, json) in [
             ("data", Some(&self.data)),
             ("metadata", self.metadata.as_ref()),

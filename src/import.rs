@@ -874,6 +874,11 @@ impl<'s> Writer<'s> {
                     self.current.streams += 1;
                     0
                 }
+                Some(&(crate::sql::TOMBSTONE_HEAD, _)) => {
+                    return Err(Failure::Done(Error::StreamDeleted {
+                        stream: stream.to_string(),
+                    }));
+                }
                 Some(&(version, head)) => {
                     // A stream's events must be in version order in the global order too
                     // (as for appends): a head written by a transaction that sorts after

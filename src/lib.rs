@@ -282,6 +282,20 @@
 //! (crate feature `cli`: `migrate`, `append`, `read`, `read-all`, `tail`, `export`,
 //! `import`, `stats`, `schema`). [`Store::stats`] counts events and streams per category.
 //!
+//! # Stream lifecycle
+//!
+//! Events are immutable by the database's own rule: a trigger refuses `UPDATE`,
+//! `TRUNCATE` and any `DELETE` that does not come through the statements below (it
+//! guards against accidents, not against a superuser who means it). A stream has
+//! metadata ([`Store::set_stream_metadata`]): a JSON object with a version of its own
+//! and the reserved keys `$tb` (truncate before), `$maxCount` and `$maxAge`.
+//! [`Store::delete_stream`] (soft) and [`Store::tombstone_stream`] (hard, for good)
+//! append a marker event after the stream's head, atomically with respect to appends,
+//! and then remove the stream's events in short batches; [`Store::truncate_stream`] and
+//! [`Store::scavenge`] (retention) remove events the same way. `$all` readers and
+//! subscriptions receive the marker; removed events stop being delivered, and events
+//! already delivered are not recalled.
+//!
 //! # Bad input
 //!
 //! An empty or over-long stream id or event type, a NUL byte in text, `\u0000` in JSON,
@@ -300,7 +314,7 @@
 //! | connections | `tls`, `connect`, `metrics`, `horizon`, `retry` | TLS, connecting within a deadline, metrics and spans, the `$all` horizon's data, the one backoff policy |
 //! | services | `listener`, `health` | the wake-up hub (LISTEN, coalesced NOTIFY), health checks and outage events |
 //! | the store | `store` | the pool, the statement cache, appends, and `Store::run` (checkout, prepare, query, error mapping, retry) |
-//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin |
+//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor`, `lifecycle` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin, stream metadata, deletes and scavenging |
 //! | workers | `worker` | handler threads over a subscription, with checkpoints |
 //! | the tool | `main.rs` (feature `cli`) | the `pg-eventstore` command line, on the public API only |
 #![warn(
@@ -321,6 +335,7 @@ mod health;
 mod horizon;
 mod import;
 mod jsonl;
+mod lifecycle;
 mod listener;
 mod metrics;
 mod migrate;
@@ -341,6 +356,7 @@ pub use crate::connect::Manager;
 pub use crate::error::{Error, Result};
 pub use crate::event::{
     AppendResult, EventData, ImportEvent, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
+    STREAM_DELETED, STREAM_TOMBSTONE,
 };
 pub use crate::group::{
     ConsumerGroup, GroupHandle, GroupMember, GroupOptions, GroupPartition, GroupSummary,
@@ -349,6 +365,10 @@ pub use crate::health::{ConnectionEvent, HealthReport, PoolStatus};
 pub use crate::horizon::{FeedStatus, HeldBack};
 pub use crate::import::{ImportOptions, ImportSummary};
 pub use crate::jsonl::JsonLines;
+pub use crate::lifecycle::{
+    DeleteResult, ScavengeReport, StreamMetadata, MAX_AGE, MAX_AGE_LIMIT_SECS, MAX_COUNT,
+    REMOVE_BATCH, TRUNCATE_BEFORE,
+};
 pub use crate::listener::ListenerState;
 pub use crate::migrate::{migration_sql, MigrationReport, SCHEMA_VERSION};
 pub use crate::processor::{DeadLetter, GroupInfo, ProcessorInfo, ResetReport};

@@ -7,10 +7,10 @@ use postgres::error::SqlState;
 use postgres::GenericClient;
 
 use crate::error::{Error, Result};
-use crate::sql::{check_identifier, quote};
+use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -46,6 +46,11 @@ const STEPS: &[Step] = &[
         version: 5,
         name: "create consumer group members, leases and checkpoints",
         sql: m0005_consumer_groups,
+    },
+    Step {
+        version: 6,
+        name: "stream lifecycle: immutable events, stream metadata",
+        sql: m0006_lifecycle,
     },
 ];
 
@@ -288,6 +293,55 @@ BEGIN
 END
 $body$"#
     )
+}
+
+/// Stream lifecycle. Events are immutable by the database's own rule: a trigger refuses
+/// every `UPDATE` and `TRUNCATE` of the events table, and every `DELETE` that does not
+/// come through the library's lifecycle statements (which set [`LIFECYCLE_SETTING`] in
+/// their own transaction). This guards against accidents (a mistaken `UPDATE` in psql, a
+/// migration script, an ORM), not against a superuser who means it: anyone who may set
+/// the setting or drop the trigger can still change history.
+fn m0006_lifecycle(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    let s = quote(schema);
+    let events = format!("{s}.events");
+    let setting = LIFECYCLE_SETTING;
+    // Stream metadata: a JSON object with a version of its own (from 0), read by stream
+    // reads (`$tb`) and by the scavenger (`$maxCount`, `$maxAge`).
+    m.create_table("stream_metadata", |t| {
+        t.add_column("stream_id", types::text().primary(true));
+        t.add_column("version", bigint());
+        t.add_column("metadata", jsonb());
+        t.add_column("updated_at", timestamptz_now());
+        t.inject_custom(
+            "CONSTRAINT \"stream_metadata_is_object\" CHECK (jsonb_typeof(metadata) = 'object')",
+        );
+    });
+    // The schema name is a checked identifier: it may stand inside the message literal.
+    m.inject_custom(format!(
+        r#"CREATE FUNCTION {s}.events_are_immutable() RETURNS trigger
+LANGUAGE plpgsql AS $body$
+BEGIN
+    IF TG_OP = 'DELETE' AND current_setting('{setting}', true) = 'on' THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'pg-eventstore: events are immutable: % on {schema}.events refused', TG_OP
+        USING ERRCODE = 'restrict_violation',
+              HINT = CASE TG_OP WHEN 'DELETE'
+                  THEN 'remove events through the library: delete_stream, truncate_stream, scavenge'
+                  ELSE 'append a new event that corrects the old one' END;
+END
+$body$"#
+    ));
+    m.inject_custom(format!(
+        "CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON {events}
+    FOR EACH ROW EXECUTE FUNCTION {s}.events_are_immutable()"
+    ));
+    m.inject_custom(format!(
+        "CREATE TRIGGER events_are_not_truncated BEFORE TRUNCATE ON {events}
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.events_are_immutable()"
+    ));
+    finish(m)
 }
 
 /// The advisory lock class (with the hash of the schema name) that orders moves of the

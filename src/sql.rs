@@ -74,11 +74,26 @@ pub(crate) const UNLOCK_PROCESSOR_SHARED: &str =
 /// Ends this connection's backend: the way out when a session lock cannot be released.
 pub(crate) const TERMINATE_SELF: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
 
+/// The name of the transaction-local setting that the library's lifecycle statements
+/// (removing deleted, truncated and expired events) set to `on` for their own
+/// transaction; the trigger on the events table refuses any `DELETE` without it, and
+/// every `UPDATE` and `TRUNCATE`.
+pub(crate) const LIFECYCLE_SETTING: &str = "pg_eventstore.lifecycle";
+
+/// The head version of a stream whose last event is a tombstone
+/// ([`crate::STREAM_TOMBSTONE`]): no version can follow it.
+pub(crate) const TOMBSTONE_HEAD: i64 = i64::MAX;
+
 /// The last event of the stream named by the SQL expression `stream`: its version `v`
-/// and position `hp`, or no row. One index probe, newest version first.
+/// ([`TOMBSTONE_HEAD`] for a tombstone) and position `hp`, or no row. One index probe,
+/// newest version first.
 fn stream_head_lookup(events: &str, stream: &str) -> String {
+    let tombstone = crate::event::STREAM_TOMBSTONE;
     format!(
-        "SELECT e.stream_version AS v, e.global_position AS hp FROM {events} e
+        "SELECT CASE WHEN e.event_type = '{tombstone}' THEN {TOMBSTONE_HEAD}
+                     ELSE e.stream_version END AS v,
+                e.global_position AS hp
+           FROM {events} e
           WHERE e.stream_id = {stream} ORDER BY e.stream_version DESC LIMIT 1"
     )
 }
@@ -93,10 +108,10 @@ fn stream_head_row(events: &str) -> String {
 
 /// Whether the stream's head version `v` (NULL: no stream) is what the append expects:
 /// `$6` is the kind (0 any, 1 no stream, 2 stream exists, 3 exact) and `$7` the version,
-/// as `ExpectedVersion::to_params` gives them.
+/// as `ExpectedVersion::to_params` gives them. Never after a tombstone.
 fn expected_version_ok(v: &str) -> String {
     format!(
-        "CASE $6::int WHEN 0 THEN true
+        "{v} IS DISTINCT FROM {TOMBSTONE_HEAD} AND CASE $6::int WHEN 0 THEN true
                       WHEN 1 THEN {v} IS NULL
                       WHEN 2 THEN {v} IS NOT NULL
                       ELSE {v} = $7::bigint END"
@@ -199,6 +214,13 @@ pub(crate) struct Sql {
     pub(crate) count_matching: Statement,
     pub(crate) write_claims: Statement,
     pub(crate) group: GroupSql,
+    pub(crate) set_stream_metadata: Statement,
+    pub(crate) stream_metadata: Statement,
+    pub(crate) delete_stream: Statement,
+    pub(crate) remove_events: Statement,
+    pub(crate) delete_snapshot: Statement,
+    pub(crate) scavenge_page: Statement,
+    pub(crate) set_truncate_before: Statement,
 }
 
 impl Sql {
@@ -345,6 +367,12 @@ SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v,
  WHERE {expected}
 RETURNING global_position, stream_version"
         );
+        // The first version that reads of stream `$1` return: its metadata's `$tb`
+        // (truncate before; a delete sets it past the stream's end).
+        let truncated = format!(
+            "COALESCE((SELECT (m.metadata->>'$tb')::bigint FROM {s}.stream_metadata m
+                        WHERE m.stream_id = $1), 0)"
+        );
         statements! {
             schema: schema.to_string(), group: GroupSql::new(schema);
             append,
@@ -353,12 +381,13 @@ RETURNING global_position, stream_version"
             stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}
-                  WHERE stream_id = $1 AND stream_version >= $2
+                  WHERE stream_id = $1 AND stream_version >= GREATEST($2, {truncated})
                   ORDER BY stream_version LIMIT $3"
             ),
             read_stream_backwards: format!(
                 "SELECT {COLUMNS} FROM {events}
                   WHERE stream_id = $1 AND stream_version <= $2
+                    AND stream_version >= {truncated}
                   ORDER BY stream_version DESC LIMIT $3"
             ),
             read_all_forwards: read_all(
@@ -568,6 +597,112 @@ RETURNING global_position, stream_version"
                      RETURNING 1
                  )
                  SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
+            ),
+            // Writes a stream's metadata (`$2`) if its own version is what `$3` (the kind
+            // of `ExpectedVersion::to_params`) and `$4` expect: a new row at version 0
+            // for "any" and "no stream", the next version for "any", "exists" and a
+            // matching exact version, checked on the locked row. No row back: the
+            // expectation failed.
+            set_stream_metadata: format!(
+                "INSERT INTO {s}.stream_metadata AS old (stream_id, version, metadata)
+                 SELECT $1, 0, $2 WHERE $3::int IN (0, 1)
+                    OR EXISTS (SELECT 1 FROM {s}.stream_metadata m WHERE m.stream_id = $1)
+                 ON CONFLICT (stream_id) DO UPDATE
+                   SET version = old.version + 1, metadata = excluded.metadata,
+                       updated_at = now()
+                 WHERE $3::int IN (0, 2) OR ($3::int = 3 AND old.version = $4::bigint)
+                 RETURNING version"
+            ),
+            stream_metadata: format!(
+                "SELECT version, metadata, updated_at FROM {s}.stream_metadata
+                  WHERE stream_id = $1"
+            ),
+            // Deletes stream `$1` in one statement (so atomically, and in its own fresh
+            // transaction like `append_fast`): appends the marker `$3` (id `$2`, data
+            // `$4`, metadata `$5`) after the head, if the head is what `$6`/`$7` expect
+            // (a racing append at the same version fails on the unique constraint: one
+            // wins), moves the stream's `$tb` past it (to the end of versions for a
+            // tombstone) and drops its snapshot. Without a stream, only a tombstone is
+            // written. Returns the head and the marker's version (NULL: refused).
+            delete_stream: format!(
+                "WITH head AS (
+    {head}
+), ins AS (
+    INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+    SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v, -1) + 1,
+           $3::text, $4::jsonb, $5::jsonb
+      FROM head h
+     WHERE {expected} AND (h.v IS NOT NULL OR $3::text = '{tombstone}')
+    RETURNING stream_version
+), meta AS (
+    INSERT INTO {s}.stream_metadata AS old (stream_id, version, metadata)
+    SELECT $1, 0, jsonb_build_object('$tb', CASE WHEN $3::text = '{tombstone}'
+                                                 THEN {TOMBSTONE_HEAD}
+                                                 ELSE i.stream_version + 1 END)
+      FROM ins i
+    ON CONFLICT (stream_id) DO UPDATE
+       SET version = old.version + 1, metadata = old.metadata || excluded.metadata,
+           updated_at = now()
+    RETURNING 1
+), snap AS (
+    DELETE FROM {s}.snapshots WHERE stream_id = $1 AND EXISTS (SELECT 1 FROM ins)
+    RETURNING 1
+)
+SELECT (SELECT v FROM head), (SELECT stream_version FROM ins),
+       (SELECT count(*) FROM meta), (SELECT count(*) FROM snap)",
+                tombstone = crate::event::STREAM_TOMBSTONE,
+            ),
+            // Physically removes up to `$3` events of stream `$1` below version `$2`,
+            // never its last event (which carries the version that appends continue
+            // from), oldest first; in its own short transaction, with the flag the
+            // immutability trigger checks (the scalar subquery runs once, before the
+            // first row is deleted). Returns how many it removed.
+            remove_events: format!(
+                "DELETE FROM {events} e
+                  WHERE (SELECT set_config('{setting}', 'on', true)) = 'on'
+                    AND e.global_position IN (
+                        SELECT d.global_position FROM {events} d
+                         WHERE d.stream_id = $1 AND d.stream_version < $2::bigint
+                           AND d.stream_version < (SELECT max(m.stream_version) FROM {events} m
+                                                    WHERE m.stream_id = $1)
+                         ORDER BY d.stream_version LIMIT $3)",
+                setting = LIFECYCLE_SETTING,
+            ),
+            // The scavenger's look at up to `$2` streams with metadata after stream id
+            // `$1`: each one's first and last version, and the version below which its
+            // `$tb`, `$maxCount` and `$maxAge` allow removal.
+            scavenge_page: format!(
+                "SELECT m.stream_id, h.lo, h.hi,
+                        GREATEST(
+                            COALESCE((m.metadata->>'$tb')::bigint, 0),
+                            COALESCE(h.hi + 1 - (m.metadata->>'$maxCount')::bigint, 0),
+                            CASE WHEN m.metadata ? '$maxAge' THEN COALESCE(
+                                (SELECT min(e.stream_version) FROM {events} e
+                                  WHERE e.stream_id = m.stream_id
+                                    AND e.recorded_at >= now() - make_interval(
+                                        secs => (m.metadata->>'$maxAge')::float8)),
+                                h.hi + 1) ELSE 0 END) AS cut
+                   FROM {s}.stream_metadata m
+                  CROSS JOIN LATERAL (
+                        SELECT min(e.stream_version) AS lo, max(e.stream_version) AS hi
+                          FROM {events} e WHERE e.stream_id = m.stream_id) h
+                  WHERE m.stream_id > $1 AND h.hi IS NOT NULL
+                  ORDER BY m.stream_id LIMIT $2"
+            ),
+            // Raises stream `$1`'s `$tb` to `$2` (never lowers it), keeping its other
+            // metadata; returns the `$tb` now in force.
+            set_truncate_before: format!(
+                "INSERT INTO {s}.stream_metadata AS old (stream_id, version, metadata)
+                 VALUES ($1, 0, jsonb_build_object('$tb', $2::bigint))
+                 ON CONFLICT (stream_id) DO UPDATE
+                   SET version = old.version + 1,
+                       metadata = old.metadata || jsonb_build_object('$tb', GREATEST(
+                           $2::bigint, COALESCE((old.metadata->>'$tb')::bigint, 0))),
+                       updated_at = now()
+                 RETURNING (metadata->>'$tb')::bigint"
+            ),
+            delete_snapshot: format!(
+                "DELETE FROM {s}.snapshots WHERE stream_id = $1"
             ),
         }
     }

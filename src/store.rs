@@ -466,12 +466,19 @@ impl Store {
     }
 
     /// The version of the stream's last event, or `None` when the stream does not exist.
+    /// After [`Store::delete_stream`] it is the marker's version (the next append follows
+    /// it); after [`Store::tombstone_stream`] it is [`Error::StreamDeleted`].
     pub fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
         validate_stream_id(stream)?;
         let row = self.run("read", &self.inner.sql.stream_head, |c, s| {
             c.query_one(s, &[&stream])
         })?;
-        Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
+        match row.get::<_, Option<i64>>(0) {
+            Some(crate::sql::TOMBSTONE_HEAD) => Err(Error::StreamDeleted {
+                stream: stream.to_string(),
+            }),
+            head => Ok(head.map(|v| v as u64)),
+        }
     }
 
     /// The position of the last event a `$all` reader can see now, or `None` when there
@@ -870,6 +877,11 @@ impl<'a> AppendInput<'a> {
         if tx_events as u64 > MAX_EVENTS_PER_TRANSACTION {
             return Err(Error::TransactionTooLarge {
                 events: tx_events as u64,
+            });
+        }
+        if head == Some(crate::sql::TOMBSTONE_HEAD) {
+            return Err(Error::StreamDeleted {
+                stream: self.stream.to_string(),
             });
         }
         let expected_ok = match self.expected {

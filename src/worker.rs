@@ -724,60 +724,22 @@ enum Source {
 }
 
 /// Every event committed when the batch started, including events that still wait
-/// behind a running transaction for the `$all` horizon: reads until the horizon has
-/// passed the log's tip as it was at the start.
+/// behind an open appending transaction for the `$all` horizon: one read that waits, for
+/// as long as it takes, until the horizon has passed the log's tip as it was at the start,
+/// and reads below that horizon (see [`ReadAll::wait_at_most`]).
 struct UpToHead {
-    store: Store,
-    options: ReadAll,
-    events: Option<crate::Events>,
-    tip: Option<u64>,
-    /// The read under way began after the horizon had passed the tip: the last one.
-    last_read: bool,
+    events: crate::Events,
 }
 
 impl UpToHead {
     fn new(store: &Store, options: ReadAll) -> Result<UpToHead> {
-        let tip = store.feed_status()?.tip;
-        // This loop waits for held-back events itself, for as long as it takes.
-        let options = options.visible_now();
         Ok(UpToHead {
-            events: Some(store.read_all(options.clone())?),
-            store: store.clone(),
-            options,
-            tip,
-            last_read: false,
+            events: store.read_all(options.wait_at_most(Duration::MAX))?,
         })
     }
 
     fn next(&mut self) -> Option<Result<RecordedEvent>> {
-        loop {
-            if let Some(events) = &mut self.events {
-                match events.next() {
-                    Some(Ok(e)) => {
-                        self.options.position = Some(e.position);
-                        return Some(Ok(e));
-                    }
-                    Some(Err(e)) => return Some(Err(e)),
-                    None => self.events = None,
-                }
-            }
-            if self.last_read {
-                return None;
-            }
-            let tip = self.tip?;
-            match self.store.feed_status() {
-                // The read just exhausted may have begun while the horizon was still
-                // below the tip: one more read, which begins after it has passed the
-                // tip, sees every event up to the tip.
-                Ok(status) if status.horizon > tip => self.last_read = true,
-                Ok(_) => thread::sleep(Duration::from_millis(10)),
-                Err(e) => return Some(Err(e)),
-            }
-            match self.store.read_all(self.options.clone()) {
-                Ok(events) => self.events = Some(events),
-                Err(e) => return Some(Err(e)),
-            }
-        }
+        self.events.next()
     }
 }
 

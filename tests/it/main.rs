@@ -14,6 +14,7 @@ mod faults;
 mod feed;
 mod group;
 mod import;
+mod lifecycle;
 mod loadgen;
 mod migrate;
 mod ops;
