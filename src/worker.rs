@@ -430,7 +430,7 @@ impl Worker {
                 if let Some(p) = start {
                     options = options.after(p);
                 }
-                Source::Live(self.store.subscribe(options)?)
+                Source::Live(Box::new(self.store.subscribe(options)?))
             }
         };
         let mut scan = Scan::new(&self, start);
@@ -719,7 +719,7 @@ enum Mode {
 }
 
 enum Source {
-    Live(crate::Subscription),
+    Live(Box<crate::Subscription>),
     Batch(UpToHead),
 }
 
