@@ -423,7 +423,7 @@ impl Worker {
             Mode::Batch => {
                 let mut options = self.filter.clone();
                 options.position = start;
-                Source::Batch(UpToHead::new(&self.store, options)?)
+                Source::Batch(Box::new(UpToHead::new(&self.store, options)?))
             }
             Mode::Live => {
                 let mut options = SubscribeOptions::filtered(self.filter.clone());
@@ -720,7 +720,7 @@ enum Mode {
 
 enum Source {
     Live(Box<crate::Subscription>),
-    Batch(UpToHead),
+    Batch(Box<UpToHead>),
 }
 
 /// Every event committed when the batch started, including events that still wait
