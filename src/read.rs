@@ -469,7 +469,15 @@ impl Events {
         let Query::All { horizon, .. } = &mut self.query else {
             return Ok(());
         };
-        if let Some(i) = rows.iter().position(Horizon::is_status_row) {
+        // The status row comes first (the first branch of the statement's UNION ALL); a
+        // page of a cursor after its first has none. Only a first page that did not put
+        // it first is searched.
+        let at = match rows.first() {
+            Some(row) if Horizon::is_status_row(row) => Some(0),
+            Some(_) if horizon.is_none() => rows.iter().position(Horizon::is_status_row),
+            _ => None,
+        };
+        if let Some(i) = at {
             let row = rows.remove(i);
             // A page read below a horizon fixed earlier says nothing new.
             if horizon.is_none() {

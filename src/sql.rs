@@ -245,9 +245,20 @@ impl Sql {
         // an earlier page of the same read, or NULL to compute it now.
         let read_all = |direction: &str, bound: &str| {
             format!(
-                "WITH h AS MATERIALIZED (
-    SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid FROM {horizon} f
+                "WITH t AS MATERIALIZED (
+    -- The quick case without a function call: the newest event is below the
+    -- snapshot's xmin, so nothing is held back (see feed_horizon).
+    SELECT (SELECT e.global_position FROM {events} e
+             ORDER BY e.global_position DESC LIMIT 1) AS tip,
+           pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {bits} AS cheap
      WHERE $6::bigint IS NULL
+), h AS MATERIALIZED (
+    SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid
+      FROM t WHERE t.tip IS NULL OR t.tip < t.cheap
+    UNION ALL
+    SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid
+      FROM t CROSS JOIN LATERAL (
+           SELECT * FROM {horizon} WHERE NOT (t.tip IS NULL OR t.tip < t.cheap)) f
     UNION ALL
     SELECT $6::bigint, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL
 )
