@@ -35,8 +35,12 @@ impl Store {
     /// # Ok::<(), pg_eventstore::Error>(())
     /// ```
     pub fn feed_status(&self) -> Result<FeedStatus> {
-        let row = self.run("read", &self.sql().feed_status, |c, s| c.query_one(s, &[]))?;
+        let known = self.known_horizon();
+        let row = self.run("read", &self.sql().feed_status, |c, s| {
+            c.query_one(s, &[&known])
+        })?;
         let horizon = Horizon::from_row(&row);
+        self.saw_horizon(horizon.horizon);
         let held_back = horizon.holds_back().then(|| HeldBack {
             application_name: row.get(5),
             transaction_age: row
@@ -55,8 +59,13 @@ impl Store {
 
     /// The `$all` horizon now, as a read computes it.
     pub(crate) fn horizon(&self) -> Result<Horizon> {
-        let row = self.run("read", &self.sql().horizon, |c, s| c.query_one(s, &[]))?;
-        Ok(Horizon::from_row(&row))
+        let known = self.known_horizon();
+        let row = self.run("read", &self.sql().horizon, |c, s| {
+            c.query_one(s, &[&known])
+        })?;
+        let horizon = Horizon::from_row(&row);
+        self.saw_horizon(horizon.horizon);
+        Ok(horizon)
     }
 
     /// Waits until the horizon has passed `tip` (the newest event committed before a

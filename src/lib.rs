@@ -86,7 +86,10 @@
 //!    was running (its id assigned) has been seen missing from the lock table's write
 //!    locks on the events table, which this step relies on, and the stress test then
 //!    skipped its event; counting running statements closed that (0 skipped in 12 runs
-//!    after 3 skipping runs in 12 before). The cause is not understood yet.
+//!    after 3 skipping runs in 12 before). The cause is not understood yet. Because a
+//!    statement may start running after a reader passed its transaction, a horizon
+//!    computed later can be lower than one computed earlier; both are final, so a store
+//!    never reads below the highest one it has computed.
 //! 3. **Catch the late committers.** A transaction that was running at the reader's
 //!    snapshot and has committed events by now (so it is not in the snapshot, and no
 //!    longer in `pg_locks`) caps the horizon too; the next read gets it.

@@ -275,6 +275,8 @@ enum Query {
         horizon: Option<i64>,
         /// How long to wait for held-back events before the first page (`None`: not).
         wait: Option<Duration>,
+        /// The store's highest horizon when the read began (see `Store::known_horizon`).
+        known: i64,
     },
 }
 
@@ -302,8 +304,17 @@ impl Query {
                 types,
                 before_snapshot,
                 horizon,
+                known,
                 ..
-            } => vec![bound, category, types, limit, before_snapshot, horizon],
+            } => vec![
+                bound,
+                category,
+                types,
+                limit,
+                before_snapshot,
+                horizon,
+                known,
+            ],
         }
     }
 
@@ -413,6 +424,7 @@ impl Events {
 
     pub(crate) fn all(store: Store, options: ReadAll) -> Events {
         let forwards = options.direction == Direction::Forwards;
+        let known = store.known_horizon();
         let wait = match options.wait {
             Wait::Default => Some(store.config().read_all_wait),
             Wait::AtMost(d) => Some(d),
@@ -433,6 +445,7 @@ impl Events {
                 before_snapshot: options.before_snapshot,
                 horizon: None,
                 wait,
+                known,
             },
             options.max_count,
         )
@@ -483,6 +496,7 @@ impl Events {
             if horizon.is_none() {
                 let status = Horizon::from_status_row(&row)?;
                 *horizon = Some(status.horizon as i64);
+                self.store.saw_horizon(status.horizon);
                 self.status = Some(status);
             }
         }

@@ -252,7 +252,7 @@ impl Sql {
              ORDER BY e.global_position DESC LIMIT 1) AS tip,
            pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {bits} AS cheap
      WHERE $6::bigint IS NULL
-), h AS MATERIALIZED (
+), h0 AS MATERIALIZED (
     SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid
       FROM t WHERE t.tip IS NULL OR t.tip < t.cheap
     UNION ALL
@@ -261,6 +261,13 @@ impl Sql {
            SELECT * FROM {horizon} WHERE NOT (t.tip IS NULL OR t.tip < t.cheap)) f
     UNION ALL
     SELECT $6::bigint, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL
+), h AS MATERIALIZED (
+    -- Never below a horizon this store has computed before (`$7`): each is final, and
+    -- one computed later may be lower (see feed_horizon).
+    SELECT CASE WHEN $6::bigint IS NULL THEN GREATEST(h0.horizon, $7::bigint)
+                ELSE h0.horizon END AS horizon,
+           h0.tip, h0.blocker_pid, h0.blocker_xid
+      FROM h0
 )
 SELECT h.horizon, NULL::uuid, NULL::text, COALESCE(h.tip, -1), NULL::text, NULL::jsonb,
        jsonb_build_object('pid', h.blocker_pid, 'xid', h.blocker_xid), NULL::timestamptz
@@ -411,21 +418,23 @@ RETURNING global_position, stream_version"
             ),
             head_position: format!(
                 "SELECT max(global_position) FROM {events}
-                  WHERE global_position < (SELECT horizon FROM {horizon})"
+                  WHERE global_position < GREATEST((SELECT horizon FROM {horizon}), $1::bigint)"
             ),
             // The horizon, the newest committed event, the head below the horizon, and
             // who holds the feed back.
             feed_status: format!(
-                "SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid,
+                "SELECT g.horizon, f.tip, f.blocker_pid, f.blocker_xid,
                         (SELECT max(e.global_position) FROM {events} e
-                          WHERE e.global_position < f.horizon) AS head,
+                          WHERE e.global_position < g.horizon) AS head,
                         a.application_name,
                         extract(epoch FROM clock_timestamp() - a.xact_start)::float8
                    FROM {horizon} f
+                   CROSS JOIN LATERAL (SELECT GREATEST(f.horizon, $1::bigint) AS horizon) g
                    LEFT JOIN pg_stat_activity a ON a.pid = f.blocker_pid"
             ),
             horizon: format!(
-                "SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid FROM {horizon} f"
+                "SELECT GREATEST(f.horizon, $1::bigint), f.tip, f.blocker_pid, f.blocker_xid
+                   FROM {horizon} f"
             ),
             // Where a live subscription starts: everything below the horizon is final;
             // what is above it and visible in the snapshot committed before the call.

@@ -56,6 +56,8 @@ struct Inner {
     hub: Hub,
     last_connect_error: LastConnectError,
     monitor: Arc<crate::health::Monitor>,
+    /// The highest `$all` horizon this store has computed: final, so never read below.
+    known_horizon: std::sync::atomic::AtomicI64,
     held_back: crate::horizon::HeldBackBoard,
 }
 
@@ -156,6 +158,7 @@ impl Store {
                 last_connect_error,
                 monitor,
                 held_back: Default::default(),
+                known_horizon: std::sync::atomic::AtomicI64::new(0),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -486,8 +489,9 @@ impl Store {
     /// wait above it for an open appending transaction: [`Store::feed_status`] says whether
     /// they do, and which transaction holds them.
     pub fn head_position(&self) -> Result<Option<u64>> {
+        let known = self.known_horizon();
         let row = self.run("read", &self.inner.sql.head_position, |c, s| {
-            c.query_one(s, &[])
+            c.query_one(s, &[&known])
         })?;
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
@@ -552,6 +556,22 @@ impl Store {
                 created_at: row.get(2),
             })),
         }
+    }
+
+    /// The highest `$all` horizon this store has computed (0: none yet). Every horizon
+    /// is final, and one computed later may be lower (a statement that started running
+    /// meanwhile holds it), so reads never go below this one.
+    pub(crate) fn known_horizon(&self) -> i64 {
+        self.inner
+            .known_horizon
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a horizon that a read or status computed.
+    pub(crate) fn saw_horizon(&self, horizon: u64) {
+        self.inner
+            .known_horizon
+            .fetch_max(horizon as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The statements of this store's schema.
