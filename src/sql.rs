@@ -417,8 +417,10 @@ RETURNING global_position, stream_version"
                 "global_position < LEAST($1, (SELECT horizon FROM h))",
             ),
             head_position: format!(
-                "SELECT max(global_position) FROM {events}
-                  WHERE global_position < GREATEST((SELECT horizon FROM {horizon}), $1::bigint)"
+                "SELECT (SELECT max(e.global_position) FROM {events} e
+                          WHERE e.global_position < g.horizon), g.horizon
+                   FROM (SELECT GREATEST((SELECT horizon FROM {horizon}), $1::bigint)
+                                AS horizon) g"
             ),
             // The horizon, the newest committed event, the head below the horizon, and
             // who holds the feed back.

@@ -493,6 +493,7 @@ impl Store {
         let row = self.run("read", &self.inner.sql.head_position, |c, s| {
             c.query_one(s, &[&known])
         })?;
+        self.saw_horizon(row.get::<_, i64>(1) as u64);
         Ok(row.get::<_, Option<i64>>(0).map(|v| v as u64))
     }
 
