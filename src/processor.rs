@@ -114,8 +114,9 @@ impl Store {
             let mut conn = self.conn()?;
             let statement = self.prepared(&mut conn, &self.sql().list_processors)?;
             let prefix = lock_key(self, "");
+            let known = self.known_horizon();
             let rows = conn
-                .query(&statement, &[&LOCK_CLASS, &prefix])
+                .query(&statement, &[&LOCK_CLASS, &prefix, &known])
                 .map_err(|e| self.map_error(e))?;
             let mut list: Vec<ProcessorInfo> = rows
                 .iter()

@@ -514,7 +514,8 @@ RETURNING global_position, stream_version"
                  SELECT n.processor_name, c.position, c.updated_at,
                         (SELECT count(*) FROM {events} e
                           WHERE e.global_position > COALESCE(c.position, -1)
-                            AND e.global_position < (SELECT horizon FROM {horizon})) AS lag,
+                            AND e.global_position < GREATEST((SELECT horizon FROM {horizon}),
+                                                             $3::bigint)) AS lag,
                         (SELECT count(*) FROM {s}.stream_checkpoints sc
                           WHERE sc.processor_name = n.processor_name) AS claims,
                         (SELECT count(*) FROM {s}.dead_letters d
@@ -591,7 +592,8 @@ RETURNING global_position, stream_version"
                 "SELECT count(*) FROM (
                      SELECT 1 FROM {events}
                       WHERE global_position > $1
-                        AND global_position < LEAST($2, (SELECT horizon FROM {horizon}))
+                        AND global_position < LEAST($2, GREATEST((SELECT horizon FROM {horizon}),
+                                                                 $6::bigint))
                         AND ($3::text IS NULL OR starts_with(stream_id, $3::text))
                         AND ($4::text[] IS NULL OR event_type = ANY($4::text[]))
                       LIMIT $5) AS matching"

@@ -101,6 +101,7 @@ impl Store {
             Direction::Backwards => (-1, position.unwrap_or(i64::MAX)),
         };
         let limit = options.max_count.map(|n| n.min(i64::MAX as u64) as i64);
+        let known = self.known_horizon();
         let row = self.run("read", &self.sql().count_matching, |c, s| {
             c.query_one(
                 s,
@@ -110,6 +111,7 @@ impl Store {
                     &options.category,
                     &options.event_types,
                     &limit,
+                    &known,
                 ],
             )
         })?;
