@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -51,6 +51,11 @@ const STEPS: &[Step] = &[
         version: 6,
         name: "stream lifecycle: immutable events, stream metadata",
         sql: m0006_lifecycle,
+    },
+    Step {
+        version: 7,
+        name: "feed horizon: other databases ignored, floor moved only when needed",
+        sql: m0007_feed_horizon,
     },
 ];
 
@@ -159,6 +164,17 @@ fn m0004_feed_horizon(schema: &str) -> String {
     finish(m)
 }
 
+/// The horizon function of version 4 held the feed behind any running statement of this
+/// database that had a transaction id, and moved the floor on every new tip; this one
+/// ignores other databases' transactions and moves the floor only when a transaction of
+/// this database that could still append would be passed (see `feed_horizon_function`).
+/// A new schema gets it from version 4 already; this step replaces it in older ones.
+fn m0007_feed_horizon(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    m.inject_custom(feed_horizon_function(schema));
+    finish(m)
+}
+
 /// Consumer groups (see `group.rs`): the members of each group with their heartbeats
 /// (`expires_at` is the database's clock plus the lease timeout), one lease row per
 /// partition (`owner` a live member or NULL; `epoch` counts the acquisitions and fences
@@ -195,6 +211,7 @@ fn m0005_consumer_groups(schema: &str) -> String {
 /// `feed_horizon(snapshot)`: how far a `$all` reader whose statement runs with `snapshot`
 /// may read (a position bound, exclusive), the newest committed position (`tip`), and the
 /// oldest transaction that holds the reader back (`blocker_pid`, `blocker_xid`).
+/// `CREATE OR REPLACE`, so that version 7 can bring older schemas up to date.
 fn feed_horizon_function(schema: &str) -> String {
     let s = quote(schema);
     let bits = crate::sql::POSITION_BITS;
@@ -203,14 +220,29 @@ fn feed_horizon_function(schema: &str) -> String {
     let events = format!("{s}.events");
     let floor = format!("{s}.feed_floor");
     let lock_key = format!("{FLOOR_LOCK_CLASS}, hashtext('{schema}')");
+    // The 64-bit id of a 32-bit one (pg_locks and pg_stat_activity show 32 bits) that is
+    // at most 2^31 older than xmax8: NULL for an id at or after xmax8.
+    let widen = |x32: &str| {
+        format!(
+            "(SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - {x32}::text::bigint)
+                % 4294967296) + 4294967296) % 4294967296 AS d) w
+              WHERE d > 0 AND d <= 2147483648)"
+        )
+    };
+    let locker = widen("t.transactionid");
+    let stat_xid = widen("a.backend_xid");
     format!(
-        r#"CREATE FUNCTION {s}.feed_horizon(snap pg_snapshot,
+        r#"CREATE OR REPLACE FUNCTION {s}.feed_horizon(snap pg_snapshot,
     OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint)
 LANGUAGE plpgsql VOLATILE AS $body$
 DECLARE
     xmin8 bigint := pg_snapshot_xmin(snap)::text::bigint;
     xmax8 bigint := pg_snapshot_xmax(snap)::text::bigint;
     c bigint;
+    floor_seen bigint;
+    ours bigint[];
+    unlocked bigint[];
+    scan integer := 0;
 BEGIN
     horizon := xmin8 << {bits};
     SELECT e.global_position INTO tip FROM {events} e ORDER BY e.global_position DESC LIMIT 1;
@@ -219,77 +251,99 @@ BEGIN
     IF tip IS NULL OR tip < horizon THEN
         RETURN;
     END IF;
-    -- Where the floor cannot be moved (a hot standby, a read-only role or transaction,
-    -- another isolation level), the cluster-wide xmin is the horizon.
-    IF current_setting('transaction_read_only') = 'on'
-       OR current_setting('transaction_isolation') <> 'read committed'
-       OR NOT has_sequence_privilege('{floor}', 'UPDATE') THEN
+    -- On a hot standby (the primary's locks are not visible) and under another isolation
+    -- level (the queries below would not see what committed meanwhile), the
+    -- cluster-wide xmin is the horizon.
+    IF current_setting('transaction_isolation') <> 'read committed' OR pg_is_in_recovery() THEN
         RETURN;
     END IF;
-    -- 1. Publish the floor: one past the newest committed event's transaction (never
-    --    past the snapshot). Appenders whose first append checks the floor from now on
-    --    and whose transaction id is below it are refused.
+    -- The candidate: one past the newest committed event's transaction, never past the
+    -- snapshot. Below it, only the snapshot's in-progress transactions can matter.
     c := least((tip >> {bits}) + 1, xmax8);
-    IF (SELECT last_value FROM {floor}) < c THEN
+    horizon := c << {bits};
+    -- 1. Those of them that may belong to this database: a transaction of another
+    --    database can never append here. One whose backend cannot be found (it ended, or
+    --    it is prepared) counts as ours.
+    PERFORM pg_stat_clear_snapshot();
+    WITH others AS MATERIALIZED (
+        SELECT {stat_xid} AS x
+          FROM pg_stat_get_activity(NULL) a
+         WHERE a.backend_xid IS NOT NULL
+           AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
+                                          WHERE datname = current_database()))
+    SELECT array_agg(x ORDER BY x) INTO ours
+      FROM (SELECT x::text::bigint AS x FROM pg_snapshot_xip(snap) x) s
+     WHERE s.x < c AND s.x NOT IN (SELECT o.x FROM others o WHERE o.x IS NOT NULL);
+    IF ours IS NULL THEN
+        RETURN;
+    END IF;
+    -- 2. Appenders hold a write lock on the events table from before their first append
+    --    (and before an id taken by it) until they end: the oldest lock holder of the
+    --    snapshot below c holds the horizon. The floor is read before the locks.
+    SELECT f.last_value INTO floor_seen FROM {floor} f;
+    LOOP
+        scan := scan + 1;
+        WITH locks AS MATERIALIZED (SELECT * FROM pg_lock_status()),
+        lockers AS (
+            SELECT {locker} AS x8, l.pid
+              FROM locks l
+              JOIN locks t ON t.virtualtransaction = l.virtualtransaction
+                          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
+                          AND t.granted
+             WHERE l.locktype = 'relation'
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.relation = '{events}'::regclass
+               AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                              'AccessExclusiveLock')
+        ),
+        oldest AS (
+            SELECT k.x8, k.pid FROM lockers k
+             WHERE k.x8 IS NOT NULL AND (k.x8 << {bits}) < horizon
+             ORDER BY k.x8 LIMIT 1
+        )
+        SELECT coalesce((SELECT o.x8 FROM oldest o), blocker_xid),
+               coalesce((SELECT o.pid FROM oldest o), blocker_pid),
+               (SELECT array_agg(x) FROM unnest(ours) x
+                 WHERE NOT EXISTS (SELECT 1 FROM lockers k WHERE k.x8 = x))
+          INTO blocker_xid, blocker_pid, unlocked;
+        IF blocker_xid IS NOT NULL THEN
+            horizon := least(horizon, blocker_xid << {bits});
+        END IF;
+        -- 3. A transaction of this database below the horizon that holds no lock may
+        --    still append later: the floor (read by every appender after it has taken
+        --    the lock, when its id came first) must be past it, so that its first append
+        --    is refused. If the floor is not there yet, move it, then look at the locks
+        --    once more: an appender that took the lock between the first look and the
+        --    move did not see the new floor.
+        unlocked := ARRAY(SELECT x FROM unnest(unlocked) x WHERE (x << {bits}) < horizon);
+        EXIT WHEN cardinality(unlocked) = 0 OR floor_seen >= c OR scan = 2;
+        IF current_setting('transaction_read_only') = 'on'
+           OR NOT has_sequence_privilege('{floor}', 'UPDATE') THEN
+            -- The floor cannot move here: stop before them instead.
+            SELECT min(x) INTO blocker_xid FROM unnest(unlocked) x;
+            SELECT a.pid INTO blocker_pid FROM pg_stat_get_activity(NULL) a
+             WHERE a.backend_xid::text::bigint = blocker_xid % 4294967296;
+            horizon := blocker_xid << {bits};
+            EXIT;
+        END IF;
         PERFORM pg_advisory_xact_lock({lock_key});
-        IF (SELECT last_value FROM {floor}) < c THEN
+        IF (SELECT f.last_value FROM {floor} f) < c THEN
             -- setval gives this transaction an id; its commit need not wait for the disk
             -- (after a crash no transaction that could be refused is left).
             PERFORM set_config('synchronous_commit', 'off', true);
             PERFORM setval('{floor}', c);
         END IF;
-    END IF;
-    horizon := c << {bits};
-    -- 2. Appenders that checked the floor before it moved hold a write lock on the events
-    --    table until they end: the oldest of them (with a transaction id older than the
-    --    snapshot) holds the horizon. A backend of this database that is running a
-    --    statement counts too, whatever it has locked: a transaction's write lock on the
-    --    events table has been seen missing from the lock table while its append
-    --    statement ran (its id already assigned), and only its end is certain. Where the
-    --    role may not see other sessions' state, they count as running. Ids (32-bit in
-    --    both views) are widened from xmax.
-    WITH locks AS MATERIALIZED (SELECT * FROM pg_lock_status()),
-    candidates AS (
-        SELECT t.transactionid AS x32, l.pid
-          FROM locks l
-          JOIN locks t ON t.virtualtransaction = l.virtualtransaction
-                      AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
-                      AND t.granted
-         WHERE l.locktype = 'relation'
-           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-           AND l.relation = '{events}'::regclass
-           AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
-                          'AccessExclusiveLock')
-        UNION ALL
-        SELECT a.backend_xid, a.pid
-          FROM pg_stat_activity a
-         WHERE a.datname = current_database() AND a.backend_xid IS NOT NULL
-           AND a.pid <> pg_backend_pid()
-           AND (a.state = 'active' OR a.state IS NULL)
-    )
-    SELECT w.x8, c.pid INTO blocker_xid, blocker_pid
-      FROM candidates c
-      CROSS JOIN LATERAL (
-          SELECT (((xmax8 % 4294967296) - c.x32::text::bigint) % 4294967296
-                  + 4294967296) % 4294967296 AS d) dist
-      CROSS JOIN LATERAL (SELECT xmax8 - dist.d AS x8) w
-     WHERE dist.d > 0 AND dist.d <= 2147483648
-     ORDER BY w.x8 LIMIT 1;
-    IF blocker_xid IS NOT NULL AND (blocker_xid << {bits}) < horizon THEN
-        horizon := blocker_xid << {bits};
-    ELSE
-        blocker_xid := NULL;
-        blocker_pid := NULL;
-    END IF;
-    -- 3. A transaction that was running at the snapshot and has committed events since
+        floor_seen := c;
+    END LOOP;
+    -- 4. A transaction that was running at the snapshot and has committed events since
     --    (before step 2 looked) is not in the snapshot: stop before it; the next read
     --    gets it.
-    SELECT least(horizon, min(x::text::bigint) << {bits}) INTO horizon
-      FROM pg_snapshot_xip(snap) x
-     WHERE (x::text::bigint << {bits}) < horizon
+    SELECT least(horizon, min(x) << {bits}) INTO horizon
+      FROM unnest(ours) x
+     WHERE (x << {bits}) < horizon
        AND EXISTS (SELECT 1 FROM {events} e
-                    WHERE e.global_position >= x::text::bigint << {bits}
-                      AND e.global_position < (x::text::bigint + 1) << {bits});
+                    WHERE e.global_position >= x << {bits}
+                      AND e.global_position < (x + 1) << {bits});
 END
 $body$"#
     )
