@@ -16,8 +16,9 @@ CREATE TABLE "eventstore"."stream_checkpoints" ("processor_name" TEXT NOT NULL, 
 INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (3, 'create stream checkpoints and dead letters');
 
 -- 0004 create the feed floor and horizon
-CREATE SEQUENCE "eventstore".feed_floor AS bigint MINVALUE 0 START WITH 0;CREATE OR REPLACE FUNCTION "eventstore".feed_horizon(snap pg_snapshot,
-    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint)
+CREATE SEQUENCE "eventstore".feed_floor AS bigint MINVALUE 0 START WITH 0;CREATE FUNCTION "eventstore".feed_horizon(snap pg_snapshot,
+    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint,
+    OUT others bigint[])
 LANGUAGE plpgsql VOLATILE AS $body$
 DECLARE
     xmin8 bigint := pg_snapshot_xmin(snap)::text::bigint;
@@ -49,17 +50,22 @@ BEGIN
     --    database can never append here. One whose backend cannot be found (it ended, or
     --    it is prepared) counts as ours.
     PERFORM pg_stat_clear_snapshot();
-    WITH others AS MATERIALIZED (
+    WITH elsewhere AS MATERIALIZED (
         SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - a.backend_xid::text::bigint)
                 % 4294967296) + 4294967296) % 4294967296 AS d) w
               WHERE d > 0 AND d <= 2147483648) AS x
           FROM pg_stat_get_activity(NULL) a
          WHERE a.backend_xid IS NOT NULL
            AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
-                                          WHERE datname = current_database()))
-    SELECT array_agg(x ORDER BY x) INTO ours
-      FROM (SELECT x::text::bigint AS x FROM pg_snapshot_xip(snap) x) s
-     WHERE s.x < c AND s.x NOT IN (SELECT o.x FROM others o WHERE o.x IS NOT NULL);
+                                          WHERE datname = current_database())),
+    xip AS MATERIALIZED (
+        SELECT x::text::bigint AS x,
+               x::text::bigint IN (SELECT o.x FROM elsewhere o WHERE o.x IS NOT NULL) AS other
+          FROM pg_snapshot_xip(snap) x)
+    SELECT array_agg(x ORDER BY x) FILTER (WHERE x < c AND NOT other),
+           array_agg(x ORDER BY x) FILTER (WHERE other)
+      INTO ours, others
+      FROM xip;
     IF ours IS NULL THEN
         RETURN;
     END IF;
@@ -109,7 +115,8 @@ BEGIN
            OR NOT has_sequence_privilege('"eventstore".feed_floor', 'UPDATE') THEN
             -- The floor cannot move here: stop before them instead.
             SELECT min(x) INTO blocker_xid FROM unnest(unlocked) x;
-            blocker_pid := NULL;
+            SELECT a.pid INTO blocker_pid FROM pg_stat_get_activity(NULL) a
+             WHERE a.backend_xid::text::bigint = blocker_xid % 4294967296;
             horizon := blocker_xid << 20;
             EXIT;
         END IF;
@@ -158,8 +165,9 @@ $body$;CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON "eventstor
 INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (6, 'stream lifecycle: immutable events, stream metadata');
 
 -- 0007 feed horizon: other databases ignored, floor moved only when needed
-CREATE OR REPLACE FUNCTION "eventstore".feed_horizon(snap pg_snapshot,
-    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint)
+DROP FUNCTION "eventstore".feed_horizon(pg_snapshot);CREATE FUNCTION "eventstore".feed_horizon(snap pg_snapshot,
+    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint,
+    OUT others bigint[])
 LANGUAGE plpgsql VOLATILE AS $body$
 DECLARE
     xmin8 bigint := pg_snapshot_xmin(snap)::text::bigint;
@@ -191,17 +199,22 @@ BEGIN
     --    database can never append here. One whose backend cannot be found (it ended, or
     --    it is prepared) counts as ours.
     PERFORM pg_stat_clear_snapshot();
-    WITH others AS MATERIALIZED (
+    WITH elsewhere AS MATERIALIZED (
         SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - a.backend_xid::text::bigint)
                 % 4294967296) + 4294967296) % 4294967296 AS d) w
               WHERE d > 0 AND d <= 2147483648) AS x
           FROM pg_stat_get_activity(NULL) a
          WHERE a.backend_xid IS NOT NULL
            AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
-                                          WHERE datname = current_database()))
-    SELECT array_agg(x ORDER BY x) INTO ours
-      FROM (SELECT x::text::bigint AS x FROM pg_snapshot_xip(snap) x) s
-     WHERE s.x < c AND s.x NOT IN (SELECT o.x FROM others o WHERE o.x IS NOT NULL);
+                                          WHERE datname = current_database())),
+    xip AS MATERIALIZED (
+        SELECT x::text::bigint AS x,
+               x::text::bigint IN (SELECT o.x FROM elsewhere o WHERE o.x IS NOT NULL) AS other
+          FROM pg_snapshot_xip(snap) x)
+    SELECT array_agg(x ORDER BY x) FILTER (WHERE x < c AND NOT other),
+           array_agg(x ORDER BY x) FILTER (WHERE other)
+      INTO ours, others
+      FROM xip;
     IF ours IS NULL THEN
         RETURN;
     END IF;
@@ -251,7 +264,8 @@ BEGIN
            OR NOT has_sequence_privilege('"eventstore".feed_floor', 'UPDATE') THEN
             -- The floor cannot move here: stop before them instead.
             SELECT min(x) INTO blocker_xid FROM unnest(unlocked) x;
-            blocker_pid := NULL;
+            SELECT a.pid INTO blocker_pid FROM pg_stat_get_activity(NULL) a
+             WHERE a.backend_xid::text::bigint = blocker_xid % 4294967296;
             horizon := blocker_xid << 20;
             EXIT;
         END IF;

@@ -47,6 +47,18 @@ impl Horizon {
         }
     }
 
+    /// The snapshot's transactions of other databases that a `$all` read's status row
+    /// names, when its horizon was computed in full (`None` otherwise).
+    pub(crate) fn others_in_status_row(row: &Row) -> Result<Option<Vec<i64>>> {
+        let others: Option<serde_json::Value> = row.try_get(5)?;
+        Ok(match others {
+            Some(serde_json::Value::Array(xs)) => {
+                Some(xs.iter().filter_map(|x| x.as_i64()).collect())
+            }
+            _ => None,
+        })
+    }
+
     /// Reads a `$all` read's status row.
     pub(crate) fn from_status_row(row: &Row) -> Result<Horizon> {
         let tip: i64 = row.try_get(3)?;

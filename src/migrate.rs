@@ -168,9 +168,12 @@ fn m0004_feed_horizon(schema: &str) -> String {
 /// database that had a transaction id, and moved the floor on every new tip; this one
 /// ignores other databases' transactions and moves the floor only when a transaction of
 /// this database that could still append would be passed (see `feed_horizon_function`).
-/// A new schema gets it from version 4 already; this step replaces it in older ones.
+/// It also returns the snapshot's transactions of other databases. A new schema gets it
+/// from version 4 already; this step replaces it in older ones.
 fn m0007_feed_horizon(schema: &str) -> String {
     let mut m = Migration::new().schema(schema);
+    let s = quote(schema);
+    m.inject_custom(format!("DROP FUNCTION {s}.feed_horizon(pg_snapshot)"));
     m.inject_custom(feed_horizon_function(schema));
     finish(m)
 }
@@ -210,8 +213,9 @@ fn m0005_consumer_groups(schema: &str) -> String {
 
 /// `feed_horizon(snapshot)`: how far a `$all` reader whose statement runs with `snapshot`
 /// may read (a position bound, exclusive), the newest committed position (`tip`), and the
-/// oldest transaction that holds the reader back (`blocker_pid`, `blocker_xid`).
-/// `CREATE OR REPLACE`, so that version 7 can bring older schemas up to date.
+/// oldest transaction that holds the reader back (`blocker_pid`, `blocker_xid`), and the
+/// snapshot's transactions found to belong to other databases (`others`: a reader may
+/// remember them, see `read_all` in sql.rs).
 fn feed_horizon_function(schema: &str) -> String {
     let s = quote(schema);
     let bits = crate::sql::POSITION_BITS;
@@ -232,8 +236,9 @@ fn feed_horizon_function(schema: &str) -> String {
     let locker = widen("t.transactionid");
     let stat_xid = widen("a.backend_xid");
     format!(
-        r#"CREATE OR REPLACE FUNCTION {s}.feed_horizon(snap pg_snapshot,
-    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint)
+        r#"CREATE FUNCTION {s}.feed_horizon(snap pg_snapshot,
+    OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint,
+    OUT others bigint[])
 LANGUAGE plpgsql VOLATILE AS $body$
 DECLARE
     xmin8 bigint := pg_snapshot_xmin(snap)::text::bigint;
@@ -265,15 +270,20 @@ BEGIN
     --    database can never append here. One whose backend cannot be found (it ended, or
     --    it is prepared) counts as ours.
     PERFORM pg_stat_clear_snapshot();
-    WITH others AS MATERIALIZED (
+    WITH elsewhere AS MATERIALIZED (
         SELECT {stat_xid} AS x
           FROM pg_stat_get_activity(NULL) a
          WHERE a.backend_xid IS NOT NULL
            AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
-                                          WHERE datname = current_database()))
-    SELECT array_agg(x ORDER BY x) INTO ours
-      FROM (SELECT x::text::bigint AS x FROM pg_snapshot_xip(snap) x) s
-     WHERE s.x < c AND s.x NOT IN (SELECT o.x FROM others o WHERE o.x IS NOT NULL);
+                                          WHERE datname = current_database())),
+    xip AS MATERIALIZED (
+        SELECT x::text::bigint AS x,
+               x::text::bigint IN (SELECT o.x FROM elsewhere o WHERE o.x IS NOT NULL) AS other
+          FROM pg_snapshot_xip(snap) x)
+    SELECT array_agg(x ORDER BY x) FILTER (WHERE x < c AND NOT other),
+           array_agg(x ORDER BY x) FILTER (WHERE other)
+      INTO ours, others
+      FROM xip;
     IF ours IS NULL THEN
         RETURN;
     END IF;

@@ -277,6 +277,8 @@ enum Query {
         wait: Option<Duration>,
         /// The store's highest horizon when the read began (see `Store::known_horizon`).
         known: i64,
+        /// Transaction ids of other databases (see `Store::other_xids`).
+        others: Vec<i64>,
     },
 }
 
@@ -288,10 +290,14 @@ impl Query {
             Query::Stream {
                 forwards: false, ..
             } => &sql.read_stream_backwards,
-            Query::All { forwards: true, .. } => &sql.read_all_forwards,
             Query::All {
-                forwards: false, ..
-            } => &sql.read_all_backwards,
+                forwards, others, ..
+            } => match (forwards, others.is_empty()) {
+                (true, true) => &sql.read_all_forwards,
+                (false, true) => &sql.read_all_backwards,
+                (true, false) => &sql.read_all_forwards_others,
+                (false, false) => &sql.read_all_backwards_others,
+            },
         }
     }
 
@@ -305,16 +311,23 @@ impl Query {
                 before_snapshot,
                 horizon,
                 known,
+                others,
                 ..
-            } => vec![
-                bound,
-                category,
-                types,
-                limit,
-                before_snapshot,
-                horizon,
-                known,
-            ],
+            } => {
+                let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![
+                    bound,
+                    category,
+                    types,
+                    limit,
+                    before_snapshot,
+                    horizon,
+                    known,
+                ];
+                if !others.is_empty() {
+                    params.push(others);
+                }
+                params
+            }
         }
     }
 
@@ -425,6 +438,7 @@ impl Events {
     pub(crate) fn all(store: Store, options: ReadAll) -> Events {
         let forwards = options.direction == Direction::Forwards;
         let known = store.known_horizon();
+        let others = store.other_xids();
         let wait = match options.wait {
             Wait::Default => Some(store.config().read_all_wait),
             Wait::AtMost(d) => Some(d),
@@ -446,6 +460,7 @@ impl Events {
                 horizon: None,
                 wait,
                 known,
+                others,
             },
             options.max_count,
         )
@@ -497,6 +512,9 @@ impl Events {
                 let status = Horizon::from_status_row(&row)?;
                 *horizon = Some(status.horizon as i64);
                 self.store.saw_horizon(status.horizon);
+                if let Some(others) = Horizon::others_in_status_row(&row)? {
+                    self.store.saw_other_xids(others);
+                }
                 self.status = Some(status);
             }
         }

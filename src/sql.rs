@@ -180,6 +180,9 @@ pub(crate) struct Sql {
     pub(crate) read_stream_backwards: Statement,
     pub(crate) read_all_forwards: Statement,
     pub(crate) read_all_backwards: Statement,
+    /// The same, with `$8`: transaction ids known to belong to other databases.
+    pub(crate) read_all_forwards_others: Statement,
+    pub(crate) read_all_backwards_others: Statement,
     pub(crate) head_position: Statement,
     pub(crate) feed_status: Statement,
     pub(crate) horizon: Statement,
@@ -223,6 +226,10 @@ pub(crate) struct Sql {
     pub(crate) set_truncate_before: Statement,
 }
 
+/// The keyset bounds of `$all` reads, below the read's horizon `h`.
+const ALL_FORWARDS: &str = "global_position > $1 AND global_position < (SELECT horizon FROM h)";
+const ALL_BACKWARDS: &str = "global_position < LEAST($1, (SELECT horizon FROM h))";
+
 impl Sql {
     pub(crate) fn new(schema: &str) -> Sql {
         let s = quote(schema);
@@ -241,35 +248,78 @@ impl Sql {
         // A `$all` read returns, besides its events, one status row: the horizon it read
         // below in `global_position`, the newest committed position (or -1) in
         // `stream_version`, the transaction holding it back as `{{"pid", "xid"}}` in
-        // `metadata`, and NULL `event_id` (which every event has). `$6` is the horizon of
-        // an earlier page of the same read, or NULL to compute it now.
-        let read_all = |direction: &str, bound: &str| {
-            format!(
-                "WITH t AS MATERIALIZED (
-    -- The quick case without a function call: the newest event is below the
-    -- snapshot's xmin, so nothing is held back (see feed_horizon).
+        // `metadata`, the snapshot's transactions of other databases (when the function
+        // ran) as an array in `data`, and NULL `event_id` (which every event has). `$6` is the horizon of an earlier
+        // page of the same read, or NULL to compute it now; `$7` the store's highest
+        // horizon; `$8` (in the `_others` variants) transaction ids known to belong to
+        // other databases.
+        let read_all = |direction: &str, bound: &str, others: bool| {
+            // The horizon of this read, `h0`, without a function call in two quick cases
+            // (see feed_horizon): the newest event is below the snapshot's xmin, so
+            // nothing is held back (`easy`); or (only in the `_others` variants, so that
+            // other reads do not carry its subquery) every transaction of the snapshot
+            // below `c` is one that an earlier read found in another database (`$8`),
+            // and can never append here (`clear`).
+            let horizon_cte = if others {
+                format!(
+                    "WITH t AS MATERIALIZED (
+    -- OFFSET 0 reads the tip once.
+    SELECT y.tip, y.cheap, least((y.tip >> {bits}) + 1, y.xmax8) AS c,
+           (y.tip IS NULL OR y.tip < y.cheap) AS easy,
+           CASE WHEN NOT (y.tip IS NULL OR y.tip < y.cheap) THEN
+               NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(y.snap) x
+                            WHERE x::text::bigint < least((y.tip >> {bits}) + 1, y.xmax8)
+                              AND x::text::bigint <> ALL($8::bigint[]))
+           END AS clear
+      FROM (SELECT (SELECT e.global_position FROM {events} e
+                     ORDER BY e.global_position DESC LIMIT 1) AS tip,
+                   pg_snapshot_xmin(s.snap)::text::bigint << {bits} AS cheap,
+                   pg_snapshot_xmax(s.snap)::text::bigint AS xmax8, s.snap
+              FROM (SELECT pg_current_snapshot() AS snap) s
+             WHERE $6::bigint IS NULL OFFSET 0) y
+), h0 AS MATERIALIZED (
+    SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid,
+           NULL::bigint[] AS others
+      FROM t WHERE t.easy
+    UNION ALL
+    SELECT t.c << {bits}, t.tip, NULL, NULL, NULL FROM t WHERE NOT t.easy AND t.clear
+    UNION ALL
+    SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid, f.others
+      FROM t CROSS JOIN LATERAL (
+           SELECT * FROM {horizon} WHERE NOT t.easy AND NOT t.clear) f
+    UNION ALL
+    SELECT $6::bigint, NULL, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL"
+                )
+            } else {
+                format!(
+                    "WITH t AS MATERIALIZED (
     SELECT (SELECT e.global_position FROM {events} e
              ORDER BY e.global_position DESC LIMIT 1) AS tip,
            pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {bits} AS cheap
      WHERE $6::bigint IS NULL
 ), h0 AS MATERIALIZED (
-    SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid
+    SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid,
+           NULL::bigint[] AS others
       FROM t WHERE t.tip IS NULL OR t.tip < t.cheap
     UNION ALL
-    SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid
+    SELECT f.horizon, f.tip, f.blocker_pid, f.blocker_xid, f.others
       FROM t CROSS JOIN LATERAL (
            SELECT * FROM {horizon} WHERE NOT (t.tip IS NULL OR t.tip < t.cheap)) f
     UNION ALL
-    SELECT $6::bigint, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL
+    SELECT $6::bigint, NULL, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL"
+                )
+            };
+            format!(
+                "{horizon_cte}
 ), h AS MATERIALIZED (
     -- Never below a horizon this store has computed before (`$7`): each is final, and
     -- one computed later may be lower (see feed_horizon).
     SELECT CASE WHEN $6::bigint IS NULL THEN GREATEST(h0.horizon, $7::bigint)
                 ELSE h0.horizon END AS horizon,
-           h0.tip, h0.blocker_pid, h0.blocker_xid
+           h0.tip, h0.blocker_pid, h0.blocker_xid, h0.others
       FROM h0
 )
-SELECT h.horizon, NULL::uuid, NULL::text, COALESCE(h.tip, -1), NULL::text, NULL::jsonb,
+SELECT h.horizon, NULL::uuid, NULL::text, COALESCE(h.tip, -1), NULL::text, to_jsonb(h.others),
        jsonb_build_object('pid', h.blocker_pid, 'xid', h.blocker_xid), NULL::timestamptz
   FROM h
 UNION ALL
@@ -408,14 +458,10 @@ RETURNING global_position, stream_version"
                     AND stream_version >= {truncated}
                   ORDER BY stream_version DESC LIMIT $3"
             ),
-            read_all_forwards: read_all(
-                "",
-                "global_position > $1 AND global_position < (SELECT horizon FROM h)",
-            ),
-            read_all_backwards: read_all(
-                "DESC",
-                "global_position < LEAST($1, (SELECT horizon FROM h))",
-            ),
+            read_all_forwards: read_all("", ALL_FORWARDS, false),
+            read_all_backwards: read_all("DESC", ALL_BACKWARDS, false),
+            read_all_forwards_others: read_all("", ALL_FORWARDS, true),
+            read_all_backwards_others: read_all("DESC", ALL_BACKWARDS, true),
             head_position: format!(
                 "SELECT (SELECT max(e.global_position) FROM {events} e
                           WHERE e.global_position < g.horizon), g.horizon

@@ -58,6 +58,8 @@ struct Inner {
     monitor: Arc<crate::health::Monitor>,
     /// The highest `$all` horizon this store has computed: final, so never read below.
     known_horizon: std::sync::atomic::AtomicI64,
+    /// Transaction ids that the last full horizon computation found in other databases.
+    other_xids: std::sync::Mutex<Vec<i64>>,
     held_back: crate::horizon::HeldBackBoard,
 }
 
@@ -159,6 +161,7 @@ impl Store {
                 monitor,
                 held_back: Default::default(),
                 known_horizon: std::sync::atomic::AtomicI64::new(0),
+                other_xids: Default::default(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -560,8 +563,9 @@ impl Store {
     }
 
     /// The highest `$all` horizon this store has computed (0: none yet). Every horizon
-    /// is final, and one computed later may be lower (a statement that started running
-    /// meanwhile holds it), so reads never go below this one.
+    /// is final, and one computed later may be lower (a transaction that readers passed
+    /// and that was then refused holds its lock until it ends), so reads never go below
+    /// this one.
     pub(crate) fn known_horizon(&self) -> i64 {
         self.inner
             .known_horizon
@@ -573,6 +577,19 @@ impl Store {
         self.inner
             .known_horizon
             .fetch_max(horizon as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Transaction ids known to belong to other databases of the cluster (a fact that
+    /// never changes for an id): a `$all` read whose snapshot's open transactions below
+    /// the newest event are all among them needs no function call for its horizon.
+    pub(crate) fn other_xids(&self) -> Vec<i64> {
+        self.inner.other_xids.lock().unwrap().clone()
+    }
+
+    /// Records the other databases' transactions that a horizon computation saw in its
+    /// snapshot (they replace the earlier ones, which have most likely ended).
+    pub(crate) fn saw_other_xids(&self, xids: Vec<i64>) {
+        *self.inner.other_xids.lock().unwrap() = xids;
     }
 
     /// The statements of this store's schema.
