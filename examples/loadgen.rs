@@ -35,6 +35,8 @@
 //! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
 //! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
+//! | A6, A12 | `append_in` with 6 (12) writers, each in its own transactions: one event to one of 50 shared streams with `ExpectedVersion::Any`, the transaction held open 0–3 ms, a fifth rolled back; 300 transactions per writer, the same plan for both sides | `append_in` (a refused transaction is retried) | one `INSERT ... SELECT max(version) + 1` per transaction, retried after a unique violation |
+//! | A6F, A12F | the same without the hold: commit as fast as possible (1,000 transactions per writer) | `append_in` | (same) |
 //! | W7 | streaming bulk import of 1,000,000 events (10,000 streams of 100), generated as they are written, each side in a child process that reports its peak RSS; `--only W7 --scale 10 --reps 1` for 10,000,000 | `import_iter` (chunked above 1,048,576 events) | one binary `COPY` in one transaction |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
@@ -58,16 +60,19 @@
 //! different index set. Reps alternate which side goes first.
 use std::collections::HashMap;
 use std::error::Error as StdError;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use pg_eventstore::postgres::binary_copy::BinaryCopyInWriter;
+use pg_eventstore::postgres::error::SqlState;
 use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use pg_eventstore::postgres::{Client, NoTls};
 use pg_eventstore::{
-    Config, EventData, ExpectedVersion, GroupOptions, ImportEvent, ImportOptions, ReadAll,
-    ReadStream, Store, SubscribeOptions, SubscriptionStopper, Worker, MAX_EVENTS_PER_TRANSACTION,
+    Config, Error as PgError, EventData, ExpectedVersion, GroupOptions, ImportEvent, ImportOptions,
+    ReadAll, ReadStream, Store, SubscribeOptions, SubscriptionStopper, Worker,
+    MAX_EVENTS_PER_TRANSACTION,
 };
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -94,6 +99,26 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
         "W6 while another database holds a transaction id",
         w6x,
     ),
+    (
+        "A6",
+        "append_in, 6 writers, transactions held 0-3 ms, a fifth rolled back",
+        a6,
+    ),
+    (
+        "A12",
+        "append_in, 12 writers, transactions held 0-3 ms, a fifth rolled back",
+        a12,
+    ),
+    (
+        "A6F",
+        "append_in, 6 writers, no hold, a fifth rolled back",
+        a6f,
+    ),
+    (
+        "A12F",
+        "append_in, 12 writers, no hold, a fifth rolled back",
+        a12f,
+    ),
     ("W7", "bulk import", w7),
     ("M1", "peak RSS, large read vs small read", m1),
     ("P1", "worker, 4 threads, trivial handler, vs read_all", p1),
@@ -118,6 +143,7 @@ fn target(workload: &str) -> Option<f64> {
         "W4" | "W5" => Some(0.95),
         "W6X" => Some(0.80),
         "W7" => Some(0.80),
+        "A6" | "A12" | "A6F" | "A12F" => Some(0.90),
         "P2" => Some(0.80),
         "M1" => Some(16.0),
         _ => None,
@@ -134,6 +160,7 @@ struct Sizes {
     w6_events: usize,
     w7_events: usize,
     p1_events: usize,
+    a_transactions: usize,
     m1_large: usize,
     m1_small: usize,
 }
@@ -152,6 +179,7 @@ impl Sizes {
                 w6_events: s(50),
                 w7_events: s(10_000),
                 p1_events: s(500),
+                a_transactions: s(20),
                 m1_large: s(20_000),
                 m1_small: s(200),
             }
@@ -166,6 +194,7 @@ impl Sizes {
                 w6_events: s(2_000),
                 w7_events: s(1_000_000),
                 p1_events: s(20_000),
+                a_transactions: s(300),
                 m1_large: s(1_000_000),
                 m1_small: s(10_000),
             }
@@ -595,6 +624,180 @@ fn alternate(
 
 // ---------------------------------------------------------------------------------------
 // Appends.
+
+/// One transaction of the A workloads: its stream, how long it stays open after the
+/// append, and whether it rolls back.
+#[derive(Clone, Copy)]
+struct TxPlan {
+    stream: usize,
+    hold: Duration,
+    rollback: bool,
+}
+
+const A_STREAMS: usize = 50;
+
+/// Writer `w`'s transactions (xorshift from a fixed seed: the same for both sides).
+fn tx_plans(w: usize, n: usize, hold_max: Duration) -> Vec<TxPlan> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w as u64 + 1);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let max_us = hold_max.as_micros() as u64;
+    (0..n)
+        .map(|_| TxPlan {
+            stream: (next() % A_STREAMS as u64) as usize,
+            hold: Duration::from_micros(if max_us == 0 { 0 } else { next() % max_us }),
+            rollback: next() % 5 == 0,
+        })
+        .collect()
+}
+
+fn a6(ctx: &Ctx) -> Res<Outcome> {
+    append_in_load(ctx, 6, Duration::from_millis(3))
+}
+
+fn a12(ctx: &Ctx) -> Res<Outcome> {
+    append_in_load(ctx, 12, Duration::from_millis(3))
+}
+
+fn a6f(ctx: &Ctx) -> Res<Outcome> {
+    append_in_load(ctx, 6, Duration::ZERO)
+}
+
+fn a12f(ctx: &Ctx) -> Res<Outcome> {
+    append_in_load(ctx, 12, Duration::ZERO)
+}
+
+/// `writers` threads run their planned transactions on their own connections: ours
+/// with `append_in(Any)`, raw with a single INSERT that computes the next version.
+fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration) -> Res<Outcome> {
+    let per = if hold_max.is_zero() {
+        ctx.sizes.a_transactions * 10 / 3
+    } else {
+        ctx.sizes.a_transactions
+    };
+    let plans: Vec<Vec<TxPlan>> = (0..writers).map(|w| tx_plans(w, per, hold_max)).collect();
+    let rows = rows(writers * per);
+    let events: Vec<EventData> = rows.iter().map(Row::event).collect();
+    let names: Vec<String> = (0..A_STREAMS).map(|i| format!("acct-{i}")).collect();
+    let committed = plans.iter().flatten().filter(|p| !p.rollback).count();
+    let retried = std::sync::atomic::AtomicU64::new(0);
+    let conflicts = std::sync::atomic::AtomicU64::new(0);
+    let raw_conflicts = std::sync::atomic::AtomicU64::new(0);
+    let run = |raw: bool| -> Res<Duration> {
+        let pair = Pair::new(ctx, "a")?;
+        let table = pair.raw_table();
+        let insert = format!(
+            "INSERT INTO {table} (event_id, stream_id, version, event_type, data, metadata)
+             SELECT $1, $2, COALESCE(max(version), -1) + 1, $3, $4, $5
+               FROM {table} WHERE stream_id = $2"
+        );
+        let clients: Vec<Client> = (0..writers)
+            .map(|_| pair.raw_client(ctx))
+            .collect::<Res<_>>()?;
+        let barrier = Barrier::new(writers + 1);
+        thread::scope(|scope| -> Res<Duration> {
+            let handles: Vec<_> = clients
+                .into_iter()
+                .enumerate()
+                .map(|(w, mut client)| {
+                    let (store, barrier, names, insert) = (pair.store(), &barrier, &names, &insert);
+                    let (plans, rows, events) = (&plans[w], &rows[w * per..], &events[w * per..]);
+                    let (retried, conflicts, raw_conflicts) =
+                        (&retried, &conflicts, &raw_conflicts);
+                    scope.spawn(move || -> Res<()> {
+                        let insert = client.prepare(insert)?;
+                        barrier.wait();
+                        for (k, plan) in plans.iter().enumerate() {
+                            loop {
+                                let mut tx = client.transaction()?;
+                                let stream = &names[plan.stream];
+                                if raw {
+                                    let r = &rows[k];
+                                    let params: [&(dyn ToSql + Sync); 5] = [
+                                        &r.id,
+                                        stream,
+                                        &EVENT_TYPE,
+                                        &Jsonb(&r.data),
+                                        &Jsonb(&r.metadata),
+                                    ];
+                                    if let Err(e) = tx.execute(&insert, &params) {
+                                        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                                            raw_conflicts.fetch_add(1, Ordering::Relaxed);
+                                            continue; // rolled back on drop
+                                        }
+                                        return Err(e.into());
+                                    }
+                                } else {
+                                    let event = std::slice::from_ref(&events[k]);
+                                    match store.append_in(
+                                        &mut tx,
+                                        stream,
+                                        ExpectedVersion::Any,
+                                        event,
+                                    ) {
+                                        Ok(_) => {}
+                                        Err(
+                                            PgError::StreamOrderConflict { .. }
+                                            | PgError::FeedOrderConflict { .. },
+                                        ) => {
+                                            retried.fetch_add(1, Ordering::Relaxed);
+                                            continue;
+                                        }
+                                        Err(PgError::WrongExpectedVersion { .. }) => {
+                                            conflicts.fetch_add(1, Ordering::Relaxed);
+                                            continue;
+                                        }
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
+                                if !plan.hold.is_zero() {
+                                    thread::sleep(plan.hold);
+                                }
+                                if plan.rollback {
+                                    tx.rollback()?;
+                                } else {
+                                    tx.commit()?;
+                                }
+                                break;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let t = Instant::now();
+            for h in handles {
+                h.join().expect("thread")?;
+            }
+            Ok(t.elapsed())
+        })
+    };
+    let (ours, raw) = alternate(ctx.reps, || run(false), || run(true))?;
+    let mut outcome = Outcome::throughput(committed, &ours, &raw);
+    outcome.extra.extend([
+        ("writers", json!(writers)),
+        ("hold_max_ms", json!(hold_max.as_millis() as u64)),
+        // Over all reps of each side.
+        (
+            "ours_refused_and_retried",
+            json!(retried.load(Ordering::Relaxed)),
+        ),
+        (
+            "ours_version_conflicts",
+            json!(conflicts.load(Ordering::Relaxed)),
+        ),
+        (
+            "raw_unique_violations_retried",
+            json!(raw_conflicts.load(Ordering::Relaxed)),
+        ),
+    ]);
+    Ok(outcome)
+}
 
 fn raw_insert_one(raw_table: &str) -> String {
     format!(

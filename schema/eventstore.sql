@@ -164,7 +164,7 @@ $body$;CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON "eventstor
     FOR EACH STATEMENT EXECUTE FUNCTION "eventstore".events_are_immutable();
 INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (6, 'stream lifecycle: immutable events, stream metadata');
 
--- 0007 feed horizon: other databases ignored, floor moved only when needed
+-- 0007 feed horizon: other databases ignored, floor moved only when needed; stream heads under a lock for appends that expect any version
 DROP FUNCTION "eventstore".feed_horizon(pg_snapshot);CREATE FUNCTION "eventstore".feed_horizon(snap pg_snapshot,
     OUT horizon bigint, OUT tip bigint, OUT blocker_pid integer, OUT blocker_xid bigint,
     OUT others bigint[])
@@ -288,6 +288,17 @@ BEGIN
                     WHERE e.global_position >= x << 20
                       AND e.global_position < (x + 1) << 20);
 END
+$body$;CREATE FUNCTION "eventstore".locked_stream_head(p_stream text,
+    OUT head_version bigint, OUT head_position bigint)
+LANGUAGE plpgsql VOLATILE AS $body$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('eventstore/' || p_stream, 0));
+    SELECT h.v, h.hp INTO head_version, head_position FROM (SELECT CASE WHEN e.event_type = '$tombstone' THEN 9223372036854775807
+                     ELSE e.stream_version END AS v,
+                e.global_position AS hp
+           FROM "eventstore".events e
+          WHERE e.stream_id = p_stream ORDER BY e.stream_version DESC LIMIT 1) h;
+END
 $body$;
-INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (7, 'feed horizon: other databases ignored, floor moved only when needed');
+INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (7, 'feed horizon: other databases ignored, floor moved only when needed; stream heads under a lock for appends that expect any version');
 COMMIT;

@@ -54,7 +54,8 @@ const STEPS: &[Step] = &[
     },
     Step {
         version: 7,
-        name: "feed horizon: other databases ignored, floor moved only when needed",
+        name: "feed horizon: other databases ignored, floor moved only when needed; \
+               stream heads under a lock for appends that expect any version",
         sql: m0007_feed_horizon,
     },
 ];
@@ -175,6 +176,7 @@ fn m0007_feed_horizon(schema: &str) -> String {
     let s = quote(schema);
     m.inject_custom(format!("DROP FUNCTION {s}.feed_horizon(pg_snapshot)"));
     m.inject_custom(feed_horizon_function(schema));
+    m.inject_custom(locked_stream_head_function(schema));
     finish(m)
 }
 
@@ -406,6 +408,27 @@ $body$"#
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.events_are_immutable()"
     ));
     finish(m)
+}
+
+/// `locked_stream_head(stream)`: takes the stream's advisory lock for the rest of the
+/// transaction (a 64-bit key from the schema and stream names; another stream with the
+/// same hash only shares the wait), then reads the stream's head with a snapshot taken
+/// after the wait (a `VOLATILE` function's query in `READ COMMITTED`), so that an append
+/// that expects any version sees what the appender it waited for committed.
+fn locked_stream_head_function(schema: &str) -> String {
+    let s = quote(schema);
+    let events = format!("{s}.events");
+    let lookup = crate::sql::stream_head_lookup(&events, "p_stream");
+    format!(
+        r#"CREATE FUNCTION {s}.locked_stream_head(p_stream text,
+    OUT head_version bigint, OUT head_position bigint)
+LANGUAGE plpgsql VOLATILE AS $body$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('{schema}/' || p_stream, 0));
+    SELECT h.v, h.hp INTO head_version, head_position FROM ({lookup}) h;
+END
+$body$"#
+    )
 }
 
 /// The advisory lock class (with the hash of the schema name) that orders moves of the

@@ -87,7 +87,7 @@ pub(crate) const TOMBSTONE_HEAD: i64 = i64::MAX;
 /// The last event of the stream named by the SQL expression `stream`: its version `v`
 /// ([`TOMBSTONE_HEAD`] for a tombstone) and position `hp`, or no row. One index probe,
 /// newest version first.
-fn stream_head_lookup(events: &str, stream: &str) -> String {
+pub(crate) fn stream_head_lookup(events: &str, stream: &str) -> String {
     let tombstone = crate::event::STREAM_TOMBSTONE;
     format!(
         "SELECT CASE WHEN e.event_type = '{tombstone}' THEN {TOMBSTONE_HEAD}
@@ -173,6 +173,7 @@ macro_rules! statements {
 pub(crate) struct Sql {
     pub(crate) schema: String,
     pub(crate) append: Statement,
+    pub(crate) append_any: Statement,
     pub(crate) append_fast: Statement,
     pub(crate) append_one: Statement,
     pub(crate) stream_head: Statement,
@@ -341,7 +342,8 @@ UNION ALL
         let head = stream_head_row(&events);
         let expected = expected_version_ok("h.v");
         let slot = slot_next(&events, "r.lo");
-        let append = format!(
+        let full_append = |head: &str| {
+            format!(
             "WITH input AS (
     SELECT t.event_id, t.event_type, t.data, t.metadata, t.n
       FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
@@ -360,12 +362,14 @@ UNION ALL
 ), head AS (
     {head}
 ), slot_range AS MATERIALIZED (
-    -- The feed floor is read before this transaction's id is taken (the CASE orders
-    -- them): an id taken after the read is above every floor published before it, so
-    -- only a transaction that came with an id can be refused below.
+    -- The feed floor and the stream's head are read before this transaction's id is
+    -- taken (the CASE orders them): an id taken after the read is above every floor
+    -- published before it, so only a transaction that came with an id can be refused
+    -- below; and an append that waited for the stream's lock takes an id newer than
+    -- the appender it waited for.
     SELECT f.last_value AS floor,
-           (CASE WHEN f.last_value >= 0 THEN pg_current_xact_id() END)::text::bigint
-             << {bits} AS lo
+           (CASE WHEN f.last_value >= 0 AND (SELECT count(*) FROM head) >= 0
+                 THEN pg_current_xact_id() END)::text::bigint << {bits} AS lo
       FROM {floor_seq} f
 ), slot AS (
     SELECT {slot} AS p FROM slot_range r
@@ -404,7 +408,17 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT behind FROM floor) AS behind_floor,
        (SELECT count(*) FROM (SELECT pg_notify($8::text, '') WHERE $8::text IS NOT NULL
            AND EXISTS (SELECT 1 FROM ins)) n) AS notified"
-        );
+            )
+        };
+        let append = full_append(&head);
+        // For `ExpectedVersion::Any`: the head is read after taking the stream's lock,
+        // which the transaction holds until it ends, with a snapshot taken after the wait
+        // (see `locked_stream_head` in migrate.rs): a concurrent append to the same
+        // stream makes this one wait, never fail with a version conflict.
+        let append_any = full_append(&format!(
+            "SELECT h.head_version AS v, h.head_position AS hp
+       FROM {s}.locked_stream_head($1) h"
+        ));
         // The common case through the pool, in its own fresh transaction: check the head,
         // insert, nothing else. Its transaction id is newer than any committed head's, its
         // slot is empty, and a repeated id or a lost race fails on a unique constraint:
@@ -444,6 +458,7 @@ RETURNING global_position, stream_version"
         statements! {
             schema: schema.to_string(), group: GroupSql::new(schema);
             append,
+            append_any,
             append_fast,
             append_one,
             stream_head: format!("SELECT v FROM ({head}) h"),

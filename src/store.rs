@@ -279,7 +279,7 @@ impl Store {
             self.inner.hub.appended();
             return Ok(result);
         }
-        let statement = self.prepared(&mut conn, &self.inner.sql.append)?;
+        let statement = self.prepared(&mut conn, self.full_append(input.expected))?;
         // Several writers on one hot stream lose to each other in turn: a random pause
         // breaks the lockstep.
         let mut pause = Backoff::new(Duration::from_micros(50), Duration::from_millis(20));
@@ -354,10 +354,24 @@ impl Store {
     /// read-model or outbox row commits or rolls back together with the events.
     ///
     /// The events become visible when the transaction commits. A wrong expected version
-    /// found by the statement itself leaves the transaction usable. A concurrent append
-    /// that takes the same version first (it commits while this statement waits for it)
-    /// makes the statement fail, which aborts the caller's transaction (PostgreSQL's
-    /// rule): the error is still [`Error::WrongExpectedVersion`], and the caller rolls
+    /// found by the statement itself leaves the transaction usable.
+    ///
+    /// With [`ExpectedVersion::Any`] there is no version check, and no version conflict:
+    /// the append takes the stream's lock (an advisory lock held until the transaction
+    /// ends), so a second transaction appending to the same stream waits for the first
+    /// to end and then appends after whatever it committed (in `READ COMMITTED`, the
+    /// default). Appends to different streams never wait for each other. A transaction
+    /// that had its id before it waited (it wrote something else first) is older than
+    /// the events it waited for, and is refused with the retryable
+    /// [`Error::StreamOrderConflict`], which leaves the transaction usable: append first
+    /// in the transaction, and it cannot happen. Two transactions that append to the same
+    /// two streams in opposite orders can deadlock, which PostgreSQL breaks after
+    /// `deadlock_timeout` by failing one of them (a transient error: retry it).
+    ///
+    /// With an expected version, a concurrent append that takes the same version first
+    /// (it commits while this statement waits for it) makes the statement fail, which
+    /// aborts the caller's transaction (PostgreSQL's rule): the error is still
+    /// [`Error::WrongExpectedVersion`], and the caller rolls
     /// back and retries the whole transaction. Its `actual` version is read on an idle
     /// pooled connection if there is one at once, and is [`ActualVersion::Unknown`]
     /// otherwise: the caller's own connection can no longer read, and waiting for the
@@ -406,7 +420,7 @@ impl Store {
             .copied()
             .zip(APPEND_PARAM_TYPES.iter().cloned())
             .collect();
-        match client.query_typed(self.inner.sql.append.text(), &typed) {
+        match client.query_typed(self.full_append(expected).text(), &typed) {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
             Err(e) => match unique_violation(&e) {
                 Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
@@ -420,6 +434,16 @@ impl Store {
                 }),
                 None => Err(self.map_error(e)),
             },
+        }
+    }
+
+    /// The full append statement for `expected`: with [`ExpectedVersion::Any`] it waits
+    /// for the stream's lock instead of failing when another append to the stream
+    /// commits first.
+    fn full_append(&self, expected: ExpectedVersion) -> &crate::sql::Statement {
+        match expected {
+            ExpectedVersion::Any => &self.inner.sql.append_any,
+            _ => &self.inner.sql.append,
         }
     }
 
