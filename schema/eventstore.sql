@@ -299,6 +299,169 @@ BEGIN
            FROM "eventstore".events e
           WHERE e.stream_id = p_stream ORDER BY e.stream_version DESC LIMIT 1) h;
 END
+$body$;CREATE FUNCTION "eventstore".append_in_events(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
+               tx_events bigint, dup_streams text[], dup_versions bigint[],
+               dup_positions bigint[], dup_index bigint[], dup_same boolean,
+               order_conflict boolean, behind_floor boolean, watched bigint)
+LANGUAGE plpgsql VOLATILE AS $body$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY WITH input AS (
+    SELECT t.event_id, t.event_type, t.data, t.metadata, t.n
+      FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+           WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
+), dup AS (
+    SELECT e.stream_id, e.stream_version, e.global_position, i.n,
+           (e.event_type = i.event_type AND e.data = i.data
+            AND e.metadata IS NOT DISTINCT FROM i.metadata) AS same
+      FROM input i CROSS JOIN LATERAL (
+           -- LIMIT keeps this a per-event index probe: as a plain join, a plan made
+           -- while the table was small (a new store, before autovacuum's first
+           -- ANALYZE) hashes the input and scans the whole table on every append.
+           SELECT e.stream_id, e.stream_version, e.global_position, e.event_type,
+                  e.data, e.metadata
+             FROM "eventstore".events e WHERE e.event_id = i.event_id LIMIT 1) e
+), head AS (
+    SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT CASE WHEN e.event_type = '$tombstone' THEN 9223372036854775807
+                     ELSE e.stream_version END AS v,
+                e.global_position AS hp
+           FROM "eventstore".events e
+          WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
+), slot_range AS MATERIALIZED (
+    -- The feed floor and the stream's head are read before this transaction's id is
+    -- taken (the CASE orders them): an id taken after the read is above every floor
+    -- published before it, so only a transaction that came with an id can be refused
+    -- below; and an append that waited for the stream's lock takes an id newer than
+    -- the appender it waited for.
+    SELECT f.last_value AS floor,
+           (CASE WHEN f.last_value >= 0 AND (SELECT count(*) FROM head) >= 0
+                 THEN pg_current_xact_id() END)::text::bigint << 20 AS lo
+      FROM "eventstore".feed_floor f
+), slot AS (
+    SELECT COALESCE((SELECT max(e.global_position) + 1 FROM "eventstore".events e
+                    WHERE e.global_position >= r.lo AND e.global_position < r.lo + 1048576),
+                  r.lo) AS p FROM slot_range r
+), floor AS (
+    -- The first append of a transaction whose id is below the feed floor would sort
+    -- before events that `$all` readers have passed (see the crate docs). Later appends
+    -- of the same transaction are safe: it has held the events table's lock since the
+    -- first one, and readers stop before it.
+    SELECT s.p = r.lo AND (r.lo >> 20) < r.floor
+           AND current_setting('pg_eventstore.lock_' || '"eventstore".events'::regclass::oid::text, true) IS DISTINCT FROM 'on' AS behind
+      FROM slot s, slot_range r
+), ok AS (
+    SELECT h.v, s.p FROM head h, slot s, slot_range r
+     WHERE NOT EXISTS (SELECT 1 FROM dup)
+       AND s.p + (SELECT count(*) FROM input) <= r.lo + 1048576
+       AND h.v IS DISTINCT FROM 9223372036854775807 AND CASE $6::int WHEN 0 THEN true
+                      WHEN 1 THEN h.v IS NULL
+                      WHEN 2 THEN h.v IS NOT NULL
+                      ELSE h.v = $7::bigint END
+       AND (h.hp IS NULL OR h.hp < r.lo + 1048576)
+       AND NOT (SELECT behind FROM floor)
+), ins AS (
+    INSERT INTO "eventstore".events (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+    SELECT ok.p + i.n - 1, i.event_id, $1, COALESCE(ok.v, -1) + i.n, i.event_type, i.data, i.metadata
+      FROM input i, ok
+    RETURNING global_position
+)
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT min(global_position) FROM ins) AS first_position,
+       (SELECT max(global_position) FROM ins) AS last_position,
+       (SELECT v FROM head) AS head,
+       (SELECT p FROM slot) - (SELECT lo FROM slot_range) + (SELECT count(*) FROM input) AS tx_events,
+       (SELECT array_agg(d.stream_id ORDER BY d.n) FROM dup d) AS dup_streams,
+       (SELECT array_agg(d.stream_version ORDER BY d.n) FROM dup d) AS dup_versions,
+       (SELECT array_agg(d.global_position ORDER BY d.n) FROM dup d) AS dup_positions,
+       (SELECT array_agg(d.n ORDER BY d.n) FROM dup d) AS dup_index,
+       (SELECT bool_and(d.same) FROM dup d) AS dup_same,
+       (SELECT hp >= (SELECT lo FROM slot_range) + 1048576 FROM head) AS order_conflict,
+       (SELECT behind FROM floor) AS behind_floor,
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(1346720563,
+               (((SELECT lo FROM slot_range) >> 20) % 2147483648)::int)
+            WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched;
+END
+$body$;CREATE FUNCTION "eventstore".append_in_any(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
+               tx_events bigint, dup_streams text[], dup_versions bigint[],
+               dup_positions bigint[], dup_index bigint[], dup_same boolean,
+               order_conflict boolean, behind_floor boolean, watched bigint)
+LANGUAGE plpgsql VOLATILE AS $body$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY WITH input AS (
+    SELECT t.event_id, t.event_type, t.data, t.metadata, t.n
+      FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+           WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
+), dup AS (
+    SELECT e.stream_id, e.stream_version, e.global_position, i.n,
+           (e.event_type = i.event_type AND e.data = i.data
+            AND e.metadata IS NOT DISTINCT FROM i.metadata) AS same
+      FROM input i CROSS JOIN LATERAL (
+           -- LIMIT keeps this a per-event index probe: as a plain join, a plan made
+           -- while the table was small (a new store, before autovacuum's first
+           -- ANALYZE) hashes the input and scans the whole table on every append.
+           SELECT e.stream_id, e.stream_version, e.global_position, e.event_type,
+                  e.data, e.metadata
+             FROM "eventstore".events e WHERE e.event_id = i.event_id LIMIT 1) e
+), head AS (
+    SELECT h.head_version AS v, h.head_position AS hp
+       FROM "eventstore".locked_stream_head($1) h
+), slot_range AS MATERIALIZED (
+    -- The feed floor and the stream's head are read before this transaction's id is
+    -- taken (the CASE orders them): an id taken after the read is above every floor
+    -- published before it, so only a transaction that came with an id can be refused
+    -- below; and an append that waited for the stream's lock takes an id newer than
+    -- the appender it waited for.
+    SELECT f.last_value AS floor,
+           (CASE WHEN f.last_value >= 0 AND (SELECT count(*) FROM head) >= 0
+                 THEN pg_current_xact_id() END)::text::bigint << 20 AS lo
+      FROM "eventstore".feed_floor f
+), slot AS (
+    SELECT COALESCE((SELECT max(e.global_position) + 1 FROM "eventstore".events e
+                    WHERE e.global_position >= r.lo AND e.global_position < r.lo + 1048576),
+                  r.lo) AS p FROM slot_range r
+), floor AS (
+    -- The first append of a transaction whose id is below the feed floor would sort
+    -- before events that `$all` readers have passed (see the crate docs). Later appends
+    -- of the same transaction are safe: it has held the events table's lock since the
+    -- first one, and readers stop before it.
+    SELECT s.p = r.lo AND (r.lo >> 20) < r.floor
+           AND current_setting('pg_eventstore.lock_' || '"eventstore".events'::regclass::oid::text, true) IS DISTINCT FROM 'on' AS behind
+      FROM slot s, slot_range r
+), ok AS (
+    SELECT h.v, s.p FROM head h, slot s, slot_range r
+     WHERE NOT EXISTS (SELECT 1 FROM dup)
+       AND s.p + (SELECT count(*) FROM input) <= r.lo + 1048576
+       AND h.v IS DISTINCT FROM 9223372036854775807 AND CASE $6::int WHEN 0 THEN true
+                      WHEN 1 THEN h.v IS NULL
+                      WHEN 2 THEN h.v IS NOT NULL
+                      ELSE h.v = $7::bigint END
+       AND (h.hp IS NULL OR h.hp < r.lo + 1048576)
+       AND NOT (SELECT behind FROM floor)
+), ins AS (
+    INSERT INTO "eventstore".events (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+    SELECT ok.p + i.n - 1, i.event_id, $1, COALESCE(ok.v, -1) + i.n, i.event_type, i.data, i.metadata
+      FROM input i, ok
+    RETURNING global_position
+)
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT min(global_position) FROM ins) AS first_position,
+       (SELECT max(global_position) FROM ins) AS last_position,
+       (SELECT v FROM head) AS head,
+       (SELECT p FROM slot) - (SELECT lo FROM slot_range) + (SELECT count(*) FROM input) AS tx_events,
+       (SELECT array_agg(d.stream_id ORDER BY d.n) FROM dup d) AS dup_streams,
+       (SELECT array_agg(d.stream_version ORDER BY d.n) FROM dup d) AS dup_versions,
+       (SELECT array_agg(d.global_position ORDER BY d.n) FROM dup d) AS dup_positions,
+       (SELECT array_agg(d.n ORDER BY d.n) FROM dup d) AS dup_index,
+       (SELECT bool_and(d.same) FROM dup d) AS dup_same,
+       (SELECT hp >= (SELECT lo FROM slot_range) + 1048576 FROM head) AS order_conflict,
+       (SELECT behind FROM floor) AS behind_floor,
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(1346720563,
+               (((SELECT lo FROM slot_range) >> 20) % 2147483648)::int)
+            WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched;
+END
 $body$;
 INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (7, 'feed horizon: other databases ignored, floor moved only when needed; stream heads under a lock for appends that expect any version');
 COMMIT;

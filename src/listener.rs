@@ -1,6 +1,7 @@
 //! Wake-ups for subscriptions: one listener thread per store on a dedicated `LISTEN`
-//! connection, one notifier thread that tells other processes about our appends, and the
-//! fan-out to subscribers over `crossbeam-channel`.
+//! connection, one notifier thread that tells other processes about our appends, one
+//! commit watcher that learns when callers' transactions with `append_in` commit, and
+//! the fan-out to subscribers over `crossbeam-channel`.
 //!
 //! A wake-up is only a hint: subscribers always read the events from the table, so a
 //! merged, late or lost notification costs latency, never an event.
@@ -87,6 +88,7 @@ pub(crate) struct Hub {
     notify: bool,
     listener: Mutex<Option<JoinHandle<()>>>,
     notifier: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    watcher: Mutex<Option<(Sender<i64>, JoinHandle<()>)>>,
 }
 
 impl Hub {
@@ -113,6 +115,7 @@ impl Hub {
             notify,
             listener: Mutex::new(None),
             notifier: Mutex::new(None),
+            watcher: Mutex::new(None),
         }
     }
 
@@ -154,8 +157,37 @@ impl Hub {
     /// subscribers at once, and asks the notifier to tell other processes.
     pub(crate) fn appended(&self) {
         self.shared.wake_all();
+        if let Some(tx) = self.notifier() {
+            poke(&self.shared, &tx);
+        }
+    }
+
+    /// Called after an `append_in` in the caller's transaction `xid`: the commit watcher
+    /// wakes this process's subscribers, and has the notifier tell other processes, once
+    /// that transaction has committed. The caller's commit thus carries no `NOTIFY`
+    /// (PostgreSQL serialises notifying commits, flush included, on one lock).
+    pub(crate) fn watch(&self, xid: i64) {
+        let mut watcher = self.watcher.lock().unwrap();
+        let (tx, _) = watcher.get_or_insert_with(|| {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let shared = self.shared.clone();
+            let pg = self.pg.clone();
+            let connector = crate::tls::clone(&self.connector);
+            let notifier = self.notifier();
+            let handle = thread::Builder::new()
+                .name("pg-eventstore-watcher".into())
+                .spawn(move || watch_loop(shared, pg, connector, rx, notifier))
+                .expect("spawn the commit watcher thread");
+            (tx, handle)
+        });
+        let _ = tx.send(xid);
+    }
+
+    /// The notifier's channel (started on first use), or `None` when appends are not to
+    /// be announced to other processes.
+    fn notifier(&self) -> Option<Sender<()>> {
         if !self.notify {
-            return;
+            return None;
         }
         let mut notifier = self.notifier.lock().unwrap();
         let (tx, _) = notifier.get_or_insert_with(|| {
@@ -170,10 +202,7 @@ impl Hub {
                 .expect("spawn the notifier thread");
             (tx, handle)
         });
-        // A full channel means a NOTIFY is already due: this append rides along.
-        if !self.shared.nobody_else_listens.load(Ordering::Relaxed) {
-            let _ = tx.try_send(());
-        }
+        Some(tx.clone())
     }
 
     pub(crate) fn state(&self) -> Option<ListenerState> {
@@ -188,9 +217,21 @@ impl Hub {
     }
 }
 
+/// Asks the notifier for a NOTIFY, unless nobody else listens. A full channel means a
+/// NOTIFY is already due: this append rides along.
+fn poke(shared: &Shared, notifier: &Sender<()>) {
+    if !shared.nobody_else_listens.load(Ordering::Relaxed) {
+        let _ = notifier.try_send(());
+    }
+}
+
 impl Drop for Hub {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some((tx, handle)) = self.watcher.lock().unwrap().take() {
+            drop(tx); // its wait ends within WATCH_WAIT_MAX, then it sees the channel gone
+            let _ = handle.join();
+        }
         if let Some((tx, handle)) = self.notifier.lock().unwrap().take() {
             drop(tx); // disconnects the notifier's channel: it ends at once
             let _ = handle.join();
@@ -380,6 +421,94 @@ fn notify_loop(
                 // Lost: other processes' subscribers find the events at their next poll.
                 Err(_) if attempt == 1 => break,
                 Err(_) => client = None,
+            }
+        }
+    }
+}
+
+/// The commit watcher's longest single wait for a transaction to end: it looks at the
+/// others it watches (and at its stop flag) at least this often.
+const WATCH_WAIT_MAX: Duration = Duration::from_millis(10);
+/// Its first wait, and every wait while it watches more than one transaction: one of
+/// them may commit while it waits for another.
+const WATCH_WAIT_MIN: Duration = Duration::from_millis(1);
+
+/// The commit watcher: for the ids of callers' transactions that appended (oldest
+/// first), waits on the lock each holds until it ends, then asks which have committed,
+/// and wakes subscribers (and the notifier) once for all that did. Without a connection
+/// it wakes subscribers anyway, so that nothing waits longer than without it; a
+/// subscription's safety poll covers the rest.
+fn watch_loop(
+    shared: Arc<Shared>,
+    pg: postgres::Config,
+    connector: Connector,
+    rx: Receiver<i64>,
+    notifier: Option<Sender<()>>,
+) {
+    let mut pending: Vec<i64> = Vec::new();
+    let mut client: Option<postgres::Client> = None;
+    let mut wait = WATCH_WAIT_MIN;
+    let mut backoff = RECONNECT;
+    let announce = || {
+        shared.wake_all();
+        if let Some(tx) = &notifier {
+            poke(&shared, tx);
+        }
+    };
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(x) => pending.push(x),
+                Err(_) => return,
+            }
+        }
+        let before = pending.len();
+        pending.extend(rx.try_iter());
+        pending.sort_unstable();
+        pending.dedup();
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = crate::connect::open(&pg, &connector).ok();
+            if client.is_none() {
+                announce();
+                if !pause(&shared, backoff.next_delay()) {
+                    return;
+                }
+                continue;
+            }
+            backoff = RECONNECT;
+        }
+        let c = client.as_mut().expect("connected above");
+        if pending.len() > 1 || pending.len() != before {
+            wait = WATCH_WAIT_MIN;
+        }
+        let timeout = format!("{}ms", wait.as_millis());
+        // A timeout (55P03) only means the transaction is still open.
+        let _ = c.execute(sql::WAIT_FOR_TRANSACTION, &[&pending[0], &timeout]);
+        wait = (wait * 2).min(WATCH_WAIT_MAX);
+        match c.query(sql::TRANSACTION_STATUS, &[&pending]) {
+            Ok(rows) => {
+                let mut committed = false;
+                let mut open = Vec::with_capacity(pending.len());
+                for row in rows {
+                    match row.get::<_, Option<&str>>(1) {
+                        Some("in progress") => open.push(row.get::<_, i64>(0)),
+                        Some("committed") => committed = true,
+                        _ => {}
+                    }
+                }
+                if committed {
+                    announce();
+                    wait = WATCH_WAIT_MIN;
+                }
+                pending = open;
+            }
+            Err(_) => {
+                // Unsure what ended: wake everyone, and look again on a new connection.
+                client = None;
+                announce();
             }
         }
     }

@@ -177,6 +177,17 @@ fn m0007_feed_horizon(schema: &str) -> String {
     m.inject_custom(format!("DROP FUNCTION {s}.feed_horizon(pg_snapshot)"));
     m.inject_custom(feed_horizon_function(schema));
     m.inject_custom(locked_stream_head_function(schema));
+    let sql = crate::sql::Sql::new(schema);
+    m.inject_custom(append_in_function(
+        schema,
+        "append_in_events",
+        sql.append.text(),
+    ));
+    m.inject_custom(append_in_function(
+        schema,
+        "append_in_any",
+        sql.append_any.text(),
+    ));
     finish(m)
 }
 
@@ -426,6 +437,30 @@ LANGUAGE plpgsql VOLATILE AS $body$
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('{schema}/' || p_stream, 0));
     SELECT h.v, h.hp INTO head_version, head_position FROM ({lookup}) h;
+END
+$body$"#
+    )
+}
+
+/// A function that runs the full append `statement` (see `append` in sql.rs) with its
+/// eight parameters, for `append_in`: the caller's transaction runs on a connection the
+/// store does not own, so it cannot keep a prepared statement there, and planning the
+/// full statement anew costs about 0.5 ms of server time per call. A PL/pgSQL function
+/// keeps the plan for the session. Its body is the statement as of this schema version:
+/// a change to the statement needs a migration that replaces the function (a test
+/// compares the two).
+fn append_in_function(schema: &str, name: &str, statement: &str) -> String {
+    let s = quote(schema);
+    format!(
+        r#"CREATE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
+               tx_events bigint, dup_streams text[], dup_versions bigint[],
+               dup_positions bigint[], dup_index bigint[], dup_same boolean,
+               order_conflict boolean, behind_floor boolean, watched bigint)
+LANGUAGE plpgsql VOLATILE AS $body$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY {statement};
 END
 $body$"#
     )

@@ -46,6 +46,23 @@ pub(crate) const BACKEND_PID: &str = "SELECT pg_backend_pid()";
 /// For connections whose commits need not wait for the WAL flush (the notifier's).
 pub(crate) const ASYNC_COMMIT: &str = "SET synchronous_commit = off";
 
+/// The advisory lock class of the commit watcher: an `append_in` takes the shared lock
+/// `(class, xid mod 2^31)` for the rest of its transaction (see the full append
+/// statement); the watcher's exclusive request for it is granted when that transaction
+/// ends.
+pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5333; // "PES3"
+
+/// Waits (up to `$2`, a `lock_timeout` value) for the transaction whose id is `$1` to
+/// end: takes and at once gives back the watcher's lock on it.
+pub(crate) const WAIT_FOR_TRANSACTION: &str = "SELECT set_config('lock_timeout', $2, false),
+       pg_advisory_lock(1346720563, ($1 % 2147483648)::int),
+       pg_advisory_unlock(1346720563, ($1 % 2147483648)::int)";
+
+/// The status of each transaction id in `$1`: committed, aborted, in progress, or NULL
+/// (too old to know).
+pub(crate) const TRANSACTION_STATUS: &str =
+    "SELECT x, pg_xact_status(x::text::xid8) FROM unnest($1::bigint[]) x";
+
 /// `LISTEN` on a channel; also what notifiers look for in `pg_stat_activity`.
 pub(crate) fn listen(channel: &str) -> String {
     format!("LISTEN {}", quote(channel))
@@ -174,6 +191,10 @@ pub(crate) struct Sql {
     pub(crate) schema: String,
     pub(crate) append: Statement,
     pub(crate) append_any: Statement,
+    /// `append` and `append_any` through their functions (see `append_in_function` in
+    /// migrate.rs), for callers' connections.
+    pub(crate) append_in: Statement,
+    pub(crate) append_in_any: Statement,
     pub(crate) append_fast: Statement,
     pub(crate) append_one: Statement,
     pub(crate) stream_head: Statement,
@@ -335,7 +356,8 @@ UNION ALL
         };
         // One statement, one round trip: find repeats of these ids, check the expected
         // version against the stream's head, claim positions inside this transaction's
-        // slot, insert, and (inside a caller's transaction) notify listeners on commit.
+        // slot, insert, and (inside a caller's transaction, `$8` set) take the lock that
+        // lets this process's commit watcher learn when the transaction ends.
         // The head must sort before this transaction's slot, so that a stream's events
         // are in version order in the global order too. A concurrent writer that slips in between is caught by the unique
         // constraints, not by this read.
@@ -406,11 +428,18 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT bool_and(d.same) FROM dup d) AS dup_same,
        (SELECT hp >= (SELECT lo FROM slot_range) + {max} FROM head) AS order_conflict,
        (SELECT behind FROM floor) AS behind_floor,
-       (SELECT count(*) FROM (SELECT pg_notify($8::text, '') WHERE $8::text IS NOT NULL
-           AND EXISTS (SELECT 1 FROM ins)) n) AS notified"
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared({WATCH_LOCK_CLASS},
+               (((SELECT lo FROM slot_range) >> {bits}) % 2147483648)::int)
+            WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched"
             )
         };
         let append = full_append(&head);
+        let append_in_call = |function: &str| {
+            format!(
+                "SELECT * FROM {s}.{function}($1::text, $2::uuid[], $3::text[], $4::jsonb[],
+                     $5::jsonb[], $6::int, $7::bigint, $8::text)"
+            )
+        };
         // For `ExpectedVersion::Any`: the head is read after taking the stream's lock,
         // which the transaction holds until it ends, with a snapshot taken after the wait
         // (see `locked_stream_head` in migrate.rs): a concurrent append to the same
@@ -459,6 +488,8 @@ RETURNING global_position, stream_version"
             schema: schema.to_string(), group: GroupSql::new(schema);
             append,
             append_any,
+            append_in: append_in_call("append_in_events"),
+            append_in_any: append_in_call("append_in_any"),
             append_fast,
             append_one,
             stream_head: format!("SELECT v FROM ({head}) h"),
@@ -1114,6 +1145,32 @@ impl GroupText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Schema version 7's `append_in_events` and `append_in_any` bodies.
+    const APPEND_FINGERPRINTS: (u64, u64) = (0x429f_fa57_335a_4f00, 0x9df2_e0c4_59ca_9d2c);
+
+    /// `append_in` runs the full append statement through functions whose bodies a
+    /// migration froze (see `append_in_function` in migrate.rs). If this fails, the
+    /// statement changed: add a migration that replaces `append_in_events` and
+    /// `append_in_any` with the new text, then update the fingerprints here.
+    #[test]
+    fn the_append_statement_matches_the_functions_that_migrations_created() {
+        fn fnv(text: &str) -> u64 {
+            text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            })
+        }
+        let sql = Sql::new("eventstore");
+        let got = (fnv(sql.append.text()), fnv(sql.append_any.text()));
+        assert_eq!(got, APPEND_FINGERPRINTS, "{got:#x?}");
+    }
+
+    #[test]
+    fn the_watcher_waits_on_the_class_appenders_lock() {
+        let class = WATCH_LOCK_CLASS.to_string();
+        assert_eq!(WAIT_FOR_TRANSACTION.matches(class.as_str()).count(), 2);
+        assert!(Sql::new("s").append.text().contains(class.as_str()));
+    }
 
     #[test]
     fn identifiers() {

@@ -403,9 +403,16 @@ impl Store {
     ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
-        crate::metrics::append("in_transaction", stream, events.len(), || {
+        let result = crate::metrics::append("in_transaction", stream, events.len(), || {
             self.append_in_once(client, &input)
-        })
+        })?;
+        if !result.was_duplicate {
+            // Subscribers hear of these events once the caller's transaction commits.
+            self.inner
+                .hub
+                .watch((result.first_position >> crate::sql::POSITION_BITS) as i64);
+        }
+        Ok(result)
     }
 
     fn append_in_once<C: GenericClient>(
@@ -420,7 +427,11 @@ impl Store {
             .copied()
             .zip(APPEND_PARAM_TYPES.iter().cloned())
             .collect();
-        match client.query_typed(self.full_append(expected).text(), &typed) {
+        let statement = match expected {
+            ExpectedVersion::Any => &self.inner.sql.append_in_any,
+            _ => &self.inner.sql.append_in,
+        };
+        match client.query_typed(statement.text(), &typed) {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
             Err(e) => match unique_violation(&e) {
                 Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {

@@ -23,7 +23,10 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         .collect();
     assert_eq!(
         workloads,
-        ["W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "W7", "M1", "P1", "P2", "G1"],
+        [
+            "W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "A6", "A12", "A6F", "A12F", "W7",
+            "M1", "P1", "P2", "G1"
+        ],
         "{stdout}"
     );
     for l in &lines {
@@ -39,6 +42,13 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
     let w6 = &lines[6];
     assert_eq!(w6["ours_not_delivered"], 0, "{w6}");
     assert_eq!(w6["raw_not_delivered"], 0, "{w6}");
+    // append_in with ExpectedVersion::Any never lost to a version conflict.
+    for l in lines
+        .iter()
+        .filter(|l| l["workload"].as_str().unwrap().starts_with('A'))
+    {
+        assert_eq!(l["ours_version_conflicts"], 0, "{l}");
+    }
     // The markdown table lists every workload too.
     for w in &workloads {
         assert!(

@@ -250,6 +250,35 @@ fn other_processes_are_woken_by_notify_not_by_polling() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn a_commit_in_a_callers_transaction_wakes_subscribers_of_the_same_store() -> TestResult {
+    // The subscriber polls only every 60 s: a prompt delivery proves the commit watcher.
+    let t = TestStore::with("sub_watch", |c| c.poll_interval(Duration::from_secs(60)));
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
+    for round in 0..3 {
+        let store = t.store.clone();
+        let writer = thread::spawn(move || -> Result<()> {
+            let mut conn = store.pool().get().unwrap();
+            let mut tx = conn.transaction()?;
+            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+            thread::sleep(Duration::from_millis(100));
+            tx.commit()?;
+            Ok(())
+        });
+        let got = woken_within(&mut sub, Duration::from_secs(3));
+        writer.join().unwrap()?;
+        assert_eq!(got.version, round);
+    }
+    // A rolled-back transaction wakes nobody with an event.
+    let mut conn = t.pool().get()?;
+    let mut tx = conn.transaction()?;
+    t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("Gone", 1))?;
+    tx.rollback()?;
+    assert!(sub.next_timeout(Duration::from_millis(300)).is_none());
+    Ok(())
+}
+
 /// The next event, which must come well before `limit` (and so long before the 60 s
 /// safety poll): `next_timeout` itself takes one last look at its deadline, so the wait is
 /// longer than the limit and the time is checked.
@@ -342,11 +371,20 @@ fn dropping_subscriptions_and_the_store_leaks_no_connection_or_thread() -> TestR
         .map(|_| store.subscribe(SubscribeOptions::all()))
         .collect::<Result<_>>()?;
     store.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    // And one inside a transaction, which starts the commit watcher.
+    let mut conn = store.pool().get().unwrap();
+    let mut tx = conn.transaction()?;
+    store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("E", 1))?;
+    tx.commit()?;
+    drop(conn);
     for s in &mut subs {
-        take(s, 1);
+        take(s, 2);
     }
     wait_connected(&store);
-    assert!(backends_named(&app) >= 3, "pool, listener and notifier");
+    assert!(
+        backends_named(&app) >= 4,
+        "pool, listener, notifier and watcher"
+    );
     drop(subs);
     let started = Instant::now();
     drop(store);
@@ -373,6 +411,13 @@ fn appends_send_no_notify_while_no_other_process_listens() -> TestResult {
     spy.batch_execute(&format!("LISTEN {channel}; SELECT 1"))?;
     for _ in 0..5 {
         t.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    }
+    // Nor does a caller's transaction: its commit carries no NOTIFY of its own.
+    let mut conn = t.pool().get()?;
+    for _ in 0..5 {
+        let mut tx = conn.transaction()?;
+        t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("E", 1))?;
+        tx.commit()?;
     }
     let quiet = spy
         .notifications()
