@@ -120,7 +120,7 @@ BEGIN
             horizon := blocker_xid << 20;
             EXIT;
         END IF;
-        PERFORM pg_advisory_xact_lock(1346720562, hashtext('eventstore'));
+        PERFORM pg_advisory_xact_lock(1346720564, hashtext('eventstore'));
         IF (SELECT f.last_value FROM "eventstore".feed_floor f) < c THEN
             -- setval gives this transaction an id; its commit need not wait for the disk
             -- (after a crash no transaction that could be refused is left).
@@ -269,7 +269,7 @@ BEGIN
             horizon := blocker_xid << 20;
             EXIT;
         END IF;
-        PERFORM pg_advisory_xact_lock(1346720562, hashtext('eventstore'));
+        PERFORM pg_advisory_xact_lock(1346720564, hashtext('eventstore'));
         IF (SELECT f.last_value FROM "eventstore".feed_floor f) < c THEN
             -- setval gives this transaction an id; its commit need not wait for the disk
             -- (after a crash no transaction that could be refused is left).
@@ -378,7 +378,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT bool_and(d.same) FROM dup d) AS dup_same,
        (SELECT hp >= (SELECT lo FROM slot_range) + 1048576 FROM head) AS order_conflict,
        (SELECT behind FROM floor) AS behind_floor,
-       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(1346720563,
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(1346720565,
                (((SELECT lo FROM slot_range) >> 20) % 2147483648)::int)
             WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched;
 END
@@ -458,7 +458,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT bool_and(d.same) FROM dup d) AS dup_same,
        (SELECT hp >= (SELECT lo FROM slot_range) + 1048576 FROM head) AS order_conflict,
        (SELECT behind FROM floor) AS behind_floor,
-       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(1346720563,
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(1346720565,
                (((SELECT lo FROM slot_range) >> 20) % 2147483648)::int)
             WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched;
 END

@@ -389,8 +389,9 @@ impl Config {
     /// within about a second, and finds the events by its own catch-up and safety poll
     /// before that. With `false` other processes find new events at their safety poll
     /// only; subscribers of this store are woken directly either way.
-    /// [`Store::append_in`](crate::Store::append_in) always notifies, from inside the caller's transaction, since
-    /// only its commit can tell.
+    /// The same holds for [`Store::append_in`](crate::Store::append_in): the store's
+    /// commit watcher learns when the caller's transaction commits, and then wakes this
+    /// store's subscribers and (with `true`) the notifier.
     pub fn notify_on_append(mut self, notify: bool) -> Self {
         self.notify_on_append = notify;
         self

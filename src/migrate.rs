@@ -468,7 +468,9 @@ $body$"#
 
 /// The advisory lock class (with the hash of the schema name) that orders moves of the
 /// feed floor, so that it only ever grows.
-const FLOOR_LOCK_CLASS: i32 = 0x5045_5332; // "PES2"
+// Not 0x5045_5332, which the processor lock uses with the hash of a processor's name: a
+// worker named like its schema would have blocked every move of the floor.
+const FLOOR_LOCK_CLASS: i32 = 0x5045_5334; // "PES4"
 
 fn history_table(schema: &str, table: &str) -> String {
     let mut m = Migration::new().schema(schema);

@@ -50,13 +50,13 @@ pub(crate) const ASYNC_COMMIT: &str = "SET synchronous_commit = off";
 /// `(class, xid mod 2^31)` for the rest of its transaction (see the full append
 /// statement); the watcher's exclusive request for it is granted when that transaction
 /// ends.
-pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5333; // "PES3"
+pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5335; // "PES5"
 
 /// Waits (up to `$2`, a `lock_timeout` value) for the transaction whose id is `$1` to
 /// end: takes and at once gives back the watcher's lock on it.
 pub(crate) const WAIT_FOR_TRANSACTION: &str = "SELECT set_config('lock_timeout', $2, false),
-       pg_advisory_lock(1346720563, ($1 % 2147483648)::int),
-       pg_advisory_unlock(1346720563, ($1 % 2147483648)::int)";
+       pg_advisory_lock(1346720565, ($1 % 2147483648)::int),
+       pg_advisory_unlock(1346720565, ($1 % 2147483648)::int)";
 
 /// The status of each transaction id in `$1`: committed, aborted, in progress, or NULL
 /// (too old to know).
@@ -1147,7 +1147,7 @@ mod tests {
     use super::*;
 
     /// Schema version 7's `append_in_events` and `append_in_any` bodies.
-    const APPEND_FINGERPRINTS: (u64, u64) = (0x429f_fa57_335a_4f00, 0x9df2_e0c4_59ca_9d2c);
+    const APPEND_FINGERPRINTS: (u64, u64) = (0x027e_aec3_9265_101a, 0xf0d5_f450_6d8e_61ee);
 
     /// `append_in` runs the full append statement through functions whose bodies a
     /// migration froze (see `append_in_function` in migrate.rs). If this fails, the
