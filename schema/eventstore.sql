@@ -390,6 +390,7 @@ RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, hea
 LANGUAGE plpgsql VOLATILE AS $body$
 #variable_conflict use_column
 BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('eventstore/' || $1, 0));
     RETURN QUERY WITH input AS (
     SELECT t.event_id, t.event_type, t.data, t.metadata, t.n
       FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
@@ -406,8 +407,11 @@ BEGIN
                   e.data, e.metadata
              FROM "eventstore".events e WHERE e.event_id = i.event_id LIMIT 1) e
 ), head AS (
-    SELECT h.head_version AS v, h.head_position AS hp
-       FROM "eventstore".locked_stream_head($1) h
+    SELECT h.v, h.hp FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT CASE WHEN e.event_type = '$tombstone' THEN 9223372036854775807
+                     ELSE e.stream_version END AS v,
+                e.global_position AS hp
+           FROM "eventstore".events e
+          WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h ON true
 ), slot_range AS MATERIALIZED (
     -- The feed floor and the stream's head are read before this transaction's id is
     -- taken (the CASE orders them): an id taken after the read is above every floor

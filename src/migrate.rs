@@ -181,12 +181,22 @@ fn m0007_feed_horizon(schema: &str) -> String {
     m.inject_custom(append_in_function(
         schema,
         "append_in_events",
+        "",
         sql.append.text(),
     ));
+    // With `Any`: the stream's lock first; the statement that follows takes its snapshot
+    // after the wait (a new one per statement in `READ COMMITTED`), so it reads the head
+    // that the appender it waited for committed, like `locked_stream_head` but without a
+    // second function call.
+    let lock = format!(
+        "PERFORM pg_advisory_xact_lock({});\n    ",
+        stream_lock_key(schema, "$1")
+    );
     m.inject_custom(append_in_function(
         schema,
         "append_in_any",
-        sql.append_any.text(),
+        &lock,
+        sql.append.text(),
     ));
     finish(m)
 }
@@ -430,26 +440,27 @@ fn locked_stream_head_function(schema: &str) -> String {
     let s = quote(schema);
     let events = format!("{s}.events");
     let lookup = crate::sql::stream_head_lookup(&events, "p_stream");
+    let key = stream_lock_key(schema, "p_stream");
     format!(
         r#"CREATE FUNCTION {s}.locked_stream_head(p_stream text,
     OUT head_version bigint, OUT head_position bigint)
 LANGUAGE plpgsql VOLATILE AS $body$
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended('{schema}/' || p_stream, 0));
+    PERFORM pg_advisory_xact_lock({key});
     SELECT h.v, h.hp INTO head_version, head_position FROM ({lookup}) h;
 END
 $body$"#
     )
 }
 
-/// A function that runs the full append `statement` (see `append` in sql.rs) with its
-/// eight parameters, for `append_in`: the caller's transaction runs on a connection the
+/// A function that runs `before` (PL/pgSQL statements), then the full append `statement`
+/// (see `append` in sql.rs) with its eight parameters, for `append_in`: the caller's transaction runs on a connection the
 /// store does not own, so it cannot keep a prepared statement there, and planning the
 /// full statement anew costs about 0.5 ms of server time per call. A PL/pgSQL function
 /// keeps the plan for the session. Its body is the statement as of this schema version:
 /// a change to the statement needs a migration that replaces the function (a test
 /// compares the two).
-fn append_in_function(schema: &str, name: &str, statement: &str) -> String {
+fn append_in_function(schema: &str, name: &str, before: &str, statement: &str) -> String {
     let s = quote(schema);
     format!(
         r#"CREATE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
@@ -460,10 +471,16 @@ RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, hea
 LANGUAGE plpgsql VOLATILE AS $body$
 #variable_conflict use_column
 BEGIN
-    RETURN QUERY {statement};
+    {before}RETURN QUERY {statement};
 END
 $body$"#
     )
+}
+
+/// The advisory lock key of the stream named by the SQL expression `stream`: 64 bits
+/// hashed from the schema and stream names. The schema name is a checked identifier.
+fn stream_lock_key(schema: &str, stream: &str) -> String {
+    format!("hashtextextended('{schema}/' || {stream}, 0)")
 }
 
 /// The advisory lock class (with the hash of the schema name) that orders moves of the

@@ -1146,8 +1146,8 @@ impl GroupText {
 mod tests {
     use super::*;
 
-    /// Schema version 7's `append_in_events` and `append_in_any` bodies.
-    const APPEND_FINGERPRINTS: (u64, u64) = (0x027e_aec3_9265_101a, 0xf0d5_f450_6d8e_61ee);
+    /// The statement in schema version 7's `append_in_events` and `append_in_any`.
+    const APPEND_FINGERPRINT: u64 = 0x027e_aec3_9265_101a;
 
     /// `append_in` runs the full append statement through functions whose bodies a
     /// migration froze (see `append_in_function` in migrate.rs). If this fails, the
@@ -1160,9 +1160,8 @@ mod tests {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             })
         }
-        let sql = Sql::new("eventstore");
-        let got = (fnv(sql.append.text()), fnv(sql.append_any.text()));
-        assert_eq!(got, APPEND_FINGERPRINTS, "{got:#x?}");
+        let got = fnv(Sql::new("eventstore").append.text());
+        assert_eq!(got, APPEND_FINGERPRINT, "{got:#x}");
     }
 
     #[test]
