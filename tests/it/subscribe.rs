@@ -279,6 +279,50 @@ fn a_commit_in_a_callers_transaction_wakes_subscribers_of_the_same_store() -> Te
     Ok(())
 }
 
+#[test]
+fn a_killed_commit_watcher_loses_no_wake_up() -> TestResult {
+    // Only this test's connections carry the name: the killer touches nothing else.
+    let app = format!("pges_watch_kill_{}", std::process::id());
+    let t = TestStore::with("sub_watch_kill", |c| {
+        c.application_name(&app)
+            .poll_interval(Duration::from_secs(60))
+    });
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    let kill_watcher = || -> i64 {
+        crate::common::client()
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE application_name = $1 AND query LIKE '%pg_advisory_lock(1346720565%'",
+                &[&app],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut killed = 0;
+    for round in 0..12u64 {
+        let store = t.store.clone();
+        // Each transaction stays open while the watcher waits for it; every third
+        // round, the watcher's backend is killed during that wait.
+        let writer = thread::spawn(move || -> Result<()> {
+            let mut conn = store.pool().get().unwrap();
+            let mut tx = conn.transaction()?;
+            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+            thread::sleep(Duration::from_millis(150));
+            tx.commit()?;
+            Ok(())
+        });
+        if round % 3 == 1 {
+            thread::sleep(Duration::from_millis(50));
+            killed += kill_watcher();
+        }
+        let got = woken_within(&mut sub, Duration::from_secs(3));
+        writer.join().unwrap()?;
+        assert_eq!(got.version, round);
+    }
+    assert!(killed >= 2, "the watcher was killed {killed} times");
+    Ok(())
+}
+
 /// The next event, which must come well before `limit` (and so long before the 60 s
 /// safety poll): `next_timeout` itself takes one last look at its deadline, so the wait is
 /// longer than the limit and the time is checked.
