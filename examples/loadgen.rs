@@ -35,6 +35,7 @@
 //! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
 //! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
+//! | W6T | W6 with each append an `append_in` in a transaction of its own (woken by the commit watcher), the subscriber in the same store and (extra fields) in a second store; `raw` is plain W6 through the pool in the same run | `append_in` | (plain W6) |
 //! | A6, A12 | `append_in` with 6 (12) writers, each in its own transactions: one event to one of 50 shared streams with `ExpectedVersion::Any`, the transaction held open 0–3 ms, a fifth rolled back; 300 transactions per writer, the same plan for both sides | `append_in` (a refused transaction is retried) | one `INSERT ... SELECT max(version) + 1` per transaction, retried after a unique violation |
 //! | A6F, A12F | the same without the hold: commit as fast as possible (1,000 transactions per writer) | `append_in` | (same) |
 //! | W7 | streaming bulk import of 1,000,000 events (10,000 streams of 100), generated as they are written, each side in a child process that reports its peak RSS; `--only W7 --scale 10 --reps 1` for 10,000,000 | `import_iter` (chunked above 1,048,576 events) | one binary `COPY` in one transaction |
@@ -98,6 +99,11 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
         "W6X",
         "W6 while another database holds a transaction id",
         w6x,
+    ),
+    (
+        "W6T",
+        "W6 through append_in (a transaction per append), subscriber here and in another store",
+        w6t,
     ),
     (
         "A6",
@@ -1292,11 +1298,23 @@ impl Drop for Blocker {
 }
 
 fn w6_ours(ctx: &Ctx, rows: &[Row]) -> Res<Latency> {
+    w6_with(ctx, rows, false, false)
+}
+
+/// W6 through the store: appends through the pool, or (`in_tx`) `append_in` each in a
+/// transaction of its own, committed at once; the subscriber in the same store, or
+/// (`elsewhere`) in a second store, as another process would be (woken by `NOTIFY`).
+fn w6_with(ctx: &Ctx, rows: &[Row], in_tx: bool, elsewhere: bool) -> Res<Latency> {
     let n = rows.len();
     let pair = Pair::new(ctx, "w6")?;
     let store = pair.store().clone();
     let events: Vec<EventData> = rows.iter().map(Row::event).collect();
-    let sub = store.subscribe(SubscribeOptions::all().live())?;
+    let reader = match elsewhere {
+        true => Store::connect(ctx.config.clone().schema(&pair.ours))?,
+        false => store.clone(),
+    };
+    let sub = reader.subscribe(SubscribeOptions::all().live())?;
+    let mut conn = store.pool().get()?;
     let got: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
     let stopper = sub.stopper();
     let receiver = {
@@ -1311,14 +1329,19 @@ fn w6_ours(ctx: &Ctx, rows: &[Row]) -> Res<Latency> {
             Ok(())
         })
     };
-    // Let the subscription's listener connect before the first append.
-    thread::sleep(Duration::from_millis(200));
+    // Let the subscription's listener connect before the first append (and, for a
+    // subscriber elsewhere, the notifier see it listen).
+    thread::sleep(Duration::from_millis(if elsewhere { 1500 } else { 200 }));
     let sent = paced(n, |i| {
-        store.append(
-            &format!("user-{}", i % W6_STREAMS),
-            ExpectedVersion::Any,
-            std::slice::from_ref(&events[i]),
-        )?;
+        let stream = format!("user-{}", i % W6_STREAMS);
+        let event = std::slice::from_ref(&events[i]);
+        if in_tx {
+            let mut tx = conn.transaction()?;
+            store.append_in(&mut tx, &stream, ExpectedVersion::Any, event)?;
+            tx.commit()?;
+        } else {
+            store.append(&stream, ExpectedVersion::Any, event)?;
+        }
         Ok(())
     })?;
     let deadline = Instant::now() + W6_GRACE;
@@ -1442,6 +1465,46 @@ fn w6x(ctx: &Ctx) -> Res<Outcome> {
                 "blocked_not_delivered",
                 json!(blocked.iter().map(|l| l.missing).max()),
             ),
+        ],
+    })
+}
+
+fn w6t(ctx: &Ctx) -> Res<Outcome> {
+    let rows = rows(ctx.sizes.w6_events);
+    let (mut same, mut other, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ctx.reps {
+        same.push(w6_with(ctx, &rows, true, false)?);
+        other.push(w6_with(ctx, &rows, true, true)?);
+        plain.push(w6_with(ctx, &rows, false, false)?);
+    }
+    let m = |v: &[Latency], f: fn(&Latency) -> f64| median_f(&v.iter().map(f).collect::<Vec<_>>());
+    let same_p50 = m(&same, |l| l.commit_p50);
+    let plain_p50 = m(&plain, |l| l.commit_p50);
+    let missing = same.iter().chain(&other).map(|l| l.missing).max();
+    Ok(Outcome {
+        ours: same_p50,
+        raw: plain_p50,
+        ratio: plain_p50 / same_p50,
+        unit: "ms p50 commit→delivery, append_in vs pool append",
+        extra: vec![
+            ("events", json!(rows.len())),
+            (
+                "in_tx_commit_p99_ms",
+                json!(round3(m(&same, |l| l.commit_p99))),
+            ),
+            (
+                "other_store_commit_p50_ms",
+                json!(round3(m(&other, |l| l.commit_p50))),
+            ),
+            (
+                "other_store_commit_p99_ms",
+                json!(round3(m(&other, |l| l.commit_p99))),
+            ),
+            (
+                "pool_commit_p99_ms",
+                json!(round3(m(&plain, |l| l.commit_p99))),
+            ),
+            ("not_delivered", json!(missing)),
         ],
     })
 }

@@ -485,20 +485,21 @@ fn watch_loop(
             wait = WATCH_WAIT_MIN;
         }
         let timeout = format!("{}ms", wait.as_millis());
-        // A timeout (55P03) only means the transaction is still open.
-        let _ = c.execute(sql::WAIT_FOR_TRANSACTION, &[&pending[0], &timeout]);
         wait = (wait * 2).min(WATCH_WAIT_MAX);
-        match c.query(sql::TRANSACTION_STATUS, &[&pending]) {
-            Ok(rows) => {
-                let mut committed = false;
-                let mut open = Vec::with_capacity(pending.len());
-                for row in rows {
-                    match row.get::<_, Option<&str>>(1) {
-                        Some("in progress") => open.push(row.get::<_, i64>(0)),
-                        Some("committed") => committed = true,
-                        _ => {}
-                    }
-                }
+        // One round trip when the oldest ends within the wait: the statuses come with it.
+        let statuses = match c.query_one(
+            sql::WAIT_FOR_TRANSACTION,
+            &[&pending[0], &timeout, &pending],
+        ) {
+            Ok(row) => Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4))),
+            // A timeout only means that the oldest is still open: ask about the others.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => c
+                .query_one(sql::TRANSACTION_STATUS, &[&pending])
+                .map(|row| (row.get::<_, bool>(0), row.get::<_, Vec<i64>>(1))),
+            Err(e) => Err(e),
+        };
+        match statuses {
+            Ok((committed, open)) => {
                 if committed {
                     announce();
                     wait = WATCH_WAIT_MIN;

@@ -53,15 +53,23 @@ pub(crate) const ASYNC_COMMIT: &str = "SET synchronous_commit = off";
 pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5335; // "PES5"
 
 /// Waits (up to `$2`, a `lock_timeout` value) for the transaction whose id is `$1` to
-/// end: takes and at once gives back the watcher's lock on it.
+/// end: takes and at once gives back the watcher's lock on it; then, as
+/// [`TRANSACTION_STATUS`] does for `$3`, whether any committed and which are still open.
+/// (The columns are evaluated in order: the statuses are read after the wait.)
 pub(crate) const WAIT_FOR_TRANSACTION: &str = "SELECT set_config('lock_timeout', $2, false),
        pg_advisory_lock(1346720565, ($1 % 2147483648)::int),
-       pg_advisory_unlock(1346720565, ($1 % 2147483648)::int)";
+       pg_advisory_unlock(1346720565, ($1 % 2147483648)::int),
+       EXISTS (SELECT 1 FROM unnest($3::bigint[]) x
+                WHERE pg_xact_status(x::text::xid8) = 'committed'),
+       ARRAY(SELECT x FROM unnest($3::bigint[]) x
+              WHERE pg_xact_status(x::text::xid8) = 'in progress')";
 
-/// The status of each transaction id in `$1`: committed, aborted, in progress, or NULL
-/// (too old to know).
-pub(crate) const TRANSACTION_STATUS: &str =
-    "SELECT x, pg_xact_status(x::text::xid8) FROM unnest($1::bigint[]) x";
+/// Of the transaction ids in `$1`: whether any committed, and which are still in
+/// progress (an aborted one, or one too old to know, is neither).
+pub(crate) const TRANSACTION_STATUS: &str = "SELECT EXISTS (SELECT 1 FROM unnest($1::bigint[]) x
+                     WHERE pg_xact_status(x::text::xid8) = 'committed'),
+            ARRAY(SELECT x FROM unnest($1::bigint[]) x
+                   WHERE pg_xact_status(x::text::xid8) = 'in progress')";
 
 /// `LISTEN` on a channel; also what notifiers look for in `pg_stat_activity`.
 pub(crate) fn listen(channel: &str) -> String {

@@ -24,8 +24,8 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
     assert_eq!(
         workloads,
         [
-            "W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "A6", "A12", "A6F", "A12F", "W7",
-            "M1", "P1", "P2", "G1"
+            "W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "W6T", "A6", "A12", "A6F", "A12F",
+            "W7", "M1", "P1", "P2", "G1"
         ],
         "{stdout}"
     );
@@ -42,6 +42,9 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
     let w6 = &lines[6];
     assert_eq!(w6["ours_not_delivered"], 0, "{w6}");
     assert_eq!(w6["raw_not_delivered"], 0, "{w6}");
+    // Live delivery through append_in lost nothing either.
+    let w6t = lines.iter().find(|l| l["workload"] == "W6T").expect("W6T");
+    assert_eq!(w6t["not_delivered"], 0, "{w6t}");
     // append_in with ExpectedVersion::Any never lost to a version conflict.
     for l in lines
         .iter()
