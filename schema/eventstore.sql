@@ -75,20 +75,38 @@ BEGIN
     SELECT f.last_value INTO floor_seen FROM "eventstore".feed_floor f;
     LOOP
         scan := scan + 1;
+        -- A holder's id comes from its lock on it, and from the backend's entry: a new
+        -- id is in snapshots (and in the backend's entry) before its lock is in the lock
+        -- table, and taking that lock waits while pg_lock_status() holds the lock
+        -- table's partitions: an appender seen without it here may be in the reader's
+        -- snapshot already. (The backend entries were read after the snapshot, in step
+        -- 1; a holder that ended since is found by step 4.) A prepared transaction has
+        -- no backend, and always its lock.
         WITH locks AS MATERIALIZED (SELECT * FROM pg_lock_status()),
-        lockers AS (
-            SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - t.transactionid::text::bigint)
-                % 4294967296) + 4294967296) % 4294967296 AS d) w
-              WHERE d > 0 AND d <= 2147483648) AS x8, l.pid
+        holders AS (
+            SELECT DISTINCT l.pid, l.virtualtransaction
               FROM locks l
-              JOIN locks t ON t.virtualtransaction = l.virtualtransaction
-                          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
-                          AND t.granted
              WHERE l.locktype = 'relation'
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                AND l.relation = '"eventstore".events'::regclass
                AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
                               'AccessExclusiveLock')
+        ),
+        lockers AS (
+            SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - t.transactionid::text::bigint)
+                % 4294967296) + 4294967296) % 4294967296 AS d) w
+              WHERE d > 0 AND d <= 2147483648) AS x8, h.pid
+              FROM holders h
+              JOIN locks t ON t.virtualtransaction = h.virtualtransaction
+                          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
+                          AND t.granted
+            UNION
+            SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - a.backend_xid::text::bigint)
+                % 4294967296) + 4294967296) % 4294967296 AS d) w
+              WHERE d > 0 AND d <= 2147483648) AS x8, h.pid
+              FROM holders h
+              JOIN pg_stat_get_activity(NULL) a ON a.pid = h.pid
+             WHERE a.backend_xid IS NOT NULL
         ),
         oldest AS (
             SELECT k.x8, k.pid FROM lockers k
@@ -224,20 +242,38 @@ BEGIN
     SELECT f.last_value INTO floor_seen FROM "eventstore".feed_floor f;
     LOOP
         scan := scan + 1;
+        -- A holder's id comes from its lock on it, and from the backend's entry: a new
+        -- id is in snapshots (and in the backend's entry) before its lock is in the lock
+        -- table, and taking that lock waits while pg_lock_status() holds the lock
+        -- table's partitions: an appender seen without it here may be in the reader's
+        -- snapshot already. (The backend entries were read after the snapshot, in step
+        -- 1; a holder that ended since is found by step 4.) A prepared transaction has
+        -- no backend, and always its lock.
         WITH locks AS MATERIALIZED (SELECT * FROM pg_lock_status()),
-        lockers AS (
-            SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - t.transactionid::text::bigint)
-                % 4294967296) + 4294967296) % 4294967296 AS d) w
-              WHERE d > 0 AND d <= 2147483648) AS x8, l.pid
+        holders AS (
+            SELECT DISTINCT l.pid, l.virtualtransaction
               FROM locks l
-              JOIN locks t ON t.virtualtransaction = l.virtualtransaction
-                          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
-                          AND t.granted
              WHERE l.locktype = 'relation'
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                AND l.relation = '"eventstore".events'::regclass
                AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
                               'AccessExclusiveLock')
+        ),
+        lockers AS (
+            SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - t.transactionid::text::bigint)
+                % 4294967296) + 4294967296) % 4294967296 AS d) w
+              WHERE d > 0 AND d <= 2147483648) AS x8, h.pid
+              FROM holders h
+              JOIN locks t ON t.virtualtransaction = h.virtualtransaction
+                          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'
+                          AND t.granted
+            UNION
+            SELECT (SELECT xmax8 - d FROM (SELECT ((((xmax8 % 4294967296) - a.backend_xid::text::bigint)
+                % 4294967296) + 4294967296) % 4294967296 AS d) w
+              WHERE d > 0 AND d <= 2147483648) AS x8, h.pid
+              FROM holders h
+              JOIN pg_stat_get_activity(NULL) a ON a.pid = h.pid
+             WHERE a.backend_xid IS NOT NULL
         ),
         oldest AS (
             SELECT k.x8, k.pid FROM lockers k
