@@ -245,6 +245,11 @@ fn median(d: &[Duration]) -> Duration {
     d[d.len() / 2]
 }
 
+/// The median of one field of several runs' latencies.
+fn median_of(runs: &[Latency], field: fn(&Latency) -> f64) -> f64 {
+    median_f(&runs.iter().map(field).collect::<Vec<_>>())
+}
+
 fn median_f(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -1435,7 +1440,7 @@ fn w6x(ctx: &Ctx) -> Res<Outcome> {
             with_blocker(&mut blocked)?;
         }
     }
-    let m = |v: &[Latency], f: fn(&Latency) -> f64| median_f(&v.iter().map(f).collect::<Vec<_>>());
+    let m = median_of;
     let blocked_p50 = m(&blocked, |l| l.commit_p50);
     let plain_p50 = m(&plain, |l| l.commit_p50);
     Ok(Outcome {
@@ -1477,7 +1482,7 @@ fn w6t(ctx: &Ctx) -> Res<Outcome> {
         other.push(w6_with(ctx, &rows, true, true)?);
         plain.push(w6_with(ctx, &rows, false, false)?);
     }
-    let m = |v: &[Latency], f: fn(&Latency) -> f64| median_f(&v.iter().map(f).collect::<Vec<_>>());
+    let m = median_of;
     let same_p50 = m(&same, |l| l.commit_p50);
     let plain_p50 = m(&plain, |l| l.commit_p50);
     let missing = same.iter().chain(&other).map(|l| l.missing).max();
@@ -1521,7 +1526,7 @@ fn w6(ctx: &Ctx) -> Res<Outcome> {
             ours.push(w6_ours(ctx, &rows)?);
         }
     }
-    let m = |v: &[Latency], f: fn(&Latency) -> f64| median_f(&v.iter().map(f).collect::<Vec<_>>());
+    let m = median_of;
     let ours_p50 = m(&ours, |l| l.start_p50);
     let raw_p50 = m(&raw, |l| l.start_p50);
     Ok(Outcome {

@@ -157,9 +157,7 @@ impl Hub {
     /// subscribers at once, and asks the notifier to tell other processes.
     pub(crate) fn appended(&self) {
         self.shared.wake_all();
-        if let Some(tx) = self.notifier() {
-            poke(&self.shared, &tx);
-        }
+        self.with_notifier(|tx| poke(&self.shared, tx));
     }
 
     /// Called after an `append_in` in the caller's transaction `xid`: the commit watcher
@@ -173,7 +171,7 @@ impl Hub {
             let shared = self.shared.clone();
             let pg = self.pg.clone();
             let connector = crate::tls::clone(&self.connector);
-            let notifier = self.notifier();
+            let notifier = self.with_notifier(Sender::clone);
             let handle = thread::Builder::new()
                 .name("pg-eventstore-watcher".into())
                 .spawn(move || watch_loop(shared, pg, connector, rx, notifier))
@@ -183,9 +181,9 @@ impl Hub {
         let _ = tx.send(xid);
     }
 
-    /// The notifier's channel (started on first use), or `None` when appends are not to
-    /// be announced to other processes.
-    fn notifier(&self) -> Option<Sender<()>> {
+    /// Runs `f` on the notifier's channel (the notifier starts on first use); `None`
+    /// when appends are not to be announced to other processes.
+    fn with_notifier<T>(&self, f: impl FnOnce(&Sender<()>) -> T) -> Option<T> {
         if !self.notify {
             return None;
         }
@@ -202,7 +200,7 @@ impl Hub {
                 .expect("spawn the notifier thread");
             (tx, handle)
         });
-        Some(tx.clone())
+        Some(f(tx))
     }
 
     pub(crate) fn state(&self) -> Option<ListenerState> {
@@ -449,6 +447,7 @@ fn watch_loop(
     let mut client: Option<postgres::Client> = None;
     let mut wait = WATCH_WAIT_MIN;
     let mut backoff = RECONNECT;
+    let wait_for_transaction = sql::wait_for_transaction();
     let announce = || {
         shared.wake_all();
         if let Some(tx) = &notifier {
@@ -487,10 +486,8 @@ fn watch_loop(
         let timeout = format!("{}ms", wait.as_millis());
         wait = (wait * 2).min(WATCH_WAIT_MAX);
         // One round trip when the oldest ends within the wait: the statuses come with it.
-        let statuses = match c.query_one(
-            sql::WAIT_FOR_TRANSACTION,
-            &[&pending[0], &timeout, &pending],
-        ) {
+        let statuses = match c.query_one(&wait_for_transaction, &[&pending[0], &timeout, &pending])
+        {
             Ok(row) => Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4))),
             // A timeout only means that the oldest is still open: ask about the others.
             Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => c

@@ -56,13 +56,18 @@ pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5335; // "PES5"
 /// end: takes and at once gives back the watcher's lock on it; then, as
 /// [`TRANSACTION_STATUS`] does for `$3`, whether any committed and which are still open.
 /// (The columns are evaluated in order: the statuses are read after the wait.)
-pub(crate) const WAIT_FOR_TRANSACTION: &str = "SELECT set_config('lock_timeout', $2, false),
-       pg_advisory_lock(1346720565, ($1 % 2147483648)::int),
-       pg_advisory_unlock(1346720565, ($1 % 2147483648)::int),
+pub(crate) fn wait_for_transaction() -> String {
+    let class = WATCH_LOCK_CLASS;
+    format!(
+        "SELECT set_config('lock_timeout', $2, false),
+       pg_advisory_lock({class}, ($1 % 2147483648)::int),
+       pg_advisory_unlock({class}, ($1 % 2147483648)::int),
        EXISTS (SELECT 1 FROM unnest($3::bigint[]) x
                 WHERE pg_xact_status(x::text::xid8) = 'committed'),
        ARRAY(SELECT x FROM unnest($3::bigint[]) x
-              WHERE pg_xact_status(x::text::xid8) = 'in progress')";
+              WHERE pg_xact_status(x::text::xid8) = 'in progress')"
+    )
+}
 
 /// Of the transaction ids in `$1`: whether any committed, and which are still in
 /// progress (an aborted one, or one too old to know, is neither).
@@ -1175,7 +1180,7 @@ mod tests {
     #[test]
     fn the_watcher_waits_on_the_class_appenders_lock() {
         let class = WATCH_LOCK_CLASS.to_string();
-        assert_eq!(WAIT_FOR_TRANSACTION.matches(class.as_str()).count(), 2);
+        assert_eq!(wait_for_transaction().matches(class.as_str()).count(), 2);
         assert!(Sql::new("s").append.text().contains(class.as_str()));
     }
 
