@@ -28,18 +28,25 @@ fn fill(t: &TestStore, per_stream: usize) -> u64 {
     last
 }
 
-/// A counter's total over the whole test binary, for the labels given. Workers count on
-/// their own threads, so the recorder is global; a snapshot drains it, so every look
-/// adds what it drained to running totals that all tests share.
-fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
-    type Totals = Mutex<Vec<(String, Vec<(String, String)>, u64)>>;
+type Totals = Mutex<Vec<(String, Vec<(String, String)>, u64)>>;
+
+/// The global recorder, installed on first use: a test that reads a counter calls this
+/// before its worker runs, or what the worker counts first goes nowhere.
+fn recorder() -> &'static (Snapshotter, Totals) {
     static RECORDER: OnceLock<(Snapshotter, Totals)> = OnceLock::new();
-    let (snapshotter, totals) = RECORDER.get_or_init(|| {
+    RECORDER.get_or_init(|| {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         recorder.install().expect("the only global recorder");
         (snapshotter, Mutex::new(Vec::new()))
-    });
+    })
+}
+
+/// A counter's total over the whole test binary, for the labels given. Workers count on
+/// their own threads, so the recorder is global; a snapshot drains it, so every look
+/// adds what it drained to running totals that all tests share.
+fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    let (snapshotter, totals) = recorder();
     let mut totals = totals.lock().unwrap();
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         if let DebugValue::Counter(n) = value {
@@ -263,6 +270,7 @@ fn the_checkpoint_never_passes_an_unfinished_event() -> TestResult {
 
 #[test]
 fn retries_then_parks_and_goes_on() -> TestResult {
+    recorder();
     let t = store_with("worker_park");
     fill(&t, 5);
     let bad = t
@@ -592,6 +600,7 @@ fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
 #[test]
 fn retried_checkpoint_writes_and_failed_subscription_reads_are_counted_and_absorbed() -> TestResult
 {
+    recorder();
     let t = store_with("worker_absorb");
     let fault = Fault::install(&t, "checkpoints");
     // The worker runs as a role of its own, so that its reads can be refused.
