@@ -444,10 +444,18 @@ fn watch_loop(
     notifier: Option<Sender<()>>,
 ) {
     let mut pending: Vec<i64> = Vec::new();
-    let mut client: Option<postgres::Client> = None;
+    // The connection with its two statements, prepared once: every round is then one
+    // round trip, with no parsing or planning on the server.
+    let mut client: Option<(postgres::Client, postgres::Statement, postgres::Statement)> = None;
     let mut wait = WATCH_WAIT_MIN;
     let mut backoff = RECONNECT;
     let wait_for_transaction = sql::wait_for_transaction();
+    let open = || -> Option<(postgres::Client, postgres::Statement, postgres::Statement)> {
+        let mut c = crate::connect::open(&pg, &connector).ok()?;
+        let wait = c.prepare(&wait_for_transaction).ok()?;
+        let status = c.prepare(sql::TRANSACTION_STATUS).ok()?;
+        Some((c, wait, status))
+    };
     let announce = || {
         shared.wake_all();
         if let Some(tx) = &notifier {
@@ -468,8 +476,8 @@ fn watch_loop(
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = crate::connect::open(&pg, &connector).ok();
+        if client.as_ref().is_none_or(|(c, _, _)| c.is_closed()) {
+            client = open();
             if client.is_none() {
                 announce();
                 if !pause(&shared, backoff.next_delay()) {
@@ -479,19 +487,18 @@ fn watch_loop(
             }
             backoff = RECONNECT;
         }
-        let c = client.as_mut().expect("connected above");
+        let (c, wait_statement, status_statement) = client.as_mut().expect("connected above");
         if pending.len() > 1 || pending.len() != before {
             wait = WATCH_WAIT_MIN;
         }
         let timeout = format!("{}ms", wait.as_millis());
         wait = (wait * 2).min(WATCH_WAIT_MAX);
         // One round trip when the oldest ends within the wait: the statuses come with it.
-        let statuses = match c.query_one(&wait_for_transaction, &[&pending[0], &timeout, &pending])
-        {
+        let statuses = match c.query_one(&*wait_statement, &[&pending[0], &timeout, &pending]) {
             Ok(row) => Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4))),
             // A timeout only means that the oldest is still open: ask about the others.
             Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => c
-                .query_one(sql::TRANSACTION_STATUS, &[&pending])
+                .query_one(&*status_statement, &[&pending])
                 .map(|row| (row.get::<_, bool>(0), row.get::<_, Vec<i64>>(1))),
             Err(e) => Err(e),
         };
