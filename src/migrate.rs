@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -57,6 +57,11 @@ const STEPS: &[Step] = &[
         name: "feed horizon: other databases ignored, floor moved only when needed; \
                stream heads under a lock for appends that expect any version",
         sql: m0007_feed_horizon,
+    },
+    Step {
+        version: 8,
+        name: "append_in: a lean statement for the first write of a transaction",
+        sql: m0008_append_in_first_write,
     },
 ];
 
@@ -178,10 +183,39 @@ fn m0007_feed_horizon(schema: &str) -> String {
     m.inject_custom(feed_horizon_function(schema));
     m.inject_custom(locked_stream_head_function(schema));
     let sql = crate::sql::Sql::new(schema);
+    append_in_functions(&mut m, schema, &sql, None);
+    finish(m)
+}
+
+/// `append_in_events` and `append_in_any` gain the lean statement (`append_first` in
+/// sql.rs) for the first write of a transaction, which is the common case: no slot to
+/// search, no feed floor to read, no repeats to collect. 6 writers through `append_in`
+/// spent about a sixth more server time per transaction with the full statement alone.
+fn m0008_append_in_first_write(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    let sql = crate::sql::Sql::new(schema);
+    let s = quote(schema);
+    for name in ["append_in_events", "append_in_any"] {
+        m.inject_custom(format!(
+            "DROP FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)"
+        ));
+    }
+    append_in_functions(&mut m, schema, &sql, Some(sql.append_first.text()));
+    finish(m)
+}
+
+/// Creates `append_in_events` and `append_in_any` (see `append_in_function`).
+fn append_in_functions(
+    m: &mut Migration,
+    schema: &str,
+    sql: &crate::sql::Sql,
+    first: Option<&str>,
+) {
     m.inject_custom(append_in_function(
         schema,
         "append_in_events",
         "",
+        first,
         sql.append.text(),
     ));
     // With `Any`: the stream's lock first; the statement that follows takes its snapshot
@@ -196,9 +230,9 @@ fn m0007_feed_horizon(schema: &str) -> String {
         schema,
         "append_in_any",
         &lock,
+        first,
         sql.append.text(),
     ));
-    finish(m)
 }
 
 /// Consumer groups (see `group.rs`): the members of each group with their heartbeats
@@ -470,14 +504,37 @@ $body$"#
 }
 
 /// A function that runs `before` (PL/pgSQL statements), then the full append `statement`
-/// (see `append` in sql.rs) with its eight parameters, for `append_in`: the caller's transaction runs on a connection the
-/// store does not own, so it cannot keep a prepared statement there, and planning the
-/// full statement anew costs about 0.5 ms of server time per call. A PL/pgSQL function
-/// keeps the plan for the session. Its body is the statement as of this schema version:
-/// a change to the statement needs a migration that replaces the function (a test
-/// compares the two).
-fn append_in_function(schema: &str, name: &str, before: &str, statement: &str) -> String {
+/// (see `append` in sql.rs) with its eight parameters, for `append_in`: the caller's
+/// transaction runs on a connection the store does not own, so it cannot keep a prepared
+/// statement there, and planning the full statement anew costs about 0.5 ms of server
+/// time per call. A PL/pgSQL function keeps the plan for the session. Its body is the
+/// statement as of this schema version: a change to the statement needs a migration
+/// that replaces the function (a test compares the two).
+///
+/// With `first` (`append_first` in sql.rs), the function runs that instead while the
+/// transaction has no id yet (its first write), when it appends at most one slot's worth
+/// of events none of which is stored already (one index probe per id, each its own
+/// `LIMIT 1` so that no plan can turn it into a scan).
+fn append_in_function(
+    schema: &str,
+    name: &str,
+    before: &str,
+    first: Option<&str>,
+    statement: &str,
+) -> String {
     let s = quote(schema);
+    let first = first.map_or(String::new(), |first| {
+        let max = crate::sql::MAX_EVENTS_PER_TRANSACTION;
+        format!(
+            "IF pg_current_xact_id_if_assigned() IS NULL AND cardinality($2) <= {max}
+       AND NOT EXISTS (SELECT 1 FROM unnest($2::uuid[]) i(id) CROSS JOIN LATERAL (
+               SELECT 1 FROM {s}.events e WHERE e.event_id = i.id LIMIT 1) e) THEN
+        RETURN QUERY {first};
+        RETURN;
+    END IF;
+    "
+        )
+    });
     format!(
         r#"CREATE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
@@ -487,7 +544,7 @@ RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, hea
 LANGUAGE plpgsql VOLATILE AS $body$
 #variable_conflict use_column
 BEGIN
-    {before}RETURN QUERY {statement};
+    {before}{first}RETURN QUERY {statement};
 END
 $body$"#
     )

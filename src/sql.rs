@@ -209,6 +209,9 @@ pub(crate) struct Sql {
     pub(crate) append_in: Statement,
     pub(crate) append_in_any: Statement,
     pub(crate) append_fast: Statement,
+    /// The first write of a caller's transaction (see `append_in_function` in
+    /// migrate.rs): the columns of `append`, through a lean statement.
+    pub(crate) append_first: Statement,
     pub(crate) append_one: Statement,
     pub(crate) stream_head: Statement,
     pub(crate) read_stream_forwards: Statement,
@@ -479,6 +482,35 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
 )
 SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins"
         );
+        // `append_fast` for a caller's transaction, inside `append_in_events` and
+        // `append_in_any`, which run it only while the transaction has no id yet and
+        // none of the ids is stored: the slot is then empty, the id taken by the insert
+        // is above every feed floor published before it and newer than the head's
+        // writer, and no event can be a repeat. It returns the columns of `append`
+        // (no repeats, no conflict, not behind the floor), and takes the watcher's lock
+        // when it inserted.
+        let append_first = format!(
+            "WITH head AS (
+    {head}
+), ins AS (
+    INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+    SELECT (pg_current_xact_id()::text::bigint << {bits}) + t.n - 1, t.event_id, $1,
+           COALESCE(h.v, -1) + t.n, t.event_type, t.data, t.metadata
+      FROM head h, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+           WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
+     WHERE {expected}
+    RETURNING global_position
+), r AS (
+    SELECT count(*) AS c, min(global_position) AS lo, max(global_position) AS hi FROM ins
+)
+SELECT r.c, r.lo, r.hi, (SELECT v FROM head), cardinality($2)::bigint,
+       NULL::text[], NULL::bigint[], NULL::bigint[], NULL::bigint[], NULL::boolean,
+       false, false,
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared({WATCH_LOCK_CLASS},
+               ((r.lo >> {bits}) % 2147483648)::int)
+            WHERE $8::text IS NOT NULL AND r.c > 0) n)
+  FROM r"
+        );
         // The same for one event, with plain parameters instead of arrays to unnest.
         let append_one = format!(
             "WITH head AS (
@@ -504,6 +536,7 @@ RETURNING global_position, stream_version"
             append_in: append_in_call("append_in_events"),
             append_in_any: append_in_call("append_in_any"),
             append_fast,
+            append_first,
             append_one,
             stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
@@ -1159,22 +1192,26 @@ impl GroupText {
 mod tests {
     use super::*;
 
-    /// The statement in schema version 7's `append_in_events` and `append_in_any`.
+    /// The statements in schema version 8's `append_in_events` and `append_in_any`.
     const APPEND_FINGERPRINT: u64 = 0x027e_aec3_9265_101a;
+    const APPEND_FIRST_FINGERPRINT: u64 = 0xcd3e_ac0f_aa8a_465b;
 
-    /// `append_in` runs the full append statement through functions whose bodies a
-    /// migration froze (see `append_in_function` in migrate.rs). If this fails, the
+    /// `append_in` runs the append statements through functions whose bodies a
+    /// migration froze (see `append_in_function` in migrate.rs). If this fails, a
     /// statement changed: add a migration that replaces `append_in_events` and
     /// `append_in_any` with the new text, then update the fingerprints here.
     #[test]
-    fn the_append_statement_matches_the_functions_that_migrations_created() {
+    fn the_append_statements_match_the_functions_that_migrations_created() {
         fn fnv(text: &str) -> u64 {
             text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             })
         }
-        let got = fnv(Sql::new("eventstore").append.text());
-        assert_eq!(got, APPEND_FINGERPRINT, "{got:#x}");
+        let sql = Sql::new("eventstore");
+        let got = fnv(sql.append.text());
+        assert_eq!(got, APPEND_FINGERPRINT, "append: {got:#x}");
+        let got = fnv(sql.append_first.text());
+        assert_eq!(got, APPEND_FIRST_FINGERPRINT, "append_first: {got:#x}");
     }
 
     #[test]
@@ -1182,6 +1219,7 @@ mod tests {
         let class = WATCH_LOCK_CLASS.to_string();
         assert_eq!(wait_for_transaction().matches(class.as_str()).count(), 2);
         assert!(Sql::new("s").append.text().contains(class.as_str()));
+        assert!(Sql::new("s").append_first.text().contains(class.as_str()));
     }
 
     #[test]

@@ -293,6 +293,85 @@ fn append_inside_the_callers_transaction() -> TestResult {
     Ok(())
 }
 
+/// The first write of a transaction takes a lean statement inside the `append_in`
+/// functions (no id yet, no stored id among the events); every other case the full one.
+/// Each outcome of the first must match the full statement's.
+#[test]
+fn the_first_append_of_a_transaction_reports_what_the_full_statement_does() -> TestResult {
+    let t = TestStore::new("append_tx_first");
+    let mut conn = t.pool().get()?;
+    let xid = |tx: &mut pg_eventstore::postgres::Transaction<'_>| -> i64 {
+        tx.query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .unwrap()
+            .get(0)
+    };
+
+    // A new stream, then more of it in the same transaction: positions from the
+    // transaction's id, in order.
+    let mut tx = conn.transaction()?;
+    let r = t.append_in(&mut tx, "s", ExpectedVersion::NoStream, &events("A", 3))?;
+    let id = xid(&mut tx);
+    assert_eq!((r.first_version, r.last_version), (0, 2));
+    assert_eq!(r.first_position, (id as u64) << 20);
+    assert_eq!(r.last_position, r.first_position + 2);
+    let r2 = t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("B", 1))?;
+    assert_eq!(
+        (r2.first_version, r2.first_position),
+        (3, r.last_position + 1)
+    );
+    tx.commit()?;
+    assert_eq!(versions(&t, "s"), vec![0, 1, 2, 3]);
+
+    // Every expectation, as the first write: a wrong one reports the actual version and
+    // leaves the transaction usable.
+    for (expected, ok) in [
+        (ExpectedVersion::NoStream, false),
+        (ExpectedVersion::Exact(2), false),
+        (ExpectedVersion::StreamExists, true),
+    ] {
+        let mut tx = conn.transaction()?;
+        match t.append_in(&mut tx, "s", expected, &events("C", 1)) {
+            Ok(r) => assert!(ok && r.first_version == 4, "{expected:?}: {r:?}"),
+            Err(Error::WrongExpectedVersion { actual, .. }) => {
+                assert!(!ok, "{expected:?}");
+                assert_eq!(actual, ActualVersion::Exact(3));
+                assert_eq!(tx.query_one("SELECT 1", &[])?.get::<_, i32>(0), 1);
+            }
+            Err(e) => panic!("{expected:?}: {e}"),
+        }
+        tx.rollback()?;
+    }
+
+    // A repeat of stored events as the first write is recognised as one, writes nothing
+    // and gives the stored positions; a stored id among new ones is refused.
+    let stored: Vec<EventData> = events("D", 2);
+    let first = t.append("d", ExpectedVersion::NoStream, &stored)?;
+    let mut tx = conn.transaction()?;
+    let again = t.append_in(&mut tx, "d", ExpectedVersion::NoStream, &stored)?;
+    assert!(again.was_duplicate);
+    assert_eq!(
+        (again.first_position, again.last_version),
+        (first.first_position, 1)
+    );
+    let mixed = [events("E", 1).remove(0), stored[1].clone()];
+    match t.append_in(&mut tx, "d", ExpectedVersion::Any, &mixed) {
+        Err(Error::DuplicateEventId { id, .. }) => assert_eq!(id, stored[1].event_id()),
+        other => panic!("expected a duplicate id, got {other:?}"),
+    }
+    tx.commit()?;
+    assert_eq!(versions(&t, "d"), vec![0, 1]);
+
+    // A tombstoned stream refuses the first write too.
+    t.tombstone_stream("d", ExpectedVersion::Any)?;
+    let mut tx = conn.transaction()?;
+    match t.append_in(&mut tx, "d", ExpectedVersion::Any, &events("F", 1)) {
+        Err(Error::StreamDeleted { .. }) => {}
+        other => panic!("expected a deleted stream, got {other:?}"),
+    }
+    drop(tx);
+    Ok(())
+}
+
 #[test]
 fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     let t = TestStore::new("append_tx_race");
