@@ -226,8 +226,9 @@ impl Store {
     /// [`Store::import`] inside the caller's transaction: the events commit or roll back
     /// with it, and share its global position slot with its appends (they may come
     /// before or after the import; the transaction's total is still limited to
-    /// [`MAX_EVENTS_PER_TRANSACTION`]). Subscribers are notified when it commits. On an
-    /// error PostgreSQL aborts the transaction: roll it back. If the transaction wrote
+    /// [`MAX_EVENTS_PER_TRANSACTION`]). Subscribers are woken when it commits (by the
+    /// store's commit watcher, as after [`Store::append_in`]: the commit itself carries
+    /// no `NOTIFY`). On an error PostgreSQL aborts the transaction: roll it back. If the transaction wrote
     /// before a concurrent transaction appended to one of the continued streams, the
     /// import fails with [`Error::StreamOrderConflict`], as [`Store::append_in`] would.
     ///
@@ -242,9 +243,15 @@ impl Store {
     ) -> Result<ImportSummary> {
         check_slice(events, options)?;
         let summary = self.run_import(Some(&mut *tx), slice_events(events), options)?;
-        // Listeners (in this and other processes) hear of it when the caller commits.
-        tx.execute(self.sql().notify_in.text(), &[&self.hub().channel()])
-            .map_err(|e| self.map_error(e))?;
+        if summary.events > 0 {
+            // As after `append_in`: the commit watcher learns when the transaction ends
+            // and wakes this process's subscribers (and, through the notifier, other
+            // processes'), so the caller's commit carries no NOTIFY.
+            let row = tx
+                .query_one(self.sql().watch_in.text(), &[])
+                .map_err(|e| self.map_error(e))?;
+            self.hub().watch(row.get(0));
+        }
         Ok(summary)
     }
 

@@ -244,7 +244,7 @@ pub(crate) struct Sql {
     pub(crate) take_dead_letter: Statement,
     pub(crate) event_at: Statement,
     pub(crate) read_claims: Statement,
-    pub(crate) notify_in: Statement,
+    pub(crate) watch_in: Statement,
     pub(crate) lock_events: Statement,
     pub(crate) import_slot: Statement,
     pub(crate) import_lock_streams: Statement,
@@ -691,7 +691,13 @@ RETURNING global_position, stream_version"
                  RETURNING 1"
             ),
             // Wakes listeners when the caller's transaction commits.
-            notify_in: "SELECT pg_notify($1, '')".to_string(),
+            // After `import_in`: the watcher's lock on this transaction (see `append`),
+            // and the transaction's id for the watcher.
+            watch_in: format!(
+                "SELECT x, pg_advisory_xact_lock_shared({WATCH_LOCK_CLASS},
+                                                    (x % 2147483648)::int)::text
+                   FROM (SELECT pg_current_xact_id()::text::bigint AS x) t"
+            ),
             // A bulk import's first statement: the events table's write lock (then
             // `needs_floor_check`).
             lock_events: format!("LOCK TABLE {events} IN ROW EXCLUSIVE MODE"),

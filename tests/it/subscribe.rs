@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 use crate::common::{events, TestResult, TestStore};
 use fallible_iterator::FallibleIterator;
 use pg_eventstore::{
-    Config, EventData, ExpectedVersion, RecordedEvent, Result, Store, SubscribeOptions,
-    Subscription,
+    Config, EventData, ExpectedVersion, ImportOptions, RecordedEvent, Result, Store,
+    SubscribeOptions, Subscription,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -270,6 +270,20 @@ fn a_commit_in_a_callers_transaction_wakes_subscribers_of_the_same_store() -> Te
         writer.join().unwrap()?;
         assert_eq!(got.version, round);
     }
+    // The same for an import inside a caller's transaction.
+    let store = t.store.clone();
+    let writer = thread::spawn(move || -> Result<()> {
+        let mut conn = store.pool().get().unwrap();
+        let mut tx = conn.transaction()?;
+        let imported = [("imported", events("Imported", 1).remove(0))];
+        store.import_in(&mut tx, &imported, ImportOptions::new())?;
+        thread::sleep(Duration::from_millis(100));
+        tx.commit()?;
+        Ok(())
+    });
+    let got = woken_within(&mut sub, Duration::from_secs(3));
+    writer.join().unwrap()?;
+    assert_eq!((got.stream_id.as_str(), got.version), ("imported", 0));
     // A rolled-back transaction wakes nobody with an event.
     let mut conn = t.pool().get()?;
     let mut tx = conn.transaction()?;
@@ -472,6 +486,10 @@ fn appends_send_no_notify_while_no_other_process_listens() -> TestResult {
         t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("E", 1))?;
         tx.commit()?;
     }
+    let mut tx = conn.transaction()?;
+    let imported = [("imported", events("E", 1).remove(0))];
+    t.import_in(&mut tx, &imported, ImportOptions::new())?;
+    tx.commit()?;
     let quiet = spy
         .notifications()
         .timeout_iter(Duration::from_millis(500))
