@@ -42,7 +42,7 @@
 //! | W8 | W1 (20,000 single appends to 1,000 new streams) on tables that already hold 10,000,000 events, loaded as W7 loads them and then vacuumed and analysed; loaded once per run, each repetition on new streams | `append` | prepared single-row `INSERT` |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
-//! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections, 100 per transaction |
+//! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections (and, in `raw_batched_1`, from 1), 100 per transaction |
 //! | G1 | a consumer group of 4 members (and 2), each with its own pool and 1 thread, one read-model upsert per event in its transactional handler, over 20,000 events imported once the members have shared the partitions | `Worker::group` | the same group with 1 member |
 //!
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
@@ -1939,13 +1939,15 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
             check_count("worker", s.handled as usize, n)?;
             Ok(n as f64 / t.elapsed().as_secs_f64())
         };
-        let raw = || -> Res<f64> {
+        // `connections` raw clients, each with the streams of `parts` it is given (all
+        // four parts on one connection, in turn, for 1).
+        let raw = |connections: usize| -> Res<f64> {
             let sql = upsert(&model(&pair.raw));
             let mut clients = Vec::new();
-            for _ in 0..4 {
+            for _ in 0..connections {
                 clients.push(pair.raw_client(ctx)?);
             }
-            let barrier = Arc::new(Barrier::new(5));
+            let barrier = Arc::new(Barrier::new(connections + 1));
             let handles: Vec<_> = clients
                 .into_iter()
                 .enumerate()
@@ -1954,7 +1956,12 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
                     thread::spawn(move || -> Result<(), String> {
                         let statement = client.prepare(&sql).map_err(|e| e.to_string())?;
                         barrier.wait();
-                        for chunk in parts[k].chunks(100) {
+                        let mine: Vec<&String> = if connections == 1 {
+                            parts.iter().flatten().collect()
+                        } else {
+                            parts[k].iter().collect()
+                        };
+                        for chunk in mine.chunks(100) {
                             let mut tx = client.transaction().map_err(|e| e.to_string())?;
                             for stream in chunk {
                                 tx.execute(&statement, &[stream])
@@ -1975,14 +1982,15 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
         };
         let (o, r) = if rep % 2 == 0 {
             let o = ours(4)?;
-            (o, raw()?)
+            (o, raw(4)?)
         } else {
-            let r = raw()?;
+            let r = raw(4)?;
             (ours(4)?, r)
         };
         runs.entry("t4_model").or_default().push(o);
         runs.entry("raw_batched").or_default().push(r);
         runs.entry("t1_model").or_default().push(ours(1)?);
+        runs.entry("raw_batched_1").or_default().push(raw(1)?);
     }
     drop(store);
     Ok(median_outcome(&runs, "t4_model", "raw_batched", n))
