@@ -37,6 +37,7 @@
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
 //! | W6T | W6 with each append an `append_in` in a transaction of its own (woken by the commit watcher), the subscriber in the same store and (extra fields) in a second store; `raw` is plain W6 through the pool in the same run | `append_in` | (plain W6) |
 //! | A6, A12 | `append_in` with 6 (12) writers, each in its own transactions: one event to one of 50 shared streams with `ExpectedVersion::Any`, the transaction held open 0–3 ms, a fifth rolled back; 300 transactions per writer, the same plan for both sides | `append_in` (a refused transaction is retried) | one `INSERT ... SELECT max(version) + 1` per transaction, retried after a unique violation |
+//! | A6A | A6 on a store (and raw table) analysed while empty, as W1A | `append_in` | (same) |
 //! | A6F, A12F | the same without the hold: commit as fast as possible (1,000 transactions per writer) | `append_in` | (same) |
 //! | W7 | streaming bulk import of 1,000,000 events (10,000 streams of 100), generated as they are written, each side in a child process that reports its peak RSS; `--only W7 --scale 10 --reps 1` for 10,000,000 | `import_iter` (chunked above 1,048,576 events) | one binary `COPY` in one transaction |
 //! | W8 | W1 (20,000 single appends to 1,000 new streams) on tables that already hold 10,000,000 events, loaded as W7 loads them and then vacuumed and analysed; loaded once per run, each repetition on new streams | `append` | prepared single-row `INSERT` |
@@ -111,6 +112,7 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
         "append_in, 6 writers, transactions held 0-3 ms, a fifth rolled back",
         a6,
     ),
+    ("A6A", "A6 after ANALYZE of the empty tables", a6a),
     (
         "A12",
         "append_in, 12 writers, transactions held 0-3 ms, a fifth rolled back",
@@ -151,7 +153,7 @@ fn target(workload: &str) -> Option<f64> {
         "W4" | "W5" => Some(0.95),
         "W6X" => Some(0.80),
         "W7" => Some(0.80),
-        "A6" | "A12" | "A6F" | "A12F" => Some(0.90),
+        "A6" | "A6A" | "A12" | "A6F" | "A12F" => Some(0.90),
         "P2" => Some(0.80),
         "M1" => Some(16.0),
         _ => None,
@@ -672,24 +674,29 @@ fn tx_plans(w: usize, n: usize, hold_max: Duration) -> Vec<TxPlan> {
 }
 
 fn a6(ctx: &Ctx) -> Res<Outcome> {
-    append_in_load(ctx, 6, Duration::from_millis(3))
+    append_in_load(ctx, 6, Duration::from_millis(3), false)
+}
+
+fn a6a(ctx: &Ctx) -> Res<Outcome> {
+    append_in_load(ctx, 6, Duration::from_millis(3), true)
 }
 
 fn a12(ctx: &Ctx) -> Res<Outcome> {
-    append_in_load(ctx, 12, Duration::from_millis(3))
+    append_in_load(ctx, 12, Duration::from_millis(3), false)
 }
 
 fn a6f(ctx: &Ctx) -> Res<Outcome> {
-    append_in_load(ctx, 6, Duration::ZERO)
+    append_in_load(ctx, 6, Duration::ZERO, false)
 }
 
 fn a12f(ctx: &Ctx) -> Res<Outcome> {
-    append_in_load(ctx, 12, Duration::ZERO)
+    append_in_load(ctx, 12, Duration::ZERO, false)
 }
 
 /// `writers` threads run their planned transactions on their own connections: ours
 /// with `append_in(Any)`, raw with a single INSERT that computes the next version.
-fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration) -> Res<Outcome> {
+/// With `analyze`, both tables are analysed while empty first (as in W1A).
+fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) -> Res<Outcome> {
     let per = if hold_max.is_zero() {
         ctx.sizes.a_transactions * 10 / 3
     } else {
@@ -704,7 +711,10 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration) -> Res<Outcome>
     let conflicts = std::sync::atomic::AtomicU64::new(0);
     let raw_conflicts = std::sync::atomic::AtomicU64::new(0);
     let run = |raw: bool| -> Res<Duration> {
-        let pair = Pair::new(ctx, "a")?;
+        let mut pair = Pair::new(ctx, "a")?;
+        if analyze {
+            pair.vacuum()?;
+        }
         let table = pair.raw_table();
         let insert = format!(
             "INSERT INTO {table} (event_id, stream_id, version, event_type, data, metadata)
