@@ -1719,6 +1719,11 @@ fn w8(ctx: &Ctx) -> Res<Outcome> {
     w7_run("ours", &pair.ours, stored)?;
     w7_run("raw", &pair.raw_table(), stored)?;
     pair.vacuum()?;
+    // Loading wrote gigabytes of WAL: without a checkpoint now, one may start during
+    // either side's timed appends.
+    if let Err(e) = pair.admin.batch_execute("CHECKPOINT") {
+        eprintln!("loadgen: W8 could not run CHECKPOINT ({e}); its timings may include one");
+    }
     eprintln!(
         "loadgen: W8 loaded {stored} events on each side in {:.1} s",
         t.elapsed().as_secs_f64()
