@@ -468,8 +468,11 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
         // insert, nothing else. Its transaction id is newer than any committed head's, its
         // slot is empty, and a repeated id or a lost race fails on a unique constraint:
         // whenever this inserts nothing or fails, the full statement above decides.
-        let append_fast = format!(
-            "WITH head AS (
+        // The head and the insert at the start of this transaction's slot, returning
+        // `returning`.
+        let lean_insert = |returning: &str| {
+            format!(
+                "WITH head AS (
     {head}
 ), ins AS (
     INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
@@ -478,9 +481,14 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
       FROM head h, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
            WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
      WHERE {expected}
-    RETURNING global_position, stream_version
-)
-SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins"
+    RETURNING {returning}
+)"
+            )
+        };
+        let append_fast = format!(
+            "{}
+SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins",
+            lean_insert("global_position, stream_version")
         );
         // `append_fast` for a caller's transaction, inside `append_in_events` and
         // `append_in_any`, which run it only while the transaction has no id yet and
@@ -490,17 +498,7 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         // (no repeats, no conflict, not behind the floor), and takes the watcher's lock
         // when it inserted.
         let append_first = format!(
-            "WITH head AS (
-    {head}
-), ins AS (
-    INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
-    SELECT (pg_current_xact_id()::text::bigint << {bits}) + t.n - 1, t.event_id, $1,
-           COALESCE(h.v, -1) + t.n, t.event_type, t.data, t.metadata
-      FROM head h, unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
-           WITH ORDINALITY AS t(event_id, event_type, data, metadata, n)
-     WHERE {expected}
-    RETURNING global_position
-), r AS (
+            "{}, r AS (
     SELECT count(*) AS c, min(global_position) AS lo, max(global_position) AS hi FROM ins
 )
 SELECT r.c, r.lo, r.hi, (SELECT v FROM head), cardinality($2)::bigint,
@@ -509,7 +507,8 @@ SELECT r.c, r.lo, r.hi, (SELECT v FROM head), cardinality($2)::bigint,
        (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared({WATCH_LOCK_CLASS},
                ((r.lo >> {bits}) % 2147483648)::int)
             WHERE $8::text IS NOT NULL AND r.c > 0) n)
-  FROM r"
+  FROM r",
+            lean_insert("global_position")
         );
         // The same for one event, with plain parameters instead of arrays to unnest.
         let append_one = format!(
