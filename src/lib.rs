@@ -216,10 +216,10 @@
 //! background thread sends after the commit, for however many appends happened meanwhile,
 //! and only while another process listens ([`Config::notify_on_append`]): a `NOTIFY`
 //! inside the append's own transaction would serialise every append's commit.
-//! [`Store::append_in`] sends nothing from inside the caller's transaction either: its
-//! statement takes a shared advisory lock named after the transaction's id, and the
-//! store's **commit watcher** thread (on its own connection, started by the first
-//! `append_in`) waits for that lock, asks `pg_xact_status` which of the transactions it
+//! [`Store::append_in`] and [`Store::import_in`] send nothing from inside the caller's
+//! transaction either: they take a shared advisory lock named after the transaction's id,
+//! and the store's **commit watcher** thread (on its own connection, started by the first
+//! of them) waits for that lock, asks `pg_xact_status` which of the transactions it
 //! watches have committed, and then wakes this process's subscribers and the notifier,
 //! once for all of them. While it watches several, it looks every millisecond; one
 //! transaction that stays open costs it one short query every 10 ms at most.
