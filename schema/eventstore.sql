@@ -335,7 +335,7 @@ BEGIN
            FROM "eventstore".events e
           WHERE e.stream_id = p_stream ORDER BY e.stream_version DESC LIMIT 1) h;
 END
-$body$;CREATE FUNCTION "eventstore".append_in_events(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+$body$;CREATE OR REPLACE FUNCTION "eventstore".append_in_events(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
                tx_events bigint, dup_streams text[], dup_versions bigint[],
                dup_positions bigint[], dup_index bigint[], dup_same boolean,
@@ -418,7 +418,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
                (((SELECT lo FROM slot_range) >> 20) % 2147483648)::int)
             WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched;
 END
-$body$;CREATE FUNCTION "eventstore".append_in_any(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+$body$;CREATE OR REPLACE FUNCTION "eventstore".append_in_any(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
                tx_events bigint, dup_streams text[], dup_versions bigint[],
                dup_positions bigint[], dup_index bigint[], dup_same boolean,
@@ -506,7 +506,7 @@ $body$;
 INSERT INTO "eventstore"."schema_migrations" (version, name) VALUES (7, 'feed horizon: other databases ignored, floor moved only when needed; stream heads under a lock for appends that expect any version');
 
 -- 0008 append_in: a lean statement for the first write of a transaction
-DROP FUNCTION "eventstore".append_in_events(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text);DROP FUNCTION "eventstore".append_in_any(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text);CREATE FUNCTION "eventstore".append_in_events(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+CREATE OR REPLACE FUNCTION "eventstore".append_in_events(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
                tx_events bigint, dup_streams text[], dup_versions bigint[],
                dup_positions bigint[], dup_index bigint[], dup_same boolean,
@@ -621,7 +621,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
                (((SELECT lo FROM slot_range) >> 20) % 2147483648)::int)
             WHERE $8::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)) n) AS watched;
 END
-$body$;CREATE FUNCTION "eventstore".append_in_any(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+$body$;CREATE OR REPLACE FUNCTION "eventstore".append_in_any(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
                tx_events bigint, dup_streams text[], dup_versions bigint[],
                dup_positions bigint[], dup_index bigint[], dup_same boolean,

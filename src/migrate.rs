@@ -194,12 +194,6 @@ fn m0007_feed_horizon(schema: &str) -> String {
 fn m0008_append_in_first_write(schema: &str) -> String {
     let mut m = Migration::new().schema(schema);
     let sql = crate::sql::Sql::new(schema);
-    let s = quote(schema);
-    for name in ["append_in_events", "append_in_any"] {
-        m.inject_custom(format!(
-            "DROP FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)"
-        ));
-    }
     append_in_functions(&mut m, schema, &sql, Some(sql.append_first.text()));
     finish(m)
 }
@@ -503,7 +497,8 @@ $body$"#
     )
 }
 
-/// A function that runs `before` (PL/pgSQL statements), then the full append `statement`
+/// A function (created, or replaced in place so that it keeps its grants) that runs
+/// `before` (PL/pgSQL statements), then the full append `statement`
 /// (see `append` in sql.rs) with its eight parameters, for `append_in`: the caller's
 /// transaction runs on a connection the store does not own, so it cannot keep a prepared
 /// statement there, and planning the full statement anew costs about 0.5 ms of server
@@ -536,7 +531,7 @@ fn append_in_function(
         )
     });
     format!(
-        r#"CREATE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+        r#"CREATE OR REPLACE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
                tx_events bigint, dup_streams text[], dup_versions bigint[],
                dup_positions bigint[], dup_index bigint[], dup_same boolean,
