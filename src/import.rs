@@ -228,9 +228,10 @@ impl Store {
     /// before or after the import; the transaction's total is still limited to
     /// [`MAX_EVENTS_PER_TRANSACTION`]). Subscribers are woken when it commits (by the
     /// store's commit watcher, as after [`Store::append_in`]: the commit itself carries
-    /// no `NOTIFY`). On an error PostgreSQL aborts the transaction: roll it back. If the transaction wrote
-    /// before a concurrent transaction appended to one of the continued streams, the
-    /// import fails with [`Error::StreamOrderConflict`], as [`Store::append_in`] would.
+    /// no `NOTIFY`). On an error PostgreSQL aborts the transaction: roll it back. If the
+    /// transaction wrote before a concurrent transaction appended to one of the continued
+    /// streams, the import fails with [`Error::StreamOrderConflict`], as
+    /// [`Store::append_in`] would.
     ///
     /// Heads of existing streams are read in the caller's snapshot; in a `REPEATABLE
     /// READ` transaction a concurrent import into the same streams therefore ends in a

@@ -464,10 +464,6 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
             "SELECT h.head_version AS v, h.head_position AS hp
        FROM {s}.locked_stream_head($1) h"
         ));
-        // The common case through the pool, in its own fresh transaction: check the head,
-        // insert, nothing else. Its transaction id is newer than any committed head's, its
-        // slot is empty, and a repeated id or a lost race fails on a unique constraint:
-        // whenever this inserts nothing or fails, the full statement above decides.
         // The head and the insert at the start of this transaction's slot, returning
         // `returning`.
         let lean_insert = |returning: &str| {
@@ -485,6 +481,10 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
 )"
             )
         };
+        // The common case through the pool, in its own fresh transaction: check the head,
+        // insert, nothing else. Its transaction id is newer than any committed head's, its
+        // slot is empty, and a repeated id or a lost race fails on a unique constraint:
+        // whenever this inserts nothing or fails, the full statement above decides.
         let append_fast = format!(
             "{}
 SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins",
@@ -689,7 +689,6 @@ RETURNING global_position, stream_version"
                 "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2
                  RETURNING 1"
             ),
-            // Wakes listeners when the caller's transaction commits.
             // After `import_in`: the watcher's lock on this transaction (see `append`),
             // and the transaction's id for the watcher.
             watch_in: format!(
