@@ -198,7 +198,7 @@ fn m0008_append_in_first_write(schema: &str) -> String {
     finish(m)
 }
 
-/// Creates `append_in_events` and `append_in_any` (see `append_in_function`).
+/// Creates, or replaces, `append_in_events` and `append_in_any` (see `append_in_function`).
 fn append_in_functions(
     m: &mut Migration,
     schema: &str,
