@@ -1051,7 +1051,7 @@ impl Member {
 
     /// One turn: the group round when due, hand-overs, checkpoints, then reading and
     /// queueing (or waiting for new events).
-    fn step(&mut self, worker: &Worker, dispatcher: &Dispatcher) -> Result<()> {
+    fn step(&mut self, worker: &Worker, dispatcher: &mut Dispatcher) -> Result<()> {
         if self.shared.is_expelled() {
             self.rejoin()?;
         }
@@ -1397,7 +1397,7 @@ impl Member {
     }
 
     /// Queues what was read on the handler threads; `false` when one was full (or gone).
-    fn queue(&mut self, dispatcher: &Dispatcher) -> bool {
+    fn queue(&mut self, dispatcher: &mut Dispatcher) -> bool {
         while let Some(job) = self.buffer.pop_front() {
             let lease = job.lease.expect("group jobs have leases");
             if self

@@ -6,7 +6,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -547,6 +547,7 @@ impl Worker {
 /// queues first.
 pub(crate) struct Dispatcher {
     queues: Vec<Sender<Job>>,
+    router: Router,
     threads: Vec<JoinHandle<()>>,
     /// Set by a thread whose handler failed for good, and by `drop`: queued events are
     /// skipped, unfinished, so the checkpoint stays before them.
@@ -570,21 +571,24 @@ impl Dispatcher {
         let (done_tx, done) = unbounded::<Done>();
         let mut queues = Vec::new();
         let mut threads = Vec::new();
+        let router = Router::new(worker.threads, queue);
         for i in 0..worker.threads {
             let (tx, rx) = bounded::<Job>(queue);
             queues.push(tx);
             let mut ctx =
                 ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
             ctx.fence = fence.clone();
+            let finished = router.finished[i].clone();
             threads.push(
                 thread::Builder::new()
                     .name(format!("pg-eventstore-handler-{i}"))
-                    .spawn(move || ctx.run(rx))
+                    .spawn(move || ctx.run(rx, &finished))
                     .expect("spawn a handler thread"),
             );
         }
         Dispatcher {
             queues,
+            router,
             threads,
             abort,
             done,
@@ -592,23 +596,31 @@ impl Dispatcher {
         }
     }
 
-    /// Queues an event on its stream's thread; `false` when that thread is gone.
-    fn send(&self, job: Job) -> bool {
-        let queue = &self.queues[thread_for(&job.event.stream_id, self.queues.len())];
-        queue.send(job).is_ok()
+    /// Queues an event on its stream's thread (see [`Router`]); `false` when that
+    /// thread is gone.
+    fn send(&mut self, job: Job) -> bool {
+        let (key, thread) = self.router.route(&job.event.stream_id);
+        let sent = self.queues[thread].send(job).is_ok();
+        if sent {
+            self.router.sent(key, thread);
+        }
+        sent
     }
 
     /// Queues an event on its stream's thread, waiting at most `wait` for room: the job
     /// comes back in `Ok(Some(..))` when there was none, and `Err` says the thread is
     /// gone.
     pub(crate) fn send_within(
-        &self,
+        &mut self,
         job: Job,
         wait: Duration,
     ) -> std::result::Result<Option<Job>, ()> {
-        let queue = &self.queues[thread_for(&job.event.stream_id, self.queues.len())];
-        match queue.send_timeout(job, wait) {
-            Ok(()) => Ok(None),
+        let (key, thread) = self.router.route(&job.event.stream_id);
+        match self.queues[thread].send_timeout(job, wait) {
+            Ok(()) => {
+                self.router.sent(key, thread);
+                Ok(None)
+            }
             Err(crossbeam_channel::SendTimeoutError::Timeout(job)) => Ok(Some(job)),
             Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => Err(()),
         }
@@ -802,11 +814,72 @@ fn retry_wait(base: Duration, attempt: u32) -> Duration {
     crate::retry::Backoff::new(base, crate::retry::MAX_DELAY).delay(attempt)
 }
 
-/// Which thread handles a stream: always the same one, so a stream stays in order.
-fn thread_for(stream: &str, threads: usize) -> usize {
-    let mut h = DefaultHasher::new();
-    stream.hash(&mut h);
-    (h.finish() % threads as u64) as usize
+/// Which handler thread gets an event. A stream stays on one thread while any of its
+/// events is queued or being handled there, so its events are handled one at a time and
+/// in order; once a thread has finished them all (a transactional handler's transaction
+/// committed), the stream's next event goes to the thread with the fewest events queued.
+/// A fixed stream-to-thread hash would leave threads idle whenever the hash spreads the
+/// busy streams unevenly: 200 streams of 100 events hashed over 4 threads put 61 streams
+/// on one thread and 37 on another, and the run lasted as long as the busiest thread.
+struct Router {
+    /// Events sent to each thread, ever.
+    sent: Vec<u64>,
+    /// Events each thread has finished, ever (its handler thread counts them).
+    finished: Vec<Arc<AtomicU64>>,
+    /// Stream (by hash) → its thread and the count `sent` reached with its last event
+    /// there. Streams whose hashes collide share a route, which costs nothing but balance.
+    routes: HashMap<u64, (usize, u64)>,
+    /// Where the search for the least busy thread starts, so that ties rotate.
+    next: usize,
+    /// The size of `routes` at which finished routes are dropped.
+    prune_at: usize,
+}
+
+impl Router {
+    fn new(threads: usize, queue: usize) -> Router {
+        Router {
+            sent: vec![0; threads],
+            finished: (0..threads).map(|_| Arc::new(AtomicU64::new(0))).collect(),
+            routes: HashMap::new(),
+            next: 0,
+            // At most `threads * queue` events are queued, so after pruning at most
+            // that many routes remain.
+            prune_at: 2 * threads * queue.max(1),
+        }
+    }
+
+    /// The stream's key and the thread for its next event.
+    fn route(&mut self, stream: &str) -> (u64, usize) {
+        let mut h = DefaultHasher::new();
+        stream.hash(&mut h);
+        let key = h.finish();
+        if let Some(&(thread, last)) = self.routes.get(&key) {
+            if self.finished[thread].load(Ordering::Acquire) < last {
+                return (key, thread);
+            }
+        }
+        let n = self.sent.len();
+        let thread = (0..n)
+            .map(|i| (self.next + i) % n)
+            .min_by_key(|&t| self.sent[t] - self.finished[t].load(Ordering::Acquire))
+            .expect("a worker has at least one thread");
+        self.next = (thread + 1) % n;
+        (key, thread)
+    }
+
+    /// Records that the stream's event went to `thread`.
+    fn sent(&mut self, key: u64, thread: usize) {
+        self.sent[thread] += 1;
+        self.routes.insert(key, (thread, self.sent[thread]));
+        if self.routes.len() >= self.prune_at {
+            let finished: Vec<u64> = self
+                .finished
+                .iter()
+                .map(|f| f.load(Ordering::Acquire))
+                .collect();
+            self.routes.retain(|_, &mut (t, last)| finished[t] < last);
+        }
+    }
 }
 
 /// Dispatched events in order, and which are finished: the checkpoint may move past an
@@ -905,18 +978,27 @@ impl ThreadContext {
         }
     }
 
-    fn run(self, rx: Receiver<Job>) {
+    /// Handles what comes on `rx` until it closes, counting in `finished` each event
+    /// that is done with (handled and committed, parked, or skipped).
+    fn run(self, rx: Receiver<Job>, finished: &AtomicU64) {
         while let Ok(first) = rx.recv() {
-            if self.failed.load(Ordering::Relaxed) {
-                continue; // after a fatal failure nothing more is handled: order matters
-            }
-            match &self.handler {
-                Handler::Tx(h) if self.batch.max_events > 1 => {
-                    let batch = self.batch.collect(first, &rx);
-                    self.in_batch(h.as_ref(), batch);
+            let n = if self.failed.load(Ordering::Relaxed) {
+                1 // after a fatal failure nothing more is handled: order matters
+            } else {
+                match &self.handler {
+                    Handler::Tx(h) if self.batch.max_events > 1 => {
+                        let batch = self.batch.collect(first, &rx);
+                        let n = batch.len();
+                        self.in_batch(h.as_ref(), batch);
+                        n
+                    }
+                    _ => {
+                        self.one(first);
+                        1
+                    }
                 }
-                _ => self.one(first),
-            }
+            };
+            finished.fetch_add(n as u64, Ordering::Release);
         }
     }
 
@@ -1460,11 +1542,49 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_always_goes_to_the_same_thread() {
-        for n in 1..8 {
-            let t = thread_for("order-17", n);
-            assert!(t < n);
-            assert_eq!(t, thread_for("order-17", n));
+    fn a_stream_stays_on_its_thread_while_its_events_are_unfinished() {
+        let mut r = Router::new(3, 4);
+        let (a, ta) = r.route("a");
+        r.sent(a, ta);
+        let (b, tb) = r.route("b");
+        r.sent(b, tb);
+        assert_ne!(ta, tb, "a new stream goes to an idle thread");
+        for _ in 0..3 {
+            assert_eq!(r.route("a"), (a, ta));
+            r.sent(a, ta);
         }
+        // The thread finishes three of a's four events: a stays.
+        r.finished[ta].fetch_add(3, Ordering::Release);
+        assert_eq!(r.route("a").1, ta);
+        // All four finished: a goes to the least busy thread, the one b is not on.
+        r.finished[ta].fetch_add(1, Ordering::Release);
+        let (_, t) = r.route("a");
+        assert_ne!(t, tb);
+    }
+
+    #[test]
+    fn new_streams_spread_over_the_threads() {
+        let mut r = Router::new(4, 8);
+        let mut load = [0; 4];
+        for s in 0..40 {
+            let stream = format!("s-{s}");
+            for _ in 0..3 {
+                let (key, t) = r.route(&stream);
+                r.sent(key, t);
+                load[t] += 1;
+            }
+        }
+        assert_eq!(load, [30; 4]);
+    }
+
+    #[test]
+    fn finished_routes_are_pruned() {
+        let mut r = Router::new(2, 2);
+        for s in 0..100 {
+            let (key, t) = r.route(&format!("s-{s}"));
+            r.sent(key, t);
+            r.finished[t].fetch_add(1, Ordering::Release);
+        }
+        assert!(r.routes.len() < r.prune_at, "{}", r.routes.len());
     }
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::{client, events, wait_visible, Fault, TestResult, TestStore};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use pg_eventstore::{Error, ExpectedVersion, IfLocked, OnFailure, RecordedEvent, Store};
+use pg_eventstore::{
+    Error, EventData, ExpectedVersion, IfLocked, ImportOptions, OnFailure, RecordedEvent, Store,
+};
 
 /// 10 streams × `per_stream` events, appended in interleaved batches.
 fn fill(t: &TestStore, per_stream: usize) -> u64 {
@@ -101,6 +103,52 @@ fn batch_mode_handles_everything_once_and_checkpoints() -> TestResult {
     // Run again: nothing new.
     let again = t.worker("batch").run_batch(|_| Ok(()))?;
     assert_eq!(again.handled, 0);
+    Ok(())
+}
+
+/// A log written stream by stream (an import), whose streams a fixed stream-to-thread
+/// hash would all give to one thread: the transactional handler runs on every thread,
+/// one stream at a time, each stream in order.
+#[test]
+fn streams_written_one_after_another_spread_over_the_threads() -> TestResult {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let t = store_with("worker_spread");
+    // 24 streams that `DefaultHasher % 4` puts on thread 0.
+    let streams: Vec<String> = (0..)
+        .map(|k| format!("spread-{k}"))
+        .filter(|s| {
+            let mut h = DefaultHasher::new();
+            s.hash(&mut h);
+            h.finish() % 4 == 0
+        })
+        .take(24)
+        .collect();
+    let input: Vec<(&str, EventData)> = streams
+        .iter()
+        .flat_map(|s| events("E", 20).into_iter().map(move |e| (s.as_str(), e)))
+        .collect();
+    t.import(&input, ImportOptions::new())?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let summary = t
+        .worker("spread")
+        .threads(4)
+        .run_batch_transactional(move |_, e| {
+            sink.lock()
+                .unwrap()
+                .push((e.stream_id.clone(), e.version, thread::current().id()));
+            Ok(())
+        })?;
+    assert_eq!(summary.handled, 480);
+    let seen = seen.lock().unwrap();
+    let threads: HashSet<_> = seen.iter().map(|(_, _, t)| *t).collect();
+    assert!(threads.len() >= 3, "ran on {} threads", threads.len());
+    let mut next: HashMap<&str, u64> = HashMap::new();
+    for (stream, version, _) in seen.iter() {
+        let v = next.entry(stream).or_insert(0);
+        assert_eq!(*version, *v, "stream {stream} out of order");
+        *v += 1;
+    }
     Ok(())
 }
 
