@@ -391,7 +391,8 @@ impl Config {
     /// only; subscribers of this store are woken directly either way.
     /// The same holds for [`Store::append_in`](crate::Store::append_in): the store's
     /// commit watcher learns when the caller's transaction commits, and then wakes this
-    /// store's subscribers and (with `true`) the notifier.
+    /// store's subscribers and (with `true`, while another process listens) sends the
+    /// `NOTIFY` itself, in the query that found the commit.
     pub fn notify_on_append(mut self, notify: bool) -> Self {
         self.notify_on_append = notify;
         self

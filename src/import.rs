@@ -246,8 +246,8 @@ impl Store {
         let summary = self.run_import(Some(&mut *tx), slice_events(events), options)?;
         if summary.events > 0 {
             // As after `append_in`: the commit watcher learns when the transaction ends
-            // and wakes this process's subscribers (and, through the notifier, other
-            // processes'), so the caller's commit carries no NOTIFY.
+            // and wakes this process's subscribers (and notifies other processes'), so the
+            // caller's commit carries no NOTIFY.
             let row = tx
                 .query_one(self.sql().watch_in.text(), &[])
                 .map_err(|e| self.map_error(e))?;

@@ -220,16 +220,18 @@
 //! transaction either: they take a shared advisory lock named after the transaction's id,
 //! and the store's **commit watcher** thread (on its own connection, started by the first
 //! of them) waits for that lock, asks `pg_xact_status` which of the transactions it
-//! watches have committed, and then wakes this process's subscribers and the notifier,
-//! once for all of them. While it watches several, it looks every millisecond; one
-//! transaction that stays open costs it one short query every 10 ms at most.
+//! watches have committed, and then wakes this process's subscribers, once for all of
+//! them; while another process listens, the query that finds a commit also sends the
+//! `NOTIFY`. While it watches several, it looks every millisecond; one transaction that
+//! stays open costs it one short query every 10 ms at most.
 //!
 //! # Checkpoints and workers
 //!
 //! A [`Tracker`] keeps a processor's position with batched writes
 //! ([`Store::save_checkpoint_in`] writes it in your own transaction). A [`Worker`] runs a
 //! handler on a pool of threads from the processor's checkpoint: one stream's events in
-//! order on one thread at a time, checkpoints that never pass an unfinished event,
+//! order on one thread at a time (a stream with no event in flight goes to the least busy
+//! thread), checkpoints that never pass an unfinished event,
 //! retries, then [`OnFailure::Stop`] or [`OnFailure::Park`] in the `dead_letters` table,
 //! graceful shutdown, a batch mode for jobs ([`Worker::run_batch`]), and one running
 //! worker per processor name. Transactional handlers ([`Worker::spawn_transactional`])

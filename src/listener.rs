@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     reconnects: AtomicU64,
     listener_pid: AtomicI32,
     notifier_pid: AtomicI32,
+    /// The commit watcher's backend, which also sends `NOTIFY`.
+    watcher_pid: AtomicI32,
     /// Whether, at the notifier's last look, another process listened on the channel.
     /// Appends do not even wake the notifier while nobody does.
     nobody_else_listens: AtomicBool,
@@ -172,9 +174,10 @@ impl Hub {
             let pg = self.pg.clone();
             let connector = crate::tls::clone(&self.connector);
             let notifier = self.with_notifier(Sender::clone);
+            let channel = self.channel.clone();
             let handle = thread::Builder::new()
                 .name("pg-eventstore-watcher".into())
-                .spawn(move || watch_loop(shared, pg, connector, rx, notifier))
+                .spawn(move || watch_loop(shared, pg, connector, channel, rx, notifier))
                 .expect("spawn the commit watcher thread");
             (tx, handle)
         });
@@ -299,7 +302,10 @@ fn listen(
             if shared.stop.load(Ordering::Relaxed) {
                 break None;
             }
-            let own = shared.notifier_pid.load(Ordering::Relaxed);
+            let own = [
+                shared.notifier_pid.load(Ordering::Relaxed),
+                shared.watcher_pid.load(Ordering::Relaxed),
+            ];
             let mut woken = match wait_for_notifications(&mut client, own) {
                 Ok(w) => w,
                 Err(e) => break Some(e),
@@ -328,20 +334,21 @@ fn listen(
 }
 
 /// Waits one round for a notification, then takes whatever else is already buffered.
-/// Returns whether any came from somebody other than our own notifier (`own`).
+/// Returns whether any came from somebody other than our own notifier and commit
+/// watcher (`own`), who wake this process's subscribers directly.
 fn wait_for_notifications(
     client: &mut postgres::Client,
-    own: i32,
+    own: [i32; 2],
 ) -> Result<bool, postgres::Error> {
     let mut notifications = client.notifications();
     let first = notifications.timeout_iter(LISTEN_ROUND).next()?;
     let Some(first) = first else {
         return Ok(false);
     };
-    let mut woken = first.process_id() != own;
+    let mut woken = !own.contains(&first.process_id());
     let mut pending = notifications.iter();
     while let Some(n) = pending.next()? {
-        woken |= n.process_id() != own;
+        woken |= !own.contains(&n.process_id());
     }
     Ok(woken)
 }
@@ -367,12 +374,19 @@ fn notify_loop(
     let listen = sql::listen(&channel);
     let mut client: Option<postgres::Client> = None;
     let mut checked: Option<Instant> = None;
+    let mut started = false;
     loop {
-        // Woken by an append, or once per check interval to look again who listens.
-        let append = match rx.recv_timeout(LISTENERS_CHECK) {
-            Ok(()) => true,
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => return,
+        // Woken by an append, or once per check interval to look again who listens; at
+        // once on start, so that the commit watcher soon knows whether to notify.
+        let append = if !started {
+            started = true;
+            false
+        } else {
+            match rx.recv_timeout(LISTENERS_CHECK) {
+                Ok(()) => true,
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
         };
         for attempt in 0..2 {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -433,13 +447,16 @@ const WATCH_WAIT_MIN: Duration = Duration::from_millis(1);
 
 /// The commit watcher: for the ids of callers' transactions that appended (oldest
 /// first), waits on the lock each holds until it ends, then asks which have committed,
-/// and wakes subscribers (and the notifier) once for all that did. Without a connection
-/// it wakes subscribers anyway, so that nothing waits longer than without it; a
-/// subscription's safety poll covers the rest.
+/// and wakes subscribers once for all that did. While other processes listen, the same
+/// round trip sends them the `NOTIFY` (the notifier thread's hop would add a channel
+/// wake-up and a round trip). Without a connection it wakes subscribers (and has the
+/// notifier tell other processes) anyway, so that nothing waits longer than without it;
+/// a subscription's safety poll covers the rest.
 fn watch_loop(
     shared: Arc<Shared>,
     pg: postgres::Config,
     connector: Connector,
+    channel: String,
     rx: Receiver<i64>,
     notifier: Option<Sender<()>>,
 ) {
@@ -449,11 +466,16 @@ fn watch_loop(
     let mut client: Option<(postgres::Client, postgres::Statement, postgres::Statement)> = None;
     let mut wait = WATCH_WAIT_MIN;
     let mut backoff = RECONNECT;
-    let wait_for_transaction = sql::wait_for_transaction();
+    let (wait_for_transaction, transaction_status) =
+        (sql::wait_for_transaction(), sql::transaction_status());
     let open = || -> Option<(postgres::Client, postgres::Statement, postgres::Statement)> {
         let mut c = crate::connect::open(&pg, &connector).ok()?;
+        // Its `NOTIFY` commits need no WAL flush (as the notifier's).
+        c.batch_execute(sql::ASYNC_COMMIT).ok()?;
+        let pid: i32 = c.query_one(sql::BACKEND_PID, &[]).ok()?.get(0);
+        shared.watcher_pid.store(pid, Ordering::Relaxed);
         let wait = c.prepare(&wait_for_transaction).ok()?;
-        let status = c.prepare(sql::TRANSACTION_STATUS).ok()?;
+        let status = c.prepare(&transaction_status).ok()?;
         Some((c, wait, status))
     };
     let announce = || {
@@ -493,19 +515,27 @@ fn watch_loop(
         }
         let timeout = format!("{}ms", wait.as_millis());
         wait = (wait * 2).min(WATCH_WAIT_MAX);
+        // The channel to notify when one committed: none while nobody else listens (as
+        // the notifier's last look found), and none when notifying is off.
+        let notify = (notifier.is_some() && !shared.nobody_else_listens.load(Ordering::Relaxed))
+            .then_some(channel.as_str());
         // One round trip when the oldest ends within the wait: the statuses come with it.
-        let statuses = match c.query_one(&*wait_statement, &[&pending[0], &timeout, &pending]) {
+        let statuses = match c.query_one(
+            &*wait_statement,
+            &[&pending[0], &timeout, &pending, &notify],
+        ) {
             Ok(row) => Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4))),
             // A timeout only means that the oldest is still open: ask about the others.
             Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => c
-                .query_one(&*status_statement, &[&pending])
+                .query_one(&*status_statement, &[&pending, &notify])
                 .map(|row| (row.get::<_, bool>(0), row.get::<_, Vec<i64>>(1))),
             Err(e) => Err(e),
         };
         match statuses {
             Ok((committed, open)) => {
                 if committed {
-                    announce();
+                    // Other processes were notified by the statement itself.
+                    shared.wake_all();
                     wait = WATCH_WAIT_MIN;
                 }
                 pending = open;

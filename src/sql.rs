@@ -54,27 +54,43 @@ pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5335; // "PES5"
 
 /// Waits (up to `$2`, a `lock_timeout` value) for the transaction whose id is `$1` to
 /// end: takes and at once gives back the watcher's lock on it; then, as
-/// [`TRANSACTION_STATUS`] does for `$3`, whether any committed and which are still open.
-/// (The columns are evaluated in order: the statuses are read after the wait.)
+/// [`TRANSACTION_STATUS`] does for `$3` and `$4`, whether any committed, which are still
+/// open, and the `NOTIFY` on channel `$4`. (The columns are evaluated in order: the
+/// statuses are read after the wait.)
 pub(crate) fn wait_for_transaction() -> String {
     let class = WATCH_LOCK_CLASS;
     format!(
         "SELECT set_config('lock_timeout', $2, false),
        pg_advisory_lock({class}, ($1 % 2147483648)::int),
        pg_advisory_unlock({class}, ($1 % 2147483648)::int),
-       EXISTS (SELECT 1 FROM unnest($3::bigint[]) x
-                WHERE pg_xact_status(x::text::xid8) = 'committed'),
-       ARRAY(SELECT x FROM unnest($3::bigint[]) x
-              WHERE pg_xact_status(x::text::xid8) = 'in progress')"
+       {}",
+        status_columns(3, 4)
     )
 }
 
 /// Of the transaction ids in `$1`: whether any committed, and which are still in
-/// progress (an aborted one, or one too old to know, is neither).
-pub(crate) const TRANSACTION_STATUS: &str = "SELECT EXISTS (SELECT 1 FROM unnest($1::bigint[]) x
-                     WHERE pg_xact_status(x::text::xid8) = 'committed'),
-            ARRAY(SELECT x FROM unnest($1::bigint[]) x
-                   WHERE pg_xact_status(x::text::xid8) = 'in progress')";
+/// progress (an aborted one, or one too old to know, is neither); when any committed and
+/// `$2` is not null, a `NOTIFY` on channel `$2`, sent when this statement's transaction
+/// commits, that is, as it returns.
+pub(crate) fn transaction_status() -> String {
+    format!("SELECT {}", status_columns(1, 2))
+}
+
+/// The status columns of [`wait_for_transaction`] and [`transaction_status`]: `ids` and
+/// `channel` are their parameter numbers.
+fn status_columns(ids: u8, channel: u8) -> String {
+    let committed = format!(
+        "EXISTS (SELECT 1 FROM unnest(${ids}::bigint[]) x
+                WHERE pg_xact_status(x::text::xid8) = 'committed')"
+    );
+    format!(
+        "{committed},
+       ARRAY(SELECT x FROM unnest(${ids}::bigint[]) x
+              WHERE pg_xact_status(x::text::xid8) = 'in progress'),
+       CASE WHEN ${channel}::text IS NOT NULL AND {committed}
+            THEN pg_notify(${channel}::text, '')::text END"
+    )
+}
 
 /// `LISTEN` on a channel; also what notifiers look for in `pg_stat_activity`.
 pub(crate) fn listen(channel: &str) -> String {

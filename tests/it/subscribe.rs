@@ -515,3 +515,42 @@ fn appends_send_no_notify_while_no_other_process_listens() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
+    let app = format!("pges_watch_notify_{}", std::process::id());
+    let t = TestStore::with("sub_watch_notify", |c| c.application_name(&app));
+    let channel = format!("\"{}_events\"", t.schema);
+    // A spy that looks like another process's listener (its last statement is `LISTEN`).
+    let mut spy = crate::common::client();
+    spy.batch_execute(&format!("LISTEN {channel}"))?;
+    let mut conn = t.pool().get()?;
+    let deadline = Instant::now() + WAIT;
+    let senders = loop {
+        let mut tx = conn.transaction()?;
+        t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+        tx.commit()?;
+        let senders: Vec<i32> = spy
+            .notifications()
+            .timeout_iter(Duration::from_millis(200))
+            .map(|n| Ok(n.process_id()))
+            .collect()?;
+        if !senders.is_empty() {
+            break senders;
+        }
+        assert!(Instant::now() < deadline, "no NOTIFY for other processes");
+    };
+    // The watcher's backend: its statement waits on the appenders' lock.
+    let watcher: i32 = spy
+        .query_one(
+            "SELECT pid FROM pg_stat_activity
+              WHERE application_name = $1 AND query LIKE '%pg_advisory_lock%'",
+            &[&app],
+        )?
+        .get(0);
+    assert!(
+        senders.iter().all(|pid| *pid == watcher),
+        "sent by {senders:?}, the watcher is {watcher}"
+    );
+    Ok(())
+}
