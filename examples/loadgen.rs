@@ -44,6 +44,7 @@
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
 //! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections (and, in `raw_batched_1`, from 1), 100 per transaction |
+//! | P3 | the worker in batch mode over the same 20,000 events (written stream by stream), 4 threads, a handler that sleeps 100 µs per event (one that waits on I/O) | `Worker::run_batch` | 4 threads sleeping 100 µs per event over an even quarter of the events each: the best the threads can do |
 //! | G1 | a consumer group of 4 members (and 2), each with its own pool and 1 thread, one read-model upsert per event in its transactional handler, over 20,000 events imported once the members have shared the partitions | `Worker::group` | the same group with 1 member |
 //!
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
@@ -136,6 +137,11 @@ const WORKLOADS: &[(&str, &str, Workload)] = &[
         "P2",
         "transactional worker, 4 threads, read-model upsert, vs raw upserts in transactions of 100",
         p2,
+    ),
+    (
+        "P3",
+        "worker, 4 threads, a handler that waits 100 us per event, vs 4 threads on even shares",
+        p3,
     ),
     (
         "G1",
@@ -2009,6 +2015,60 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
     }
     drop(store);
     Ok(median_outcome(&runs, "t4_model", "raw_batched", n))
+}
+
+/// P3: the worker in batch mode over `p1_events` events written stream by stream (streams
+/// of 100), 4 threads, a handler that sleeps 100 µs per event: one bound by waiting (on a
+/// mail server, an HTTP call), not by CPU, where how evenly the streams spread over the
+/// threads decides the run's length. "raw" is 4 plain threads sleeping the same 100 µs
+/// per event over an even quarter of the events each: the best 4 threads can do.
+fn p3(ctx: &Ctx) -> Res<Outcome> {
+    const WAIT: Duration = Duration::from_micros(100);
+    let n = ctx.sizes.p1_events;
+    let pair = read_fixture(ctx, "p3", n, 0, false)?;
+    let store = Store::connect(ctx.config.clone().max_connections(8).schema(&pair.ours))?;
+    let mut runs: HashMap<&str, Vec<f64>> = HashMap::new();
+    for rep in 0..ctx.reps {
+        let ours = || -> Res<f64> {
+            let t = Instant::now();
+            let s = store
+                .worker(&format!("waits-{rep}"))
+                .threads(4)
+                .run_batch(|_| {
+                    thread::sleep(WAIT);
+                    Ok(())
+                })?;
+            check_count("worker", s.handled as usize, n)?;
+            Ok(n as f64 / t.elapsed().as_secs_f64())
+        };
+        let ideal = || -> f64 {
+            let t = Instant::now();
+            let threads: Vec<_> = (0..4)
+                .map(|k| {
+                    thread::spawn(move || {
+                        for _ in (k..n).step_by(4) {
+                            thread::sleep(WAIT);
+                        }
+                    })
+                })
+                .collect();
+            for h in threads {
+                h.join().expect("a sleeping thread");
+            }
+            n as f64 / t.elapsed().as_secs_f64()
+        };
+        let (o, r) = if rep % 2 == 0 {
+            let o = ours()?;
+            (o, ideal())
+        } else {
+            let r = ideal();
+            (ours()?, r)
+        };
+        runs.entry("t4_waits").or_default().push(o);
+        runs.entry("even_shares").or_default().push(r);
+    }
+    drop(store);
+    Ok(median_outcome(&runs, "t4_waits", "even_shares", n))
 }
 
 /// G1: a consumer group over `p1_events` events (streams of 100) with 1, 2 and 4

@@ -25,7 +25,7 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         workloads,
         [
             "W1", "W1A", "W2", "W3", "W4", "W5", "W6", "W6X", "W6T", "A6", "A6A", "A12", "A6F",
-            "A12F", "W7", "W8", "M1", "P1", "P2", "G1"
+            "A12F", "W7", "W8", "M1", "P1", "P2", "P3", "G1"
         ],
         "{stdout}"
     );
