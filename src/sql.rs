@@ -54,7 +54,7 @@ pub(crate) const WATCH_LOCK_CLASS: i32 = 0x5045_5335; // "PES5"
 
 /// Waits (up to `$2`, a `lock_timeout` value) for the transaction whose id is `$1` to
 /// end: takes and at once gives back the watcher's lock on it; then, as
-/// [`TRANSACTION_STATUS`] does for `$3` and `$4`, whether any committed, which are still
+/// [`transaction_status`] does for `$3` and `$4`, whether any committed, which are still
 /// open, and the `NOTIFY` on channel `$4`. (The columns are evaluated in order: the
 /// statuses are read after the wait.)
 pub(crate) fn wait_for_transaction() -> String {
