@@ -223,7 +223,11 @@
 //! watches have committed, and then wakes this process's subscribers, once for all of
 //! them; while another process listens, the query that finds a commit also sends the
 //! `NOTIFY`. While it watches several, it looks every millisecond; one transaction that
-//! stays open costs it one short query every 10 ms at most.
+//! stays open costs it one short query every 10 ms at most. While nobody can be woken (no
+//! subscriber in this process, and no other process listening, or notifying off) a
+//! transaction is not watched at all, only remembered (the newest 4,096): a process that
+//! only writes pays no watcher round per commit, and the first subscriber hands the
+//! remembered ones to the watcher, so that it still hears of those that commit later.
 //!
 //! # Checkpoints and workers
 //!

@@ -6,6 +6,7 @@
 //! A wake-up is only a hint: subscribers always read the events from the table, so a
 //! merged, late or lost notification costs latency, never an event.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -91,7 +92,17 @@ pub(crate) struct Hub {
     listener: Mutex<Option<JoinHandle<()>>>,
     notifier: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     watcher: Mutex<Option<(Sender<i64>, JoinHandle<()>)>>,
+    /// The newest transactions that appended with `append_in` while nobody could be
+    /// woken (no subscriber here, nobody listening elsewhere): not watched, so that a
+    /// process that only writes pays no commit watcher round per transaction. The first
+    /// subscriber, or the next transaction that is watched, hands them to the watcher.
+    unwatched: Mutex<VecDeque<i64>>,
 }
+
+/// How many unwatched transactions are remembered: more than a process keeps open at
+/// once. An older one that is still open when a subscriber comes is found at the next
+/// wake-up or safety poll.
+const UNWATCHED_MAX: usize = 4096;
 
 impl Hub {
     pub(crate) fn new(
@@ -118,6 +129,7 @@ impl Hub {
             listener: Mutex::new(None),
             notifier: Mutex::new(None),
             watcher: Mutex::new(None),
+            unwatched: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -130,6 +142,11 @@ impl Hub {
         let (tx, rx) = bounded(1);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.shared.subscribers.lock().unwrap().push((id, tx));
+        // Transactions that appended before there was anybody to wake may still commit:
+        // their events must wake this subscriber, which may have read past them already.
+        // (`watch` decides and remembers under this lock, after looking for subscribers.)
+        let unwatched: Vec<i64> = self.unwatched.lock().unwrap().drain(..).collect();
+        self.send_to_watcher(unwatched);
         let mut listener = self.listener.lock().unwrap();
         if listener.is_none() {
             let shared = self.shared.clone();
@@ -166,7 +183,34 @@ impl Hub {
     /// wakes this process's subscribers, and has the notifier tell other processes, once
     /// that transaction has committed. The caller's commit thus carries no `NOTIFY`
     /// (PostgreSQL serialises notifying commits, flush included, on one lock).
+    ///
+    /// While nobody can be woken (no subscriber in this process, and no other process
+    /// listening or notifying off) the transaction is only remembered: see `unwatched`.
     pub(crate) fn watch(&self, xid: i64) {
+        let ids = {
+            let mut unwatched = self.unwatched.lock().unwrap();
+            let nobody = self.shared.subscribers.lock().unwrap().is_empty()
+                && (!self.notify || self.shared.nobody_else_listens.load(Ordering::Relaxed));
+            if nobody {
+                if unwatched.len() == UNWATCHED_MAX {
+                    unwatched.pop_front();
+                }
+                unwatched.push_back(xid);
+                return;
+            }
+            let mut ids: Vec<i64> = unwatched.drain(..).collect();
+            ids.push(xid);
+            ids
+        };
+        self.send_to_watcher(ids);
+    }
+
+    /// Hands transaction ids to the commit watcher, which starts on first use (and
+    /// starts the notifier, whose first look tells whether anybody else listens).
+    fn send_to_watcher(&self, ids: Vec<i64>) {
+        if ids.is_empty() {
+            return;
+        }
         let mut watcher = self.watcher.lock().unwrap();
         let (tx, _) = watcher.get_or_insert_with(|| {
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -181,7 +225,9 @@ impl Hub {
                 .expect("spawn the commit watcher thread");
             (tx, handle)
         });
-        let _ = tx.send(xid);
+        for xid in ids {
+            let _ = tx.send(xid);
+        }
     }
 
     /// Runs `f` on the notifier's channel (the notifier starts on first use); `None`

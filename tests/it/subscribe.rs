@@ -554,3 +554,70 @@ fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn a_subscriber_that_comes_while_an_unwatched_transaction_is_open_hears_its_commit() -> TestResult {
+    let app = format!("pges_unwatched_{}", std::process::id());
+    let t = TestStore::with("sub_unwatched", |c| {
+        c.application_name(&app)
+            .poll_interval(Duration::from_secs(60))
+    });
+    let mut conn = t.pool().get()?;
+    let mut tx = conn.transaction()?;
+    t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("First", 1))?;
+    tx.commit()?;
+    // That append started the commit watcher and the notifier; wait for the notifier's
+    // first look, which finds nobody else listening on this test's channel.
+    let mut spy = crate::common::client();
+    let backend = |spy: &mut postgres::Client, like: &str| -> Option<(i32, String)> {
+        spy.query_opt(
+            "SELECT pid, query_start::text FROM pg_stat_activity
+              WHERE application_name = $1 AND query LIKE $2 AND state = 'idle'",
+            &[&app, &like],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+    };
+    let deadline = Instant::now() + WAIT;
+    while backend(&mut spy, "%pg_stat_activity%").is_none() {
+        assert!(Instant::now() < deadline, "the notifier never looked");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let watcher = backend(&mut spy, "%pg_advisory_lock%").expect("the watcher's backend");
+
+    // Nobody can be woken: this transaction is only remembered, not watched.
+    let mut tx = conn.transaction()?;
+    t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("Second", 1))?;
+    tx.commit()?;
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        backend(&mut spy, "%pg_advisory_lock%"),
+        Some(watcher),
+        "the watcher ran a round with nobody to wake"
+    );
+
+    // A transaction still open when the first subscriber comes: the subscriber reads
+    // the stream without it, and only a wake-up at its commit (not the 60 s poll)
+    // brings its event. (An `$all` subscriber would wait for it by itself: it holds
+    // back the feed.)
+    let mut tx = conn.transaction()?;
+    t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("Third", 1))?;
+    let mut sub = t.subscribe(SubscribeOptions::stream("s"))?;
+    assert_eq!(types(&take(&mut sub, 2)), ["First", "Second"]);
+    // The listener wakes everyone once it has connected: let that pass first, and let
+    // the subscriber find nothing more, so that it waits for a wake-up.
+    wait_connected(&t);
+    assert!(sub.next_timeout(Duration::from_millis(200)).is_none());
+    let started = Instant::now();
+    let third = thread::scope(|s| {
+        s.spawn(|| {
+            thread::sleep(Duration::from_millis(200));
+            tx.commit().expect("commit");
+        });
+        take(&mut sub, 1)
+    });
+    assert_eq!(types(&third), ["Third"]);
+    let took = started.elapsed();
+    assert!(took < WAIT / 2, "took {took:?}: not woken at the commit");
+    Ok(())
+}
