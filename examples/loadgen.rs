@@ -19,6 +19,9 @@
 //!   (its own pool and listener, as another process would have) follows every event, so
 //!   appends pay for the NOTIFY that a listener elsewhere brings, and the server for
 //!   the subscriber's reads. The raw side is unchanged.
+//! * `--store-transaction`: the A workloads append through `Store::connection` and
+//!   `StoreTransaction::append` (the statement prepared once per connection) instead of
+//!   `append_in` on a plain client (parsed on every call). The raw side is unchanged.
 //!
 //! The database comes from `DATABASE_URL` (or `DB_HOST`, ...; see `Config::from_env`).
 //! Every schema the run creates is named `loadgen_<pid>_...` and dropped at the end.
@@ -227,6 +230,7 @@ struct Ctx {
     reps: usize,
     run: String,
     subscriber: bool,
+    store_transaction: bool,
 }
 
 /// One workload's result.
@@ -289,7 +293,7 @@ fn main() {
 }
 
 fn usage() -> String {
-    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F] [--read-page-size N] [--no-notify]".into()
+    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F] [--read-page-size N] [--no-notify] [--subscriber] [--store-transaction]".into()
 }
 
 fn run(args: &[String]) -> Res<()> {
@@ -300,6 +304,7 @@ fn run(args: &[String]) -> Res<()> {
     let mut page: Option<u32> = None;
     let mut notify = true;
     let mut subscriber = false;
+    let mut store_transaction = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -321,6 +326,7 @@ fn run(args: &[String]) -> Res<()> {
             "--read-page-size" => page = Some(value()?.parse()?),
             "--no-notify" => notify = false,
             "--subscriber" => subscriber = true,
+            "--store-transaction" => store_transaction = true,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -348,6 +354,7 @@ fn run(args: &[String]) -> Res<()> {
         reps: reps.unwrap_or(if quick { 1 } else { 3 }),
         run: format!("loadgen_{}", std::process::id()),
         subscriber,
+        store_transaction,
     };
     eprintln!("loadgen: schemas {}_*", ctx.run);
     let mut rows = Vec::new();
@@ -730,6 +737,18 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
         let clients: Vec<Client> = (0..writers)
             .map(|_| pair.raw_client(ctx))
             .collect::<Res<_>>()?;
+        // With --store-transaction, ours appends on connections of a store of its own,
+        // with a connection for every writer.
+        let tx_store = if ctx.store_transaction && !raw {
+            Some(Store::connect(
+                ctx.config
+                    .clone()
+                    .max_connections(writers as u32)
+                    .schema(&pair.ours),
+            )?)
+        } else {
+            None
+        };
         let barrier = Barrier::new(writers + 1);
         thread::scope(|scope| -> Res<Duration> {
             let handles: Vec<_> = clients
@@ -740,7 +759,47 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                     let (plans, rows, events) = (&plans[w], &rows[w * per..], &events[w * per..]);
                     let (retried, conflicts, raw_conflicts) =
                         (&retried, &conflicts, &raw_conflicts);
+                    let tx_store = tx_store.as_ref();
                     scope.spawn(move || -> Res<()> {
+                        if let Some(store) = tx_store {
+                            let mut conn = store.connection()?;
+                            barrier.wait();
+                            for (k, plan) in plans.iter().enumerate() {
+                                loop {
+                                    let mut tx = conn.transaction()?;
+                                    let event = std::slice::from_ref(&events[k]);
+                                    match tx.append(
+                                        &names[plan.stream],
+                                        ExpectedVersion::Any,
+                                        event,
+                                    ) {
+                                        Ok(_) => {}
+                                        Err(
+                                            PgError::StreamOrderConflict { .. }
+                                            | PgError::FeedOrderConflict { .. },
+                                        ) => {
+                                            retried.fetch_add(1, Ordering::Relaxed);
+                                            continue;
+                                        }
+                                        Err(PgError::WrongExpectedVersion { .. }) => {
+                                            conflicts.fetch_add(1, Ordering::Relaxed);
+                                            continue;
+                                        }
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                    if !plan.hold.is_zero() {
+                                        thread::sleep(plan.hold);
+                                    }
+                                    if plan.rollback {
+                                        tx.rollback()?;
+                                    } else {
+                                        tx.commit()?;
+                                    }
+                                    break;
+                                }
+                            }
+                            return Ok(());
+                        }
                         let insert = client.prepare(insert)?;
                         barrier.wait();
                         for (k, plan) in plans.iter().enumerate() {
@@ -813,6 +872,7 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
     let mut outcome = Outcome::throughput(committed, &ours, &raw);
     outcome.extra.extend([
         ("writers", json!(writers)),
+        ("store_transaction", json!(ctx.store_transaction)),
         ("hold_max_ms", json!(hold_max.as_millis() as u64)),
         // Over all reps of each side.
         (

@@ -349,7 +349,7 @@
 //! | connections | `tls`, `connect`, `metrics`, `horizon`, `retry` | TLS, connecting within a deadline, metrics and spans, the `$all` horizon's data, the one backoff policy |
 //! | services | `listener`, `health` | the wake-up hub (LISTEN, coalesced NOTIFY), health checks and outage events |
 //! | the store | `store` | the pool, the statement cache, appends, and `Store::run` (checkout, prepare, query, error mapping, retry) |
-//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor`, `lifecycle` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin, stream metadata, deletes and scavenging |
+//! | on the store | `read`, `feed`, `import`, `checkpoint`, `stats`, `subscription`, `processor`, `lifecycle`, `transaction` | reads, the feed's status and waits, bulk import, checkpoints, counts, subscriptions, processor admin, stream metadata, deletes and scavenging, your transactions on a store connection |
 //! | workers | `worker` | handler threads over a subscription, with checkpoints |
 //! | the tool | `main.rs` (feature `cli`) | the `pg-eventstore` command line, on the public API only |
 #![warn(
@@ -382,6 +382,7 @@ mod stats;
 mod store;
 mod subscription;
 mod tls;
+mod transaction;
 mod version;
 mod worker;
 
@@ -412,6 +413,7 @@ pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::stats::{CategoryStats, Stats};
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
+pub use crate::transaction::{StoreConnection, StoreTransaction};
 pub use crate::version::{ActualVersion, ExpectedVersion};
 pub use crate::worker::{
     HandlerError, IfLocked, OnFailure, ReplaySummary, Worker, WorkerHandle, WorkerStopper,

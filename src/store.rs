@@ -82,9 +82,35 @@ impl r2d2::HandleError<Error> for RecordConnectError {
     }
 }
 
-/// Prepared statements of one pooled connection, kept in its r2d2 extensions.
+/// Prepared statements of one pooled connection, kept in its r2d2 extensions (and held
+/// by a [`StoreConnection`](crate::StoreConnection) while it has the connection).
 #[derive(Default)]
-struct Statements(HashMap<&'static str, (Statement, u64)>);
+pub(crate) struct Statements(HashMap<&'static str, (Statement, u64)>);
+
+impl Statements {
+    /// `statement`, prepared on `client` at its first use (and again now and then, see
+    /// [`replan_at`]). `client` must be the connection these statements belong to.
+    pub(crate) fn get<C: GenericClient>(
+        &mut self,
+        client: &mut C,
+        statement: &crate::sql::Statement,
+    ) -> std::result::Result<Statement, postgres::Error> {
+        if let Some((prepared, uses)) = self.0.get_mut(statement.name()) {
+            *uses += 1;
+            if !replan_at(*uses) {
+                return Ok(prepared.clone());
+            }
+        }
+        let prepared = client.prepare(statement.text())?;
+        let entry = self
+            .0
+            .entry(statement.name())
+            .or_insert_with(|| (prepared.clone(), 0));
+        // The old statement, if any, is closed when its last copy is dropped.
+        entry.0 = prepared.clone();
+        Ok(prepared)
+    }
+}
 
 /// Whether a cached statement is prepared anew at its `uses`-th use. PostgreSQL keeps a
 /// prepared statement's generic plan, made at its sixth run, until the table's statistics
@@ -382,6 +408,11 @@ impl Store {
     /// Nothing is retried here, not even a lost connection: the caller's transaction
     /// went with it.
     ///
+    /// This works on any client, so the server parses and plans the call every time.
+    /// On a connection from the store's pool, [`Store::connection`] and
+    /// [`StoreTransaction::append`](crate::StoreTransaction::append) do the same with the
+    /// statement prepared once per connection.
+    ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
     /// # let store = Store::from_env()?;
@@ -401,10 +432,33 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
+        self.append_in_with(stream, expected, events, |statement, params| {
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                .iter()
+                .copied()
+                .zip(APPEND_PARAM_TYPES.iter().cloned())
+                .collect();
+            client.query_typed(statement.text(), &typed)
+        })
+    }
+
+    /// [`Store::append_in`] with `run` running the append statement with its parameters
+    /// on the caller's connection: parsed there on every call, or prepared once by a
+    /// [`StoreTransaction`](crate::StoreTransaction).
+    pub(crate) fn append_in_with(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+        run: impl FnOnce(
+            &crate::sql::Statement,
+            &[&(dyn ToSql + Sync)],
+        ) -> std::result::Result<Vec<Row>, postgres::Error>,
+    ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            self.append_in_once(client, &input)
+            self.append_in_once(&input, run)
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -415,23 +469,20 @@ impl Store {
         Ok(result)
     }
 
-    fn append_in_once<C: GenericClient>(
+    fn append_in_once(
         &self,
-        client: &mut C,
         input: &AppendInput<'_>,
+        run: impl FnOnce(
+            &crate::sql::Statement,
+            &[&(dyn ToSql + Sync)],
+        ) -> std::result::Result<Vec<Row>, postgres::Error>,
     ) -> Result<AppendResult> {
         let (stream, expected) = (input.stream, input.expected);
-        let params = input.params();
-        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-            .iter()
-            .copied()
-            .zip(APPEND_PARAM_TYPES.iter().cloned())
-            .collect();
         let statement = match expected {
             ExpectedVersion::Any => &self.inner.sql.append_in_any,
             _ => &self.inner.sql.append_in,
         };
-        match client.query_typed(statement.text(), &typed) {
+        match run(statement, &input.params()) {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
             Err(e) => match unique_violation(&e) {
                 Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
@@ -738,32 +789,12 @@ impl Store {
         conn: &mut Conn,
         statement: &crate::sql::Statement,
     ) -> Result<Statement> {
-        let cached = PooledConnection::extensions_mut(conn)
-            .get_mut::<Statements>()
-            .and_then(|c| c.0.get_mut(statement.name()))
-            .and_then(|(prepared, uses)| {
-                *uses += 1;
-                (!replan_at(*uses)).then(|| prepared.clone())
-            });
-        if let Some(prepared) = cached {
-            return Ok(prepared);
-        }
-        let prepared = conn
-            .prepare(statement.text())
-            .map_err(|e| self.map_error(e))?;
-        let extensions = PooledConnection::extensions_mut(conn);
-        if extensions.get::<Statements>().is_none() {
-            extensions.insert(Statements::default());
-        }
-        let entry = extensions
-            .get_mut::<Statements>()
-            .expect("inserted above")
-            .0
-            .entry(statement.name())
-            .or_insert_with(|| (prepared.clone(), 0));
-        // The old statement, if any, is closed when its last copy is dropped.
-        entry.0 = prepared.clone();
-        Ok(prepared)
+        let mut statements = PooledConnection::extensions_mut(conn)
+            .remove::<Statements>()
+            .unwrap_or_default();
+        let prepared = statements.get(&mut **conn, statement);
+        PooledConnection::extensions_mut(conn).insert(statements);
+        prepared.map_err(|e| self.map_error(e))
     }
 
     /// The one way the store runs a statement of its own on the pool: check out a

@@ -597,3 +597,101 @@ fn snapshots_keep_the_newest() -> TestResult {
     );
     Ok(())
 }
+
+/// `Store::connection` and `StoreTransaction::append`: `append_in` with the statement
+/// prepared once per pooled connection, not parsed on every call.
+#[test]
+fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
+    let t = TestStore::with("append_store_tx", |c| c.max_connections(1));
+    let outbox = format!("\"{}\".outbox", t.schema);
+    t.pool()
+        .get()?
+        .batch_execute(&format!("CREATE TABLE {outbox} (id serial, note text)"))?;
+    let insert = format!("INSERT INTO {outbox} (note) VALUES ($1)");
+    // Read on a connection of its own: the pool's only one is taken.
+    let stored = |stream: &str| -> Vec<i64> {
+        crate::common::client()
+            .query(
+                &format!(
+                    "SELECT stream_version FROM \"{}\".events WHERE stream_id = $1
+                      ORDER BY stream_version",
+                    t.schema
+                ),
+                &[&stream],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    // The names of the append statements prepared on this connection that call
+    // `function`.
+    let prepared = |c: &mut postgres::Client, function: &str| -> Vec<String> {
+        c.query(
+            "SELECT name FROM pg_prepared_statements WHERE statement LIKE $1",
+            &[&format!("%.{function}(%")],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+
+    // Committed: the outbox row and the events land together; the second append of
+    // the transaction continues the stream.
+    let mut conn = t.connection()?;
+    let mut tx = conn.transaction()?;
+    tx.execute(&insert, &[&"committed"])?;
+    let r = tx.append("acc", ExpectedVersion::NoStream, &events("A", 2))?;
+    assert_eq!((r.first_version, r.last_version), (0, 1));
+    let r2 = tx.append("acc", ExpectedVersion::Exact(1), &events("B", 1))?;
+    assert_eq!(r2.first_position, r.last_position + 1);
+    tx.append("other", ExpectedVersion::Any, &events("B", 1))?;
+    // A wrong expected version found by the statement leaves the transaction usable.
+    match tx.append("acc", ExpectedVersion::Exact(0), &events("X", 1)) {
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::Exact(2))
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    tx.commit()?;
+    assert_eq!(stored("acc"), vec![0, 1, 2]);
+    assert_eq!(stored("other"), vec![0]);
+    let names = [
+        prepared(&mut conn, "append_in_events"),
+        prepared(&mut conn, "append_in_any"),
+    ];
+    assert!(names.iter().all(|n| n.len() == 1), "{names:?}");
+
+    // Rolled back, and dropped: nothing remains of either.
+    let mut tx = conn.transaction()?;
+    tx.execute(&insert, &[&"rolled back"])?;
+    tx.append("acc", ExpectedVersion::Exact(2), &events("C", 5))?;
+    tx.rollback()?;
+    let mut tx = conn.transaction()?;
+    tx.append("acc", ExpectedVersion::Any, &events("C", 5))?;
+    drop(tx);
+    assert_eq!(stored("acc"), vec![0, 1, 2]);
+    let notes: Vec<String> = conn
+        .query(&format!("SELECT note FROM {outbox}"), &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, vec!["committed"]);
+
+    // Back in the pool and out again (the pool has one connection): the statements are
+    // still there, and are not prepared again.
+    drop(conn);
+    let mut conn = t.connection()?;
+    let mut tx = conn.transaction()?;
+    tx.append("acc", ExpectedVersion::Exact(2), &events("D", 1))?;
+    tx.append("other", ExpectedVersion::Any, &events("D", 1))?;
+    tx.commit()?;
+    assert_eq!(stored("acc"), vec![0, 1, 2, 3]);
+    let again = [
+        prepared(&mut conn, "append_in_events"),
+        prepared(&mut conn, "append_in_any"),
+    ];
+    assert_eq!(again, names, "prepared again");
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! A pooled connection with the store's prepared statements, and transactions on it that
+//! append with them: [`Store::append_in`] at the cost of a prepared statement.
+
+use std::ops::{Deref, DerefMut};
+
+use r2d2::PooledConnection;
+
+use crate::error::Result;
+use crate::event::{AppendResult, EventData};
+use crate::store::{Conn, Statements, Store};
+use crate::version::ExpectedVersion;
+
+/// A connection checked out of the store's pool, for your own transactions with appends
+/// in them. It dereferences to [`postgres::Client`]; [`StoreConnection::transaction`]
+/// begins a [`StoreTransaction`]. It goes back to the pool when dropped.
+///
+/// [`Store::append_in`] works on any client, so it cannot keep a prepared statement
+/// there: the server parses and plans its call on every append. A `StoreTransaction`
+/// appends with the statements the store has prepared on this connection (prepared at
+/// first use, kept across checkouts), which saves that work on every append.
+///
+/// ```no_run
+/// # use pg_eventstore::{EventData, ExpectedVersion, Store};
+/// # let store = Store::from_env()?;
+/// let mut conn = store.connection()?;
+/// let mut tx = conn.transaction()?;
+/// tx.execute("UPDATE balances SET amount = amount - 10 WHERE id = 1", &[])?;
+/// tx.append("account-1", ExpectedVersion::Any, &[
+///     EventData::json("Withdrawn", serde_json::json!({ "amount": 10 })),
+/// ])?;
+/// tx.commit()?;
+/// # Ok::<(), pg_eventstore::Error>(())
+/// ```
+pub struct StoreConnection {
+    store: Store,
+    conn: Conn,
+    /// Taken out of the connection's pool extensions while we have it (the transaction
+    /// needs them and the client at once), and put back on drop.
+    statements: Statements,
+}
+
+impl Store {
+    /// A connection from the pool for transactions that append: see [`StoreConnection`].
+    /// Waits for a free connection as long as [`Config::connection_timeout`](crate::Config::connection_timeout).
+    pub fn connection(&self) -> Result<StoreConnection> {
+        let mut conn = self.conn()?;
+        let statements = PooledConnection::extensions_mut(&mut conn)
+            .remove::<Statements>()
+            .unwrap_or_default();
+        Ok(StoreConnection {
+            store: self.clone(),
+            conn,
+            statements,
+        })
+    }
+}
+
+impl StoreConnection {
+    /// Begins a transaction (`BEGIN`, the server's default isolation level).
+    pub fn transaction(&mut self) -> Result<StoreTransaction<'_>> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|e| self.store.map_error(e))?;
+        Ok(StoreTransaction {
+            store: &self.store,
+            tx,
+            statements: &mut self.statements,
+        })
+    }
+}
+
+impl Deref for StoreConnection {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        &self.conn
+    }
+}
+
+impl DerefMut for StoreConnection {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        &mut self.conn
+    }
+}
+
+impl Drop for StoreConnection {
+    fn drop(&mut self) {
+        let statements = std::mem::take(&mut self.statements);
+        PooledConnection::extensions_mut(&mut self.conn).insert(statements);
+    }
+}
+
+impl std::fmt::Debug for StoreConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConnection")
+            .field("closed", &self.conn.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transaction on a [`StoreConnection`]. It dereferences to [`postgres::Transaction`]
+/// for your own statements (and savepoints); pass `&mut *tx` wherever a
+/// [`postgres::GenericClient`] is wanted, such as [`Store::save_checkpoint_in`].
+/// Dropped without [`commit`](StoreTransaction::commit), it rolls back.
+pub struct StoreTransaction<'a> {
+    store: &'a Store,
+    tx: postgres::Transaction<'a>,
+    statements: &'a mut Statements,
+}
+
+impl StoreTransaction<'_> {
+    /// [`Store::append_in`] in this transaction, with the statement prepared on this
+    /// connection: the same checks, errors and wake-ups (subscribers hear of the events
+    /// once the transaction commits).
+    pub fn append(
+        &mut self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+    ) -> Result<AppendResult> {
+        let (tx, statements) = (&mut self.tx, &mut *self.statements);
+        self.store
+            .append_in_with(stream, expected, events, |statement, params| {
+                let prepared = statements.get(tx, statement)?;
+                tx.query(&prepared, params)
+            })
+    }
+
+    /// [`Store::lock_for_appends`] for this transaction: call it first, and appends
+    /// made later in it are never refused with
+    /// [`Error::FeedOrderConflict`](crate::Error::FeedOrderConflict).
+    pub fn lock_for_appends(&mut self) -> Result<()> {
+        self.store.lock_for_appends(&mut self.tx)
+    }
+
+    /// Commits the transaction.
+    pub fn commit(self) -> Result<()> {
+        self.tx.commit().map_err(|e| self.store.map_error(e))
+    }
+
+    /// Rolls the transaction back (as dropping it does, but reporting an error).
+    pub fn rollback(self) -> Result<()> {
+        self.tx.rollback().map_err(|e| self.store.map_error(e))
+    }
+}
+
+impl<'a> Deref for StoreTransaction<'a> {
+    type Target = postgres::Transaction<'a>;
+    fn deref(&self) -> &postgres::Transaction<'a> {
+        &self.tx
+    }
+}
+
+impl<'a> DerefMut for StoreTransaction<'a> {
+    fn deref_mut(&mut self) -> &mut postgres::Transaction<'a> {
+        &mut self.tx
+    }
+}
+
+impl std::fmt::Debug for StoreTransaction<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTransaction").finish_non_exhaustive()
+    }
+}
