@@ -75,10 +75,10 @@ use std::time::{Duration, Instant};
 use pg_eventstore::postgres::binary_copy::BinaryCopyInWriter;
 use pg_eventstore::postgres::error::SqlState;
 use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use pg_eventstore::postgres::{Client, NoTls};
+use pg_eventstore::postgres::{Client, NoTls, Transaction};
 use pg_eventstore::{
     Config, Error as PgError, EventData, ExpectedVersion, GroupOptions, ImportEvent, ImportOptions,
-    ReadAll, ReadStream, Store, SubscribeOptions, SubscriptionStopper, Worker,
+    ReadAll, ReadStream, Store, StoreTransaction, SubscribeOptions, SubscriptionStopper, Worker,
     MAX_EVENTS_PER_TRANSACTION,
 };
 use serde_json::value::RawValue;
@@ -768,33 +768,17 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                                 loop {
                                     let mut tx = conn.transaction()?;
                                     let event = std::slice::from_ref(&events[k]);
-                                    match tx.append(
-                                        &names[plan.stream],
-                                        ExpectedVersion::Any,
-                                        event,
-                                    ) {
-                                        Ok(_) => {}
-                                        Err(
-                                            PgError::StreamOrderConflict { .. }
-                                            | PgError::FeedOrderConflict { .. },
-                                        ) => {
-                                            retried.fetch_add(1, Ordering::Relaxed);
-                                            continue;
-                                        }
-                                        Err(PgError::WrongExpectedVersion { .. }) => {
-                                            conflicts.fetch_add(1, Ordering::Relaxed);
-                                            continue;
-                                        }
-                                        Err(e) => return Err(e.into()),
+                                    let r =
+                                        tx.append(&names[plan.stream], ExpectedVersion::Any, event);
+                                    if !appended(r, retried, conflicts)? {
+                                        continue;
                                     }
-                                    if !plan.hold.is_zero() {
-                                        thread::sleep(plan.hold);
-                                    }
-                                    if plan.rollback {
-                                        tx.rollback()?;
-                                    } else {
-                                        tx.commit()?;
-                                    }
+                                    end(
+                                        plan,
+                                        tx,
+                                        StoreTransaction::rollback,
+                                        StoreTransaction::commit,
+                                    )?;
                                     break;
                                 }
                             }
@@ -824,35 +808,17 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                                     }
                                 } else {
                                     let event = std::slice::from_ref(&events[k]);
-                                    match store.append_in(
+                                    let r = store.append_in(
                                         &mut tx,
                                         stream,
                                         ExpectedVersion::Any,
                                         event,
-                                    ) {
-                                        Ok(_) => {}
-                                        Err(
-                                            PgError::StreamOrderConflict { .. }
-                                            | PgError::FeedOrderConflict { .. },
-                                        ) => {
-                                            retried.fetch_add(1, Ordering::Relaxed);
-                                            continue;
-                                        }
-                                        Err(PgError::WrongExpectedVersion { .. }) => {
-                                            conflicts.fetch_add(1, Ordering::Relaxed);
-                                            continue;
-                                        }
-                                        Err(e) => return Err(e.into()),
+                                    );
+                                    if !appended(r, retried, conflicts)? {
+                                        continue;
                                     }
                                 }
-                                if !plan.hold.is_zero() {
-                                    thread::sleep(plan.hold);
-                                }
-                                if plan.rollback {
-                                    tx.rollback()?;
-                                } else {
-                                    tx.commit()?;
-                                }
+                                end(plan, tx, Transaction::rollback, Transaction::commit)?;
                                 break;
                             }
                         }
@@ -889,6 +855,46 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
         ),
     ]);
     Ok(outcome)
+}
+
+/// Whether an A workload's append went in; `false` (counted) when the transaction is
+/// to be retried: refused for the global order, or a version conflict (never expected
+/// with `Any`, but counted rather than fatal).
+fn appended<T>(
+    result: pg_eventstore::Result<T>,
+    retried: &std::sync::atomic::AtomicU64,
+    conflicts: &std::sync::atomic::AtomicU64,
+) -> Res<bool> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(PgError::StreamOrderConflict { .. } | PgError::FeedOrderConflict { .. }) => {
+            retried.fetch_add(1, Ordering::Relaxed);
+            Ok(false)
+        }
+        Err(PgError::WrongExpectedVersion { .. }) => {
+            conflicts.fetch_add(1, Ordering::Relaxed);
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Holds an A workload's transaction open as planned, then ends it as planned.
+fn end<T, E: StdError + Send + Sync + 'static>(
+    plan: &TxPlan,
+    tx: T,
+    rollback: impl FnOnce(T) -> Result<(), E>,
+    commit: impl FnOnce(T) -> Result<(), E>,
+) -> Res<()> {
+    if !plan.hold.is_zero() {
+        thread::sleep(plan.hold);
+    }
+    if plan.rollback {
+        rollback(tx)?;
+    } else {
+        commit(tx)?;
+    }
+    Ok(())
 }
 
 fn raw_insert_one(raw_table: &str) -> String {

@@ -162,3 +162,9 @@ impl std::fmt::Debug for StoreTransaction<'_> {
         f.debug_struct("StoreTransaction").finish_non_exhaustive()
     }
 }
+
+// A connection can be handed to another thread (a worker's, say) and used there.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<StoreConnection>();
+};
