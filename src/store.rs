@@ -95,20 +95,30 @@ impl Statements {
         client: &mut C,
         statement: &crate::sql::Statement,
     ) -> std::result::Result<Statement, postgres::Error> {
-        if let Some((prepared, uses)) = self.0.get_mut(statement.name()) {
-            *uses += 1;
-            if !replan_at(*uses) {
-                return Ok(prepared.clone());
-            }
+        if let Some(prepared) = self.cached(statement) {
+            return Ok(prepared);
         }
         let prepared = client.prepare(statement.text())?;
+        self.keep(statement, &prepared);
+        Ok(prepared)
+    }
+
+    /// The cached `statement`, counting this use; `None` when it is not prepared yet or
+    /// is due to be prepared again.
+    fn cached(&mut self, statement: &crate::sql::Statement) -> Option<Statement> {
+        let (prepared, uses) = self.0.get_mut(statement.name())?;
+        *uses += 1;
+        (!replan_at(*uses)).then(|| prepared.clone())
+    }
+
+    /// Keeps `prepared` as `statement`'s prepared form, in place of any earlier one.
+    fn keep(&mut self, statement: &crate::sql::Statement, prepared: &Statement) {
         let entry = self
             .0
             .entry(statement.name())
             .or_insert_with(|| (prepared.clone(), 0));
         // The old statement, if any, is closed when its last copy is dropped.
         entry.0 = prepared.clone();
-        Ok(prepared)
     }
 }
 
@@ -789,12 +799,26 @@ impl Store {
         conn: &mut Conn,
         statement: &crate::sql::Statement,
     ) -> Result<Statement> {
-        let mut statements = PooledConnection::extensions_mut(conn)
-            .remove::<Statements>()
-            .unwrap_or_default();
-        let prepared = statements.get(&mut **conn, statement);
-        PooledConnection::extensions_mut(conn).insert(statements);
-        prepared.map_err(|e| self.map_error(e))
+        // Looked up in place: every pooled statement passes here.
+        let cached = PooledConnection::extensions_mut(conn)
+            .get_mut::<Statements>()
+            .and_then(|c| c.cached(statement));
+        if let Some(prepared) = cached {
+            return Ok(prepared);
+        }
+        let prepared = conn
+            .prepare(statement.text())
+            .map_err(|e| self.map_error(e))?;
+        let extensions = PooledConnection::extensions_mut(conn);
+        match extensions.get_mut::<Statements>() {
+            Some(statements) => statements.keep(statement, &prepared),
+            None => {
+                let mut statements = Statements::default();
+                statements.keep(statement, &prepared);
+                extensions.insert(statements);
+            }
+        }
+        Ok(prepared)
     }
 
     /// The one way the store runs a statement of its own on the pool: check out a
