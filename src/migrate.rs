@@ -547,7 +547,7 @@ $body$"#
 
 /// The advisory lock key of the stream named by the SQL expression `stream`: 64 bits
 /// hashed from the schema and stream names. The schema name is a checked identifier.
-fn stream_lock_key(schema: &str, stream: &str) -> String {
+pub(crate) fn stream_lock_key(schema: &str, stream: &str) -> String {
     format!("hashtextextended('{schema}/' || {stream}, 0)")
 }
 

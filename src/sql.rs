@@ -224,6 +224,10 @@ pub(crate) struct Sql {
     /// migrate.rs), for callers' connections.
     pub(crate) append_in: Statement,
     pub(crate) append_in_any: Statement,
+    /// One event in a caller's transaction that has no id yet: see `append_in_first`
+    /// below; `_any` for `ExpectedVersion::Any`.
+    pub(crate) append_in_first: Statement,
+    pub(crate) append_in_first_any: Statement,
     pub(crate) append_fast: Statement,
     /// The first write of a caller's transaction (see `append_in_function` in
     /// migrate.rs): the columns of `append`, through a lean statement.
@@ -538,6 +542,50 @@ SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v,
  WHERE {expected}
 RETURNING global_position, stream_version"
         );
+        // One event, the first write of a caller's transaction, in one statement with
+        // plain parameters (`$1` stream, `$2` id, `$3` type, `$4` data, `$5` metadata,
+        // `$6`/`$7` expected, `$8` channel). While the transaction has no id yet, the
+        // CASE takes (with `Any`) the stream's lock and then the transaction's id, in
+        // that order: an append that waited for the lock gets an id newer than the
+        // appender it waited for, and the id is above every feed floor published before
+        // (as in `append_first`). The statement holds the events table's lock from
+        // before it runs, so the transaction took that lock before its id, and it says
+        // so as `lock_for_appends` does: when this inserts nothing, the full statement
+        // then skips the floor check. The head comes from the statement's snapshot, taken
+        // before any wait, so it may be stale; then the insert meets the newer version
+        // on the unique key, and `ON CONFLICT DO NOTHING` makes it insert nothing rather
+        // than fail, as it does for a repeated event id. Whenever it returns no row
+        // (the transaction had an id, a conflict, a repeat, a tombstone, the wrong
+        // version), nothing was written and the caller runs the full statement
+        // (`append_in`/`append_in_any`), which decides with a fresh snapshot. It takes
+        // the watcher's lock when it inserted and `$8` is set.
+        let append_in_first = |lock: bool| {
+            let lock = if lock {
+                format!(
+                    "
+                WHEN pg_advisory_xact_lock({}) IS NULL THEN NULL",
+                    crate::migrate::stream_lock_key(schema, "$1::text")
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "WITH g AS MATERIALIZED (
+    SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL THEN NULL{lock}
+                WHEN set_config({lock_flag}, 'on', true) IS NULL THEN NULL
+                ELSE pg_current_xact_id()::text::bigint END AS x
+)
+INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+SELECT g.x << {bits}, $2::uuid, $1::text, COALESCE(h.v, -1) + 1, $3::text, $4::jsonb, $5::jsonb
+  FROM g, ({head}) h
+ WHERE g.x IS NOT NULL AND {expected}
+ON CONFLICT DO NOTHING
+RETURNING global_position, stream_version,
+          (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared({WATCH_LOCK_CLASS},
+                  ((global_position >> {bits}) % 2147483648)::int)
+            WHERE $8::text IS NOT NULL) n)"
+            )
+        };
         // The first version that reads of stream `$1` return: its metadata's `$tb`
         // (truncate before; a delete sets it past the stream's end).
         let truncated = format!(
@@ -550,6 +598,8 @@ RETURNING global_position, stream_version"
             append_any,
             append_in: append_in_call("append_in_events"),
             append_in_any: append_in_call("append_in_any"),
+            append_in_first: append_in_first(false),
+            append_in_first_any: append_in_first(true),
             append_fast,
             append_first,
             append_one,

@@ -400,12 +400,18 @@ impl Store {
     /// that had its id before it waited (it wrote something else first) is older than
     /// the events it waited for, and is refused with the retryable
     /// [`Error::StreamOrderConflict`], which leaves the transaction usable: append first
-    /// in the transaction, and it cannot happen. Two transactions that append to the same
+    /// in the transaction, and it cannot happen from other `append_in` calls with `Any`.
+    /// Appends through the pool and appends with an expected version do not wait for
+    /// the stream's lock: when one of them takes the next version while this append
+    /// waits, this one is refused the same way. Two transactions that append to the same
     /// two streams in opposite orders can deadlock, which PostgreSQL breaks after
     /// `deadlock_timeout` by failing one of them (a transient error: retry it).
     ///
     /// With an expected version, a concurrent append that takes the same version first
-    /// (it commits while this statement waits for it) makes the statement fail, which
+    /// (it commits while this statement waits for it) is a conflict. When this append is
+    /// one event and the transaction's first write, the statement writes nothing and
+    /// reports [`Error::WrongExpectedVersion`] with the version that won, leaving the
+    /// transaction usable. Otherwise the statement fails, which
     /// aborts the caller's transaction (PostgreSQL's rule): the error is still
     /// [`Error::WrongExpectedVersion`], and the caller rolls
     /// back and retries the whole transaction. Its `actual` version is read on an idle
@@ -417,6 +423,11 @@ impl Store {
     /// subtransactions in one transaction slow down every snapshot on the server.
     /// Nothing is retried here, not even a lost connection: the caller's transaction
     /// went with it.
+    ///
+    /// One event as the transaction's first write (the common case) takes one statement:
+    /// the stream's lock (with `Any`), the transaction's id and the insert. Otherwise,
+    /// or when that statement finds a newer version, a repeated event id or a deleted
+    /// stream, the full statement runs after it and decides.
     ///
     /// This works on any client, so the server parses and plans the call every time.
     /// On a connection from the store's pool, [`Store::connection`] and
@@ -442,12 +453,9 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        self.append_in_with(stream, expected, events, |statement, params| {
-            let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-                .iter()
-                .copied()
-                .zip(APPEND_PARAM_TYPES.iter().cloned())
-                .collect();
+        self.append_in_with(stream, expected, events, |statement, params, types| {
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                params.iter().copied().zip(types.iter().cloned()).collect();
             client.query_typed(statement.text(), &typed)
         })
     }
@@ -460,15 +468,16 @@ impl Store {
         stream: &str,
         expected: ExpectedVersion,
         events: &[EventData],
-        run: impl FnOnce(
+        mut run: impl FnMut(
             &crate::sql::Statement,
             &[&(dyn ToSql + Sync)],
+            &[Type],
         ) -> std::result::Result<Vec<Row>, postgres::Error>,
     ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            self.append_in_once(&input, run)
+            self.append_in_once(&input, &mut run)
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -482,17 +491,40 @@ impl Store {
     fn append_in_once(
         &self,
         input: &AppendInput<'_>,
-        run: impl FnOnce(
+        mut run: impl FnMut(
             &crate::sql::Statement,
             &[&(dyn ToSql + Sync)],
+            &[Type],
         ) -> std::result::Result<Vec<Row>, postgres::Error>,
     ) -> Result<AppendResult> {
         let (stream, expected) = (input.stream, input.expected);
-        let statement = match expected {
-            ExpectedVersion::Any => &self.inner.sql.append_in_any,
-            _ => &self.inner.sql.append_in,
+        let sql = &self.inner.sql;
+        let any = matches!(expected, ExpectedVersion::Any);
+        let rows = if input.ids.len() == 1 {
+            // One statement while the transaction has no id yet; when it writes nothing,
+            // the full statement below decides.
+            let first = if any {
+                &sql.append_in_first_any
+            } else {
+                &sql.append_in_first
+            };
+            run(first, &input.one_params(), &APPEND_ONE_PARAM_TYPES)
+        } else {
+            Ok(Vec::new())
         };
-        match run(statement, &input.params()) {
+        let rows = match rows {
+            Ok(rows) if rows.is_empty() => {
+                let full = if any {
+                    &sql.append_in_any
+                } else {
+                    &sql.append_in
+                };
+                run(full, &input.params(), &APPEND_PARAM_TYPES)
+            }
+            Ok(rows) => return Ok(input.first_outcome(&rows[0])),
+            Err(e) => Err(e),
+        };
+        match rows {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
             Err(e) => match unique_violation(&e) {
                 Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
@@ -870,6 +902,18 @@ pub struct Snapshot<T> {
     pub created_at: SystemTime,
 }
 
+/// The parameters of `append_in_first`: [`APPEND_PARAM_TYPES`] for one event.
+const APPEND_ONE_PARAM_TYPES: [Type; 8] = [
+    Type::TEXT,
+    Type::UUID,
+    Type::TEXT,
+    Type::JSONB,
+    Type::JSONB,
+    Type::INT4,
+    Type::INT8,
+    Type::TEXT,
+];
+
 const APPEND_PARAM_TYPES: [Type; 8] = [
     Type::TEXT,
     Type::UUID_ARRAY,
@@ -954,6 +998,34 @@ impl<'a> AppendInput<'a> {
             &self.version,
             &self.channel,
         ]
+    }
+
+    /// The parameters of `append_in_first`: those of [`AppendInput::params`] for its
+    /// one event.
+    fn one_params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.stream,
+            &self.ids[0],
+            &self.types[0],
+            &self.data[0],
+            &self.metadata[0],
+            &self.kind,
+            &self.version,
+            &self.channel,
+        ]
+    }
+
+    /// Reads the row of `append_in_first`, which returns one only when it wrote the
+    /// event: its position and version.
+    fn first_outcome(&self, row: &Row) -> AppendResult {
+        let (position, version) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+        AppendResult {
+            first_version: version,
+            last_version: version,
+            first_position: position,
+            last_position: position,
+            was_duplicate: false,
+        }
     }
 
     /// Reads the append statement's one row: written, repeated, too large, or refused.

@@ -379,8 +379,9 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     let mut c1 = t.pool().get()?;
     let mut tx1 = c1.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    let loser = lose_race(&t)?;
-    // The version is read on an idle pooled connection.
+    // Two events: the full statement, which fails on the unique key and aborts the
+    // loser's transaction; the version is read on an idle pooled connection.
+    let loser = lose_race(&t, 2)?;
     assert!(
         crate::common::server::wait_until(std::time::Duration::from_secs(10), || {
             t.pool().state().idle_connections > 0
@@ -388,30 +389,64 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
         .is_some()
     );
     tx1.commit()?;
-    match loser.join().unwrap().0 {
+    let (result, _, usable) = loser.join().unwrap();
+    match result {
         Err(Error::WrongExpectedVersion { actual, .. }) => {
             assert_eq!(actual, ActualVersion::Exact(1))
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
+    assert!(!usable, "the failed statement aborted the transaction");
     assert_eq!(versions(&t, "s"), vec![0, 1]);
     Ok(())
 }
 
-type Loser = thread::JoinHandle<(pg_eventstore::Result<AppendResult>, std::time::Instant)>;
+#[test]
+fn a_lost_race_for_one_event_reports_the_version_and_keeps_the_transaction() -> TestResult {
+    // One event as the transaction's first write: the statement waits for the winner,
+    // writes nothing instead of failing, and the full statement reads the version that
+    // won, in the loser's own transaction.
+    let t = TestStore::with("append_tx_race_first", |c| c.max_connections(1).min_idle(0));
+    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+    let mut winner = crate::common::client();
+    let mut tx1 = winner.transaction()?;
+    t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
+    let loser = lose_race(&t, 1)?;
+    tx1.commit()?;
+    let (result, _, usable) = loser.join().unwrap();
+    match result {
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::Exact(1))
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(usable, "the loser's transaction was aborted");
+    assert_eq!(versions(&t, "s"), vec![0, 1]);
+    Ok(())
+}
 
-/// Starts an append of version 1 to stream "s" in a transaction on a pooled connection,
-/// once a transaction of the caller holds that version, and returns when it waits for
-/// that transaction; the thread returns its result and when it got it.
-fn lose_race(t: &TestStore) -> pg_eventstore::Result<Loser> {
+/// What the loser of [`lose_race`] got: its result, when it got it, and whether its
+/// transaction could still run a statement afterwards.
+type Loser = thread::JoinHandle<(
+    pg_eventstore::Result<AppendResult>,
+    std::time::Instant,
+    bool,
+)>;
+
+/// Starts an append of `n` events from version 1 on to stream "s" in a transaction on a
+/// pooled connection, once a transaction of the caller holds that version, and returns
+/// when it waits for that transaction.
+fn lose_race(t: &TestStore, n: usize) -> pg_eventstore::Result<Loser> {
     let mut conn = t.pool().get().expect("a pooled connection");
     let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
     let store = t.store.clone();
     let loser = thread::spawn(move || {
         let mut tx = conn.transaction().unwrap();
-        // Blocks on the unique constraint until the winner commits, then fails.
-        let result = store.append_in(&mut tx, "s", ExpectedVersion::Exact(0), &events("C", 1));
-        (result, std::time::Instant::now())
+        // Blocks on the unique constraint until the winner commits.
+        let result = store.append_in(&mut tx, "s", ExpectedVersion::Exact(0), &events("C", n));
+        let at = std::time::Instant::now();
+        let usable = tx.query_one("SELECT 1", &[]).is_ok();
+        (result, at, usable)
     });
     wait_for_lock(pid);
     Ok(loser)
@@ -539,10 +574,12 @@ fn a_lost_race_inside_a_transaction_never_reports_a_wrong_version() -> TestResul
     let mut winner = crate::common::client();
     let mut tx1 = winner.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    let loser = lose_race(&t)?;
+    // Two events: the full statement fails on the unique key (one event would wait
+    // and then read the version in its own transaction).
+    let loser = lose_race(&t, 2)?;
     let committed = std::time::Instant::now();
     tx1.commit()?;
-    let (result, failed) = loser.join().unwrap();
+    let (result, failed, _) = loser.join().unwrap();
     match result {
         Err(Error::WrongExpectedVersion { actual, .. }) => {
             assert_eq!(actual, ActualVersion::Unknown)
