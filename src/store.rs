@@ -408,10 +408,7 @@ impl Store {
     /// `deadlock_timeout` by failing one of them (a transient error: retry it).
     ///
     /// With an expected version, a concurrent append that takes the same version first
-    /// (it commits while this statement waits for it) is a conflict. When this append is
-    /// one event and the transaction's first write, the statement writes nothing and
-    /// reports [`Error::WrongExpectedVersion`] with the version that won, leaving the
-    /// transaction usable. Otherwise the statement fails, which
+    /// (it commits while this statement waits for it) makes the statement fail, which
     /// aborts the caller's transaction (PostgreSQL's rule): the error is still
     /// [`Error::WrongExpectedVersion`], and the caller rolls
     /// back and retries the whole transaction. Its `actual` version is read on an idle
@@ -423,11 +420,6 @@ impl Store {
     /// subtransactions in one transaction slow down every snapshot on the server.
     /// Nothing is retried here, not even a lost connection: the caller's transaction
     /// went with it.
-    ///
-    /// One event as the transaction's first write (the common case) takes one statement:
-    /// the stream's lock (with `Any`), the transaction's id and the insert. Otherwise,
-    /// or when that statement finds a newer version, a repeated event id or a deleted
-    /// stream, the full statement runs after it and decides.
     ///
     /// This works on any client, so the server parses and plans the call every time.
     /// On a connection from the store's pool, [`Store::connection`] and
@@ -453,21 +445,32 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        self.append_in_with(stream, expected, events, |statement, params, types| {
-            let typed: Vec<(&(dyn ToSql + Sync), Type)> =
-                params.iter().copied().zip(types.iter().cloned()).collect();
-            client.query_typed(statement.text(), &typed)
-        })
+        // One statement for the first event would be planned on every call here, which
+        // costs more than the function call's cached plans: only a `StoreTransaction`,
+        // with the statement prepared, takes it.
+        self.append_in_with(
+            stream,
+            expected,
+            events,
+            false,
+            |statement, params, types| {
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                    params.iter().copied().zip(types.iter().cloned()).collect();
+                client.query_typed(statement.text(), &typed)
+            },
+        )
     }
 
-    /// [`Store::append_in`] with `run` running the append statement with its parameters
-    /// on the caller's connection: parsed there on every call, or prepared once by a
-    /// [`StoreTransaction`](crate::StoreTransaction).
+    /// [`Store::append_in`] with `run` running the append statements with their
+    /// parameters (and types) on the caller's connection: parsed there on every call, or
+    /// prepared once by a [`StoreTransaction`](crate::StoreTransaction). With `first`,
+    /// one event runs `append_in_first` before the full statement.
     pub(crate) fn append_in_with(
         &self,
         stream: &str,
         expected: ExpectedVersion,
         events: &[EventData],
+        first: bool,
         mut run: impl FnMut(
             &crate::sql::Statement,
             &[&(dyn ToSql + Sync)],
@@ -477,7 +480,7 @@ impl Store {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            self.append_in_once(&input, &mut run)
+            self.append_in_once(&input, first, &mut run)
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -491,6 +494,7 @@ impl Store {
     fn append_in_once(
         &self,
         input: &AppendInput<'_>,
+        first: bool,
         mut run: impl FnMut(
             &crate::sql::Statement,
             &[&(dyn ToSql + Sync)],
@@ -500,7 +504,7 @@ impl Store {
         let (stream, expected) = (input.stream, input.expected);
         let sql = &self.inner.sql;
         let any = matches!(expected, ExpectedVersion::Any);
-        let rows = if input.ids.len() == 1 {
+        let rows = if first && input.ids.len() == 1 {
             // One statement while the transaction has no id yet; when it writes nothing,
             // the full statement below decides.
             let first = if any {

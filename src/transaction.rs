@@ -109,9 +109,18 @@ pub struct StoreTransaction<'a> {
 }
 
 impl StoreTransaction<'_> {
-    /// [`Store::append_in`] in this transaction, with the statement prepared on this
+    /// [`Store::append_in`] in this transaction, with the statements prepared on this
     /// connection: the same checks, errors and wake-ups (subscribers hear of the events
     /// once the transaction commits).
+    ///
+    /// One event as the transaction's first write (the common case) takes one statement:
+    /// the stream's lock (with [`ExpectedVersion::Any`]), the transaction's id and the
+    /// insert. Otherwise, or when that statement finds a newer version, a repeated event
+    /// id or a deleted stream, it writes nothing and the full statement runs after it and
+    /// decides. So a lost race with an expected version, for one event as the first
+    /// write, reports [`Error::WrongExpectedVersion`](crate::Error::WrongExpectedVersion)
+    /// with the version that won and leaves the transaction usable, where `append_in`
+    /// fails the statement and so aborts the transaction.
     pub fn append(
         &mut self,
         stream: &str,
@@ -120,7 +129,7 @@ impl StoreTransaction<'_> {
     ) -> Result<AppendResult> {
         let (tx, statements) = (&mut self.tx, &mut *self.statements);
         self.store
-            .append_in_with(stream, expected, events, |statement, params, _| {
+            .append_in_with(stream, expected, events, true, |statement, params, _| {
                 let prepared = statements.get(tx, statement)?;
                 tx.query(&prepared, params)
             })

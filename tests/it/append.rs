@@ -379,9 +379,9 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     let mut c1 = t.pool().get()?;
     let mut tx1 = c1.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    // Two events: the full statement, which fails on the unique key and aborts the
-    // loser's transaction; the version is read on an idle pooled connection.
-    let loser = lose_race(&t, 2)?;
+    // The full statement, which fails on the unique key and aborts the loser's
+    // transaction; the version is read on an idle pooled connection.
+    let loser = lose_race(&t, 1, false)?;
     assert!(
         crate::common::server::wait_until(std::time::Duration::from_secs(10), || {
             t.pool().state().idle_connections > 0
@@ -402,31 +402,39 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
 }
 
 #[test]
-fn a_lost_race_for_one_event_reports_the_version_and_keeps_the_transaction() -> TestResult {
+fn a_lost_race_in_a_store_transaction_reports_the_version_and_keeps_the_transaction() -> TestResult
+{
     // One event as the transaction's first write: the statement waits for the winner,
     // writes nothing instead of failing, and the full statement reads the version that
-    // won, in the loser's own transaction.
-    let t = TestStore::with("append_tx_race_first", |c| c.max_connections(1).min_idle(0));
-    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
-    let mut winner = crate::common::client();
-    let mut tx1 = winner.transaction()?;
-    t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    let loser = lose_race(&t, 1)?;
-    tx1.commit()?;
-    let (result, _, usable) = loser.join().unwrap();
-    match result {
-        Err(Error::WrongExpectedVersion { actual, .. }) => {
-            assert_eq!(actual, ActualVersion::Exact(1))
+    // won, in the loser's own transaction. Two events take the full statement, which
+    // fails and aborts the transaction.
+    for (n, kept) in [(1, true), (2, false)] {
+        let t = TestStore::with(&format!("append_tx_race_first_{n}"), |c| {
+            c.max_connections(1).min_idle(0)
+        });
+        t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+        let mut winner = crate::common::client();
+        let mut tx1 = winner.transaction()?;
+        t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
+        let loser = lose_race(&t, n, true)?;
+        tx1.commit()?;
+        let (result, _, usable) = loser.join().unwrap();
+        match result {
+            Err(Error::WrongExpectedVersion { actual, .. }) if kept => {
+                assert_eq!(actual, ActualVersion::Exact(1))
+            }
+            // The pool's one connection is the loser's.
+            Err(Error::WrongExpectedVersion { actual, .. }) => {
+                assert_eq!(actual, ActualVersion::Unknown)
+            }
+            other => panic!("expected a conflict, got {other:?}"),
         }
-        other => panic!("expected a conflict, got {other:?}"),
+        assert_eq!(usable, kept, "{n} events: usable afterwards");
+        assert_eq!(versions(&t, "s"), vec![0, 1]);
     }
-    assert!(usable, "the loser's transaction was aborted");
-    assert_eq!(versions(&t, "s"), vec![0, 1]);
     Ok(())
 }
 
-/// What the loser of [`lose_race`] got: its result, when it got it, and whether its
-/// transaction could still run a statement afterwards.
 type Loser = thread::JoinHandle<(
     pg_eventstore::Result<AppendResult>,
     std::time::Instant,
@@ -436,14 +444,21 @@ type Loser = thread::JoinHandle<(
 /// Starts an append of `n` events from version 1 on to stream "s" in a transaction on a
 /// pooled connection, once a transaction of the caller holds that version, and returns
 /// when it waits for that transaction.
-fn lose_race(t: &TestStore, n: usize) -> pg_eventstore::Result<Loser> {
-    let mut conn = t.pool().get().expect("a pooled connection");
+/// With `store_transaction`, it appends with `StoreTransaction::append`, else with
+/// `Store::append_in`.
+fn lose_race(t: &TestStore, n: usize, store_transaction: bool) -> pg_eventstore::Result<Loser> {
+    let mut conn = t.store.connection()?;
     let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
     let store = t.store.clone();
     let loser = thread::spawn(move || {
         let mut tx = conn.transaction().unwrap();
         // Blocks on the unique constraint until the winner commits.
-        let result = store.append_in(&mut tx, "s", ExpectedVersion::Exact(0), &events("C", n));
+        let (expected, events) = (ExpectedVersion::Exact(0), events("C", n));
+        let result = if store_transaction {
+            tx.append("s", expected, &events)
+        } else {
+            store.append_in(&mut *tx, "s", expected, &events)
+        };
         let at = std::time::Instant::now();
         let usable = tx.query_one("SELECT 1", &[]).is_ok();
         (result, at, usable)
@@ -574,9 +589,9 @@ fn a_lost_race_inside_a_transaction_never_reports_a_wrong_version() -> TestResul
     let mut winner = crate::common::client();
     let mut tx1 = winner.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    // Two events: the full statement fails on the unique key (one event would wait
-    // and then read the version in its own transaction).
-    let loser = lose_race(&t, 2)?;
+    // The full statement fails on the unique key. (One event in a `StoreTransaction`
+    // would wait and then read the version in its own transaction.)
+    let loser = lose_race(&t, 1, false)?;
     let committed = std::time::Instant::now();
     tx1.commit()?;
     let (result, failed, _) = loser.join().unwrap();
