@@ -403,7 +403,11 @@ impl Store {
     /// in the transaction, and it cannot happen from other `append_in` calls with `Any`.
     /// Appends through the pool and appends with an expected version do not wait for
     /// the stream's lock: when one of them takes the next version while this append
-    /// waits, this one is refused the same way. Two transactions that append to the same
+    /// waits, this one fails on the unique key, which aborts the transaction, and reports
+    /// [`Error::WrongExpectedVersion`] (in a
+    /// [`StoreTransaction`](crate::StoreTransaction), one event as the first write is
+    /// refused with `StreamOrderConflict` instead, keeping the transaction). Two
+    /// transactions that append to the same
     /// two streams in opposite orders can deadlock, which PostgreSQL breaks after
     /// `deadlock_timeout` by failing one of them (a transient error: retry it).
     ///
