@@ -352,16 +352,7 @@ impl Store {
         let n = input.ids.len() as i64;
         let (count, first_position, last_position, last_version) = if n == 1 {
             let statement = self.prepared(conn, &self.inner.sql.append_one)?;
-            let params: [&(dyn ToSql + Sync); 7] = [
-                &input.stream,
-                &input.ids[0],
-                &input.types[0],
-                &input.data[0],
-                &input.metadata[0],
-                &input.kind,
-                &input.version,
-            ];
-            match conn.query_opt(&statement, &params) {
+            match conn.query_opt(&statement, &input.one_params()[..7]) {
                 Ok(None) => return Ok(None),
                 Ok(Some(row)) => (1, row.get::<_, i64>(0), row.get::<_, i64>(0), row.get(1)),
                 Err(e) => return lost(e),
@@ -1008,8 +999,8 @@ impl<'a> AppendInput<'a> {
         ]
     }
 
-    /// The parameters of `append_in_first`: those of [`AppendInput::params`] for its
-    /// one event.
+    /// The parameters of `append_in_first` (and, without the channel, of `append_one`):
+    /// those of [`AppendInput::params`] for its one event.
     fn one_params(&self) -> [&(dyn ToSql + Sync); 8] {
         [
             &self.stream,
