@@ -448,7 +448,7 @@ impl Store {
             expected,
             events,
             false,
-            |statement, params, types| {
+            &mut |statement, params, types| {
                 let typed: Vec<(&(dyn ToSql + Sync), Type)> =
                     params.iter().copied().zip(types.iter().cloned()).collect();
                 client.query_typed(statement.text(), &typed)
@@ -466,16 +466,12 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
         first: bool,
-        mut run: impl FnMut(
-            &crate::sql::Statement,
-            &[&(dyn ToSql + Sync)],
-            &[Type],
-        ) -> std::result::Result<Vec<Row>, postgres::Error>,
+        run: &mut RunAppend<'_>,
     ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            self.append_in_once(&input, first, &mut run)
+            self.append_in_once(&input, first, run)
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -490,16 +486,11 @@ impl Store {
         &self,
         input: &AppendInput<'_>,
         first: bool,
-        mut run: impl FnMut(
-            &crate::sql::Statement,
-            &[&(dyn ToSql + Sync)],
-            &[Type],
-        ) -> std::result::Result<Vec<Row>, postgres::Error>,
+        run: &mut RunAppend<'_>,
     ) -> Result<AppendResult> {
-        let (stream, expected) = (input.stream, input.expected);
         let sql = &self.inner.sql;
-        let any = matches!(expected, ExpectedVersion::Any);
-        let rows = if first && input.ids.len() == 1 {
+        let any = matches!(input.expected, ExpectedVersion::Any);
+        if first && input.ids.len() == 1 {
             // One statement while the transaction has no id yet; when it writes nothing,
             // the full statement below decides.
             let first = if any {
@@ -507,36 +498,40 @@ impl Store {
             } else {
                 &sql.append_in_first
             };
-            run(first, &input.one_params(), &APPEND_ONE_PARAM_TYPES)
-        } else {
-            Ok(Vec::new())
-        };
-        let rows = match rows {
-            Ok(rows) if rows.is_empty() => {
-                let full = if any {
-                    &sql.append_in_any
-                } else {
-                    &sql.append_in
-                };
-                run(full, &input.params(), &APPEND_PARAM_TYPES)
+            match run(first, &input.one_params(), &APPEND_ONE_PARAM_TYPES) {
+                Ok(rows) => {
+                    if let Some(row) = rows.first() {
+                        return Ok(input.first_outcome(row));
+                    }
+                }
+                Err(e) => return Err(self.append_in_error(input, e)),
             }
-            Ok(rows) => return Ok(input.first_outcome(&rows[0])),
-            Err(e) => Err(e),
+        }
+        let full = if any {
+            &sql.append_in_any
+        } else {
+            &sql.append_in
         };
-        match rows {
+        match run(full, &input.params(), &APPEND_PARAM_TYPES) {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
-            Err(e) => match unique_violation(&e) {
-                Some(UniqueViolation::StreamVersion) => Err(Error::WrongExpectedVersion {
-                    stream: stream.to_string(),
-                    expected,
-                    actual: self.version_after_lost_race(stream),
-                }),
-                Some(UniqueViolation::EventId) => Err(Error::DuplicateEventId {
-                    stream: stream.to_string(),
-                    id: duplicate_id(&e).unwrap_or(input.ids[0]),
-                }),
-                None => Err(self.map_error(e)),
+            Err(e) => Err(self.append_in_error(input, e)),
+        }
+    }
+
+    /// The error of an append statement that failed in a caller's transaction.
+    fn append_in_error(&self, input: &AppendInput<'_>, e: postgres::Error) -> Error {
+        let stream = input.stream;
+        match unique_violation(&e) {
+            Some(UniqueViolation::StreamVersion) => Error::WrongExpectedVersion {
+                stream: stream.to_string(),
+                expected: input.expected,
+                actual: self.version_after_lost_race(stream),
             },
+            Some(UniqueViolation::EventId) => Error::DuplicateEventId {
+                stream: stream.to_string(),
+                id: duplicate_id(&e).unwrap_or(input.ids[0]),
+            },
+            None => self.map_error(e),
         }
     }
 
@@ -900,6 +895,15 @@ pub struct Snapshot<T> {
     /// When the snapshot was saved.
     pub created_at: SystemTime,
 }
+
+/// How an append in a caller's transaction runs a statement (with its parameters and
+/// their types) on the caller's connection: see [`Store::append_in_with`].
+pub(crate) type RunAppend<'a> = dyn FnMut(
+        &crate::sql::Statement,
+        &[&(dyn ToSql + Sync)],
+        &[Type],
+    ) -> std::result::Result<Vec<Row>, postgres::Error>
+    + 'a;
 
 /// The parameters of `append_in_first`: [`APPEND_PARAM_TYPES`] for one event.
 const APPEND_ONE_PARAM_TYPES: [Type; 8] = [

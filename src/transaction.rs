@@ -128,11 +128,16 @@ impl StoreTransaction<'_> {
         events: &[EventData],
     ) -> Result<AppendResult> {
         let (tx, statements) = (&mut self.tx, &mut *self.statements);
-        self.store
-            .append_in_with(stream, expected, events, true, |statement, params, _| {
+        self.store.append_in_with(
+            stream,
+            expected,
+            events,
+            true,
+            &mut |statement, params, _| {
                 let prepared = statements.get(tx, statement)?;
                 tx.query(&prepared, params)
-            })
+            },
+        )
     }
 
     /// [`Store::lock_for_appends`] for this transaction: call it first, and appends
