@@ -65,6 +65,9 @@ pub(crate) struct Shared {
     /// Whether, at the notifier's last look, another process listened on the channel.
     /// Appends do not even wake the notifier while nobody does.
     nobody_else_listens: AtomicBool,
+    /// Whether anybody has looked yet: until then `nobody_else_listens` is only its
+    /// starting value.
+    listeners_looked: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
@@ -464,6 +467,7 @@ fn notify_loop(
                 // Unsure (an error, or backends we may not look at) counts as "yes".
                 let others = others_listen(c, &listen, own).unwrap_or(true);
                 shared.nobody_else_listens.store(!others, Ordering::Relaxed);
+                shared.listeners_looked.store(true, Ordering::Relaxed);
                 checked = Some(Instant::now());
             }
             if !append || shared.nobody_else_listens.load(Ordering::Relaxed) {
@@ -556,6 +560,15 @@ fn watch_loop(
             backoff = RECONNECT;
         }
         let (c, wait_statement, status_statement) = client.as_mut().expect("connected above");
+        // The notifier, started with this thread, may not have looked for other
+        // listeners yet (on a busy machine the first commit can come first): look here,
+        // rather than notify on the starting guess.
+        if notifier.is_some() && !shared.listeners_looked.load(Ordering::Relaxed) {
+            let own = shared.listener_pid.load(Ordering::Relaxed);
+            let others = others_listen(c, &sql::listen(&channel), own).unwrap_or(true);
+            shared.nobody_else_listens.store(!others, Ordering::Relaxed);
+            shared.listeners_looked.store(true, Ordering::Relaxed);
+        }
         if pending.len() > 1 || pending.len() != before {
             wait = WATCH_WAIT_MIN;
         }
