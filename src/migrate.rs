@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -62,6 +62,11 @@ const STEPS: &[Step] = &[
         version: 8,
         name: "append_in: a lean statement for the first write of a transaction",
         sql: m0008_append_in_first_write,
+    },
+    Step {
+        version: 9,
+        name: "append_in: one statement for one event as the first write of a transaction",
+        sql: m0009_append_in_first_event,
     },
 ];
 
@@ -183,7 +188,7 @@ fn m0007_feed_horizon(schema: &str) -> String {
     m.inject_custom(feed_horizon_function(schema));
     m.inject_custom(locked_stream_head_function(schema));
     let sql = crate::sql::Sql::new(schema);
-    append_in_functions(&mut m, schema, &sql, None);
+    append_in_functions(&mut m, schema, &sql, First::Nothing);
     finish(m)
 }
 
@@ -194,24 +199,37 @@ fn m0007_feed_horizon(schema: &str) -> String {
 fn m0008_append_in_first_write(schema: &str) -> String {
     let mut m = Migration::new().schema(schema);
     let sql = crate::sql::Sql::new(schema);
-    append_in_functions(&mut m, schema, &sql, Some(sql.append_first.text()));
+    append_in_functions(&mut m, schema, &sql, First::Write);
     finish(m)
 }
 
+/// `append_in_events` and `append_in_any` run one statement for one event as the first
+/// write of a transaction (`append_in_first` in sql.rs), before anything else: the
+/// stream's lock (with `Any`), the transaction's id and the insert, where version 8 ran
+/// three statements (the lock, the check for an id or a repeat, the insert). When that
+/// statement writes nothing, the full statement runs after it, as before; a lost race
+/// then no longer aborts the caller's transaction.
+fn m0009_append_in_first_event(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    let sql = crate::sql::Sql::new(schema);
+    append_in_functions(&mut m, schema, &sql, First::Event);
+    finish(m)
+}
+
+/// What `append_in_events` and `append_in_any` run before the full statement.
+#[derive(Clone, Copy)]
+enum First {
+    /// Nothing (versions 4 to 7).
+    Nothing,
+    /// `append_first` while the transaction has no id and none of the ids is stored
+    /// (version 8).
+    Write,
+    /// `append_in_first` (or `_any`) for one event (version 9 on).
+    Event,
+}
+
 /// Creates, or replaces, `append_in_events` and `append_in_any` (see `append_in_function`).
-fn append_in_functions(
-    m: &mut Migration,
-    schema: &str,
-    sql: &crate::sql::Sql,
-    first: Option<&str>,
-) {
-    m.inject_custom(append_in_function(
-        schema,
-        "append_in_events",
-        "",
-        first,
-        sql.append.text(),
-    ));
+fn append_in_functions(m: &mut Migration, schema: &str, sql: &crate::sql::Sql, first: First) {
     // With `Any`: the stream's lock first; the statement that follows takes its snapshot
     // after the wait (a new one per statement in `READ COMMITTED`), so it reads the head
     // that the appender it waited for committed, like `locked_stream_head` but without a
@@ -220,13 +238,40 @@ fn append_in_functions(
         "PERFORM pg_advisory_xact_lock({});\n    ",
         stream_lock_key(schema, "$1")
     );
-    m.inject_custom(append_in_function(
-        schema,
-        "append_in_any",
-        &lock,
-        first,
-        sql.append.text(),
-    ));
+    let s = quote(schema);
+    let write = |first: &str| {
+        let max = crate::sql::MAX_EVENTS_PER_TRANSACTION;
+        format!(
+            "IF pg_current_xact_id_if_assigned() IS NULL AND cardinality($2) <= {max}
+       AND NOT EXISTS (SELECT 1 FROM unnest($2::uuid[]) i(id) CROSS JOIN LATERAL (
+               SELECT 1 FROM {s}.events e WHERE e.event_id = i.id LIMIT 1) e) THEN
+        RETURN QUERY {first};
+        RETURN;
+    END IF;
+    "
+        )
+    };
+    let event = |first: &str| {
+        format!(
+            "IF cardinality($2) = 1 THEN
+        RETURN QUERY {first};
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    "
+        )
+    };
+    for (name, any) in [("append_in_events", false), ("append_in_any", true)] {
+        let lock = if any { lock.as_str() } else { "" };
+        let before = match first {
+            First::Nothing => lock.to_string(),
+            First::Write => format!("{lock}{}", write(sql.append_first.text())),
+            First::Event if any => format!("{}{lock}", event(sql.append_in_first_any.text())),
+            First::Event => event(sql.append_in_first.text()),
+        };
+        m.inject_custom(append_in_function(schema, name, &before, sql.append.text()));
+    }
 }
 
 /// Consumer groups (see `group.rs`): the members of each group with their heartbeats
@@ -504,32 +549,10 @@ $body$"#
 /// statement there, and planning the full statement anew costs about 0.5 ms of server
 /// time per call. A PL/pgSQL function keeps the plan for the session. Its body is the
 /// statement as of this schema version: a change to the statement needs a migration
-/// that replaces the function (a test compares the two).
-///
-/// With `first` (`append_first` in sql.rs), the function runs that instead while the
-/// transaction has no id yet (its first write), when it appends at most one slot's worth
-/// of events none of which is stored already (one index probe per id, each its own
-/// `LIMIT 1` so that no plan can turn it into a scan).
-fn append_in_function(
-    schema: &str,
-    name: &str,
-    before: &str,
-    first: Option<&str>,
-    statement: &str,
-) -> String {
+/// that replaces the function (a test compares the two). `before` may return first with
+/// a lean statement (see [`First`]).
+fn append_in_function(schema: &str, name: &str, before: &str, statement: &str) -> String {
     let s = quote(schema);
-    let first = first.map_or(String::new(), |first| {
-        let max = crate::sql::MAX_EVENTS_PER_TRANSACTION;
-        format!(
-            "IF pg_current_xact_id_if_assigned() IS NULL AND cardinality($2) <= {max}
-       AND NOT EXISTS (SELECT 1 FROM unnest($2::uuid[]) i(id) CROSS JOIN LATERAL (
-               SELECT 1 FROM {s}.events e WHERE e.event_id = i.id LIMIT 1) e) THEN
-        RETURN QUERY {first};
-        RETURN;
-    END IF;
-    "
-        )
-    });
     format!(
         r#"CREATE OR REPLACE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
 RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
@@ -539,7 +562,7 @@ RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, hea
 LANGUAGE plpgsql VOLATILE AS $body$
 #variable_conflict use_column
 BEGIN
-    {before}{first}RETURN QUERY {statement};
+    {before}RETURN QUERY {statement};
 END
 $body$"#
     )

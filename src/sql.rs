@@ -224,8 +224,9 @@ pub(crate) struct Sql {
     /// migrate.rs), for callers' connections.
     pub(crate) append_in: Statement,
     pub(crate) append_in_any: Statement,
-    /// One event in a caller's transaction that has no id yet: see `append_in_first`
-    /// below; `_any` for `ExpectedVersion::Any`.
+    /// One event as the first write of a caller's transaction, inside the functions
+    /// from schema version 9: see `append_in_first` below; `_any` for
+    /// `ExpectedVersion::Any`.
     pub(crate) append_in_first: Statement,
     pub(crate) append_in_first_any: Statement,
     pub(crate) append_fast: Statement,
@@ -542,29 +543,31 @@ SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v,
  WHERE {expected}
 RETURNING global_position, stream_version"
         );
-        // One event, the first write of a caller's transaction, in one statement with
-        // plain parameters (`$1` stream, `$2` id, `$3` type, `$4` data, `$5` metadata,
-        // `$6`/`$7` expected, `$8` channel). While the transaction has no id yet, the
-        // CASE takes (with `Any`) the stream's lock and then the transaction's id, in
-        // that order: an append that waited for the lock gets an id newer than the
-        // appender it waited for, and the id is above every feed floor published before
-        // (as in `append_first`). The statement holds the events table's lock from
-        // before it runs, so the transaction took that lock before its id, and it says
-        // so as `lock_for_appends` does: when this inserts nothing, the full statement
-        // then skips the floor check. The head comes from the statement's snapshot, taken
-        // before any wait, so it may be stale; then the insert meets the newer version
-        // on the unique key, and `ON CONFLICT DO NOTHING` makes it insert nothing rather
-        // than fail, as it does for a repeated event id. Whenever it returns no row
-        // (the transaction had an id, a conflict, a repeat, a tombstone, the wrong
-        // version), nothing was written and the caller runs the full statement
-        // (`append_in`/`append_in_any`), which decides with a fresh snapshot. It takes
-        // the watcher's lock when it inserted and `$8` is set.
+        // One event, the first write of a caller's transaction, in one statement, run by
+        // `append_in_events` and `append_in_any` from schema version 9 (see
+        // `append_in_function` in migrate.rs) with their parameters: `$1` stream, `$2` to
+        // `$5` one-element arrays (id, type, data, metadata), `$6`/`$7` expected, `$8`
+        // channel. While the transaction has no id yet, the CASE takes (with `Any`) the
+        // stream's lock and then the transaction's id, in that order: an append that
+        // waited for the lock gets an id newer than the appender it waited for, and the
+        // id is above every feed floor published before (as in `append_first`). The
+        // statement holds the events table's lock from before it runs, so the
+        // transaction took that lock before its id, and it says so as
+        // `lock_for_appends` does: when this inserts nothing, the full statement then
+        // skips the floor check. The head comes from the statement's snapshot, taken
+        // before any wait, so it may be stale; then the insert meets the newer version on
+        // the unique key, and `ON CONFLICT DO NOTHING` makes it insert nothing rather
+        // than fail, as it does for a repeated event id. Whenever it returns no row (the
+        // transaction had an id, a conflict, a repeat, a tombstone, the wrong version),
+        // nothing was written and the full statement runs after it and decides with a
+        // fresh snapshot. It returns the columns of `append`, and takes the watcher's
+        // lock when it inserted and `$8` is set.
         let append_in_first = |lock: bool| {
             let lock = if lock {
                 format!(
                     "
                 WHEN pg_advisory_xact_lock({}) IS NULL THEN NULL",
-                    crate::migrate::stream_lock_key(schema, "$1::text")
+                    crate::migrate::stream_lock_key(schema, "$1")
                 )
             } else {
                 String::new()
@@ -575,14 +578,17 @@ RETURNING global_position, stream_version"
                 WHEN set_config({lock_flag}, 'on', true) IS NULL THEN NULL
                 ELSE pg_current_xact_id()::text::bigint END AS x
 )
-INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
-SELECT g.x << {bits}, $2::uuid, $1::text, COALESCE(h.v, -1) + 1, $3::text, $4::jsonb, $5::jsonb
+INSERT INTO {events} AS e (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+SELECT g.x << {bits}, $2[1], $1, COALESCE(h.v, -1) + 1, $3[1], $4[1], $5[1]
   FROM g, ({head}) h
  WHERE g.x IS NOT NULL AND {expected}
 ON CONFLICT DO NOTHING
-RETURNING global_position, stream_version,
+RETURNING 1::bigint, e.global_position, e.global_position,
+          CASE WHEN e.stream_version > 0 THEN e.stream_version - 1 END, 1::bigint,
+          NULL::text[], NULL::bigint[], NULL::bigint[], NULL::bigint[], NULL::boolean,
+          false, false,
           (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared({WATCH_LOCK_CLASS},
-                  ((global_position >> {bits}) % 2147483648)::int)
+                  ((e.global_position >> {bits}) % 2147483648)::int)
             WHERE $8::text IS NOT NULL) n)"
             )
         };
@@ -1262,9 +1268,11 @@ impl GroupText {
 mod tests {
     use super::*;
 
-    /// The statements in schema version 8's `append_in_events` and `append_in_any`.
+    /// The statements in schema version 9's `append_in_events` and `append_in_any`.
     const APPEND_FINGERPRINT: u64 = 0x027e_aec3_9265_101a;
     const APPEND_FIRST_FINGERPRINT: u64 = 0xcd3e_ac0f_aa8a_465b;
+    const APPEND_IN_FIRST_FINGERPRINT: u64 = 0xf05a_657c_740d_c170;
+    const APPEND_IN_FIRST_ANY_FINGERPRINT: u64 = 0xb0ce_d921_8174_1ce6;
 
     /// `append_in` runs the append statements through functions whose bodies a
     /// migration froze (see `append_in_function` in migrate.rs). If this fails, a
@@ -1282,6 +1290,16 @@ mod tests {
         assert_eq!(got, APPEND_FINGERPRINT, "append: {got:#x}");
         let got = fnv(sql.append_first.text());
         assert_eq!(got, APPEND_FIRST_FINGERPRINT, "append_first: {got:#x}");
+        let got = fnv(sql.append_in_first.text());
+        assert_eq!(
+            got, APPEND_IN_FIRST_FINGERPRINT,
+            "append_in_first: {got:#x}"
+        );
+        let got = fnv(sql.append_in_first_any.text());
+        assert_eq!(
+            got, APPEND_IN_FIRST_ANY_FINGERPRINT,
+            "append_in_first_any: {got:#x}"
+        );
     }
 
     #[test]
@@ -1290,6 +1308,10 @@ mod tests {
         assert_eq!(wait_for_transaction().matches(class.as_str()).count(), 2);
         assert!(Sql::new("s").append.text().contains(class.as_str()));
         assert!(Sql::new("s").append_first.text().contains(class.as_str()));
+        assert!(Sql::new("s")
+            .append_in_first
+            .text()
+            .contains(class.as_str()));
     }
 
     #[test]

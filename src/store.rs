@@ -352,7 +352,7 @@ impl Store {
         let n = input.ids.len() as i64;
         let (count, first_position, last_position, last_version) = if n == 1 {
             let statement = self.prepared(conn, &self.inner.sql.append_one)?;
-            match conn.query_opt(&statement, &input.one_params()[..7]) {
+            match conn.query_opt(&statement, &input.one_params()) {
                 Ok(None) => return Ok(None),
                 Ok(Some(row)) => (1, row.get::<_, i64>(0), row.get::<_, i64>(0), row.get(1)),
                 Err(e) => return lost(e),
@@ -394,16 +394,23 @@ impl Store {
     /// in the transaction, and it cannot happen from other `append_in` calls with `Any`.
     /// Appends through the pool and appends with an expected version do not wait for
     /// the stream's lock: when one of them takes the next version while this append
-    /// waits, this one fails on the unique key, which aborts the transaction, and reports
-    /// [`Error::WrongExpectedVersion`] (in a
-    /// [`StoreTransaction`](crate::StoreTransaction), one event as the first write is
-    /// refused with `StreamOrderConflict` instead, keeping the transaction). Two
-    /// transactions that append to the same
+    /// waits, this one is refused the same way when it is one event as the transaction's
+    /// first write, and otherwise fails on the unique key, which aborts the transaction,
+    /// and reports [`Error::WrongExpectedVersion`]. Two transactions that append to the
+    /// same
     /// two streams in opposite orders can deadlock, which PostgreSQL breaks after
     /// `deadlock_timeout` by failing one of them (a transient error: retry it).
     ///
+    /// One event as the transaction's first write (the common case) takes one statement
+    /// inside the function: the stream's lock (with `Any`), the transaction's id and the
+    /// insert. When it finds a newer version, a repeated event id or a deleted stream, it
+    /// writes nothing and the full statement runs after it and decides.
+    ///
     /// With an expected version, a concurrent append that takes the same version first
-    /// (it commits while this statement waits for it) makes the statement fail, which
+    /// (it commits while this statement waits for it) is a conflict. For one event as
+    /// the transaction's first write, the statement writes nothing and the error carries
+    /// the version that won, with the transaction still usable. Otherwise it makes the
+    /// statement fail, which
     /// aborts the caller's transaction (PostgreSQL's rule): the error is still
     /// [`Error::WrongExpectedVersion`], and the caller rolls
     /// back and retries the whole transaction. Its `actual` version is read on an idle
@@ -440,38 +447,30 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        // One statement for the first event would be planned on every call here, which
-        // costs more than the function call's cached plans: only a `StoreTransaction`,
-        // with the statement prepared, takes it.
-        self.append_in_with(
-            stream,
-            expected,
-            events,
-            false,
-            &mut |statement, params, types| {
-                let typed: Vec<(&(dyn ToSql + Sync), Type)> =
-                    params.iter().copied().zip(types.iter().cloned()).collect();
-                client.query_typed(statement.text(), &typed)
-            },
-        )
+        self.append_in_with(stream, expected, events, &mut |statement, params| {
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                .iter()
+                .copied()
+                .zip(APPEND_PARAM_TYPES.iter().cloned())
+                .collect();
+            client.query_typed(statement.text(), &typed)
+        })
     }
 
-    /// [`Store::append_in`] with `run` running the append statements with their
-    /// parameters (and types) on the caller's connection: parsed there on every call, or
-    /// prepared once by a [`StoreTransaction`](crate::StoreTransaction). With `first`,
-    /// one event runs `append_in_first` before the full statement.
+    /// [`Store::append_in`] with `run` running the append statement with its parameters
+    /// on the caller's connection: parsed there on every call, or prepared once by a
+    /// [`StoreTransaction`](crate::StoreTransaction).
     pub(crate) fn append_in_with(
         &self,
         stream: &str,
         expected: ExpectedVersion,
         events: &[EventData],
-        first: bool,
         run: &mut RunAppend<'_>,
     ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            self.append_in_once(&input, first, run)
+            self.append_in_once(&input, run)
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -485,34 +484,13 @@ impl Store {
     fn append_in_once(
         &self,
         input: &AppendInput<'_>,
-        first: bool,
         run: &mut RunAppend<'_>,
     ) -> Result<AppendResult> {
-        let sql = &self.inner.sql;
-        let any = matches!(input.expected, ExpectedVersion::Any);
-        if first && input.ids.len() == 1 {
-            // One statement while the transaction has no id yet; when it writes nothing,
-            // the full statement below decides.
-            let first = if any {
-                &sql.append_in_first_any
-            } else {
-                &sql.append_in_first
-            };
-            match run(first, &input.one_params(), &APPEND_ONE_PARAM_TYPES) {
-                Ok(rows) => {
-                    if let Some(row) = rows.first() {
-                        return Ok(input.first_outcome(row));
-                    }
-                }
-                Err(e) => return Err(self.append_in_error(input, e)),
-            }
-        }
-        let full = if any {
-            &sql.append_in_any
-        } else {
-            &sql.append_in
+        let statement = match input.expected {
+            ExpectedVersion::Any => &self.inner.sql.append_in_any,
+            _ => &self.inner.sql.append_in,
         };
-        match run(full, &input.params(), &APPEND_PARAM_TYPES) {
+        match run(statement, &input.params()) {
             Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
             Err(e) => Err(self.append_in_error(input, e)),
         }
@@ -896,26 +874,13 @@ pub struct Snapshot<T> {
     pub created_at: SystemTime,
 }
 
-/// How an append in a caller's transaction runs a statement (with its parameters and
-/// their types) on the caller's connection: see [`Store::append_in_with`].
+/// How an append in a caller's transaction runs its statement with its parameters on
+/// the caller's connection: see [`Store::append_in_with`].
 pub(crate) type RunAppend<'a> = dyn FnMut(
         &crate::sql::Statement,
         &[&(dyn ToSql + Sync)],
-        &[Type],
     ) -> std::result::Result<Vec<Row>, postgres::Error>
     + 'a;
-
-/// The parameters of `append_in_first`: [`APPEND_PARAM_TYPES`] for one event.
-const APPEND_ONE_PARAM_TYPES: [Type; 8] = [
-    Type::TEXT,
-    Type::UUID,
-    Type::TEXT,
-    Type::JSONB,
-    Type::JSONB,
-    Type::INT4,
-    Type::INT8,
-    Type::TEXT,
-];
 
 const APPEND_PARAM_TYPES: [Type; 8] = [
     Type::TEXT,
@@ -1003,9 +968,9 @@ impl<'a> AppendInput<'a> {
         ]
     }
 
-    /// The parameters of `append_in_first` (and, without the channel, of `append_one`):
-    /// those of [`AppendInput::params`] for its one event.
-    fn one_params(&self) -> [&(dyn ToSql + Sync); 8] {
+    /// The parameters of `append_one`: those of [`AppendInput::params`] for its one
+    /// event, without the channel.
+    fn one_params(&self) -> [&(dyn ToSql + Sync); 7] {
         [
             &self.stream,
             &self.ids[0],
@@ -1014,21 +979,7 @@ impl<'a> AppendInput<'a> {
             &self.metadata[0],
             &self.kind,
             &self.version,
-            &self.channel,
         ]
-    }
-
-    /// Reads the row of `append_in_first`, which returns one only when it wrote the
-    /// event: its position and version.
-    fn first_outcome(&self, row: &Row) -> AppendResult {
-        let (position, version) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
-        AppendResult {
-            first_version: version,
-            last_version: version,
-            first_position: position,
-            last_position: position,
-            was_duplicate: false,
-        }
     }
 
     /// Reads the append statement's one row: written, repeated, too large, or refused.

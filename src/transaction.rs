@@ -113,14 +113,6 @@ impl StoreTransaction<'_> {
     /// connection: the same checks, errors and wake-ups (subscribers hear of the events
     /// once the transaction commits).
     ///
-    /// One event as the transaction's first write (the common case) takes one statement:
-    /// the stream's lock (with [`ExpectedVersion::Any`]), the transaction's id and the
-    /// insert. Otherwise, or when that statement finds a newer version, a repeated event
-    /// id or a deleted stream, it writes nothing and the full statement runs after it and
-    /// decides. So a lost race with an expected version, for one event as the first
-    /// write, reports [`Error::WrongExpectedVersion`](crate::Error::WrongExpectedVersion)
-    /// with the version that won and leaves the transaction usable, where `append_in`
-    /// fails the statement and so aborts the transaction.
     pub fn append(
         &mut self,
         stream: &str,
@@ -128,16 +120,11 @@ impl StoreTransaction<'_> {
         events: &[EventData],
     ) -> Result<AppendResult> {
         let (tx, statements) = (&mut self.tx, &mut *self.statements);
-        self.store.append_in_with(
-            stream,
-            expected,
-            events,
-            true,
-            &mut |statement, params, _| {
+        self.store
+            .append_in_with(stream, expected, events, &mut |statement, params| {
                 let prepared = statements.get(tx, statement)?;
                 tx.query(&prepared, params)
-            },
-        )
+            })
     }
 
     /// [`Store::lock_for_appends`] for this transaction: call it first, and appends

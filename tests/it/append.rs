@@ -379,9 +379,9 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
     let mut c1 = t.pool().get()?;
     let mut tx1 = c1.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    // The full statement, which fails on the unique key and aborts the loser's
-    // transaction; the version is read on an idle pooled connection.
-    let loser = lose_race(&t, 1, false)?;
+    // Two events: the full statement, which fails on the unique key and aborts the
+    // loser's transaction; the version is read on an idle pooled connection.
+    let loser = lose_race(&t, 2, false)?;
     assert!(
         crate::common::server::wait_until(std::time::Duration::from_secs(10), || {
             t.pool().state().idle_connections > 0
@@ -402,21 +402,27 @@ fn racing_inside_transactions_reports_a_conflict() -> TestResult {
 }
 
 #[test]
-fn a_lost_race_in_a_store_transaction_reports_the_version_and_keeps_the_transaction() -> TestResult
-{
+fn a_lost_race_for_one_event_reports_the_version_and_keeps_the_transaction() -> TestResult {
     // One event as the transaction's first write: the statement waits for the winner,
     // writes nothing instead of failing, and the full statement reads the version that
     // won, in the loser's own transaction. Two events take the full statement, which
-    // fails and aborts the transaction.
-    for (n, kept) in [(1, true), (2, false)] {
-        let t = TestStore::with(&format!("append_tx_race_first_{n}"), |c| {
-            c.max_connections(1).min_idle(0)
-        });
+    // fails and aborts the transaction. The same through `append_in` and through a
+    // `StoreTransaction`.
+    for (n, kept, store_transaction) in [
+        (1, true, false),
+        (1, true, true),
+        (2, false, false),
+        (2, false, true),
+    ] {
+        let t = TestStore::with(
+            &format!("append_tx_race_first_{n}_{store_transaction}"),
+            |c| c.max_connections(1).min_idle(0),
+        );
         t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
         let mut winner = crate::common::client();
         let mut tx1 = winner.transaction()?;
         t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-        let loser = lose_race(&t, n, true)?;
+        let loser = lose_race(&t, n, store_transaction)?;
         tx1.commit()?;
         let (result, _, usable) = loser.join().unwrap();
         match result {
@@ -429,7 +435,10 @@ fn a_lost_race_in_a_store_transaction_reports_the_version_and_keeps_the_transact
             }
             other => panic!("expected a conflict, got {other:?}"),
         }
-        assert_eq!(usable, kept, "{n} events: usable afterwards");
+        assert_eq!(
+            usable, kept,
+            "{n} events, StoreTransaction {store_transaction}: usable afterwards"
+        );
         assert_eq!(versions(&t, "s"), vec![0, 1]);
     }
     Ok(())
@@ -589,9 +598,9 @@ fn a_lost_race_inside_a_transaction_never_reports_a_wrong_version() -> TestResul
     let mut winner = crate::common::client();
     let mut tx1 = winner.transaction()?;
     t.append_in(&mut tx1, "s", ExpectedVersion::Exact(0), &events("B", 1))?;
-    // The full statement fails on the unique key. (One event in a `StoreTransaction`
-    // would wait and then read the version in its own transaction.)
-    let loser = lose_race(&t, 1, false)?;
+    // Two events: the full statement fails on the unique key. (One event would wait and
+    // then read the version in its own transaction.)
+    let loser = lose_race(&t, 2, false)?;
     let committed = std::time::Instant::now();
     tx1.commit()?;
     let (result, failed, _) = loser.join().unwrap();
