@@ -447,7 +447,7 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        self.append_in_with(stream, expected, events, &mut |statement, params| {
+        self.append_in_with(stream, expected, events, |statement, params| {
             let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
                 .iter()
                 .copied()
@@ -465,12 +465,22 @@ impl Store {
         stream: &str,
         expected: ExpectedVersion,
         events: &[EventData],
-        run: &mut RunAppend<'_>,
+        run: impl FnOnce(
+            &crate::sql::Statement,
+            &[&(dyn ToSql + Sync)],
+        ) -> std::result::Result<Vec<Row>, postgres::Error>,
     ) -> Result<AppendResult> {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            self.append_in_once(&input, run)
+            let statement = match expected {
+                ExpectedVersion::Any => &self.inner.sql.append_in_any,
+                _ => &self.inner.sql.append_in,
+            };
+            match run(statement, &input.params()) {
+                Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
+                Err(e) => Err(self.append_in_error(&input, e)),
+            }
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -479,21 +489,6 @@ impl Store {
                 .watch((result.first_position >> crate::sql::POSITION_BITS) as i64);
         }
         Ok(result)
-    }
-
-    fn append_in_once(
-        &self,
-        input: &AppendInput<'_>,
-        run: &mut RunAppend<'_>,
-    ) -> Result<AppendResult> {
-        let statement = match input.expected {
-            ExpectedVersion::Any => &self.inner.sql.append_in_any,
-            _ => &self.inner.sql.append_in,
-        };
-        match run(statement, &input.params()) {
-            Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
-            Err(e) => Err(self.append_in_error(input, e)),
-        }
     }
 
     /// The error of an append statement that failed in a caller's transaction.
@@ -873,14 +868,6 @@ pub struct Snapshot<T> {
     /// When the snapshot was saved.
     pub created_at: SystemTime,
 }
-
-/// How an append in a caller's transaction runs its statement with its parameters on
-/// the caller's connection: see [`Store::append_in_with`].
-pub(crate) type RunAppend<'a> = dyn FnMut(
-        &crate::sql::Statement,
-        &[&(dyn ToSql + Sync)],
-    ) -> std::result::Result<Vec<Row>, postgres::Error>
-    + 'a;
 
 const APPEND_PARAM_TYPES: [Type; 8] = [
     Type::TEXT,

@@ -121,7 +121,7 @@ impl StoreTransaction<'_> {
     ) -> Result<AppendResult> {
         let (tx, statements) = (&mut self.tx, &mut *self.statements);
         self.store
-            .append_in_with(stream, expected, events, &mut |statement, params| {
+            .append_in_with(stream, expected, events, |statement, params| {
                 let prepared = statements.get(tx, statement)?;
                 tx.query(&prepared, params)
             })
