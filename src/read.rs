@@ -292,11 +292,15 @@ impl Query {
             } => &sql.read_stream_backwards,
             Query::All {
                 forwards, others, ..
-            } => match (forwards, others.is_empty()) {
-                (true, true) => &sql.read_all_forwards,
-                (false, true) => &sql.read_all_backwards,
-                (true, false) => &sql.read_all_forwards_others,
-                (false, false) => &sql.read_all_backwards_others,
+            } => match (forwards, others.is_empty(), self.is_filtered()) {
+                (true, true, false) => &sql.read_all_forwards,
+                (false, true, false) => &sql.read_all_backwards,
+                (true, false, false) => &sql.read_all_forwards_others,
+                (false, false, false) => &sql.read_all_backwards_others,
+                (true, true, true) => &sql.read_all_forwards_filtered,
+                (false, true, true) => &sql.read_all_backwards_filtered,
+                (true, false, true) => &sql.read_all_forwards_others_filtered,
+                (false, false, true) => &sql.read_all_backwards_others_filtered,
             },
         }
     }
@@ -314,21 +318,26 @@ impl Query {
                 others,
                 ..
             } => {
-                let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![
-                    bound,
-                    category,
-                    types,
-                    limit,
-                    before_snapshot,
-                    horizon,
-                    known,
-                ];
+                let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![bound, limit, horizon, known];
+                if self.is_filtered() {
+                    params.extend([
+                        category as &(dyn ToSql + Sync),
+                        types,
+                        before_snapshot,
+                    ]);
+                }
                 if !others.is_empty() {
                     params.push(others);
                 }
                 params
             }
         }
+    }
+
+    /// Whether an `$all` read leaves events out (see the `_filtered` statements).
+    fn is_filtered(&self) -> bool {
+        matches!(self, Query::All { category, types, before_snapshot, .. }
+            if category.is_some() || types.is_some() || before_snapshot.is_some())
     }
 
     /// Moves the bound past `event`.

@@ -237,11 +237,17 @@ pub(crate) struct Sql {
     pub(crate) stream_head: Statement,
     pub(crate) read_stream_forwards: Statement,
     pub(crate) read_stream_backwards: Statement,
+    /// `$all` reads without a filter.
     pub(crate) read_all_forwards: Statement,
     pub(crate) read_all_backwards: Statement,
-    /// The same, with `$8`: transaction ids known to belong to other databases.
+    /// The same, with transaction ids known to belong to other databases.
     pub(crate) read_all_forwards_others: Statement,
     pub(crate) read_all_backwards_others: Statement,
+    /// The four above with a category, event types or a snapshot to leave out.
+    pub(crate) read_all_forwards_filtered: Statement,
+    pub(crate) read_all_backwards_filtered: Statement,
+    pub(crate) read_all_forwards_others_filtered: Statement,
+    pub(crate) read_all_backwards_others_filtered: Statement,
     pub(crate) head_position: Statement,
     pub(crate) feed_status: Statement,
     pub(crate) horizon: Statement,
@@ -312,12 +318,32 @@ impl Sql {
         // page of the same read, or NULL to compute it now; `$7` the store's highest
         // horizon; `$8` (in the `_others` variants) transaction ids known to belong to
         // other databases.
-        let read_all = |direction: &str, bound: &str, others: bool| {
+        let read_all = |direction: &str, bound: &str, others: bool, filtered: bool| {
+            // Parameters: `$1` the keyset bound, `$2` the page size, `$3` an earlier
+            // page's horizon, `$4` the store's highest horizon; in the filtered variants
+            // `$5` the category, `$6` the event types, `$7` the snapshot whose events are
+            // left out; last, in the `_others` variants, the other databases' ids. The
+            // unfiltered variants carry no filter at all: in a generic plan a filter
+            // that is NULL is still evaluated on every row (3 % of a 300,000-event read
+            // on the server).
+            let (limit, hz, known) = ("$2", "$3", "$4");
+            let others_p = if filtered { "$8" } else { "$5" };
+            let filters = if filtered {
+                format!(
+                    "
+    AND ($5::text IS NULL OR starts_with(stream_id, $5::text))
+    AND ($6::text[] IS NULL OR event_type = ANY($6::text[]))
+    AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(
+           (global_position >> {bits})::text::xid8, $7::text::pg_snapshot))"
+                )
+            } else {
+                String::new()
+            };
             // The horizon of this read, `h0`, without a function call in two quick cases
             // (see feed_horizon): the newest event is below the snapshot's xmin, so
             // nothing is held back (`easy`); or (only in the `_others` variants, so that
             // other reads do not carry its subquery) every transaction of the snapshot
-            // below `c` is one that an earlier read found in another database (`$8`),
+            // below `c` is one that an earlier read found in another database,
             // and can never append here (`clear`).
             let horizon_cte = if others {
                 format!(
@@ -328,14 +354,14 @@ impl Sql {
            CASE WHEN NOT (y.tip IS NULL OR y.tip < y.cheap) THEN
                NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(y.snap) x
                             WHERE x::text::bigint < least((y.tip >> {bits}) + 1, y.xmax8)
-                              AND x::text::bigint <> ALL($8::bigint[]))
+                              AND x::text::bigint <> ALL({others_p}::bigint[]))
            END AS clear
       FROM (SELECT (SELECT e.global_position FROM {events} e
                      ORDER BY e.global_position DESC LIMIT 1) AS tip,
                    pg_snapshot_xmin(s.snap)::text::bigint << {bits} AS cheap,
                    pg_snapshot_xmax(s.snap)::text::bigint AS xmax8, s.snap
               FROM (SELECT pg_current_snapshot() AS snap) s
-             WHERE $6::bigint IS NULL OFFSET 0) y
+             WHERE {hz}::bigint IS NULL OFFSET 0) y
 ), h0 AS MATERIALIZED (
     SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid,
            NULL::bigint[] AS others
@@ -347,7 +373,7 @@ impl Sql {
       FROM t CROSS JOIN LATERAL (
            SELECT * FROM {horizon} WHERE NOT t.easy AND NOT t.clear) f
     UNION ALL
-    SELECT $6::bigint, NULL, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL"
+    SELECT {hz}::bigint, NULL, NULL, NULL, NULL WHERE {hz}::bigint IS NOT NULL"
                 )
             } else {
                 format!(
@@ -355,7 +381,7 @@ impl Sql {
     SELECT (SELECT e.global_position FROM {events} e
              ORDER BY e.global_position DESC LIMIT 1) AS tip,
            pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {bits} AS cheap
-     WHERE $6::bigint IS NULL
+     WHERE {hz}::bigint IS NULL
 ), h0 AS MATERIALIZED (
     SELECT t.cheap AS horizon, t.tip, NULL::int AS blocker_pid, NULL::bigint AS blocker_xid,
            NULL::bigint[] AS others
@@ -365,7 +391,7 @@ impl Sql {
       FROM t CROSS JOIN LATERAL (
            SELECT * FROM {horizon} WHERE NOT (t.tip IS NULL OR t.tip < t.cheap)) f
     UNION ALL
-    SELECT $6::bigint, NULL, NULL, NULL, NULL WHERE $6::bigint IS NOT NULL"
+    SELECT {hz}::bigint, NULL, NULL, NULL, NULL WHERE {hz}::bigint IS NOT NULL"
                 )
             };
             format!(
@@ -373,7 +399,7 @@ impl Sql {
 ), h AS MATERIALIZED (
     -- Never below a horizon this store has computed before (`$7`): each is final, and
     -- one computed later may be lower (see feed_horizon).
-    SELECT CASE WHEN $6::bigint IS NULL THEN GREATEST(h0.horizon, $7::bigint)
+    SELECT CASE WHEN {hz}::bigint IS NULL THEN GREATEST(h0.horizon, {known}::bigint)
                 ELSE h0.horizon END AS horizon,
            h0.tip, h0.blocker_pid, h0.blocker_xid, h0.others
       FROM h0
@@ -383,12 +409,8 @@ SELECT h.horizon, NULL::uuid, NULL::text, COALESCE(h.tip, -1), NULL::text, to_js
   FROM h
 UNION ALL
 (SELECT {COLUMNS} FROM {events}
-  WHERE {bound}
-    AND ($2::text IS NULL OR starts_with(stream_id, $2::text))
-    AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
-    AND ($5::text IS NULL OR NOT pg_visible_in_snapshot(
-           (global_position >> {bits})::text::xid8, $5::text::pg_snapshot))
-  ORDER BY global_position {direction} LIMIT $4)"
+  WHERE {bound}{filters}
+  ORDER BY global_position {direction} LIMIT {limit})"
             )
         };
         // One statement, one round trip: find repeats of these ids, check the expected
@@ -621,10 +643,14 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                     AND stream_version >= {truncated}
                   ORDER BY stream_version DESC LIMIT $3"
             ),
-            read_all_forwards: read_all("", ALL_FORWARDS, false),
-            read_all_backwards: read_all("DESC", ALL_BACKWARDS, false),
-            read_all_forwards_others: read_all("", ALL_FORWARDS, true),
-            read_all_backwards_others: read_all("DESC", ALL_BACKWARDS, true),
+            read_all_forwards: read_all("", ALL_FORWARDS, false, false),
+            read_all_backwards: read_all("DESC", ALL_BACKWARDS, false, false),
+            read_all_forwards_others: read_all("", ALL_FORWARDS, true, false),
+            read_all_backwards_others: read_all("DESC", ALL_BACKWARDS, true, false),
+            read_all_forwards_filtered: read_all("", ALL_FORWARDS, false, true),
+            read_all_backwards_filtered: read_all("DESC", ALL_BACKWARDS, false, true),
+            read_all_forwards_others_filtered: read_all("", ALL_FORWARDS, true, true),
+            read_all_backwards_others_filtered: read_all("DESC", ALL_BACKWARDS, true, true),
             head_position: format!(
                 "SELECT (SELECT max(e.global_position) FROM {events} e
                           WHERE e.global_position < g.horizon), g.horizon
