@@ -88,17 +88,19 @@ impl r2d2::HandleError<Error> for RecordConnectError {
 pub(crate) struct Statements(HashMap<&'static str, (Statement, u64)>);
 
 impl Statements {
-    /// `statement`, prepared on `client` at its first use (and again now and then, see
-    /// [`replan_at`]). `client` must be the connection these statements belong to.
+    /// `statement`, prepared on `client` with its parameters of `types` at its first use
+    /// (and again now and then, see [`replan_at`]). `client` must be the connection
+    /// these statements belong to.
     pub(crate) fn get<C: GenericClient>(
         &mut self,
         client: &mut C,
         statement: &crate::sql::Statement,
+        types: &[Type],
     ) -> std::result::Result<Statement, postgres::Error> {
         if let Some(prepared) = self.cached(statement) {
             return Ok(prepared);
         }
-        let prepared = client.prepare(statement.text())?;
+        let prepared = client.prepare_typed(statement.text(), types)?;
         self.keep(statement, &prepared);
         Ok(prepared)
     }
@@ -447,7 +449,7 @@ impl Store {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        self.append_in_with(stream, expected, events, |statement, params| {
+        self.append_in_with(stream, expected, events, false, |statement, params| {
             let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
                 .iter()
                 .copied()
@@ -457,15 +459,17 @@ impl Store {
         })
     }
 
-    /// [`Store::append_in`] with `run` running the append statement with its parameters
-    /// on the caller's connection: parsed there on every call, or prepared once by a
-    /// [`StoreTransaction`](crate::StoreTransaction).
+    /// [`Store::append_in`] with `run` running the append statements with their
+    /// parameters on the caller's connection: parsed there on every call, or (with
+    /// `prepared`) prepared once by a [`StoreTransaction`](crate::StoreTransaction), which
+    /// also sends one event's statement without the function call around it.
     pub(crate) fn append_in_with(
         &self,
         stream: &str,
         expected: ExpectedVersion,
         events: &[EventData],
-        run: impl FnOnce(
+        prepared: bool,
+        mut run: impl FnMut(
             &crate::sql::Statement,
             &[&(dyn ToSql + Sync)],
         ) -> std::result::Result<Vec<Row>, postgres::Error>,
@@ -473,14 +477,33 @@ impl Store {
         let mut input = AppendInput::new(stream, expected, events)?;
         input.channel = Some(self.inner.hub.channel());
         let result = crate::metrics::append("in_transaction", stream, events.len(), || {
-            let statement = match expected {
-                ExpectedVersion::Any => &self.inner.sql.append_in_any,
-                _ => &self.inner.sql.append_in,
-            };
-            match run(statement, &input.params()) {
-                Ok(rows) => input.outcome(rows.first().expect("the append returns one row")),
-                Err(e) => Err(self.append_in_error(&input, e)),
+            let sql = &self.inner.sql;
+            let any = matches!(expected, ExpectedVersion::Any);
+            let params = input.params();
+            let mut rows = Vec::new();
+            if prepared && input.ids.len() == 1 {
+                // The functions' one-event statement, sent without the call: prepared,
+                // it costs less than the call (see `StoreTransaction::append`). When it
+                // writes nothing, the call runs it again (a no-op now that the
+                // transaction has an id) and then the full statement, which decides.
+                let first = if any {
+                    &sql.append_in_first_any
+                } else {
+                    &sql.append_in_first
+                };
+                rows = match run(first, &params) {
+                    Ok(rows) => rows,
+                    Err(e) => return Err(self.append_in_error(&input, e)),
+                };
             }
+            if rows.is_empty() {
+                let call = if any { &sql.append_in_any } else { &sql.append_in };
+                rows = match run(call, &params) {
+                    Ok(rows) => rows,
+                    Err(e) => return Err(self.append_in_error(&input, e)),
+                };
+            }
+            input.outcome(rows.first().expect("the append returns one row"))
         })?;
         if !result.was_duplicate {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -869,7 +892,7 @@ pub struct Snapshot<T> {
     pub created_at: SystemTime,
 }
 
-const APPEND_PARAM_TYPES: [Type; 8] = [
+pub(crate) const APPEND_PARAM_TYPES: [Type; 8] = [
     Type::TEXT,
     Type::UUID_ARRAY,
     Type::TEXT_ARRAY,
@@ -971,11 +994,11 @@ impl<'a> AppendInput<'a> {
 
     /// Reads the append statement's one row: written, repeated, too large, or refused.
     fn outcome(&self, row: &Row) -> Result<AppendResult> {
-        let inserted: i64 = row.get("inserted");
-        let head: Option<i64> = row.get("head");
+        let inserted: i64 = row.get(col::INSERTED);
+        let head: Option<i64> = row.get(col::HEAD);
         if inserted > 0 {
-            let last_position: i64 = row.get("last_position");
-            let first_position: i64 = row.get("first_position");
+            let last_position: i64 = row.get(col::LAST_POSITION);
+            let first_position: i64 = row.get(col::FIRST_POSITION);
             let last_version = head.unwrap_or(-1) + inserted;
             return Ok(AppendResult {
                 first_version: (last_version - inserted + 1) as u64,
@@ -985,11 +1008,11 @@ impl<'a> AppendInput<'a> {
                 was_duplicate: false,
             });
         }
-        if let Some(streams) = row.get::<_, Option<Vec<String>>>("dup_streams") {
-            let versions: Vec<i64> = row.get("dup_versions");
-            let positions: Vec<i64> = row.get("dup_positions");
-            let index: Vec<i64> = row.get("dup_index");
-            let same: bool = row.get("dup_same");
+        if let Some(streams) = row.get::<_, Option<Vec<String>>>(col::DUP_STREAMS) {
+            let versions: Vec<i64> = row.get(col::DUP_VERSIONS);
+            let positions: Vec<i64> = row.get(col::DUP_POSITIONS);
+            let index: Vec<i64> = row.get(col::DUP_INDEX);
+            let same: bool = row.get(col::DUP_SAME);
             let repeat = same
                 && streams.len() == self.ids.len()
                 && streams.iter().all(|s| s == self.stream)
@@ -1009,12 +1032,12 @@ impl<'a> AppendInput<'a> {
                 id: self.ids[index[0] as usize - 1],
             });
         }
-        if row.get::<_, Option<bool>>("behind_floor") == Some(true) {
+        if row.get::<_, Option<bool>>(col::BEHIND_FLOOR) == Some(true) {
             return Err(Error::FeedOrderConflict {
                 stream: Some(self.stream.to_string()),
             });
         }
-        let tx_events: i64 = row.get("tx_events");
+        let tx_events: i64 = row.get(col::TX_EVENTS);
         if tx_events as u64 > MAX_EVENTS_PER_TRANSACTION {
             return Err(Error::TransactionTooLarge {
                 events: tx_events as u64,
@@ -1031,7 +1054,7 @@ impl<'a> AppendInput<'a> {
             ExpectedVersion::StreamExists => head.is_some(),
             ExpectedVersion::Exact(v) => head == Some(v as i64),
         };
-        if expected_ok && row.get::<_, Option<bool>>("order_conflict") == Some(true) {
+        if expected_ok && row.get::<_, Option<bool>>(col::ORDER_CONFLICT) == Some(true) {
             return Err(Error::StreamOrderConflict {
                 stream: self.stream.to_string(),
             });
@@ -1042,6 +1065,24 @@ impl<'a> AppendInput<'a> {
             actual: ActualVersion::from_head(head.map(|v| v as u64)),
         })
     }
+}
+
+/// The columns of an append's result row, by position: the full statements name them,
+/// the functions declare them, and the one-event statement (whose text is fixed by
+/// schema version 9) returns them unnamed.
+mod col {
+    pub(super) const INSERTED: usize = 0;
+    pub(super) const FIRST_POSITION: usize = 1;
+    pub(super) const LAST_POSITION: usize = 2;
+    pub(super) const HEAD: usize = 3;
+    pub(super) const TX_EVENTS: usize = 4;
+    pub(super) const DUP_STREAMS: usize = 5;
+    pub(super) const DUP_VERSIONS: usize = 6;
+    pub(super) const DUP_POSITIONS: usize = 7;
+    pub(super) const DUP_INDEX: usize = 8;
+    pub(super) const DUP_SAME: usize = 9;
+    pub(super) const ORDER_CONFLICT: usize = 10;
+    pub(super) const BEHIND_FLOOR: usize = 11;
 }
 
 pub(crate) enum UniqueViolation {

@@ -7,7 +7,7 @@ use r2d2::PooledConnection;
 
 use crate::error::Result;
 use crate::event::{AppendResult, EventData};
-use crate::store::{Conn, Statements, Store};
+use crate::store::{Conn, Statements, Store, APPEND_PARAM_TYPES};
 use crate::version::ExpectedVersion;
 
 /// A connection checked out of the store's pool, for your own transactions with appends
@@ -113,6 +113,11 @@ impl StoreTransaction<'_> {
     /// connection: the same checks, errors and wake-ups (subscribers hear of the events
     /// once the transaction commits).
     ///
+    /// One event as the transaction's first write (the common case) runs one prepared
+    /// statement: the stream's lock (with `Any`), the transaction's id and the insert.
+    /// When it writes nothing (a newer version came in while it waited, a repeated event
+    /// id, a deleted stream, the wrong version), the full append runs after it and
+    /// decides, as in [`Store::append_in`].
     pub fn append(
         &mut self,
         stream: &str,
@@ -121,8 +126,8 @@ impl StoreTransaction<'_> {
     ) -> Result<AppendResult> {
         let (tx, statements) = (&mut self.tx, &mut *self.statements);
         self.store
-            .append_in_with(stream, expected, events, |statement, params| {
-                let prepared = statements.get(tx, statement)?;
+            .append_in_with(stream, expected, events, true, |statement, params| {
+                let prepared = statements.get(tx, statement, &APPEND_PARAM_TYPES)?;
                 tx.query(&prepared, params)
             })
     }
