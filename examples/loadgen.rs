@@ -51,7 +51,9 @@
 //! | G1 | a consumer group of 4 members (and 2), each with its own pool and 1 thread, one read-model upsert per event in its transactional handler, over 20,000 events imported once the members have shared the partitions | `Worker::group` | the same group with 1 member |
 //!
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
-//! PostgreSQL). For W6, `ours`/`raw` are the median p50 latency in ms from the start of
+//! PostgreSQL), the ratio of the two medians; `pair_ratios` lists the ratio of each
+//! repetition's pair (ours and raw run back to back), in order, which shows the
+//! machine's spread. For W6, `ours`/`raw` are the median p50 latency in ms from the start of
 //! the append call to the subscriber receiving the event, and `ratio` is raw ÷ ours, so
 //! that here too lower means we are slower; p99 and commit→delivery (from the moment the
 //! append call returned; 0 when the event arrived before that) are extra fields, with
@@ -244,6 +246,11 @@ struct Outcome {
 
 impl Outcome {
     fn throughput(events: usize, ours: &[Duration], raw: &[Duration]) -> Outcome {
+        let pairs: Vec<f64> = ours
+            .iter()
+            .zip(raw)
+            .map(|(o, r)| round3(r.as_secs_f64() / o.as_secs_f64()))
+            .collect();
         let ours = events as f64 / median(ours).as_secs_f64();
         let raw = events as f64 / median(raw).as_secs_f64();
         Outcome {
@@ -251,7 +258,7 @@ impl Outcome {
             raw,
             ratio: ours / raw,
             unit: "events/s",
-            extra: vec![("events", json!(events))],
+            extra: vec![("events", json!(events)), ("pair_ratios", json!(pairs))],
         }
     }
 }
@@ -1964,7 +1971,12 @@ fn median_outcome(
     n: usize,
 ) -> Outcome {
     let m = |k: &str| round(median_f(&runs[k]));
-    let mut extra = vec![("events", json!(n))];
+    let pairs: Vec<f64> = runs[ours]
+        .iter()
+        .zip(&runs[raw])
+        .map(|(o, r)| round3(o / r))
+        .collect();
+    let mut extra = vec![("events", json!(n)), ("pair_ratios", json!(pairs))];
     let mut kinds: Vec<&&str> = runs.keys().collect();
     kinds.sort();
     for k in kinds {
