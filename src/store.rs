@@ -497,7 +497,11 @@ impl Store {
                 };
             }
             if rows.is_empty() {
-                let call = if any { &sql.append_in_any } else { &sql.append_in };
+                let call = if any {
+                    &sql.append_in_any
+                } else {
+                    &sql.append_in
+                };
                 rows = match run(call, &params) {
                     Ok(rows) => rows,
                     Err(e) => return Err(self.append_in_error(&input, e)),
@@ -1112,6 +1116,49 @@ pub(crate) fn duplicate_id(e: &postgres::Error) -> Option<Uuid> {
 
 #[cfg(test)]
 mod tests {
+    /// `AppendInput::outcome` reads columns by position: the full statements must name
+    /// theirs in the order of `col`, as the functions declare them.
+    #[test]
+    fn append_statements_return_their_columns_in_the_order_read() {
+        use super::col::*;
+        let order = [
+            ("inserted", INSERTED),
+            ("first_position", FIRST_POSITION),
+            ("last_position", LAST_POSITION),
+            ("head", HEAD),
+            ("tx_events", TX_EVENTS),
+            ("dup_streams", DUP_STREAMS),
+            ("dup_versions", DUP_VERSIONS),
+            ("dup_positions", DUP_POSITIONS),
+            ("dup_index", DUP_INDEX),
+            ("dup_same", DUP_SAME),
+            ("order_conflict", ORDER_CONFLICT),
+            ("behind_floor", BEHIND_FLOOR),
+        ];
+        let sql = crate::sql::Sql::new("s");
+        let function =
+            crate::migrate::migration_sql("s", "schema_migrations").expect("the migrations");
+        for (i, (name, index)) in order.iter().enumerate() {
+            assert_eq!(i, *index, "{name}");
+        }
+        for text in [sql.append.text(), sql.append_any.text()] {
+            let at: Vec<usize> = order
+                .iter()
+                .map(|(name, _)| text.rfind(&format!(") AS {name}")).expect(name))
+                .collect();
+            assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}");
+        }
+        let declared = function
+            .rfind("RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,")
+            .expect("the functions' columns");
+        let rest = &function[declared..];
+        let at: Vec<usize> = order
+            .iter()
+            .map(|(name, _)| rest.find(&format!("{name} ")).expect(name))
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}");
+    }
+
     #[test]
     fn statements_are_prepared_again_at_growing_intervals() {
         let at: Vec<u64> = (1..=70_000u64).filter(|&u| super::replan_at(u)).collect();
