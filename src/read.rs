@@ -320,11 +320,7 @@ impl Query {
             } => {
                 let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![bound, limit, horizon, known];
                 if self.is_filtered() {
-                    params.extend([
-                        category as &(dyn ToSql + Sync),
-                        types,
-                        before_snapshot,
-                    ]);
+                    params.extend([category as &(dyn ToSql + Sync), types, before_snapshot]);
                 }
                 if !others.is_empty() {
                     params.push(others);
