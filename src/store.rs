@@ -480,32 +480,22 @@ impl Store {
             let sql = &self.inner.sql;
             let any = matches!(expected, ExpectedVersion::Any);
             let params = input.params();
-            let mut rows = Vec::new();
-            if prepared && input.ids.len() == 1 {
+            let statements = match (any, prepared && input.ids.len() == 1) {
                 // The functions' one-event statement, sent without the call: prepared,
                 // it costs less than the call (see `StoreTransaction::append`). When it
                 // writes nothing, the call runs it again (a no-op now that the
                 // transaction has an id) and then the full statement, which decides.
-                let first = if any {
-                    &sql.append_in_first_any
-                } else {
-                    &sql.append_in_first
-                };
-                rows = match run(first, &params) {
-                    Ok(rows) => rows,
-                    Err(e) => return Err(self.append_in_error(&input, e)),
-                };
-            }
-            if rows.is_empty() {
-                let call = if any {
-                    &sql.append_in_any
-                } else {
-                    &sql.append_in
-                };
-                rows = match run(call, &params) {
-                    Ok(rows) => rows,
-                    Err(e) => return Err(self.append_in_error(&input, e)),
-                };
+                (true, true) => vec![&sql.append_in_first_any, &sql.append_in_any],
+                (false, true) => vec![&sql.append_in_first, &sql.append_in],
+                (true, false) => vec![&sql.append_in_any],
+                (false, false) => vec![&sql.append_in],
+            };
+            let mut rows = Vec::new();
+            for statement in statements {
+                rows = run(statement, &params).map_err(|e| self.append_in_error(&input, e))?;
+                if !rows.is_empty() {
+                    break;
+                }
             }
             input.outcome(rows.first().expect("the append returns one row"))
         })?;
