@@ -72,6 +72,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Looks whether another process listens on the channel (`listen` is its `LISTEN`
+    /// statement) and records the answer. Unsure (an error, or backends we may not look
+    /// at) counts as "yes".
+    fn look_for_listeners(&self, client: &mut postgres::Client, listen: &str) {
+        let own = self.listener_pid.load(Ordering::Relaxed);
+        let others = others_listen(client, listen, own).unwrap_or(true);
+        self.nobody_else_listens.store(!others, Ordering::Relaxed);
+        self.listeners_looked.store(true, Ordering::Relaxed);
+    }
+
     /// Wakes every subscriber. A full channel already holds a wake-up: nothing is lost
     /// by skipping it, and the listener never blocks on a slow subscriber.
     pub(crate) fn wake_all(&self) {
@@ -463,11 +473,7 @@ fn notify_loop(
                 continue;
             };
             if checked.is_none_or(|at| at.elapsed() >= LISTENERS_CHECK) {
-                let own = shared.listener_pid.load(Ordering::Relaxed);
-                // Unsure (an error, or backends we may not look at) counts as "yes".
-                let others = others_listen(c, &listen, own).unwrap_or(true);
-                shared.nobody_else_listens.store(!others, Ordering::Relaxed);
-                shared.listeners_looked.store(true, Ordering::Relaxed);
+                shared.look_for_listeners(c, &listen);
                 checked = Some(Instant::now());
             }
             if !append || shared.nobody_else_listens.load(Ordering::Relaxed) {
@@ -564,10 +570,7 @@ fn watch_loop(
         // listeners yet (on a busy machine the first commit can come first): look here,
         // rather than notify on the starting guess.
         if notifier.is_some() && !shared.listeners_looked.load(Ordering::Relaxed) {
-            let own = shared.listener_pid.load(Ordering::Relaxed);
-            let others = others_listen(c, &sql::listen(&channel), own).unwrap_or(true);
-            shared.nobody_else_listens.store(!others, Ordering::Relaxed);
-            shared.listeners_looked.store(true, Ordering::Relaxed);
+            shared.look_for_listeners(c, &sql::listen(&channel));
         }
         if pending.len() > 1 || pending.len() != before {
             wait = WATCH_WAIT_MIN;

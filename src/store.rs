@@ -399,8 +399,7 @@ impl Store {
     /// waits, this one is refused the same way when it is one event as the transaction's
     /// first write, and otherwise fails on the unique key, which aborts the transaction,
     /// and reports [`Error::WrongExpectedVersion`]. Two transactions that append to the
-    /// same
-    /// two streams in opposite orders can deadlock, which PostgreSQL breaks after
+    /// same two streams in opposite orders can deadlock, which PostgreSQL breaks after
     /// `deadlock_timeout` by failing one of them (a transient error: retry it).
     ///
     /// One event as the transaction's first write (the common case) takes one statement
@@ -412,10 +411,9 @@ impl Store {
     /// (it commits while this statement waits for it) is a conflict. For one event as
     /// the transaction's first write, the statement writes nothing and the error carries
     /// the version that won, with the transaction still usable. Otherwise it makes the
-    /// statement fail, which
-    /// aborts the caller's transaction (PostgreSQL's rule): the error is still
-    /// [`Error::WrongExpectedVersion`], and the caller rolls
-    /// back and retries the whole transaction. Its `actual` version is read on an idle
+    /// statement fail, which aborts the caller's transaction (PostgreSQL's rule): the
+    /// error is still [`Error::WrongExpectedVersion`], and the caller rolls back and
+    /// retries the whole transaction. Its `actual` version is read on an idle
     /// pooled connection if there is one at once, and is [`ActualVersion::Unknown`]
     /// otherwise: the caller's own connection can no longer read, and waiting for the
     /// pool (which may be the very connection the caller holds) would only delay the
@@ -480,18 +478,18 @@ impl Store {
             let sql = &self.inner.sql;
             let any = matches!(expected, ExpectedVersion::Any);
             let params = input.params();
-            let statements = match (any, prepared && input.ids.len() == 1) {
-                // The functions' one-event statement, sent without the call: prepared,
-                // it costs less than the call (see `StoreTransaction::append`). When it
-                // writes nothing, the call runs it again (a no-op now that the
-                // transaction has an id) and then the full statement, which decides.
-                (true, true) => vec![&sql.append_in_first_any, &sql.append_in_any],
-                (false, true) => vec![&sql.append_in_first, &sql.append_in],
-                (true, false) => vec![&sql.append_in_any],
-                (false, false) => vec![&sql.append_in],
+            let (first, call) = if any {
+                (&sql.append_in_first_any, &sql.append_in_any)
+            } else {
+                (&sql.append_in_first, &sql.append_in)
             };
+            // The functions' one-event statement, sent without the call: prepared, it
+            // costs less than the call (see `StoreTransaction::append`). When it writes
+            // nothing, the call runs it again (a no-op now that the transaction has an
+            // id) and then the full statement, which decides.
+            let first = (prepared && input.ids.len() == 1).then_some(first);
             let mut rows = Vec::new();
-            for statement in statements {
+            for statement in first.into_iter().chain([call]) {
                 rows = run(statement, &params).map_err(|e| self.append_in_error(&input, e))?;
                 if !rows.is_empty() {
                     break;
