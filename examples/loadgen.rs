@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 
 use pg_eventstore::postgres::binary_copy::BinaryCopyInWriter;
 use pg_eventstore::postgres::error::SqlState;
-use pg_eventstore::postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use pg_eventstore::postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use pg_eventstore::postgres::{Client, NoTls, Transaction};
 use pg_eventstore::{
     Config, Error as PgError, EventData, ExpectedVersion, GroupOptions, ImportEvent, ImportOptions,
@@ -625,6 +625,12 @@ impl ToSql for Jsonb<'_> {
     to_sql_checked!();
 }
 
+/// The part of a row's data that W6's subscriber reads.
+#[derive(serde::Deserialize)]
+struct Seq {
+    seq: usize,
+}
+
 /// What both sides decode from every row they read.
 #[allow(dead_code)]
 struct Decoded {
@@ -633,9 +639,28 @@ struct Decoded {
     stream_id: String,
     version: i64,
     event_type: String,
-    data: Value,
-    metadata: Option<Value>,
+    data: JsonbText,
+    metadata: Option<JsonbText>,
     recorded_at: std::time::SystemTime,
+}
+
+/// A `jsonb` value's text, unparsed: what a lean reader keeps (and what the store's
+/// `RecordedEvent` holds).
+struct JsonbText(#[allow(dead_code)] Box<str>);
+
+impl<'a> FromSql<'a> for JsonbText {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        let text = match (*ty == Type::JSONB, raw.split_first()) {
+            (false, _) => raw,
+            (true, Some((1, text))) => text,
+            (true, _) => return Err("unsupported jsonb version".into()),
+        };
+        Ok(JsonbText(std::str::from_utf8(text)?.into()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
 }
 
 const RAW_COLUMNS: &str =
@@ -1422,7 +1447,7 @@ fn w6_with(ctx: &Ctx, rows: &[Row], in_tx: bool, elsewhere: bool) -> Res<Latency
             for e in sub {
                 let e = e?;
                 let at = Instant::now();
-                let seq = e.data["seq"].as_u64().ok_or("no seq")? as usize;
+                let seq = e.data_as::<Seq>()?.seq;
                 got.lock().unwrap().insert(seq, at);
             }
             Ok(())

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use serde::de::DeserializeOwned;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
@@ -172,11 +172,124 @@ pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
     false
 }
 
+/// JSON as the store holds it: the text PostgreSQL returned for a `jsonb` column, parsed
+/// only when asked.
+///
+/// [`RecordedEvent`](crate::RecordedEvent)'s data and metadata come as `Json`, so reading an
+/// event costs one string, not a tree of [`serde_json::Value`]s that a handler may never look
+/// at. Decode it straight into your own type with [`Json::decode`] (or
+/// [`RecordedEvent::data_as`](crate::RecordedEvent::data_as), whose error names the event),
+/// into a `Value` with [`Json::to_value`], or pass the text on with [`Json::as_str`].
+///
+/// The text is PostgreSQL's `jsonb` output: keys sorted by length then bytes, no duplicate
+/// keys, one space after `:` and `,`. Two `Json`s are equal when their texts are; a `Json`
+/// equals a `Value` when it parses to it. It serializes (serde) as the JSON it holds.
+///
+/// ```
+/// # use pg_eventstore::RecordedEvent;
+/// #[derive(serde::Deserialize)]
+/// struct Deposited { amount: u64 }
+///
+/// fn amount(event: &RecordedEvent) -> pg_eventstore::Result<u64> {
+///     let d: Deposited = event.data_as()?; // parsed here, straight into `Deposited`
+///     Ok(d.amount)
+/// }
+/// fn log_line(event: &RecordedEvent) -> String {
+///     format!("{} {}", event.event_type, event.data.as_str()) // not parsed at all
+/// }
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Json(Box<str>);
+
+impl Json {
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses the JSON into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(&self.0)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn from_value(value: &Value) -> Json {
+        Json(value.to_string().into())
+    }
+
+    /// Parses the JSON into a [`Value`]. It fails only where `Value` cannot hold what
+    /// `jsonb` can, such as a number beyond `f64`'s range.
+    pub fn to_value(&self) -> serde_json::Result<Value> {
+        self.decode()
+    }
+}
+
+impl fmt::Debug for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Json({})", self.0)
+    }
+}
+
+impl fmt::Display for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for Json {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<Value> for Json {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value().is_ok_and(|v| v == *other)
+    }
+}
+
+impl PartialEq<Json> for Value {
+    fn eq(&self, other: &Json) -> bool {
+        other == self
+    }
+}
+
+impl Serialize for Json {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        // Through `Value`, not `RawValue`: `RawValue` is only understood by serde_json's
+        // own serializer.
+        self.to_value()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+}
+
+impl<'a> FromSql<'a> for Json {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let text = if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, text)) => text,
+                _ => return Err("unsupported jsonb binary format version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(Json(std::str::from_utf8(text)?.into()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
+
 /// JSON text sent as `jsonb` without parsing it into a `Value` first.
 #[derive(Debug)]
-pub(crate) struct JsonText<'a>(pub(crate) &'a [u8]);
+pub(crate) struct JsonbParam<'a>(pub(crate) &'a [u8]);
 
-impl ToSql for JsonText<'_> {
+impl ToSql for JsonbParam<'_> {
     fn to_sql(
         &self,
         ty: &Type,
@@ -228,11 +341,11 @@ pub struct RecordedEvent {
     /// The event type.
     #[serde(rename = "type")]
     pub event_type: String,
-    /// The event data.
-    pub data: Value,
-    /// The event metadata, if any was given.
+    /// The event data, as JSON text: [`RecordedEvent::data_as`] parses it.
+    pub data: Json,
+    /// The event metadata, if any was given: [`RecordedEvent::metadata_as`] parses it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Json>,
     /// When the event was recorded (the append transaction's start time on the server,
     /// or the time an import carried over).
     #[serde(serialize_with = "serialize_time")]
@@ -243,7 +356,7 @@ impl RecordedEvent {
     /// Deserializes the data into `T`. A failure is [`Error::Decode`](crate::Error::Decode), which names the
     /// event's stream, version and type.
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T> {
-        T::deserialize(&self.data).map_err(|e| self.decode_error("data", e))
+        self.data.decode().map_err(|e| self.decode_error("data", e))
     }
 
     /// Deserializes the metadata into `T` (`Ok(None)` when there is none). A failure is
@@ -251,7 +364,8 @@ impl RecordedEvent {
     pub fn metadata_as<T: DeserializeOwned>(&self) -> Result<Option<T>> {
         match &self.metadata {
             None => Ok(None),
-            Some(m) => T::deserialize(m)
+            Some(m) => m
+                .decode()
                 .map(Some)
                 .map_err(|e| self.decode_error("metadata", e)),
         }
@@ -416,6 +530,42 @@ mod tests {
         assert!(!has_nul_escape(br#"{"a":"\u0001"}"#));
         let e = EventData::json("T", serde_json::json!({"s": "a\0b"}));
         assert!(e.validate(0).is_err());
+    }
+
+    #[test]
+    fn json_compares_decodes_and_serializes_as_the_json_it_holds() {
+        let j = Json(r#"{"a": 1, "bb": [true, null]}"#.into());
+        assert_eq!(j, serde_json::json!({"bb": [true, null], "a": 1}));
+        assert_eq!(serde_json::json!({"a": 1, "bb": [true, null]}), j);
+        assert_ne!(j, serde_json::json!({"a": 2, "bb": [true, null]}));
+        #[derive(serde::Deserialize)]
+        struct A {
+            a: u8,
+        }
+        assert_eq!(j.decode::<A>().unwrap().a, 1);
+        assert_eq!(
+            serde_json::to_string(&j).unwrap(),
+            r#"{"a":1,"bb":[true,null]}"#
+        );
+        assert_eq!(format!("{j:?}"), r#"Json({"a": 1, "bb": [true, null]})"#);
+        assert_eq!(j.to_string(), j.as_str());
+        // What jsonb can hold and `Value` cannot: an error when parsed, not before.
+        let big = Json(format!("1{}", "0".repeat(400)).into());
+        assert!(big.to_value().is_err());
+        assert_ne!(big, Value::Null);
+        assert!(serde_json::to_string(&big).is_err());
+    }
+
+    #[test]
+    fn json_from_sql_takes_jsonb_and_json() {
+        let j = Json::from_sql(&Type::JSONB, b"\x01{\"a\": 1}").unwrap();
+        assert_eq!(j.as_str(), r#"{"a": 1}"#);
+        let j = Json::from_sql(&Type::JSON, br#"{"a":1}"#).unwrap();
+        assert_eq!(j.as_str(), r#"{"a":1}"#);
+        assert!(Json::from_sql(&Type::JSONB, b"\x02{}").is_err());
+        assert!(Json::from_sql(&Type::JSONB, b"").is_err());
+        assert!(Json::from_sql(&Type::JSON, b"\xff").is_err());
+        assert!(!<Json as FromSql>::accepts(&Type::TEXT));
     }
 
     #[test]

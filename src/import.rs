@@ -25,7 +25,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::event::{validate_stream_id, EventData, ImportEvent, JsonText};
+use crate::event::{validate_stream_id, EventData, ImportEvent, JsonbParam};
 use crate::jsonl::JsonLines;
 use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 use crate::store::{duplicate_id, unique_violation, Store, UniqueViolation};
@@ -824,8 +824,8 @@ impl<'s> Writer<'s> {
                 &e.stream,
                 &*version,
                 &e.event.event_type,
-                &JsonText(&e.event.data),
-                &e.event.metadata.as_deref().map(JsonText),
+                &JsonbParam(&e.event.data),
+                &e.event.metadata.as_deref().map(JsonbParam),
                 &recorded_at,
             ];
             writer.write(&row).map_err(|e| Failure::copy(e, batch))?;

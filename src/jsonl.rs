@@ -276,7 +276,7 @@ mod tests {
             version: 1,
             position: 2,
             event_type: "T".into(),
-            data: serde_json::json!({"k": 1}),
+            data: crate::Json::from_value(&serde_json::json!({"k": 1})),
             metadata: None,
             recorded_at: t,
         })

@@ -391,8 +391,8 @@ pub use crate::config::{Config, DEFAULT_DATABASE_URL};
 pub use crate::connect::Manager;
 pub use crate::error::{Error, Result};
 pub use crate::event::{
-    AppendResult, EventData, ImportEvent, RecordedEvent, MAX_EVENT_TYPE_BYTES, MAX_STREAM_ID_BYTES,
-    STREAM_DELETED, STREAM_TOMBSTONE,
+    AppendResult, EventData, ImportEvent, Json, RecordedEvent, MAX_EVENT_TYPE_BYTES,
+    MAX_STREAM_ID_BYTES, STREAM_DELETED, STREAM_TOMBSTONE,
 };
 pub use crate::group::{
     ConsumerGroup, GroupHandle, GroupMember, GroupOptions, GroupPartition, GroupSummary,
@@ -422,7 +422,7 @@ pub use crate::worker::{
 
 // The crates whose types a caller must name to call the API: `postgres` for the
 // transaction and client of `append_in` and friends, `r2d2` for the pool. Others that
-// appear in signatures (`uuid::Uuid` ids, `serde_json::Value` data, the
+// appear in signatures (`uuid::Uuid` ids, `serde_json::Value` data going in, the
 // `crossbeam_channel::Receiver` of `Subscription::ready`) are the caller's own
 // dependencies, at the major versions named in the README.
 pub use postgres;

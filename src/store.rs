@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::connect::{LastConnectError, Manager};
 use crate::error::{Error, Result};
-use crate::event::{validate_stream_id, AppendResult, EventData, JsonText};
+use crate::event::{validate_stream_id, AppendResult, EventData, JsonbParam};
 use crate::listener::{Hub, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::retry::{Backoff, Retry};
@@ -651,7 +651,7 @@ impl Store {
             )));
         }
         self.run("save_snapshot", &self.inner.sql.save_snapshot, |c, s| {
-            c.execute(s, &[&stream, &version, &JsonText(&data)])
+            c.execute(s, &[&stream, &version, &JsonbParam(&data)])
         })?;
         Ok(())
     }
@@ -903,8 +903,8 @@ struct AppendInput<'a> {
     version: i64,
     ids: Vec<Uuid>,
     types: Vec<&'a str>,
-    data: Vec<JsonText<'a>>,
-    metadata: Vec<Option<JsonText<'a>>>,
+    data: Vec<JsonbParam<'a>>,
+    metadata: Vec<Option<JsonbParam<'a>>>,
     /// The NOTIFY channel, for appends inside a caller's transaction.
     channel: Option<&'a str>,
 }
@@ -948,10 +948,10 @@ impl<'a> AppendInput<'a> {
             version,
             ids: events.iter().map(|e| e.id).collect(),
             types: events.iter().map(|e| e.event_type.as_str()).collect(),
-            data: events.iter().map(|e| JsonText(&e.data)).collect(),
+            data: events.iter().map(|e| JsonbParam(&e.data)).collect(),
             metadata: events
                 .iter()
-                .map(|e| e.metadata.as_deref().map(JsonText))
+                .map(|e| e.metadata.as_deref().map(JsonbParam))
                 .collect(),
             channel: None,
         })

@@ -118,7 +118,7 @@ fn recorded_events_carry_everything() -> TestResult {
     assert_eq!(e.position, r.first_position);
     assert_eq!(e.event_type, "Registered");
     assert_eq!(e.data_as::<Registered>()?, data);
-    assert_eq!(e.metadata, Some(meta));
+    assert_eq!(e.metadata_as::<serde_json::Value>()?, Some(meta));
     assert!(e.recorded_at > before);
     assert_eq!(
         t.append("user-1", ExpectedVersion::Any, &events("X", 1))?
