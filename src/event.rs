@@ -179,7 +179,9 @@ pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
 /// event costs one string, not a tree of [`serde_json::Value`]s that a handler may never look
 /// at. Decode it straight into your own type with [`Json::decode`] (or
 /// [`RecordedEvent::data_as`](crate::RecordedEvent::data_as), whose error names the event),
-/// into a `Value` with [`Json::to_value`], or pass the text on with [`Json::as_str`].
+/// into a `Value` with [`Json::to_value`], or pass it on unparsed: [`Json::as_str`] gives
+/// the text, and a `Json` is a parameter (`ToSql`) for a `jsonb` or `json` column of your
+/// own, and a column type (`FromSql`) to read one.
 ///
 /// The text is PostgreSQL's `jsonb` output: keys sorted by length then bytes, no duplicate
 /// keys, one space after `:` and `,`. Two `Json`s are equal when their texts are; a `Json`
@@ -283,6 +285,24 @@ impl<'a> FromSql<'a> for Json {
     fn accepts(ty: &Type) -> bool {
         *ty == Type::JSONB || *ty == Type::JSON
     }
+}
+
+/// As a parameter of your own statements (a `jsonb` or `json` column), sent as it is:
+/// copying an event's data into a read model costs no parsing.
+impl ToSql for Json {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        JsonbParam(self.0.as_bytes()).to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <JsonbParam<'_> as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
 }
 
 /// JSON text sent as `jsonb` without parsing it into a `Value` first.

@@ -313,3 +313,40 @@ fn data_that_value_cannot_hold_reads_and_fails_only_when_parsed() -> TestResult 
     assert!(read[1].data_as::<serde_json::Value>().is_ok());
     Ok(())
 }
+
+/// An event's data and metadata go into a table of one's own as they were read (a `Json`
+/// is a `jsonb` and `json` parameter) and come back out of it as `Json`.
+#[test]
+fn json_is_a_parameter_and_a_column_type_for_your_own_tables() -> TestResult {
+    use pg_eventstore::Json;
+    let t = TestStore::new("read_json_param");
+    let data =
+        serde_json::json!({ "amount": 10, "note": "ünïcode \"quoted\"", "list": [1, 2.5, null] });
+    let meta = serde_json::json!({ "by": "me" });
+    let event = EventData::json("Deposited", data.clone()).metadata(&meta)?;
+    t.append("acc-1", ExpectedVersion::NoStream, &[event])?;
+    let e = t
+        .read_stream("acc-1", ReadStream::forwards())?
+        .next()
+        .unwrap()?;
+    let mut conn = t.pool().get()?;
+    let table = format!("\"{}\".model", t.schema);
+    conn.batch_execute(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, b jsonb NOT NULL, j json, m jsonb)"
+    ))?;
+    conn.execute(
+        &format!("INSERT INTO {table} VALUES (1, $1, $2, $3)"),
+        &[&e.data, &e.data, &e.metadata],
+    )?;
+    let row = conn.query_one(
+        &format!("SELECT b, j, m, b = $1::jsonb FROM {table}"),
+        &[&data],
+    )?;
+    let (b, j, m): (Json, Json, Option<Json>) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(b, e.data);
+    assert_eq!(b, data);
+    assert_eq!(j, data);
+    assert_eq!(m, e.metadata);
+    assert!(row.get::<_, bool>(3), "stored as the same jsonb");
+    Ok(())
+}
