@@ -36,7 +36,7 @@
 //! | W3 | 20,000 single-event appends from 4 threads, each on its own 250 streams | `append` | prepared single-row `INSERT`, 4 connections |
 //! | W4 | read one stream of 100,000 events | `read_stream` | `SELECT ... ORDER BY version` |
 //! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
-//! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
+//! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber (and, in the `other_store_*` fields, one in a second store, as another process would be) | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout | `subscribe` | `subscribe` in plain W6 conditions, same run |
 //! | W6T | W6 with each append an `append_in` in a transaction of its own (woken by the commit watcher), the subscriber in the same store and (extra fields) in a second store; `raw` is plain W6 through the pool in the same run | `append_in` | (plain W6) |
 //! | A6, A12 | `append_in` with 6 (12) writers, each in its own transactions: one event to one of 50 shared streams with `ExpectedVersion::Any`, the transaction held open 0–3 ms, a fifth rolled back; 300 transactions per writer, the same plan for both sides | `append_in` (a refused transaction is retried) | one `INSERT ... SELECT max(version) + 1` per transaction, retried after a unique violation |
@@ -1635,7 +1635,7 @@ fn w6t(ctx: &Ctx) -> Res<Outcome> {
 
 fn w6(ctx: &Ctx) -> Res<Outcome> {
     let rows = rows(ctx.sizes.w6_events);
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let (mut ours, mut raw, mut other) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..ctx.reps {
         if rep % 2 == 0 {
             ours.push(w6_ours(ctx, &rows)?);
@@ -1644,6 +1644,7 @@ fn w6(ctx: &Ctx) -> Res<Outcome> {
             raw.push(w6_raw(ctx, &rows)?);
             ours.push(w6_ours(ctx, &rows)?);
         }
+        other.push(w6_with(ctx, &rows, false, true)?);
     }
     let m = median_of;
     let ours_p50 = m(&ours, |l| l.start_p50);
@@ -1679,6 +1680,18 @@ fn w6(ctx: &Ctx) -> Res<Outcome> {
             (
                 "ours_not_delivered",
                 json!(ours.iter().map(|l| l.missing).max()),
+            ),
+            (
+                "other_store_commit_p50_ms",
+                json!(round3(m(&other, |l| l.commit_p50))),
+            ),
+            (
+                "other_store_commit_p99_ms",
+                json!(round3(m(&other, |l| l.commit_p99))),
+            ),
+            (
+                "other_store_not_delivered",
+                json!(other.iter().map(|l| l.missing).max()),
             ),
             (
                 "raw_not_delivered",

@@ -68,6 +68,12 @@ pub(crate) struct Shared {
     /// Whether anybody has looked yet: until then `nobody_else_listens` is only its
     /// starting value.
     listeners_looked: AtomicBool,
+    /// When this process last sent (or had an append send) a `NOTIFY`, in [`now_micros`].
+    last_notify: AtomicU64,
+    /// The payload of the `NOTIFY`s this store's appends send themselves (unique to the
+    /// store within the machine): its own listener ignores them, as it ignores those of
+    /// its notifier and watcher, since the store wakes its subscribers directly.
+    payload: String,
     last_error: Mutex<Option<String>>,
 }
 
@@ -132,8 +138,17 @@ impl Hub {
             .keepalives_idle(Duration::from_secs(5))
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3);
+        static STORES: AtomicU64 = AtomicU64::new(0);
+        let payload = format!(
+            "{}.{}",
+            std::process::id(),
+            STORES.fetch_add(1, Ordering::Relaxed)
+        );
         Hub {
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared {
+                payload,
+                ..Shared::default()
+            }),
             pg,
             connector,
             channel: channel_name(schema),
@@ -190,6 +205,36 @@ impl Hub {
     pub(crate) fn appended(&self) {
         self.shared.wake_all();
         self.with_notifier(|tx| poke(&self.shared, tx));
+    }
+
+    /// Whether the pool append about to run should send the `NOTIFY` itself, in its own
+    /// transaction, instead of having the notifier send one after it: yes when another
+    /// process listens and this process has sent no `NOTIFY` for [`NOTIFY_INTERVAL`].
+    /// Then the other process is woken as the append commits, without the notifier's
+    /// hop (a channel wake-up and a round trip); and since that happens at most once per
+    /// interval, commits under load still do not queue on PostgreSQL's notify lock. A
+    /// `true` claims the interval. After the append committed, call
+    /// [`Hub::appended_notified`]; if it wrote nothing, [`Hub::appended`] as usual.
+    pub(crate) fn notify_inline(&self) -> bool {
+        let s = &self.shared;
+        if !self.notify
+            || !s.listeners_looked.load(Ordering::Relaxed)
+            || s.nobody_else_listens.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        claim_interval(&s.last_notify, now_micros())
+    }
+
+    /// The payload for the `NOTIFY` of an append that sends its own.
+    pub(crate) fn payload(&self) -> &str {
+        &self.shared.payload
+    }
+
+    /// Called after an append that sent its own `NOTIFY` committed: wakes this process's
+    /// subscribers; other processes have been told.
+    pub(crate) fn appended_notified(&self) {
+        self.shared.wake_all();
     }
 
     /// Called after an `append_in` in the caller's transaction `xid`: the commit watcher
@@ -365,7 +410,7 @@ fn listen(
                 shared.notifier_pid.load(Ordering::Relaxed),
                 shared.watcher_pid.load(Ordering::Relaxed),
             ];
-            let mut woken = match wait_for_notifications(&mut client, own) {
+            let mut woken = match wait_for_notifications(&mut client, own, &shared.payload) {
                 Ok(w) => w,
                 Err(e) => break Some(e),
             };
@@ -394,26 +439,48 @@ fn listen(
 
 /// Waits one round for a notification, then takes whatever else is already buffered.
 /// Returns whether any came from somebody other than our own notifier and commit
-/// watcher (`own`), who wake this process's subscribers directly.
+/// watcher (`own`) and our own appends (`payload`), who wake this process's subscribers
+/// directly.
 fn wait_for_notifications(
     client: &mut postgres::Client,
     own: [i32; 2],
+    payload: &str,
 ) -> Result<bool, postgres::Error> {
+    let foreign =
+        |n: &postgres::Notification| !own.contains(&n.process_id()) && n.payload() != payload;
     let mut notifications = client.notifications();
     let first = notifications.timeout_iter(LISTEN_ROUND).next()?;
     let Some(first) = first else {
         return Ok(false);
     };
-    let mut woken = !own.contains(&first.process_id());
+    let mut woken = foreign(&first);
     let mut pending = notifications.iter();
     while let Some(n) = pending.next()? {
-        woken |= !own.contains(&n.process_id());
+        woken |= foreign(&n);
     }
     Ok(woken)
 }
 
-/// The shortest time between two NOTIFYs of one notifier.
+/// The shortest time between two NOTIFYs of one notifier, and between two appends of
+/// one process that send their own (see [`Hub::notify_inline`]).
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Microseconds since this process first asked.
+fn now_micros() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Moves `last` to `now` when `now` is at least [`NOTIFY_INTERVAL`] after it (or it was
+/// never set), and says whether it did: of callers racing for one interval, one wins.
+fn claim_interval(last: &AtomicU64, now: u64) -> bool {
+    let interval = NOTIFY_INTERVAL.as_micros() as u64;
+    let seen = last.load(Ordering::Relaxed);
+    (seen == 0 || now >= seen + interval)
+        && last
+            .compare_exchange(seen, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
 
 /// How long a notifier trusts its last look at who is listening.
 const LISTENERS_CHECK: Duration = Duration::from_secs(1);
@@ -481,6 +548,9 @@ fn notify_loop(
             }
             match c.batch_execute(&notify) {
                 Ok(()) => {
+                    shared
+                        .last_notify
+                        .store(now_micros().max(1), Ordering::Relaxed);
                     // Under a stream of appends, at most one NOTIFY per interval: what
                     // commits meanwhile rides on the next one.
                     thread::sleep(NOTIFY_INTERVAL);
@@ -620,4 +690,20 @@ fn others_listen(
 ) -> Result<bool, postgres::Error> {
     let row = client.query_one(sql::OTHERS_LISTEN, &[&listen, &own])?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_notify_per_interval_is_claimed() {
+        let step = NOTIFY_INTERVAL.as_micros() as u64;
+        let last = AtomicU64::new(0);
+        assert!(claim_interval(&last, 5), "never sent: free");
+        assert!(!claim_interval(&last, 5 + step - 1), "within the interval");
+        assert!(claim_interval(&last, 5 + step), "an interval later");
+        assert!(!claim_interval(&last, 5 + step), "claimed once");
+        assert!(!claim_interval(&last, 0), "a clock reading from before");
+    }
 }

@@ -29,6 +29,11 @@ pub(crate) fn check_identifier(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// A string literal (standard-conforming: only `'` needs doubling).
+pub(crate) fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// Quotes an identifier already accepted by [`check_identifier`].
 pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -234,6 +239,9 @@ pub(crate) struct Sql {
     /// migrate.rs): the columns of `append`, through a lean statement.
     pub(crate) append_first: Statement,
     pub(crate) append_one: Statement,
+    /// `append_fast` and `append_one` that also send the store's `NOTIFY` as they commit.
+    pub(crate) append_fast_notify: Statement,
+    pub(crate) append_one_notify: Statement,
     pub(crate) stream_head: Statement,
     pub(crate) read_stream_forwards: Statement,
     pub(crate) read_stream_backwards: Statement,
@@ -533,6 +541,23 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
 SELECT count(*), min(global_position), max(global_position), max(stream_version) FROM ins",
             lean_insert("global_position, stream_version")
         );
+        // `append_fast` and `append_one` with the store's `NOTIFY` in the append's own
+        // transaction, sent as it commits when it inserted: for an append that finds
+        // another process listening and no `NOTIFY` sent in the last moment (see
+        // `Hub::notify_inline`), so that the other process is woken without the
+        // notifier's hop. `$8` is the payload (see `Hub::payload`). Extra last column,
+        // not read.
+        let notify = format!(
+            "pg_notify({}, $8::text)::text",
+            literal(&crate::listener::channel_name(schema))
+        );
+        let append_fast_notify = format!(
+            "{}
+SELECT count(*), min(global_position), max(global_position), max(stream_version),
+       (SELECT {notify} WHERE EXISTS (SELECT 1 FROM ins))
+  FROM ins",
+            lean_insert("global_position, stream_version")
+        );
         // `append_fast` for a caller's transaction, inside `append_in_events` and
         // `append_in_any`, which run it only while the transaction has no id yet and
         // none of the ids is stored: the slot is then empty, the id taken by the insert
@@ -554,16 +579,27 @@ SELECT r.c, r.lo, r.hi, (SELECT v FROM head), cardinality($2)::bigint,
             lean_insert("global_position")
         );
         // The same for one event, with plain parameters instead of arrays to unnest.
-        let append_one = format!(
-            "WITH head AS (
-    {head}
-)
-INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
+        let one_insert = format!(
+            "INSERT INTO {events} (global_position, event_id, stream_id, stream_version, event_type, data, metadata)
 SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, COALESCE(h.v, -1) + 1,
        $3::text, $4::jsonb, $5::jsonb
   FROM head h
  WHERE {expected}
 RETURNING global_position, stream_version"
+        );
+        let append_one = format!(
+            "WITH head AS (
+    {head}
+)
+{one_insert}"
+        );
+        let append_one_notify = format!(
+            "WITH head AS (
+    {head}
+), ins AS (
+{one_insert}
+)
+SELECT global_position, stream_version, {notify} FROM ins"
         );
         // One event, the first write of a caller's transaction, in one statement, run by
         // `append_in_events` and `append_in_any` from schema version 9 (see
@@ -629,8 +665,10 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_in_first: append_in_first(false),
             append_in_first_any: append_in_first(true),
             append_fast,
+            append_fast_notify,
             append_first,
             append_one,
+            append_one_notify,
             stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}

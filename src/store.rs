@@ -313,8 +313,12 @@ impl Store {
             crate::retry::sweep(self.pool());
         }
         let mut conn = self.conn()?;
-        if let Some(result) = self.append_fast(&mut conn, input)? {
-            self.inner.hub.appended();
+        let notify = self.inner.hub.notify_inline();
+        if let Some(result) = self.append_fast(&mut conn, input, notify)? {
+            match notify {
+                true => self.inner.hub.appended_notified(),
+                false => self.inner.hub.appended(),
+            }
             return Ok(result);
         }
         let statement = self.prepared(&mut conn, self.full_append(input.expected))?;
@@ -341,27 +345,45 @@ impl Store {
     }
 
     /// The lean statements: `None` when they wrote nothing or lost on a unique
-    /// constraint (the full statement then decides).
+    /// constraint (the full statement then decides). With `notify`, the variants that
+    /// send the store's `NOTIFY` as they commit.
     fn append_fast(
         &self,
         conn: &mut Conn,
         input: &AppendInput<'_>,
+        notify: bool,
     ) -> Result<Option<AppendResult>> {
+        let sql = &self.inner.sql;
         let lost = |e: postgres::Error| match unique_violation(&e) {
             Some(_) => Ok(None),
             None => Err(self.map_error(e)),
         };
         let n = input.ids.len() as i64;
+        // The lean statements take 7 parameters; those that notify the payload as `$8`.
+        let payload = self.inner.hub.payload();
+        let used = if notify { 8 } else { 7 };
         let (count, first_position, last_position, last_version) = if n == 1 {
-            let statement = self.prepared(conn, &self.inner.sql.append_one)?;
-            match conn.query_opt(&statement, &input.one_params()) {
+            let statement = match notify {
+                true => &sql.append_one_notify,
+                false => &sql.append_one,
+            };
+            let statement = self.prepared(conn, statement)?;
+            let [a, b, c, d, e, f, g] = input.one_params();
+            let params: [&(dyn ToSql + Sync); 8] = [a, b, c, d, e, f, g, &payload];
+            match conn.query_opt(&statement, &params[..used]) {
                 Ok(None) => return Ok(None),
                 Ok(Some(row)) => (1, row.get::<_, i64>(0), row.get::<_, i64>(0), row.get(1)),
                 Err(e) => return lost(e),
             }
         } else {
-            let statement = self.prepared(conn, &self.inner.sql.append_fast)?;
-            let row = match conn.query_one(&statement, &input.params()[..7]) {
+            let statement = match notify {
+                true => &sql.append_fast_notify,
+                false => &sql.append_fast,
+            };
+            let statement = self.prepared(conn, statement)?;
+            let mut params = input.params();
+            params[7] = &payload;
+            let row = match conn.query_one(&statement, &params[..used]) {
                 Ok(row) => row,
                 Err(e) => return lost(e),
             };

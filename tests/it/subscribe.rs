@@ -519,6 +519,53 @@ fn appends_send_no_notify_while_no_other_process_listens() -> TestResult {
     Ok(())
 }
 
+/// While another process listens, an append through the pool that comes after a quiet
+/// moment carries the `NOTIFY` in its own commit: the other process is woken without the
+/// notifier's hop.
+#[test]
+fn a_pool_append_after_a_quiet_moment_notifies_in_its_own_commit() -> TestResult {
+    let app = format!("pges_inline_notify_{}", std::process::id());
+    let t = TestStore::with("sub_inline_notify", |c| c.application_name(&app));
+    let channel = format!("\"{}_events\"", t.schema);
+    let mut spy = crate::common::client();
+    spy.batch_execute(&format!("LISTEN {channel}"))?;
+    let deadline = Instant::now() + WAIT;
+    let mut from = Vec::new();
+    // One event and three: the two statements that can carry the NOTIFY.
+    for (round, n) in [1, 3].into_iter().enumerate() {
+        from.clear();
+        loop {
+            t.append(&format!("s{round}"), ExpectedVersion::Any, &events("E", n))?;
+            let senders: Vec<i32> = spy
+                .notifications()
+                .timeout_iter(Duration::from_millis(100))
+                .map(|n| Ok(n.process_id()))
+                .collect()?;
+            for pid in senders {
+                let query: String = spy
+                .query_one(
+                    "SELECT query FROM pg_stat_activity WHERE pid = $1 AND application_name = $2",
+                    &[&pid, &app],
+                )?
+                .get(0);
+                from.push(query);
+            }
+            // (`pg_stat_activity` shows the first 1 kB of a statement: the INSERT, not
+            // always the pg_notify after it; only the append statements insert.)
+            // The first appends come before the notifier's first look at who listens: the
+            // notifier sends their NOTIFY. Once it has looked, the appends send their own.
+            if from.iter().any(|q| q.contains("INSERT INTO")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no append of {n} sent its own NOTIFY; senders ran: {from:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
     let app = format!("pges_watch_notify_{}", std::process::id());
