@@ -70,8 +70,8 @@ pub(crate) struct Shared {
     listeners_looked: AtomicBool,
     /// When this process last sent (or had an append send) a `NOTIFY`, in [`now_micros`].
     last_notify: AtomicU64,
-    /// The payload of the `NOTIFY`s this store's appends send themselves (unique to the
-    /// store within the machine): its own listener ignores them, as it ignores those of
+    /// The payload of the `NOTIFY`s this store's appends send themselves (a UUID of the
+    /// store's own): its own listener ignores them, as it ignores those of
     /// its notifier and watcher, since the store wakes its subscribers directly.
     payload: String,
     last_error: Mutex<Option<String>>,
@@ -138,12 +138,9 @@ impl Hub {
             .keepalives_idle(Duration::from_secs(5))
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3);
-        static STORES: AtomicU64 = AtomicU64::new(0);
-        let payload = format!(
-            "{}.{}",
-            std::process::id(),
-            STORES.fetch_add(1, Ordering::Relaxed)
-        );
+        // Unique across processes and machines: a store must not mistake another's
+        // wake-up for its own.
+        let payload = uuid::Uuid::now_v7().simple().to_string();
         Hub {
             shared: Arc::new(Shared {
                 payload,
