@@ -163,7 +163,7 @@ fn target(workload: &str) -> Option<f64> {
         "W3" => Some(0.85),
         "W4" | "W5" => Some(0.95),
         "W6X" => Some(0.80),
-        "W7" => Some(0.80),
+        "W7" => Some(0.95),
         "A6" | "A6A" | "A12" | "A6F" | "A12F" => Some(0.90),
         "P2" => Some(0.80),
         "M1" => Some(16.0),
