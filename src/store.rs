@@ -315,9 +315,10 @@ impl Store {
         let mut conn = self.conn()?;
         let notify = self.inner.hub.notify_inline();
         if let Some(result) = self.append_fast(&mut conn, input, notify)? {
-            match notify {
-                true => self.inner.hub.appended_notified(),
-                false => self.inner.hub.appended(),
+            if notify {
+                self.inner.hub.appended_notified();
+            } else {
+                self.inner.hub.appended();
             }
             return Ok(result);
         }
@@ -354,6 +355,11 @@ impl Store {
         notify: bool,
     ) -> Result<Option<AppendResult>> {
         let sql = &self.inner.sql;
+        let (one, many) = if notify {
+            (&sql.append_one_notify, &sql.append_fast_notify)
+        } else {
+            (&sql.append_one, &sql.append_fast)
+        };
         let lost = |e: postgres::Error| match unique_violation(&e) {
             Some(_) => Ok(None),
             None => Err(self.map_error(e)),
@@ -363,11 +369,7 @@ impl Store {
         let payload = self.inner.hub.payload();
         let used = if notify { 8 } else { 7 };
         let (count, first_position, last_position, last_version) = if n == 1 {
-            let statement = match notify {
-                true => &sql.append_one_notify,
-                false => &sql.append_one,
-            };
-            let statement = self.prepared(conn, statement)?;
+            let statement = self.prepared(conn, one)?;
             let [a, b, c, d, e, f, g] = input.one_params();
             let params: [&(dyn ToSql + Sync); 8] = [a, b, c, d, e, f, g, &payload];
             match conn.query_opt(&statement, &params[..used]) {
@@ -376,11 +378,7 @@ impl Store {
                 Err(e) => return lost(e),
             }
         } else {
-            let statement = match notify {
-                true => &sql.append_fast_notify,
-                false => &sql.append_fast,
-            };
-            let statement = self.prepared(conn, statement)?;
+            let statement = self.prepared(conn, many)?;
             let mut params = input.params();
             params[7] = &payload;
             let row = match conn.query_one(&statement, &params[..used]) {
