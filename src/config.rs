@@ -40,6 +40,7 @@ pub struct Config {
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) read_page_size: u32,
+    pub(crate) read_snapshot_max_age: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) read_all_wait: Duration,
     pub(crate) held_back_warning: Duration,
@@ -87,6 +88,7 @@ impl Config {
             max_lifetime: Some(Duration::from_secs(1800)),
             statement_timeout: None,
             read_page_size: 1000,
+            read_snapshot_max_age: Duration::from_secs(1),
             poll_interval: Duration::from_secs(1),
             read_all_wait: Duration::from_secs(10),
             held_back_warning: Duration::from_secs(5),
@@ -349,6 +351,21 @@ impl Config {
     /// in memory at a time.
     pub fn read_page_size(mut self, n: u32) -> Self {
         self.read_page_size = n;
+        self
+    }
+
+    /// How long a read that goes on past its first page may keep one snapshot. Such a
+    /// read fetches its pages through a cursor in a read-only transaction, and while that
+    /// transaction is open its snapshot holds back `VACUUM` and HOT pruning in the whole
+    /// database. So the read ends the transaction and goes on from the last event it
+    /// fetched in a new one once the snapshot is this old, and also when a page it has
+    /// fetched has waited this long for you to take it: a worker or a subscription
+    /// catching up over millions of events, or a slow consumer of a read, never holds a
+    /// snapshot for longer. The order is unchanged and no event is skipped or repeated;
+    /// a `$all` read still ends at the horizon it found on its first page. Default:
+    /// 1 s; zero starts a new transaction for every page.
+    pub fn read_snapshot_max_age(mut self, age: Duration) -> Self {
+        self.read_snapshot_max_age = age;
         self
     }
 

@@ -179,7 +179,9 @@
 //! [`Events`] owns a pooled connection while it reads. The first page is a plain query;
 //! a longer read continues through a server-side cursor in a read-only transaction, one
 //! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
-//! VACUUM: see [`Events`] for how a long batch job avoids that.
+//! VACUUM, so a read starts a new transaction (after the last event it fetched) whenever
+//! its snapshot is [`Config::read_snapshot_max_age`] old (1 s) or a fetched page has
+//! waited that long for you: see [`Events`].
 //!
 //! # Subscriptions
 //!

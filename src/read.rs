@@ -3,9 +3,9 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 
 use postgres::types::ToSql;
 use postgres::Row;
@@ -378,9 +378,15 @@ enum State {
 /// drop waits for the page in flight), or after an error (after which it yields `None`).
 ///
 /// An open cursor holds a snapshot, and a snapshot held for a long time holds back
-/// VACUUM in the whole database. A batch job that reads for hours should read in slices
-/// instead: `ReadAll::after(last).max_count(100_000)`, one slice after the other, each
-/// its own short transaction.
+/// `VACUUM` in the whole database. So a read never keeps one for longer than
+/// [`Config::read_snapshot_max_age`](crate::Config::read_snapshot_max_age) (1 s by
+/// default): once its transaction is that old, or a page it fetched has waited that long
+/// for you, it ends the transaction and goes on after the last event fetched in a new
+/// one. Reading for hours, or slowly (a worker or a subscription catching up, a handler
+/// that takes its time), holds nothing back for longer. The order and the guarantee stay
+/// the same: no event is skipped or repeated, and a `$all` read still ends at the horizon
+/// of its first page; a forwards stream read may include events appended to the stream
+/// while it ran.
 ///
 /// A transient failure (a lost connection, a server restart: see
 /// [`Config::max_retries`](crate::Config::max_retries)) is retried: a read that has
@@ -680,45 +686,84 @@ impl Events {
 }
 
 /// The cursor reader: opens a read-only transaction with a portal (the protocol's
-/// cursor) on the read's statement after the first page, sends page after page (one
-/// ahead of the consumer), and commits after the last page. On an error, or when the
-/// consumer has gone, the transaction is dropped, which rolls it back. Dropping `conn` at
-/// the end gives it back to the pool; if the rollback failed the connection is broken, and
-/// the pool drops it instead of reusing it.
+/// cursor) on the read's statement after the first page, and sends page after page (one
+/// ahead of the consumer). It commits after the last page, and also, so that no snapshot
+/// is held long (see [`Config::read_snapshot_max_age`](crate::Config::read_snapshot_max_age)),
+/// once the transaction is that old or a fetched page has waited that long for the
+/// consumer; the next page then comes from a new transaction and portal that start after
+/// the last event fetched. On an error, or when the consumer has gone, the transaction is
+/// dropped, which rolls it back. Dropping `conn` at the end gives it back to the pool; if
+/// the rollback failed the connection is broken, and the pool drops it instead of reusing
+/// it.
 fn read_cursor(
     store: Store,
     mut conn: Conn,
-    query: Query,
-    limit: Option<i64>,
+    mut query: Query,
+    mut limit: Option<i64>,
     page: u64,
     pages: Sender<Result<Vec<Row>>>,
 ) {
+    let max_age = store.config().read_snapshot_max_age;
     let mut run = || -> Result<()> {
         let statement = store.prepared(&mut conn, query.statement(&store))?;
-        let mut tx = conn.build_transaction().read_only(true).start()?;
-        let portal = tx
-            .bind(&statement, &query.params(&limit))
-            .map_err(|e| store.map_error(e))?;
         let max_rows = i32::try_from(page).unwrap_or(i32::MAX);
         loop {
-            let rows = tx
-                .query_portal(&portal, max_rows)
+            let mut tx = conn.build_transaction().read_only(true).start()?;
+            let began = Instant::now();
+            let portal = tx
+                .bind(&statement, &query.params(&limit))
                 .map_err(|e| store.map_error(e))?;
-            if (rows.len() as u64) < page {
-                // End the transaction before handing over the last page, so that the
-                // connection is back in the pool when the consumer sees the end.
-                tx.commit()?;
-                let _ = pages.send(Ok(rows));
-                return Ok(());
-            }
-            if pages.send(Ok(rows)).is_err() {
-                return Ok(()); // the consumer has gone
+            loop {
+                let rows = tx
+                    .query_portal(&portal, max_rows)
+                    .map_err(|e| store.map_error(e))?;
+                let events = advance_past(&mut query, &rows)?;
+                if let Some(l) = &mut limit {
+                    *l -= events;
+                }
+                if (rows.len() as u64) < page || limit == Some(0) {
+                    // End the transaction before handing over the last page, so that the
+                    // connection is back in the pool when the consumer sees the end.
+                    tx.commit()?;
+                    let _ = pages.send(Ok(rows));
+                    return Ok(());
+                }
+                let wait = max_age.saturating_sub(began.elapsed());
+                match pages.send_timeout(Ok(rows), wait) {
+                    Ok(()) if began.elapsed() < max_age => continue,
+                    Ok(()) => {
+                        tx.commit()?;
+                        break;
+                    }
+                    Err(SendTimeoutError::Timeout(rows)) => {
+                        // The consumer is busy: wait for it without a snapshot.
+                        tx.commit()?;
+                        if pages.send(rows).is_err() {
+                            return Ok(()); // the consumer has gone
+                        }
+                        break;
+                    }
+                    Err(SendTimeoutError::Disconnected(_)) => return Ok(()), // gone
+                }
             }
         }
     };
     if let Err(e) = run() {
         let _ = pages.send(Err(e));
     }
+}
+
+/// Moves `query`'s keyset bound past the last event of `rows` (a page as the read's
+/// statement returns it, whose first row may be a `$all` status row), and returns how
+/// many events the page holds.
+fn advance_past(query: &mut Query, rows: &[Row]) -> Result<i64> {
+    let status = rows.first().is_some_and(Horizon::is_status_row);
+    let events = rows.len() - usize::from(status);
+    if events > 0 {
+        let last = rows.last().expect("a page with events");
+        query.advance_to(last.try_get(3)?, last.try_get(0)?);
+    }
+    Ok(events as i64)
 }
 
 impl Iterator for Events {

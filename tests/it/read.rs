@@ -1,4 +1,6 @@
 use crate::common::{events, wait_visible, TestResult, TestStore};
+use std::time::{Duration, Instant};
+
 use pg_eventstore::{EventData, ExpectedVersion, ReadAll, ReadStream, Result};
 
 fn stream_versions(t: &TestStore, stream: &str, options: ReadStream) -> Vec<u64> {
@@ -13,11 +15,22 @@ fn small_pages(name: &str) -> TestStore {
     TestStore::with(name, |c| c.read_page_size(3).max_connections(1))
 }
 
+/// Small pages, each fetched in a transaction of its own (a snapshot may not get older
+/// than zero): every page after the second goes through the cursor's renewal.
+fn renewing(name: &str) -> TestStore {
+    TestStore::with(name, |c| {
+        c.read_page_size(3)
+            .max_connections(1)
+            .read_snapshot_max_age(Duration::ZERO)
+    })
+}
+
 #[test]
 fn stream_reads_forwards_backwards_from_and_max_count() -> TestResult {
     for t in [
         TestStore::new("read_stream"),
         small_pages("read_stream_paged"),
+        renewing("read_stream_renewing"),
     ] {
         t.append("s", ExpectedVersion::NoStream, &events("E", 10))?;
         t.append("noise", ExpectedVersion::NoStream, &events("E", 4))?;
@@ -70,7 +83,11 @@ fn stream_reads_forwards_backwards_from_and_max_count() -> TestResult {
 
 #[test]
 fn read_all_in_order_with_filters() -> TestResult {
-    for t in [TestStore::new("read_all"), small_pages("read_all_paged")] {
+    for t in [
+        TestStore::new("read_all"),
+        small_pages("read_all_paged"),
+        renewing("read_all_renewing"),
+    ] {
         t.append("order-1", ExpectedVersion::Any, &events("OrderPlaced", 2))?;
         t.append("user-1", ExpectedVersion::Any, &events("UserRegistered", 1))?;
         t.append("order-2", ExpectedVersion::Any, &events("OrderShipped", 3))?;
@@ -168,6 +185,58 @@ fn dropping_a_read_midway_gives_the_connection_back_clean() -> TestResult {
         state, "idle",
         "the pooled connection was left inside a transaction"
     );
+    Ok(())
+}
+
+/// Backends of `schema`'s store that sit in an open transaction holding a snapshot.
+fn snapshots_held(schema: &str) -> i64 {
+    crate::common::client()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE state = 'idle in transaction' AND backend_xmin IS NOT NULL
+                AND strpos(query, $1) > 0",
+            &[&schema],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_read_holds_no_snapshot_while_you_work_through_it() -> TestResult {
+    // Pages of 10: after 25 events the reader has fetched two pages ahead and waits for
+    // the consumer inside its cursor's transaction. It must not hold that snapshot (and
+    // so hold back VACUUM) for longer than `read_snapshot_max_age`.
+    let t = TestStore::with("read_no_snapshot", |c| {
+        c.read_page_size(10)
+            .max_connections(1)
+            .read_snapshot_max_age(Duration::from_millis(100))
+    });
+    let last = t
+        .append("s", ExpectedVersion::NoStream, &events("E", 100))?
+        .last_position;
+    wait_visible(&t, last);
+    for all in [false, true] {
+        let mut read = if all {
+            t.read_all(ReadAll::from_start())?
+        } else {
+            t.read_stream("s", ReadStream::forwards())?
+        };
+        let mut seen: Vec<u64> = Vec::new();
+        for _ in 0..25 {
+            seen.push(read.next().unwrap()?.version);
+        }
+        let waited = Instant::now();
+        while snapshots_held(&t.schema) > 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "the reader still holds its snapshot (all: {all})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The read goes on where it was, in a new transaction: every event once, in order.
+        seen.extend(read.map(|e| e.unwrap().version));
+        assert_eq!(seen, (0..100).collect::<Vec<u64>>(), "all: {all}");
+    }
     Ok(())
 }
 
