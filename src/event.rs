@@ -1,6 +1,7 @@
 //! Events going in ([`EventData`](crate::EventData)) and coming out ([`RecordedEvent`](crate::RecordedEvent)).
 
 use std::fmt;
+use std::io;
 use std::time::SystemTime;
 
 use postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
@@ -185,7 +186,11 @@ pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
 ///
 /// The text is PostgreSQL's `jsonb` output: keys sorted by length then bytes, no duplicate
 /// keys, one space after `:` and `,`. Two `Json`s are equal when their texts are; a `Json`
-/// equals a `Value` when it parses to it. It serializes (serde) as the JSON it holds.
+/// equals a `Value` when it parses to it. It serializes (serde) as the JSON it holds,
+/// through a `Value`, so with any serializer, but a number is then what `f64` makes of it
+/// (and one beyond its range fails); [`Json::write_compact`] and
+/// [`RecordedEvent::write_json`](crate::RecordedEvent::write_json) write the text as
+/// stored.
 ///
 /// ```
 /// # use pg_eventstore::RecordedEvent;
@@ -224,6 +229,26 @@ impl Json {
     pub fn to_value(&self) -> serde_json::Result<Value> {
         self.decode()
     }
+
+    /// Writes the JSON without its insignificant whitespace (`jsonb` puts a space after
+    /// `:` and `,`), unparsed: every number exactly as stored, keys in the stored order.
+    pub fn write_compact<W: io::Write + ?Sized>(&self, out: &mut W) -> io::Result<()> {
+        let text = self.0.as_bytes();
+        let (mut start, mut i, mut in_string) = (0, 0, false);
+        while i < text.len() {
+            match (in_string, text[i]) {
+                (true, b'\\') => i += 1, // the escaped character is skipped below
+                (_, b'"') => in_string = !in_string,
+                (false, b' ' | b'\n' | b'\t' | b'\r') => {
+                    out.write_all(&text[start..i])?;
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        out.write_all(&text[start..])
+    }
 }
 
 impl fmt::Debug for Json {
@@ -259,7 +284,7 @@ impl PartialEq<Json> for Value {
 impl Serialize for Json {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         // Through `Value`, not `RawValue`: `RawValue` is only understood by serde_json's
-        // own serializer.
+        // own serializer. Exact output: `write_compact`.
         self.to_value()
             .map_err(serde::ser::Error::custom)?
             .serialize(s)
@@ -334,7 +359,9 @@ impl ToSql for JsonbParam<'_> {
 /// It serializes (serde) to the JSON object that `pg-eventstore read` and `export` print,
 /// one per line, and that [`Store::import_json_lines`](crate::Store::import_json_lines)
 /// reads back: `id`, `stream`, `version`, `position`, `type`, `data`, `metadata` (left out
-/// when the event has none) and `recorded_at` (RFC 3339 in UTC, in microseconds).
+/// when the event has none) and `recorded_at` (RFC 3339 in UTC, in microseconds). The
+/// CLI writes it with [`RecordedEvent::write_json`], which keeps the data exactly as
+/// stored; serde parses the data into a `Value` first (see [`Json`]).
 ///
 /// ```
 /// # use pg_eventstore::RecordedEvent;
@@ -389,6 +416,46 @@ impl RecordedEvent {
                 .map(Some)
                 .map_err(|e| self.decode_error("metadata", e)),
         }
+    }
+
+    /// Writes the event as one JSON object, the line `pg-eventstore export` prints:
+    /// `id`, `stream`, `version`, `position`, `type`, `data`, `metadata` (left out when
+    /// there is none) and `recorded_at`, as `Serialize` names them. The data and
+    /// metadata are written as stored ([`Json::write_compact`]), not parsed: unlike
+    /// serializing through serde (which goes through [`Value`]), every digit of a number
+    /// survives, and a number beyond `f64` is written rather than failing. An import of
+    /// the line stores the same JSON.
+    ///
+    /// ```
+    /// # use pg_eventstore::RecordedEvent;
+    /// fn export(events: &[RecordedEvent], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    ///     for event in events {
+    ///         event.write_json(out)?;
+    ///         out.write_all(b"\n")?;
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn write_json<W: io::Write + ?Sized>(&self, out: &mut W) -> io::Result<()> {
+        write!(out, r#"{{"id":"{}","stream":"#, self.id)?;
+        serde_json::to_writer(&mut *out, &self.stream_id)?;
+        write!(
+            out,
+            r#","version":{},"position":{},"type":"#,
+            self.version, self.position
+        )?;
+        serde_json::to_writer(&mut *out, &self.event_type)?;
+        out.write_all(br#","data":"#)?;
+        self.data.write_compact(out)?;
+        if let Some(m) = &self.metadata {
+            out.write_all(br#","metadata":"#)?;
+            m.write_compact(out)?;
+        }
+        write!(
+            out,
+            r#","recorded_at":"{}"}}"#,
+            humantime::format_rfc3339_micros(self.recorded_at)
+        )
     }
 
     fn decode_error(&self, part: &'static str, source: serde_json::Error) -> Error {
@@ -550,6 +617,58 @@ mod tests {
         assert!(!has_nul_escape(br#"{"a":"\u0001"}"#));
         let e = EventData::json("T", serde_json::json!({"s": "a\0b"}));
         assert!(e.validate(0).is_err());
+    }
+
+    fn compact(text: &str) -> String {
+        let mut out = Vec::new();
+        Json(text.into()).write_compact(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn write_compact_drops_only_the_whitespace_between_tokens() {
+        assert_eq!(
+            compact(r#"{"a": 1, "b c": "x \" y\\", "d": [1.50, 2, {"e": null}]}"#),
+            r#"{"a":1,"b c":"x \" y\\","d":[1.50,2,{"e":null}]}"#
+        );
+        // `json` (not `jsonb`) keeps the text as written.
+        assert_eq!(
+            compact("{\n\t\"a\" : [ 1 ,2 ],\r\n \"b\": \" \\\\\" }"),
+            r#"{"a":[1,2],"b":" \\"}"#
+        );
+        assert_eq!(
+            compact("12345678901234567890123"),
+            "12345678901234567890123"
+        );
+        assert_eq!(compact(r#""""#), r#""""#);
+    }
+
+    #[test]
+    fn write_json_is_the_serde_line_with_the_data_as_stored() {
+        let t = humantime::parse_rfc3339("2026-11-25T10:00:00.123456Z").unwrap();
+        let mut event = RecordedEvent {
+            id: Uuid::now_v7(),
+            stream_id: "user-\"ä\"\n".into(),
+            version: 7,
+            position: 1 << 40,
+            event_type: "T\\".into(),
+            data: Json(r#"{"a": 1, "bb": [true, null, "x y"]}"#.into()),
+            metadata: None,
+            recorded_at: t,
+        };
+        for metadata in [
+            None,
+            Some(Json("null".into())),
+            Some(Json(r#"{"k": 2}"#.into())),
+        ] {
+            event.metadata = metadata;
+            let mut line = Vec::new();
+            event.write_json(&mut line).unwrap();
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                serde_json::to_string(&event).unwrap()
+            );
+        }
     }
 
     #[test]

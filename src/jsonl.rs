@@ -1,6 +1,8 @@
 //! JSON lines, the interchange format of the command-line tool: one event per line.
 //!
-//! Output lines are [`RecordedEvent`](crate::RecordedEvent)s serialized with serde.
+//! Output lines are [`RecordedEvent`](crate::RecordedEvent)s written by
+//! [`RecordedEvent::write_json`](crate::RecordedEvent::write_json): the fields serde gives
+//! them, with the data and metadata exactly as stored.
 //! Input lines ([`JsonLines`]) are JSON objects with
 //!
 //! * `type` (a string) and `data` (any JSON value): required;

@@ -530,7 +530,9 @@ fn print_json<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), Failu
 }
 
 fn write_event(out: &mut impl Write, event: &RecordedEvent) -> Result<(), Failure> {
-    print_json(out, event)
+    event.write_json(out)?;
+    out.write_all(b"\n")?;
+    Ok(())
 }
 
 fn write_events(

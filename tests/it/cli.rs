@@ -117,6 +117,57 @@ fn export_then_import_into_another_schema_gives_identical_events() -> TestResult
 }
 
 #[test]
+fn export_keeps_every_digit_of_the_data() -> TestResult {
+    // Numbers that jsonb keeps exactly and `f64` cannot: more digits than a double holds,
+    // trailing zeros, one beyond its range; keys and strings with spaces and escapes.
+    let from = TestStore::new("cli_export_exact");
+    let into = TestStore::new("cli_import_exact");
+    let input = concat!(
+        r#"{"stream":"n-1","type":"Big","data":{"n": 12345678901234567890123, "x": 1.50}}"#,
+        "\n",
+        r#"{"stream":"n-1","type":"Huge","data":{"h": 1e400},"metadata":{"a b": "c \" d\\"}}"#,
+        "\n",
+    );
+    let import = run(&from.schema, &["import"], input);
+    assert!(import.status.success(), "{}", stderr(&import));
+    from.wait_all_visible();
+
+    let export = run(&from.schema, &["export"], "");
+    assert!(export.status.success(), "{}", stderr(&export));
+    let lines = stdout(&export);
+    let lines: Vec<&str> = lines.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines[0].contains(r#""data":{"n":12345678901234567890123,"x":1.50}"#),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains(&format!(r#""data":{{"h":1{}}}"#, "0".repeat(400))),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[1].contains(r#""metadata":{"a b":"c \" d\\"}"#),
+        "{}",
+        lines[1]
+    );
+    // Each line is JSON, and imports into another store as the same data.
+    for line in &lines {
+        serde_json::from_str::<serde::de::IgnoredAny>(line)?;
+    }
+    let import = run(&into.schema, &["import"], &(lines.join("\n") + "\n"));
+    assert!(import.status.success(), "{}", stderr(&import));
+    into.wait_all_visible();
+    let (a, b) = (all(&from), all(&into));
+    assert_eq!(
+        a.iter().map(|e| (&e.data, &e.metadata)).collect::<Vec<_>>(),
+        b.iter().map(|e| (&e.data, &e.metadata)).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[test]
 fn append_with_a_wrong_expected_version_is_a_conflict_and_writes_nothing() -> TestResult {
     let t = TestStore::new("cli_conflict");
     let lines = "{\"type\":\"Deposited\",\"data\":{\"amount\":10}}\n\
