@@ -458,6 +458,39 @@ impl RecordedEvent {
         )
     }
 
+    /// The event as an [`EventData`] to append or import elsewhere (another store, a
+    /// stream that replaces this one): the same id, type, data and metadata, the JSON
+    /// copied as stored rather than parsed, so that every digit survives. An append of it
+    /// to a store that already holds the id refuses it as a repeat (or returns the first
+    /// append's result, for the same stream); give it a new one with [`EventData::id`]
+    /// to store it twice.
+    ///
+    /// ```
+    /// # use pg_eventstore::{ExpectedVersion, RecordedEvent, Store};
+    /// fn copy(event: &RecordedEvent, to: &Store) -> pg_eventstore::Result<()> {
+    ///     to.append(&event.stream_id, ExpectedVersion::Any, &[event.to_event_data()])?;
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn to_event_data(&self) -> EventData {
+        let mut data = Vec::with_capacity(self.data.as_str().len());
+        self.data
+            .write_compact(&mut data)
+            .expect("writing to a Vec cannot fail");
+        let metadata = self.metadata.as_ref().map(|m| {
+            let mut out = Vec::with_capacity(m.as_str().len());
+            m.write_compact(&mut out)
+                .expect("writing to a Vec cannot fail");
+            out
+        });
+        EventData {
+            id: self.id,
+            event_type: self.event_type.clone(),
+            data,
+            metadata,
+        }
+    }
+
     fn decode_error(&self, part: &'static str, source: serde_json::Error) -> Error {
         Error::Decode {
             stream: self.stream_id.clone(),
