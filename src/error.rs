@@ -218,8 +218,9 @@ impl Error {
         matches!(self, Error::WrongExpectedVersion { .. })
     }
 
-    /// Whether the failure is transient: the connection was lost or refused, the server
-    /// is shutting down, starting up or full, or the transaction lost a serialization
+    /// Whether the failure is transient: the connection was lost or refused (also ended
+    /// by the server's `idle_in_transaction_session_timeout` or `idle_session_timeout`),
+    /// the server is shutting down, starting up or full, or the transaction lost a serialization
     /// or deadlock conflict. The store has already retried such a failure
     /// [`Config::max_retries`](crate::Config::max_retries) times before returning it.
     pub fn is_transient(&self) -> bool {
@@ -408,6 +409,10 @@ fn is_transient_pg(e: &postgres::Error) -> bool {
             SqlState::CRASH_SHUTDOWN,
             SqlState::CANNOT_CONNECT_NOW,
             SqlState::TOO_MANY_CONNECTIONS,
+            // The server ended the session for being idle (in a transaction): a new
+            // connection goes on.
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+            SqlState::IDLE_SESSION_TIMEOUT,
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
         ]

@@ -240,6 +240,65 @@ fn a_read_holds_no_snapshot_while_you_work_through_it() -> TestResult {
     Ok(())
 }
 
+/// A server that ends sessions idle in a transaction for longer than 300 ms
+/// (`idle_in_transaction_session_timeout`, as many operators set it) does not break a
+/// read whose consumer pauses for a second mid-read: the reader is never idle in its
+/// transaction for longer than `read_snapshot_max_age`, so nothing fails and nothing is
+/// retried. (Before, the read failed: "terminating connection due to idle-in-transaction
+/// timeout".) With a longer `read_snapshot_max_age` the server does end the reader's
+/// session, and the read goes on after a retry, every event once.
+#[test]
+fn a_paused_read_survives_an_idle_in_transaction_timeout() -> TestResult {
+    let t = TestStore::new("read_idle_timeout");
+    let store = |max_age: Duration| {
+        let mut pg: pg_eventstore::postgres::Config =
+            crate::common::database_url().parse().unwrap();
+        pg.options("-c idle_in_transaction_session_timeout=300");
+        pg_eventstore::Store::connect(
+            pg_eventstore::Config::from_pg(pg)
+                .schema(&t.schema)
+                .max_connections(2)
+                .read_page_size(10)
+                .read_snapshot_max_age(max_age),
+        )
+        .unwrap()
+    };
+    let last = t
+        .append("s", ExpectedVersion::NoStream, &events("E", 100))?
+        .last_position;
+    wait_visible(&t, last);
+    for (max_age, retries) in [(100, 0), (10_000, 1)] {
+        let store = store(Duration::from_millis(max_age));
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let versions = metrics::with_local_recorder(&recorder, || -> Result<Vec<u64>> {
+            let mut read = store.read_all(ReadAll::from_start())?;
+            let mut seen = Vec::new();
+            for e in read.by_ref().take(25) {
+                seen.push(e?.version);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            for e in read {
+                seen.push(e?.version);
+            }
+            Ok(seen)
+        })?;
+        assert_eq!(versions, (0..100).collect::<Vec<u64>>());
+        let retried: u64 = recorder
+            .snapshotter()
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "pg_eventstore_retries_total")
+            .map(|(.., value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(retried, retries, "max age {max_age} ms");
+    }
+    Ok(())
+}
+
 #[test]
 fn large_events_round_trip() -> TestResult {
     let t = TestStore::new("read_large");
