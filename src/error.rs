@@ -82,6 +82,17 @@ pub enum Error {
         /// The processor name.
         name: String,
     },
+    /// A running worker lost its processor lock: the session holding it ended (a network
+    /// failure, a server restart, `pg_terminate_backend`), so another instance could take
+    /// the lock. The worker stopped its handlers as soon as it noticed (its lock's
+    /// session is checked four times a second) and returned this; start it again to go
+    /// on.
+    ProcessorLockLost {
+        /// The processor name.
+        name: String,
+        /// Why the lock's connection failed.
+        source: postgres::Error,
+    },
     /// A worker's handler failed on an event after all its retries, and the worker
     /// stopped (see [`OnFailure::Stop`](crate::OnFailure::Stop)).
     Handler {
@@ -276,6 +287,11 @@ impl fmt::Display for Error {
                 f,
                 "another worker named {name:?} is already running (it holds the processor's lock)"
             ),
+            Error::ProcessorLockLost { name, source: _ } => write!(
+                f,
+                "worker {name:?} lost its processor lock (the connection holding it failed) \
+                 and stopped, since another instance may take over"
+            ),
             Error::Handler {
                 processor,
                 stream,
@@ -376,6 +392,7 @@ impl StdError for Error {
             Error::Json(e) => Some(e),
             Error::Decode { source, .. } => Some(source),
             Error::Handler { source, .. } => Some(source.as_ref()),
+            Error::ProcessorLockLost { source, .. } => Some(source),
             Error::Pool {
                 last_connect_error: Some(e),
                 ..

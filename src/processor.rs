@@ -7,7 +7,10 @@
 //! [`Worker::replay_dead_letters`](crate::Worker::replay_dead_letters).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
+
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -350,6 +353,81 @@ impl ProcessorLock {
                 });
             }
             thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// How often a running worker checks the session that holds its processor lock.
+const LOCK_CHECK: Duration = Duration::from_millis(250);
+
+/// A running worker's [`ProcessorLock`], watched by a thread of its own that sends an
+/// empty query on the lock's connection every [`LOCK_CHECK`]. A session lock lasts as
+/// long as its session, and a session can end under a running worker: a network
+/// failure, a server restart, `pg_terminate_backend`, or the server's
+/// `idle_session_timeout` (which these checks keep from firing). Another instance can
+/// then take the lock, so when a check fails the keeper sets the flag it was armed with
+/// (the dispatcher's abort flag: the handler threads stop taking events at once) and
+/// keeps the error for the worker to return. Dropping the keeper stops the thread and
+/// releases the lock.
+pub(crate) struct LockKeeper {
+    shared: Arc<KeeperShared>,
+    stop: Option<Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct KeeperShared {
+    abort: OnceLock<Arc<AtomicBool>>,
+    lost: Mutex<Option<postgres::Error>>,
+}
+
+impl LockKeeper {
+    /// Starts watching `lock`; a check that gets no answer within `timeout` fails.
+    pub(crate) fn start(mut lock: ProcessorLock, timeout: Duration) -> LockKeeper {
+        let shared = Arc::new(KeeperShared::default());
+        let (stop, stopped) = bounded::<()>(0);
+        let watch = shared.clone();
+        let thread = thread::Builder::new()
+            .name("pg-eventstore-lock".into())
+            .spawn(move || loop {
+                if stopped.recv_timeout(LOCK_CHECK) != Err(RecvTimeoutError::Timeout) {
+                    return; // dropped: `lock` is released as the thread ends
+                }
+                if let Err(e) = lock.conn().is_valid(timeout) {
+                    *watch.lost.lock().unwrap() = Some(e);
+                    if let Some(abort) = watch.abort.get() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                    return;
+                }
+            })
+            .expect("spawn the processor lock keeper");
+        LockKeeper {
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Sets `abort` when the lock is lost (at once if it already is).
+    pub(crate) fn arm(&self, abort: Arc<AtomicBool>) {
+        let _ = self.shared.abort.set(abort.clone());
+        if self.shared.lost.lock().unwrap().is_some() {
+            abort.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The failure that lost the lock, once.
+    pub(crate) fn take_lost(&self) -> Option<postgres::Error> {
+        self.shared.lost.lock().unwrap().take()
+    }
+}
+
+impl Drop for LockKeeper {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

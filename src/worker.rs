@@ -18,7 +18,7 @@ use r2d2::PooledConnection;
 use crate::checkpoint::validate_processor_name;
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
-use crate::processor::ProcessorLock;
+use crate::processor::{LockKeeper, ProcessorLock};
 use crate::read::ReadAll;
 use crate::store::{Conn, Store};
 use crate::subscription::SubscribeOptions;
@@ -411,9 +411,12 @@ impl Worker {
         lock: ProcessorLock,
     ) -> Result<WorkerSummary> {
         // Declared first, so dropped last: on every way out of this function (an error
-        // returned with `?` too) the dispatcher joins the handler threads before it
-        // releases the lock, and the tracker's last write comes before both.
-        let mut dispatcher = Dispatcher::start(&self, handler, Box::new(lock), None, QUEUE);
+        // returned with `?` too) the tracker's last write comes first, then the
+        // dispatcher joins the handler threads, and only then the keeper releases the
+        // lock. A lost lock stops the handler threads at once (the dispatcher's abort).
+        let keeper = LockKeeper::start(lock, self.store.config().connection_timeout);
+        let mut dispatcher = Dispatcher::start(&self, handler, Box::new(()), None, QUEUE);
+        keeper.arm(dispatcher.abort.clone());
         let mut tracker = self
             .store
             .tracker(&self.name)?
@@ -496,6 +499,12 @@ impl Worker {
                 processor: self.name.clone(),
             });
         }
+        if let Some(source) = keeper.take_lost() {
+            fatal.get_or_insert(Error::ProcessorLockLost {
+                name: self.name.clone(),
+                source,
+            });
+        }
         self.collect(dispatcher.done(), &mut flight, &mut summary, &mut fatal);
         if let Some(p) = flight.low_water.take() {
             tracker.update(p)?;
@@ -549,12 +558,14 @@ pub(crate) struct Dispatcher {
     queues: Vec<Sender<Job>>,
     router: Router,
     threads: Vec<JoinHandle<()>>,
-    /// Set by a thread whose handler failed for good, and by `drop`: queued events are
-    /// skipped, unfinished, so the checkpoint stays before them.
+    /// Set by a thread whose handler failed for good, by a worker's `LockKeeper` when
+    /// the lock is lost, and by `drop`: queued events are skipped, unfinished, so the
+    /// checkpoint stays before them.
     abort: Arc<AtomicBool>,
     done: Receiver<Done>,
     /// Released after the threads have ended (fields drop after `Drop::drop`): the
-    /// processor lock of a worker, the membership of a group member.
+    /// membership of a group member. (A worker's processor lock is held by its
+    /// `LockKeeper`, dropped after the dispatcher.)
     _guard: Box<dyn Send>,
 }
 

@@ -456,6 +456,51 @@ fn a_second_worker_with_the_same_name_is_refused_and_live_mode_follows() -> Test
     Ok(())
 }
 
+/// The backend holding processor `name`'s lock (see `ProcessorLock`: class "PES2",
+/// `hashtext('<schema>:<name>')`), if one does.
+fn lock_holder(t: &TestStore, name: &str) -> Option<i32> {
+    client()
+        .query_opt(
+            "SELECT pid FROM pg_locks
+              WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                AND classid::text::bigint = 1346720562
+                AND objid::text::bigint = (hashtext($1)::bigint + 4294967296) % 4294967296",
+            &[&format!("{}:{name}", t.schema)],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// A worker whose lock's session ends (a network failure, a restart, the server's
+/// `idle_session_timeout`) no longer holds the lock, and another instance could start.
+/// It must notice and stop, with an error that says so, rather than run on beside it.
+#[test]
+fn a_worker_that_loses_its_lock_stops_with_an_error() -> TestResult {
+    let t = store_with("worker_lock_lost");
+    let handled = Arc::new(Mutex::new(0u64));
+    let h = handled.clone();
+    let worker = t.worker("kept").spawn(move |_| {
+        *h.lock().unwrap() += 1;
+        Ok(())
+    })?;
+    t.append("s", ExpectedVersion::NoStream, &events("E", 5))?;
+    wait_for("the first events", || *handled.lock().unwrap() == 5);
+    let pid = lock_holder(&t, "kept").expect("the running worker holds its lock");
+    let killed: bool = client()
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])?
+        .get(0);
+    assert!(killed);
+    wait_for("the worker to notice", || !worker.is_running());
+    match worker.join() {
+        Err(Error::ProcessorLockLost { name, .. }) => assert_eq!(name, "kept"),
+        other => panic!("expected ProcessorLockLost, got {other:?}"),
+    }
+    // The lock is free: another instance starts, from the checkpoint of the first.
+    let summary = t.worker("kept").run_batch(|_| Ok(()))?;
+    assert!(summary.handled <= 5);
+    Ok(())
+}
+
 /// What the handlers of two instances of one processor did, to find overlaps.
 #[derive(Default)]
 struct Overlaps {
