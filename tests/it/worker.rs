@@ -501,6 +501,41 @@ fn a_worker_that_loses_its_lock_stops_with_an_error() -> TestResult {
     Ok(())
 }
 
+/// A server that ends idle sessions after 500 ms (`idle_session_timeout`): a live worker
+/// keeps its lock through two idle seconds (its lock's session is never idle that long)
+/// and handles what is appended after them, as does a subscription.
+#[test]
+fn a_worker_keeps_its_lock_under_idle_session_timeout() -> TestResult {
+    let t = store_with("worker_idle_session");
+    let mut pg: pg_eventstore::postgres::Config = crate::common::database_url().parse()?;
+    pg.options("-c idle_session_timeout=500");
+    let store = Store::connect(
+        pg_eventstore::Config::from_pg(pg)
+            .schema(&t.schema)
+            .max_connections(10),
+    )?;
+    let handled = Arc::new(Mutex::new(0u64));
+    let h = handled.clone();
+    let worker = store.worker("idle").spawn(move |_| {
+        *h.lock().unwrap() += 1;
+        Ok(())
+    })?;
+    let mut sub = store.subscribe(pg_eventstore::SubscribeOptions::all())?;
+    thread::sleep(Duration::from_secs(2));
+    assert!(worker.is_running(), "the worker stopped while idle");
+    store.append("s", ExpectedVersion::NoStream, &events("E", 3))?;
+    for _ in 0..3 {
+        sub.next_timeout(Duration::from_secs(10))
+            .expect("the subscription delivers")?;
+    }
+    wait_for("the worker to handle the events", || {
+        *handled.lock().unwrap() == 3
+    });
+    assert!(lock_holder(&t, "idle").is_some());
+    assert_eq!(worker.stop()?.handled, 3);
+    Ok(())
+}
+
 /// What the handlers of two instances of one processor did, to find overlaps.
 #[derive(Default)]
 struct Overlaps {
