@@ -82,11 +82,12 @@ pub enum Error {
         /// The processor name.
         name: String,
     },
-    /// A running worker lost its processor lock: the session holding it ended (a network
-    /// failure, a server restart, `pg_terminate_backend`), so another instance could take
-    /// the lock. The worker stopped its handlers as soon as it noticed (its lock's
-    /// session is checked four times a second) and returned this; start it again to go
-    /// on.
+    /// A worker in batch mode lost its processor lock: the session holding it ended (a
+    /// network failure, a server restart, `pg_terminate_backend`), so another instance
+    /// could take the lock. The worker stopped its handlers as soon as it noticed (its
+    /// lock's session is checked four times a second) and returned this; run it again to
+    /// go on. (A live worker takes the lock again itself, once it is free, and goes on
+    /// from its checkpoint.)
     ProcessorLockLost {
         /// The processor name.
         name: String,

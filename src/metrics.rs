@@ -24,7 +24,7 @@
 //! | `group_leases_total` | counter | partitions a consumer group member took, handed over or lost (labels `processor`, `change`: `acquired`, `released`, `lost`) |
 //! | `group_partitions` | gauge | partitions a consumer group member of this process holds (labels `processor`, `member`) |
 //! | `group_revoked_events_total` | counter | events a consumer group member dropped unhandled because their partition's lease was gone (label `processor`) |
-//! | `worker_errors_total` | counter | errors a worker absorbed and went on after (labels `processor`, and `kind`: `subscription` for a failed read of its subscription, `handler` for a handler call that failed and is retried, `parked` for an event parked in the dead-letter table; a consumer group member also counts `heartbeat` for a failed renewal and `group` for a failed lease or read statement, both retried); retried checkpoint writes count in `retries_total` with `operation` `save_checkpoint` |
+//! | `worker_errors_total` | counter | errors a worker absorbed and went on after (labels `processor`, and `kind`: `subscription` for a failed read of its subscription, `handler` for a handler call that failed and is retried, `parked` for an event parked in the dead-letter table, `lock_lost` for a live worker whose processor lock's session ended (it stopped its handlers and takes the lock again); a consumer group member also counts `heartbeat` for a failed renewal and `group` for a failed lease or read statement, both retried); retried checkpoint writes count in `retries_total` with `operation` `save_checkpoint` |
 
 use std::time::Instant;
 

@@ -403,6 +403,9 @@ impl Worker {
         self.run_locked(handler, mode, stop, lock)
     }
 
+    /// Runs with the lock held. In live mode a lost lock (see [`LockKeeper`]) is taken
+    /// again, waiting while another instance holds it, and the worker goes on from its
+    /// checkpoint; a batch run returns [`Error::ProcessorLockLost`].
     fn run_locked(
         self,
         handler: Handler,
@@ -410,12 +413,62 @@ impl Worker {
         stop: Arc<AtomicBool>,
         lock: ProcessorLock,
     ) -> Result<WorkerSummary> {
+        let mut summary = WorkerSummary::default();
+        let mut lock = lock;
+        loop {
+            match self.run_once(handler.clone(), &mode, &stop, lock, &mut summary) {
+                Err(Error::ProcessorLockLost { name, source }) if matches!(mode, Mode::Live) => {
+                    crate::metrics::worker_error(&name, "lock_lost");
+                    tracing::warn!(
+                        processor = %name,
+                        error = %crate::error::chain(&source),
+                        "pg-eventstore: worker lost its processor lock; its handlers stopped, \
+                         taking the lock again"
+                    );
+                    match self.retake_lock(&stop)? {
+                        Some(l) => lock = l,
+                        None => return Ok(summary), // stopped while waiting
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(summary),
+            }
+        }
+    }
+
+    /// Takes the processor lock again after losing it: waits while another instance
+    /// holds it, and retries with the crate's backoff while the server cannot be
+    /// reached. `None` once the worker is stopped.
+    fn retake_lock(&self, stop: &AtomicBool) -> Result<Option<ProcessorLock>> {
+        let mut backoff = crate::retry::Backoff::new(self.retry_delay, crate::retry::MAX_DELAY);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            match ProcessorLock::acquire(&self.store, &self.name, true, stop) {
+                Ok(lock) => return Ok(Some(lock)),
+                Err(Error::ProcessorLocked { .. }) => return Ok(None), // stopped
+                Err(e) if e.is_transient() => thread::sleep(backoff.next_delay()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One run with `lock`, adding what it did to `summary`.
+    fn run_once(
+        &self,
+        handler: Handler,
+        mode: &Mode,
+        stop: &AtomicBool,
+        lock: ProcessorLock,
+        summary: &mut WorkerSummary,
+    ) -> Result<()> {
         // Declared first, so dropped last: on every way out of this function (an error
         // returned with `?` too) the tracker's last write comes first, then the
         // dispatcher joins the handler threads, and only then the keeper releases the
         // lock. A lost lock stops the handler threads at once (the dispatcher's abort).
         let keeper = LockKeeper::start(lock, self.store.config().connection_timeout);
-        let mut dispatcher = Dispatcher::start(&self, handler, Box::new(()), None, QUEUE);
+        let mut dispatcher = Dispatcher::start(self, handler, Box::new(()), None, QUEUE);
         keeper.arm(dispatcher.abort.clone());
         let mut tracker = self
             .store
@@ -436,9 +489,8 @@ impl Worker {
                 Source::Live(Box::new(self.store.subscribe(options)?))
             }
         };
-        let mut scan = Scan::new(&self, start);
+        let mut scan = Scan::new(self, start);
         let mut flight = InFlight::default();
-        let mut summary = WorkerSummary::default();
         let mut fatal: Option<Error> = None;
         let mut seq = 0u64;
         while !stop.load(Ordering::Relaxed) && !dispatcher.has_failed() {
@@ -480,7 +532,7 @@ impl Worker {
                 },
                 None => {}
             }
-            self.collect(dispatcher.done(), &mut flight, &mut summary, &mut fatal);
+            self.collect(dispatcher.done(), &mut flight, summary, &mut fatal);
             if let Some(p) = flight.low_water.take() {
                 tracker.update(p)?;
             } else if flight.queue.is_empty() && scan.is_due() {
@@ -505,7 +557,7 @@ impl Worker {
                 source,
             });
         }
-        self.collect(dispatcher.done(), &mut flight, &mut summary, &mut fatal);
+        self.collect(dispatcher.done(), &mut flight, summary, &mut fatal);
         if let Some(p) = flight.low_water.take() {
             tracker.update(p)?;
         }
@@ -518,7 +570,7 @@ impl Worker {
         summary.checkpoint = tracker.saved_position();
         match fatal {
             Some(e) => Err(e),
-            None => Ok(summary),
+            None => Ok(()),
         }
     }
 
