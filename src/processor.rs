@@ -9,10 +9,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
-
-use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use std::time::{Duration, SystemTime};
 
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use serde::Serialize;
 use uuid::Uuid;
 
