@@ -577,14 +577,14 @@ fn a_live_worker_rides_out_a_database_restart_and_holds_its_lock_again() -> Test
     Ok(())
 }
 
-/// A server that ends idle sessions after 500 ms (`idle_session_timeout`): a live worker
-/// keeps its lock through two idle seconds (its lock's session is never idle that long)
+/// A server that ends idle sessions after 1 s (`idle_session_timeout`): a live worker
+/// keeps its lock through three idle seconds (its lock's session is never idle that long)
 /// and handles what is appended after them, as does a subscription.
 #[test]
 fn a_worker_keeps_its_lock_under_idle_session_timeout() -> TestResult {
     let t = store_with("worker_idle_session");
     let mut pg: pg_eventstore::postgres::Config = crate::common::database_url().parse()?;
-    pg.options("-c idle_session_timeout=500");
+    pg.options("-c idle_session_timeout=1000");
     let store = Store::connect(
         pg_eventstore::Config::from_pg(pg)
             .schema(&t.schema)
@@ -597,7 +597,7 @@ fn a_worker_keeps_its_lock_under_idle_session_timeout() -> TestResult {
         Ok(())
     })?;
     let mut sub = store.subscribe(pg_eventstore::SubscribeOptions::all())?;
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(3));
     assert!(worker.is_running(), "the worker stopped while idle");
     store.append("s", ExpectedVersion::NoStream, &events("E", 3))?;
     for _ in 0..3 {
