@@ -86,9 +86,16 @@ fn spans_carry_stream_count_and_duration_but_no_data() -> TestResult {
     let t = TestStore::new("spans");
     let capture = Capture::default();
     tracing::subscriber::with_default(capture.clone(), || -> TestResult {
+        // tracing caches each callsite's interest process-wide, and while one dispatcher
+        // is registered it asks the registering thread's default: a test on another
+        // thread, without a subscriber, that reaches a callsite first caches "never" and
+        // this capture would miss the span. Ask again, with this thread's capture, before
+        // each traced call.
+        tracing::callsite::rebuild_interest_cache();
         t.migrate()?;
         let secret = serde_json::json!({ "card": "s3cr3t-payload" });
         let meta = serde_json::json!({ "note": "s3cr3t-metadata" });
+        tracing::callsite::rebuild_interest_cache();
         t.append(
             "traced",
             ExpectedVersion::NoStream,
@@ -104,6 +111,7 @@ fn spans_carry_stream_count_and_duration_but_no_data() -> TestResult {
                 &[EventData::json("Paid", serde_json::json!({}))]
             )
             .is_err());
+        tracing::callsite::rebuild_interest_cache();
         assert_eq!(t.read_stream("traced", ReadStream::forwards())?.count(), 2);
         Ok(())
     })?;
