@@ -240,6 +240,79 @@ fn a_read_holds_no_snapshot_while_you_work_through_it() -> TestResult {
     Ok(())
 }
 
+/// A `$all` read that starts a new transaction for every page (a zero max age) while
+/// four writers append, some in `append_in` transactions that stay open a moment: it
+/// returns exactly the events a later read finds below its last position, each once, in
+/// order. The renewals never skip or repeat an event.
+#[test]
+fn a_read_renewing_its_snapshot_under_concurrent_appends_skips_and_repeats_nothing() -> TestResult {
+    let t = TestStore::with("read_renew_concurrent", |c| {
+        c.read_page_size(5)
+            .read_snapshot_max_age(Duration::ZERO)
+            .max_connections(8)
+    });
+    t.append("seed", ExpectedVersion::NoStream, &events("E", 50))?;
+    t.wait_all_visible();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let read: Vec<u64> = std::thread::scope(|s| -> Result<Vec<u64>> {
+        for w in 0..4 {
+            let (store, stop) = (&t.store, &stop);
+            s.spawn(move || {
+                let mut i = 0;
+                let mut client = crate::common::client();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let stream = format!("w{w}-{}", i % 5);
+                    if w % 2 == 0 {
+                        store
+                            .append(&stream, ExpectedVersion::Any, &events("E", 2))
+                            .unwrap();
+                    } else {
+                        let mut tx = client.transaction().unwrap();
+                        store
+                            .append_in(&mut tx, &stream, ExpectedVersion::Any, &events("E", 2))
+                            .unwrap();
+                        std::thread::sleep(Duration::from_millis(2));
+                        tx.commit().unwrap();
+                    }
+                    i += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut positions = Vec::new();
+        for e in t.read_all(ReadAll::from_start())? {
+            positions.push(e?.position);
+            if positions.len() % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(positions)
+    })?;
+    // What the table holds up to the read's last event, once every writer has ended,
+    // by SQL (not through the code under test).
+    let last = *read.last().unwrap();
+    let later: Vec<u64> = crate::common::client()
+        .query(
+            &format!(
+                "SELECT global_position FROM \"{}\".events
+                  WHERE global_position <= $1 ORDER BY global_position",
+                t.schema
+            ),
+            &[&(last as i64)],
+        )?
+        .iter()
+        .map(|r| r.get::<_, i64>(0) as u64)
+        .collect();
+    assert!(read.len() > 50, "the read saw only the seed");
+    assert!(
+        read.windows(2).all(|w| w[0] < w[1]),
+        "out of order or repeated"
+    );
+    assert_eq!(read, later);
+    Ok(())
+}
+
 /// A server that ends sessions idle in a transaction for longer than 800 ms
 /// (`idle_in_transaction_session_timeout`, as many operators set it; 800 leaves room for a
 /// busy machine) does not break a read whose consumer pauses for two seconds mid-read:
