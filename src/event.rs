@@ -249,6 +249,14 @@ impl Json {
         }
         out.write_all(&text[start..])
     }
+
+    /// [`Json::write_compact`] into bytes.
+    fn compact(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.0.len());
+        self.write_compact(&mut out)
+            .expect("writing to a Vec cannot fail");
+        out
+    }
 }
 
 impl fmt::Debug for Json {
@@ -473,21 +481,11 @@ impl RecordedEvent {
     /// }
     /// ```
     pub fn to_event_data(&self) -> EventData {
-        let mut data = Vec::with_capacity(self.data.as_str().len());
-        self.data
-            .write_compact(&mut data)
-            .expect("writing to a Vec cannot fail");
-        let metadata = self.metadata.as_ref().map(|m| {
-            let mut out = Vec::with_capacity(m.as_str().len());
-            m.write_compact(&mut out)
-                .expect("writing to a Vec cannot fail");
-            out
-        });
         EventData {
             id: self.id,
             event_type: self.event_type.clone(),
-            data,
-            metadata,
+            data: self.data.compact(),
+            metadata: self.metadata.as_ref().map(Json::compact),
         }
     }
 

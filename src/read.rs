@@ -596,9 +596,8 @@ impl Events {
                 if full && self.remaining.is_none_or(|r| r > limit) {
                     // The cursor starts after the first page, which is still buffered:
                     // start reading ahead now, while the caller works through it.
-                    let last = rows.last().expect("a full page");
                     let mut query = self.query.clone();
-                    query.advance_to(last.try_get(3)?, last.try_get(0)?);
+                    advance_past(&mut query, &rows)?;
                     let limit = self.remaining.map(|r| (r - limit) as i64);
                     let (tx, rx) = bounded(1);
                     let store = self.store.clone();
