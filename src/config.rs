@@ -364,6 +364,12 @@ impl Config {
     /// snapshot for longer. The order is unchanged and no event is skipped or repeated;
     /// a `$all` read still ends at the horizon it found on its first page. Default:
     /// 1 s; zero starts a new transaction for every page.
+    ///
+    /// A page that has waited this long for you also gives the read's connection back to
+    /// the pool until you take it, so reads you have paused (a slow consumer, an iterator
+    /// put aside) do not use up the pool's [`max_connections`](Config::max_connections).
+    /// The read then needs a pool connection to go on, and fails like any other call if
+    /// none comes within [`connection_timeout`](Config::connection_timeout).
     pub fn read_snapshot_max_age(mut self, age: Duration) -> Self {
         self.read_snapshot_max_age = age;
         self

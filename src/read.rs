@@ -690,23 +690,31 @@ impl Events {
 /// is held long (see [`Config::read_snapshot_max_age`](crate::Config::read_snapshot_max_age)),
 /// once the transaction is that old or a fetched page has waited that long for the
 /// consumer; the next page then comes from a new transaction and portal that start after
-/// the last event fetched. On an error, or when the consumer has gone, the transaction is
+/// the last event fetched. While a page waits for a busy consumer it also gives the
+/// connection back to the pool, and takes one again when the consumer has taken the
+/// page. On an error, or when the consumer has gone, the transaction is
 /// dropped, which rolls it back. Dropping `conn` at the end gives it back to the pool; if
 /// the rollback failed the connection is broken, and the pool drops it instead of reusing
 /// it.
 fn read_cursor(
     store: Store,
-    mut conn: Conn,
+    conn: Conn,
     mut query: Query,
     mut limit: Option<i64>,
     page: u64,
     pages: Sender<Result<Vec<Row>>>,
 ) {
     let max_age = store.config().read_snapshot_max_age;
+    // `None` while the consumer is away: the connection is back in the pool.
+    let mut held = Some(conn);
     let mut run = || -> Result<()> {
-        let statement = store.prepared(&mut conn, query.statement(&store))?;
         let max_rows = i32::try_from(page).unwrap_or(i32::MAX);
         loop {
+            let conn = match &mut held {
+                Some(conn) => conn,
+                None => held.insert(store.conn()?),
+            };
+            let statement = store.prepared(conn, query.statement(&store))?;
             let mut tx = conn.build_transaction().read_only(true).start()?;
             let began = Instant::now();
             let portal = tx
@@ -735,8 +743,10 @@ fn read_cursor(
                         break;
                     }
                     Err(SendTimeoutError::Timeout(rows)) => {
-                        // The consumer is busy: wait for it without a snapshot.
+                        // The consumer is busy: wait for it without a snapshot, and
+                        // without a connection that other threads may need meanwhile.
                         tx.commit()?;
+                        held = None;
                         if pages.send(rows).is_err() {
                             return Ok(()); // the consumer has gone
                         }

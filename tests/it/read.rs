@@ -240,6 +240,63 @@ fn a_read_holds_no_snapshot_while_you_work_through_it() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn paused_reads_give_their_connections_back_to_the_pool() -> TestResult {
+    // A pool of two, and two reads paused mid-way, each with a page fetched ahead: once
+    // those pages have waited `read_snapshot_max_age`, both connections are back in the
+    // pool, other work gets them, and both reads then go on where they were.
+    let t = TestStore::with("read_paused_pool", |c| {
+        c.read_page_size(10)
+            .max_connections(2)
+            .connection_timeout(Duration::from_secs(2))
+            .read_snapshot_max_age(Duration::from_millis(100))
+    });
+    t.append("s", ExpectedVersion::NoStream, &events("E", 100))?;
+    t.wait_all_visible();
+    let mut stream = t.read_stream("s", ReadStream::forwards())?;
+    let mut all = t.read_all(ReadAll::from_start())?;
+    let (mut from_stream, mut from_all): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+    for _ in 0..25 {
+        from_stream.push(stream.next().unwrap()?.version);
+        from_all.push(all.next().unwrap()?.version);
+    }
+    let waited = Instant::now();
+    while t.pool().state().idle_connections < 2 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "the paused reads still hold {} of the pool's connections",
+            2 - t.pool().state().idle_connections
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Both at once, as two other threads of the program would.
+    std::thread::scope(|s| {
+        let appends: Vec<_> = (0..2)
+            .map(|k| {
+                let store = &t.store;
+                s.spawn(move || {
+                    let stream = format!("other-{k}");
+                    let mut conn = store.connection()?;
+                    let mut tx = conn.transaction()?;
+                    tx.append(&stream, ExpectedVersion::NoStream, &events("F", 1))?;
+                    std::thread::sleep(Duration::from_millis(200));
+                    tx.commit()
+                })
+            })
+            .collect();
+        for a in appends {
+            a.join()
+                .unwrap()
+                .expect("an append while the reads are paused");
+        }
+    });
+    from_stream.extend(stream.map(|e| e.unwrap().version));
+    from_all.extend(all.map(|e| e.unwrap().version));
+    assert_eq!(from_stream, (0..100).collect::<Vec<u64>>());
+    assert_eq!(from_all, (0..100).collect::<Vec<u64>>());
+    Ok(())
+}
+
 /// A `$all` read that starts a new transaction for every page (a zero max age) while
 /// four writers append, some in `append_in` transactions that stay open a moment: it
 /// returns exactly the events a later read finds below its last position, each once, in
