@@ -274,7 +274,8 @@ impl Config {
     ///
     /// Transient means: the connection was refused, reset or closed, the server is
     /// shutting down or starting up (SQLSTATE 57P01, 57P02, 57P03), too many connections
-    /// (53300), a serialization failure (40001) or a deadlock (40P01). Reads are always
+    /// (53300), a serialization failure (40001), a deadlock (40P01), or a `lock_timeout`
+    /// that ran out (55P03: waiting for a stream's lock, say). Reads are always
     /// retried (a read that already yielded events goes on after the last one it
     /// yielded). Appends are retried with the same event ids, which makes them
     /// idempotent: an append whose first attempt did commit before its connection died

@@ -232,8 +232,8 @@ impl Error {
 
     /// Whether the failure is transient: the connection was lost or refused (also ended
     /// by the server's `idle_in_transaction_session_timeout` or `idle_session_timeout`),
-    /// the server is shutting down, starting up or full, or the transaction lost a serialization
-    /// or deadlock conflict. The store has already retried such a failure
+    /// the server is shutting down, starting up or full, the transaction lost a serialization
+    /// or deadlock conflict, or its `lock_timeout` ran out while it waited for a lock. The store has already retried such a failure
     /// [`Config::max_retries`](crate::Config::max_retries) times before returning it.
     pub fn is_transient(&self) -> bool {
         is_transient(self)
@@ -433,6 +433,9 @@ fn is_transient_pg(e: &postgres::Error) -> bool {
             SqlState::IDLE_SESSION_TIMEOUT,
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
+            // `lock_timeout` ran out while another transaction held a lock we wait for
+            // (a stream's, for an `Any` append): it ends, and the next attempt gets it.
+            SqlState::LOCK_NOT_AVAILABLE,
         ]
         .contains(code)
             // Class 08: connection exceptions.

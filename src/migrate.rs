@@ -645,9 +645,23 @@ pub(crate) fn run(
 ) -> Result<MigrationReport> {
     let history = format!("{}.{}", quote(schema), quote(table));
     let mut tx = client.transaction()?;
+    // Another process migrating the same schema holds the lock for as long as its
+    // migrations take: wait for it, whatever `lock_timeout` and `statement_timeout` the
+    // role or the store sets, and put them back for the migrations themselves (so that
+    // DDL stuck behind the application's locks still gives up as configured).
+    let timeouts = tx.query_one(
+        "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')",
+        &[],
+    )?;
+    let (lock_timeout, statement_timeout): (String, String) = (timeouts.get(0), timeouts.get(1));
+    tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
         &[&LOCK_CLASS, &schema],
+    )?;
+    tx.execute(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+        &[&lock_timeout, &statement_timeout],
     )?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {};\n{}",

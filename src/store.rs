@@ -216,6 +216,10 @@ impl Store {
     /// Creates or upgrades the schema. Safe to call from many processes at once (an
     /// advisory lock serialises them) and to call again (it does nothing then).
     /// Transient failures are retried (see [`Config::max_retries`]).
+    ///
+    /// A call waits for another process that is migrating the same schema for as long as
+    /// that takes, even past the session's `lock_timeout` and `statement_timeout`; the
+    /// migrations themselves then run under those settings.
     pub fn migrate(&self) -> Result<MigrationReport> {
         let config = &self.inner.config;
         crate::metrics::migration(

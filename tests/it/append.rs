@@ -756,3 +756,30 @@ fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
     assert_eq!(again, names, "prepared again");
     Ok(())
 }
+
+/// With a `lock_timeout` on the store's sessions shorter than a caller's transaction that
+/// holds a stream's lock, an `Any` append to that stream through the pool is refused by
+/// the server (SQLSTATE 55P03) until the lock is free: it is retried like any transient
+/// failure, and goes in once. (Before, the first refusal was the caller's error.)
+#[test]
+fn an_any_append_through_the_pool_retries_a_lock_timeout() -> TestResult {
+    let t = TestStore::new("append_lock_timeout");
+    let mut pg: pg_eventstore::postgres::Config = crate::common::database_url().parse()?;
+    pg.options("-c lock_timeout=100");
+    let store = pg_eventstore::Store::connect(
+        pg_eventstore::Config::from_pg(pg)
+            .schema(&t.schema)
+            .max_connections(2)
+            .retry_delay(std::time::Duration::from_millis(100)),
+    )?;
+    let mut client = crate::common::client();
+    let mut tx = client.transaction()?;
+    t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("A", 1))?;
+    let appending = thread::spawn(move || store.append("s", ExpectedVersion::Any, &events("B", 1)));
+    thread::sleep(std::time::Duration::from_millis(400));
+    tx.commit()?;
+    let r = appending.join().unwrap()?;
+    assert_eq!(r.last_version, 1);
+    assert_eq!(versions(&t, "s"), vec![0, 1]);
+    Ok(())
+}

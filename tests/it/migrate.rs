@@ -184,3 +184,37 @@ fn upgrading_from_7_keeps_the_append_in_functions_and_their_grants() -> TestResu
     );
     Ok(())
 }
+
+/// Two processes that start at once both migrate: the second waits for the first's
+/// advisory lock for as long as its migrations take, even when the role (or the store's
+/// `Config::statement_timeout`) sets `lock_timeout` and `statement_timeout` below that.
+/// (Before, the waiting one failed with "canceling statement due to lock timeout".)
+#[test]
+fn migrate_waits_for_another_migrator_longer_than_the_sessions_timeouts() -> TestResult {
+    let schema = schema_name("migrate_waits");
+    let mut pg: pg_eventstore::postgres::Config = crate::common::database_url().parse()?;
+    pg.options("-c lock_timeout=200 -c statement_timeout=400");
+    // No retries: the wait itself must outlast the timeouts (a lock timeout is transient,
+    // and retries alone could cover a short wait).
+    let store = Store::connect(
+        Config::from_pg(pg)
+            .schema(&schema)
+            .max_connections(2)
+            .max_retries(0),
+    )?;
+    // The other migrator: it holds the schema's migration lock for a second and a half.
+    let mut other = crate::common::client();
+    let mut tx = other.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(x'50455331'::int, hashtext($1))",
+        &[&schema],
+    )?;
+    let migrating = thread::spawn(move || store.migrate().map(|r| (r, store)));
+    thread::sleep(std::time::Duration::from_millis(1500));
+    tx.commit()?;
+    let (report, store) = migrating.join().unwrap()?;
+    assert_eq!(report.current_version, SCHEMA_VERSION);
+    drop(store);
+    crate::common::client().batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))?;
+    Ok(())
+}
