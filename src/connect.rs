@@ -34,6 +34,17 @@ use crate::tls::Connector;
 /// How long a connect may take when the configuration sets no `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Run on every connection as it opens, inside the connect deadline. The store's
+/// statements are written for `READ COMMITTED`: each sees what committed before it began
+/// (an `Any` append reads the head after waiting for the stream's lock, a migration reads
+/// the history after waiting for another migrator), and `$all` readers find the feed's
+/// horizon from the appenders' locks only there. A role or database whose default is
+/// another level would break the first two and make readers fall back to the
+/// cluster-wide `xmin`. A `SET`, not a startup option: PgBouncer refuses startup
+/// options it does not track, and a session `SET` also wins over the connection
+/// string's `options`.
+const SESSION_SETUP: &str = "SET default_transaction_isolation = 'read committed'";
+
 /// How many timed-out attempts per server may still be waiting for an answer.
 const MAX_ABANDONED: usize = 4;
 
@@ -69,7 +80,10 @@ pub(crate) fn open(pg: &postgres::Config, connector: &Connector) -> Result<Clien
     thread::Builder::new()
         .name("pg-eventstore-connect".into())
         .spawn(move || {
-            let result = config.connect(tls);
+            let result = config.connect(tls).and_then(|mut client| {
+                client.batch_execute(SESSION_SETUP)?;
+                Ok(client)
+            });
             let mut attempt = thread_attempt.lock().unwrap();
             attempt.done = true;
             if attempt.abandoned {

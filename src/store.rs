@@ -252,6 +252,12 @@ impl Store {
 
     /// The connection pool, for your own queries alongside the store. Its manager is
     /// [`Manager`](crate::Manager), whose TLS connector depends on the crate feature `tls`.
+    ///
+    /// The store's connections (these, and its listener's) start every transaction at
+    /// `READ COMMITTED`, whatever `default_transaction_isolation` the role, the database
+    /// or the connection string's `options` set: the store's statements are written for
+    /// that level. For a transaction of your own at another level, say so when you
+    /// begin it (`client.build_transaction().isolation_level(...)`).
     pub fn pool(&self) -> &r2d2::Pool<Manager> {
         &self.inner.pool
     }

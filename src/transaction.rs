@@ -56,7 +56,9 @@ impl Store {
 }
 
 impl StoreConnection {
-    /// Begins a transaction (`BEGIN`, the server's default isolation level).
+    /// Begins a transaction (`BEGIN`). Like every connection of the store's, this one
+    /// defaults to `READ COMMITTED`, whatever the role's `default_transaction_isolation`
+    /// (see [`Store::pool`](crate::Store::pool)).
     pub fn transaction(&mut self) -> Result<StoreTransaction<'_>> {
         let tx = self
             .conn

@@ -218,3 +218,62 @@ fn migrate_waits_for_another_migrator_longer_than_the_sessions_timeouts() -> Tes
     crate::common::client().batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))?;
     Ok(())
 }
+
+/// Some sites make `SERIALIZABLE` the default for a role (`ALTER ROLE … SET
+/// default_transaction_isolation`). The store's own connections still run `READ
+/// COMMITTED`, the level its statements are written for: four processes migrating one
+/// schema at once all succeed (before, those that waited read the history in a snapshot
+/// from before the wait and failed with "relation \"events\" already exists"), and `Any`
+/// appends from four threads to one stream never fail.
+#[test]
+fn a_role_that_defaults_to_serializable_gets_read_committed_connections() -> TestResult {
+    let schema = schema_name("migrate_serializable");
+    let role = format!("pges_{schema}");
+    let mut admin = crate::common::client();
+    admin.batch_execute(&format!(
+        "CREATE ROLE \"{role}\" LOGIN SUPERUSER;
+         ALTER ROLE \"{role}\" SET default_transaction_isolation = 'serializable'"
+    ))?;
+    let result = (|| -> TestResult {
+        let mut pg: pg_eventstore::postgres::Config = crate::common::database_url().parse()?;
+        pg.user(&role);
+        // The role's setting holds on a plain connection.
+        let mut plain = pg.connect(pg_eventstore::postgres::NoTls)?;
+        let level: String = plain.query_one("SHOW transaction_isolation", &[])?.get(0);
+        assert_eq!(level, "serializable");
+        let stores = (0..4)
+            .map(|_| Store::connect(Config::from_pg(pg.clone()).schema(&schema)))
+            .collect::<pg_eventstore::Result<Vec<_>>>()?;
+        let applied: Vec<usize> = thread::scope(|s| {
+            let runs: Vec<_> = stores.iter().map(|st| s.spawn(|| st.migrate())).collect();
+            runs.into_iter()
+                .map(|r| r.join().unwrap().map(|r| r.applied.len()))
+                .collect::<pg_eventstore::Result<_>>()
+        })?;
+        assert_eq!(applied.iter().sum::<usize>() as i64, SCHEMA_VERSION);
+        let mut conn = stores[0].pool().get()?;
+        let level: String = conn.query_one("SHOW transaction_isolation", &[])?.get(0);
+        assert_eq!(level, "read committed");
+        drop(conn);
+        thread::scope(|s| {
+            for st in &stores {
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        st.append("hot", ExpectedVersion::Any, &events("E", 1))
+                            .expect("an Any append");
+                    }
+                });
+            }
+        });
+        let versions: Vec<u64> = stores[0]
+            .read_stream("hot", ReadStream::forwards())?
+            .map(|e| e.map(|e| e.version))
+            .collect::<pg_eventstore::Result<_>>()?;
+        assert_eq!(versions, (0..80).collect::<Vec<u64>>());
+        Ok(())
+    })();
+    admin.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; DROP ROLE \"{role}\""
+    ))?;
+    result
+}
