@@ -770,11 +770,17 @@ impl Fence for Shared {
         tx: &mut Transaction<'_>,
         statement: &Statement,
         leases: &[Lease],
-    ) -> Result<Vec<i32>> {
+    ) -> Result<Vec<Lease>> {
         let partitions: Vec<i32> = leases.iter().map(|l| l.partition).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
         let rows = tx.query(statement, &[&self.name, &partitions, &epochs, &self.id()])?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| Lease {
+                partition: r.get(0),
+                epoch: r.get(1),
+            })
+            .collect())
     }
 
     fn revoked(&self, events: u64) {

@@ -1232,10 +1232,11 @@ impl GroupText {
             ),
             // Inside a transactional handler's transaction: locks the lease rows of its
             // events' partitions (in partition order) and returns those still held with
-            // these epochs. A takeover waits for this transaction; a transaction that
-            // comes after a takeover finds the new epoch and handles nothing.
+            // these epochs, with the epoch. A takeover waits for this transaction; a
+            // transaction that comes after a takeover finds the new epoch and handles
+            // nothing.
             fence: format!(
-                "SELECT l.partition FROM {leases} l
+                "SELECT l.partition, l.epoch FROM {leases} l
                    JOIN unnest($2::int[], $3::bigint[]) AS t(p, e)
                      ON l.partition = t.p AND l.epoch = t.e
                   WHERE l.group_name = $1 AND l.owner = $4

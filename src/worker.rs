@@ -106,14 +106,14 @@ pub(crate) trait Fence: Send + Sync {
     /// The statement [`Fence::check`] runs, prepared on `conn` before its transaction.
     fn prepare(&self, store: &Store, conn: &mut Conn) -> Result<Statement>;
     /// Inside a transactional handler's transaction, before the handler runs: locks the
-    /// lease rows of `leases` until the transaction ends and returns the partitions still
-    /// held with those epochs.
+    /// lease rows of `leases` until the transaction ends and returns those of `leases`
+    /// still held (the same partition with the same epoch).
     fn check(
         &self,
         tx: &mut Transaction<'_>,
         statement: &Statement,
         leases: &[Lease],
-    ) -> Result<Vec<i32>>;
+    ) -> Result<Vec<Lease>>;
     /// Counts events that a handler thread dropped because their lease was gone.
     fn revoked(&self, events: u64);
 }
@@ -1166,10 +1166,13 @@ impl ThreadContext {
                 let mut leases: Vec<Lease> = batch.iter().filter_map(|j| j.lease).collect();
                 leases.sort_unstable_by_key(|l| (l.partition, l.epoch));
                 leases.dedup();
+                // By lease, not by partition: a batch can hold events of one partition
+                // read under two epochs (queued before this member lost it and after it
+                // took it again), and only the current epoch's may be handled.
                 let held = f.check(&mut tx, statement, &leases)?;
                 batch
                     .iter()
-                    .map(|j| j.lease.is_some_and(|l| !held.contains(&l.partition)))
+                    .map(|j| j.lease.is_some_and(|l| !held.contains(&l)))
                     .collect()
             }
             None => vec![false; batch.len()],
