@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
@@ -79,6 +79,29 @@ struct RecordConnectError(LastConnectError);
 impl r2d2::HandleError<Error> for RecordConnectError {
     fn handle_error(&self, error: Error) {
         *self.0.lock().unwrap() = Some(Arc::new(error));
+    }
+}
+
+/// How long a pooled connection may go untaken before [`Store::conn`] checks it.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// When a pooled connection was last taken by [`Store::conn`] (in its r2d2 extensions).
+struct TakenAt(Instant);
+
+/// Whether `conn` may be used: it is new, was taken within [`CHECK_AFTER_IDLE`], or
+/// answers an empty query. One that does not is left closed, and the pool drops it.
+fn usable(conn: &mut Conn) -> bool {
+    let now = Instant::now();
+    match PooledConnection::extensions_mut(conn).insert(TakenAt(now)) {
+        Some(TakenAt(at)) if now.duration_since(at) >= CHECK_AFTER_IDLE => {
+            if conn.simple_query("").is_ok() {
+                return true;
+            }
+            // Once more, so that the client knows it is closed (see `retry::sweep`).
+            let _ = conn.simple_query("");
+            false
+        }
+        _ => true,
     }
 }
 
@@ -809,7 +832,23 @@ impl Store {
 
     /// A pooled connection, or an error that says why none could be had: the pool was
     /// exhausted, or no connection could be opened (with the cause).
+    ///
+    /// One that nobody has taken for [`CHECK_AFTER_IDLE`] is first asked an empty query:
+    /// the server may have ended its session meanwhile (`idle_session_timeout`, a
+    /// restart, `pg_terminate_backend`), and calls that are not retried (imports, your
+    /// transactions on a [`StoreConnection`](crate::StoreConnection)) would fail on it.
+    /// A connection in steady use costs nothing; an idle one, one round trip.
     pub(crate) fn conn(&self) -> Result<Conn> {
+        for _ in 0..=self.inner.pool.max_size() {
+            let mut conn = self.checkout()?;
+            if usable(&mut conn) {
+                return Ok(conn);
+            }
+        }
+        self.checkout()
+    }
+
+    fn checkout(&self) -> Result<Conn> {
         // r2d2's own error is "timed out waiting for connection" plus the text of the
         // last connect error, which is our source already.
         self.inner.pool.get().map_err(|_| {

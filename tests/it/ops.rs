@@ -252,10 +252,12 @@ fn every_call_that_is_safe_to_repeat_survives_killed_backends() -> TestResult {
     let snapshot = names_and_values(&snapshotter);
     let retries = metric(&snapshot, "pg_eventstore_retries_total");
     eprintln!("calls after killed backends: {retries} retries");
-    // Exactly one retry for each of the seven calls, although four dead connections
-    // waited in the pool each time: a retry skips them without spending attempts. The
-    // health check needs none: it falls back to a new connection (and clears the dead).
-    assert_eq!(retries, 7);
+    // At most one retry for each of the seven calls, although four dead connections
+    // waited in the pool each time: a retry skips them without spending attempts (and a
+    // call whose connection sat untaken for a second checks it first, and needs none).
+    // The health check needs none: it falls back to a new connection (and clears the
+    // dead).
+    assert!(retries <= 7, "{retries} retries");
     Ok(())
 }
 
@@ -355,5 +357,42 @@ fn serialization_failures_and_deadlocks_in_appends_are_retried() -> TestResult {
     })?;
     assert_eq!(t.count_events(), 3);
     assert_eq!(t.stream_version("f")?, Some(2));
+    Ok(())
+}
+
+/// A server that ends idle sessions (`idle_session_timeout`, as managed services often
+/// set it) closes the pool's idle connections. The store's calls that are not retried
+/// still get live ones: a connection nobody took for a second is checked first. (Before,
+/// an import failed with "connection closed", and so did the first statement of a
+/// `StoreConnection` transaction.)
+#[test]
+fn calls_after_the_server_closed_idle_connections_get_live_ones() -> TestResult {
+    let t = TestStore::new("ops_idle_session");
+    let mut pg: pg_eventstore::postgres::Config = database_url().parse()?;
+    pg.options("-c idle_session_timeout=300");
+    let store = Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(3)
+        .connect()?;
+    let idle_out = || {
+        let held: Vec<_> = (0..3).map(|_| store.connection().unwrap()).collect();
+        drop(held);
+        std::thread::sleep(Duration::from_millis(1200));
+    };
+    idle_out();
+    let input: Vec<(&str, pg_eventstore::EventData)> = events("E", 3)
+        .into_iter()
+        .map(|e| ("imported", e))
+        .collect();
+    store
+        .import(&input, pg_eventstore::ImportOptions::new())
+        .map_err(|e| format!("import: {e}"))?;
+    idle_out();
+    let mut conn = store.connection()?;
+    let mut tx = conn.transaction().map_err(|e| format!("begin: {e}"))?;
+    tx.append("in-tx", ExpectedVersion::NoStream, &events("E", 1))?;
+    tx.commit()?;
+    assert_eq!(store.stream_version("imported")?, Some(2));
+    assert_eq!(store.stream_version("in-tx")?, Some(0));
     Ok(())
 }
