@@ -204,6 +204,7 @@ fn migrate_waits_for_another_migrator_longer_than_the_sessions_timeouts() -> Tes
     )?;
     // The other migrator: it holds the schema's migration lock for a second and a half.
     let mut other = crate::common::client();
+    other.batch_execute("SET idle_in_transaction_session_timeout = 0")?;
     let mut tx = other.transaction()?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(x'50455331'::int, hashtext($1))",
