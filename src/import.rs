@@ -277,6 +277,11 @@ impl Store {
     /// [`Error::ImportIncomplete`] if earlier chunks were committed). Memory stays at a
     /// few batches of events however long the input; see the module source for how.
     ///
+    /// Each transaction writes with one `COPY`, which lasts as long as its events take to
+    /// arrive: the import's own transactions run without `statement_timeout` (the role's
+    /// or [`Config::statement_timeout`](crate::Config::statement_timeout)).
+    /// [`Store::import_in`] runs under your transaction's settings.
+    ///
     /// ```no_run
     /// # use pg_eventstore::{EventData, ImportEvent, ImportOptions, Store};
     /// # let store = Store::from_env()?;
@@ -585,6 +590,11 @@ impl<'s> Writer<'s> {
         let mut pending = None;
         loop {
             let mut tx = conn.transaction().map_err(|e| store.map_error(e))?;
+            // Its COPY is one statement for however many events, and lasts as long as
+            // the input takes to arrive: the session's `statement_timeout` (the role's,
+            // or `Config::statement_timeout`) is for queries, not for this.
+            tx.batch_execute("SET LOCAL statement_timeout = 0")
+                .map_err(|e| store.map_error(e))?;
             let more = match self.transaction(&mut tx, input, &mut pending) {
                 Ok(more) => more,
                 Err(failure) => {

@@ -564,3 +564,36 @@ fn an_atomic_stream_of_more_than_one_transaction_writes_nothing() -> TestResult 
     assert_eq!(t.count_events(), 0);
     Ok(())
 }
+
+/// An import from a slow source (events arriving over a network, say) under a
+/// `statement_timeout`: its `COPY` is one statement that lasts as long as the input, so
+/// the import's own transactions run without the timeout. (Before, it failed with
+/// "canceling statement due to statement timeout" and wrote nothing.)
+#[test]
+fn a_slow_import_is_not_cut_off_by_the_statement_timeout() -> TestResult {
+    let t = TestStore::with("import_slow", |c| {
+        c.statement_timeout(Duration::from_millis(300))
+    });
+    // The writer starts its COPY with the reader's first batch of 8,192 events; the
+    // input then stalls twice while that COPY is running.
+    let input = (0..20_000u64).map(|i| {
+        if i == 10_000 || i == 18_000 {
+            thread::sleep(Duration::from_millis(800));
+        }
+        Ok(ImportEvent::new(
+            "slow",
+            EventData::json("E", serde_json::json!({ "i": i })),
+        ))
+    });
+    let summary = t.import_iter(input, ImportOptions::new())?;
+    assert_eq!(summary.events, 20_000);
+    assert_eq!(t.stream_version("slow")?, Some(19_999));
+    // Other calls still run under the timeout.
+    let mut conn = t.pool().get()?;
+    let e = conn.batch_execute("SELECT pg_sleep(1)").unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&pg_eventstore::postgres::error::SqlState::QUERY_CANCELED)
+    );
+    Ok(())
+}
