@@ -232,8 +232,9 @@ impl Error {
 
     /// Whether the failure is transient: the connection was lost or refused (also ended
     /// by the server's `idle_in_transaction_session_timeout` or `idle_session_timeout`),
-    /// the server is shutting down, starting up or full, the transaction lost a serialization
-    /// or deadlock conflict, or its `lock_timeout` ran out while it waited for a lock. The store has already retried such a failure
+    /// the server is shutting down, starting up or full, the transaction lost a
+    /// serialization or deadlock conflict, or its `lock_timeout` ran out while it waited
+    /// for a lock. The store has already retried such a failure
     /// [`Config::max_retries`](crate::Config::max_retries) times before returning it.
     pub fn is_transient(&self) -> bool {
         is_transient(self)

@@ -157,15 +157,16 @@
 //!   transaction got its id (by writing something else) before its first append, while
 //!   readers moved past that id: [`Error::FeedOrderConflict`]. Append first and write
 //!   your other rows after, and it cannot happen.
-//! * **Where the store falls back to `xmin`:** on a **hot standby** (whose lock table does not show the
-//!   primary's appenders). Where the reader may not move the floor (a read-only
+//! * **Where the store falls back to `xmin`:** on a **hot standby** (whose lock table
+//!   does not show the primary's appenders). Where the reader may not move the floor (a read-only
 //!   transaction or session, a role without `UPDATE` on `<schema>.feed_floor`), an idle
 //!   transaction of this database that holds an id holds the feed like an appender.
 //!   Reading from a standby with the precise horizon would need the primary's readers to
 //!   publish it (the floor replicates with the WAL, the lock table does not); nothing in
-//!   the design closes that door. (The horizon function also falls back in a transaction
-//!   at another isolation level than `READ COMMITTED`; the store's connections start
-//!   every transaction at that level, whatever the role's `default_transaction_isolation`.)
+//!   the design closes that door. (The horizon function also falls back in a
+//!   transaction at another isolation level than `READ COMMITTED`; the store's
+//!   connections start every transaction at that level, whatever the role's
+//!   `default_transaction_isolation`.)
 //! * A reader that moves the floor gets a transaction id for it (its commit does not wait
 //!   for the disk: after a crash no transaction that the floor could refuse survives).
 //!   Readers move it only while a transaction of this database that holds an id without
