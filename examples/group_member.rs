@@ -104,7 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let store = store.clone();
         member.spawn(move |event| {
             std::thread::sleep(delay);
-            let mut client = store.pool().get()?;
+            let mut client = store.connection()?;
             client.execute(&apply, &[&event.stream_id, &version(event), &pid])?;
             Ok(())
         })?

@@ -20,8 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = Store::from_env()?;
     store.migrate()?;
     let schema = store.schema().to_string();
-    let mut client = store.pool().get()?;
-    client.batch_execute(&format!(
+    // Connections for our own statements come from the store when needed, not held
+    // across the run: `Store::connection` checks one that sat idle (the server may have
+    // closed it meanwhile, with `idle_session_timeout`, say).
+    store.connection()?.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS \"{schema}\".balances (
              account text PRIMARY KEY,
              balance bigint NOT NULL)"
@@ -92,7 +94,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         *from_log.entry(event.stream_id.clone()).or_insert(0i64) +=
             event.data_as::<Deposited>()?.amount;
     }
-    let from_table: BTreeMap<String, i64> = client
+    let from_table: BTreeMap<String, i64> = store
+        .connection()?
         .query(
             &format!("SELECT account, balance FROM \"{schema}\".balances"),
             &[],
