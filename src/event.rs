@@ -651,9 +651,7 @@ mod tests {
     }
 
     fn compact(text: &str) -> String {
-        let mut out = Vec::new();
-        Json(text.into()).write_compact(&mut out).unwrap();
-        String::from_utf8(out).unwrap()
+        String::from_utf8(Json(text.into()).compact()).unwrap()
     }
 
     #[test]

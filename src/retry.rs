@@ -139,13 +139,20 @@ pub(crate) fn sweep(pool: &Pool<Manager>) {
         let Some(mut conn) = pool.try_get() else {
             break;
         };
-        if conn.simple_query("").is_ok() {
+        if answers(&mut conn) {
             alive.push(conn);
-        } else {
-            // Polled once more so the client knows it is closed; the pool then drops it.
-            let _ = conn.simple_query("");
         }
     }
+}
+
+/// Whether `client` answers an empty query. One that does not is asked once more, so
+/// that the client knows it is closed and the pool drops it when it comes back.
+pub(crate) fn answers(client: &mut postgres::Client) -> bool {
+    if client.simple_query("").is_ok() {
+        return true;
+    }
+    let _ = client.simple_query("");
+    false
 }
 
 #[cfg(test)]

@@ -94,12 +94,7 @@ fn usable(conn: &mut Conn) -> bool {
     let now = Instant::now();
     match PooledConnection::extensions_mut(conn).insert(TakenAt(now)) {
         Some(TakenAt(at)) if now.duration_since(at) >= CHECK_AFTER_IDLE => {
-            if conn.simple_query("").is_ok() {
-                return true;
-            }
-            // Once more, so that the client knows it is closed (see `retry::sweep`).
-            let _ = conn.simple_query("");
-            false
+            crate::retry::answers(conn)
         }
         _ => true,
     }
