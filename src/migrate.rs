@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -67,6 +67,11 @@ const STEPS: &[Step] = &[
         version: 9,
         name: "append_in: one statement for one event as the first write of a transaction",
         sql: m0009_append_in_first_event,
+    },
+    Step {
+        version: 10,
+        name: "append_in with any version: the stream lock before the one-event statement",
+        sql: m0010_append_in_lock_first,
     },
 ];
 
@@ -216,6 +221,20 @@ fn m0009_append_in_first_event(schema: &str) -> String {
     finish(m)
 }
 
+/// `append_in_any` takes the stream's lock before the one-event statement instead of
+/// inside it, so that the statement's snapshot is taken after any wait for the lock.
+/// In version 9, an append that waited for another transaction on the same stream read
+/// the head from before the wait, met the newer version on the unique key, wrote
+/// nothing, and ran the full statement after it: 6 % of the calls of 6 writers over
+/// 50 streams (pgbench), each costing about two statements' server time.
+/// `append_in_events` (no lock) is unchanged; it is replaced with the same body.
+fn m0010_append_in_lock_first(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    let sql = crate::sql::Sql::new(schema);
+    append_in_functions(&mut m, schema, &sql, First::LockedEvent);
+    finish(m)
+}
+
 /// What `append_in_events` and `append_in_any` run before the full statement.
 #[derive(Clone, Copy)]
 enum First {
@@ -224,8 +243,12 @@ enum First {
     /// `append_first` while the transaction has no id and none of the ids is stored
     /// (version 8).
     Write,
-    /// `append_in_first` (or `_any`) for one event (version 9 on).
+    /// `append_in_first` (or `_any`, which takes the stream's lock in the statement)
+    /// for one event (version 9).
     Event,
+    /// `append_in_first` for one event, after the stream's lock with `Any` (version 10
+    /// on).
+    LockedEvent,
 }
 
 /// Creates, or replaces, `append_in_events` and `append_in_any` (see `append_in_function`).
@@ -269,6 +292,8 @@ fn append_in_functions(m: &mut Migration, schema: &str, sql: &crate::sql::Sql, f
             First::Write => format!("{lock}{}", write(sql.append_first.text())),
             First::Event if any => format!("{}{lock}", event(sql.append_in_first_any.text())),
             First::Event => event(sql.append_in_first.text()),
+            // `lock` is empty for `append_in_events`.
+            First::LockedEvent => format!("{lock}{}", event(sql.append_in_first.text())),
         };
         m.inject_custom(append_in_function(schema, name, &before, sql.append.text()));
     }
@@ -612,12 +637,12 @@ pub fn migration_sql(schema: &str, migrations_table: &str) -> Result<String> {
     );
     for step in STEPS {
         out.push_str(&format!(
-            "\n-- {:04} {}\n{}\nINSERT INTO {history} (version, name) VALUES ({}, '{}');\n",
+            "\n-- {:04} {}\n{}\nINSERT INTO {history} (version, name) VALUES ({}, {});\n",
             step.version,
             step.name,
             (step.sql)(schema),
             step.version,
-            step.name
+            crate::sql::literal(step.name)
         ));
     }
     out.push_str("COMMIT;\n");

@@ -220,6 +220,17 @@ macro_rules! statements {
 }
 
 /// All statements of one store.
+/// How `append_in_first` takes the stream's lock (for `ExpectedVersion::Any`).
+#[derive(Clone, Copy)]
+enum StreamLock {
+    /// Not at all: the caller took it, or the append expects a version.
+    None,
+    /// Waiting for it inside the statement, whose snapshot then predates the wait.
+    Wait,
+    /// Only if it is free; otherwise the statement writes nothing.
+    Try,
+}
+
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) schema: String,
@@ -234,6 +245,12 @@ pub(crate) struct Sql {
     /// `ExpectedVersion::Any`.
     pub(crate) append_in_first: Statement,
     pub(crate) append_in_first_any: Statement,
+    /// `append_in_first` for `ExpectedVersion::Any` sent by itself (prepared, by a
+    /// `StoreTransaction`): it takes the stream's lock only when it is free, and
+    /// otherwise writes nothing and takes no transaction id, so that `append_in_any`
+    /// (schema version 10) then waits for the lock and appends with a snapshot taken
+    /// after the wait.
+    pub(crate) append_in_first_try: Statement,
     pub(crate) append_fast: Statement,
     /// The first write of a caller's transaction (see `append_in_function` in
     /// migrate.rs): the columns of `append`, through a lean statement.
@@ -605,9 +622,12 @@ SELECT global_position, stream_version, {notify} FROM ins"
         // `append_in_events` and `append_in_any` from schema version 9 (see
         // `append_in_function` in migrate.rs) with their parameters: `$1` stream, `$2` to
         // `$5` one-element arrays (id, type, data, metadata), `$6`/`$7` expected, `$8`
-        // channel. While the transaction has no id yet, the CASE takes (with `Any`) the
-        // stream's lock and then the transaction's id, in that order: an append that
-        // waited for the lock gets an id newer than the appender it waited for, and the
+        // channel. While the transaction has no id yet, the CASE takes the stream's lock
+        // (in schema version 9's `append_in_any`, and, only when it is free, sent by a
+        // `StoreTransaction`; from version 10 `append_in_any` takes it before the
+        // statement, see `First::LockedEvent` in migrate.rs) and then the transaction's
+        // id, in that order: an append that waited for the lock gets an id newer than
+        // the appender it waited for, and the
         // id is above every feed floor published before (as in `append_first`). The
         // statement holds the events table's lock from before it runs, so the
         // transaction took that lock before its id, and it says so as
@@ -620,15 +640,18 @@ SELECT global_position, stream_version, {notify} FROM ins"
         // nothing was written and the full statement runs after it and decides with a
         // fresh snapshot. It returns the columns of `append`, and takes the watcher's
         // lock when it inserted and `$8` is set.
-        let append_in_first = |lock: bool| {
-            let lock = if lock {
-                format!(
+        let append_in_first = |lock: StreamLock| {
+            let key = crate::migrate::stream_lock_key(schema, "$1");
+            let lock = match lock {
+                StreamLock::None => String::new(),
+                StreamLock::Wait => format!(
                     "
-                WHEN pg_advisory_xact_lock({}) IS NULL THEN NULL",
-                    crate::migrate::stream_lock_key(schema, "$1")
-                )
-            } else {
-                String::new()
+                WHEN pg_advisory_xact_lock({key}) IS NULL THEN NULL"
+                ),
+                StreamLock::Try => format!(
+                    "
+                WHEN NOT pg_try_advisory_xact_lock({key}) THEN NULL"
+                ),
             };
             format!(
                 "WITH g AS MATERIALIZED (
@@ -662,8 +685,9 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_any,
             append_in: append_in_call("append_in_events"),
             append_in_any: append_in_call("append_in_any"),
-            append_in_first: append_in_first(false),
-            append_in_first_any: append_in_first(true),
+            append_in_first: append_in_first(StreamLock::None),
+            append_in_first_any: append_in_first(StreamLock::Wait),
+            append_in_first_try: append_in_first(StreamLock::Try),
             append_fast,
             append_fast_notify,
             append_first,

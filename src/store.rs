@@ -451,9 +451,9 @@ impl Store {
     /// `deadlock_timeout` by failing one of them (a transient error: retry it).
     ///
     /// One event as the transaction's first write (the common case) takes one statement
-    /// inside the function: the stream's lock (with `Any`), the transaction's id and the
-    /// insert. When it finds a newer version, a repeated event id or a deleted stream, it
-    /// writes nothing and the full statement runs after it and decides.
+    /// inside the function, after the stream's lock (with `Any`): the transaction's id
+    /// and the insert. When it finds a newer version, a repeated event id or a deleted
+    /// stream, it writes nothing and the full statement runs after it and decides.
     ///
     /// With an expected version, a concurrent append that takes the same version first
     /// (it commits while this statement waits for it) is a conflict. For one event as
@@ -527,14 +527,17 @@ impl Store {
             let any = matches!(expected, ExpectedVersion::Any);
             let params = input.params();
             let (first, call) = if any {
-                (&sql.append_in_first_any, &sql.append_in_any)
+                (&sql.append_in_first_try, &sql.append_in_any)
             } else {
                 (&sql.append_in_first, &sql.append_in)
             };
             // The functions' one-event statement, sent without the call: prepared, it
             // costs less than the call (see `StoreTransaction::append`). When it writes
-            // nothing, the call runs it again (a no-op now that the transaction has an
-            // id) and then the full statement, which decides.
+            // nothing, the call runs it again (a no-op if the transaction has an id by
+            // now) and then the full statement, which decides. With `Any`, it writes
+            // nothing and takes no id while another transaction holds the stream's
+            // lock: the call then waits for the lock and appends with the lean
+            // statement, whose snapshot sees what that transaction committed.
             let first = (prepared && input.ids.len() == 1).then_some(first);
             let mut rows = Vec::new();
             for statement in first.into_iter().chain([call]) {

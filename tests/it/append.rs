@@ -489,27 +489,47 @@ fn wait_for_lock(pid: i32) {
     assert!(waiting.is_some(), "backend {pid} never waited for a lock");
 }
 
+/// Through `append_in` (the function waits for the stream's lock, then appends) and
+/// through a `StoreTransaction` (its statement finds the lock taken and writes nothing,
+/// then the function waits): the waiting append comes after the one it waited for, and
+/// its transaction goes on.
 #[test]
 fn any_inside_a_transaction_waits_for_a_concurrent_append_instead_of_failing() -> TestResult {
-    let t = TestStore::new("append_in_any_race");
-    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
-    let mut c1 = t.pool().get()?;
-    let mut tx1 = c1.transaction()?;
-    t.append_in(&mut tx1, "s", ExpectedVersion::Any, &events("B", 1))?;
-    let mut conn = t.pool().get()?;
-    let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-    let store = t.store.clone();
-    let second = thread::spawn(move || {
-        let mut tx = conn.transaction().unwrap();
-        let r = store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("C", 1));
-        tx.commit().unwrap();
-        r
-    });
-    wait_for_lock(pid);
-    tx1.commit()?;
-    let r = second.join().unwrap()?;
-    assert_eq!(r.last_version, 2);
-    assert_eq!(versions(&t, "s"), vec![0, 1, 2]);
+    for store_transaction in [false, true] {
+        let t = TestStore::new(&format!("append_in_any_race_{store_transaction}"));
+        t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+        let mut c1 = t.pool().get()?;
+        let mut tx1 = c1.transaction()?;
+        t.append_in(&mut tx1, "s", ExpectedVersion::Any, &events("B", 1))?;
+        let mut conn = t.store.connection()?;
+        let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+        let store = t.store.clone();
+        let second = thread::spawn(move || -> pg_eventstore::Result<_> {
+            let mut tx = conn.transaction()?;
+            let r = if store_transaction {
+                tx.append("s", ExpectedVersion::Any, &events("C", 1))?
+            } else {
+                store.append_in(&mut *tx, "s", ExpectedVersion::Any, &events("C", 1))?
+            };
+            // The transaction is usable afterwards: a second append in it.
+            let r2 = if store_transaction {
+                tx.append("t", ExpectedVersion::NoStream, &events("D", 1))?
+            } else {
+                store.append_in(&mut *tx, "t", ExpectedVersion::NoStream, &events("D", 1))?
+            };
+            tx.commit()?;
+            Ok((r, r2))
+        });
+        wait_for_lock(pid);
+        let first = t.append_in(&mut tx1, "u", ExpectedVersion::Any, &events("E", 1))?;
+        tx1.commit()?;
+        let (r, r2) = second.join().unwrap()?;
+        assert_eq!(r.last_version, 2, "StoreTransaction {store_transaction}");
+        assert_eq!(r2.last_version, 0);
+        assert!(r.first_position > first.last_position);
+        assert_eq!(versions(&t, "s"), vec![0, 1, 2]);
+        assert_eq!(versions(&t, "t"), vec![0]);
+    }
     Ok(())
 }
 

@@ -144,7 +144,7 @@ fn an_unmigrated_database_gives_a_clear_error() -> TestResult {
     Ok(())
 }
 
-/// Versions 8 and 9 replace the `append_in` functions in place: what an operator granted
+/// Versions 8, 9 and 10 replace the `append_in` functions in place: what an operator granted
 /// or revoked on them before the upgrade still holds after it.
 #[test]
 fn upgrading_from_7_keeps_the_append_in_functions_and_their_grants() -> TestResult {
@@ -166,7 +166,7 @@ fn upgrading_from_7_keeps_the_append_in_functions_and_their_grants() -> TestResu
             .unwrap();
         (row.get(0), row.get(1))
     };
-    // As if versions 8 and 9 had not run yet, and the operator had revoked the function
+    // As if versions 8 to 10 had not run yet, and the operator had revoked the function
     // from everyone (to grant it to one role).
     c.batch_execute(&format!(
         "DELETE FROM \"{s}\".schema_migrations WHERE version >= 8;
@@ -176,7 +176,7 @@ fn upgrading_from_7_keeps_the_append_in_functions_and_their_grants() -> TestResu
     let before = state(&mut c);
     assert!(!before.1);
     let report = t.migrate()?;
-    assert_eq!(report.applied.len(), 2);
+    assert_eq!(report.applied.len(), 3);
     assert_eq!(
         state(&mut c),
         before,
