@@ -463,7 +463,7 @@ fn wait_for_notifications(
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Microseconds since this process first asked.
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }

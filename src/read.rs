@@ -330,6 +330,25 @@ impl Query {
         }
     }
 
+    /// The lean statement for this read's first page, when it may try one: forwards
+    /// through `$all`, with no horizon yet and no other databases' transactions to
+    /// pass (see `read_all_lean` in sql.rs).
+    fn lean_statement<'s>(&self, store: &'s Store) -> Option<&'s Statement> {
+        match self {
+            Query::All {
+                forwards: true,
+                horizon: None,
+                others,
+                ..
+            } if others.is_empty() && store.lean_reads() => Some(if self.is_filtered() {
+                &store.sql().read_all_lean_filtered
+            } else {
+                &store.sql().read_all_lean
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether an `$all` read leaves events out (see the `_filtered` statements).
     fn is_filtered(&self) -> bool {
         matches!(self, Query::All { category, types, before_snapshot, .. }
@@ -566,13 +585,30 @@ impl Events {
             State::Start => {
                 let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                 let mut conn = self.store.conn()?;
-                let statement = self
-                    .store
-                    .prepared(&mut conn, self.query.statement(&self.store))?;
                 let limit_param = Some(limit as i64);
-                let mut rows = conn
-                    .query(&statement, &self.query.params(&limit_param))
-                    .map_err(|e| self.store.map_error(e))?;
+                let mut lean = None;
+                if let Some(statement) = self.query.lean_statement(&self.store) {
+                    let statement = self.store.prepared(&mut conn, statement)?;
+                    let rows = conn
+                        .query(&statement, &self.query.params(&limit_param))
+                        .map_err(|e| self.store.map_error(e))?;
+                    // Nothing held back: the page the full statement would return.
+                    let status = rows.iter().find(|r| Horizon::is_status_row(r));
+                    match status.map(Horizon::from_status_row).transpose()? {
+                        Some(s) if !s.holds_back() => lean = Some(rows),
+                        _ => self.store.lean_read_missed(),
+                    }
+                }
+                let mut rows = match lean {
+                    Some(rows) => rows,
+                    None => {
+                        let statement = self
+                            .store
+                            .prepared(&mut conn, self.query.statement(&self.store))?;
+                        conn.query(&statement, &self.query.params(&limit_param))
+                            .map_err(|e| self.store.map_error(e))?
+                    }
+                };
                 self.take_status(&mut rows)?;
                 let full = rows.len() as u64 == limit;
                 if self.wait_for_held_back()? {

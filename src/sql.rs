@@ -219,7 +219,6 @@ macro_rules! statements {
     (@text $name:ident, $text:expr) => { $text };
 }
 
-/// All statements of one store.
 /// How `append_in_first` takes the stream's lock (for `ExpectedVersion::Any`).
 #[derive(Clone, Copy)]
 enum StreamLock {
@@ -231,6 +230,7 @@ enum StreamLock {
     Try,
 }
 
+/// All statements of one store.
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) schema: String,
@@ -264,6 +264,10 @@ pub(crate) struct Sql {
     pub(crate) read_stream_backwards: Statement,
     /// `$all` reads without a filter.
     pub(crate) read_all_forwards: Statement,
+    /// `read_all_forwards` (and `_filtered`) for a first page when nothing is held back:
+    /// see `read_all_lean` below.
+    pub(crate) read_all_lean: Statement,
+    pub(crate) read_all_lean_filtered: Statement,
     pub(crate) read_all_backwards: Statement,
     /// The same, with transaction ids known to belong to other databases.
     pub(crate) read_all_forwards_others: Statement,
@@ -436,6 +440,44 @@ UNION ALL
 (SELECT {COLUMNS} FROM {events}
   WHERE {bound}{filters}
   ORDER BY global_position {direction} LIMIT {limit})"
+            )
+        };
+        // A forwards `$all` first page (same parameters as `read_all_forwards`, or
+        // `_filtered`; `$3` is NULL) for the common case, without the horizon's
+        // branches: it reads below the snapshot's xmin, or below the store's highest
+        // horizon (`$4`) when that is higher. Everything below either is final. When
+        // the newest event is below that bound too, nothing is held back and the page
+        // is the one `read_all_forwards` returns; otherwise (its status row holds back)
+        // the reader discards it and runs the full statement, which may find a higher
+        // horizon. A subscription's read after a wake-up costs 30–45 µs less at the
+        // server (pgbench, after 2 ms idle, as a subscriber's reads come).
+        let read_all_lean = |filtered: bool| {
+            let filters = if filtered {
+                format!(
+                    "
+    AND ($5::text IS NULL OR starts_with(stream_id, $5::text))
+    AND ($6::text[] IS NULL OR event_type = ANY($6::text[]))
+    AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(
+           (global_position >> {bits})::text::xid8, $7::text::pg_snapshot))"
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "WITH t AS MATERIALIZED (
+    SELECT (SELECT e.global_position FROM {events} e
+             ORDER BY e.global_position DESC LIMIT 1) AS tip,
+           GREATEST(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {bits},
+                    $4::bigint) AS horizon
+     WHERE $3::bigint IS NULL
+)
+SELECT t.horizon, NULL::uuid, NULL::text, COALESCE(t.tip, -1), NULL::text, NULL::jsonb,
+       '{{}}'::jsonb, NULL::timestamptz
+  FROM t
+UNION ALL
+(SELECT {COLUMNS} FROM {events}
+  WHERE global_position > $1 AND global_position < (SELECT horizon FROM t){filters}
+  ORDER BY global_position LIMIT $2)"
             )
         };
         // One statement, one round trip: find repeats of these ids, check the expected
@@ -706,6 +748,8 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                   ORDER BY stream_version DESC LIMIT $3"
             ),
             read_all_forwards: read_all("", ALL_FORWARDS, false, false),
+            read_all_lean: read_all_lean(false),
+            read_all_lean_filtered: read_all_lean(true),
             read_all_backwards: read_all("DESC", ALL_BACKWARDS, false, false),
             read_all_forwards_others: read_all("", ALL_FORWARDS, true, false),
             read_all_backwards_others: read_all("DESC", ALL_BACKWARDS, true, false),

@@ -49,6 +49,10 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// How long `$all` first pages use the full statement after a lean one found events
+/// held back.
+const LEAN_PAUSE: Duration = Duration::from_millis(100);
+
 struct Inner {
     pool: r2d2::Pool<Manager>,
     sql: Sql,
@@ -60,6 +64,9 @@ struct Inner {
     known_horizon: std::sync::atomic::AtomicI64,
     /// Transaction ids that the last full horizon computation found in other databases.
     other_xids: std::sync::Mutex<Vec<i64>>,
+    /// When a lean first page (see `read_all_lean` in sql.rs) last found events held
+    /// back, in `now_micros` plus one (0: never).
+    lean_missed: std::sync::atomic::AtomicU64,
     held_back: crate::horizon::HeldBackBoard,
 }
 
@@ -218,6 +225,7 @@ impl Store {
                 held_back: Default::default(),
                 known_horizon: std::sync::atomic::AtomicI64::new(0),
                 other_xids: Default::default(),
+                lean_missed: Default::default(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -731,6 +739,25 @@ impl Store {
         self.inner
             .known_horizon
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `$all` first pages try the lean statement: unless one found events held
+    /// back in the last [`LEAN_PAUSE`]. Under a steady load of appending transactions
+    /// most would, and then pay a second round trip for the full statement.
+    pub(crate) fn lean_reads(&self) -> bool {
+        let missed = self
+            .inner
+            .lean_missed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        missed == 0 || crate::listener::now_micros() + 1 >= missed + LEAN_PAUSE.as_micros() as u64
+    }
+
+    /// Records that a lean first page found events held back.
+    pub(crate) fn lean_read_missed(&self) {
+        self.inner.lean_missed.store(
+            crate::listener::now_micros() + 1,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Records a horizon that a read or status computed.
