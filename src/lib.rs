@@ -72,7 +72,9 @@
 //! store uses it only when nothing is held back (the newest event is below it), and
 //! otherwise lets only transactions that **append to this store** hold the feed, and only
 //! at and after their own positions. Each read of `$all` (one statement; the
-//! `feed_horizon` function that the migration creates) does, in this order:
+//! `feed_horizon` function that the migration creates) does, in this order (a forwards
+//! read first tries a lean statement that reads below `xmin`, and keeps its page only
+//! when nothing is held back):
 //!
 //! 1. **The candidate.** `C` = one past the id of the newest committed event (and not
 //!    past the reader's snapshot). Below `C`, only the transactions that were in progress
