@@ -321,6 +321,21 @@ pub(crate) struct Sql {
 }
 
 /// The keyset bounds of `$all` reads, below the read's horizon `h`.
+/// The filters of the `_filtered` `$all` reads (none for the others): `$5` the category,
+/// `$6` the event types, `$7` the snapshot whose events are left out.
+fn all_filters(filtered: bool) -> String {
+    if !filtered {
+        return String::new();
+    }
+    format!(
+        "
+    AND ($5::text IS NULL OR starts_with(stream_id, $5::text))
+    AND ($6::text[] IS NULL OR event_type = ANY($6::text[]))
+    AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(
+           (global_position >> {POSITION_BITS})::text::xid8, $7::text::pg_snapshot))"
+    )
+}
+
 const ALL_FORWARDS: &str = "global_position > $1 AND global_position < (SELECT horizon FROM h)";
 const ALL_BACKWARDS: &str = "global_position < LEAST($1, (SELECT horizon FROM h))";
 
@@ -357,17 +372,7 @@ impl Sql {
             // on the server).
             let (limit, hz, known) = ("$2", "$3", "$4");
             let others_p = if filtered { "$8" } else { "$5" };
-            let filters = if filtered {
-                format!(
-                    "
-    AND ($5::text IS NULL OR starts_with(stream_id, $5::text))
-    AND ($6::text[] IS NULL OR event_type = ANY($6::text[]))
-    AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(
-           (global_position >> {bits})::text::xid8, $7::text::pg_snapshot))"
-                )
-            } else {
-                String::new()
-            };
+            let filters = all_filters(filtered);
             // The horizon of this read, `h0`, without a function call in two quick cases
             // (see feed_horizon): the newest event is below the snapshot's xmin, so
             // nothing is held back (`easy`); or (only in the `_others` variants, so that
@@ -452,17 +457,7 @@ UNION ALL
         // horizon. A subscription's read after a wake-up costs 30–45 µs less at the
         // server (pgbench, after 2 ms idle, as a subscriber's reads come).
         let read_all_lean = |filtered: bool| {
-            let filters = if filtered {
-                format!(
-                    "
-    AND ($5::text IS NULL OR starts_with(stream_id, $5::text))
-    AND ($6::text[] IS NULL OR event_type = ANY($6::text[]))
-    AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(
-           (global_position >> {bits})::text::xid8, $7::text::pg_snapshot))"
-                )
-            } else {
-                String::new()
-            };
+            let filters = all_filters(filtered);
             format!(
                 "WITH t AS MATERIALIZED (
     SELECT (SELECT e.global_position FROM {events} e
