@@ -492,44 +492,81 @@ fn wait_for_lock(pid: i32) {
 /// Through `append_in` (the function waits for the stream's lock, then appends) and
 /// through a `StoreTransaction` (its statement finds the lock taken and writes nothing,
 /// then the function waits): the waiting append comes after the one it waited for, and
-/// its transaction goes on.
+/// its transaction goes on. Also on a store still at schema version 9, whose function
+/// waits inside its statement and then runs the full one.
 #[test]
 fn any_inside_a_transaction_waits_for_a_concurrent_append_instead_of_failing() -> TestResult {
-    for store_transaction in [false, true] {
-        let t = TestStore::new(&format!("append_in_any_race_{store_transaction}"));
-        t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
-        let mut c1 = t.pool().get()?;
-        let mut tx1 = c1.transaction()?;
-        t.append_in(&mut tx1, "s", ExpectedVersion::Any, &events("B", 1))?;
-        let mut conn = t.store.connection()?;
-        let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
-        let store = t.store.clone();
-        let second = thread::spawn(move || -> pg_eventstore::Result<_> {
-            let mut tx = conn.transaction()?;
-            let r = if store_transaction {
-                tx.append("s", ExpectedVersion::Any, &events("C", 1))?
-            } else {
-                store.append_in(&mut *tx, "s", ExpectedVersion::Any, &events("C", 1))?
-            };
-            // The transaction is usable afterwards: a second append in it.
-            let r2 = if store_transaction {
-                tx.append("t", ExpectedVersion::NoStream, &events("D", 1))?
-            } else {
-                store.append_in(&mut *tx, "t", ExpectedVersion::NoStream, &events("D", 1))?
-            };
-            tx.commit()?;
-            Ok((r, r2))
-        });
-        wait_for_lock(pid);
-        let first = t.append_in(&mut tx1, "u", ExpectedVersion::Any, &events("E", 1))?;
-        tx1.commit()?;
-        let (r, r2) = second.join().unwrap()?;
-        assert_eq!(r.last_version, 2, "StoreTransaction {store_transaction}");
-        assert_eq!(r2.last_version, 0);
-        assert!(r.first_position > first.last_position);
-        assert_eq!(versions(&t, "s"), vec![0, 1, 2]);
-        assert_eq!(versions(&t, "t"), vec![0]);
+    for schema_9 in [false, true] {
+        for store_transaction in [false, true] {
+            let t = TestStore::new(&format!(
+                "append_in_any_race_{}_{store_transaction}",
+                if schema_9 { 9 } else { 10 }
+            ));
+            if schema_9 {
+                back_to_schema_9(&t)?;
+                assert_eq!(t.schema_version()?, 9);
+            }
+            wait_then_append(&t, store_transaction)?;
+        }
     }
+    Ok(())
+}
+
+/// Puts `t`'s `append_in` functions back as schema version 9 made them.
+fn back_to_schema_9(t: &TestStore) -> TestResult {
+    let script = pg_eventstore::migration_sql(&t.schema, "schema_migrations")?;
+    let start = script.find("\n-- 0009 ").expect("step 9 in the script");
+    let end = script.find("\n-- 0010 ").expect("step 10 in the script");
+    crate::common::client().batch_execute(&format!(
+        "DELETE FROM \"{}\".schema_migrations WHERE version >= 9; {}",
+        t.schema,
+        &script[start..end]
+    ))?;
+    // Version 9's `append_in_any` takes the stream's lock inside its statement.
+    let source: String = crate::common::client()
+        .query_one(
+            "SELECT prosrc FROM pg_proc
+              WHERE proname = 'append_in_any' AND pronamespace = $1::text::regnamespace",
+            &[&t.schema],
+        )?
+        .get(0);
+    assert!(source.contains("WHEN pg_advisory_xact_lock("));
+    Ok(())
+}
+
+fn wait_then_append(t: &TestStore, store_transaction: bool) -> TestResult {
+    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+    let mut c1 = t.pool().get()?;
+    let mut tx1 = c1.transaction()?;
+    t.append_in(&mut tx1, "s", ExpectedVersion::Any, &events("B", 1))?;
+    let mut conn = t.store.connection()?;
+    let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let store = t.store.clone();
+    let second = thread::spawn(move || -> pg_eventstore::Result<_> {
+        let mut tx = conn.transaction()?;
+        let r = if store_transaction {
+            tx.append("s", ExpectedVersion::Any, &events("C", 1))?
+        } else {
+            store.append_in(&mut *tx, "s", ExpectedVersion::Any, &events("C", 1))?
+        };
+        // The transaction is usable afterwards: a second append in it.
+        let r2 = if store_transaction {
+            tx.append("t", ExpectedVersion::NoStream, &events("D", 1))?
+        } else {
+            store.append_in(&mut *tx, "t", ExpectedVersion::NoStream, &events("D", 1))?
+        };
+        tx.commit()?;
+        Ok((r, r2))
+    });
+    wait_for_lock(pid);
+    let first = t.append_in(&mut tx1, "u", ExpectedVersion::Any, &events("E", 1))?;
+    tx1.commit()?;
+    let (r, r2) = second.join().unwrap()?;
+    assert_eq!(r.last_version, 2, "StoreTransaction {store_transaction}");
+    assert_eq!(r2.last_version, 0);
+    assert!(r.first_position > first.last_position);
+    assert_eq!(versions(t, "s"), vec![0, 1, 2]);
+    assert_eq!(versions(t, "t"), vec![0]);
     Ok(())
 }
 
