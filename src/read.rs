@@ -586,28 +586,26 @@ impl Events {
                 let limit = self.remaining.map_or(self.page, |r| r.min(self.page));
                 let mut conn = self.store.conn()?;
                 let limit_param = Some(limit as i64);
+                let params = self.query.params(&limit_param);
+                let store = &self.store;
+                let mut run = |statement| -> Result<Vec<Row>> {
+                    let statement = store.prepared(&mut conn, statement)?;
+                    conn.query(&statement, &params)
+                        .map_err(|e| store.map_error(e))
+                };
                 let mut lean = None;
-                if let Some(statement) = self.query.lean_statement(&self.store) {
-                    let statement = self.store.prepared(&mut conn, statement)?;
-                    let rows = conn
-                        .query(&statement, &self.query.params(&limit_param))
-                        .map_err(|e| self.store.map_error(e))?;
+                if let Some(statement) = self.query.lean_statement(store) {
+                    let rows = run(statement)?;
                     // Nothing held back: the page the full statement would return.
                     let status = rows.iter().find(|r| Horizon::is_status_row(r));
                     match status.map(Horizon::from_status_row).transpose()? {
                         Some(s) if !s.holds_back() => lean = Some(rows),
-                        _ => self.store.lean_read_missed(),
+                        _ => store.lean_read_missed(),
                     }
                 }
                 let mut rows = match lean {
                     Some(rows) => rows,
-                    None => {
-                        let statement = self
-                            .store
-                            .prepared(&mut conn, self.query.statement(&self.store))?;
-                        conn.query(&statement, &self.query.params(&limit_param))
-                            .map_err(|e| self.store.map_error(e))?
-                    }
+                    None => run(self.query.statement(store))?,
                 };
                 self.take_status(&mut rows)?;
                 let full = rows.len() as u64 == limit;

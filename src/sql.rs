@@ -320,7 +320,6 @@ pub(crate) struct Sql {
     pub(crate) set_truncate_before: Statement,
 }
 
-/// The keyset bounds of `$all` reads, below the read's horizon `h`.
 /// The filters of the `_filtered` `$all` reads (none for the others): `$5` the category,
 /// `$6` the event types, `$7` the snapshot whose events are left out.
 fn all_filters(filtered: bool) -> String {
@@ -336,6 +335,7 @@ fn all_filters(filtered: bool) -> String {
     )
 }
 
+/// The keyset bounds of `$all` reads, below the read's horizon `h`.
 const ALL_FORWARDS: &str = "global_position > $1 AND global_position < (SELECT horizon FROM h)";
 const ALL_BACKWARDS: &str = "global_position < LEAST($1, (SELECT horizon FROM h))";
 

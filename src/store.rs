@@ -64,9 +64,9 @@ struct Inner {
     known_horizon: std::sync::atomic::AtomicI64,
     /// Transaction ids that the last full horizon computation found in other databases.
     other_xids: std::sync::Mutex<Vec<i64>>,
-    /// When a lean first page (see `read_all_lean` in sql.rs) last found events held
-    /// back, in `now_micros` plus one (0: never).
-    lean_missed: std::sync::atomic::AtomicU64,
+    /// From when (in `now_micros`) `$all` first pages try the lean statement again (see
+    /// `read_all_lean` in sql.rs): [`LEAN_PAUSE`] after one found events held back.
+    lean_from: std::sync::atomic::AtomicU64,
     held_back: crate::horizon::HeldBackBoard,
 }
 
@@ -225,7 +225,7 @@ impl Store {
                 held_back: Default::default(),
                 known_horizon: std::sync::atomic::AtomicI64::new(0),
                 other_xids: Default::default(),
-                lean_missed: Default::default(),
+                lean_from: Default::default(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -745,17 +745,17 @@ impl Store {
     /// back in the last [`LEAN_PAUSE`]. Under a steady load of appending transactions
     /// most would, and then pay a second round trip for the full statement.
     pub(crate) fn lean_reads(&self) -> bool {
-        let missed = self
+        let from = self
             .inner
-            .lean_missed
+            .lean_from
             .load(std::sync::atomic::Ordering::Relaxed);
-        missed == 0 || crate::listener::now_micros() + 1 >= missed + LEAN_PAUSE.as_micros() as u64
+        crate::listener::now_micros() >= from
     }
 
     /// Records that a lean first page found events held back.
     pub(crate) fn lean_read_missed(&self) {
-        self.inner.lean_missed.store(
-            crate::listener::now_micros() + 1,
+        self.inner.lean_from.store(
+            crate::listener::now_micros() + LEAN_PAUSE.as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
