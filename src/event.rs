@@ -219,6 +219,11 @@ impl Json {
         serde_json::from_str(&self.0)
     }
 
+    /// JSON text as the server printed it (a notification's payload carries it).
+    pub(crate) fn from_text(text: String) -> Json {
+        Json(text.into_boxed_str())
+    }
+
     #[cfg(test)]
     pub(crate) fn from_value(value: &Value) -> Json {
         Json(value.to_string().into())

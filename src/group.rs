@@ -374,7 +374,10 @@ impl ConsumerGroup {
             summary: GroupSummary::default(),
             next_round: Instant::now(),
             last_checkpoint: Instant::now(),
-            wake: store.hub().subscribe(),
+            wake: {
+                let (id, wake, _) = store.hub().subscribe(false);
+                (id, wake)
+            },
         };
         let worker = self.worker;
         let thread = thread::Builder::new()

@@ -10,15 +10,18 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::tls::Connector;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use fallible_iterator::FallibleIterator;
 
 use crate::error::chain;
+use crate::event::{Json, RecordedEvent};
 use crate::retry::Backoff;
 use crate::sql;
+use serde::Deserialize;
+use uuid::Uuid;
 
 /// How long one wait for a notification lasts before the listener checks its stop flag.
 const LISTEN_ROUND: Duration = Duration::from_millis(100);
@@ -50,10 +53,198 @@ pub struct ListenerState {
     pub last_error: Option<String>,
 }
 
+/// The events of one append of another store (another process, mostly), carried by
+/// its notification: see `notify_events` in sql.rs. A subscription delivers them
+/// without reading when they are the next events it would read (see
+/// `Subscription::take_mail`).
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// The newest position below the first event's in the append's snapshot (`None`:
+    /// there was none).
+    pub(crate) prev: Option<u64>,
+    /// Whether `prev` is final: no event can ever sort between it and the first event.
+    pub(crate) is_final: bool,
+    /// All the events of the append's transaction, in position order.
+    pub(crate) events: Vec<RecordedEvent>,
+}
+
+/// The JSON of a [`Batch`], as the append statement builds it.
+#[derive(Deserialize)]
+struct Payload {
+    prev: Option<i64>,
+    #[serde(rename = "final")]
+    is_final: bool,
+    events: Vec<PayloadEvent>,
+}
+
+/// One event of a [`Payload`]: see `event_json` in sql.rs.
+#[derive(Deserialize)]
+struct PayloadEvent {
+    p: i64,
+    id: Uuid,
+    s: String,
+    v: i64,
+    t: String,
+    d: String,
+    m: Option<String>,
+    r: i64,
+}
+
+/// The keys of the MAC of notifications that carry events (see `m0012_feed_key` in
+/// migrate.rs).
+struct FeedKey {
+    inner: Vec<u8>,
+    outer: Vec<u8>,
+}
+
+impl FeedKey {
+    /// Reads the store's key; `None` when the schema has none yet (before version 12)
+    /// or the role may not read it: then notifications only wake subscribers.
+    fn load(
+        client: &mut postgres::Client,
+        schema: &str,
+    ) -> Result<Option<FeedKey>, postgres::Error> {
+        let table = sql::feed_key_table(schema);
+        if !client
+            .query_one(sql::FEED_KEY_READABLE, &[&table])?
+            .get::<_, bool>(0)
+        {
+            return Ok(None);
+        }
+        Ok(client
+            .query_opt(&sql::feed_key(schema), &[])?
+            .map(|row| FeedKey {
+                inner: row.get(0),
+                outer: row.get(1),
+            }))
+    }
+
+    /// Whether `mac` (hex) is the MAC of `json`: `sha256(outer || sha256(inner || json))`.
+    fn signed(&self, mac: &str, json: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        let inner = Sha256::new()
+            .chain_update(&self.inner)
+            .chain_update(json.as_bytes())
+            .finalize();
+        let expected = Sha256::new()
+            .chain_update(&self.outer)
+            .chain_update(inner)
+            .finalize();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let hex = expected
+            .iter()
+            .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        let given = mac.as_bytes();
+        // Every byte compared, whatever the first difference.
+        given.len() == 2 * expected.len() && hex.zip(given).fold(0, |d, (a, b)| d | (a ^ b)) == 0
+    }
+}
+
+impl Batch {
+    /// The batch in a notification's payload: the store's 32 characters, a space, the
+    /// MAC in hex, a space, the JSON. `None` for a payload without events (a plain
+    /// wake-up), without a key to check it with, with a MAC that does not check out,
+    /// and for anything else this version cannot read: the subscriber reads the table
+    /// then, as always.
+    fn parse(payload: &str, key: Option<&FeedKey>) -> Option<Batch> {
+        let (_, signed) = payload.split_once(' ')?;
+        let (mac, json) = signed.split_once(' ')?;
+        if !key?.signed(mac, json) {
+            return None;
+        }
+        let p: Payload = serde_json::from_str(json).ok()?;
+        let events: Vec<RecordedEvent> = p
+            .events
+            .into_iter()
+            .map(|e| {
+                let micros = Duration::from_micros(e.r.unsigned_abs());
+                let recorded_at = if e.r >= 0 {
+                    SystemTime::UNIX_EPOCH.checked_add(micros)
+                } else {
+                    SystemTime::UNIX_EPOCH.checked_sub(micros)
+                };
+                Some(RecordedEvent {
+                    position: u64::try_from(e.p).ok()?,
+                    id: e.id,
+                    stream_id: e.s,
+                    version: u64::try_from(e.v).ok()?,
+                    event_type: e.t,
+                    data: Json::from_text(e.d),
+                    metadata: e.m.map(Json::from_text),
+                    recorded_at: recorded_at?,
+                })
+            })
+            .collect::<Option<_>>()?;
+        let ordered = events.windows(2).all(|w| w[0].position < w[1].position);
+        let prev = match p.prev {
+            None => None,
+            Some(prev) => Some(u64::try_from(prev).ok()?),
+        };
+        let first = events.first()?.position;
+        (ordered && prev.is_none_or(|p| p < first)).then_some(Batch {
+            prev,
+            is_final: p.is_final,
+            events,
+        })
+    }
+
+    pub(crate) fn first(&self) -> u64 {
+        self.events[0].position
+    }
+
+    pub(crate) fn last(&self) -> u64 {
+        self.events[self.events.len() - 1].position
+    }
+}
+
+/// What came for one subscriber since it last looked: batches of events, and whether
+/// anything else woke it (then it must read the table).
+#[derive(Default)]
+pub(crate) struct Mailbox(Mutex<Mail>);
+
+#[derive(Default)]
+struct Mail {
+    batches: VecDeque<Arc<Batch>>,
+    read: bool,
+}
+
+/// How many batches wait for a subscriber that is busy elsewhere: beyond that the
+/// oldest go, and the subscriber reads the table.
+const MAILBOX_MAX: usize = 64;
+
+impl Mailbox {
+    /// Takes the batches, in the order they came, and whether a read is due.
+    pub(crate) fn take(&self) -> (VecDeque<Arc<Batch>>, bool) {
+        let mut mail = self.0.lock().unwrap();
+        let read = std::mem::take(&mut mail.read);
+        (std::mem::take(&mut mail.batches), read)
+    }
+
+    fn put(&self, batches: &[Arc<Batch>], read: bool) {
+        let mut mail = self.0.lock().unwrap();
+        for b in batches {
+            if mail.batches.len() == MAILBOX_MAX {
+                mail.batches.pop_front();
+                mail.read = true;
+            }
+            mail.batches.push_back(b.clone());
+        }
+        mail.read |= read;
+    }
+}
+
+/// One subscription, as the hub sees it.
+struct Subscriber {
+    id: u64,
+    wake: Sender<()>,
+    /// `None` for a subscriber that only wants wake-ups (a consumer group member).
+    mail: Option<Arc<Mailbox>>,
+}
+
 /// State shared between the store, the threads and the subscriptions.
 #[derive(Default)]
 pub(crate) struct Shared {
-    subscribers: Mutex<Vec<(u64, Sender<()>)>>,
+    subscribers: Mutex<Vec<Subscriber>>,
     next_id: AtomicU64,
     stop: AtomicBool,
     connected: AtomicBool,
@@ -88,12 +279,21 @@ impl Shared {
         self.listeners_looked.store(true, Ordering::Relaxed);
     }
 
-    /// Wakes every subscriber. A full channel already holds a wake-up: nothing is lost
-    /// by skipping it, and the listener never blocks on a slow subscriber.
+    /// Wakes every subscriber to read the table.
     pub(crate) fn wake_all(&self) {
+        self.deliver(&[], true);
+    }
+
+    /// Hands `batches` to every subscriber and wakes it; with `read`, it must also read
+    /// the table. A full channel already holds a wake-up: nothing is lost by skipping
+    /// it, and the listener never blocks on a slow subscriber.
+    fn deliver(&self, batches: &[Arc<Batch>], read: bool) {
         let subscribers = self.subscribers.lock().unwrap();
-        for (_, tx) in subscribers.iter() {
-            match tx.try_send(()) {
+        for s in subscribers.iter() {
+            if let Some(mail) = &s.mail {
+                mail.put(batches, read);
+            }
+            match s.wake.try_send(()) {
                 Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
             }
         }
@@ -105,6 +305,7 @@ pub(crate) struct Hub {
     shared: Arc<Shared>,
     pg: postgres::Config,
     connector: Connector,
+    schema: String,
     channel: String,
     poll_interval: Duration,
     notify: bool,
@@ -148,6 +349,7 @@ impl Hub {
             }),
             pg,
             connector,
+            schema: schema.to_string(),
             channel: channel_name(schema),
             poll_interval,
             notify,
@@ -162,11 +364,17 @@ impl Hub {
         &self.channel
     }
 
-    /// Registers a subscriber and starts the listener if it is not running yet.
-    pub(crate) fn subscribe(&self) -> (u64, Receiver<()>) {
+    /// Registers a subscriber and starts the listener if it is not running yet. With
+    /// `mail`, the subscriber also gets the events that notifications carry.
+    pub(crate) fn subscribe(&self, mail: bool) -> (u64, Receiver<()>, Option<Arc<Mailbox>>) {
         let (tx, rx) = bounded(1);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        self.shared.subscribers.lock().unwrap().push((id, tx));
+        let mail = mail.then(|| Arc::new(Mailbox::default()));
+        self.shared.subscribers.lock().unwrap().push(Subscriber {
+            id,
+            wake: tx,
+            mail: mail.clone(),
+        });
         // Transactions that appended before there was anybody to wake may still commit:
         // their events must wake this subscriber, which may have read past them already.
         // (`watch` decides and remembers under this lock, after looking for subscribers.)
@@ -178,15 +386,16 @@ impl Hub {
             let pg = self.pg.clone();
             let connector = crate::tls::clone(&self.connector);
             let channel = self.channel.clone();
+            let schema = self.schema.clone();
             let poll = self.poll_interval;
             *listener = Some(
                 thread::Builder::new()
                     .name("pg-eventstore-listener".into())
-                    .spawn(move || listen(shared, pg, connector, channel, poll))
+                    .spawn(move || listen(shared, pg, connector, (schema, channel), poll))
                     .expect("spawn the listener thread"),
             );
         }
-        (id, rx)
+        (id, rx, mail)
     }
 
     pub(crate) fn unsubscribe(&self, id: u64) {
@@ -194,7 +403,7 @@ impl Hub {
             .subscribers
             .lock()
             .unwrap()
-            .retain(|(i, _)| *i != id);
+            .retain(|s| s.id != id);
     }
 
     /// Called after an append committed on a pooled connection: wakes this process's
@@ -363,7 +572,7 @@ fn listen(
     shared: Arc<Shared>,
     pg: postgres::Config,
     connector: Connector,
-    channel: String,
+    (schema, channel): (String, String),
     poll: Duration,
 ) {
     let mut backoff = RECONNECT;
@@ -374,10 +583,11 @@ fn listen(
         // `pg_stat_activity.query` shows other processes' notifiers who is listening.
         let connected = crate::connect::open(&pg, &connector).and_then(|mut c| {
             let pid: i32 = c.query_one(sql::BACKEND_PID, &[])?.get(0);
+            let key = FeedKey::load(&mut c, &schema)?;
             c.batch_execute(&listen_sql)?;
-            Ok((c, pid))
+            Ok((c, pid, key))
         });
-        let (mut client, pid) = match connected {
+        let (mut client, pid, mut key) = match connected {
             Ok(c) => c,
             Err(e) => {
                 *shared.last_error.lock().unwrap() = Some(chain(&e));
@@ -407,20 +617,28 @@ fn listen(
                 shared.notifier_pid.load(Ordering::Relaxed),
                 shared.watcher_pid.load(Ordering::Relaxed),
             ];
-            let mut woken = match wait_for_notifications(&mut client, own, &shared.payload) {
-                Ok(w) => w,
-                Err(e) => break Some(e),
-            };
+            let (mut woken, batches) =
+                match wait_for_notifications(&mut client, own, &shared.payload, key.as_ref()) {
+                    Ok(w) => w,
+                    Err(e) => break Some(e),
+                };
             if last_poll.elapsed() >= poll {
                 woken = true;
                 last_poll = Instant::now();
+                // A store migrated to version 12 while we listen.
+                if key.is_none() {
+                    match FeedKey::load(&mut client, &schema) {
+                        Ok(k) => key = k,
+                        Err(e) => break Some(e),
+                    }
+                }
                 // The safety poll doubles as a liveness check of a quiet connection.
                 if let Err(e) = client.batch_execute(&listen_sql) {
                     break Some(e);
                 }
             }
-            if woken {
-                shared.wake_all();
+            if woken || !batches.is_empty() {
+                shared.deliver(&batches, woken);
             }
         };
         shared.connected.store(false, Ordering::Relaxed);
@@ -437,25 +655,36 @@ fn listen(
 /// Waits one round for a notification, then takes whatever else is already buffered.
 /// Returns whether any came from somebody other than our own notifier and commit
 /// watcher (`own`) and our own appends (`payload`), who wake this process's subscribers
-/// directly.
+/// directly, without events in its payload; and the batches of events that the others
+/// carried, in the order they came (the order their transactions committed in).
 fn wait_for_notifications(
     client: &mut postgres::Client,
     own: [i32; 2],
     payload: &str,
-) -> Result<bool, postgres::Error> {
-    let foreign =
-        |n: &postgres::Notification| !own.contains(&n.process_id()) && n.payload() != payload;
+    key: Option<&FeedKey>,
+) -> Result<(bool, Vec<Arc<Batch>>), postgres::Error> {
+    let (mut woken, mut batches) = (false, Vec::new());
+    let mut take = |n: &postgres::Notification| {
+        let ours = own.contains(&n.process_id()) || n.payload().split(' ').next() == Some(payload);
+        if ours {
+            return;
+        }
+        match Batch::parse(n.payload(), key) {
+            Some(b) => batches.push(Arc::new(b)),
+            None => woken = true,
+        }
+    };
     let mut notifications = client.notifications();
     let first = notifications.timeout_iter(LISTEN_ROUND).next()?;
     let Some(first) = first else {
-        return Ok(false);
+        return Ok((false, Vec::new()));
     };
-    let mut woken = foreign(&first);
+    take(&first);
     let mut pending = notifications.iter();
     while let Some(n) = pending.next()? {
-        woken |= foreign(&n);
+        take(&n);
     }
-    Ok(woken)
+    Ok((woken, batches))
 }
 
 /// The shortest time between two NOTIFYs of one notifier, and between two appends of

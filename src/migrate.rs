@@ -10,7 +10,10 @@ use crate::error::{Error, Result};
 use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
-pub const SCHEMA_VERSION: i64 = 11;
+pub const SCHEMA_VERSION: i64 = 12;
+
+/// The schema version that brought the key of notifications that carry events.
+pub(crate) const FEED_KEY_VERSION: i64 = 12;
 
 /// The advisory lock class taken (with the hash of the schema name) while migrating.
 const LOCK_CLASS: i32 = 0x5045_5331; // "PES1"
@@ -77,6 +80,11 @@ const STEPS: &[Step] = &[
         version: 11,
         name: "append_in: the watcher's lock without a subplan in the one-event statement",
         sql: m0011_append_in_lean_returning,
+    },
+    Step {
+        version: 12,
+        name: "the key of notifications that carry events",
+        sql: m0012_feed_key,
     },
 ];
 
@@ -249,6 +257,32 @@ fn m0011_append_in_lean_returning(schema: &str) -> String {
     let mut m = Migration::new().schema(schema);
     let sql = crate::sql::Sql::new(schema);
     append_in_functions(&mut m, schema, &sql, First::LeanEvent);
+    finish(m)
+}
+
+/// The key that authenticates the events a pool append's notification carries (see
+/// `notify_events` in sql.rs and "Live delivery" in the crate docs): anybody who can
+/// connect can send a notification on the store's channel, so a subscription delivers
+/// a notification's events only when their MAC checks out with this key. Two random
+/// 64-byte keys, the MAC's inner and outer key, from `gen_random_uuid`, which draws on
+/// the server's strong random source (122 random bits per UUID, 488 per key). One row.
+fn m0012_feed_key(schema: &str) -> String {
+    let mut m = Migration::new().schema(schema);
+    // Safe to run again (a test puts a store back to version 7 and upgrades it).
+    m.create_table_if_not_exists("feed_key", |t| {
+        t.add_column("inner_key", types::binary());
+        t.add_column("outer_key", types::binary());
+    });
+    let s = quote(schema);
+    let uuid = "gen_random_uuid()::text";
+    let random = format!("decode(replace({uuid} || {uuid} || {uuid} || {uuid}, '-', ''), 'hex')");
+    m.inject_custom(format!(
+        "CREATE UNIQUE INDEX IF NOT EXISTS feed_key_one ON {s}.feed_key ((true))"
+    ));
+    m.inject_custom(format!(
+        "INSERT INTO {s}.feed_key (inner_key, outer_key) VALUES ({random}, {random})
+    ON CONFLICT DO NOTHING"
+    ));
     finish(m)
 }
 

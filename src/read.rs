@@ -205,6 +205,18 @@ impl ReadAll {
         self
     }
 
+    /// Whether `event` passes the category and event type filters, as the `$all`
+    /// statements decide (`starts_with`, and `=` on the type).
+    pub(crate) fn matches(&self, event: &RecordedEvent) -> bool {
+        self.category
+            .as_ref()
+            .is_none_or(|c| event.stream_id.starts_with(c.as_str()))
+            && self
+                .event_types
+                .as_ref()
+                .is_none_or(|t| t.contains(&event.event_type))
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         if let Some(c) = &self.category {
             validate_text("category prefix", c, MAX_STREAM_ID_BYTES)

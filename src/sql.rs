@@ -102,6 +102,27 @@ pub(crate) fn listen(channel: &str) -> String {
     format!("LISTEN {}", quote(channel))
 }
 
+/// The table of the keys of the MAC of notifications that carry events (schema
+/// version 12; see `notify_events` in [`Sql::new`]), as a parameter of
+/// [`FEED_KEY_READABLE`].
+pub(crate) fn feed_key_table(schema: &str) -> String {
+    format!("{}.feed_key", quote(schema))
+}
+
+/// Whether the table `$1` exists and this role may read it: asked before reading the
+/// key, so that a store at an older version, or a role without the grant, leaves no
+/// error in the server's log at every look.
+pub(crate) const FEED_KEY_READABLE: &str = "SELECT CASE WHEN to_regclass($1) IS NULL THEN false
+            ELSE has_table_privilege($1, 'SELECT') END";
+
+/// The keys themselves.
+pub(crate) fn feed_key(schema: &str) -> String {
+    format!(
+        "SELECT inner_key, outer_key FROM {}",
+        feed_key_table(schema)
+    )
+}
+
 /// `NOTIFY` on a channel.
 pub(crate) fn notify(channel: &str) -> String {
     format!("NOTIFY {}", quote(channel))
@@ -244,6 +265,26 @@ enum WatchLock {
     Case,
 }
 
+/// The columns an append that notifies returns besides `global_position` and
+/// `stream_version`, for the events in its payload (see `notify_events` in `Sql::new`).
+const PAYLOAD_COLUMNS: &str = "event_id, stream_id, event_type, data, metadata, recorded_at";
+
+/// The most bytes of JSON a notification's payload carries after the store's own 32
+/// characters and a space: PostgreSQL refuses payloads of 8,000 bytes or more.
+const NOTIFY_ROOM: usize = 7_900;
+
+/// One event in a notification's payload (see `listener::PayloadEvent`), from the row
+/// of `alias`: data and metadata as their `jsonb` text, exactly as a read returns them,
+/// and the time recorded in microseconds since the Unix epoch (`extract` is exact).
+fn event_json(alias: &str) -> String {
+    format!(
+        "json_build_object('p', {alias}.global_position, 'id', {alias}.event_id,
+        's', {alias}.stream_id, 'v', {alias}.stream_version, 't', {alias}.event_type,
+        'd', {alias}.data::text, 'm', {alias}.metadata::text,
+        'r', (extract(epoch FROM {alias}.recorded_at) * 1000000)::bigint)"
+    )
+}
+
 /// All statements of one store.
 #[derive(Debug)]
 pub(crate) struct Sql {
@@ -273,9 +314,13 @@ pub(crate) struct Sql {
     /// migrate.rs): the columns of `append`, through a lean statement.
     pub(crate) append_first: Statement,
     pub(crate) append_one: Statement,
-    /// `append_fast` and `append_one` that also send the store's `NOTIFY` as they commit.
+    /// `append_fast` and `append_one` that also send the store's `NOTIFY` as they commit,
+    /// with the events in it (schema version 12: see `notify_events` below).
     pub(crate) append_fast_notify: Statement,
     pub(crate) append_one_notify: Statement,
+    /// The same, with a wake-up alone in the `NOTIFY`: for a store still at version 11.
+    pub(crate) append_fast_notify_v11: Statement,
+    pub(crate) append_one_notify_v11: Statement,
     pub(crate) stream_head: Statement,
     pub(crate) read_stream_forwards: Statement,
     pub(crate) read_stream_backwards: Statement,
@@ -616,18 +661,65 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         // transaction, sent as it commits when it inserted: for an append that finds
         // another process listening and no `NOTIFY` sent in the last moment (see
         // `Hub::notify_inline`), so that the other process is woken without the
-        // notifier's hop. `$8` is the payload (see `Hub::payload`). Extra last column,
-        // not read.
-        let notify = format!(
+        // notifier's hop. Extra last column, not read.
+        //
+        // The payload is `$8` (the store's own, see `Hub::payload`), then, when it all
+        // fits in a notification, a space, the MAC of the rest (hex), a space and the
+        // events with what a subscriber in another process needs to deliver them
+        // without reading them (see `listener::Batch`): the position before the first
+        // (`prev`, the newest event below this transaction's slot in the statement's
+        // snapshot), and whether that is final (`final`): the snapshot saw no
+        // transaction with an id running, and this transaction's id is the next one
+        // after it, so every transaction whose events could sort before these had ended
+        // and is in the snapshot. `first` is the SQL of the first position,
+        // `events_json` of the JSON array of the events. The MAC is
+        // `sha256(outer_key || sha256(inner_key || json))` with the keys of `feed_key`
+        // (HMAC's construction with two independent random keys): anybody who can
+        // connect can send a notification on the channel, but only a role that can read
+        // the store's key can make one whose events a subscription delivers.
+        let notify_events = |first: &str, events_json: &str| {
+            format!(
+                "pg_notify({channel}, $8::text || COALESCE((
+    SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))),
+                         'hex') || ' ' || z.j
+      FROM {s}.feed_key k, (SELECT json_build_object(
+        'prev', (SELECT e.global_position FROM {events} e WHERE e.global_position < {first}
+                  ORDER BY e.global_position DESC LIMIT 1),
+        'final', pg_snapshot_xmin(q.s) = pg_snapshot_xmax(q.s)
+                 AND (pg_snapshot_xmax(q.s)::text::bigint << {bits}) = {first},
+        'events', {events_json})::text AS j
+      FROM (SELECT pg_current_snapshot() AS s) q) z
+     WHERE octet_length(z.j) < {room}), ''))::text",
+                channel = literal(&crate::listener::channel_name(schema)),
+                room = NOTIFY_ROOM,
+            )
+        };
+        let notify_v11 = format!(
             "pg_notify({}, $8::text)::text",
             literal(&crate::listener::channel_name(schema))
+        );
+        let append_fast_notify_v11 = format!(
+            "{}
+SELECT count(*), min(global_position), max(global_position), max(stream_version),
+       (SELECT {notify_v11} WHERE EXISTS (SELECT 1 FROM ins))
+  FROM ins",
+            lean_insert("global_position, stream_version")
         );
         let append_fast_notify = format!(
             "{}
 SELECT count(*), min(global_position), max(global_position), max(stream_version),
-       (SELECT {notify} WHERE EXISTS (SELECT 1 FROM ins))
+       (SELECT {} WHERE EXISTS (SELECT 1 FROM ins))
   FROM ins",
-            lean_insert("global_position, stream_version")
+            lean_insert(&format!(
+                "global_position, stream_version, {PAYLOAD_COLUMNS}"
+            )),
+            notify_events(
+                "(SELECT min(x.global_position) FROM ins x)",
+                &format!(
+                    "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
+                    event_json("x")
+                ),
+            )
         );
         // `append_fast` for a caller's transaction, inside `append_in_events` and
         // `append_in_any`, which run it only while the transaction has no id yet and
@@ -664,13 +756,25 @@ RETURNING global_position, stream_version"
 )
 {one_insert}"
         );
-        let append_one_notify = format!(
+        let append_one_notify_v11 = format!(
             "WITH head AS (
     {head}
 ), ins AS (
 {one_insert}
 )
-SELECT global_position, stream_version, {notify} FROM ins"
+SELECT global_position, stream_version, {notify_v11} FROM ins"
+        );
+        let append_one_notify = format!(
+            "WITH head AS (
+    {head}
+), ins AS (
+{one_insert}, {PAYLOAD_COLUMNS}
+)
+SELECT i.global_position, i.stream_version, {} FROM ins i",
+            notify_events(
+                "i.global_position",
+                &format!("json_build_array({})", event_json("i"))
+            )
         );
         // One event, the first write of a caller's transaction, in one statement, run by
         // `append_in_events` and `append_in_any` from schema version 9 (see
@@ -759,9 +863,11 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_in_first_try: append_in_first(StreamLock::Try, WatchLock::Case),
             append_fast,
             append_fast_notify,
+            append_fast_notify_v11,
             append_first,
             append_one,
             append_one_notify,
+            append_one_notify_v11,
             stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}

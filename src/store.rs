@@ -68,6 +68,10 @@ struct Inner {
     /// `read_all_lean` in sql.rs): [`LEAN_PAUSE`] after one found events held back.
     lean_from: std::sync::atomic::AtomicU64,
     held_back: crate::horizon::HeldBackBoard,
+    /// Whether the schema has the key of notifications that carry events (version 12),
+    /// as seen when the store connected or migrated: until then, appends that notify
+    /// send a wake-up alone.
+    events_in_notify: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Store {
@@ -226,6 +230,7 @@ impl Store {
                 known_horizon: std::sync::atomic::AtomicI64::new(0),
                 other_xids: Default::default(),
                 lean_from: Default::default(),
+                events_in_notify: (version >= migrate::FEED_KEY_VERSION).into(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -253,10 +258,14 @@ impl Store {
             // One transaction under an advisory lock, and a no-op once done: safe to
             // retry.
             || {
-                crate::retry::run(self.config(), self.pool(), "migrate", || {
+                let report = crate::retry::run(self.config(), self.pool(), "migrate", || {
                     let mut conn = self.conn()?;
                     migrate::run(&mut conn, &config.schema, &config.migrations_table)
-                })
+                })?;
+                self.inner
+                    .events_in_notify
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(report)
             },
             |r| r.applied.len(),
         )
@@ -391,8 +400,14 @@ impl Store {
         notify: bool,
     ) -> Result<Option<AppendResult>> {
         let sql = &self.inner.sql;
-        let (one, many) = if notify {
+        let events_in_notify = self
+            .inner
+            .events_in_notify
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (one, many) = if notify && events_in_notify {
             (&sql.append_one_notify, &sql.append_fast_notify)
+        } else if notify {
+            (&sql.append_one_notify_v11, &sql.append_fast_notify_v11)
         } else {
             (&sql.append_one, &sql.append_fast)
         };

@@ -1,5 +1,6 @@
 //! Subscriptions: an iterator that catches up from history, then follows new events.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use crossbeam_channel::{bounded, select, Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::event::{validate_stream_id, RecordedEvent};
+use crate::listener::{Batch, Mailbox};
 use crate::read::{Events, ReadAll, ReadStream};
 use crate::retry::Backoff;
 use crate::store::Store;
@@ -170,8 +172,13 @@ enum Cursor {
 /// late with a smaller position is never skipped.
 ///
 /// Wake-ups come from the store's listener (`LISTEN`), from appends made through the same
-/// store, and from a safety poll ([`Config::poll_interval`](crate::Config::poll_interval));
-/// the events themselves are always read from the table. An error (the database is down,
+/// store, and from a safety poll ([`Config::poll_interval`](crate::Config::poll_interval)).
+/// The events are read from the table, with one exception: an append through another
+/// store's pool (another process, mostly) may carry its events in its notification,
+/// and the subscription delivers them from there when they are the very next events it
+/// would read, which the append proves with the position before its first event and
+/// with no other transaction holding an id at that moment (see "Live delivery" in the
+/// crate docs). An error (the database is down,
 /// say) is yielded as an `Err` item and the subscription carries on from where it was:
 /// the next call retries after a backoff. Only [`Subscription::stop`] ends it.
 ///
@@ -190,9 +197,24 @@ pub struct Subscription {
     cursor: Cursor,
     /// Live `$all` subscriptions skip what was visible when they were created.
     before_snapshot: Option<String>,
+    /// The same snapshot, to leave out the events of a notification. `None` with a
+    /// `before_snapshot` that this version cannot parse: then it reads instead.
+    before: Option<SnapshotIds>,
+    /// `$all`: the position up to which every event this subscription follows has been
+    /// delivered (or left out): the last one delivered, or, after a read, the position
+    /// below the read's horizon. Events that a notification carries are delivered only
+    /// when the newest event before them is at or below it.
+    scanned: Option<u64>,
     read: Option<Events>,
+    /// Events taken from notifications, to deliver before anything else.
+    pending: VecDeque<RecordedEvent>,
+    /// Whether the table must be read when no read is open and nothing is pending:
+    /// at first, after an error or a wait that timed out, and when a wake-up came that
+    /// no notification's events account for.
+    read_due: bool,
     id: u64,
     wake: Receiver<()>,
+    mail: Arc<Mailbox>,
     stop_rx: Receiver<()>,
     stopper: SubscriptionStopper,
     /// While committed events wait behind an open appending transaction: the pauses
@@ -250,16 +272,26 @@ impl Subscription {
                 }
             }
         };
-        let (id, wake) = store.hub().subscribe();
+        let (id, wake, mail) = store.hub().subscribe(true);
+        let mail = mail.expect("a subscription's mailbox");
         let (tx, stop_rx) = bounded(1);
+        let scanned = match cursor {
+            Cursor::Position(p) => p,
+            Cursor::Version(_) => None,
+        };
         Ok(Subscription {
             store,
             target: options.target,
             cursor,
+            before: before_snapshot.as_deref().and_then(SnapshotIds::parse),
             before_snapshot,
+            scanned,
             read: None,
+            pending: VecDeque::new(),
+            read_due: true,
             id,
             wake,
+            mail,
             stop_rx,
             stopper: SubscriptionStopper {
                 stopped: Arc::new(AtomicBool::new(false)),
@@ -305,8 +337,20 @@ impl Subscription {
     /// The next event if one can be had without waiting (one query at most),
     /// else `None`.
     pub fn try_next(&mut self) -> Option<Result<RecordedEvent>> {
+        // Called by hand, not only after a wake-up that this subscription took itself:
+        // whatever a notification brought comes first, then the table is read.
+        self.read_due = true;
+        self.step()
+    }
+
+    /// One step of [`Subscription::try_next`]: an event taken from a notification, the
+    /// next of an open read, or the first of a new read when one is due.
+    fn step(&mut self) -> Option<Result<RecordedEvent>> {
         if self.is_stopped() || self.retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
+        }
+        if let Some(event) = self.pending.pop_front() {
+            return Some(Ok(self.delivered(event)));
         }
         if self.read.is_some() {
             // `None` when the read is exhausted: what committed since is announced by a
@@ -316,11 +360,93 @@ impl Subscription {
         // A fresh read sees everything that any wake-up taken here announced; one that
         // arrives during the read stays in the channel and triggers the next read.
         let _ = self.wake.try_recv();
+        if self.take_mail() {
+            self.read_due = true;
+        }
+        if let Some(event) = self.pending.pop_front() {
+            return Some(Ok(self.delivered(event)));
+        }
+        if !self.read_due {
+            return None;
+        }
+        self.read_due = false;
         match self.open_read() {
             Ok(read) => self.read = Some(read),
             Err(e) => return Some(self.failed(e)),
         }
         self.next_from_read()
+    }
+
+    /// Takes the events that notifications brought since the last look, queueing those
+    /// this subscription delivers next. Returns whether the table must be read: a
+    /// wake-up came without events, or with events it cannot place.
+    fn take_mail(&mut self) -> bool {
+        let (batches, mut read) = self.mail.take();
+        for batch in batches {
+            read |= !self.place(&batch);
+        }
+        read
+    }
+
+    /// Queues the events of `batch` that come next for this subscription. False when
+    /// it cannot tell: a read decides.
+    fn place(&mut self, batch: &Batch) -> bool {
+        match (&self.target, &self.cursor) {
+            (Target::All(filter), _) => {
+                if Some(batch.last()) <= self.scanned {
+                    return true; // read already
+                }
+                // Nothing can come between what this subscription has seen and the
+                // batch: the newest event before it is final, and seen.
+                let next = batch.is_final
+                    && batch.prev <= self.scanned
+                    && self.scanned < Some(batch.first());
+                let hidden = match (&self.before_snapshot, &self.before) {
+                    (None, _) => false,
+                    (Some(_), Some(ids)) => ids.sees(batch.first() >> crate::sql::POSITION_BITS),
+                    (Some(_), None) => return false,
+                };
+                if !next {
+                    return false;
+                }
+                if !hidden {
+                    let matching = batch.events.iter().filter(|e| filter.matches(e));
+                    self.pending.extend(matching.cloned());
+                }
+                self.scanned = Some(batch.last());
+                true
+            }
+            (Target::Stream(stream), Cursor::Version(v)) => {
+                // A stream's versions commit in order, one after the other.
+                let mut next = *v + self.pending.len() as u64;
+                for event in batch.events.iter().filter(|e| &e.stream_id == stream) {
+                    if event.version > next {
+                        return false;
+                    }
+                    if event.version == next {
+                        self.pending.push_back(event.clone());
+                        next += 1;
+                    }
+                }
+                true
+            }
+            _ => unreachable!("the cursor always matches the target"),
+        }
+    }
+
+    /// Moves the cursor past `event`, which is being delivered.
+    fn delivered(&mut self, event: RecordedEvent) -> RecordedEvent {
+        self.retry_at = None;
+        self.backoff.reset();
+        match &mut self.cursor {
+            Cursor::Position(p) => {
+                *p = Some(event.position);
+                self.scanned = self.scanned.max(Some(event.position));
+            }
+            Cursor::Version(v) => *v = event.version + 1,
+        }
+        crate::metrics::subscription_delivered(event.recorded_at);
+        event
     }
 
     /// The next event, waiting at most `timeout`. `None` when nothing came in time, or
@@ -334,7 +460,7 @@ impl Subscription {
             if self.is_stopped() {
                 return None;
             }
-            if let Some(item) = self.try_next() {
+            if let Some(item) = self.step() {
                 return Some(item);
             }
             if self.retry_at.is_none() && !self.wake.is_empty() {
@@ -355,11 +481,12 @@ impl Subscription {
             select! {
                 recv(self.wake) -> _ => {}
                 recv(self.stop_rx) -> _ => return None,
-                default(wait) => {}
+                // A safety poll, a look while events are held back, or the deadline.
+                default(wait) => self.read_due = true,
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 // One last look, so that a wake-up at the deadline is not wasted.
-                return self.try_next();
+                return self.step();
             }
         }
     }
@@ -367,22 +494,18 @@ impl Subscription {
     fn next_from_read(&mut self) -> Option<Result<RecordedEvent>> {
         let read = self.read.as_mut()?;
         match read.next() {
-            Some(Ok(event)) => {
-                self.retry_at = None;
-                self.backoff.reset();
-                match &mut self.cursor {
-                    Cursor::Position(p) => *p = Some(event.position),
-                    Cursor::Version(v) => *v = event.version + 1,
-                }
-                crate::metrics::subscription_delivered(event.recorded_at);
-                Some(Ok(event))
-            }
+            Some(Ok(event)) => Some(Ok(self.delivered(event))),
             Some(Err(e)) => Some(self.failed(e)),
             None => {
                 // Caught up: do committed events wait behind an open appending
                 // transaction? Then look again soon, as its end may bring no wake-up.
                 let status = read.status().copied();
                 self.read = None;
+                // Everything below the read's horizon that this subscription follows
+                // has been delivered now.
+                if let Some(h) = &status {
+                    self.scanned = self.scanned.max(h.horizon.checked_sub(1));
+                }
                 let held = status.is_some_and(|h| h.holds_back());
                 self.held_back = match (held, self.held_back) {
                     (false, _) => None,
@@ -402,6 +525,7 @@ impl Subscription {
 
     fn failed(&mut self, e: Error) -> Result<RecordedEvent> {
         self.read = None;
+        self.read_due = true;
         self.retry_at = Some(Instant::now() + self.backoff.next_delay());
         Err(e)
     }
@@ -416,6 +540,8 @@ impl Subscription {
                 // and looks again when woken (or soon, while events are held back).
                 let mut options = filter.clone().visible_now();
                 options.position = *p;
+                // Every event up to the horizon: `scanned` relies on it.
+                options.max_count = None;
                 options.before_snapshot = self.before_snapshot.clone();
                 self.store.read_all(options)
             }
@@ -438,5 +564,59 @@ impl Drop for Subscription {
         self.read = None;
         self.store.hub().unsubscribe(self.id);
         self.store.held_back_board().remove(self.id);
+    }
+}
+
+/// The transaction ids of a `pg_snapshot` (`xmin:xmax:xip,...`), to tell which
+/// committed transactions it sees.
+#[derive(Debug)]
+struct SnapshotIds {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl SnapshotIds {
+    fn parse(text: &str) -> Option<SnapshotIds> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<_>>()?,
+        };
+        parts
+            .next()
+            .is_none()
+            .then_some(SnapshotIds { xmin, xmax, xip })
+    }
+
+    /// Whether the snapshot sees the committed transaction `xid`.
+    fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotIds;
+
+    #[test]
+    fn a_snapshot_sees_what_ended_before_it() {
+        let s = SnapshotIds::parse("10:20:12,15").unwrap();
+        assert!(s.sees(9));
+        assert!(s.sees(11));
+        assert!(!s.sees(12));
+        assert!(!s.sees(15));
+        assert!(s.sees(19));
+        assert!(!s.sees(20));
+        let empty = SnapshotIds::parse("7:7:").unwrap();
+        assert!(empty.sees(6));
+        assert!(!empty.sees(7));
+        assert!(SnapshotIds::parse("7:x:").is_none());
+        assert!(SnapshotIds::parse("7:8").is_none());
     }
 }

@@ -683,3 +683,188 @@ fn a_subscriber_that_comes_while_an_unwatched_transaction_is_open_hears_its_comm
     assert!(took < WAIT / 2, "took {took:?}: not woken at the commit");
     Ok(())
 }
+
+/// How many statements the store's one pooled connection has run (its prepared
+/// statements' executions): a subscription's reads, here.
+fn statements_run(store: &Store) -> i64 {
+    let mut c = store.connection().unwrap();
+    c.query_one(
+        "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
+           FROM pg_prepared_statements WHERE strpos(statement, 'pg_prepared_statements') = 0",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// A subscriber in another process (a second store on the same schema) delivers the
+/// events that an append's notification carries without reading them, exactly as a
+/// read returns them; and never past an open appending transaction. On a private
+/// server, where no other transaction takes ids: the notification proves its events
+/// come next only when none is running.
+#[test]
+fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_gap() -> TestResult {
+    let server = crate::common::server::TempServer::start(&[]);
+    let config = Config::new(&server.url())?.schema("payload");
+    let writer = config.clone().connect()?;
+    writer.migrate()?;
+    let reader = config.max_connections(1).connect()?;
+    writer.append("s-1", ExpectedVersion::Any, &events("Seed", 1))?;
+    let mut all = reader.subscribe(SubscribeOptions::all())?;
+    let mut orders =
+        reader.subscribe(SubscribeOptions::category("order-").event_types(["Paid"]))?;
+    let mut stream = reader.subscribe(SubscribeOptions::stream("s-1"))?;
+    assert_eq!(take(&mut all, 1)[0].event_type, "Seed");
+    assert_eq!(take(&mut stream, 1)[0].event_type, "Seed");
+    let event = |n: usize| {
+        EventData::json(
+            "Noted",
+            serde_json::json!({ "n": n, "text": "grüße, \"quoted\"\n", "x": 1.50, "nested": { "b": [1, 2.0e3], "a": null } }),
+        )
+        .metadata(&serde_json::json!({ "by": "test" }))
+    };
+    // The writer sends its own NOTIFY once its notifier has seen the reader listen:
+    // append until one event arrives without a read.
+    let mut from_notification = None;
+    for n in 0..300 {
+        let before = statements_run(&reader);
+        writer.append("s-1", ExpectedVersion::Any, &[event(n)?])?;
+        let got = take(&mut all, 1).remove(0);
+        if statements_run(&reader) == before {
+            from_notification = Some(got);
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let got = from_notification.expect("no event came from a notification");
+    let stored = reader
+        .read_stream(
+            "s-1",
+            pg_eventstore::ReadStream::forwards().from_version(got.version),
+        )?
+        .next()
+        .expect("the event")?;
+    assert_eq!(
+        got, stored,
+        "an event from a notification is the stored one"
+    );
+    assert_eq!(got.data.as_str(), stored.data.as_str());
+    // The stream subscription took the same events.
+    let versions: Vec<u64> = take(&mut stream, got.version as usize)
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, (1..=got.version).collect::<Vec<_>>());
+
+    // Several events in one append, through a filter: only the matching ones.
+    assert!(orders.next_timeout(Duration::from_millis(100)).is_none());
+    thread::sleep(Duration::from_millis(20));
+    let before = statements_run(&reader);
+    writer.append(
+        "order-1",
+        ExpectedVersion::NoStream,
+        &[
+            EventData::json("Placed", serde_json::json!({})),
+            EventData::json("Paid", serde_json::json!({ "amount": 5 })),
+            EventData::json("Shipped", serde_json::json!({})),
+        ],
+    )?;
+    let paid = take(&mut orders, 1).remove(0);
+    assert_eq!((paid.event_type.as_str(), paid.version), ("Paid", 1));
+    let placed = take(&mut all, 3);
+    assert_eq!(types(&placed), ["Placed", "Paid", "Shipped"]);
+    assert_eq!(placed[1], paid);
+    assert_eq!(
+        statements_run(&reader),
+        before,
+        "both subscriptions took the events from the notification"
+    );
+
+    // A notification whose events follow one this subscription has not seen yet
+    // (announced by a wake-up without events) waits for a read.
+    {
+        let mut conn = writer.pool().get()?;
+        let mut tx = conn.transaction()?;
+        writer.append_in(&mut tx, "s-4", ExpectedVersion::Any, &events("Before", 1))?;
+        tx.commit()?;
+    }
+    thread::sleep(Duration::from_millis(20));
+    writer.append("s-5", ExpectedVersion::Any, &events("After", 1))?;
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(types(&take(&mut all, 2)), ["Before", "After"]);
+
+    // An open transaction that appended holds the next append's events back: its
+    // notification cannot prove they come next.
+    let mut conn = writer.pool().get()?;
+    let mut tx = conn.transaction()?;
+    writer.append_in(&mut tx, "s-2", ExpectedVersion::Any, &events("Early", 1))?;
+    thread::sleep(Duration::from_millis(20));
+    writer.append("s-3", ExpectedVersion::Any, &events("Late", 1))?;
+    assert!(
+        all.next_timeout(Duration::from_millis(500)).is_none(),
+        "an event was delivered past an open appending transaction"
+    );
+    tx.commit()?;
+    let late = take(&mut all, 2);
+    assert_eq!(types(&late), ["Early", "Late"]);
+
+    // Anybody who can connect can notify on the channel; without the store's key the
+    // events are not delivered.
+    let forged = serde_json::json!({
+        "prev": late[1].position, "final": true,
+        "events": [{ "p": late[1].position + (1 << 30), "id": uuid::Uuid::now_v7(), "s": "s-9",
+                     "v": 0, "t": "Forged", "d": "{}", "m": null, "r": 0 }],
+    });
+    let mut raw = postgres::Client::connect(&server.url(), postgres::NoTls)?;
+    for mac in ["0".repeat(64), "x".into()] {
+        raw.execute(
+            "SELECT pg_notify('payload_events', $1)",
+            &[&format!("0123 {mac} {forged}")],
+        )?;
+    }
+    assert!(
+        all.next_timeout(Duration::from_millis(300)).is_none(),
+        "a forged notification delivered an event"
+    );
+    Ok(())
+}
+
+/// A store still at schema version 11 (no key for notifications that carry events)
+/// works with this version: appends that notify send a wake-up alone, and a subscriber
+/// in another process reads what it is woken for.
+#[test]
+fn a_store_at_version_11_notifies_without_events_and_subscribers_elsewhere_read() -> TestResult {
+    let t = TestStore::new("notify_v11");
+    crate::common::client().batch_execute(&format!(
+        "DROP TABLE \"{s}\".feed_key; DELETE FROM \"{s}\".schema_migrations WHERE version = 12",
+        s = t.schema
+    ))?;
+    let config = Config::new(&crate::common::database_url())?.schema(&t.schema);
+    let writer = config.clone().max_connections(1).connect()?;
+    assert_eq!(writer.schema_version()?, 11);
+    let reader = config.connect()?;
+    let mut all = reader.subscribe(SubscribeOptions::all())?;
+    assert!(all.next_timeout(Duration::from_millis(50)).is_none());
+    // How often the writer's connection sent its own NOTIFY with an append.
+    let notified = |store: &Store| -> i64 {
+        let mut c = store.connection().unwrap();
+        c.query_one(
+            "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
+               FROM pg_prepared_statements
+              WHERE strpos(statement, 'pg_notify(') > 0
+                AND strpos(statement, 'pg_prepared_statements') = 0",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let mut n = 0;
+    while notified(&writer) == 0 {
+        assert!(n < 300, "the writer never sent its own NOTIFY");
+        writer.append("s", ExpectedVersion::Any, &events("E", 1))?;
+        n += 1;
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(take(&mut all, n).len(), n);
+    Ok(())
+}
