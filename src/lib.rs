@@ -212,16 +212,20 @@
 //! # }
 //! ```
 //!
-//! A wake-up is a hint; events are always read from the table, so they can be of any
-//! size, and a lost notification costs latency, never an event. Each store has one
+//! A wake-up is a hint; events are read from the table (with the one exception below),
+//! so they can be of any size, and a lost notification costs latency, never an event.
+//! Each store has one
 //! listener thread on its own connection (started by the first subscription, ended when
 //! the store is dropped) that `LISTEN`s on the channel `<schema>_events`, reconnects with
 //! backoff, and wakes every subscriber after a reconnect and on a safety poll
 //! ([`Config::poll_interval`]). Appends through the pool wake the same store's
-//! subscribers directly; other processes hear of them through one `NOTIFY` that a
-//! background thread sends after the commit, for however many appends happened meanwhile,
-//! and only while another process listens ([`Config::notify_on_append`]): a `NOTIFY`
-//! inside the append's own transaction would serialise every append's commit.
+//! subscribers directly; other processes hear of them through a `NOTIFY`, and only while
+//! another process listens ([`Config::notify_on_append`]). An append that finds no
+//! `NOTIFY` sent by this process in the last millisecond sends its own, inside its
+//! statement; the others leave it to a background thread, which sends one after the
+//! commit for however many appends happened meanwhile: a `NOTIFY` inside every append's
+//! transaction would serialise their commits (PostgreSQL holds one lock from a notifying
+//! transaction's commit until it is flushed).
 //! [`Store::append_in`] and [`Store::import_in`] send nothing from inside the caller's
 //! transaction either: they take a shared advisory lock named after the transaction's id,
 //! and the store's **commit watcher** thread (on its own connection, started by the first
@@ -234,6 +238,36 @@
 //! transaction is not watched at all, only remembered (the newest 4,096): a process that
 //! only writes pays no watcher round per commit, and the first subscriber hands the
 //! remembered ones to the watcher, so that it still hears of those that commit later.
+//!
+//! ## Live delivery
+//!
+//! The exception: a subscriber in another process can take an append's events from its
+//! notification, without a read. When an append sends the `NOTIFY` itself and this
+//! process made no pool append in the millisecond before it (a sparse append, whose
+//! subscribers would otherwise wait a read's round trip for it), the `NOTIFY` carries,
+//! when it all fits in 7,900 bytes, the append's events, the newest position below them in the
+//! append's snapshot (`prev`), and whether `prev` is final: it is when the snapshot saw
+//! no transaction with an id running and the append's transaction took the very next
+//! id, so that no transaction that could still put an event between `prev` and these
+//! exists. A `$all` or category subscription delivers the events (through its filters)
+//! straight from the notification when `prev` is final and at or below what it has
+//! delivered or read past, and the events are above it; a stream subscription takes
+//! the events of its stream when their version is the next one. Otherwise it reads the
+//! table, as always: on a busy server, where some transaction nearly always holds an
+//! id, most notifications only wake. Busy writers send wake-ups alone: the events cost
+//! the server about 400,000 instructions per append (callgrind; a one-event append
+//! costs about 240,000), and their subscribers read many events per wake-up anyway.
+//!
+//! Anybody who can connect can `NOTIFY` on any channel, so the payload carries a MAC,
+//! `sha256(outer || sha256(inner || json))`, made by the append statement with the two
+//! random 64-byte keys of the schema's `feed_key` table (schema version 12) and checked
+//! by the listener: only a role that can read that table makes a notification whose
+//! events are delivered; any other notification only wakes. A store at version 11
+//! keeps working with this version, with wake-ups alone, until [`Store::migrate`].
+//!
+//! Measured (W6 in the load generator, one append every 2 ms, the subscriber in a second
+//! store): commit to delivery in 0.035–0.038 ms at the median, against 0.20–0.30 ms
+//! with a read after the wake-up.
 //!
 //! # Checkpoints and workers
 //!

@@ -3,8 +3,11 @@
 //! commit watcher that learns when callers' transactions with `append_in` commit, and
 //! the fan-out to subscribers over `crossbeam-channel`.
 //!
-//! A wake-up is only a hint: subscribers always read the events from the table, so a
-//! merged, late or lost notification costs latency, never an event.
+//! A wake-up is only a hint: subscribers read the events from the table, so a merged,
+//! late or lost notification costs latency, never an event. The one exception is a
+//! notification that carries its append's events with a valid MAC ([`Batch`]): a
+//! subscription delivers those without a read when it can prove they come next (see
+//! "Live delivery" in the crate docs).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -261,6 +264,8 @@ pub(crate) struct Shared {
     listeners_looked: AtomicBool,
     /// When this process last sent (or had an append send) a `NOTIFY`, in [`now_micros`].
     last_notify: AtomicU64,
+    /// When this process last made a pool append, in [`now_micros`] (0: never).
+    last_append: AtomicU64,
     /// The payload of the `NOTIFY`s this store's appends send themselves (a UUID of the
     /// store's own): its own listener ignores them, as it ignores those of
     /// its notifier and watcher, since the store wakes its subscribers directly.
@@ -298,6 +303,17 @@ impl Shared {
             }
         }
     }
+}
+
+/// What the `NOTIFY` of a pool append sends: see [`Hub::notify_inline`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Inline {
+    /// None: the notifier sends one after it, if anybody listens.
+    No,
+    /// A wake-up.
+    Wake,
+    /// A wake-up with the events.
+    WithEvents,
 }
 
 /// The fan-out hub of one store.
@@ -418,18 +434,32 @@ impl Hub {
     /// process listens and this process has sent no `NOTIFY` for [`NOTIFY_INTERVAL`].
     /// Then the other process is woken as the append commits, without the notifier's
     /// hop (a channel wake-up and a round trip); and since that happens at most once per
-    /// interval, commits under load still do not queue on PostgreSQL's notify lock. A
-    /// `true` claims the interval. After the append committed, call
+    /// interval, commits under load still do not queue on PostgreSQL's notify lock. Such
+    /// an append claims the interval. After it committed, call
     /// [`Hub::appended_notified`]; if it wrote nothing, [`Hub::appended`] as usual.
-    pub(crate) fn notify_inline(&self) -> bool {
+    ///
+    /// The `NOTIFY` carries the events too ([`Inline::WithEvents`]) when this process
+    /// made no pool append for [`NOTIFY_INTERVAL`] before this one: a sparse append,
+    /// whose subscribers elsewhere would otherwise wait a read's round trip for it.
+    /// Busy writers send wake-ups alone: the events cost the server about 400,000
+    /// instructions per append (see `notify_events` in sql.rs), and their subscribers
+    /// read many events per wake-up anyway.
+    pub(crate) fn notify_inline(&self) -> Inline {
         let s = &self.shared;
+        let now = now_micros();
+        let previous = s.last_append.swap(now, Ordering::Relaxed);
         if !self.notify
             || !s.listeners_looked.load(Ordering::Relaxed)
             || s.nobody_else_listens.load(Ordering::Relaxed)
+            || !claim_interval(&s.last_notify, now)
         {
-            return false;
+            return Inline::No;
         }
-        claim_interval(&s.last_notify, now_micros())
+        if previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64 {
+            Inline::WithEvents
+        } else {
+            Inline::Wake
+        }
     }
 
     /// The payload for the `NOTIFY` of an append that sends its own.

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::connect::{LastConnectError, Manager};
 use crate::error::{Error, Result};
 use crate::event::{validate_stream_id, AppendResult, EventData, JsonbParam};
-use crate::listener::{Hub, ListenerState};
+use crate::listener::{Hub, Inline, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::retry::{Backoff, Retry};
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
@@ -360,7 +360,7 @@ impl Store {
         let mut conn = self.conn()?;
         let notify = self.inner.hub.notify_inline();
         if let Some(result) = self.append_fast(&mut conn, input, notify)? {
-            if notify {
+            if notify != Inline::No {
                 self.inner.hub.appended_notified();
             } else {
                 self.inner.hub.appended();
@@ -392,24 +392,26 @@ impl Store {
 
     /// The lean statements: `None` when they wrote nothing or lost on a unique
     /// constraint (the full statement then decides). With `notify`, the variants that
-    /// send the store's `NOTIFY` as they commit.
+    /// send the store's `NOTIFY` as they commit, with the events or without.
     fn append_fast(
         &self,
         conn: &mut Conn,
         input: &AppendInput<'_>,
-        notify: bool,
+        notify: Inline,
     ) -> Result<Option<AppendResult>> {
         let sql = &self.inner.sql;
         let events_in_notify = self
             .inner
             .events_in_notify
             .load(std::sync::atomic::Ordering::Relaxed);
-        let (one, many) = if notify && events_in_notify {
-            (&sql.append_one_notify, &sql.append_fast_notify)
-        } else if notify {
-            (&sql.append_one_notify_v11, &sql.append_fast_notify_v11)
-        } else {
-            (&sql.append_one, &sql.append_fast)
+        // Events in the `NOTIFY` need the key of schema version 12.
+        let (one, many) = match notify {
+            Inline::WithEvents if events_in_notify => (
+                &sql.append_one_notify_events,
+                &sql.append_fast_notify_events,
+            ),
+            Inline::WithEvents | Inline::Wake => (&sql.append_one_notify, &sql.append_fast_notify),
+            Inline::No => (&sql.append_one, &sql.append_fast),
         };
         let lost = |e: postgres::Error| match unique_violation(&e) {
             Some(_) => Ok(None),
@@ -418,7 +420,7 @@ impl Store {
         let n = input.ids.len() as i64;
         // The lean statements take 7 parameters; those that notify the payload as `$8`.
         let payload = self.inner.hub.payload();
-        let used = if notify { 8 } else { 7 };
+        let used = if notify == Inline::No { 7 } else { 8 };
         let (count, first_position, last_position, last_version) = if n == 1 {
             let statement = self.prepared(conn, one)?;
             let [a, b, c, d, e, f, g] = input.one_params();

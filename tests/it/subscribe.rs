@@ -826,6 +826,44 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
         all.next_timeout(Duration::from_millis(300)).is_none(),
         "a forged notification delivered an event"
     );
+
+    // Appends that follow each other within a millisecond send wake-ups alone; the first
+    // after a pause sends its events.
+    let busy = Config::new(&server.url())?
+        .schema("payload")
+        .max_connections(1)
+        .connect()?;
+    let runs = |with_events: bool| -> i64 {
+        let mut c = busy.connection().unwrap();
+        c.query_one(
+            "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
+               FROM pg_prepared_statements
+              WHERE strpos(statement, 'pg_notify(') > 0
+                AND (strpos(statement, 'feed_key') > 0) = $1
+                AND strpos(statement, 'pg_prepared_statements') = 0",
+            &[&with_events],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let mut rounds = 0;
+    while runs(false) == 0 || runs(true) == 0 {
+        assert!(
+            rounds < 100,
+            "busy appends never sent a wake-up alone, or never events"
+        );
+        rounds += 1;
+        for _ in 0..20 {
+            busy.append("busy", ExpectedVersion::Any, &events("Busy", 1))?;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut n = 0;
+    while let Some(e) = all.next_timeout(Duration::from_millis(500)) {
+        assert_eq!(e?.event_type, "Busy");
+        n += 1;
+    }
+    assert_eq!(n, 20 * rounds);
     Ok(())
 }
 
