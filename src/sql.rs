@@ -129,10 +129,12 @@ pub(crate) fn notify(channel: &str) -> String {
 }
 
 /// Whether a backend other than ours and the listener `$2` runs `$1` (the `LISTEN`), or
-/// may: a backend whose query text the role may not see counts as a listener.
+/// may: a backend whose query text the role may not see counts as a listener. (Such a
+/// row hides its `backend_type` too, as NULL.)
 pub(crate) const OTHERS_LISTEN: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-     WHERE backend_type = 'client backend' AND pid <> $2 AND pid <> pg_backend_pid()
-       AND (query = $1 OR query = '<insufficient privilege>'))";
+     WHERE pid <> $2 AND pid <> pg_backend_pid()
+       AND ((backend_type = 'client backend' AND query = $1)
+            OR query = '<insufficient privilege>'))";
 
 /// A processor's session-level advisory lock (`$1` the class, `$2` the key text).
 pub(crate) const TRY_LOCK_PROCESSOR: &str = "SELECT pg_try_advisory_lock($1, hashtext($2))";

@@ -68,9 +68,9 @@ struct Inner {
     /// `read_all_lean` in sql.rs): [`LEAN_PAUSE`] after one found events held back.
     lean_from: std::sync::atomic::AtomicU64,
     held_back: crate::horizon::HeldBackBoard,
-    /// Whether the schema has the key of notifications that carry events (version 12),
-    /// as seen when the store connected or migrated: until then, appends that notify
-    /// send a wake-up alone.
+    /// Whether the schema has the key of notifications that carry events (version 12)
+    /// and the role may read it, as seen when the store connected or migrated: until
+    /// then, appends that notify send a wake-up alone.
     events_in_notify: std::sync::atomic::AtomicBool,
 }
 
@@ -186,9 +186,20 @@ impl Store {
             &config.migrations_table,
         ));
         // One connection outside the pool: fails fast with the real cause.
-        let version = {
+        let (version, events_in_notify) = {
             let mut client = monitor.connect()?;
-            migrate::current_version(&mut client, &config.schema, &config.migrations_table)?
+            let version =
+                migrate::current_version(&mut client, &config.schema, &config.migrations_table)?;
+            // Appends put events in their `NOTIFY` only where the role may read the key
+            // (a role granted the events alone still appends, with wake-ups).
+            let readable = version >= migrate::FEED_KEY_VERSION
+                && client
+                    .query_one(
+                        crate::sql::FEED_KEY_READABLE,
+                        &[&crate::sql::feed_key_table(&config.schema)],
+                    )?
+                    .get::<_, bool>(0);
+            (version, readable)
         };
         if version > SCHEMA_VERSION {
             return Err(Error::SchemaTooNew {
@@ -230,7 +241,7 @@ impl Store {
                 known_horizon: std::sync::atomic::AtomicI64::new(0),
                 other_xids: Default::default(),
                 lean_from: Default::default(),
-                events_in_notify: (version >= migrate::FEED_KEY_VERSION).into(),
+                events_in_notify: events_in_notify.into(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
