@@ -914,8 +914,7 @@ fn a_store_at_version_11_notifies_without_events_and_subscribers_elsewhere_read(
 fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
     let t = TestStore::new("notify_no_key");
     let role = format!("pges_no_key_{}", std::process::id());
-    let mut admin = crate::common::client();
-    admin.batch_execute(&format!(
+    crate::common::client().batch_execute(&format!(
         "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
          GRANT USAGE ON SCHEMA \"{s}\" TO {role};
          GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
@@ -923,39 +922,48 @@ fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
          REVOKE ALL ON \"{s}\".feed_key FROM {role};",
         s = t.schema
     ))?;
-    let result = (|| -> TestResult {
-        let mut pg: postgres::Config = crate::common::database_url().parse()?;
-        pg.user(&role);
-        let writer = Config::from_pg(pg)
-            .schema(&t.schema)
-            .max_connections(1)
-            .connect()?;
-        let mut all = t.store.subscribe(SubscribeOptions::all())?;
-        assert!(all.next_timeout(Duration::from_millis(50)).is_none());
-        let notified = |with_key: bool| -> i64 {
-            let mut c = writer.connection().unwrap();
-            c.query_one(
-                "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
-                   FROM pg_prepared_statements
-                  WHERE strpos(statement, 'pg_notify(') > 0
-                    AND (strpos(statement, 'feed_key') > 0) = $1
-                    AND strpos(statement, 'pg_prepared_statements') = 0",
-                &[&with_key],
-            )
-            .unwrap()
-            .get(0)
-        };
-        let mut n = 0;
-        while notified(false) == 0 {
-            assert!(n < 300, "the writer never sent its own NOTIFY");
-            writer.append("s", ExpectedVersion::Any, &events("E", 1))?;
-            n += 1;
-            thread::sleep(Duration::from_millis(20));
+    // Dropped at the end, even when an assertion fails: roles belong to the cluster.
+    struct DropRole(String);
+    impl Drop for DropRole {
+        fn drop(&mut self) {
+            let _ = crate::common::client().batch_execute(&format!(
+                "DROP OWNED BY {r}; DROP ROLE IF EXISTS {r}",
+                r = self.0
+            ));
         }
-        assert_eq!(notified(true), 0);
-        assert_eq!(take(&mut all, n).len(), n);
-        Ok(())
-    })();
-    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}"))?;
-    result
+    }
+    let _role = DropRole(role.clone());
+    let mut pg: postgres::Config = crate::common::database_url().parse()?;
+    pg.user(&role);
+    let writer = Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(1)
+        .connect()?;
+    let mut all = t.store.subscribe(SubscribeOptions::all())?;
+    assert!(all.next_timeout(Duration::from_millis(50)).is_none());
+    let notified = |with_key: bool| -> i64 {
+        let mut c = writer.connection().unwrap();
+        c.query_one(
+            "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
+               FROM pg_prepared_statements
+              WHERE strpos(statement, 'pg_notify(') > 0
+                AND (strpos(statement, 'feed_key') > 0) = $1
+                AND strpos(statement, 'pg_prepared_statements') = 0",
+            &[&with_key],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let mut n = 0;
+    while notified(false) == 0 {
+        assert!(n < 300, "the writer never sent its own NOTIFY");
+        writer.append("s", ExpectedVersion::Any, &events("E", 1))?;
+        n += 1;
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(notified(true), 0);
+    assert_eq!(take(&mut all, n).len(), n);
+    // The role's sessions end before the role goes.
+    drop(writer);
+    Ok(())
 }
