@@ -697,6 +697,22 @@ fn statements_run(store: &Store) -> i64 {
     .get(0)
 }
 
+/// How many appends the store's one pooled connection ran that send their own `NOTIFY`:
+/// with the events (the statement reads the key's table), or a wake-up alone.
+fn notifying_appends(store: &Store, with_events: bool) -> i64 {
+    let mut c = store.connection().unwrap();
+    c.query_one(
+        "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
+           FROM pg_prepared_statements
+          WHERE strpos(statement, 'pg_notify(') > 0
+            AND (strpos(statement, 'feed_key') > 0) = $1
+            AND strpos(statement, 'pg_prepared_statements') = 0",
+        &[&with_events],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// A subscriber in another process (a second store on the same schema) delivers the
 /// events that an append's notification carries without reading them, exactly as a
 /// read returns them; and never past an open appending transaction. On a private
@@ -833,19 +849,7 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
         .schema("payload")
         .max_connections(1)
         .connect()?;
-    let runs = |with_events: bool| -> i64 {
-        let mut c = busy.connection().unwrap();
-        c.query_one(
-            "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
-               FROM pg_prepared_statements
-              WHERE strpos(statement, 'pg_notify(') > 0
-                AND (strpos(statement, 'feed_key') > 0) = $1
-                AND strpos(statement, 'pg_prepared_statements') = 0",
-            &[&with_events],
-        )
-        .unwrap()
-        .get(0)
-    };
+    let runs = |with_events: bool| notifying_appends(&busy, with_events);
     let mut rounds = 0;
     while runs(false) == 0 || runs(true) == 0 {
         assert!(
@@ -941,19 +945,7 @@ fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
         .connect()?;
     let mut all = t.store.subscribe(SubscribeOptions::all())?;
     assert!(all.next_timeout(Duration::from_millis(50)).is_none());
-    let notified = |with_key: bool| -> i64 {
-        let mut c = writer.connection().unwrap();
-        c.query_one(
-            "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
-               FROM pg_prepared_statements
-              WHERE strpos(statement, 'pg_notify(') > 0
-                AND (strpos(statement, 'feed_key') > 0) = $1
-                AND strpos(statement, 'pg_prepared_statements') = 0",
-            &[&with_key],
-        )
-        .unwrap()
-        .get(0)
-    };
+    let notified = |with_key: bool| notifying_appends(&writer, with_key);
     let mut n = 0;
     while notified(false) == 0 {
         assert!(n < 300, "the writer never sent its own NOTIFY");
