@@ -619,13 +619,18 @@ fn a_subscriber_that_comes_while_an_unwatched_transaction_is_open_hears_its_comm
     // That append started the commit watcher and the notifier; wait for the notifier's
     // first look, which finds nobody else listening on this test's channel.
     let mut spy = crate::common::client();
+    // (On a busy machine the watcher looks for listeners too, when its first commit
+    // comes before the notifier's first look: two backends may match the notifier's
+    // statement. Only the watcher runs `pg_advisory_lock`.)
     let backend = |spy: &mut postgres::Client, like: &str| -> Option<(i32, String)> {
-        spy.query_opt(
+        spy.query(
             "SELECT pid, query_start::text FROM pg_stat_activity
-              WHERE application_name = $1 AND query LIKE $2 AND state = 'idle'",
+              WHERE application_name = $1 AND query LIKE $2 AND state = 'idle'
+              ORDER BY pid",
             &[&app, &like],
         )
         .unwrap()
+        .first()
         .map(|r| (r.get(0), r.get(1)))
     };
     let deadline = Instant::now() + WAIT;
