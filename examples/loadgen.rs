@@ -53,7 +53,10 @@
 //! Throughputs are events per second and `ratio` is ours ÷ raw (1.0 = as fast as plain
 //! PostgreSQL), the ratio of the two medians; `pair_ratios` lists the ratio of each
 //! repetition's pair (ours and raw run back to back), in order, which shows the
-//! machine's spread. For W6, `ours`/`raw` are the median p50 latency in ms from the start of
+//! machine's spread. P2 also reports each side's CPU per event (`*_cpu_us_per_event`: the
+//! whole machine's busy time from `/proc/stat` over the side's run, client and server
+//! together) and context switches per event, steadier than its throughput on a machine
+//! whose speed moves from minute to minute. For W6, `ours`/`raw` are the median p50 latency in ms from the start of
 //! the append call to the subscriber receiving the event, and `ratio` is raw ÷ ours, so
 //! that here too lower means we are slower; p99 and commit→delivery (from the moment the
 //! append call returned; 0 when the event arrived before that) are extra fields, with
@@ -2029,6 +2032,53 @@ fn median_outcome(
     }
 }
 
+/// The whole machine's busy CPU time (user, nice, system, irq, softirq; not idle, iowait
+/// or steal) and its context switches so far, from `/proc/stat`; `None` where there is
+/// no such file. On a machine that runs little else, the difference over a run is the
+/// run's CPU (ours or raw, the client and the server together), a steadier measure than
+/// its throughput on a machine whose speed moves from minute to minute.
+fn machine_cpu() -> Option<(Duration, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut lines = stat.lines();
+    let ticks: Vec<u64> = lines
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...; USER_HZ is 100 on Linux.
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(0))
+        .sum();
+    let switches = lines
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|n| n.trim().parse().ok())?;
+    Some((Duration::from_millis(busy * 10), switches))
+}
+
+/// Runs `f` and records, under `name`, the machine's CPU µs and context switches per
+/// event over it (see [`machine_cpu`]).
+fn with_machine_cpu<T>(
+    runs: &mut HashMap<&'static str, Vec<f64>>,
+    names: (&'static str, &'static str),
+    events: usize,
+    f: impl FnOnce() -> Res<T>,
+) -> Res<T> {
+    let before = machine_cpu();
+    let out = f()?;
+    if let (Some((cpu0, csw0)), Some((cpu1, csw1))) = (before, machine_cpu()) {
+        let per = |x: f64| round3(x / events as f64);
+        runs.entry(names.0)
+            .or_default()
+            .push(per((cpu1 - cpu0).as_secs_f64() * 1e6));
+        runs.entry(names.1)
+            .or_default()
+            .push(per((csw1 - csw0) as f64));
+    }
+    Ok(out)
+}
+
 /// P2: a transactional worker in batch mode over `p1_events` events (streams of 100),
 /// 4 threads, its handler upserting one read-model row per event in the worker's
 /// transaction (grouped: `Worker::transaction_batch`, default 100 events); next to raw
@@ -2117,12 +2167,14 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
             }
             Ok(n as f64 / t.elapsed().as_secs_f64())
         };
+        let cpu = ("t4_cpu_us_per_event", "t4_switches_per_event");
+        let raw_cpu = ("raw_cpu_us_per_event", "raw_switches_per_event");
         let (o, r) = if rep % 2 == 0 {
-            let o = ours(4)?;
-            (o, raw(4)?)
+            let o = with_machine_cpu(&mut runs, cpu, n, || ours(4))?;
+            (o, with_machine_cpu(&mut runs, raw_cpu, n, || raw(4))?)
         } else {
-            let r = raw(4)?;
-            (ours(4)?, r)
+            let r = with_machine_cpu(&mut runs, raw_cpu, n, || raw(4))?;
+            (with_machine_cpu(&mut runs, cpu, n, || ours(4))?, r)
         };
         runs.entry("t4_model").or_default().push(o);
         runs.entry("raw_batched").or_default().push(r);
