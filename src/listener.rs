@@ -10,7 +10,7 @@
 //! "Live delivery" in the crate docs).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
@@ -143,7 +143,38 @@ impl FeedKey {
     }
 }
 
+/// The time `micros` microseconds after the Unix epoch (before it when negative), as
+/// the store's statements send `recorded_at`.
+pub(crate) fn unix_micros(micros: i64) -> Option<SystemTime> {
+    let offset = Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(offset)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(offset)
+    }
+}
+
 impl Batch {
+    /// The batch, when its events are in position order after `prev` (else `None`: the
+    /// subscribers then read).
+    pub(crate) fn new(
+        prev: Option<i64>,
+        is_final: bool,
+        events: Vec<RecordedEvent>,
+    ) -> Option<Batch> {
+        let ordered = events.windows(2).all(|w| w[0].position < w[1].position);
+        let prev = match prev {
+            None => None,
+            Some(prev) => Some(u64::try_from(prev).ok()?),
+        };
+        let first = events.first()?.position;
+        (ordered && prev.is_none_or(|p| p < first)).then_some(Batch {
+            prev,
+            is_final,
+            events,
+        })
+    }
+
     /// The batch in a notification's payload: the store's 32 characters, a space, the
     /// MAC in hex, a space, the JSON. `None` for a payload without events (a plain
     /// wake-up), without a key to check it with, with a MAC that does not check out,
@@ -160,12 +191,6 @@ impl Batch {
             .events
             .into_iter()
             .map(|e| {
-                let micros = Duration::from_micros(e.r.unsigned_abs());
-                let recorded_at = if e.r >= 0 {
-                    SystemTime::UNIX_EPOCH.checked_add(micros)
-                } else {
-                    SystemTime::UNIX_EPOCH.checked_sub(micros)
-                };
                 Some(RecordedEvent {
                     position: u64::try_from(e.p).ok()?,
                     id: e.id,
@@ -174,21 +199,11 @@ impl Batch {
                     event_type: e.t,
                     data: Json::from_text(e.d),
                     metadata: e.m.map(Json::from_text),
-                    recorded_at: recorded_at?,
+                    recorded_at: unix_micros(e.r)?,
                 })
             })
             .collect::<Option<_>>()?;
-        let ordered = events.windows(2).all(|w| w[0].position < w[1].position);
-        let prev = match p.prev {
-            None => None,
-            Some(prev) => Some(u64::try_from(prev).ok()?),
-        };
-        let first = events.first()?.position;
-        (ordered && prev.is_none_or(|p| p < first)).then_some(Batch {
-            prev,
-            is_final: p.is_final,
-            events,
-        })
+        Batch::new(p.prev, p.is_final, events)
     }
 
     pub(crate) fn first(&self) -> u64 {
@@ -266,6 +281,8 @@ pub(crate) struct Shared {
     last_notify: AtomicU64,
     /// When this process last made a pool append, in [`now_micros`] (0: never).
     last_append: AtomicU64,
+    /// How many subscribers take events from mail (see [`Hub::subscribe`]).
+    mail_subscribers: AtomicUsize,
     /// The payload of the `NOTIFY`s this store's appends send themselves (a UUID of the
     /// store's own): its own listener ignores them, as it ignores those of
     /// its notifier and watcher, since the store wakes its subscribers directly.
@@ -305,7 +322,16 @@ impl Shared {
     }
 }
 
-/// What the `NOTIFY` of a pool append sends: see [`Hub::notify_inline`].
+/// How a pool append tells subscribers: see [`Hub::plan_append`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AppendPlan {
+    /// What its own `NOTIFY` sends.
+    pub(crate) notify: Inline,
+    /// Whether it returns its events' columns for this process's subscribers.
+    pub(crate) local: bool,
+}
+
+/// What the `NOTIFY` of a pool append sends: see [`Hub::plan_append`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Inline {
     /// None: the notifier sends one after it, if anybody listens.
@@ -386,6 +412,9 @@ impl Hub {
         let (tx, rx) = bounded(1);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mail = mail.then(|| Arc::new(Mailbox::default()));
+        if mail.is_some() {
+            self.shared.mail_subscribers.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.subscribers.lock().unwrap().push(Subscriber {
             id,
             wake: tx,
@@ -415,11 +444,12 @@ impl Hub {
     }
 
     pub(crate) fn unsubscribe(&self, id: u64) {
-        self.shared
-            .subscribers
-            .lock()
-            .unwrap()
-            .retain(|s| s.id != id);
+        let mut subscribers = self.shared.subscribers.lock().unwrap();
+        if let Some(k) = subscribers.iter().position(|s| s.id == id) {
+            if subscribers.swap_remove(k).mail.is_some() {
+                self.shared.mail_subscribers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Called after an append committed on a pooled connection: wakes this process's
@@ -436,7 +466,7 @@ impl Hub {
     /// hop (a channel wake-up and a round trip); and since that happens at most once per
     /// interval, commits under load still do not queue on PostgreSQL's notify lock. Such
     /// an append claims the interval. After it committed, call
-    /// [`Hub::appended_notified`]; if it wrote nothing, [`Hub::appended`] as usual.
+    /// [`Hub::appended_with`]; if it wrote nothing, [`Hub::appended`] as usual.
     ///
     /// The `NOTIFY` carries the events too ([`Inline::WithEvents`]) when this process
     /// made no pool append for [`NOTIFY_INTERVAL`] before this one: a sparse append,
@@ -444,22 +474,29 @@ impl Hub {
     /// Busy writers send wake-ups alone: the events cost the server about 400,000
     /// instructions per append (see `notify_events` in sql.rs), and their subscribers
     /// read many events per wake-up anyway.
-    pub(crate) fn notify_inline(&self) -> Inline {
+    ///
+    /// The same sparse appends return their events' columns for this process's own
+    /// subscribers (`local`) while one of them takes mail: they then deliver the events
+    /// without reading them, as a subscriber elsewhere does from the notification (see
+    /// [`Hub::appended_with`]).
+    pub(crate) fn plan_append(&self) -> AppendPlan {
         let s = &self.shared;
         let now = now_micros();
         let previous = s.last_append.swap(now, Ordering::Relaxed);
-        if !self.notify
+        let sparse = previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64;
+        let local = sparse && s.mail_subscribers.load(Ordering::Relaxed) > 0;
+        let notify = if !self.notify
             || !s.listeners_looked.load(Ordering::Relaxed)
             || s.nobody_else_listens.load(Ordering::Relaxed)
             || !claim_interval(&s.last_notify, now)
         {
-            return Inline::No;
-        }
-        if previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64 {
+            Inline::No
+        } else if sparse {
             Inline::WithEvents
         } else {
             Inline::Wake
-        }
+        };
+        AppendPlan { notify, local }
     }
 
     /// The payload for the `NOTIFY` of an append that sends its own.
@@ -467,10 +504,19 @@ impl Hub {
         &self.shared.payload
     }
 
-    /// Called after an append that sent its own `NOTIFY` committed: wakes this process's
-    /// subscribers; other processes have been told.
-    pub(crate) fn appended_notified(&self) {
-        self.shared.wake_all();
+    /// Called after a pool append committed, with its events when its statement
+    /// returned what this process's subscribers need to deliver them (see
+    /// [`Hub::plan_append`]); `notified`: the append sent its own `NOTIFY`, so other
+    /// processes have been told. Subscribers that take mail get the events, and read
+    /// only when they cannot place them; the others are woken to read.
+    pub(crate) fn appended_with(&self, batch: Option<Batch>, notified: bool) {
+        match batch {
+            Some(batch) => self.shared.deliver(&[Arc::new(batch)], false),
+            None => self.shared.wake_all(),
+        }
+        if !notified {
+            self.with_notifier(|tx| poke(&self.shared, tx));
+        }
     }
 
     /// Called after an `append_in` in the caller's transaction `xid`: the commit watcher
@@ -718,7 +764,7 @@ fn wait_for_notifications(
 }
 
 /// The shortest time between two NOTIFYs of one notifier, and between two appends of
-/// one process that send their own (see [`Hub::notify_inline`]).
+/// one process that send their own (see [`Hub::plan_append`]).
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Microseconds since this process first asked.

@@ -324,6 +324,12 @@ pub(crate) struct Sql {
     /// below), for an append that comes after a quiet moment (see `Hub::notify_inline`).
     pub(crate) append_fast_notify_events: Statement,
     pub(crate) append_one_notify_events: Statement,
+    /// `append_fast` and `append_one` that return what this process's own subscribers
+    /// need to deliver the events without reading them (see `local_columns` below), for
+    /// an append after a quiet moment while a subscription here is open. The `_events`
+    /// variants above return the same columns.
+    pub(crate) append_fast_local: Statement,
+    pub(crate) append_one_local: Statement,
     pub(crate) stream_head: Statement,
     pub(crate) read_stream_forwards: Statement,
     pub(crate) read_stream_backwards: Statement,
@@ -684,23 +690,46 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         // (HMAC's construction with two independent random keys): anybody who can
         // connect can send a notification on the channel, but only a role that can read
         // the store's key can make one whose events a subscription delivers.
-        let notify_events = |first: &str, events_json: &str| {
+        //
+        // `prev` and `final` come from the CTE `pf` (see `prev_final`), which the
+        // statement's own columns for this process's subscribers share.
+        let notify_events = |events_json: &str| {
             format!(
                 "pg_notify({channel}, $8::text || COALESCE((
     SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))),
                          'hex') || ' ' || z.j
       FROM {s}.feed_key k, (SELECT json_build_object(
-        'prev', (SELECT e.global_position FROM {events} e
-                  ORDER BY e.global_position DESC LIMIT 1),
-        'final', pg_snapshot_xmin(q.s) = pg_snapshot_xmax(q.s)
-                 AND (pg_snapshot_xmax(q.s)::text::bigint << {bits}) = {first},
-        'events', {events_json})::text AS j
-      FROM (SELECT pg_current_snapshot() AS s) q) z
+        'prev', pf.prev, 'final', pf.is_final, 'events', {events_json})::text AS j
+      FROM pf) z
      WHERE octet_length(z.j) < {room}), ''))::text",
                 channel = literal(&crate::listener::channel_name(schema)),
                 room = NOTIFY_ROOM,
             )
         };
+        // The CTE `pf` of an append whose inserted rows are the CTE `ins`: `prev`, the
+        // newest position in the statement's snapshot, and whether it is final (see
+        // `notify_events` above and `listener::Batch`).
+        let prev_final = format!(
+            "pf AS (
+    SELECT (SELECT e.global_position FROM {events} e
+             ORDER BY e.global_position DESC LIMIT 1) AS prev,
+           pg_snapshot_xmin(q.s) = pg_snapshot_xmax(q.s)
+           AND (pg_snapshot_xmax(q.s)::text::bigint << {bits})
+               = (SELECT min(x.global_position) FROM ins x) AS is_final
+      FROM (SELECT pg_current_snapshot() AS s) q
+)"
+        );
+        // What this process's subscribers need besides what the store sent, after the
+        // columns an append returns: the data and metadata as their `jsonb` text (exactly
+        // as a read returns them) and the time recorded (microseconds since the Unix
+        // epoch), as arrays in position order, then `prev` and `final`. The inserted
+        // rows must return `PAYLOAD_COLUMNS`.
+        let local_columns =
+            "(SELECT array_agg(x.data::text ORDER BY x.global_position) FROM ins x),
+       (SELECT array_agg(x.metadata::text ORDER BY x.global_position) FROM ins x),
+       (SELECT array_agg((extract(epoch FROM x.recorded_at) * 1000000)::bigint
+                         ORDER BY x.global_position) FROM ins x),
+       (SELECT prev FROM pf), (SELECT is_final FROM pf)";
         let notify_wake = format!(
             "pg_notify({}, $8::text)::text",
             literal(&crate::listener::channel_name(schema))
@@ -712,21 +741,25 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
   FROM ins",
             lean_insert("global_position, stream_version")
         );
+        let with_payload = lean_insert(&format!(
+            "global_position, stream_version, {PAYLOAD_COLUMNS}"
+        ));
         let append_fast_notify_events = format!(
-            "{}
+            "{with_payload}, {prev_final}
 SELECT count(*), min(global_position), max(global_position), max(stream_version),
-       (SELECT {} WHERE EXISTS (SELECT 1 FROM ins))
+       (SELECT {} WHERE EXISTS (SELECT 1 FROM ins)),
+       {local_columns}
   FROM ins",
-            lean_insert(&format!(
-                "global_position, stream_version, {PAYLOAD_COLUMNS}"
-            )),
-            notify_events(
-                "(SELECT min(x.global_position) FROM ins x)",
-                &format!(
-                    "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
-                    event_json("x")
-                ),
-            )
+            notify_events(&format!(
+                "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
+                event_json("x")
+            ))
+        );
+        let append_fast_local = format!(
+            "{with_payload}, {prev_final}
+SELECT count(*), min(global_position), max(global_position), max(stream_version),
+       NULL::text, {local_columns}
+  FROM ins"
         );
         // `append_fast` for a caller's transaction, inside `append_in_events` and
         // `append_in_any`, which run it only while the transaction has no id yet and
@@ -771,17 +804,21 @@ RETURNING global_position, stream_version"
 )
 SELECT global_position, stream_version, {notify_wake} FROM ins"
         );
-        let append_one_notify_events = format!(
+        let one_with_payload = format!(
             "WITH head AS (
     {head}
 ), ins AS (
 {one_insert}, {PAYLOAD_COLUMNS}
-)
-SELECT i.global_position, i.stream_version, {} FROM ins i",
-            notify_events(
-                "i.global_position",
-                &format!("json_build_array({})", event_json("i"))
-            )
+), {prev_final}"
+        );
+        let append_one_notify_events = format!(
+            "{one_with_payload}
+SELECT i.global_position, i.stream_version, {}, {local_columns} FROM ins i",
+            notify_events(&format!("json_build_array({})", event_json("i")))
+        );
+        let append_one_local = format!(
+            "{one_with_payload}
+SELECT i.global_position, i.stream_version, NULL::text, {local_columns} FROM ins i"
         );
         // One event, the first write of a caller's transaction, in one statement, run by
         // `append_in_events` and `append_in_any` from schema version 9 (see
@@ -875,6 +912,8 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_one,
             append_one_notify,
             append_one_notify_events,
+            append_fast_local,
+            append_one_local,
             stream_head: format!("SELECT v FROM ({head}) h"),
             read_stream_forwards: format!(
                 "SELECT {COLUMNS} FROM {events}

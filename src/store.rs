@@ -16,8 +16,8 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::connect::{LastConnectError, Manager};
 use crate::error::{Error, Result};
-use crate::event::{validate_stream_id, AppendResult, EventData, JsonbParam};
-use crate::listener::{Hub, Inline, ListenerState};
+use crate::event::{validate_stream_id, AppendResult, EventData, Json, JsonbParam, RecordedEvent};
+use crate::listener::{AppendPlan, Batch, Hub, Inline, ListenerState};
 use crate::migrate::{self, MigrationReport, SCHEMA_VERSION};
 use crate::retry::{Backoff, Retry};
 use crate::sql::{Sql, MAX_EVENTS_PER_TRANSACTION};
@@ -369,13 +369,11 @@ impl Store {
             crate::retry::sweep(self.pool());
         }
         let mut conn = self.conn()?;
-        let notify = self.inner.hub.notify_inline();
-        if let Some(result) = self.append_fast(&mut conn, input, notify)? {
-            if notify != Inline::No {
-                self.inner.hub.appended_notified();
-            } else {
-                self.inner.hub.appended();
-            }
+        let plan = self.inner.hub.plan_append();
+        if let Some((result, batch)) = self.append_fast(&mut conn, input, plan)? {
+            self.inner
+                .hub
+                .appended_with(batch, plan.notify != Inline::No);
             return Ok(result);
         }
         let statement = self.prepared(&mut conn, self.full_append(input.expected))?;
@@ -402,27 +400,36 @@ impl Store {
     }
 
     /// The lean statements: `None` when they wrote nothing or lost on a unique
-    /// constraint (the full statement then decides). With `notify`, the variants that
-    /// send the store's `NOTIFY` as they commit, with the events or without.
+    /// constraint (the full statement then decides). With `plan.notify`, the variants
+    /// that send the store's `NOTIFY` as they commit, with the events or without; with
+    /// `plan.local`, those that also return what this process's subscribers need to
+    /// deliver the events without reading them, and their [`Batch`] comes back with
+    /// the result.
     fn append_fast(
         &self,
         conn: &mut Conn,
         input: &AppendInput<'_>,
-        notify: Inline,
-    ) -> Result<Option<AppendResult>> {
+        plan: AppendPlan,
+    ) -> Result<Option<(AppendResult, Option<Batch>)>> {
         let sql = &self.inner.sql;
         let events_in_notify = self
             .inner
             .events_in_notify
             .load(std::sync::atomic::Ordering::Relaxed);
-        // Events in the `NOTIFY` need the key of schema version 12.
-        let (one, many) = match notify {
+        // Events in the `NOTIFY` need the key of schema version 12. The statements that
+        // return the local columns have them after a fifth (`_fast`) or third (`_one`)
+        // column, which is the `NOTIFY` or NULL.
+        let (one, many, local) = match plan.notify {
             Inline::WithEvents if events_in_notify => (
                 &sql.append_one_notify_events,
                 &sql.append_fast_notify_events,
+                true,
             ),
-            Inline::WithEvents | Inline::Wake => (&sql.append_one_notify, &sql.append_fast_notify),
-            Inline::No => (&sql.append_one, &sql.append_fast),
+            Inline::WithEvents | Inline::Wake => {
+                (&sql.append_one_notify, &sql.append_fast_notify, false)
+            }
+            Inline::No if plan.local => (&sql.append_one_local, &sql.append_fast_local, true),
+            Inline::No => (&sql.append_one, &sql.append_fast, false),
         };
         let lost = |e: postgres::Error| match unique_violation(&e) {
             Some(_) => Ok(None),
@@ -431,14 +438,17 @@ impl Store {
         let n = input.ids.len() as i64;
         // The lean statements take 7 parameters; those that notify the payload as `$8`.
         let payload = self.inner.hub.payload();
-        let used = if notify == Inline::No { 7 } else { 8 };
-        let (count, first_position, last_position, last_version) = if n == 1 {
+        let used = if plan.notify == Inline::No { 7 } else { 8 };
+        let (row, count, first_position, last_position, last_version, columns) = if n == 1 {
             let statement = self.prepared(conn, one)?;
             let [a, b, c, d, e, f, g] = input.one_params();
             let params: [&(dyn ToSql + Sync); 8] = [a, b, c, d, e, f, g, &payload];
             match conn.query_opt(&statement, &params[..used]) {
                 Ok(None) => return Ok(None),
-                Ok(Some(row)) => (1, row.get::<_, i64>(0), row.get::<_, i64>(0), row.get(1)),
+                Ok(Some(row)) => {
+                    let (position, version) = (row.get::<_, i64>(0), row.get(1));
+                    (row, 1, position, position, version, 3)
+                }
                 Err(e) => return lost(e),
             }
         } else {
@@ -452,15 +462,22 @@ impl Store {
             if row.get::<_, i64>(0) != n {
                 return Ok(None);
             }
-            (n, row.get(1), row.get(2), row.get::<_, i64>(3))
+            let (first, last, version) = (row.get(1), row.get(2), row.get::<_, i64>(3));
+            (row, n, first, last, version, 5)
         };
-        Ok(Some(AppendResult {
+        let result = AppendResult {
             first_version: (last_version + 1 - count) as u64,
             last_version: last_version as u64,
             first_position: first_position as u64,
             last_position: last_position as u64,
             was_duplicate: false,
-        }))
+        };
+        let batch = if local && plan.local {
+            input.batch(&result, &row, columns)
+        } else {
+            None
+        };
+        Ok(Some((result, batch)))
     }
 
     /// Appends inside the caller's own transaction (or on any client), so that a
@@ -1104,6 +1121,41 @@ impl<'a> AppendInput<'a> {
             &self.kind,
             &self.version,
         ]
+    }
+
+    /// The events of a lean append that wrote them (`result`), for this process's
+    /// subscribers, from the local columns of its `row` that start at `first` (see
+    /// `local_columns` in sql.rs): `None` when they do not add up.
+    fn batch(&self, result: &AppendResult, row: &Row, first: usize) -> Option<Batch> {
+        let data: Vec<String> = row.try_get(first).ok()?;
+        let metadata: Vec<Option<String>> = row.try_get(first + 1).ok()?;
+        let recorded: Vec<i64> = row.try_get(first + 2).ok()?;
+        let prev: Option<i64> = row.try_get(first + 3).ok()?;
+        let is_final: bool = row.try_get(first + 4).ok()?;
+        let n = self.ids.len();
+        let consecutive = result.last_position - result.first_position + 1 == n as u64;
+        if !consecutive || data.len() != n || metadata.len() != n || recorded.len() != n {
+            return None;
+        }
+        let events = data
+            .into_iter()
+            .zip(metadata)
+            .zip(recorded)
+            .enumerate()
+            .map(|(k, ((data, metadata), micros))| {
+                Some(RecordedEvent {
+                    id: self.ids[k],
+                    stream_id: self.stream.to_string(),
+                    version: result.first_version + k as u64,
+                    position: result.first_position + k as u64,
+                    event_type: self.types[k].to_string(),
+                    data: Json::from_text(data),
+                    metadata: metadata.map(Json::from_text),
+                    recorded_at: crate::listener::unix_micros(micros)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Batch::new(prev, is_final, events)
     }
 
     /// Reads the append statement's one row: written, repeated, too large, or refused.

@@ -876,6 +876,118 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
     Ok(())
 }
 
+/// How many statements other than appends the store's one pooled connection ran: the
+/// subscriptions' reads.
+fn reads_run(store: &Store) -> i64 {
+    let mut c = store.connection().unwrap();
+    c.query_one(
+        "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
+           FROM pg_prepared_statements
+          WHERE strpos(statement, 'INSERT INTO') = 0
+            AND strpos(statement, 'pg_prepared_statements') = 0",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// Subscribers in the appending process take the events of a sparse pool append from
+/// what the append returned, under the same rules as those elsewhere: nothing past an
+/// open appending transaction, and busy appends wake them to read.
+#[test]
+fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_a_gap() -> TestResult
+{
+    // A private server: no other transaction takes ids, so an append's events are final.
+    let server = crate::common::server::TempServer::start(&[]);
+    let store = Config::new(&server.url())?
+        .schema("local")
+        .max_connections(1)
+        .connect()?;
+    store.migrate()?;
+    store.append("s-1", ExpectedVersion::Any, &events("Seed", 1))?;
+    let mut all = store.subscribe(SubscribeOptions::all())?;
+    let mut orders = store.subscribe(SubscribeOptions::category("order-").event_types(["Paid"]))?;
+    let mut stream = store.subscribe(SubscribeOptions::stream("s-1"))?;
+    assert_eq!(take(&mut all, 1)[0].event_type, "Seed");
+    assert_eq!(take(&mut stream, 1)[0].event_type, "Seed");
+    assert!(orders.next_timeout(Duration::from_millis(50)).is_none());
+
+    // One event, its data in a form that `jsonb` writes differently.
+    thread::sleep(Duration::from_millis(20));
+    let before = reads_run(&store);
+    let data = serde_json::json!({ "z": 1.50, "text": "grüße, \"quoted\"\n", "a": [1, 2.0e3] });
+    store.append(
+        "s-1",
+        ExpectedVersion::Exact(0),
+        &[EventData::json("Noted", data).metadata(&serde_json::json!({ "by": "test" }))?],
+    )?;
+    let got = take(&mut all, 1).remove(0);
+    assert_eq!(take(&mut stream, 1)[0], got);
+    assert_eq!(
+        reads_run(&store),
+        before,
+        "the subscriptions read an event the append handed them"
+    );
+    let stored = store
+        .read_stream("s-1", pg_eventstore::ReadStream::forwards().from_version(1))?
+        .next()
+        .expect("the event")?;
+    assert_eq!(got, stored, "a handed event is the stored one");
+    assert_eq!(got.data.as_str(), stored.data.as_str());
+    assert_eq!(
+        got.metadata.as_ref().map(|m| m.as_str()),
+        stored.metadata.as_ref().map(|m| m.as_str())
+    );
+
+    // Several events in one append, through a filter: only the matching ones.
+    thread::sleep(Duration::from_millis(20));
+    let before = reads_run(&store);
+    store.append(
+        "order-1",
+        ExpectedVersion::NoStream,
+        &[
+            EventData::json("Placed", serde_json::json!({})),
+            EventData::json("Paid", serde_json::json!({ "amount": 5 })),
+            EventData::json("Shipped", serde_json::json!({})),
+        ],
+    )?;
+    let paid = take(&mut orders, 1).remove(0);
+    assert_eq!((paid.event_type.as_str(), paid.version), ("Paid", 1));
+    let placed = take(&mut all, 3);
+    assert_eq!(types(&placed), ["Placed", "Paid", "Shipped"]);
+    assert_eq!(placed[1], paid);
+    assert_eq!(reads_run(&store), before, "the subscriptions read");
+
+    // An open transaction that appended holds the next append's events back.
+    let other = Config::new(&server.url())?.schema("local").connect()?;
+    let mut conn = other.pool().get()?;
+    let mut tx = conn.transaction()?;
+    other.append_in(&mut tx, "s-2", ExpectedVersion::Any, &events("Early", 1))?;
+    thread::sleep(Duration::from_millis(20));
+    store.append("s-3", ExpectedVersion::Any, &events("Late", 1))?;
+    assert!(
+        all.next_timeout(Duration::from_millis(500)).is_none(),
+        "an event was delivered past an open appending transaction"
+    );
+    tx.commit()?;
+    assert_eq!(types(&take(&mut all, 2)), ["Early", "Late"]);
+
+    // Appends that follow each other within a millisecond wake the subscribers to read.
+    // (A slow machine can take a millisecond per append: try a few rounds.)
+    let before = reads_run(&store);
+    for round in 0.. {
+        for _ in 0..20 {
+            store.append("busy", ExpectedVersion::Any, &events("Busy", 1))?;
+        }
+        assert_eq!(types(&take(&mut all, 20)), ["Busy"; 20]);
+        if reads_run(&store) > before {
+            break;
+        }
+        assert!(round < 50, "busy appends always handed their events over");
+    }
+    Ok(())
+}
+
 /// A store still at schema version 11 (no key for notifications that carry events)
 /// works with this version: appends that notify send a wake-up alone, and a subscriber
 /// in another process reads what it is woken for.
