@@ -273,7 +273,7 @@ const PAYLOAD_COLUMNS: &str = "event_id, stream_id, event_type, data, metadata, 
 
 /// The most bytes of JSON a notification's payload carries after the store's own 32
 /// characters and a space: PostgreSQL refuses payloads of 8,000 bytes or more.
-const NOTIFY_ROOM: usize = 7_900;
+pub(crate) const NOTIFY_ROOM: usize = 7_900;
 
 /// One event in a notification's payload (see `listener::PayloadEvent`), from the row
 /// of `alias`: data and metadata as their `jsonb` text, exactly as a read returns them,
@@ -679,13 +679,13 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         // deliver them without reading them (see `listener::Batch`): the position
         // before the first (`prev`, the newest event in the statement's snapshot, which
         // holds none of this transaction's), and whether that is final (`final`): the
-        // snapshot saw no transaction with an id running, and this transaction's id is
-        // the next one after it, so every transaction whose events could sort before
+        // snapshot saw no transaction of this database with an id running, and this
+        // transaction's id is the next one after it, so every transaction whose events could sort before
         // these had ended and is in the snapshot, and none after it. They cost the
         // server about 400,000 instructions more than the wake-up alone (callgrind: the
         // JSON 150,000, `prev` 130,000, the MAC with the key's table 170,000), which is
-        // why busy writers send wake-ups alone. `first` is the SQL of the first position,
-        // `events_json` of the JSON array of the events. The MAC is
+        // why busy writers send wake-ups alone. `events_json` is the SQL of the JSON
+        // array of the events. The MAC is
         // `sha256(outer_key || sha256(inner_key || json))` with the keys of `feed_key`
         // (HMAC's construction with two independent random keys): anybody who can
         // connect can send a notification on the channel, but only a role that can read
@@ -708,15 +708,31 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         };
         // The CTE `pf` of an append whose inserted rows are the CTE `ins`: `prev`, the
         // newest position in the statement's snapshot, and whether it is final (see
-        // `notify_events` above and `listener::Batch`).
+        // `notify_events` above and `listener::Batch`): every transaction with an id
+        // below this one's (`x` below) that the snapshot does not see, because it was
+        // running (`xip`) or came after it (from `xmax` up), belongs to another
+        // database, and so can never append here. They are found in `pg_stat_activity`
+        // as `feed_horizon` finds them; one whose backend is not found (it ended
+        // meanwhile, or it is prepared) counts as one of this database. The activity is
+        // read only when there are such transactions, and at most 64 are looked up.
         let prev_final = format!(
             "pf AS (
     SELECT (SELECT e.global_position FROM {events} e
              ORDER BY e.global_position DESC LIMIT 1) AS prev,
-           pg_snapshot_xmin(q.s) = pg_snapshot_xmax(q.s)
-           AND (pg_snapshot_xmax(q.s)::text::bigint << {bits})
-               = (SELECT min(x.global_position) FROM ins x) AS is_final
-      FROM (SELECT pg_current_snapshot() AS s) q
+           f.x - pg_snapshot_xmax(q.s)::text::bigint <= 64
+           AND NOT EXISTS (
+               SELECT 1
+                 FROM (SELECT t::text::bigint AS t FROM pg_snapshot_xip(q.s) t
+                       UNION ALL
+                       SELECT generate_series(pg_snapshot_xmax(q.s)::text::bigint, f.x - 1)) u
+                WHERE NOT EXISTS (
+                      SELECT 1 FROM pg_stat_get_activity(NULL) a
+                       WHERE a.backend_xid::text::bigint = u.t % 4294967296
+                         AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
+                                                        WHERE datname = current_database())))
+           AS is_final
+      FROM (SELECT pg_current_snapshot() AS s) q,
+           (SELECT min(x.global_position) >> {bits} AS x FROM ins x) f
 )"
         );
         // What this process's subscribers need besides what the store sent, after the

@@ -30,6 +30,11 @@ pub(crate) type Conn = PooledConnection<Manager>;
 /// conflict; only a stream under constant contention with `Any` needs more than one.
 const APPEND_ATTEMPTS: usize = 30;
 
+/// The most bytes of JSON (data and metadata, as given) that a sparse pool append hands
+/// to this process's subscribers (see `Hub::plan_append`): a larger one wakes them to
+/// read, in pages, so that every subscriber does not hold a copy of all of it at once.
+const LOCAL_ROOM: usize = 64 * 1024;
+
 /// An event store on one PostgreSQL schema. Cheap to clone: clones share the pool.
 ///
 /// ```no_run
@@ -369,7 +374,14 @@ impl Store {
             crate::retry::sweep(self.pool());
         }
         let mut conn = self.conn()?;
-        let plan = self.inner.hub.plan_append();
+        let mut plan = self.inner.hub.plan_append();
+        // Events that cannot fit in a notification are not even put in one: the wake-up
+        // alone.
+        let bytes = input.json_bytes();
+        if plan.notify == Inline::WithEvents && bytes >= crate::sql::NOTIFY_ROOM {
+            plan.notify = Inline::Wake;
+        }
+        plan.local &= bytes <= LOCAL_ROOM;
         if let Some((result, batch)) = self.append_fast(&mut conn, input, plan)? {
             self.inner
                 .hub
@@ -1107,6 +1119,13 @@ impl<'a> AppendInput<'a> {
             &self.version,
             &self.channel,
         ]
+    }
+
+    /// The bytes of the events' data and metadata, as given.
+    fn json_bytes(&self) -> usize {
+        let data: usize = self.data.iter().map(|d| d.0.len()).sum();
+        let metadata: usize = self.metadata.iter().flatten().map(|m| m.0.len()).sum();
+        data + metadata
     }
 
     /// The parameters of `append_one`: those of [`AppendInput::params`] for its one

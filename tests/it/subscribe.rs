@@ -873,6 +873,22 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
         n += 1;
     }
     assert_eq!(n, 20 * rounds);
+
+    // An append whose events cannot fit in a notification sends a wake-up alone, and
+    // the subscriber reads it.
+    thread::sleep(Duration::from_millis(20));
+    let (with, without) = (runs(true), runs(false));
+    let text = "x".repeat(8_000);
+    busy.append(
+        "big",
+        ExpectedVersion::Any,
+        &[EventData::json("Big", serde_json::json!({ "text": text }))],
+    )?;
+    assert_eq!((runs(true), runs(false)), (with, without + 1));
+    assert_eq!(
+        take(&mut all, 1)[0].data_as::<serde_json::Value>()?["text"],
+        text
+    );
     Ok(())
 }
 
@@ -957,6 +973,40 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     assert_eq!(types(&placed), ["Placed", "Paid", "Shipped"]);
     assert_eq!(placed[1], paid);
     assert_eq!(reads_run(&store), before, "the subscriptions read");
+
+    // A transaction of another database that holds an id cannot append here: it does
+    // not hold the events back.
+    let mut elsewhere = postgres::Client::connect(
+        &format!("{}/template1", server.url().rsplit_once('/').unwrap().0),
+        postgres::NoTls,
+    )?;
+    let mut held = elsewhere.transaction()?;
+    held.query_one("SELECT pg_current_xact_id()", &[])?;
+    thread::sleep(Duration::from_millis(20));
+    let before = reads_run(&store);
+    store.append("s-1", ExpectedVersion::Exact(1), &events("Beside", 1))?;
+    assert_eq!(take(&mut all, 1)[0].event_type, "Beside");
+    assert_eq!(
+        reads_run(&store),
+        before,
+        "a transaction of another database held the events back"
+    );
+    held.commit()?;
+
+    // More than 64 KiB of JSON in one append: the subscriptions read it, in pages.
+    thread::sleep(Duration::from_millis(20));
+    let before = reads_run(&store);
+    let text = "y".repeat(70_000);
+    store.append(
+        "big",
+        ExpectedVersion::NoStream,
+        &[EventData::json("Big", serde_json::json!({ "text": text }))],
+    )?;
+    assert_eq!(
+        take(&mut all, 1)[0].data_as::<serde_json::Value>()?["text"],
+        text
+    );
+    assert!(reads_run(&store) > before, "a large append was handed over");
 
     // An open transaction that appended holds the next append's events back.
     let other = Config::new(&server.url())?.schema("local").connect()?;
