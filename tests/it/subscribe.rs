@@ -781,20 +781,7 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
     assert!(orders.next_timeout(Duration::from_millis(100)).is_none());
     thread::sleep(Duration::from_millis(20));
     let before = statements_run(&reader);
-    writer.append(
-        "order-1",
-        ExpectedVersion::NoStream,
-        &[
-            EventData::json("Placed", serde_json::json!({})),
-            EventData::json("Paid", serde_json::json!({ "amount": 5 })),
-            EventData::json("Shipped", serde_json::json!({})),
-        ],
-    )?;
-    let paid = take(&mut orders, 1).remove(0);
-    assert_eq!((paid.event_type.as_str(), paid.version), ("Paid", 1));
-    let placed = take(&mut all, 3);
-    assert_eq!(types(&placed), ["Placed", "Paid", "Shipped"]);
-    assert_eq!(placed[1], paid);
+    three_orders_through_a_filter(&writer, &mut orders, &mut all)?;
     assert_eq!(
         statements_run(&reader),
         before,
@@ -892,6 +879,30 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
     Ok(())
 }
 
+/// Appends three events to the new stream `order-1`: `all` gets them all, and `orders`
+/// (category `order-`, type `Paid`) only the second.
+fn three_orders_through_a_filter(
+    writer: &Store,
+    orders: &mut Subscription,
+    all: &mut Subscription,
+) -> TestResult {
+    writer.append(
+        "order-1",
+        ExpectedVersion::NoStream,
+        &[
+            EventData::json("Placed", serde_json::json!({})),
+            EventData::json("Paid", serde_json::json!({ "amount": 5 })),
+            EventData::json("Shipped", serde_json::json!({})),
+        ],
+    )?;
+    let paid = take(orders, 1).remove(0);
+    assert_eq!((paid.event_type.as_str(), paid.version), ("Paid", 1));
+    let placed = take(all, 3);
+    assert_eq!(types(&placed), ["Placed", "Paid", "Shipped"]);
+    assert_eq!(placed[1], paid);
+    Ok(())
+}
+
 /// How many statements other than appends the store's one pooled connection ran: the
 /// subscriptions' reads.
 fn reads_run(store: &Store) -> i64 {
@@ -958,20 +969,7 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     // Several events in one append, through a filter: only the matching ones.
     thread::sleep(Duration::from_millis(20));
     let before = reads_run(&store);
-    store.append(
-        "order-1",
-        ExpectedVersion::NoStream,
-        &[
-            EventData::json("Placed", serde_json::json!({})),
-            EventData::json("Paid", serde_json::json!({ "amount": 5 })),
-            EventData::json("Shipped", serde_json::json!({})),
-        ],
-    )?;
-    let paid = take(&mut orders, 1).remove(0);
-    assert_eq!((paid.event_type.as_str(), paid.version), ("Paid", 1));
-    let placed = take(&mut all, 3);
-    assert_eq!(types(&placed), ["Placed", "Paid", "Shipped"]);
-    assert_eq!(placed[1], paid);
+    three_orders_through_a_filter(&store, &mut orders, &mut all)?;
     assert_eq!(reads_run(&store), before, "the subscriptions read");
 
     // A transaction of another database that holds an id cannot append here: it does
