@@ -9,6 +9,10 @@
 //! append first, appends inside transactions that took their id long before appending
 //! (writing another table first), and appends through the pool; a fifth of the
 //! transactions roll back.
+//!
+//! A second test, on a private server, follows sparse pool appends that hand their events
+//! to subscriptions without a read (in their own store and, through the notification, in
+//! another) among the same kinds of transactions.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -142,6 +146,105 @@ fn the_feed_never_skips_or_repeats_whatever_else_is_open() -> TestResult {
     assert_eq!(t.count_events() as usize, committed.len());
     Ok(())
 }
+
+/// Sparse pool appends hand their events to the subscriptions of their own store, and
+/// their notifications carry them to another store, while `append_in` transactions open,
+/// hold, roll back and commit around them, and a transaction of another database holds
+/// an id throughout. On a private server, where nothing else takes ids, the appends'
+/// events are often provably next, so both ways of delivering without a read run often.
+/// Both subscriptions must end with exactly the committed events, each once, in order.
+#[test]
+fn events_handed_over_without_a_read_never_skip_or_repeat() -> TestResult {
+    let server = crate::common::server::TempServer::start(&["autovacuum = off"]);
+    let config = pg_eventstore::Config::new(&server.url())?
+        .schema("handover")
+        .max_connections(16);
+    let store = config.clone().connect()?;
+    store.migrate()?;
+    // Another process, as far as the notifications go: its own pool and listener.
+    let elsewhere = config.connect()?;
+    let other = "handover.other";
+    store
+        .pool()
+        .get()?
+        .batch_execute(&format!("CREATE TABLE {other} (x int)"))?;
+    let template1 = format!("{}/template1", server.url().rsplit_once('/').unwrap().0);
+    let _held = XidHolder::open(
+        postgres::Client::connect(&template1, postgres::NoTls)?,
+        "SELECT pg_current_xact_id()",
+    );
+    let target = Arc::new(AtomicUsize::new(usize::MAX));
+    let follow = |store: &Store| -> pg_eventstore::Result<_> {
+        let mut sub = store.subscribe(SubscribeOptions::all())?;
+        let target = target.clone();
+        Ok(thread::spawn(
+            move || -> pg_eventstore::Result<Vec<Seen>> {
+                let mut seen = Vec::new();
+                let deadline = Instant::now() + HANDOVER_FOR + DRAIN;
+                while seen.len() < target.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Some(e) = sub.next_timeout(Duration::from_millis(100)) {
+                        let e = e?;
+                        seen.push((e.position, e.id, e.stream_id, e.version));
+                    }
+                }
+                Ok(seen)
+            },
+        ))
+    };
+    let followers = [
+        ("here", follow(&store)?),
+        ("elsewhere", follow(&elsewhere)?),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    // One writer of every kind, and three that only append through the pool, a few
+    // milliseconds apart (sparse appends, which hand their events over).
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (store, stop) = (store.clone(), stop.clone());
+            thread::spawn(move || {
+                if w < 1 {
+                    write(&store, w, &stop, other)
+                } else {
+                    write_sparse(&store, w, &stop)
+                }
+            })
+        })
+        .collect();
+    thread::sleep(HANDOVER_FOR);
+    stop.store(true, Ordering::Relaxed);
+    let mut committed = HashSet::new();
+    for w in writers {
+        committed.extend(w.join().unwrap()?.committed);
+    }
+    target.store(committed.len(), Ordering::Relaxed);
+    assert!(
+        committed.len() > 300,
+        "too little traffic to prove anything"
+    );
+    for (name, follower) in followers {
+        check(name, &follower.join().unwrap()?, &committed);
+    }
+    Ok(())
+}
+
+/// Appends of one to three events through the pool, 1 to 4 ms apart.
+fn write_sparse(store: &Store, w: u64, stop: &AtomicBool) -> pg_eventstore::Result<Tally> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (w + 1));
+    let mut tally = Tally::default();
+    while !stop.load(Ordering::Relaxed) {
+        let stream = format!("s-{}", rng.next() % 50);
+        let batch: Vec<EventData> = (0..1 + rng.next() % 3)
+            .map(|i| EventData::json("E", serde_json::json!({ "w": w, "i": i })))
+            .collect();
+        store.append(&stream, ExpectedVersion::Any, &batch)?;
+        tally.committed.extend(batch.iter().map(|e| e.event_id()));
+        thread::sleep(Duration::from_micros(1_000 + rng.next() % 3_000));
+    }
+    Ok(tally)
+}
+
+/// How long the writers of the hand-over test run.
+const HANDOVER_FOR: Duration = Duration::from_secs(4);
 
 /// One writer: a third of its transactions append first, a third take their id by writing
 /// `other` up to 20 ms before they append (half of them after `lock_for_appends`), a
