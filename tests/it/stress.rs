@@ -71,21 +71,7 @@ fn the_feed_never_skips_or_repeats_whatever_else_is_open() -> TestResult {
                 .spawn()
         })
         .collect::<Result<_, _>>()?;
-    let subscriber = {
-        let mut sub = t.subscribe(SubscribeOptions::all())?;
-        let target = target.clone();
-        thread::spawn(move || -> pg_eventstore::Result<Vec<Seen>> {
-            let mut seen = Vec::new();
-            let deadline = Instant::now() + WRITE_FOR + DRAIN;
-            while seen.len() < target.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if let Some(e) = sub.next_timeout(Duration::from_millis(100)) {
-                    let e = e?;
-                    seen.push((e.position, e.id, e.stream_id, e.version));
-                }
-            }
-            Ok(seen)
-        })
-    };
+    let subscriber = follow(&t.store, &target, WRITE_FOR)?;
     let reader = {
         let store = t.store.clone();
         let target = target.clone();
@@ -147,6 +133,28 @@ fn the_feed_never_skips_or_repeats_whatever_else_is_open() -> TestResult {
     Ok(())
 }
 
+/// A thread following the feed with a `$all` subscription of `store` until it has
+/// `target` events or the writers' time `writing` and the drain have passed.
+fn follow(
+    store: &Store,
+    target: &Arc<AtomicUsize>,
+    writing: Duration,
+) -> pg_eventstore::Result<thread::JoinHandle<pg_eventstore::Result<Vec<Seen>>>> {
+    let mut sub = store.subscribe(SubscribeOptions::all())?;
+    let target = target.clone();
+    Ok(thread::spawn(move || {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + writing + DRAIN;
+        while seen.len() < target.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Some(e) = sub.next_timeout(Duration::from_millis(100)) {
+                let e = e?;
+                seen.push((e.position, e.id, e.stream_id, e.version));
+            }
+        }
+        Ok(seen)
+    }))
+}
+
 /// Sparse pool appends hand their events to the subscriptions of their own store, and
 /// their notifications carry them to another store, while `append_in` transactions open,
 /// hold, roll back and commit around them, and a transaction of another database holds
@@ -174,26 +182,9 @@ fn events_handed_over_without_a_read_never_skip_or_repeat() -> TestResult {
         "SELECT pg_current_xact_id()",
     );
     let target = Arc::new(AtomicUsize::new(usize::MAX));
-    let follow = |store: &Store| -> pg_eventstore::Result<_> {
-        let mut sub = store.subscribe(SubscribeOptions::all())?;
-        let target = target.clone();
-        Ok(thread::spawn(
-            move || -> pg_eventstore::Result<Vec<Seen>> {
-                let mut seen = Vec::new();
-                let deadline = Instant::now() + HANDOVER_FOR + DRAIN;
-                while seen.len() < target.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    if let Some(e) = sub.next_timeout(Duration::from_millis(100)) {
-                        let e = e?;
-                        seen.push((e.position, e.id, e.stream_id, e.version));
-                    }
-                }
-                Ok(seen)
-            },
-        ))
-    };
     let followers = [
-        ("here", follow(&store)?),
-        ("elsewhere", follow(&elsewhere)?),
+        ("here", follow(&store, &target, HANDOVER_FOR)?),
+        ("elsewhere", follow(&elsewhere, &target, HANDOVER_FOR)?),
     ];
     let stop = Arc::new(AtomicBool::new(false));
     // One writer of every kind, and three that only append through the pool, a few
