@@ -714,7 +714,8 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         // database, and so can never append here. They are found in `pg_stat_activity`
         // as `feed_horizon` finds them; one whose backend is not found (it ended
         // meanwhile, or it is prepared) counts as one of this database. The activity is
-        // read only when there are such transactions, and at most 64 are looked up.
+        // read once (a hashed subplan), only when there are such transactions, and at
+        // most 64 are looked up.
         let prev_final = format!(
             "pf AS (
     SELECT (SELECT e.global_position FROM {events} e
@@ -725,9 +726,9 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
                  FROM (SELECT t::text::bigint AS t FROM pg_snapshot_xip(q.s) t
                        UNION ALL
                        SELECT generate_series(pg_snapshot_xmax(q.s)::text::bigint, f.x - 1)) u
-                WHERE NOT EXISTS (
-                      SELECT 1 FROM pg_stat_get_activity(NULL) a
-                       WHERE a.backend_xid::text::bigint = u.t % 4294967296
+                WHERE u.t % 4294967296 NOT IN (
+                      SELECT a.backend_xid::text::bigint FROM pg_stat_get_activity(NULL) a
+                       WHERE a.backend_xid IS NOT NULL
                          AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
                                                         WHERE datname = current_database())))
            AS is_final
