@@ -331,6 +331,11 @@ pub(crate) struct AppendPlan {
     pub(crate) local: bool,
 }
 
+/// The most bytes of JSON (data and metadata, as given) that a sparse pool append hands
+/// to this process's subscribers (see [`Hub::plan_append`]): a larger one wakes them to
+/// read, in pages, so that every subscriber does not hold a copy of all of it at once.
+const LOCAL_ROOM: usize = 64 * 1024;
+
 /// What the `NOTIFY` of a pool append sends: see [`Hub::plan_append`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Inline {
@@ -455,8 +460,7 @@ impl Hub {
     /// Called after an append committed on a pooled connection: wakes this process's
     /// subscribers at once, and asks the notifier to tell other processes.
     pub(crate) fn appended(&self) {
-        self.shared.wake_all();
-        self.with_notifier(|tx| poke(&self.shared, tx));
+        self.appended_with(None, false);
     }
 
     /// Whether the pool append about to run should send the `NOTIFY` itself, in its own
@@ -479,19 +483,24 @@ impl Hub {
     /// subscribers (`local`) while one of them takes mail: they then deliver the events
     /// without reading them, as a subscriber elsewhere does from the notification (see
     /// [`Hub::appended_with`]).
-    pub(crate) fn plan_append(&self) -> AppendPlan {
+    ///
+    /// `json_bytes`, the events' data and metadata as given, bounds both: events that
+    /// cannot fit in a notification ([`crate::sql::NOTIFY_ROOM`]) are not put in one
+    /// (the `NOTIFY` wakes alone), and more than [`LOCAL_ROOM`] are not handed over.
+    pub(crate) fn plan_append(&self, json_bytes: usize) -> AppendPlan {
         let s = &self.shared;
         let now = now_micros();
         let previous = s.last_append.swap(now, Ordering::Relaxed);
         let sparse = previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64;
-        let local = sparse && s.mail_subscribers.load(Ordering::Relaxed) > 0;
+        let local =
+            sparse && json_bytes <= LOCAL_ROOM && s.mail_subscribers.load(Ordering::Relaxed) > 0;
         let notify = if !self.notify
             || !s.listeners_looked.load(Ordering::Relaxed)
             || s.nobody_else_listens.load(Ordering::Relaxed)
             || !claim_interval(&s.last_notify, now)
         {
             Inline::No
-        } else if sparse {
+        } else if sparse && json_bytes < crate::sql::NOTIFY_ROOM {
             Inline::WithEvents
         } else {
             Inline::Wake

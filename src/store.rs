@@ -30,11 +30,6 @@ pub(crate) type Conn = PooledConnection<Manager>;
 /// conflict; only a stream under constant contention with `Any` needs more than one.
 const APPEND_ATTEMPTS: usize = 30;
 
-/// The most bytes of JSON (data and metadata, as given) that a sparse pool append hands
-/// to this process's subscribers (see `Hub::plan_append`): a larger one wakes them to
-/// read, in pages, so that every subscriber does not hold a copy of all of it at once.
-const LOCAL_ROOM: usize = 64 * 1024;
-
 /// An event store on one PostgreSQL schema. Cheap to clone: clones share the pool.
 ///
 /// ```no_run
@@ -374,14 +369,7 @@ impl Store {
             crate::retry::sweep(self.pool());
         }
         let mut conn = self.conn()?;
-        let mut plan = self.inner.hub.plan_append();
-        // Events that cannot fit in a notification are not even put in one: the wake-up
-        // alone.
-        let bytes = input.json_bytes();
-        if plan.notify == Inline::WithEvents && bytes >= crate::sql::NOTIFY_ROOM {
-            plan.notify = Inline::Wake;
-        }
-        plan.local &= bytes <= LOCAL_ROOM;
+        let plan = self.inner.hub.plan_append(input.json_bytes());
         if let Some((result, batch)) = self.append_fast(&mut conn, input, plan)? {
             self.inner
                 .hub
