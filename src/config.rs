@@ -406,7 +406,8 @@ impl Config {
 
     /// Whether appends through the pool tell subscribers in other processes, with one
     /// coalesced `NOTIFY` sent by a background thread on its own connection after the
-    /// append committed (never inside the append's transaction). Default `true`. The
+    /// append committed, or, by at most one append per millisecond, in the append's own
+    /// statement. Default `true`. The
     /// thread sends nothing while no other process listens on the store's channel: it
     /// looks at `pg_stat_activity` once a second (a backend whose query it may not read
     /// counts as a listener), so a subscriber that starts elsewhere is woken by `NOTIFY`
@@ -416,7 +417,10 @@ impl Config {
     /// The same holds for [`Store::append_in`](crate::Store::append_in): the store's
     /// commit watcher learns when the caller's transaction commits, and then wakes this
     /// store's subscribers and (with `true`, while another process listens) sends the
-    /// `NOTIFY` itself, in the query that found the commit.
+    /// `NOTIFY` itself, in the query that found the commit; with `true`, at most one
+    /// `append_in` per millisecond sends it in the caller's transaction instead. With
+    /// `false`, `append_in` never sends a `NOTIFY` in the caller's transaction, which
+    /// two-phase commit (`PREPARE TRANSACTION`) requires.
     pub fn notify_on_append(mut self, notify: bool) -> Self {
         self.notify_on_append = notify;
         self

@@ -281,6 +281,8 @@ pub(crate) struct Shared {
     last_notify: AtomicU64,
     /// When this process last made a pool append, in [`now_micros`] (0: never).
     last_append: AtomicU64,
+    /// When this process last made an `append_in`, in [`now_micros`] (0: never).
+    last_append_in: AtomicU64,
     /// How many subscribers take events from mail (see [`Hub::subscribe`]).
     mail_subscribers: AtomicUsize,
     /// The payload of the `NOTIFY`s this store's appends send themselves (a UUID of the
@@ -506,6 +508,46 @@ impl Hub {
             Inline::Wake
         };
         AppendPlan { notify, local }
+    }
+
+    /// Whether the `append_in` about to run should send its own wake-up, in the
+    /// caller's transaction, instead of having the commit watcher learn of the commit
+    /// and then wake this process's subscribers and tell other processes: yes when
+    /// somebody can be woken (a subscriber here, while the listener is connected to
+    /// hear it; or another process listening) and this process has sent no `NOTIFY`
+    /// for [`NOTIFY_INTERVAL`]. Such an append claims the interval, as a pool append
+    /// that sends its own does (see [`Hub::plan_append`]): so at most one commit per
+    /// interval and process queues on PostgreSQL's notify lock, and busy writers' commits
+    /// stay free of it. The `NOTIFY` goes out as the caller's transaction commits, and
+    /// not at all if it rolls back; its payload is empty, so that this process's
+    /// listener wakes the subscribers here as well.
+    ///
+    /// The `NOTIFY` carries the events too ([`Inline::WithEvents`]) when this process
+    /// made no `append_in` for [`NOTIFY_INTERVAL`] before this one and they fit in a
+    /// notification (`json_bytes`, as [`Hub::plan_append`]): subscribers here and
+    /// elsewhere then deliver them without reading, under the same rules as a pool
+    /// append's.
+    pub(crate) fn plan_append_in(&self, json_bytes: usize) -> Inline {
+        let s = &self.shared;
+        let now = now_micros();
+        let previous = s.last_append_in.swap(now, Ordering::Relaxed);
+        let sparse = previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64;
+        if !self.notify {
+            return Inline::No;
+        }
+        let here = !s.subscribers.lock().unwrap().is_empty();
+        let elsewhere = s.listeners_looked.load(Ordering::Relaxed)
+            && !s.nobody_else_listens.load(Ordering::Relaxed);
+        if !(here || elsewhere)
+            || (here && !s.connected.load(Ordering::Relaxed))
+            || !claim_interval(&s.last_notify, now)
+        {
+            Inline::No
+        } else if sparse && json_bytes < crate::sql::NOTIFY_ROOM {
+            Inline::WithEvents
+        } else {
+            Inline::Wake
+        }
     }
 
     /// The payload for the `NOTIFY` of an append that sends its own.

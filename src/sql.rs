@@ -275,10 +275,28 @@ const PAYLOAD_COLUMNS: &str = "event_id, stream_id, event_type, data, metadata, 
 /// characters and a space: PostgreSQL refuses payloads of 8,000 bytes or more.
 pub(crate) const NOTIFY_ROOM: usize = 7_900;
 
+/// Whether `prev` is final for an append whose transaction id is `x` and whose
+/// snapshot is `snapshot` (SQL expressions; see `prev_final` in [`Sql::new`]).
+pub(crate) fn is_final(snapshot: &str, x: &str) -> String {
+    format!(
+        "{x} - pg_snapshot_xmax({snapshot})::text::bigint <= 64
+           AND NOT EXISTS (
+               SELECT 1
+                 FROM (SELECT t::text::bigint AS t FROM pg_snapshot_xip({snapshot}) t
+                       UNION ALL
+                       SELECT generate_series(pg_snapshot_xmax({snapshot})::text::bigint, {x} - 1)) u
+                WHERE u.t % 4294967296 NOT IN (
+                      SELECT a.backend_xid::text::bigint FROM pg_stat_get_activity(NULL) a
+                       WHERE a.backend_xid IS NOT NULL
+                         AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
+                                                        WHERE datname = current_database())))"
+    )
+}
+
 /// One event in a notification's payload (see `listener::PayloadEvent`), from the row
 /// of `alias`: data and metadata as their `jsonb` text, exactly as a read returns them,
 /// and the time recorded in microseconds since the Unix epoch (`extract` is exact).
-fn event_json(alias: &str) -> String {
+pub(crate) fn event_json(alias: &str) -> String {
     format!(
         "json_build_object('p', {alias}.global_position, 'id', {alias}.event_id,
         's', {alias}.stream_id, 'v', {alias}.stream_version, 't', {alias}.event_type,
@@ -297,6 +315,12 @@ pub(crate) struct Sql {
     /// migrate.rs), for callers' connections.
     pub(crate) append_in: Statement,
     pub(crate) append_in_any: Statement,
+    /// `append_in` and `append_in_any` for an append that sends its own wake-up (see
+    /// `Hub::plan_append_in`), not watched.
+    pub(crate) append_in_notify: Statement,
+    pub(crate) append_in_any_notify: Statement,
+    /// Either with the events in the `NOTIFY` (schema version 13, `$8` the channel).
+    pub(crate) append_in_notify_events: Statement,
     /// One event as the first write of a caller's transaction, inside the functions
     /// from schema version 9: see `append_in_first` below; `_any` for
     /// `ExpectedVersion::Any`.
@@ -693,9 +717,9 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         //
         // `prev` and `final` come from the CTE `pf` (see `prev_final`), which the
         // statement's own columns for this process's subscribers share.
-        let notify_events = |events_json: &str| {
+        let notify_events = |prefix: &str, events_json: &str| {
             format!(
-                "pg_notify({channel}, $8::text || COALESCE((
+                "pg_notify({channel}, {prefix} || COALESCE((
     SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))),
                          'hex') || ' ' || z.j
       FROM {s}.feed_key k, (SELECT json_build_object(
@@ -720,22 +744,27 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
             "pf AS (
     SELECT (SELECT e.global_position FROM {events} e
              ORDER BY e.global_position DESC LIMIT 1) AS prev,
-           f.x - pg_snapshot_xmax(q.s)::text::bigint <= 64
-           AND NOT EXISTS (
-               SELECT 1
-                 FROM (SELECT t::text::bigint AS t FROM pg_snapshot_xip(q.s) t
-                       UNION ALL
-                       SELECT generate_series(pg_snapshot_xmax(q.s)::text::bigint, f.x - 1)) u
-                WHERE u.t % 4294967296 NOT IN (
-                      SELECT a.backend_xid::text::bigint FROM pg_stat_get_activity(NULL) a
-                       WHERE a.backend_xid IS NOT NULL
-                         AND a.datid IS DISTINCT FROM (SELECT oid FROM pg_database
-                                                        WHERE datname = current_database())))
-           AS is_final
+           {} AS is_final
       FROM (SELECT pg_current_snapshot() AS s) q,
            (SELECT min(x.global_position) >> {bits} AS x FROM ins x) f
-)"
+)",
+            is_final("q.s", "f.x")
         );
+        // The call of `append_in_events` or `append_in_any` for an `append_in` that
+        // sends its own wake-up (see `Hub::plan_append_in`), sent as the caller's
+        // transaction commits, when the call inserted. The function is not asked to take
+        // the watcher's lock (its `$8` is null, and the statement's `$8` is not used).
+        // The payload is empty, not this process's own: its listener wakes the
+        // subscribers here too. Extra last column, not read. (With the events in the
+        // payload: `append_in_notify`, schema version 13, see migrate.rs.)
+        let append_in_notify_call = |function: &str| {
+            format!(
+                "SELECT a.*, CASE WHEN a.inserted > 0 THEN pg_notify({}, '')::text END
+  FROM {s}.{function}($1::text, $2::uuid[], $3::text[], $4::jsonb[],
+                     $5::jsonb[], $6::int, $7::bigint, NULL::text) a",
+                literal(&crate::listener::channel_name(schema))
+            )
+        };
         // What this process's subscribers need besides what the store sent, after the
         // columns an append returns: the data and metadata as their `jsonb` text (exactly
         // as a read returns them) and the time recorded (microseconds since the Unix
@@ -767,10 +796,13 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
        (SELECT {} WHERE EXISTS (SELECT 1 FROM ins)),
        {local_columns}
   FROM ins",
-            notify_events(&format!(
-                "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
-                event_json("x")
-            ))
+            notify_events(
+                "$8::text",
+                &format!(
+                    "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
+                    event_json("x")
+                )
+            )
         );
         let append_fast_local = format!(
             "{with_payload}, {prev_final}
@@ -831,7 +863,10 @@ SELECT global_position, stream_version, {notify_wake} FROM ins"
         let append_one_notify_events = format!(
             "{one_with_payload}
 SELECT i.global_position, i.stream_version, {}, {local_columns} FROM ins i",
-            notify_events(&format!("json_build_array({})", event_json("i")))
+            notify_events(
+                "$8::text",
+                &format!("json_build_array({})", event_json("i"))
+            )
         );
         let append_one_local = format!(
             "{one_with_payload}
@@ -918,6 +953,12 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_any,
             append_in: append_in_call("append_in_events"),
             append_in_any: append_in_call("append_in_any"),
+            append_in_notify: append_in_notify_call("append_in_events"),
+            append_in_any_notify: append_in_notify_call("append_in_any"),
+            append_in_notify_events: format!(
+                "SELECT * FROM {s}.append_in_notify($1::text, $2::uuid[], $3::text[],
+                     $4::jsonb[], $5::jsonb[], $6::int, $7::bigint, $8::text)"
+            ),
             append_in_first: append_in_first(StreamLock::None, WatchLock::Case),
             append_in_first_any: append_in_first(StreamLock::Wait, WatchLock::Subquery),
             append_in_first_v9: append_in_first(StreamLock::None, WatchLock::Subquery),
@@ -1593,6 +1634,14 @@ impl GroupText {
     }
 }
 
+/// A 64-bit FNV-1a hash of `text`: the fingerprint of SQL that a migration froze.
+#[cfg(test)]
+pub(crate) fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1610,11 +1659,6 @@ mod tests {
     /// `append_in_any` with the new text, then update the fingerprints here.
     #[test]
     fn the_append_statements_match_the_functions_that_migrations_created() {
-        fn fnv(text: &str) -> u64 {
-            text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
-        }
         let sql = Sql::new("eventstore");
         let got = fnv(sql.append.text());
         assert_eq!(got, APPEND_FINGERPRINT, "append: {got:#x}");

@@ -166,7 +166,7 @@ fn upgrading_from_7_keeps_the_append_in_functions_and_their_grants() -> TestResu
             .unwrap();
         (row.get(0), row.get(1))
     };
-    // As if versions 8 to 12 had not run yet, and the operator had revoked the function
+    // As if versions 8 on had not run yet, and the operator had revoked the function
     // from everyone (to grant it to one role).
     c.batch_execute(&format!(
         "DELETE FROM \"{s}\".schema_migrations WHERE version >= 8;
@@ -176,7 +176,7 @@ fn upgrading_from_7_keeps_the_append_in_functions_and_their_grants() -> TestResu
     let before = state(&mut c);
     assert!(!before.1);
     let report = t.migrate()?;
-    assert_eq!(report.applied.len(), 5);
+    assert_eq!(report.applied.len() as i64, SCHEMA_VERSION - 7);
     assert_eq!(
         state(&mut c),
         before,

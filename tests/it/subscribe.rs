@@ -256,7 +256,12 @@ fn other_processes_are_woken_by_notify_not_by_polling() -> TestResult {
 #[test]
 fn a_commit_in_a_callers_transaction_wakes_subscribers_of_the_same_store() -> TestResult {
     // The subscriber polls only every 60 s: a prompt delivery proves the commit watcher.
-    let t = TestStore::with("sub_watch", |c| c.poll_interval(Duration::from_secs(60)));
+    // (With notifying off, no `append_in` sends its own wake-up: the watcher wakes the
+    // subscribers here either way.)
+    let t = TestStore::with("sub_watch", |c| {
+        c.poll_interval(Duration::from_secs(60))
+            .notify_on_append(false)
+    });
     let mut sub = t.subscribe(SubscribeOptions::all())?;
     assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
     for round in 0..3 {
@@ -303,6 +308,7 @@ fn a_killed_commit_watcher_loses_no_wake_up() -> TestResult {
     let t = TestStore::with("sub_watch_kill", |c| {
         c.application_name(&app)
             .poll_interval(Duration::from_secs(60))
+            .notify_on_append(false)
     });
     let mut sub = t.subscribe(SubscribeOptions::all())?;
     // The watcher's backend: its last statement asks pg_xact_status (idle or waiting).
@@ -441,16 +447,40 @@ fn dropping_subscriptions_and_the_store_leaks_no_connection_or_thread() -> TestR
         .map(|_| store.subscribe(SubscribeOptions::all()))
         .collect::<Result<_>>()?;
     store.append("s", ExpectedVersion::Any, &events("E", 1))?;
-    // And one inside a transaction, which starts the commit watcher.
+    // And some inside a transaction, which start the commit watcher: the first may send
+    // its own wake-up, those within a millisecond after it are watched.
+    wait_connected(&store);
     let mut conn = store.pool().get().unwrap();
-    let mut tx = conn.transaction()?;
-    store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("E", 1))?;
-    tx.commit()?;
+    let mut spy = crate::common::client();
+    let deadline = Instant::now() + WAIT;
+    let mut appended = 1;
+    loop {
+        let mut tx = conn.transaction()?;
+        for _ in 0..10 {
+            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("E", 1))?;
+        }
+        tx.commit()?;
+        appended += 10;
+        thread::sleep(Duration::from_millis(50));
+        let watcher: i64 = spy
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = $1 AND query LIKE '%pg_xact_status%'",
+                &[&app],
+            )?
+            .get(0);
+        if watcher > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the commit watcher never started"
+        );
+    }
     drop(conn);
     for s in &mut subs {
-        take(s, 2);
+        take(s, appended);
     }
-    wait_connected(&store);
     assert!(
         backends_named(&app) >= 4,
         "pool, listener, notifier and watcher"
@@ -575,33 +605,156 @@ fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
     let mut spy = crate::common::client();
     spy.batch_execute(&format!("LISTEN {channel}"))?;
     let mut conn = t.pool().get()?;
+    let caller: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
     let deadline = Instant::now() + WAIT;
-    let senders = loop {
+    loop {
+        // The first append of a burst may send its own wake-up (it claims this
+        // process's millisecond); those that follow within the millisecond are left to
+        // the commit watcher, which tells other processes itself.
         let mut tx = conn.transaction()?;
-        t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+        for i in 0..20 {
+            t.append_in(
+                &mut tx,
+                &format!("s{i}"),
+                ExpectedVersion::Any,
+                &events("InTx", 1),
+            )?;
+        }
         tx.commit()?;
         let senders: Vec<i32> = spy
             .notifications()
             .timeout_iter(Duration::from_millis(200))
             .map(|n| Ok(n.process_id()))
             .collect()?;
-        if !senders.is_empty() {
-            break senders;
+        // The watcher's backend: its statement waits on the appenders' lock.
+        let watcher: Option<i32> = spy
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE application_name = $1 AND query LIKE '%pg_advisory_lock%'",
+                &[&app],
+            )?
+            .first()
+            .map(|r| r.get(0));
+        assert!(
+            senders
+                .iter()
+                .all(|pid| *pid == caller || Some(*pid) == watcher),
+            "sent by {senders:?}: the caller is {caller}, the watcher {watcher:?}"
+        );
+        if watcher.is_some_and(|w| senders.contains(&w)) {
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "no NOTIFY for other processes");
-    };
-    // The watcher's backend: its statement waits on the appenders' lock.
-    let watcher: i32 = spy
+        assert!(
+            Instant::now() < deadline,
+            "the watcher sent no NOTIFY for other processes (senders {senders:?})"
+        );
+    }
+}
+
+#[test]
+fn a_quiet_append_in_sends_its_own_wake_up_as_the_transaction_commits() -> TestResult {
+    let app = format!("pges_in_tx_notify_{}", std::process::id());
+    let t = TestStore::with("sub_in_tx_notify", |c| c.application_name(&app));
+    let channel = format!("\"{}_events\"", t.schema);
+    // A spy that looks like another process's listener (its last statement is `LISTEN`).
+    let mut spy = crate::common::client();
+    spy.batch_execute(&format!("LISTEN {channel}"))?;
+    let mut conn = t.pool().get()?;
+    let caller: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let deadline = Instant::now() + WAIT;
+    let mut round = 0;
+    loop {
+        round += 1;
+        let mut tx = conn.transaction()?;
+        t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+        // Nothing is sent while the transaction is open (a late NOTIFY of the watcher,
+        // for an earlier round, may come).
+        let early: Vec<i32> = spy
+            .notifications()
+            .timeout_iter(Duration::from_millis(100))
+            .map(|n| Ok(n.process_id()))
+            .collect()?;
+        assert!(!early.contains(&caller), "a NOTIFY before the commit");
+        tx.commit()?;
+        let got: Vec<(i32, String)> = spy
+            .notifications()
+            .timeout_iter(Duration::from_millis(200))
+            .map(|n| Ok((n.process_id(), n.payload().to_string())))
+            .collect()?;
+        // The first appends come before the notifier's first look at who listens: the
+        // watcher tells other processes. Once it has looked, the appends send their own,
+        // with an empty payload.
+        let mine: Vec<&String> = got
+            .iter()
+            .filter(|(pid, _)| *pid == caller)
+            .map(|(_, payload)| payload)
+            .collect();
+        if !mine.is_empty() {
+            // The payload's first token is empty, not the store's own: this process's
+            // listener takes it too. (Its events and their MAC follow, checked elsewhere.)
+            assert_eq!(mine.len(), 1, "round {round}: {mine:?}");
+            assert!(
+                mine[0].is_empty() || mine[0].starts_with(' '),
+                "round {round}: {mine:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no append_in sent its own NOTIFY"
+        );
+    }
+    // A rolled-back append sends nothing.
+    thread::sleep(Duration::from_millis(5));
+    let mut tx = conn.transaction()?;
+    t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("Gone", 1))?;
+    tx.rollback()?;
+    let after: Vec<i32> = spy
+        .notifications()
+        .timeout_iter(Duration::from_millis(300))
+        .map(|n| Ok(n.process_id()))
+        .collect()?;
+    assert!(
+        !after.contains(&caller),
+        "a NOTIFY for a rolled-back append"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_quiet_append_in_wakes_subscribers_here_without_the_commit_watcher() -> TestResult {
+    let app = format!("pges_in_tx_here_{}", std::process::id());
+    // The subscriber polls only every 60 s: a prompt delivery proves a wake-up.
+    let t = TestStore::with("sub_in_tx_here", |c| {
+        c.application_name(&app)
+            .poll_interval(Duration::from_secs(60))
+    });
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    wait_connected(&t.store);
+    for round in 0..3 {
+        let store = t.store.clone();
+        let writer = thread::spawn(move || -> Result<()> {
+            let mut conn = store.pool().get().unwrap();
+            let mut tx = conn.transaction()?;
+            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+            thread::sleep(Duration::from_millis(100));
+            tx.commit()?;
+            Ok(())
+        });
+        let got = woken_within(&mut sub, Duration::from_secs(3));
+        writer.join().unwrap()?;
+        assert_eq!(got.version, round);
+    }
+    // The listener heard the appends' own NOTIFY: the commit watcher never started.
+    let mut spy = crate::common::client();
+    let watchers: i64 = spy
         .query_one(
-            "SELECT pid FROM pg_stat_activity
-              WHERE application_name = $1 AND query LIKE '%pg_advisory_lock%'",
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = $1 AND query LIKE '%pg_xact_status%'",
             &[&app],
         )?
         .get(0);
-    assert!(
-        senders.iter().all(|pid| *pid == watcher),
-        "sent by {senders:?}, the watcher is {watcher}"
-    );
+    assert_eq!(watchers, 0, "the commit watcher ran");
     Ok(())
 }
 
@@ -789,6 +942,29 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
         "both subscriptions took the events from the notification"
     );
 
+    // An `append_in` after a quiet moment sends its events in a `NOTIFY` of the
+    // caller's transaction: they arrive as it commits, without a read, as stored.
+    // (First the read that any wake-up without events still asks for.)
+    assert!(all.next_timeout(Duration::from_millis(20)).is_none());
+    let before = statements_run(&reader);
+    {
+        let mut conn = writer.pool().get()?;
+        let mut tx = conn.transaction()?;
+        let two = [event(1000)?, event(1001)?];
+        writer.append_in(&mut tx, "in-tx", ExpectedVersion::NoStream, &two)?;
+        tx.commit()?;
+    }
+    let got = take(&mut all, 2);
+    assert_eq!(
+        statements_run(&reader),
+        before,
+        "the subscription read an append_in's events"
+    );
+    let stored: Vec<RecordedEvent> = reader
+        .read_stream("in-tx", pg_eventstore::ReadStream::forwards())?
+        .collect::<Result<_>>()?;
+    assert_eq!(got, stored);
+
     // A notification whose events follow one this subscription has not seen yet
     // (announced by a wake-up without events) waits for a read.
     {
@@ -812,6 +988,25 @@ fn a_subscriber_elsewhere_takes_events_from_the_notification_but_never_past_a_ga
     assert!(
         all.next_timeout(Duration::from_millis(500)).is_none(),
         "an event was delivered past an open appending transaction"
+    );
+    tx.commit()?;
+    let late = take(&mut all, 2);
+    assert_eq!(types(&late), ["Early", "Late"]);
+
+    // The same when the later events come from an `append_in` that sends them itself:
+    // its `NOTIFY` goes out after the earlier transaction took its id.
+    let mut tx = conn.transaction()?;
+    writer.append_in(&mut tx, "s-2", ExpectedVersion::Any, &events("Early", 1))?;
+    thread::sleep(Duration::from_millis(20));
+    {
+        let mut conn = writer.pool().get()?;
+        let mut later = conn.transaction()?;
+        writer.append_in(&mut later, "s-3", ExpectedVersion::Any, &events("Late", 1))?;
+        later.commit()?;
+    }
+    assert!(
+        all.next_timeout(Duration::from_millis(500)).is_none(),
+        "an append_in's event was delivered past an open appending transaction"
     );
     tx.commit()?;
     let late = take(&mut all, 2);
@@ -974,6 +1169,33 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     three_orders_through_a_filter(&store, &mut orders, &mut all)?;
     assert_eq!(reads_run(&store), before, "the subscriptions read");
 
+    // An `append_in` after a quiet moment: its `NOTIFY`, sent as the caller's
+    // transaction commits, carries the events, and this process's listener hands them
+    // to the subscriptions, which do not read them. (First the read that any wake-up
+    // without events still asks for: here, the listener's first, as it connected.)
+    assert!(all.next_timeout(Duration::from_millis(20)).is_none());
+    let before = reads_run(&store);
+    {
+        let mut conn = store.pool().get()?;
+        let mut tx = conn.transaction()?;
+        let data = serde_json::json!({ "z": 2.50, "text": "in a transaction" });
+        let event = EventData::json("InTx", data).metadata(&serde_json::json!({ "by": "tx" }))?;
+        store.append_in(&mut tx, "in-tx", ExpectedVersion::NoStream, &[event])?;
+        tx.commit()?;
+    }
+    let got = take(&mut all, 1).remove(0);
+    assert_eq!(
+        reads_run(&store),
+        before,
+        "the subscriptions read an append_in's events"
+    );
+    let stored = store
+        .read_stream("in-tx", pg_eventstore::ReadStream::forwards())?
+        .next()
+        .expect("the event")?;
+    assert_eq!(got, stored);
+    assert_eq!(got.data.as_str(), stored.data.as_str());
+
     // A transaction of another database that holds an id cannot append here: it does
     // not hold the events back.
     let mut elsewhere = postgres::Client::connect(
@@ -1045,7 +1267,8 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
 fn a_store_at_version_11_notifies_without_events_and_subscribers_elsewhere_read() -> TestResult {
     let t = TestStore::new("notify_v11");
     crate::common::client().batch_execute(&format!(
-        "DROP TABLE \"{s}\".feed_key; DELETE FROM \"{s}\".schema_migrations WHERE version = 12",
+        "DROP FUNCTION \"{s}\".append_in_notify(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text);
+         DROP TABLE \"{s}\".feed_key; DELETE FROM \"{s}\".schema_migrations WHERE version >= 12",
         s = t.schema
     ))?;
     let config = Config::new(&crate::common::database_url())?.schema(&t.schema);
