@@ -1489,7 +1489,7 @@ BEGIN
                                                FROM unnest($2, $3, $4, $5) WITH ORDINALITY
                                                     AS t(event_id, event_type, data, metadata, n)) i)
                           )::text AS j
-                     FROM (SELECT first_position >> 20 AS x) f) z
+                     FROM (SELECT first_position >> 20 AS x) f OFFSET 0) z
              WHERE octet_length(z.j) < 7900), '')
           INTO payload;
         PERFORM pg_notify($8, payload);

@@ -724,7 +724,7 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
                          'hex') || ' ' || z.j
       FROM {s}.feed_key k, (SELECT json_build_object(
         'prev', pf.prev, 'final', pf.is_final, 'events', {events_json})::text AS j
-      FROM pf) z
+      FROM pf OFFSET 0) z
      WHERE octet_length(z.j) < {room}), ''))::text",
                 channel = literal(&crate::listener::channel_name(schema)),
                 room = NOTIFY_ROOM,
