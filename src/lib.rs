@@ -226,8 +226,11 @@
 //! commit for however many appends happened meanwhile: a `NOTIFY` inside every append's
 //! transaction would serialise their commits (PostgreSQL holds one lock from a notifying
 //! transaction's commit until it is flushed).
-//! [`Store::append_in`] and [`Store::import_in`] send nothing from inside the caller's
-//! transaction either: they take a shared advisory lock named after the transaction's id,
+//! [`Store::append_in`] follows the same rule inside the caller's transaction: one that
+//! comes after a quiet millisecond, while somebody can be woken, sends the `NOTIFY` from
+//! the caller's transaction, delivered as it commits (see "Live delivery" below). The
+//! others, and [`Store::import_in`], send nothing from inside the caller's transaction:
+//! they take a shared advisory lock named after the transaction's id,
 //! and the store's **commit watcher** thread (on its own connection, started by the first
 //! of them) waits for that lock, asks `pg_xact_status` which of the transactions it
 //! watches have committed, and then wakes this process's subscribers, once for all of
@@ -265,6 +268,18 @@
 //! by the listener: only a role that can read that table makes a notification whose
 //! events are delivered; any other notification only wakes. A store at version 11
 //! keeps working with this version, with wake-ups alone, until [`Store::migrate`].
+//!
+//! A sparse [`Store::append_in`] (no `append_in` from this process in the millisecond
+//! before, and no `NOTIFY` either) calls the schema's `append_in_notify` function
+//! (schema version 13), which sends the same payload from the caller's transaction: its
+//! snapshot and `prev` come from a statement before the call takes the transaction's id
+//! (and, with `Any`, the stream's lock), and a transaction id the snapshot does not see
+//! stays unseen until the commit, so `final` still holds when the notification goes out
+//! as the transaction commits. Its first token is empty, so that the appending
+//! process's listener delivers the events to the subscriptions there too. When the
+//! transaction had an id before the call, the snapshot may see newer transactions,
+//! which only makes `prev` too new to place: the subscribers read. It costs the sparse
+//! transaction 0.25–0.4 ms (BENCHMARKS.md).
 //!
 //! Subscribers in the appending process get the same without a notification: a sparse
 //! pool append, while a subscription of this store is open, returns its events' data and

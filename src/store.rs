@@ -534,10 +534,12 @@ impl Store {
     /// `NOTIFY`: PostgreSQL serialises notifying commits, flush included, on one lock.
     /// An `append_in` that comes at least a millisecond after this process's last
     /// `NOTIFY`, while somebody can be woken, sends the wake-up itself, in the caller's
-    /// transaction, delivered as it commits: that saves the watcher's hop (commit →
-    /// delivery to a subscriber in another process 0.1–0.14 ms p50 against 0.24–0.31 ms
-    /// through the watcher; see BENCHMARKS.md), and costs busy writers nothing, since at
-    /// most one commit per millisecond and process does it. PostgreSQL refuses
+    /// transaction, delivered as it commits, with the events when they fit (schema
+    /// version 13): subscribers here and in other processes then deliver them without
+    /// reading (commit → delivery p50 0.065–0.084 ms against 0.32–0.40 ms through the
+    /// watcher; see BENCHMARKS.md), for 0.25–0.4 ms more in that transaction. Busy
+    /// writers' commits stay free of PostgreSQL's notify lock: at most one commit per
+    /// millisecond and process sends a `NOTIFY`. PostgreSQL refuses
     /// `PREPARE TRANSACTION` in a transaction that sent a `NOTIFY`: for two-phase
     /// commit, turn notifying off with
     /// [`Config::notify_on_append`](crate::Config::notify_on_append)`(false)`.
