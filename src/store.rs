@@ -537,7 +537,7 @@ impl Store {
     /// transaction, delivered as it commits, with the events when they fit (schema
     /// version 13): subscribers here and in other processes then deliver them without
     /// reading (commit → delivery p50 0.065–0.084 ms against 0.32–0.40 ms through the
-    /// watcher; see BENCHMARKS.md), for 0.25–0.4 ms more in that transaction. Busy
+    /// watcher; see BENCHMARKS.md), for 0.26–0.42 ms more in that transaction. Busy
     /// writers' commits stay free of PostgreSQL's notify lock: at most one commit per
     /// millisecond and process sends a `NOTIFY`. PostgreSQL refuses
     /// `PREPARE TRANSACTION` in a transaction that sent a `NOTIFY`: for two-phase
