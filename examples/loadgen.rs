@@ -38,7 +38,7 @@
 //! | W5 | read all 300,000 events in global order | `read_all` | `SELECT ... ORDER BY id` |
 //! | W6 | live delivery: 2,000 appends, one every 2 ms over 10 streams, one subscriber (and, in the `other_store_*` fields, one in a second store, as another process would be) | `subscribe` | `INSERT` + `pg_notify` in one statement, `LISTEN` |
 //! | W6X | W6 (ours only) while a transaction in another database holds an id throughout; the ratio is of append start → delivery p50s, as W6's | `subscribe` | `subscribe` in plain W6 conditions, same run |
-//! | W6T | W6 with each append an `append_in` in a transaction of its own (one every 2 ms: each sends its events in its own `NOTIFY`), the subscriber in the same store and (extra fields) in a second store; `raw` is plain W6 through the pool in the same run | `append_in` | (plain W6) |
+//! | W6T | W6 with each append an `append_in` in a transaction of its own (one every 2 ms: each sends its events in its own `NOTIFY`), the subscriber in the same store and (extra fields) in a second store; `raw` is plain W6 through the pool in the same run; the ratio is of start → delivery p50s (the transaction's start, the pool append's), commit → delivery in the extra fields | `append_in` | (plain W6) |
 //! | A6, A12 | `append_in` with 6 (12) writers, each in its own transactions: one event to one of 50 shared streams with `ExpectedVersion::Any`, the transaction held open 0–3 ms, a fifth rolled back; 300 transactions per writer, the same plan for both sides | `append_in` (a refused transaction is retried) | one `INSERT ... SELECT max(version) + 1` per transaction, retried after a unique violation |
 //! | A6A | A6 on a store (and raw table) analysed while empty, as W1A | `append_in` | (same) |
 //! | A6F, A12F | the same without the hold: commit as fast as possible (1,000 transactions per writer) | `append_in` | (same) |
@@ -1607,25 +1607,31 @@ fn w6t(ctx: &Ctx) -> Res<Outcome> {
         other.push(w6_with(ctx, &rows, true, true)?);
         plain.push(w6_with(ctx, &rows, false, false)?);
     }
+    // The ratio is taken from the start (of the transaction, or of the pool append), as
+    // W6's is: an event can reach the subscriber before the call that committed it
+    // returns, which counts 0 ms after the commit, and two such medians can both be 0.
     let m = median_of;
-    let same_p50 = m(&same, |l| l.commit_p50);
-    let plain_p50 = m(&plain, |l| l.commit_p50);
+    let same_p50 = m(&same, |l| l.start_p50);
+    let plain_p50 = m(&plain, |l| l.start_p50);
     let missing = same.iter().chain(&other).map(|l| l.missing).max();
     Ok(Outcome {
         ours: same_p50,
         raw: plain_p50,
         ratio: plain_p50 / same_p50,
-        unit: "ms p50 commit→delivery, append_in vs pool append",
+        unit: "ms p50 start→delivery, append_in transaction vs pool append",
         extra: vec![
             ("events", json!(rows.len())),
+            (
+                "in_tx_commit_p50_ms",
+                json!(round3(m(&same, |l| l.commit_p50))),
+            ),
             (
                 "in_tx_commit_p99_ms",
                 json!(round3(m(&same, |l| l.commit_p99))),
             ),
-            // From the start of the transaction (`append_in` and the commit included).
             (
-                "in_tx_start_p50_ms",
-                json!(round3(m(&same, |l| l.start_p50))),
+                "pool_commit_p50_ms",
+                json!(round3(m(&plain, |l| l.commit_p50))),
             ),
             (
                 "other_store_commit_p50_ms",

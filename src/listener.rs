@@ -491,23 +491,30 @@ impl Hub {
     /// (the `NOTIFY` wakes alone), and more than [`LOCAL_ROOM`] are not handed over.
     pub(crate) fn plan_append(&self, json_bytes: usize) -> AppendPlan {
         let s = &self.shared;
-        let now = now_micros();
-        let previous = s.last_append.swap(now, Ordering::Relaxed);
-        let sparse = previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64;
+        let (now, sparse) = since(&s.last_append);
         let local =
             sparse && json_bytes <= LOCAL_ROOM && s.mail_subscribers.load(Ordering::Relaxed) > 0;
-        let notify = if !self.notify
-            || !s.listeners_looked.load(Ordering::Relaxed)
-            || s.nobody_else_listens.load(Ordering::Relaxed)
-            || !claim_interval(&s.last_notify, now)
-        {
+        let notify = self.inline(self.notify && self.others_listen(), now, sparse, json_bytes);
+        AppendPlan { notify, local }
+    }
+
+    /// Whether another process listens, as the last look found (not yet looked: no).
+    fn others_listen(&self) -> bool {
+        let s = &self.shared;
+        s.listeners_looked.load(Ordering::Relaxed) && !s.nobody_else_listens.load(Ordering::Relaxed)
+    }
+
+    /// What an append that may send its own `NOTIFY` (`may`) sends: nothing unless it
+    /// claims the interval, then its events when it is `sparse` and they fit, else a
+    /// wake-up alone.
+    fn inline(&self, may: bool, now: u64, sparse: bool, json_bytes: usize) -> Inline {
+        if !may || !claim_interval(&self.shared.last_notify, now) {
             Inline::No
         } else if sparse && json_bytes < crate::sql::NOTIFY_ROOM {
             Inline::WithEvents
         } else {
             Inline::Wake
-        };
-        AppendPlan { notify, local }
+        }
     }
 
     /// Whether the `append_in` about to run should send its own wake-up, in the
@@ -529,25 +536,12 @@ impl Hub {
     /// append's.
     pub(crate) fn plan_append_in(&self, json_bytes: usize) -> Inline {
         let s = &self.shared;
-        let now = now_micros();
-        let previous = s.last_append_in.swap(now, Ordering::Relaxed);
-        let sparse = previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64;
-        if !self.notify {
-            return Inline::No;
-        }
-        let here = !s.subscribers.lock().unwrap().is_empty();
-        let elsewhere = s.listeners_looked.load(Ordering::Relaxed)
-            && !s.nobody_else_listens.load(Ordering::Relaxed);
-        if !(here || elsewhere)
-            || (here && !s.connected.load(Ordering::Relaxed))
-            || !claim_interval(&s.last_notify, now)
-        {
-            Inline::No
-        } else if sparse && json_bytes < crate::sql::NOTIFY_ROOM {
-            Inline::WithEvents
-        } else {
-            Inline::Wake
-        }
+        let (now, sparse) = since(&s.last_append_in);
+        let may = self.notify && {
+            let here = !s.subscribers.lock().unwrap().is_empty();
+            (here || self.others_listen()) && (!here || s.connected.load(Ordering::Relaxed))
+        };
+        self.inline(may, now, sparse, json_bytes)
     }
 
     /// The payload for the `NOTIFY` of an append that sends its own.
@@ -822,6 +816,17 @@ const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
 pub(crate) fn now_micros() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Now, which `last` takes, and whether it is at least [`NOTIFY_INTERVAL`] after what
+/// `last` held (or that was never set).
+fn since(last: &AtomicU64) -> (u64, bool) {
+    let now = now_micros();
+    let previous = last.swap(now, Ordering::Relaxed);
+    (
+        now,
+        previous == 0 || now >= previous + NOTIFY_INTERVAL.as_micros() as u64,
+    )
 }
 
 /// Moves `last` to `now` when `now` is at least [`NOTIFY_INTERVAL`] after it (or it was

@@ -264,20 +264,7 @@ fn a_commit_in_a_callers_transaction_wakes_subscribers_of_the_same_store() -> Te
     });
     let mut sub = t.subscribe(SubscribeOptions::all())?;
     assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
-    for round in 0..3 {
-        let store = t.store.clone();
-        let writer = thread::spawn(move || -> Result<()> {
-            let mut conn = store.pool().get().unwrap();
-            let mut tx = conn.transaction()?;
-            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
-            thread::sleep(Duration::from_millis(100));
-            tx.commit()?;
-            Ok(())
-        });
-        let got = woken_within(&mut sub, Duration::from_secs(3));
-        writer.join().unwrap()?;
-        assert_eq!(got.version, round);
-    }
+    three_held_appends_in_wake(&t.store, &mut sub)?;
     // The same for an import inside a caller's transaction.
     let store = t.store.clone();
     let writer = thread::spawn(move || -> Result<()> {
@@ -298,6 +285,26 @@ fn a_commit_in_a_callers_transaction_wakes_subscribers_of_the_same_store() -> Te
     t.append_in(&mut tx, "s", ExpectedVersion::Any, &events("Gone", 1))?;
     tx.rollback()?;
     assert!(sub.next_timeout(Duration::from_millis(300)).is_none());
+    Ok(())
+}
+
+/// Three `append_in`s to stream `s`, each in a transaction held open for 100 ms: `sub`
+/// is woken for each soon after its commit.
+fn three_held_appends_in_wake(store: &Store, sub: &mut Subscription) -> TestResult {
+    for round in 0..3 {
+        let store = store.clone();
+        let writer = thread::spawn(move || -> Result<()> {
+            let mut conn = store.pool().get().unwrap();
+            let mut tx = conn.transaction()?;
+            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+            thread::sleep(Duration::from_millis(100));
+            tx.commit()?;
+            Ok(())
+        });
+        let got = woken_within(sub, Duration::from_secs(3));
+        writer.join().unwrap()?;
+        assert_eq!(got.version, round);
+    }
     Ok(())
 }
 
@@ -596,16 +603,30 @@ fn a_pool_append_after_a_quiet_moment_notifies_in_its_own_commit() -> TestResult
     Ok(())
 }
 
+/// A store whose connections carry `app` as their name, a spy that looks like another
+/// process's listener on its channel (its last statement is `LISTEN`), and one of the
+/// store's pooled connections with its backend's pid.
+fn spied(
+    name: &str,
+    app: &str,
+) -> Result<(
+    TestStore,
+    postgres::Client,
+    r2d2::PooledConnection<pg_eventstore::Manager>,
+    i32,
+)> {
+    let t = TestStore::with(name, |c| c.application_name(app));
+    let mut spy = crate::common::client();
+    spy.batch_execute(&format!("LISTEN \"{}_events\"", t.schema))?;
+    let mut conn = t.pool().get().expect("a connection");
+    let pid: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    Ok((t, spy, conn, pid))
+}
+
 #[test]
 fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
     let app = format!("pges_watch_notify_{}", std::process::id());
-    let t = TestStore::with("sub_watch_notify", |c| c.application_name(&app));
-    let channel = format!("\"{}_events\"", t.schema);
-    // A spy that looks like another process's listener (its last statement is `LISTEN`).
-    let mut spy = crate::common::client();
-    spy.batch_execute(&format!("LISTEN {channel}"))?;
-    let mut conn = t.pool().get()?;
-    let caller: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let (t, mut spy, mut conn, caller) = spied("sub_watch_notify", &app)?;
     let deadline = Instant::now() + WAIT;
     loop {
         // The first append of a burst may send its own wake-up (it claims this
@@ -654,13 +675,7 @@ fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
 #[test]
 fn a_quiet_append_in_sends_its_own_wake_up_as_the_transaction_commits() -> TestResult {
     let app = format!("pges_in_tx_notify_{}", std::process::id());
-    let t = TestStore::with("sub_in_tx_notify", |c| c.application_name(&app));
-    let channel = format!("\"{}_events\"", t.schema);
-    // A spy that looks like another process's listener (its last statement is `LISTEN`).
-    let mut spy = crate::common::client();
-    spy.batch_execute(&format!("LISTEN {channel}"))?;
-    let mut conn = t.pool().get()?;
-    let caller: i32 = conn.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let (t, mut spy, mut conn, caller) = spied("sub_in_tx_notify", &app)?;
     let deadline = Instant::now() + WAIT;
     let mut round = 0;
     loop {
@@ -731,20 +746,7 @@ fn a_quiet_append_in_wakes_subscribers_here_without_the_commit_watcher() -> Test
     });
     let mut sub = t.subscribe(SubscribeOptions::all())?;
     wait_connected(&t.store);
-    for round in 0..3 {
-        let store = t.store.clone();
-        let writer = thread::spawn(move || -> Result<()> {
-            let mut conn = store.pool().get().unwrap();
-            let mut tx = conn.transaction()?;
-            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
-            thread::sleep(Duration::from_millis(100));
-            tx.commit()?;
-            Ok(())
-        });
-        let got = woken_within(&mut sub, Duration::from_secs(3));
-        writer.join().unwrap()?;
-        assert_eq!(got.version, round);
-    }
+    three_held_appends_in_wake(&t.store, &mut sub)?;
     // The listener heard the appends' own NOTIFY: the commit watcher never started.
     let mut spy = crate::common::client();
     let watchers: i64 = spy
