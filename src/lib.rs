@@ -279,7 +279,8 @@
 //! process's listener delivers the events to the subscriptions there too. When the
 //! transaction had an id before the call, the snapshot may see newer transactions,
 //! which only makes `prev` too new to place: the subscribers read. It costs the sparse
-//! transaction 0.26–0.42 ms (BENCHMARKS.md).
+//! transaction 0.26–0.42 ms (BENCHMARKS.md). A role that may not read the key, or call
+//! the function (both looked up when the store connects), sends the wake-up alone.
 //!
 //! Subscribers in the appending process get the same without a notification: a sparse
 //! pool append, while a subscription of this store is open, returns its events' data and

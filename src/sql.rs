@@ -115,6 +115,19 @@ pub(crate) fn feed_key_table(schema: &str) -> String {
 pub(crate) const FEED_KEY_READABLE: &str = "SELECT CASE WHEN to_regclass($1) IS NULL THEN false
             ELSE has_table_privilege($1, 'SELECT') END";
 
+/// Whether the function `$1` (a signature, as `regprocedure` reads it) exists and this
+/// role may execute it.
+pub(crate) const FUNCTION_CALLABLE: &str =
+    "SELECT COALESCE(has_function_privilege(to_regprocedure($1), 'EXECUTE'), false)";
+
+/// The signature of `append_in_notify` (schema version 13), for [`FUNCTION_CALLABLE`].
+pub(crate) fn append_in_notify_signature(schema: &str) -> String {
+    format!(
+        "{}.append_in_notify(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)",
+        quote(schema)
+    )
+}
+
 /// The keys themselves.
 pub(crate) fn feed_key(schema: &str) -> String {
     format!(

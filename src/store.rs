@@ -188,7 +188,7 @@ impl Store {
             &config.migrations_table,
         ));
         // One connection outside the pool: fails fast with the real cause.
-        let (version, events_in_notify) = {
+        let (version, events_in_notify, in_tx_events) = {
             let mut client = monitor.connect()?;
             let version =
                 migrate::current_version(&mut client, &config.schema, &config.migrations_table)?;
@@ -201,9 +201,18 @@ impl Store {
                         &[&crate::sql::feed_key_table(&config.schema)],
                     )?
                     .get::<_, bool>(0);
-            (version, readable)
+            // The same for `append_in`, whose events go through a function of version
+            // 13 that an operator may not have granted to this role.
+            let callable = readable
+                && version >= migrate::APPEND_IN_NOTIFY_VERSION
+                && client
+                    .query_one(
+                        crate::sql::FUNCTION_CALLABLE,
+                        &[&crate::sql::append_in_notify_signature(&config.schema)],
+                    )?
+                    .get::<_, bool>(0);
+            (version, readable, callable)
         };
-        let in_tx_events = events_in_notify && version >= migrate::APPEND_IN_NOTIFY_VERSION;
         if version > SCHEMA_VERSION {
             return Err(Error::SchemaTooNew {
                 found: version,

@@ -454,40 +454,21 @@ fn dropping_subscriptions_and_the_store_leaks_no_connection_or_thread() -> TestR
         .map(|_| store.subscribe(SubscribeOptions::all()))
         .collect::<Result<_>>()?;
     store.append("s", ExpectedVersion::Any, &events("E", 1))?;
-    // And some inside a transaction, which start the commit watcher: the first may send
-    // its own wake-up, those within a millisecond after it are watched.
-    wait_connected(&store);
+    // And one inside a transaction, which starts the commit watcher (an `import_in` is
+    // always watched; an `append_in` after a quiet moment sends its own wake-up).
     let mut conn = store.pool().get().unwrap();
-    let mut spy = crate::common::client();
-    let deadline = Instant::now() + WAIT;
-    let mut appended = 1;
-    loop {
-        let mut tx = conn.transaction()?;
-        for _ in 0..10 {
-            store.append_in(&mut tx, "s", ExpectedVersion::Any, &events("E", 1))?;
-        }
-        tx.commit()?;
-        appended += 10;
-        thread::sleep(Duration::from_millis(50));
-        let watcher: i64 = spy
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = $1 AND query LIKE '%pg_xact_status%'",
-                &[&app],
-            )?
-            .get(0);
-        if watcher > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the commit watcher never started"
-        );
-    }
+    let mut tx = conn.transaction()?;
+    store.import_in(
+        &mut tx,
+        &[("imported", events("E", 1).remove(0))],
+        ImportOptions::new(),
+    )?;
+    tx.commit()?;
     drop(conn);
     for s in &mut subs {
-        take(s, appended);
+        take(s, 2);
     }
+    wait_connected(&store);
     assert!(
         backends_named(&app) >= 4,
         "pool, listener, notifier and watcher"
@@ -628,19 +609,12 @@ fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
     let app = format!("pges_watch_notify_{}", std::process::id());
     let (t, mut spy, mut conn, caller) = spied("sub_watch_notify", &app)?;
     let deadline = Instant::now() + WAIT;
-    loop {
-        // The first append of a burst may send its own wake-up (it claims this
-        // process's millisecond); those that follow within the millisecond are left to
-        // the commit watcher, which tells other processes itself.
+    for round in 0.. {
+        // An `import_in` is always left to the commit watcher, which tells other
+        // processes itself. (An `append_in` after a quiet moment sends its own.)
         let mut tx = conn.transaction()?;
-        for i in 0..20 {
-            t.append_in(
-                &mut tx,
-                &format!("s{i}"),
-                ExpectedVersion::Any,
-                &events("InTx", 1),
-            )?;
-        }
+        let imported = [(format!("s{round}"), events("InTx", 1).remove(0))];
+        t.import_in(&mut tx, &imported, ImportOptions::new())?;
         tx.commit()?;
         let senders: Vec<i32> = spy
             .notifications()
@@ -670,6 +644,7 @@ fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
             "the watcher sent no NOTIFY for other processes (senders {senders:?})"
         );
     }
+    unreachable!()
 }
 
 #[test]
@@ -1310,38 +1285,55 @@ fn a_store_at_version_11_notifies_without_events_and_subscribers_elsewhere_read(
     Ok(())
 }
 
+/// Dropped at the end, even when an assertion fails: roles belong to the cluster.
+struct DropRole(String);
+
+impl Drop for DropRole {
+    fn drop(&mut self) {
+        let _ = crate::common::client().batch_execute(&format!(
+            "DROP OWNED BY {r}; DROP ROLE IF EXISTS {r}",
+            r = self.0
+        ));
+    }
+}
+
+/// A role named `name` (and this process's id) that may use every table and sequence of
+/// `t`'s schema, then `revoke` (SQL run as the superuser, `{role}` and `{s}` replaced),
+/// and a store of one connection that logs in as it.
+fn store_as_role(t: &TestStore, name: &str, revoke: &str) -> Result<(DropRole, Store)> {
+    let role = format!("{name}_{}", std::process::id());
+    let revoke = revoke.replace("{role}", &role).replace("{s}", &t.schema);
+    crate::common::client()
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA \"{s}\" TO {role};
+             GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA \"{s}\" TO {role};
+             {revoke}",
+            s = t.schema
+        ))
+        .expect("the role");
+    let dropped = DropRole(role.clone());
+    let mut pg: postgres::Config = crate::common::database_url().parse().expect("the URL");
+    pg.user(&role);
+    let store = Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(1)
+        .connect()?;
+    Ok((dropped, store))
+}
+
 /// A role that may append but not read the store's key still appends while another
 /// process listens: its appends send wake-ups alone (before, the statement with the
 /// events failed on the key's table), and the other process reads.
 #[test]
 fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
     let t = TestStore::new("notify_no_key");
-    let role = format!("pges_no_key_{}", std::process::id());
-    crate::common::client().batch_execute(&format!(
-        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
-         GRANT USAGE ON SCHEMA \"{s}\" TO {role};
-         GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
-         GRANT ALL ON ALL SEQUENCES IN SCHEMA \"{s}\" TO {role};
-         REVOKE ALL ON \"{s}\".feed_key FROM {role};",
-        s = t.schema
-    ))?;
-    // Dropped at the end, even when an assertion fails: roles belong to the cluster.
-    struct DropRole(String);
-    impl Drop for DropRole {
-        fn drop(&mut self) {
-            let _ = crate::common::client().batch_execute(&format!(
-                "DROP OWNED BY {r}; DROP ROLE IF EXISTS {r}",
-                r = self.0
-            ));
-        }
-    }
-    let _role = DropRole(role.clone());
-    let mut pg: postgres::Config = crate::common::database_url().parse()?;
-    pg.user(&role);
-    let writer = Config::from_pg(pg)
-        .schema(&t.schema)
-        .max_connections(1)
-        .connect()?;
+    let (_role, writer) = store_as_role(
+        &t,
+        "pges_no_key",
+        "REVOKE ALL ON \"{s}\".feed_key FROM {role};",
+    )?;
     let mut all = t.store.subscribe(SubscribeOptions::all())?;
     assert!(all.next_timeout(Duration::from_millis(50)).is_none());
     let notified = |with_key: bool| notifying_appends(&writer, with_key);
@@ -1355,6 +1347,38 @@ fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
     assert_eq!(notified(true), 0);
     assert_eq!(take(&mut all, n).len(), n);
     // The role's sessions end before the role goes.
+    drop(writer);
+    Ok(())
+}
+
+/// A role that may not call `append_in_notify` (an operator revoked it from everyone)
+/// still appends in its transactions while another process listens: they leave the
+/// wake-up to the commit watcher, or send it alone.
+#[test]
+fn a_role_that_may_not_call_append_in_notify_still_appends_in_transactions() -> TestResult {
+    let t = TestStore::new("notify_no_fn");
+    let (_role, writer) = store_as_role(
+        &t,
+        "pges_no_fn",
+        "REVOKE EXECUTE ON FUNCTION \"{s}\".append_in_notify(text, uuid[], text[], jsonb[],
+             jsonb[], integer, bigint, text) FROM PUBLIC;",
+    )?;
+    let mut all = t.store.subscribe(SubscribeOptions::all())?;
+    assert!(all.next_timeout(Duration::from_millis(50)).is_none());
+    // Past the writer's first look at who listens (once a second), appends after a
+    // quiet moment would call the function.
+    let until = Instant::now() + Duration::from_millis(1_500);
+    let mut n = 0;
+    while Instant::now() < until {
+        let mut conn = writer.pool().get()?;
+        let mut tx = conn.transaction()?;
+        writer.append_in(&mut tx, "s", ExpectedVersion::Any, &events("InTx", 1))?;
+        tx.commit()?;
+        drop(conn);
+        n += 1;
+        assert_eq!(take(&mut all, 1)[0].version, n - 1);
+        thread::sleep(Duration::from_millis(20));
+    }
     drop(writer);
     Ok(())
 }
