@@ -332,10 +332,7 @@ fn m0013_append_in_notify(schema: &str) -> String {
     };
     m.inject_custom(format!(
         r#"CREATE OR REPLACE FUNCTION {s}.append_in_notify(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
-RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
-               tx_events bigint, dup_streams text[], dup_versions bigint[],
-               dup_positions bigint[], dup_index bigint[], dup_same boolean,
-               order_conflict boolean, behind_floor boolean, watched bigint)
+{APPEND_IN_RETURNS}
 LANGUAGE plpgsql VOLATILE AS $body$
 DECLARE
     snap pg_snapshot;
@@ -730,10 +727,7 @@ fn append_in_function(schema: &str, name: &str, before: &str, statement: &str) -
     let s = quote(schema);
     format!(
         r#"CREATE OR REPLACE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
-RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
-               tx_events bigint, dup_streams text[], dup_versions bigint[],
-               dup_positions bigint[], dup_index bigint[], dup_same boolean,
-               order_conflict boolean, behind_floor boolean, watched bigint)
+{APPEND_IN_RETURNS}
 LANGUAGE plpgsql VOLATILE AS $body$
 #variable_conflict use_column
 BEGIN
@@ -742,6 +736,13 @@ END
 $body$"#
     )
 }
+
+/// The signature's tail of the `append_in` functions (and of `append_in_notify`).
+const APPEND_IN_RETURNS: &str =
+    "RETURNS TABLE (inserted bigint, first_position bigint, last_position bigint, head bigint,
+               tx_events bigint, dup_streams text[], dup_versions bigint[],
+               dup_positions bigint[], dup_index bigint[], dup_same boolean,
+               order_conflict boolean, behind_floor boolean, watched bigint)";
 
 /// The advisory lock key of the stream named by the SQL expression `stream`: 64 bits
 /// hashed from the schema and stream names. The schema name is a checked identifier.
