@@ -270,6 +270,42 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// The oldest PostgreSQL release the store's statements run on, as `server_version_num`:
+/// they use the transaction-id and snapshot functions and types that came with
+/// PostgreSQL 13 (`pg_current_xact_id`, `pg_current_snapshot`, `xid8`, `pg_xact_status`),
+/// and the built-in `gen_random_uuid`.
+const MIN_SERVER_VERSION_NUM: i64 = 130_000;
+
+/// Refuses a server older than PostgreSQL 13 with [`Error::ServerTooOld`], before the
+/// store reads or creates anything on it (which would fail part way with "function
+/// pg_current_xact_id() does not exist"). One round trip.
+pub(crate) fn check_server(client: &mut Client) -> Result<()> {
+    let rows = client.simple_query(
+        "SELECT current_setting('server_version_num'), current_setting('server_version')",
+    )?;
+    let row = rows.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    let (num, version) = match row {
+        Some(row) => (row.get(0), row.get(1)),
+        None => (None, None),
+    };
+    server_supported(num, version.unwrap_or("unknown"))
+}
+
+/// Whether a server reporting `server_version_num` `num` (and `server_version`
+/// `version`) is new enough. A number that does not parse is let through: the version
+/// check is a courtesy, and such a server says nothing about its age.
+fn server_supported(num: Option<&str>, version: &str) -> Result<()> {
+    match num.and_then(|n| n.trim().parse::<i64>().ok()) {
+        Some(n) if n < MIN_SERVER_VERSION_NUM => Err(Error::ServerTooOld {
+            version: version.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The last error of the pool's connects; r2d2 keeps only its text.
 pub(crate) type LastConnectError =
     std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<crate::Error>>>>;
@@ -287,5 +323,27 @@ mod tests {
         let pg: postgres::Config = "host=h port=6000 user=u".parse().unwrap();
         assert_eq!(target(&pg), "h:6000");
         assert_eq!(host_port(&pg, "x"), None);
+    }
+
+    #[test]
+    fn servers_older_than_postgresql_13_are_refused_by_name() {
+        for (num, version) in [("120017", "12.17"), ("90624", "9.6.24"), ("129999", "12.x")] {
+            match server_supported(Some(num), version) {
+                Err(Error::ServerTooOld { version: v }) => {
+                    assert_eq!(v, version);
+                    let text = Error::ServerTooOld { version: v }.to_string();
+                    assert!(
+                        text.contains(version) && text.contains("13 or newer"),
+                        "{text}"
+                    );
+                }
+                other => panic!("{num}: expected ServerTooOld, got {other:?}"),
+            }
+        }
+        for num in ["130000", "130016", "150018", "170000", " 160004 "] {
+            assert!(server_supported(Some(num), "x").is_ok(), "{num}");
+        }
+        assert!(server_supported(None, "x").is_ok());
+        assert!(server_supported(Some("devel"), "x").is_ok());
     }
 }

@@ -131,6 +131,14 @@ pub enum Error {
         /// The newest version this library knows.
         supported: i64,
     },
+    /// The server runs a PostgreSQL release older than 13, the oldest whose functions the
+    /// store's statements use (`pg_current_xact_id`, `pg_current_snapshot`, `xid8`).
+    /// Found by [`Store::connect`](crate::Store::connect) before anything was read or
+    /// created.
+    ServerTooOld {
+        /// The server's `server_version`, such as "12.17".
+        version: String,
+    },
     /// One transaction appended more events than one transaction can hold
     /// (see [`MAX_EVENTS_PER_TRANSACTION`](crate::MAX_EVENTS_PER_TRANSACTION)).
     TransactionTooLarge {
@@ -318,6 +326,10 @@ impl fmt::Display for Error {
                 f,
                 "the database schema is at version {found}, but this version of pg-eventstore \
                  knows versions up to {supported}: upgrade pg-eventstore"
+            ),
+            Error::ServerTooOld { version } => write!(
+                f,
+                "the server runs PostgreSQL {version}; pg-eventstore needs PostgreSQL 13 or newer"
             ),
             Error::TransactionTooLarge { events } => write!(
                 f,
@@ -590,6 +602,9 @@ pub(crate) mod tests {
             Error::SchemaTooNew {
                 found: 9,
                 supported: 4,
+            },
+            Error::ServerTooOld {
+                version: "12.17".into(),
             },
             Error::TransactionTooLarge { events: 1 << 21 },
             Error::Pool {

@@ -171,9 +171,10 @@ fn replan_at(uses: u64) -> bool {
 }
 
 impl Store {
-    /// Opens a pool with `config` and checks the server: it must be reachable and its
-    /// schema (if any) must not be newer than this library. An unmigrated schema is fine
-    /// here: call [`Store::migrate`] to create it.
+    /// Opens a pool with `config` and checks the server: it must be reachable, run
+    /// PostgreSQL 13 or newer ([`Error::ServerTooOld`] otherwise), and its schema (if any)
+    /// must not be newer than this library. An unmigrated schema is fine here: call
+    /// [`Store::migrate`] to create it.
     ///
     /// An unreachable server fails at once with [`Error::Connect`], which names the
     /// server and the cause (for example "connection refused"), rather than after the
@@ -190,6 +191,7 @@ impl Store {
         // One connection outside the pool: fails fast with the real cause.
         let (version, events_in_notify, in_tx_events) = {
             let mut client = monitor.connect()?;
+            crate::connect::check_server(&mut client)?;
             let version =
                 migrate::current_version(&mut client, &config.schema, &config.migrations_table)?;
             // Appends put events in their `NOTIFY` only where the role may read the key
