@@ -46,7 +46,7 @@
 //! | W8 | W1 (20,000 single appends to 1,000 new streams) on tables that already hold 10,000,000 events, loaded as W7 loads them and then vacuumed and analysed; loaded once per run, each repetition on new streams | `append` | prepared single-row `INSERT` |
 //! | M1 | peak RSS (`VmHWM`) of a process reading 1,000,000 events vs one reading 10,000 | `read_all` | (same, 10,000) |
 //! | P1 | the worker in batch mode over 20,000 events: 1 and 4 threads, trivial handler | `Worker::run_batch` | `read_all` of the same events (no raw side) |
-//! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections (and, in `raw_batched_1`, from 1), 100 per transaction |
+//! | P2 | a transactional worker in batch mode over the same 20,000 events, 4 threads (and 1), one read-model upsert per event | `Worker::run_batch_transactional` | the same upserts from 4 connections (and, in `raw_batched_1`, from 1), 100 per transaction; and in `raw_batched_read` the same while a fifth connection reads every event, as the worker must (its ratio: `ratio_to_raw_with_read`) |
 //! | P3 | the worker in batch mode over the same 20,000 events (written stream by stream), 4 threads, a handler that sleeps 100 µs per event (one that waits on I/O) | `Worker::run_batch` | 4 threads sleeping 100 µs per event over an even quarter of the events each: the best the threads can do |
 //! | G1 | a consumer group of 4 members (and 2), each with its own pool and 1 thread, one read-model upsert per event in its transactional handler, over 20,000 events imported once the members have shared the partitions | `Worker::group` | the same group with 1 member |
 //!
@@ -2097,7 +2097,10 @@ fn with_machine_cpu<T>(
 /// 4 threads, its handler upserting one read-model row per event in the worker's
 /// transaction (grouped: `Worker::transaction_batch`, default 100 events); next to raw
 /// PostgreSQL doing the same upserts from 4 connections (the events of a stream on one
-/// connection, as the worker does) in transactions of 100. Also the worker with 1 thread.
+/// connection, as the worker does) in transactions of 100. Also the worker with 1 thread,
+/// and raw's upserts while one more raw connection reads every event of the log (the
+/// worker reads them too; raw is handed the stream names): `raw_batched_read` and
+/// `ratio_to_raw_with_read`, besides the issue's ratio to raw without the read.
 fn p2(ctx: &Ctx) -> Res<Outcome> {
     let n = ctx.sizes.p1_events;
     let pair = read_fixture(ctx, "p2", n, 0, false)?;
@@ -2141,14 +2144,32 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
             Ok(n as f64 / t.elapsed().as_secs_f64())
         };
         // `connections` raw clients, each with the streams of `parts` it is given (all
-        // four parts on one connection, in turn, for 1).
-        let raw = |connections: usize| -> Res<f64> {
+        // four parts on one connection, in turn, for 1). With `read`, one more raw
+        // client reads every event of the log meanwhile, as the worker must (the lean
+        // reader of W5, on the store's table).
+        let raw = |connections: usize, read: bool| -> Res<f64> {
             let sql = upsert(&model(&pair.raw));
             let mut clients = Vec::new();
             for _ in 0..connections {
                 clients.push(pair.raw_client(ctx)?);
             }
-            let barrier = Arc::new(Barrier::new(connections + 1));
+            let reader = match read {
+                true => Some(pair.raw_client(ctx)?),
+                false => None,
+            };
+            let barrier = Arc::new(Barrier::new(connections + 1 + usize::from(read)));
+            let read_all = format!(
+                "SELECT global_position, event_id, stream_id, stream_version, event_type, data, \
+                 metadata, recorded_at FROM {}.events ORDER BY global_position",
+                quote(&pair.ours)
+            );
+            let reading = reader.map(|mut client| {
+                let barrier = barrier.clone();
+                thread::spawn(move || -> Result<usize, String> {
+                    barrier.wait();
+                    raw_read(&mut client, &read_all, &[]).map_err(|e| e.to_string())
+                })
+            });
             let handles: Vec<_> = clients
                 .into_iter()
                 .enumerate()
@@ -2179,24 +2200,43 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
             for h in handles {
                 h.join().expect("raw upsert thread")?;
             }
+            if let Some(h) = reading {
+                check_count("raw read", h.join().expect("raw reading thread")?, n)?;
+            }
             Ok(n as f64 / t.elapsed().as_secs_f64())
         };
         let cpu = ("t4_cpu_us_per_event", "t4_switches_per_event");
         let raw_cpu = ("raw_cpu_us_per_event", "raw_switches_per_event");
-        let (o, r) = if rep % 2 == 0 {
-            let o = with_machine_cpu(&mut runs, cpu, n, || ours(4))?;
-            (o, with_machine_cpu(&mut runs, raw_cpu, n, || raw(4))?)
+        let read_cpu = ("raw_read_cpu_us_per_event", "raw_read_switches_per_event");
+        let (o, r, rr);
+        if rep % 2 == 0 {
+            o = with_machine_cpu(&mut runs, cpu, n, || ours(4))?;
+            r = with_machine_cpu(&mut runs, raw_cpu, n, || raw(4, false))?;
+            rr = with_machine_cpu(&mut runs, read_cpu, n, || raw(4, true))?;
         } else {
-            let r = with_machine_cpu(&mut runs, raw_cpu, n, || raw(4))?;
-            (with_machine_cpu(&mut runs, cpu, n, || ours(4))?, r)
-        };
-        runs.entry("t4_model").or_default().push(o);
-        runs.entry("raw_batched").or_default().push(r);
-        runs.entry("t1_model").or_default().push(ours(1)?);
-        runs.entry("raw_batched_1").or_default().push(raw(1)?);
+            rr = with_machine_cpu(&mut runs, read_cpu, n, || raw(4, true))?;
+            r = with_machine_cpu(&mut runs, raw_cpu, n, || raw(4, false))?;
+            o = with_machine_cpu(&mut runs, cpu, n, || ours(4))?;
+        }
+        let (t1, r1) = (ours(1)?, raw(1, false)?);
+        for (name, value) in [
+            ("t4_model", o),
+            ("raw_batched", r),
+            ("raw_batched_read", rr),
+            ("t1_model", t1),
+            ("raw_batched_1", r1),
+        ] {
+            runs.entry(name).or_default().push(value);
+        }
     }
     drop(store);
-    Ok(median_outcome(&runs, "t4_model", "raw_batched", n))
+    let mut outcome = median_outcome(&runs, "t4_model", "raw_batched", n);
+    let with_read = median_f(&runs["raw_batched_read"]);
+    outcome.extra.push((
+        "ratio_to_raw_with_read",
+        json!(round3(median_f(&runs["t4_model"]) / with_read)),
+    ));
+    Ok(outcome)
 }
 
 /// P3: the worker in batch mode over `p1_events` events written stream by stream (streams
