@@ -3,7 +3,9 @@
 //!
 //! Append events with optimistic concurrency, read streams forwards and backwards, and
 //! read the whole log in a global order that never skips or repeats an event, with
-//! nothing but an `r2d2` pool of `postgres` connections underneath.
+//! nothing but an `r2d2` pool of `postgres` connections underneath. The server must run
+//! PostgreSQL 13 or newer ([`Store::connect`] refuses an older one with
+//! [`Error::ServerTooOld`]); the crate is tested on PostgreSQL 15.
 //!
 //! # Quick start
 //!
