@@ -236,6 +236,8 @@ struct Ctx {
     run: String,
     subscriber: bool,
     store_transaction: bool,
+    /// `--read-page-size`, for the children that open stores of their own.
+    read_page_size: Option<u32>,
 }
 
 /// One workload's result.
@@ -365,6 +367,7 @@ fn run(args: &[String]) -> Res<()> {
         run: format!("loadgen_{}", std::process::id()),
         subscriber,
         store_transaction,
+        read_page_size: page,
     };
     eprintln!("loadgen: schemas {}_*", ctx.run);
     let mut rows = Vec::new();
@@ -1909,16 +1912,19 @@ fn vm_hwm_kib() -> Res<u64> {
         .parse()?)
 }
 
-/// `--m1-child <schema> <count>`: reads `count` events of `$all` and prints its peak RSS.
+/// `--m1-child <schema> <count> [read page size]`: reads `count` events of `$all` and
+/// prints its peak RSS.
 fn m1_child(args: &[String]) -> Res<()> {
     let schema = args.first().ok_or("schema missing")?;
     let count: u64 = args.get(1).ok_or("count missing")?.parse()?;
-    let store = Store::connect(
-        Config::from_env()?
-            .schema(schema)
-            .max_connections(1)
-            .min_idle(0),
-    )?;
+    let mut config = Config::from_env()?
+        .schema(schema)
+        .max_connections(1)
+        .min_idle(0);
+    if let Some(page) = args.get(2) {
+        config = config.read_page_size(page.parse()?);
+    }
+    let store = Store::connect(config)?;
     let mut n = 0u64;
     for e in store.read_all(ReadAll::from_start().max_count(count))? {
         std::hint::black_box(e?);
@@ -1948,8 +1954,12 @@ fn child(args: &[&str]) -> Res<String> {
     Ok(stdout)
 }
 
-fn m1_run(schema: &str, count: usize) -> Res<f64> {
-    let stdout = child(&["--m1-child", schema, &count.to_string()])?;
+fn m1_run(ctx: &Ctx, schema: &str, count: usize) -> Res<f64> {
+    let count = count.to_string();
+    let page = ctx.read_page_size.map(|n| n.to_string());
+    let mut args = vec!["--m1-child", schema, &count];
+    args.extend(page.as_deref());
+    let stdout = child(&args)?;
     let kib: f64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM_KiB "))
@@ -1964,8 +1974,8 @@ fn m1(ctx: &Ctx) -> Res<Outcome> {
     let pair = read_fixture(ctx, "m1", large, 0, false)?;
     let (mut big, mut little) = (Vec::new(), Vec::new());
     for _ in 0..ctx.reps {
-        big.push(m1_run(&pair.ours, large)?);
-        little.push(m1_run(&pair.ours, small)?);
+        big.push(m1_run(ctx, &pair.ours, large)?);
+        little.push(m1_run(ctx, &pair.ours, small)?);
     }
     let (b, l) = (median_f(&big), median_f(&little));
     Ok(Outcome {

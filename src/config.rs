@@ -87,7 +87,7 @@ impl Config {
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
             statement_timeout: None,
-            read_page_size: 1000,
+            read_page_size: 4000,
             read_snapshot_max_age: Duration::from_secs(1),
             poll_interval: Duration::from_secs(1),
             read_all_wait: Duration::from_secs(10),
@@ -348,8 +348,14 @@ impl Config {
         self
     }
 
-    /// How many events a read fetches per round trip. Default 1000. A read holds one page
-    /// in memory at a time.
+    /// How many events a read fetches per round trip. Default 4000. A read that goes past
+    /// its first page holds up to three pages at a time (the one being yielded, one
+    /// handed over, one being fetched): about 1.2 MiB of peak memory per 1,000 events of
+    /// page size with the load generator's events (~210 bytes of data), 11 MiB of peak
+    /// RSS for a whole process reading 1,000,000 events at the default. Larger pages cost
+    /// fewer round trips, in which the server waits for the next fetch: in six alternated
+    /// rounds reading 300,000 events, pages of 4,000 ran at 0.90–1.07 of a lean reader's
+    /// single query, pages of 1,000 at 0.72–0.90.
     pub fn read_page_size(mut self, n: u32) -> Self {
         self.read_page_size = n;
         self
