@@ -2137,6 +2137,12 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
         parts[k].push(stream);
     }
     let parts = Arc::new(parts);
+    // What a lean reader of the store's table sends (see `raw` below).
+    let read_all_sql = format!(
+        "SELECT global_position, event_id, stream_id, stream_version, event_type, data, \
+         metadata, recorded_at FROM {}.events ORDER BY global_position",
+        quote(&pair.ours)
+    );
     let mut runs: HashMap<&str, Vec<f64>> = HashMap::new();
     for rep in 0..ctx.reps {
         let ours = |threads: usize| -> Res<f64> {
@@ -2163,23 +2169,18 @@ fn p2(ctx: &Ctx) -> Res<Outcome> {
             for _ in 0..connections {
                 clients.push(pair.raw_client(ctx)?);
             }
-            let reader = match read {
-                true => Some(pair.raw_client(ctx)?),
+            let barrier = Arc::new(Barrier::new(connections + 1 + usize::from(read)));
+            let reading = match read {
+                true => {
+                    let (mut client, barrier) = (pair.raw_client(ctx)?, barrier.clone());
+                    let sql = read_all_sql.clone();
+                    Some(thread::spawn(move || -> Result<usize, String> {
+                        barrier.wait();
+                        raw_read(&mut client, &sql, &[]).map_err(|e| e.to_string())
+                    }))
+                }
                 false => None,
             };
-            let barrier = Arc::new(Barrier::new(connections + 1 + usize::from(read)));
-            let read_all = format!(
-                "SELECT global_position, event_id, stream_id, stream_version, event_type, data, \
-                 metadata, recorded_at FROM {}.events ORDER BY global_position",
-                quote(&pair.ours)
-            );
-            let reading = reader.map(|mut client| {
-                let barrier = barrier.clone();
-                thread::spawn(move || -> Result<usize, String> {
-                    barrier.wait();
-                    raw_read(&mut client, &read_all, &[]).map_err(|e| e.to_string())
-                })
-            });
             let handles: Vec<_> = clients
                 .into_iter()
                 .enumerate()

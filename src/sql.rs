@@ -742,9 +742,9 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
         //
         // `prev` and `final` come from the CTE `pf` (see `prev_final`), which the
         // statement's own columns for this process's subscribers share.
-        let notify_events = |prefix: &str, events_json: &str| {
+        let notify_events = |events_json: &str| {
             format!(
-                "pg_notify({channel}, {prefix} || COALESCE((
+                "pg_notify({channel}, $8::text || COALESCE((
     SELECT ' ' || {mac} || ' ' || z.j
       FROM {s}.feed_key k, (SELECT json_build_object(
         'prev', pf.prev, 'final', pf.is_final, 'events', {events_json})::text AS j
@@ -821,13 +821,10 @@ SELECT count(*), min(global_position), max(global_position), max(stream_version)
        (SELECT {} WHERE EXISTS (SELECT 1 FROM ins)),
        {local_columns}
   FROM ins",
-            notify_events(
-                "$8::text",
-                &format!(
-                    "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
-                    event_json("x")
-                )
-            )
+            notify_events(&format!(
+                "(SELECT json_agg({} ORDER BY x.global_position) FROM ins x)",
+                event_json("x")
+            ))
         );
         let append_fast_local = format!(
             "{with_payload}, {prev_final}
@@ -888,10 +885,7 @@ SELECT global_position, stream_version, {notify_wake} FROM ins"
         let append_one_notify_events = format!(
             "{one_with_payload}
 SELECT i.global_position, i.stream_version, {}, {local_columns} FROM ins i",
-            notify_events(
-                "$8::text",
-                &format!("json_build_array({})", event_json("i"))
-            )
+            notify_events(&format!("json_build_array({})", event_json("i")))
         );
         let append_one_local = format!(
             "{one_with_payload}

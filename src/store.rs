@@ -609,15 +609,12 @@ impl Store {
         // to watch it; otherwise `$8` asks the functions to take the watcher's lock.
         // Events in the `NOTIFY` need `append_in_notify` (schema version 13), and the
         // role's grants on it and on the key.
+        let in_tx_events = self
+            .inner
+            .in_tx_events
+            .load(std::sync::atomic::Ordering::Relaxed);
         let notify = match self.inner.hub.plan_append_in(input.json_bytes()) {
-            Inline::WithEvents
-                if !self
-                    .inner
-                    .in_tx_events
-                    .load(std::sync::atomic::Ordering::Relaxed) =>
-            {
-                Inline::Wake
-            }
+            Inline::WithEvents if !in_tx_events => Inline::Wake,
             plan => plan,
         };
         // `$8`: for `append_in_notify` the channel; for the other calls, set, a request
@@ -637,9 +634,10 @@ impl Store {
                 (Inline::Wake, false) => &sql.append_in_notify,
                 (Inline::WithEvents, _) => &sql.append_in_notify_events,
             };
-            let first = match any {
-                true => &sql.append_in_first_try,
-                false => &sql.append_in_first,
+            let first = if any {
+                &sql.append_in_first_try
+            } else {
+                &sql.append_in_first
             };
             // The functions' one-event statement, sent without the call: prepared, it
             // costs less than the call (see `StoreTransaction::append`). When it writes
