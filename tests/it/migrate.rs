@@ -278,3 +278,92 @@ fn a_role_that_defaults_to_serializable_gets_read_committed_connections() -> Tes
     ))?;
     result
 }
+
+/// Whatever writes to the events table, an empty stream name and a negative version are
+/// refused by the database itself (the domains of schema version 14).
+#[test]
+fn the_database_refuses_an_empty_stream_name_or_a_negative_version() -> TestResult {
+    let t = TestStore::new("migrate_domains");
+    let mut c = crate::common::client();
+    let insert = |stream: &str, version: i64| {
+        format!(
+            "INSERT INTO \"{}\".events (global_position, event_id, stream_id, stream_version,
+                                       event_type, data)
+             VALUES (1, gen_random_uuid(), '{stream}', {version}, 'E', '{{}}')",
+            t.schema
+        )
+    };
+    for (stream, version, constraint) in [
+        ("", 0, "stream_name_not_empty"),
+        ("s", -1, "stream_version_not_negative"),
+    ] {
+        let err = c.batch_execute(&insert(stream, version)).unwrap_err();
+        let db = err.as_db_error().expect("a database error");
+        assert_eq!(db.code().code(), "23514", "{db}");
+        assert_eq!(db.constraint(), Some(constraint), "{db}");
+    }
+    c.batch_execute(&insert("s", 0))?;
+    assert_eq!(t.count_events(), 1);
+    Ok(())
+}
+
+/// Version 14 turns the table's two `CHECK` constraints into domains' without rewriting
+/// the table or its indexes, keeps every row, and leaves the domains' constraints
+/// validated.
+#[test]
+fn upgrading_to_14_rewrites_nothing_and_keeps_the_rules() -> TestResult {
+    let t = TestStore::new("migrate_to_14");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.append("b", ExpectedVersion::NoStream, &events("E", 2))?;
+    let mut c = crate::common::client();
+    let s = &t.schema;
+    // The events table as version 13 left it.
+    c.batch_execute(&format!(
+        "ALTER TABLE \"{s}\".events ALTER COLUMN stream_id TYPE text,
+             ALTER COLUMN stream_version TYPE bigint,
+             ADD CONSTRAINT events_stream_version_check CHECK (stream_version >= 0),
+             ADD CONSTRAINT events_stream_id_check CHECK (stream_id <> '');
+         DROP DOMAIN \"{s}\".stream_name;
+         DROP DOMAIN \"{s}\".stream_version;
+         DELETE FROM \"{s}\".schema_migrations WHERE version = 14"
+    ))?;
+    let files = |c: &mut postgres::Client| -> Vec<u32> {
+        ["events", "events_stream_version_key", "events_pkey"]
+            .iter()
+            .map(|r| {
+                let q = format!("SELECT pg_relation_filenode('\"{s}\".{r}')::oid");
+                c.query_one(&q, &[]).unwrap().get(0)
+            })
+            .collect()
+    };
+    let before = files(&mut c);
+    let report = t.migrate()?;
+    assert_eq!(report.applied.len(), 1);
+    assert_eq!(files(&mut c), before, "a table or index was rewritten");
+    let checks: Vec<(String, bool)> = c
+        .query(
+            "SELECT conname::text, convalidated FROM pg_constraint
+              WHERE contype = 'c' AND connamespace = $1::text::regnamespace
+              ORDER BY conname",
+            &[&format!("\"{s}\"")],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            ("stream_metadata_is_object".to_string(), true),
+            ("stream_name_not_empty".to_string(), true),
+            ("stream_version_not_negative".to_string(), true),
+        ]
+    );
+    assert_eq!(t.count_events(), 5);
+    let read: Vec<_> = t
+        .read_stream("a", ReadStream::forwards())?
+        .map(|e| e.map(|e| e.version))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(read, [0, 1, 2]);
+    t.append("a", ExpectedVersion::Exact(2), &events("E", 1))?;
+    Ok(())
+}
