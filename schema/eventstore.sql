@@ -1510,8 +1510,8 @@ IF (SELECT atttypid FROM pg_attribute
         CHECK (VALUE <> '') NOT VALID;
     ALTER DOMAIN "eventstore".stream_version ADD CONSTRAINT stream_version_not_negative
         CHECK (VALUE >= 0) NOT VALID;
-    ALTER TABLE "eventstore".events DROP CONSTRAINT events_stream_id_check,
-        DROP CONSTRAINT events_stream_version_check;
+    ALTER TABLE "eventstore".events DROP CONSTRAINT IF EXISTS events_stream_id_check,
+        DROP CONSTRAINT IF EXISTS events_stream_version_check;
     ALTER DOMAIN "eventstore".stream_name VALIDATE CONSTRAINT stream_name_not_empty;
     ALTER DOMAIN "eventstore".stream_version VALIDATE CONSTRAINT stream_version_not_negative;
 END IF;
