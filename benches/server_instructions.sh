@@ -15,6 +15,11 @@
 # computes the next stream version, into a table with the same keys, in a PL/pgSQL
 # function that returns the same 13 columns.
 #
+# Two tables: the calls made from a PL/pgSQL loop, planned once (what each function
+# costs), and the calls as top-level statements with their arguments as literals (what
+# `append_in` costs, which sends its call unprepared: parse, analysis and plan
+# included), next to raw's INSERT prepared once and run with `EXECUTE`.
+#
 # Needs valgrind and the PostgreSQL server binaries (initdb, postgres, pg_ctl: taken
 # from `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin). As root it runs
 # them as the user `postgres`. Nothing outside a temporary directory is touched.
@@ -71,31 +76,71 @@ $body$;
 SQL
 as_pg "$bin/pg_ctl" -D "$work/base" -w stop >/dev/null
 
-# Instructions of a backend that runs 500 warm-up calls of $1 and then $2 more.
+# Instructions of a single-user backend that reads the statements that `$1` prints for
+# `$2` calls (500 warm-up calls first, which are also counted alone and subtracted),
+# divided by `$2`.
 count() {
-  local run="$work/run-$2"
-  rm -rf "$run"
-  as_pg cp -a "$work/base" "$run"
-  local loop='DO $$ DECLARE s text; BEGIN FOR i IN 1..%d LOOP s := '"'"'s-'"'"' || (i %% 1000); PERFORM * FROM %s(s, ARRAY[gen_random_uuid()], ARRAY['"'"'E'"'"'], ARRAY['"'"'{"a":1}'"'"'::jsonb], ARRAY[NULL::jsonb], 0, 0, '"'"'c'"'"'); COMMIT; END LOOP; END $$;\n'
-  {
-    printf "$loop" 500 "$1"
-    [ "$2" -gt 0 ] && printf "$loop" "$2" "$1"
-  } >"$run.sql"
-  as_pg valgrind --tool=callgrind --callgrind-out-file="$run.out" \
-    "$bin/postgres" --single -D "$run" -c fsync=off -c synchronous_commit=off \
-    -c full_page_writes=off postgres <"$run.sql" >"$run.log" 2>&1
-  if grep -q "ERROR" "$run.log"; then
-    grep "ERROR" "$run.log" >&2
-    exit 1
-  fi
-  grep -o "Collected : [0-9]*" "$run.log" | awk '{print $3}'
-  as_pg rm -rf "$run"
+  local run="$work/run"
+  per_call() {
+    rm -rf "$run"
+    as_pg cp -a "$work/base" "$run"
+    "$1" "$2" >"$run.sql"
+    as_pg valgrind --tool=callgrind --callgrind-out-file="$run.out" \
+      "$bin/postgres" --single -D "$run" -c fsync=off -c synchronous_commit=off \
+      -c full_page_writes=off postgres <"$run.sql" >"$run.log" 2>&1
+    if grep -q "ERROR" "$run.log"; then
+      grep "ERROR" "$run.log" >&2
+      exit 1
+    fi
+    grep -o "Collected : [0-9]*" "$run.log" | awk '{print $3}'
+    as_pg rm -rf "$run"
+  }
+  echo $((($(per_call "$1" $((500 + $2))) - $(per_call "$1" 500)) / $2))
 }
 
+# `$1` calls of `$call` from a PL/pgSQL loop, each its own transaction: the call is
+# planned once, so this is what the function itself costs.
+call=
+in_loop() {
+  printf 'DO $$ DECLARE s text; BEGIN FOR i IN 1..%d LOOP s := %s; PERFORM %s; COMMIT; END LOOP; END $$;\n' \
+    "$1" "'s-' || (i % 1000)" "$call"
+}
+
+# `$1` top-level statements `$statement` (with `%d`, the stream's number), each its own
+# transaction: what a client that sends the call unprepared costs the server, parse,
+# analysis and plan included.
+statement=
+top_level() {
+  [ -n "${prepare:-}" ] && echo "$prepare"
+  for i in $(seq 1 "$1"); do printf "$statement\n" $((i % 1000)); done
+}
+
+echo "Inside a PL/pgSQL loop (the call planned once: the function's own work)"
 printf "%-38s %12s %10s\n" function "instr/call" "raw/this"
 raw=0
-for f in raw.append_in eventstore.append_in_events eventstore.append_in_any; do
-  per=$((($(count "$f" "$calls") - $(count "$f" 0)) / calls))
+for f in raw.append_in eventstore.append_in_events eventstore.append_in_any \
+  eventstore.append_in_events_record eventstore.append_in_any_record; do
+  fargs="s, ARRAY[gen_random_uuid()], ARRAY['E'], ARRAY['{\"a\":1}'::jsonb], ARRAY[NULL::jsonb], 0, 0, 'c'"
+  case "$f" in
+    *_record) call="$f($fargs)" ;;
+    *) call="* FROM $f($fargs)" ;;
+  esac
+  per=$(count in_loop "$calls")
   [ "$raw" = 0 ] && raw=$per
+  printf "%-38s %12d %10.3f\n" "$f" "$per" "$(echo "$raw / $per" | bc -l)"
+done
+
+echo
+echo "As top-level statements, the arguments as literals (what append_in sends, parsed"
+echo "and planned at every call; raw as a prepared INSERT that computes the next version)"
+printf "%-38s %12s %10s\n" statement "instr/call" "raw/this"
+prepare="PREPARE raw_insert(uuid, text, text, jsonb, jsonb) AS INSERT INTO raw.events (event_id, stream_id, version, event_type, data, metadata) SELECT \$1, \$2, COALESCE(max(version), -1) + 1, \$3, \$4, \$5 FROM raw.events WHERE stream_id = \$2;"
+statement="EXECUTE raw_insert(gen_random_uuid(), 's-%d', 'E', '{\"a\":1}', NULL);"
+raw=$(count top_level "$calls")
+printf "%-38s %12d %10.3f\n" "EXECUTE raw_insert" "$raw" 1
+prepare=
+for f in "SELECT * FROM eventstore.append_in_any" "SELECT eventstore.append_in_any_record"; do
+  statement="$f('s-%d'::text, ARRAY[gen_random_uuid()], ARRAY['E'], ARRAY['{\"a\":1}'::jsonb], ARRAY[NULL::jsonb], 0, 0::bigint, 'c'::text);"
+  per=$(count top_level "$calls")
   printf "%-38s %12d %10.3f\n" "$f" "$per" "$(echo "$raw / $per" | bc -l)"
 done

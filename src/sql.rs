@@ -120,6 +120,17 @@ pub(crate) const FEED_KEY_READABLE: &str = "SELECT CASE WHEN to_regclass($1) IS 
 pub(crate) const FUNCTION_CALLABLE: &str =
     "SELECT COALESCE(has_function_privilege(to_regprocedure($1), 'EXECUTE'), false)";
 
+/// The signatures of `append_in_events_record` and `append_in_any_record` (schema
+/// version 15), for [`FUNCTION_CALLABLE`].
+pub(crate) fn append_in_record_signatures(schema: &str) -> [String; 2] {
+    ["events", "any"].map(|kind| {
+        format!(
+            "{}.append_in_{kind}_record(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)",
+            quote(schema)
+        )
+    })
+}
+
 /// The signature of `append_in_notify` (schema version 13), for [`FUNCTION_CALLABLE`].
 pub(crate) fn append_in_notify_signature(schema: &str) -> String {
     format!(
@@ -336,6 +347,10 @@ pub(crate) struct Sql {
     /// migrate.rs), for callers' connections.
     pub(crate) append_in: Statement,
     pub(crate) append_in_any: Statement,
+    /// The same through the functions that return one record (schema version 15, see
+    /// `m0015_append_in_record` in migrate.rs): one column, read as an `AppendRow`.
+    pub(crate) append_in_record: Statement,
+    pub(crate) append_in_any_record: Statement,
     /// `append_in` and `append_in_any` for an append that sends its own wake-up (see
     /// `Hub::plan_append_in`), not watched.
     pub(crate) append_in_notify: Statement,
@@ -681,6 +696,8 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
         };
         let append_in_call =
             |function: &str| format!("SELECT * FROM {}", append_in_args(function, "$8::text"));
+        let append_in_record_call =
+            |function: &str| format!("SELECT {}", append_in_args(function, "$8::text"));
         // For `ExpectedVersion::Any`: the head is read after taking the stream's lock,
         // which the transaction holds until it ends, with a snapshot taken after the wait
         // (see `locked_stream_head` in migrate.rs): a concurrent append to the same
@@ -972,6 +989,8 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             append_any,
             append_in: append_in_call("append_in_events"),
             append_in_any: append_in_call("append_in_any"),
+            append_in_record: append_in_record_call("append_in_events_record"),
+            append_in_any_record: append_in_record_call("append_in_any_record"),
             append_in_notify: append_in_notify_call("append_in_events"),
             append_in_any_notify: append_in_notify_call("append_in_any"),
             append_in_notify_events: append_in_call("append_in_notify"),
@@ -1673,8 +1692,9 @@ mod tests {
 
     /// `append_in` runs the append statements through functions whose bodies a
     /// migration froze (see `append_in_function` in migrate.rs). If this fails, a
-    /// statement changed: add a migration that replaces `append_in_events` and
-    /// `append_in_any` with the new text, then update the fingerprints here.
+    /// statement changed: add a migration that replaces `append_in_events`,
+    /// `append_in_any` and their `_record` twins with the new text, then update the
+    /// fingerprints here.
     #[test]
     fn the_append_statements_match_the_functions_that_migrations_created() {
         let sql = Sql::new("eventstore");

@@ -498,12 +498,12 @@ fn wait_for_lock(pid: i32) {
 fn any_inside_a_transaction_waits_for_a_concurrent_append_instead_of_failing() -> TestResult {
     for schema_9 in [false, true] {
         for store_transaction in [false, true] {
-            let t = TestStore::new(&format!(
+            let mut t = TestStore::new(&format!(
                 "append_in_any_race_{}_{store_transaction}",
                 if schema_9 { 9 } else { 10 }
             ));
             if schema_9 {
-                back_to_schema_9(&t)?;
+                back_to_schema_9(&mut t)?;
                 assert_eq!(t.schema_version()?, 9);
             }
             wait_then_append(&t, store_transaction)?;
@@ -512,16 +512,91 @@ fn any_inside_a_transaction_waits_for_a_concurrent_append_instead_of_failing() -
     Ok(())
 }
 
-/// Puts `t`'s `append_in` functions back as schema version 9 made them.
-fn back_to_schema_9(t: &TestStore) -> TestResult {
+/// `append_in` calls the functions that return one record (schema version 15), for the
+/// first write of a transaction and for the full statement after it; a store still at
+/// version 14 (they are missing) calls the functions that return a table. Both give the
+/// same results.
+#[test]
+fn append_in_calls_the_functions_that_return_a_record_and_at_version_14_the_others() -> TestResult {
+    let t = TestStore::new("append_in_record");
+    // Appends in one transaction on a client of its own, and the functions of the schema
+    // that the transaction called (with their calls).
+    let appends = |store: &pg_eventstore::Store,
+                   stream: &str|
+     -> Result<Vec<(String, i64)>, Error> {
+        let mut c = crate::common::client();
+        let mut tx = c.transaction()?;
+        tx.batch_execute("SET LOCAL track_functions = 'pl'")?;
+        let first = store.append_in(&mut tx, stream, ExpectedVersion::NoStream, &events("A", 1))?;
+        let second = store.append_in(&mut tx, stream, ExpectedVersion::Any, &events("B", 2))?;
+        let stored = events("C", 1);
+        let third = store.append_in(&mut tx, stream, ExpectedVersion::Exact(2), &stored)?;
+        let again = store.append_in(&mut tx, stream, ExpectedVersion::Exact(2), &stored)?;
+        assert_eq!((first.first_version, first.last_version), (0, 0));
+        assert_eq!((second.first_version, second.last_version), (1, 2));
+        assert_eq!(second.first_position, first.last_position + 1);
+        assert_eq!(third.last_version, 3);
+        assert!(again.was_duplicate && again.first_position == third.first_position);
+        match store.append_in(&mut tx, stream, ExpectedVersion::Exact(1), &events("D", 1)) {
+            Err(Error::WrongExpectedVersion { actual, .. }) => {
+                assert_eq!(actual, ActualVersion::Exact(3))
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let called = tx
+            .query(
+                "SELECT funcname::text, calls FROM pg_stat_xact_user_functions
+                  WHERE schemaname = $1 ORDER BY funcname",
+                &[&t.schema],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        tx.commit()?;
+        Ok(called)
+    };
+    // In the order of their names: `Any` once, the other four times.
+    let called = |names: [&str; 2]| vec![(names[0].to_string(), 1), (names[1].to_string(), 4)];
+    assert_eq!(
+        appends(&t.store, "s")?,
+        called(["append_in_any_record", "append_in_events_record"])
+    );
+    let args = "(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)";
+    crate::common::client().batch_execute(&format!(
+        "DROP FUNCTION \"{s}\".append_in_events_record{args};
+         DROP FUNCTION \"{s}\".append_in_any_record{args};
+         DELETE FROM \"{s}\".schema_migrations WHERE version = 15",
+        s = t.schema
+    ))?;
+    let at_14 = pg_eventstore::Config::new(&crate::common::database_url())?
+        .schema(&t.schema)
+        .connect()?;
+    assert_eq!(at_14.schema_version()?, 14);
+    assert_eq!(
+        appends(&at_14, "t")?,
+        called(["append_in_any", "append_in_events"])
+    );
+    assert_eq!(versions(&t, "s"), versions(&t, "t"));
+    Ok(())
+}
+
+/// Puts `t`'s `append_in` functions back as schema version 9 made them, without those
+/// of version 15, and connects `t` again (a store reads the version as it connects).
+fn back_to_schema_9(t: &mut TestStore) -> TestResult {
     let script = pg_eventstore::migration_sql(&t.schema, "schema_migrations")?;
     let start = script.find("\n-- 0009 ").expect("step 9 in the script");
     let end = script.find("\n-- 0010 ").expect("step 10 in the script");
+    let args = "(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)";
     crate::common::client().batch_execute(&format!(
-        "DELETE FROM \"{}\".schema_migrations WHERE version >= 9; {}",
-        t.schema,
-        &script[start..end]
+        "DELETE FROM \"{s}\".schema_migrations WHERE version >= 9; {}
+         DROP FUNCTION \"{s}\".append_in_events_record{args};
+         DROP FUNCTION \"{s}\".append_in_any_record{args};",
+        &script[start..end],
+        s = t.schema,
     ))?;
+    t.store = pg_eventstore::Config::new(&crate::common::database_url())?
+        .schema(&t.schema)
+        .connect()?;
     // Version 9's `append_in_any` takes the stream's lock inside its statement.
     let source: String = crate::common::client()
         .query_one(
@@ -776,8 +851,8 @@ fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
     assert_eq!(stored("acc"), vec![0, 1, 2]);
     assert_eq!(stored("other"), vec![0]);
     let names = [
-        prepared(&mut conn, "append_in_events"),
-        prepared(&mut conn, "append_in_any"),
+        prepared(&mut conn, "append_in_events_record"),
+        prepared(&mut conn, "append_in_any_record"),
     ];
     assert!(names.iter().all(|n| n.len() == 1), "{names:?}");
 
@@ -807,8 +882,8 @@ fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
     tx.commit()?;
     assert_eq!(stored("acc"), vec![0, 1, 2, 3]);
     let again = [
-        prepared(&mut conn, "append_in_events"),
-        prepared(&mut conn, "append_in_any"),
+        prepared(&mut conn, "append_in_events_record"),
+        prepared(&mut conn, "append_in_any_record"),
     ];
     assert_eq!(again, names, "prepared again");
     Ok(())

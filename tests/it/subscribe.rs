@@ -1286,7 +1286,7 @@ fn a_store_at_version_11_notifies_without_events_and_subscribers_elsewhere_read(
 }
 
 /// Dropped at the end, even when an assertion fails: roles belong to the cluster.
-struct DropRole(String);
+pub(crate) struct DropRole(pub(crate) String);
 
 impl Drop for DropRole {
     fn drop(&mut self) {
