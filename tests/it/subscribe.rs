@@ -1351,6 +1351,42 @@ fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
     Ok(())
 }
 
+/// A role that may not execute the `append_in` functions of schema version 15 (an
+/// operator revoked them from everyone) appends in its transactions through those of
+/// version 14, which it may execute.
+#[test]
+fn a_role_that_may_not_call_the_record_functions_appends_through_the_others() -> TestResult {
+    let t = TestStore::new("append_in_no_record");
+    let (_role, writer) = store_as_role(
+        &t,
+        "pges_no_record",
+        "REVOKE EXECUTE ON FUNCTION \"{s}\".append_in_events_record(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text),
+             \"{s}\".append_in_any_record(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+         FROM PUBLIC;
+         ALTER ROLE {role} SET track_functions = 'pl';",
+    )?;
+    let mut conn = writer.pool().get()?;
+    let mut tx = conn.transaction()?;
+    let first = writer.append_in(&mut tx, "s", ExpectedVersion::NoStream, &events("A", 1))?;
+    let second = writer.append_in(&mut tx, "s", ExpectedVersion::Any, &events("B", 2))?;
+    assert_eq!((first.last_version, second.last_version), (0, 2));
+    let called: Vec<String> = tx
+        .query(
+            "SELECT funcname::text FROM pg_stat_xact_user_functions
+              WHERE schemaname = $1 ORDER BY funcname",
+            &[&t.schema],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.commit()?;
+    assert_eq!(called, ["append_in_any", "append_in_events"]);
+    drop(conn);
+    // The role's sessions end before the role goes.
+    drop(writer);
+    Ok(())
+}
+
 /// A role that may not call `append_in_notify` (an operator revoked it from everyone)
 /// still appends in its transactions while another process listens: they leave the
 /// wake-up to the commit watcher, or send it alone.
