@@ -7,7 +7,7 @@ use postgres::error::SqlState;
 use postgres::GenericClient;
 
 use crate::error::{Error, Result};
-use crate::sql::{check_identifier, quote, LIFECYCLE_SETTING};
+use crate::sql::{check_identifier, quote, APPEND_IN_ARGS, LIFECYCLE_SETTING};
 
 /// The newest schema version this library knows.
 pub const SCHEMA_VERSION: i64 = 15;
@@ -344,7 +344,7 @@ fn m0013_append_in_notify(schema: &str) -> String {
         )
     };
     m.inject_custom(format!(
-        r#"CREATE OR REPLACE FUNCTION {s}.append_in_notify(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+        r#"CREATE OR REPLACE FUNCTION {s}.append_in_notify{APPEND_IN_ARGS}
 {APPEND_IN_RETURNS}
 LANGUAGE plpgsql VOLATILE AS $body$
 DECLARE
@@ -766,7 +766,7 @@ fn append_in_function(
         Returns::Record => ("RETURNS record", "DECLARE\n    result record;\n"),
     };
     format!(
-        r#"CREATE OR REPLACE FUNCTION {s}.{name}(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)
+        r#"CREATE OR REPLACE FUNCTION {s}.{name}{APPEND_IN_ARGS}
 {signature}
 LANGUAGE plpgsql VOLATILE AS $body$
 #variable_conflict use_column
@@ -880,9 +880,9 @@ END $m$"
 /// costs more there than a function in the select list that fills one record: 546,038
 /// against 418,329 server instructions per one-event call (`benches/server_instructions.sh`:
 /// callgrind, top-level statements in a single-user backend), and 317,047 against
-/// 291,189 for the functions' own work, called from a loop that plans the call once. The functions of version 14 stay, for processes still running an
-/// older version of this library. The new ones get the same `EXECUTE` grants as the
-/// functions they copy.
+/// 291,189 for the functions' own work, called from a loop that plans the call once.
+/// The functions of version 14 stay, for processes still running an older version of
+/// this library. The new ones get the same `EXECUTE` grants as the functions they copy.
 fn m0015_append_in_record(schema: &str) -> String {
     let mut m = Migration::new().schema(schema);
     append_in_functions(
@@ -893,7 +893,7 @@ fn m0015_append_in_record(schema: &str) -> String {
         Returns::Record,
     );
     let s = quote(schema);
-    let args = "(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)";
+    let args = APPEND_IN_ARGS;
     // A function is created executable by PUBLIC unless default privileges say
     // otherwise; an operator who revoked that from the old functions granted them to
     // some roles instead.

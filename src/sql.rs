@@ -115,28 +115,21 @@ pub(crate) fn feed_key_table(schema: &str) -> String {
 pub(crate) const FEED_KEY_READABLE: &str = "SELECT CASE WHEN to_regclass($1) IS NULL THEN false
             ELSE has_table_privilege($1, 'SELECT') END";
 
-/// Whether the function `$1` (a signature, as `regprocedure` reads it) exists and this
-/// role may execute it.
+/// Whether every function of `$1` (signatures, as `regprocedure` reads them) exists and
+/// this role may execute it.
 pub(crate) const FUNCTION_CALLABLE: &str =
-    "SELECT COALESCE(has_function_privilege(to_regprocedure($1), 'EXECUTE'), false)";
+    "SELECT COALESCE(bool_and(COALESCE(has_function_privilege(to_regprocedure(f), 'EXECUTE'),
+                                      false)), false)
+       FROM unnest($1::text[]) f";
 
-/// The signatures of `append_in_events_record` and `append_in_any_record` (schema
-/// version 15), for [`FUNCTION_CALLABLE`].
-pub(crate) fn append_in_record_signatures(schema: &str) -> [String; 2] {
-    ["events", "any"].map(|kind| {
-        format!(
-            "{}.append_in_{kind}_record(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)",
-            quote(schema)
-        )
-    })
-}
+/// The argument types of the `append_in` functions.
+pub(crate) const APPEND_IN_ARGS: &str =
+    "(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)";
 
-/// The signature of `append_in_notify` (schema version 13), for [`FUNCTION_CALLABLE`].
-pub(crate) fn append_in_notify_signature(schema: &str) -> String {
-    format!(
-        "{}.append_in_notify(text, uuid[], text[], jsonb[], jsonb[], integer, bigint, text)",
-        quote(schema)
-    )
+/// The signature of the `append_in` function `name` of `schema`, for
+/// [`FUNCTION_CALLABLE`].
+pub(crate) fn append_in_signature(schema: &str, name: &str) -> String {
+    format!("{}.{name}{APPEND_IN_ARGS}", quote(schema))
 }
 
 /// The keys themselves.

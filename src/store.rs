@@ -208,24 +208,18 @@ impl Store {
                     .get::<_, bool>(0);
             // The same for `append_in`, whose events go through a function of version
             // 13 that an operator may not have granted to this role.
-            let callable = readable
+            let in_tx_events = readable
                 && version >= migrate::APPEND_IN_NOTIFY_VERSION
-                && client
-                    .query_one(
-                        crate::sql::FUNCTION_CALLABLE,
-                        &[&crate::sql::append_in_notify_signature(&config.schema)],
-                    )?
-                    .get::<_, bool>(0);
+                && callable(&mut client, &config.schema, &["append_in_notify"])?;
             // The functions that return one record (version 15), unless an operator
             // kept them from this role.
-            let mut record_calls = version >= migrate::APPEND_IN_RECORD_VERSION;
-            for function in crate::sql::append_in_record_signatures(&config.schema) {
-                record_calls = record_calls
-                    && client
-                        .query_one(crate::sql::FUNCTION_CALLABLE, &[&function])?
-                        .get::<_, bool>(0);
-            }
-            (version, readable, callable, record_calls)
+            let record_calls = version >= migrate::APPEND_IN_RECORD_VERSION
+                && callable(
+                    &mut client,
+                    &config.schema,
+                    &["append_in_events_record", "append_in_any_record"],
+                )?;
+            (version, readable, in_tx_events, record_calls)
         };
         if version > SCHEMA_VERSION {
             return Err(Error::SchemaTooNew {
@@ -418,7 +412,7 @@ impl Store {
             attempt += 1;
             match conn.query_one(&statement, &input.params()) {
                 Ok(row) => {
-                    let row = AppendRow::from_columns(&row).map_err(|e| self.map_error(e))?;
+                    let row = AppendRow::from_row(&row).map_err(|e| self.map_error(e))?;
                     let result = input.outcome(&row)?;
                     // Also for a repeat: when it repeats an attempt whose reply was
                     // lost, nobody has been woken for those events yet.
@@ -681,23 +675,15 @@ impl Store {
             // (Not for an append that sends its own wake-up: the call sends it.)
             let first = (prepared && input.ids.len() == 1 && watched).then_some(first);
             let mut rows = Vec::new();
-            let mut by = call;
             for statement in first.into_iter().chain([call]) {
                 rows = run(statement, &params).map_err(|e| self.append_in_error(&input, e))?;
-                by = statement;
                 if !rows.is_empty() {
                     break;
                 }
             }
-            let row = rows.first().expect("the append returns one row");
-            let row = if std::ptr::eq(by, &sql.append_in_record)
-                || std::ptr::eq(by, &sql.append_in_any_record)
-            {
-                row.try_get(0)
-            } else {
-                AppendRow::from_columns(row)
-            };
-            input.outcome(&row.map_err(|e| self.map_error(e))?)
+            let row = AppendRow::from_row(rows.first().expect("the append returns one row"))
+                .map_err(|e| self.map_error(e))?;
+            input.outcome(&row)
         })?;
         if !result.was_duplicate && watched {
             // Subscribers hear of these events once the caller's transaction commits.
@@ -1334,6 +1320,18 @@ impl<'a> AppendInput<'a> {
     }
 }
 
+/// Whether the `append_in` functions `names` of `schema` all exist and this role may
+/// execute them (one round trip).
+fn callable(client: &mut postgres::Client, schema: &str, names: &[&str]) -> Result<bool> {
+    let signatures: Vec<String> = names
+        .iter()
+        .map(|name| crate::sql::append_in_signature(schema, name))
+        .collect();
+    Ok(client
+        .query_one(crate::sql::FUNCTION_CALLABLE, &[&signatures])?
+        .get(0))
+}
+
 /// An append statement's one row, as `AppendInput::outcome` reads it: from the columns
 /// of the statements and of the functions that return a table (`col`), or from the
 /// one `record` of the functions of schema version 15 (see `m0015_append_in_record`).
@@ -1356,34 +1354,76 @@ struct AppendRow {
 }
 
 impl AppendRow {
-    /// From the row of a statement that returns the columns of `col`.
-    fn from_columns(row: &Row) -> std::result::Result<AppendRow, postgres::Error> {
+    /// From an append statement's row: its columns (those of `col`), or the one record
+    /// of the functions of schema version 15.
+    fn from_row(row: &Row) -> std::result::Result<AppendRow, postgres::Error> {
+        match row.columns() {
+            [only] if *only.type_() == Type::RECORD => row.try_get(0),
+            _ => AppendRow::read(row),
+        }
+    }
+
+    /// From `values`, in the order of `col`.
+    fn read<V: Values>(values: &V) -> std::result::Result<AppendRow, V::Error> {
         Ok(AppendRow {
-            inserted: row.try_get(col::INSERTED)?,
-            first_position: row
-                .try_get::<_, Option<i64>>(col::FIRST_POSITION)?
-                .unwrap_or(0),
-            last_position: row
-                .try_get::<_, Option<i64>>(col::LAST_POSITION)?
-                .unwrap_or(0),
-            head: row.try_get(col::HEAD)?,
-            tx_events: row.try_get(col::TX_EVENTS)?,
-            dup_streams: row.try_get(col::DUP_STREAMS)?,
-            dup_versions: row
-                .try_get::<_, Option<_>>(col::DUP_VERSIONS)?
+            inserted: values.get(col::INSERTED)?,
+            first_position: values.get::<Option<i64>>(col::FIRST_POSITION)?.unwrap_or(0),
+            last_position: values.get::<Option<i64>>(col::LAST_POSITION)?.unwrap_or(0),
+            head: values.get(col::HEAD)?,
+            tx_events: values.get(col::TX_EVENTS)?,
+            dup_streams: values.get(col::DUP_STREAMS)?,
+            dup_versions: values
+                .get::<Option<_>>(col::DUP_VERSIONS)?
                 .unwrap_or_default(),
-            dup_positions: row
-                .try_get::<_, Option<_>>(col::DUP_POSITIONS)?
+            dup_positions: values
+                .get::<Option<_>>(col::DUP_POSITIONS)?
                 .unwrap_or_default(),
-            dup_index: row
-                .try_get::<_, Option<_>>(col::DUP_INDEX)?
-                .unwrap_or_default(),
-            dup_same: row
-                .try_get::<_, Option<bool>>(col::DUP_SAME)?
-                .unwrap_or(false),
-            order_conflict: row.try_get(col::ORDER_CONFLICT)?,
-            behind_floor: row.try_get(col::BEHIND_FLOOR)?,
+            dup_index: values.get::<Option<_>>(col::DUP_INDEX)?.unwrap_or_default(),
+            dup_same: values.get::<Option<bool>>(col::DUP_SAME)?.unwrap_or(false),
+            order_conflict: values.get(col::ORDER_CONFLICT)?,
+            behind_floor: values.get(col::BEHIND_FLOOR)?,
         })
+    }
+}
+
+/// Where an `AppendRow`'s values come from: a row's columns, or a record's fields.
+trait Values {
+    type Error;
+    fn get<T: postgres::types::FromSqlOwned>(
+        &self,
+        index: usize,
+    ) -> std::result::Result<T, Self::Error>;
+}
+
+impl Values for Row {
+    type Error = postgres::Error;
+    fn get<T: postgres::types::FromSqlOwned>(
+        &self,
+        index: usize,
+    ) -> std::result::Result<T, postgres::Error> {
+        self.try_get(index)
+    }
+}
+
+type DecodeError = Box<dyn std::error::Error + Sync + Send>;
+
+/// The fields of a record: each one's type and bytes (`None` for NULL).
+struct RecordFields<'a>(Vec<(Type, Option<&'a [u8]>)>);
+
+impl Values for RecordFields<'_> {
+    type Error = DecodeError;
+    fn get<T: postgres::types::FromSqlOwned>(
+        &self,
+        index: usize,
+    ) -> std::result::Result<T, DecodeError> {
+        let (ty, value) = self
+            .0
+            .get(index)
+            .ok_or_else(|| format!("an append's record has no field {index}"))?;
+        if !T::accepts(ty) {
+            return Err(format!("an append's record has a field of type {ty}").into());
+        }
+        T::from_sql_nullable(ty, *value)
     }
 }
 
@@ -1392,13 +1432,8 @@ impl AppendRow {
 /// OID, its length (-1 for NULL) and its bytes. The fields are those of `col`, with the
 /// watcher's count last, not read.
 impl<'a> postgres::types::FromSql<'a> for AppendRow {
-    fn from_sql(
-        _: &Type,
-        raw: &'a [u8],
-    ) -> std::result::Result<AppendRow, Box<dyn std::error::Error + Sync + Send>> {
-        use postgres::types::FromSql;
-        type Failure = Box<dyn std::error::Error + Sync + Send>;
-        fn take<'a>(raw: &mut &'a [u8], n: usize) -> std::result::Result<&'a [u8], Failure> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> std::result::Result<AppendRow, DecodeError> {
+        fn take<'a>(raw: &mut &'a [u8], n: usize) -> std::result::Result<&'a [u8], DecodeError> {
             if raw.len() < n {
                 return Err("an append's record ends early".into());
             }
@@ -1406,7 +1441,7 @@ impl<'a> postgres::types::FromSql<'a> for AppendRow {
             *raw = rest;
             Ok(head)
         }
-        fn int(raw: &mut &[u8]) -> std::result::Result<i32, Failure> {
+        fn int(raw: &mut &[u8]) -> std::result::Result<i32, DecodeError> {
             Ok(i32::from_be_bytes(take(raw, 4)?.try_into()?))
         }
         let mut raw = raw;
@@ -1426,28 +1461,7 @@ impl<'a> postgres::types::FromSql<'a> for AppendRow {
             };
             fields.push((ty, value));
         }
-        fn field<'a, T: FromSql<'a>>(
-            (ty, value): &(Type, Option<&'a [u8]>),
-        ) -> std::result::Result<T, Failure> {
-            if !T::accepts(ty) {
-                return Err(format!("an append's record has a field of type {ty}").into());
-            }
-            T::from_sql_nullable(ty, *value)
-        }
-        Ok(AppendRow {
-            inserted: field(&fields[col::INSERTED])?,
-            first_position: field::<Option<i64>>(&fields[col::FIRST_POSITION])?.unwrap_or(0),
-            last_position: field::<Option<i64>>(&fields[col::LAST_POSITION])?.unwrap_or(0),
-            head: field(&fields[col::HEAD])?,
-            tx_events: field(&fields[col::TX_EVENTS])?,
-            dup_streams: field(&fields[col::DUP_STREAMS])?,
-            dup_versions: field::<Option<_>>(&fields[col::DUP_VERSIONS])?.unwrap_or_default(),
-            dup_positions: field::<Option<_>>(&fields[col::DUP_POSITIONS])?.unwrap_or_default(),
-            dup_index: field::<Option<_>>(&fields[col::DUP_INDEX])?.unwrap_or_default(),
-            dup_same: field::<Option<bool>>(&fields[col::DUP_SAME])?.unwrap_or(false),
-            order_conflict: field(&fields[col::ORDER_CONFLICT])?,
-            behind_floor: field(&fields[col::BEHIND_FLOOR])?,
-        })
+        AppendRow::read(&RecordFields(fields))
     }
 
     fn accepts(ty: &Type) -> bool {
