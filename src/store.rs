@@ -446,18 +446,29 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed);
         // Events in the `NOTIFY` need the key of schema version 12. The statements that
         // return the local columns have them after a fifth (`_fast`) or third (`_one`)
-        // column, which is the `NOTIFY` or NULL.
-        let (one, many, local) = match plan.notify {
-            Inline::WithEvents if events_in_notify => (
+        // column, which is the `NOTIFY` or NULL. One event with an exact expected version
+        // takes the `_exact` forms of `append_one` (see `one_event` in sql.rs).
+        let ones = match input.expected {
+            ExpectedVersion::Exact(_) => [
+                &sql.append_one_exact,
+                &sql.append_one_exact_notify,
+                &sql.append_one_exact_notify_events,
+                &sql.append_one_exact_local,
+            ],
+            _ => [
+                &sql.append_one,
+                &sql.append_one_notify,
                 &sql.append_one_notify_events,
-                &sql.append_fast_notify_events,
-                true,
-            ),
-            Inline::WithEvents | Inline::Wake => {
-                (&sql.append_one_notify, &sql.append_fast_notify, false)
+                &sql.append_one_local,
+            ],
+        };
+        let (one, many, local) = match plan.notify {
+            Inline::WithEvents if events_in_notify => {
+                (ones[2], &sql.append_fast_notify_events, true)
             }
-            Inline::No if plan.local => (&sql.append_one_local, &sql.append_fast_local, true),
-            Inline::No => (&sql.append_one, &sql.append_fast, false),
+            Inline::WithEvents | Inline::Wake => (ones[1], &sql.append_fast_notify, false),
+            Inline::No if plan.local => (ones[3], &sql.append_fast_local, true),
+            Inline::No => (ones[0], &sql.append_fast, false),
         };
         let lost = |e: postgres::Error| match unique_violation(&e) {
             Some(_) => Ok(None),

@@ -549,11 +549,42 @@ fn a_pool_append_after_a_quiet_moment_notifies_in_its_own_commit() -> TestResult
     spy.batch_execute(&format!("LISTEN {channel}"))?;
     let deadline = Instant::now() + WAIT;
     let mut from = Vec::new();
-    // One event and three: the two statements that can carry the NOTIFY.
-    for (round, n) in [1, 3].into_iter().enumerate() {
+    // One event and three: the two statements that can carry the NOTIFY. Then one
+    // event with an exact expected version, which has statements of its own: small, so
+    // that the NOTIFY carries it, and too large for that, so that it carries a wake-up.
+    let large = "y".repeat(10_000);
+    let rounds = [
+        (1, false, ""),
+        (3, false, ""),
+        (1, true, ""),
+        (1, true, &large),
+    ];
+    for (round, (n, exact, blob)) in rounds.into_iter().enumerate() {
         from.clear();
+        let stream = format!("s{round}");
+        let batch = || -> Vec<EventData> {
+            (0..n)
+                .map(|_| EventData::json("E", serde_json::json!({ "blob": blob })))
+                .collect()
+        };
+        // The stream's head for the exact rounds, created first, its NOTIFY drained.
+        let mut head = 0;
+        if exact {
+            head = t
+                .append(&stream, ExpectedVersion::NoStream, &batch())?
+                .last_version;
+            let drained: Vec<_> = spy
+                .notifications()
+                .timeout_iter(Duration::from_millis(100))
+                .collect()?;
+            drop(drained);
+        }
         loop {
-            t.append(&format!("s{round}"), ExpectedVersion::Any, &events("E", n))?;
+            let expected = match exact {
+                true => ExpectedVersion::Exact(head),
+                false => ExpectedVersion::Any,
+            };
+            head = t.append(&stream, expected, &batch())?.last_version;
             let senders: Vec<i32> = spy
                 .notifications()
                 .timeout_iter(Duration::from_millis(100))
@@ -577,7 +608,7 @@ fn a_pool_append_after_a_quiet_moment_notifies_in_its_own_commit() -> TestResult
             }
             assert!(
                 Instant::now() < deadline,
-                "no append of {n} sent its own NOTIFY; senders ran: {from:?}"
+                "no append of {n} (round {round}) sent its own NOTIFY; senders ran: {from:?}"
             );
         }
     }
