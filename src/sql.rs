@@ -880,9 +880,10 @@ SELECT r.c, r.lo, r.hi, (SELECT v FROM head), cardinality($2)::bigint,
         // they insert nothing or fail on a unique key, and the full statement decides.
         // Each gives `append_one`, `_notify`, `_notify_events` and `_local`.
         let one_event = |exact: bool| {
-            let (with_head, from, check, version) = if exact {
+            // `head_cte`: the CTE that reads the head, for the first form.
+            let (head_cte, from, check, version) = if exact {
                 (
-                    String::new(),
+                    None,
                     format!(
                         "(SELECT e.stream_version AS v, e.event_type AS t FROM {events} e
           WHERE e.stream_id = $1 ORDER BY e.stream_version DESC LIMIT 1) h"
@@ -895,7 +896,7 @@ SELECT r.c, r.lo, r.hi, (SELECT v FROM head), cardinality($2)::bigint,
                 )
             } else {
                 (
-                    format!("head AS (\n    {head}\n)"),
+                    Some(format!("head AS (\n    {head}\n)")),
                     "head h".to_string(),
                     expected.clone(),
                     "COALESCE(h.v, -1) + 1",
@@ -910,13 +911,13 @@ SELECT pg_current_xact_id()::text::bigint << {bits}, $2::uuid, $1, {version},
 RETURNING global_position, stream_version"
             );
             // `WITH` and the CTEs of a statement built on `one_insert`, `head` first.
-            let with = |ctes: &str| match with_head.is_empty() {
-                true => format!("WITH {ctes}"),
-                false => format!("WITH {with_head}, {ctes}"),
+            let with = |ctes: &str| match &head_cte {
+                Some(head) => format!("WITH {head}, {ctes}"),
+                None => format!("WITH {ctes}"),
             };
-            let one = match with_head.is_empty() {
-                true => one_insert.clone(),
-                false => format!("WITH {with_head}\n{one_insert}"),
+            let one = match &head_cte {
+                Some(head) => format!("WITH {head}\n{one_insert}"),
+                None => one_insert.clone(),
             };
             let notify = format!(
                 "{}

@@ -448,7 +448,7 @@ impl Store {
         // return the local columns have them after a fifth (`_fast`) or third (`_one`)
         // column, which is the `NOTIFY` or NULL. One event with an exact expected version
         // takes the `_exact` forms of `append_one` (see `one_event` in sql.rs).
-        let ones = match input.expected {
+        let [one, one_notify, one_notify_events, one_local] = match input.expected {
             ExpectedVersion::Exact(_) => [
                 &sql.append_one_exact,
                 &sql.append_one_exact_notify,
@@ -464,11 +464,11 @@ impl Store {
         };
         let (one, many, local) = match plan.notify {
             Inline::WithEvents if events_in_notify => {
-                (ones[2], &sql.append_fast_notify_events, true)
+                (one_notify_events, &sql.append_fast_notify_events, true)
             }
-            Inline::WithEvents | Inline::Wake => (ones[1], &sql.append_fast_notify, false),
-            Inline::No if plan.local => (ones[3], &sql.append_fast_local, true),
-            Inline::No => (ones[0], &sql.append_fast, false),
+            Inline::WithEvents | Inline::Wake => (one_notify, &sql.append_fast_notify, false),
+            Inline::No if plan.local => (one_local, &sql.append_fast_local, true),
+            Inline::No => (one, &sql.append_fast, false),
         };
         let lost = |e: postgres::Error| match unique_violation(&e) {
             Some(_) => Ok(None),
