@@ -22,6 +22,9 @@
 //! * `--store-transaction`: the A workloads append through `Store::connection` and
 //!   `StoreTransaction::append` (the statement prepared once per connection) instead of
 //!   `append_in` on a plain client (parsed on every call). The raw side is unchanged.
+//! * `--prepared-appends`: the A workloads append on their plain clients through
+//!   `Store::prepared_appends` (the statements prepared once on each writer's connection)
+//!   instead of `append_in`. The raw side is unchanged.
 //!
 //! The database comes from `DATABASE_URL` (or `DB_HOST`, ...; see `Config::from_env`).
 //! Every schema the run creates is named `loadgen_<pid>_...` and dropped at the end.
@@ -236,6 +239,7 @@ struct Ctx {
     run: String,
     subscriber: bool,
     store_transaction: bool,
+    prepared_appends: bool,
     /// `--read-page-size`, for the children that open stores of their own.
     read_page_size: Option<u32>,
 }
@@ -305,7 +309,7 @@ fn main() {
 }
 
 fn usage() -> String {
-    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F] [--read-page-size N] [--no-notify] [--subscriber] [--store-transaction]".into()
+    "usage: loadgen [--quick] [--reps N] [--only W1,W4] [--scale F] [--read-page-size N] [--no-notify] [--subscriber] [--store-transaction] [--prepared-appends]".into()
 }
 
 fn run(args: &[String]) -> Res<()> {
@@ -317,6 +321,7 @@ fn run(args: &[String]) -> Res<()> {
     let mut notify = true;
     let mut subscriber = false;
     let mut store_transaction = false;
+    let mut prepared_appends = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || {
@@ -339,6 +344,7 @@ fn run(args: &[String]) -> Res<()> {
             "--no-notify" => notify = false,
             "--subscriber" => subscriber = true,
             "--store-transaction" => store_transaction = true,
+            "--prepared-appends" => prepared_appends = true,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -367,6 +373,7 @@ fn run(args: &[String]) -> Res<()> {
         run: format!("loadgen_{}", std::process::id()),
         subscriber,
         store_transaction,
+        prepared_appends,
         read_page_size: page,
     };
     eprintln!("loadgen: schemas {}_*", ctx.run);
@@ -823,6 +830,7 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                             return Ok(());
                         }
                         let insert = client.prepare(insert)?;
+                        let mut prepared = ctx.prepared_appends.then(|| store.prepared_appends());
                         barrier.wait();
                         for (k, plan) in plans.iter().enumerate() {
                             loop {
@@ -846,12 +854,17 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                                     }
                                 } else {
                                     let event = std::slice::from_ref(&events[k]);
-                                    let r = store.append_in(
-                                        &mut tx,
-                                        stream,
-                                        ExpectedVersion::Any,
-                                        event,
-                                    );
+                                    let r = match &mut prepared {
+                                        Some(p) => {
+                                            p.append(&mut tx, stream, ExpectedVersion::Any, event)
+                                        }
+                                        None => store.append_in(
+                                            &mut tx,
+                                            stream,
+                                            ExpectedVersion::Any,
+                                            event,
+                                        ),
+                                    };
                                     if !appended(r, retried, conflicts)? {
                                         continue;
                                     }
@@ -877,6 +890,7 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
     outcome.extra.extend([
         ("writers", json!(writers)),
         ("store_transaction", json!(ctx.store_transaction)),
+        ("prepared_appends", json!(ctx.prepared_appends)),
         ("hold_max_ms", json!(hold_max.as_millis() as u64)),
         // Over all reps of each side.
         (

@@ -190,6 +190,16 @@ pub enum Error {
         /// answer to the startup message (or the TLS handshake or authentication).
         connected: bool,
     },
+    /// [`PreparedAppends::append`](crate::PreparedAppends::append) was given a
+    /// connection that does not have its prepared statements: they were prepared on
+    /// another connection, or the server has dropped them (`DISCARD ALL`, a pooler in
+    /// transaction mode). Nothing was written, and the caller's transaction is aborted
+    /// (roll it back). The next call prepares the statements again on the connection it
+    /// is given.
+    NotPreparedHere {
+        /// The server's error (SQLSTATE 26000, `invalid_sql_statement_name`).
+        source: postgres::Error,
+    },
     /// A PostgreSQL error: from the server (with SQLSTATE) or from the connection.
     Postgres(postgres::Error),
     /// Data could not be turned into JSON, or a snapshot's state out of it (a stored
@@ -216,7 +226,9 @@ impl Error {
     /// The SQLSTATE code when the server reported the error.
     pub fn code(&self) -> Option<&postgres::error::SqlState> {
         match self {
-            Error::Postgres(e) | Error::Connect { source: e, .. } => e.code(),
+            Error::Postgres(e)
+            | Error::Connect { source: e, .. }
+            | Error::NotPreparedHere { source: e } => e.code(),
             _ => None,
         }
     }
@@ -369,6 +381,10 @@ impl fmt::Display for Error {
                 f,
                 "connecting to {target}: no TCP connection within {timeout:?}"
             ),
+            Error::NotPreparedHere { .. } => f.write_str(
+                "the append statements are not prepared on this connection (they were \
+                 prepared on another one, or the server dropped them); nothing was written",
+            ),
             Error::Postgres(e) => match e.as_db_error() {
                 // This level is the SQLSTATE (and constraint); the server's message,
                 // detail and hint are the source's.
@@ -402,7 +418,7 @@ impl StdError for Error {
         match self {
             // `Display` stood in for the `postgres::Error` level: go on below it.
             Error::Postgres(e) => StdError::source(e),
-            Error::Connect { source, .. } => Some(source),
+            Error::Connect { source, .. } | Error::NotPreparedHere { source } => Some(source),
             Error::Json(e) => Some(e),
             Error::Decode { source, .. } => Some(source),
             Error::Handler { source, .. } => Some(source.as_ref()),

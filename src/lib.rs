@@ -483,7 +483,7 @@ pub use crate::sql::MAX_EVENTS_PER_TRANSACTION;
 pub use crate::stats::{CategoryStats, Stats};
 pub use crate::store::{Snapshot, Store};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStopper};
-pub use crate::transaction::{StoreConnection, StoreTransaction};
+pub use crate::transaction::{PreparedAppends, StoreConnection, StoreTransaction};
 pub use crate::version::{ActualVersion, ExpectedVersion};
 pub use crate::worker::{
     HandlerError, IfLocked, OnFailure, ReplaySummary, Worker, WorkerHandle, WorkerStopper,

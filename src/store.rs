@@ -139,6 +139,11 @@ impl Statements {
         Ok(prepared)
     }
 
+    /// How many statements are prepared.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The cached `statement`, counting this use; `None` when it is not prepared yet or
     /// is due to be prepared again.
     fn cached(&mut self, statement: &crate::sql::Statement) -> Option<Statement> {

@@ -889,6 +889,128 @@ fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
     Ok(())
 }
 
+/// `Store::prepared_appends`: `append_in` on a connection of the caller's, with the
+/// statements prepared there once and kept; given another connection (or one that has
+/// dropped them), the append fails with `Error::NotPreparedHere`, writes nothing, and
+/// the next call prepares the statements on the connection it is given.
+#[test]
+fn prepared_appends_prepare_once_on_your_connection_and_refuse_another() -> TestResult {
+    let t = TestStore::new("append_prepared");
+    let outbox = format!("\"{}\".outbox", t.schema);
+    let mut a = crate::common::client();
+    a.batch_execute(&format!("CREATE TABLE {outbox} (id serial, note text)"))?;
+    let insert = format!("INSERT INTO {outbox} (note) VALUES ($1)");
+    // The names of the statements prepared on `c` that call the two functions.
+    let prepared = |c: &mut postgres::Client| -> [Vec<String>; 2] {
+        ["append_in_events_record", "append_in_any_record"].map(|function| {
+            c.query(
+                "SELECT name FROM pg_prepared_statements WHERE statement LIKE $1",
+                &[&format!("%\"{}\".{function}(%", t.schema)],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        })
+    };
+    let mut appends = t.store.prepared_appends();
+
+    // On `a`: the outbox row and the events commit together; a wrong expected version
+    // for one event leaves the transaction usable.
+    let mut tx = a.transaction()?;
+    tx.execute(&insert, &[&"committed"])?;
+    let r = appends.append(&mut tx, "acc", ExpectedVersion::NoStream, &events("A", 2))?;
+    assert_eq!((r.first_version, r.last_version), (0, 1));
+    appends.append(&mut tx, "acc", ExpectedVersion::Exact(1), &events("B", 1))?;
+    appends.append(&mut tx, "other", ExpectedVersion::Any, &events("B", 1))?;
+    match appends.append(&mut tx, "acc", ExpectedVersion::Exact(0), &events("X", 1)) {
+        Err(Error::WrongExpectedVersion { actual, .. }) => {
+            assert_eq!(actual, ActualVersion::Exact(2))
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    tx.commit()?;
+    assert_eq!(versions(&t, "acc"), vec![0, 1, 2]);
+    assert_eq!(versions(&t, "other"), vec![0]);
+    let names = prepared(&mut a);
+    assert!(names.iter().all(|n| n.len() == 1), "{names:?}");
+
+    // Again on `a`: the same statements, not prepared again.
+    let mut tx = a.transaction()?;
+    appends.append(&mut tx, "acc", ExpectedVersion::Exact(2), &events("C", 1))?;
+    appends.append(&mut tx, "other", ExpectedVersion::Any, &events("C", 1))?;
+    appends.append(&mut tx, "new", ExpectedVersion::NoStream, &events("C", 3))?;
+    tx.commit()?;
+    assert_eq!(prepared(&mut a), names, "prepared again");
+
+    // On another connection: refused, nothing written, the transaction aborted.
+    let mut b = crate::common::client();
+    let mut tx = b.transaction()?;
+    tx.execute(&insert, &[&"on b"])?;
+    match appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("D", 1)) {
+        Err(e @ Error::NotPreparedHere { .. }) => {
+            assert_eq!(
+                e.code(),
+                Some(&postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
+            );
+            assert!(
+                e.to_string().contains("not prepared on this connection"),
+                "{e}"
+            );
+        }
+        other => panic!("expected NotPreparedHere, got {other:?}"),
+    }
+    assert!(
+        tx.query_one("SELECT 1", &[]).is_err(),
+        "the transaction goes on"
+    );
+    tx.rollback()?;
+    assert_eq!(versions(&t, "acc"), vec![0, 1, 2, 3]);
+    // The next call prepares the statements on `b`, and then `a` is the other one.
+    let mut tx = b.transaction()?;
+    appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("E", 1))?;
+    tx.commit()?;
+    assert_eq!(versions(&t, "acc"), vec![0, 1, 2, 3, 4]);
+    let on_b: i64 = b
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE $1",
+            &[&format!("%\"{}\".%", t.schema)],
+        )?
+        .get(0);
+    assert!(on_b > 0, "nothing prepared on the second connection");
+    let mut tx = a.transaction()?;
+    let refused = appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("F", 1));
+    assert!(
+        matches!(refused, Err(Error::NotPreparedHere { .. })),
+        "{refused:?}"
+    );
+    drop(tx);
+
+    // A session that dropped its prepared statements is refused once, then served.
+    let mut tx = b.transaction()?;
+    appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("G", 1))?;
+    tx.commit()?;
+    b.batch_execute("DISCARD ALL")?;
+    let mut tx = b.transaction()?;
+    let refused = appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("H", 1));
+    assert!(
+        matches!(refused, Err(Error::NotPreparedHere { .. })),
+        "{refused:?}"
+    );
+    drop(tx);
+    let mut tx = b.transaction()?;
+    appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("I", 1))?;
+    tx.commit()?;
+    assert_eq!(versions(&t, "acc"), vec![0, 1, 2, 3, 4, 5, 6]);
+    let notes: Vec<String> = a
+        .query(&format!("SELECT note FROM {outbox} ORDER BY id"), &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(notes, vec!["committed"]);
+    Ok(())
+}
+
 /// With a `lock_timeout` on the store's sessions shorter than a caller's transaction that
 /// holds a stream's lock, an `Any` append to that stream through the pool is refused by
 /// the server (SQLSTATE 55P03) until the lock is free: it is retried like any transient
