@@ -978,26 +978,20 @@ fn prepared_appends_prepare_once_on_your_connection_and_refuse_another() -> Test
         )?
         .get(0);
     assert!(on_b > 0, "nothing prepared on the second connection");
-    let mut tx = a.transaction()?;
-    let refused = appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("F", 1));
-    assert!(
-        matches!(refused, Err(Error::NotPreparedHere { .. })),
-        "{refused:?}"
-    );
-    drop(tx);
+    // An append on `c` that is refused; its transaction rolls back on drop.
+    let refused = |appends: &mut pg_eventstore::PreparedAppends, c: &mut postgres::Client| {
+        let mut tx = c.transaction().unwrap();
+        let r = appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("F", 1));
+        assert!(matches!(r, Err(Error::NotPreparedHere { .. })), "{r:?}");
+    };
+    refused(&mut appends, &mut a);
 
     // A session that dropped its prepared statements is refused once, then served.
     let mut tx = b.transaction()?;
     appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("G", 1))?;
     tx.commit()?;
     b.batch_execute("DISCARD ALL")?;
-    let mut tx = b.transaction()?;
-    let refused = appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("H", 1));
-    assert!(
-        matches!(refused, Err(Error::NotPreparedHere { .. })),
-        "{refused:?}"
-    );
-    drop(tx);
+    refused(&mut appends, &mut b);
     let mut tx = b.transaction()?;
     appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("I", 1))?;
     tx.commit()?;
