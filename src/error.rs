@@ -193,7 +193,7 @@ pub enum Error {
     /// [`PreparedAppends::append`](crate::PreparedAppends::append) was given a
     /// connection that does not have its prepared statements: they were prepared on
     /// another connection, or the server has dropped them (`DISCARD ALL`, a pooler in
-    /// transaction mode). Nothing was written, and the caller's transaction is aborted
+    /// transaction mode that does not track prepared statements). Nothing was written, and the caller's transaction is aborted
     /// (roll it back). The next call prepares the statements again on the connection it
     /// is given.
     NotPreparedHere {

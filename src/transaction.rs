@@ -192,8 +192,9 @@ const _: fn() = || {
 /// beside the connection (for a pooled one, in the pool's per-connection extensions),
 /// and give [`PreparedAppends::append`] that connection or a transaction on it. Given
 /// another connection, or one whose server session has dropped its prepared statements
-/// (`DISCARD ALL`, or a pooler in transaction mode, which hands each transaction to any
-/// server session: do not use it there), the append fails with
+/// (`DISCARD ALL`, or a pooler in transaction mode that does not track prepared
+/// statements, which hands each transaction to any server session: do not use it
+/// there), the append fails with
 /// [`Error::NotPreparedHere`], writes nothing and leaves the transaction aborted; the
 /// next call prepares the statements again on the connection it is given.
 ///
