@@ -193,7 +193,9 @@ pub enum Error {
     /// [`PreparedAppends::append`](crate::PreparedAppends::append) was given a
     /// connection that does not have its prepared statements: they were prepared on
     /// another connection, or the server has dropped them (`DISCARD ALL`, a pooler in
-    /// transaction mode that does not track prepared statements). Nothing was written, and the caller's transaction is aborted
+    /// transaction mode that does not track prepared statements). Also
+    /// [`StoreTransaction::append`](crate::StoreTransaction::append) after a
+    /// `DISCARD ALL` on its connection. Nothing was written, and the caller's transaction is aborted
     /// (roll it back). The next call prepares the statements again on the connection it
     /// is given.
     NotPreparedHere {

@@ -123,18 +123,24 @@ impl StoreTransaction<'_> {
     /// When it writes nothing (a newer version came in while it waited, a repeated event
     /// id, a deleted stream, the wrong version), the full append runs after it and
     /// decides, as in [`Store::append_in`].
+    ///
+    /// After a `DISCARD ALL` on this connection, which drops its prepared statements, the
+    /// next append fails with [`Error::NotPreparedHere`] and forgets them; the one after
+    /// prepares them again.
     pub fn append(
         &mut self,
         stream: &str,
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        let (tx, statements) = (&mut self.tx, &mut *self.statements);
-        self.store
-            .append_in_with(stream, expected, events, true, |statement, params| {
-                let prepared = statements.get(tx, statement, &APPEND_PARAM_TYPES)?;
-                tx.query(&prepared, params)
-            })
+        append_prepared(
+            self.store,
+            self.statements,
+            &mut self.tx,
+            stream,
+            expected,
+            events,
+        )
     }
 
     /// [`Store::lock_for_appends`] for this transaction: call it first, and appends
@@ -244,27 +250,46 @@ impl PreparedAppends {
         expected: ExpectedVersion,
         events: &[EventData],
     ) -> Result<AppendResult> {
-        let statements = &mut self.statements;
-        let mut elsewhere = false;
-        let result =
-            self.store
-                .append_in_with(stream, expected, events, true, |statement, params| {
-                    let run = statements
-                        .get(client, statement, &APPEND_PARAM_TYPES)
-                        .and_then(|prepared| client.query(&prepared, params));
-                    elsewhere = run
-                        .as_ref()
-                        .is_err_and(|e| e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME));
-                    run
-                });
-        match result {
-            Err(Error::Postgres(source)) if elsewhere => {
-                // Prepared again, on whatever connection comes next.
-                self.statements = Statements::default();
-                Err(Error::NotPreparedHere { source })
-            }
-            result => result,
+        append_prepared(
+            &self.store,
+            &mut self.statements,
+            client,
+            stream,
+            expected,
+            events,
+        )
+    }
+}
+
+/// [`Store::append_in`] on `client` with the append statements of `statements`, which
+/// belong to that connection, preparing each there at its first use. If the connection
+/// does not have them (another connection, or a session that dropped them), the append
+/// fails with [`Error::NotPreparedHere`] and `statements` is emptied, so that the next
+/// call prepares them again.
+fn append_prepared<C: GenericClient>(
+    store: &Store,
+    statements: &mut Statements,
+    client: &mut C,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+) -> Result<AppendResult> {
+    let mut elsewhere = false;
+    let result = store.append_in_with(stream, expected, events, true, |statement, params| {
+        let run = statements
+            .get(client, statement, &APPEND_PARAM_TYPES)
+            .and_then(|prepared| client.query(&prepared, params));
+        elsewhere = run
+            .as_ref()
+            .is_err_and(|e| e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME));
+        run
+    });
+    match result {
+        Err(Error::Postgres(source)) if elsewhere => {
+            *statements = Statements::default();
+            Err(Error::NotPreparedHere { source })
         }
+        result => result,
     }
 }
 

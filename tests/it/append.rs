@@ -889,6 +889,35 @@ fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
     Ok(())
 }
 
+/// A `DISCARD ALL` on a `StoreConnection` drops the statements the store prepared there:
+/// the next `StoreTransaction::append` is refused with `Error::NotPreparedHere` and
+/// forgets them, and the next appends, in a transaction and through the pool on the same
+/// connection, prepare them again.
+#[test]
+fn a_store_transaction_after_discard_all_is_refused_once_then_prepares_again() -> TestResult {
+    let t = TestStore::with("append_store_tx_discard", |c| c.max_connections(1));
+    let mut conn = t.connection()?;
+    let mut tx = conn.transaction()?;
+    tx.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+    tx.commit()?;
+    conn.batch_execute("DISCARD ALL")?;
+    let mut tx = conn.transaction()?;
+    let refused = tx.append("s", ExpectedVersion::Exact(0), &events("B", 1));
+    assert!(
+        matches!(refused, Err(Error::NotPreparedHere { .. })),
+        "{refused:?}"
+    );
+    drop(tx);
+    let mut tx = conn.transaction()?;
+    tx.append("s", ExpectedVersion::Exact(0), &events("C", 1))?;
+    tx.commit()?;
+    drop(conn);
+    // The pool's one connection, with the statements it keeps.
+    t.append("s", ExpectedVersion::Exact(1), &events("D", 1))?;
+    assert_eq!(versions(&t, "s"), vec![0, 1, 2]);
+    Ok(())
+}
+
 /// `Store::prepared_appends`: `append_in` on a connection of the caller's, with the
 /// statements prepared there once and kept; given another connection (or one that has
 /// dropped them), the append fails with `Error::NotPreparedHere`, writes nothing, and
