@@ -20,7 +20,9 @@ use crate::version::ExpectedVersion;
 /// [`Store::append_in`] works on any client, so it cannot keep a prepared statement
 /// there: the server parses and plans its call on every append. A `StoreTransaction`
 /// appends with the statements the store has prepared on this connection (prepared at
-/// first use, kept across checkouts), which saves that work on every append.
+/// first use, kept across checkouts), which saves that work on every append. Do not run
+/// `DISCARD ALL` on it: that drops those statements, and the store's other work on the
+/// connection fails until a [`StoreTransaction::append`] has found them gone.
 ///
 /// ```no_run
 /// # use pg_eventstore::{EventData, ExpectedVersion, Store};
