@@ -256,7 +256,9 @@ impl Error {
     /// by the server's `idle_in_transaction_session_timeout` or `idle_session_timeout`),
     /// the server is shutting down, starting up or full, the transaction lost a
     /// serialization or deadlock conflict, or its `lock_timeout` ran out while it waited
-    /// for a lock. The store has already retried such a failure
+    /// for a lock, or a statement the store had prepared was missing from its session
+    /// (after `DISCARD ALL`; the next attempt prepares it again). The store has already
+    /// retried such a failure
     /// [`Config::max_retries`](crate::Config::max_retries) times before returning it.
     pub fn is_transient(&self) -> bool {
         is_transient(self)
@@ -467,6 +469,9 @@ fn is_transient_pg(e: &postgres::Error) -> bool {
             // `lock_timeout` ran out while another transaction held a lock we wait for
             // (a stream's, for an `Any` append): it ends, and the next attempt gets it.
             SqlState::LOCK_NOT_AVAILABLE,
+            // A prepared statement the session no longer has (`DISCARD ALL`): the store
+            // prepares its statements again on the next attempt.
+            SqlState::INVALID_SQL_STATEMENT_NAME,
         ]
         .contains(code)
             // Class 08: connection exceptions.

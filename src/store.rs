@@ -77,6 +77,11 @@ struct Inner {
     /// Whether `append_in` calls the functions that return one record (schema version
     /// 15, when this role may execute them).
     record_calls: std::sync::atomic::AtomicBool,
+    /// How many times a statement of the pool was found missing on its connection
+    /// (SQLSTATE 26000: the session ran `DISCARD ALL` or `DEALLOCATE ALL`). Each pooled
+    /// connection's [`Statements`] remember the count they were prepared under, and are
+    /// forgotten when it has moved on (see [`Store::prepared`]).
+    statements_lost: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Store {
@@ -119,7 +124,11 @@ fn usable(conn: &mut Conn) -> bool {
 /// Prepared statements of one pooled connection, kept in its r2d2 extensions (and held
 /// by a [`StoreConnection`](crate::StoreConnection) while it has the connection).
 #[derive(Default)]
-pub(crate) struct Statements(HashMap<&'static str, (Statement, u64)>);
+pub(crate) struct Statements {
+    prepared: HashMap<&'static str, (Statement, u64)>,
+    /// The store's count of lost statements when these were prepared (pool only).
+    generation: u64,
+}
 
 impl Statements {
     /// `statement`, prepared on `client` with its parameters of `types` at its first use
@@ -141,13 +150,23 @@ impl Statements {
 
     /// How many statements are prepared.
     pub(crate) fn len(&self) -> usize {
-        self.0.len()
+        self.prepared.len()
+    }
+
+    /// These statements, forgotten first if they were prepared before the store's
+    /// count of lost statements reached `generation`.
+    fn of_generation(&mut self, generation: u64) -> &mut Statements {
+        if self.generation != generation {
+            self.prepared.clear();
+            self.generation = generation;
+        }
+        self
     }
 
     /// The cached `statement`, counting this use; `None` when it is not prepared yet or
     /// is due to be prepared again.
     fn cached(&mut self, statement: &crate::sql::Statement) -> Option<Statement> {
-        let (prepared, uses) = self.0.get_mut(statement.name())?;
+        let (prepared, uses) = self.prepared.get_mut(statement.name())?;
         *uses += 1;
         (!replan_at(*uses)).then(|| prepared.clone())
     }
@@ -155,7 +174,7 @@ impl Statements {
     /// Keeps `prepared` as `statement`'s prepared form, in place of any earlier one.
     fn keep(&mut self, statement: &crate::sql::Statement, prepared: &Statement) {
         let entry = self
-            .0
+            .prepared
             .entry(statement.name())
             .or_insert_with(|| (prepared.clone(), 0));
         // The old statement, if any, is closed when its last copy is dropped.
@@ -269,6 +288,7 @@ impl Store {
                 events_in_notify: events_in_notify.into(),
                 in_tx_events: in_tx_events.into(),
                 record_calls: record_calls.into(),
+                statements_lost: 0.into(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -1046,16 +1066,23 @@ impl Store {
     }
 
     /// `statement`, prepared once per pooled connection (cached in the connection's
-    /// r2d2 extensions under the statement's name).
+    /// r2d2 extensions under the statement's name). After any statement of the pool was
+    /// found missing on its connection ([`Store::map_error`]), every connection's cache
+    /// is forgotten at its next use, so a session that dropped its prepared statements
+    /// fails one call (which is retried where the call may be), not every call after.
     pub(crate) fn prepared(
         &self,
         conn: &mut Conn,
         statement: &crate::sql::Statement,
     ) -> Result<Statement> {
+        let generation = self
+            .inner
+            .statements_lost
+            .load(std::sync::atomic::Ordering::Relaxed);
         // Looked up in place: every pooled statement passes here.
         let cached = PooledConnection::extensions_mut(conn)
             .get_mut::<Statements>()
-            .and_then(|c| c.cached(statement));
+            .and_then(|c| c.of_generation(generation).cached(statement));
         if let Some(prepared) = cached {
             return Ok(prepared);
         }
@@ -1064,9 +1091,14 @@ impl Store {
             .map_err(|e| self.map_error(e))?;
         let extensions = PooledConnection::extensions_mut(conn);
         match extensions.get_mut::<Statements>() {
-            Some(statements) => statements.keep(statement, &prepared),
+            Some(statements) => statements
+                .of_generation(generation)
+                .keep(statement, &prepared),
             None => {
-                let mut statements = Statements::default();
+                let mut statements = Statements {
+                    generation,
+                    ..Statements::default()
+                };
                 statements.keep(statement, &prepared);
                 extensions.insert(statements);
             }
@@ -1091,9 +1123,18 @@ impl Store {
         })
     }
 
-    /// Turns "relation does not exist" into [`Error::NotMigrated`].
+    /// Turns "relation does not exist" into [`Error::NotMigrated`]. A prepared statement
+    /// that its connection does not have (SQLSTATE 26000, after `DISCARD ALL` on a
+    /// [`StoreConnection`](crate::StoreConnection)) makes every pooled connection
+    /// prepare its statements again (see [`Store::prepared`]); the error is transient.
     pub(crate) fn map_error(&self, e: postgres::Error) -> Error {
         match e.code() {
+            Some(c) if *c == SqlState::INVALID_SQL_STATEMENT_NAME => {
+                self.inner
+                    .statements_lost
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Error::Postgres(e)
+            }
             Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
                 Error::NotMigrated {
                     schema: self.inner.sql.schema.clone(),

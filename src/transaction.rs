@@ -20,9 +20,11 @@ use crate::version::ExpectedVersion;
 /// [`Store::append_in`] works on any client, so it cannot keep a prepared statement
 /// there: the server parses and plans its call on every append. A `StoreTransaction`
 /// appends with the statements the store has prepared on this connection (prepared at
-/// first use, kept across checkouts), which saves that work on every append. Do not run
-/// `DISCARD ALL` on it: that drops those statements, and the store's other work on the
-/// connection fails until a [`StoreTransaction::append`] has found them gone.
+/// first use, kept across checkouts), which saves that work on every append. A `DISCARD
+/// ALL` on it drops those statements: it costs one failed call later (the store's
+/// next call on this connection retries it, and every pooled connection prepares its
+/// statements again; a [`StoreTransaction::append`] fails once with
+/// [`Error::NotPreparedHere`]), so avoid it where you can.
 ///
 /// ```no_run
 /// # use pg_eventstore::{EventData, ExpectedVersion, Store};

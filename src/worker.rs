@@ -831,15 +831,23 @@ thread_local! {
 struct HandlerStatements(HashMap<String, Statement>);
 
 /// Runs `f` (which opens a transaction on `conn` and calls the handler) with `conn`'s
-/// handler statements available to [`Worker::prepare_cached`] on this thread.
-fn with_handler_statements<T>(conn: &mut Conn, f: impl FnOnce(&mut Conn) -> T) -> T {
+/// handler statements available to [`Worker::prepare_cached`] on this thread. They are
+/// kept for the connection's next transaction only when `f` succeeds: after a failure
+/// they are prepared again, so that a session that lost them (`DEALLOCATE ALL`) fails one
+/// transaction, not every retry.
+fn with_handler_statements<T, E>(
+    conn: &mut Conn,
+    f: impl FnOnce(&mut Conn) -> Result<T, E>,
+) -> Result<T, E> {
     let cache = PooledConnection::extensions_mut(conn)
         .remove::<HandlerStatements>()
         .unwrap_or_default();
     HANDLER_STATEMENTS.with(|c| *c.borrow_mut() = Some(cache.0));
     let out = f(conn);
     let cache = HANDLER_STATEMENTS.with(|c| c.borrow_mut().take().unwrap_or_default());
-    PooledConnection::extensions_mut(conn).insert(HandlerStatements(cache));
+    if out.is_ok() {
+        PooledConnection::extensions_mut(conn).insert(HandlerStatements(cache));
+    }
     out
 }
 

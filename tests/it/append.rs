@@ -918,6 +918,43 @@ fn a_store_transaction_after_discard_all_is_refused_once_then_prepares_again() -
     Ok(())
 }
 
+/// A `DISCARD ALL` on a `StoreConnection` drops the statements the pool had prepared on
+/// that connection. The pool's next call on it fails once on the missing statement
+/// (SQLSTATE 26000), which makes the pool prepare its statements again and is retried:
+/// appends, reads and the stream's version each go on working, where before every later
+/// call of the kind failed on that connection.
+#[test]
+fn pool_calls_after_discard_all_on_their_connection_prepare_again() -> TestResult {
+    let t = TestStore::with("append_pool_discard", |c| c.max_connections(1));
+    let mut expected = 0;
+    let warm = |t: &TestStore, expected: &mut u64| -> TestResult {
+        t.append("s", ExpectedVersion::Exact(*expected), &events("A", 1))?;
+        *expected += 1;
+        assert_eq!(t.stream_version("s")?, Some(*expected));
+        assert_eq!(versions(t, "s").len() as u64, *expected + 1);
+        Ok(())
+    };
+    t.append("s", ExpectedVersion::NoStream, &events("A", 1))?;
+    warm(&t, &mut expected)?;
+    for call in ["append", "stream_version", "read_stream"] {
+        // The pool's one connection.
+        let mut conn = t.connection()?;
+        conn.batch_execute("DISCARD ALL")?;
+        drop(conn);
+        match call {
+            "append" => {
+                t.append("s", ExpectedVersion::Exact(expected), &events("B", 1))?;
+                expected += 1;
+            }
+            "stream_version" => assert_eq!(t.stream_version("s")?, Some(expected)),
+            _ => assert_eq!(versions(&t, "s").len() as u64, expected + 1),
+        }
+        warm(&t, &mut expected)?;
+    }
+    assert_eq!(versions(&t, "s"), (0..=expected).collect::<Vec<_>>());
+    Ok(())
+}
+
 /// `Store::prepared_appends`: `append_in` on a connection of the caller's, with the
 /// statements prepared there once and kept; given another connection (or one that has
 /// dropped them), the append fails with `Error::NotPreparedHere`, writes nothing, and

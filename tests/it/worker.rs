@@ -745,6 +745,44 @@ fn a_failed_checkpoint_write_ends_every_handler_before_another_instance_starts()
     Ok(())
 }
 
+/// A transactional handler's transaction that drops the session's prepared statements
+/// (`DEALLOCATE ALL`) and commits: the next transaction on that connection fails once on
+/// a missing statement, the store's and the handler's statements are prepared again,
+/// and the worker's retry handles the event. Before, the connection kept failing on its
+/// cached statements until the worker gave up.
+#[test]
+fn a_transactional_handler_after_deallocate_all_prepares_again() -> TestResult {
+    let t = TestStore::with("worker_deallocate", |c| c.max_connections(4));
+    fill(&t, 5);
+    let mut conn = client();
+    let model = format!("\"{}\".model", t.schema);
+    conn.batch_execute(&format!("CREATE TABLE {model} (id uuid PRIMARY KEY)"))?;
+    let insert = format!("INSERT INTO {model} VALUES ($1)");
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let summary = t
+        .worker("dealloc")
+        .threads(1)
+        .retries(3)
+        .retry_delay(Duration::from_millis(1))
+        .run_batch_transactional(move |tx, e| {
+            let insert = pg_eventstore::Worker::prepare_cached(tx, &insert)?;
+            tx.execute(&insert, &[&e.id])?;
+            let mut calls = c.lock().unwrap();
+            *calls += 1;
+            if *calls == 10 {
+                tx.batch_execute("DEALLOCATE ALL")?;
+            }
+            Ok(())
+        })?;
+    assert_eq!((summary.handled, summary.parked), (50, 0));
+    let rows: i64 = conn
+        .query_one(&format!("SELECT count(*) FROM {model}"), &[])?
+        .get(0);
+    assert_eq!(rows, 50);
+    Ok(())
+}
+
 #[test]
 fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
     let t = store_with("worker_filtered");
