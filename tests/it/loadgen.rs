@@ -60,7 +60,52 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
         );
     }
 
-    // Every schema of this run is gone.
+    assert_no_schemas_left(&stderr);
+}
+
+/// The A workloads with `append_in` run through `StoreTransaction` and through
+/// `PreparedAppends`: each prints its line, marked with its mode, with events appended
+/// and no version conflict.
+#[test]
+fn loadgen_quick_runs_the_a_workloads_through_both_prepared_paths() {
+    for (flag, field) in [
+        ("--store-transaction", "store_transaction"),
+        ("--prepared-appends", "prepared_appends"),
+    ] {
+        let out = Command::new(crate::common::example("loadgen"))
+            .args(["--quick", "--only", "A6,A12F", flag])
+            .output()
+            .expect("cargo runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            out.status.success(),
+            "loadgen {flag} failed:\n{stdout}\n{stderr}"
+        );
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+            .collect();
+        let workloads: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l["workload"].as_str())
+            .collect();
+        assert_eq!(workloads, ["A6", "A12F"], "{flag}: {stdout}");
+        for l in &lines {
+            assert_eq!(l[field], true, "{flag}: {l}");
+            assert_eq!(l["ours_version_conflicts"], 0, "{flag}: {l}");
+            for key in ["ours", "raw", "ratio"] {
+                let v = l[key].as_f64().unwrap_or_else(|| panic!("{key}: {l}"));
+                assert!(v.is_finite() && v > 0.0, "{flag}: {key} {l}");
+            }
+        }
+        assert_no_schemas_left(&stderr);
+    }
+}
+
+/// Every schema of the run that printed `stderr` is gone.
+fn assert_no_schemas_left(stderr: &str) {
     let run = stderr
         .lines()
         .find_map(|l| l.strip_prefix("loadgen: schemas "))
