@@ -12,11 +12,7 @@ fn loadgen_quick_prints_one_json_line_per_workload() {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "loadgen failed:\n{stdout}\n{stderr}");
 
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
-        .collect();
+    let lines = json_lines(&stdout);
     let workloads: Vec<&str> = lines
         .iter()
         .map(|l| l["workload"].as_str().expect("a workload name"))
@@ -82,11 +78,7 @@ fn loadgen_quick_runs_the_a_workloads_through_both_prepared_paths() {
             out.status.success(),
             "loadgen {flag} failed:\n{stdout}\n{stderr}"
         );
-        let lines: Vec<serde_json::Value> = stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
-            .collect();
+        let lines = json_lines(&stdout);
         let workloads: Vec<&str> = lines
             .iter()
             .filter_map(|l| l["workload"].as_str())
@@ -102,6 +94,15 @@ fn loadgen_quick_runs_the_a_workloads_through_both_prepared_paths() {
         }
         assert_no_schemas_left(&stderr);
     }
+}
+
+/// The JSON lines of the load generator's output, one per workload.
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+        .collect()
 }
 
 /// Every schema of the run that printed `stderr` is gone.
