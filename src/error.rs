@@ -501,6 +501,7 @@ fn is_transient_pg(e: &postgres::Error) -> bool {
 
 impl From<postgres::Error> for Error {
     fn from(e: postgres::Error) -> Self {
+        crate::store::statements_lost(&e);
         Error::Postgres(e)
     }
 }

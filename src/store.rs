@@ -77,11 +77,6 @@ struct Inner {
     /// Whether `append_in` calls the functions that return one record (schema version
     /// 15, when this role may execute them).
     record_calls: std::sync::atomic::AtomicBool,
-    /// How many times a statement of the pool was found missing on its connection
-    /// (SQLSTATE 26000: the session ran `DISCARD ALL` or `DEALLOCATE ALL`). Each pooled
-    /// connection's [`Statements`] remember the count they were prepared under, and are
-    /// forgotten when it has moved on (see [`Store::prepared`]).
-    statements_lost: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Store {
@@ -118,6 +113,22 @@ fn usable(conn: &mut Conn) -> bool {
             crate::retry::answers(conn)
         }
         _ => true,
+    }
+}
+
+/// How many times a prepared statement was found missing on its connection in this
+/// process (SQLSTATE 26000: the session ran `DISCARD ALL` or `DEALLOCATE ALL`). Each
+/// pooled connection's [`Statements`] remember the count they were prepared under, and
+/// are forgotten when it has moved on (see [`Store::prepared`]): which connection lost
+/// its statements is not known where the error is seen, so every connection of every
+/// store in the process prepares its statements again, once.
+static STATEMENTS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Notes `e` if it says that a prepared statement was missing on its connection. Every
+/// `postgres::Error` that becomes an [`Error`] passes here.
+pub(crate) fn statements_lost(e: &postgres::Error) {
+    if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
+        STATEMENTS_LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -288,7 +299,6 @@ impl Store {
                 events_in_notify: events_in_notify.into(),
                 in_tx_events: in_tx_events.into(),
                 record_calls: record_calls.into(),
-                statements_lost: 0.into(),
             }),
         };
         if let Some(interval) = store.config().health_check_interval {
@@ -1075,10 +1085,7 @@ impl Store {
         conn: &mut Conn,
         statement: &crate::sql::Statement,
     ) -> Result<Statement> {
-        let generation = self
-            .inner
-            .statements_lost
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let generation = STATEMENTS_LOST.load(std::sync::atomic::Ordering::Relaxed);
         // Looked up in place: every pooled statement passes here.
         let cached = PooledConnection::extensions_mut(conn)
             .get_mut::<Statements>()
@@ -1123,24 +1130,17 @@ impl Store {
         })
     }
 
-    /// Turns "relation does not exist" into [`Error::NotMigrated`]. A prepared statement
-    /// that its connection does not have (SQLSTATE 26000, after `DISCARD ALL` on a
-    /// [`StoreConnection`](crate::StoreConnection)) makes every pooled connection
-    /// prepare its statements again (see [`Store::prepared`]); the error is transient.
+    /// Turns "relation does not exist" into [`Error::NotMigrated`]; any other error is
+    /// [`Error::Postgres`] (through `From`, which notes a lost statement, see
+    /// [`statements_lost`]).
     pub(crate) fn map_error(&self, e: postgres::Error) -> Error {
         match e.code() {
-            Some(c) if *c == SqlState::INVALID_SQL_STATEMENT_NAME => {
-                self.inner
-                    .statements_lost
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Error::Postgres(e)
-            }
             Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
                 Error::NotMigrated {
                     schema: self.inner.sql.schema.clone(),
                 }
             }
-            _ => Error::Postgres(e),
+            _ => Error::from(e),
         }
     }
 }

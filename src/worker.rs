@@ -832,9 +832,12 @@ struct HandlerStatements(HashMap<String, Statement>);
 
 /// Runs `f` (which opens a transaction on `conn` and calls the handler) with `conn`'s
 /// handler statements available to [`Worker::prepare_cached`] on this thread. They are
-/// kept for the connection's next transaction only when `f` succeeds: after a failure
-/// they are prepared again, so that a session that lost them (`DEALLOCATE ALL`) fails one
-/// transaction, not every retry.
+/// kept for the connection's next transaction only when `f` succeeds. After a failure
+/// the connection forgets them and the store's statements too, and prepares them again
+/// at their next use: a session that lost them (`DEALLOCATE ALL`) fails one
+/// transaction, not every retry. (The handler's error is its own type, so whether it
+/// was a missing statement is not looked into; failures are rare, and preparing the
+/// few statements again costs one round trip each.)
 fn with_handler_statements<T, E>(
     conn: &mut Conn,
     f: impl FnOnce(&mut Conn) -> Result<T, E>,
@@ -845,8 +848,11 @@ fn with_handler_statements<T, E>(
     HANDLER_STATEMENTS.with(|c| *c.borrow_mut() = Some(cache.0));
     let out = f(conn);
     let cache = HANDLER_STATEMENTS.with(|c| c.borrow_mut().take().unwrap_or_default());
+    let extensions = PooledConnection::extensions_mut(conn);
     if out.is_ok() {
-        PooledConnection::extensions_mut(conn).insert(HandlerStatements(cache));
+        extensions.insert(HandlerStatements(cache));
+    } else {
+        extensions.remove::<crate::store::Statements>();
     }
     out
 }
@@ -1133,6 +1139,7 @@ impl ThreadContext {
                 }
             }
             Err(e) => {
+                crate::metrics::worker_error(&self.name, "batch");
                 tracing::debug!(
                     processor = %self.name,
                     events = batch.len(),

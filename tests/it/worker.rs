@@ -746,12 +746,15 @@ fn a_failed_checkpoint_write_ends_every_handler_before_another_instance_starts()
 }
 
 /// A transactional handler's transaction that drops the session's prepared statements
-/// (`DEALLOCATE ALL`) and commits: the next transaction on that connection fails once on
-/// a missing statement, the store's and the handler's statements are prepared again,
-/// and the worker's retry handles the event. Before, the connection kept failing on its
-/// cached statements until the worker gave up.
+/// (`DEALLOCATE ALL`) part way through a group of events: the group fails on a missing
+/// statement, its connection forgets the handler's and the store's statements, its
+/// events are handled one by one, and the groups after it run on statements prepared
+/// again. Before, the connection kept failing on its cached statements: the worker gave
+/// up on an event after its retries, and every later group failed on the store's stale
+/// statement.
 #[test]
 fn a_transactional_handler_after_deallocate_all_prepares_again() -> TestResult {
+    recorder();
     let t = TestStore::with("worker_deallocate", |c| c.max_connections(4));
     fill(&t, 5);
     let mut conn = client();
@@ -761,8 +764,9 @@ fn a_transactional_handler_after_deallocate_all_prepares_again() -> TestResult {
     let calls = Arc::new(Mutex::new(0u32));
     let c = calls.clone();
     let summary = t
-        .worker("dealloc")
+        .worker("deallocate-all")
         .threads(1)
+        .transaction_batch(10, Duration::ZERO)
         .retries(3)
         .retry_delay(Duration::from_millis(1))
         .run_batch_transactional(move |tx, e| {
@@ -770,7 +774,7 @@ fn a_transactional_handler_after_deallocate_all_prepares_again() -> TestResult {
             tx.execute(&insert, &[&e.id])?;
             let mut calls = c.lock().unwrap();
             *calls += 1;
-            if *calls == 10 {
+            if *calls == 5 {
                 tx.batch_execute("DEALLOCATE ALL")?;
             }
             Ok(())
@@ -780,6 +784,14 @@ fn a_transactional_handler_after_deallocate_all_prepares_again() -> TestResult {
         .query_one(&format!("SELECT count(*) FROM {model}"), &[])?
         .get(0);
     assert_eq!(rows, 50);
+    let failed_groups = counter(
+        "pg_eventstore_worker_errors_total",
+        &[("processor", "deallocate-all"), ("kind", "batch")],
+    );
+    assert_eq!(
+        failed_groups, 1,
+        "one group failed, the ones after it did not"
+    );
     Ok(())
 }
 
