@@ -686,17 +686,18 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
         };
         let append = full_append(&head);
         // A call of one of the `append_in` functions with the statement's parameters,
-        // `eighth` in place of `$8`.
+        // `eighth` in place of `$8`. The parameters' types come with the statement
+        // (`APPEND_PARAM_TYPES`, whether it is prepared or sent with `query_typed`), so
+        // they carry no casts: `append_in` sends its call unprepared, and the server
+        // looks up the type name of every cast on every call (8 casts: about 42,800 of
+        // the 147,400 instructions of analysing the call, see BENCHMARKS.md).
         let append_in_args = |function: &str, eighth: &str| {
-            format!(
-                "{s}.{function}($1::text, $2::uuid[], $3::text[], $4::jsonb[],
-                     $5::jsonb[], $6::int, $7::bigint, {eighth})"
-            )
+            format!("{s}.{function}($1, $2, $3, $4, $5, $6, $7, {eighth})")
         };
         let append_in_call =
-            |function: &str| format!("SELECT * FROM {}", append_in_args(function, "$8::text"));
+            |function: &str| format!("SELECT * FROM {}", append_in_args(function, "$8"));
         let append_in_record_call =
-            |function: &str| format!("SELECT {}", append_in_args(function, "$8::text"));
+            |function: &str| format!("SELECT {}", append_in_args(function, "$8"));
         // For `ExpectedVersion::Any`: the head is read after taking the stream's lock,
         // which the transaction holds until it ends, with a snapshot taken after the wait
         // (see `locked_stream_head` in migrate.rs): a concurrent append to the same
