@@ -59,7 +59,9 @@
 //! machine's spread. P2 also reports each side's CPU per event (`*_cpu_us_per_event`: the
 //! whole machine's busy time from `/proc/stat` over the side's run, client and server
 //! together) and context switches per event, steadier than its throughput on a machine
-//! whose speed moves from minute to minute. For W6, `ours`/`raw` are the median p50 latency in ms from the start of
+//! whose speed moves from minute to minute; the A workloads report the CPU per
+//! committed event of each side (`ours_cpu_us_per_event`, `raw_cpu_us_per_event`,
+//! medians over the reps). For W6, `ours`/`raw` are the median p50 latency in ms from the start of
 //! the append call to the subscriber receiving the event, and `ratio` is raw ÷ ours, so
 //! that here too lower means we are slower; p99 and commit→delivery (from the moment the
 //! append call returned; 0 when the event arrived before that) are extra fields, with
@@ -768,6 +770,8 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
     let retried = std::sync::atomic::AtomicU64::new(0);
     let conflicts = std::sync::atomic::AtomicU64::new(0);
     let raw_conflicts = std::sync::atomic::AtomicU64::new(0);
+    // The machine's CPU µs per committed event of each timed run: ours, then raw.
+    let cpu = std::sync::Mutex::new([Vec::new(), Vec::new()]);
     let run = |raw: bool| -> Res<Duration> {
         let mut pair = Pair::new(ctx, "a")?;
         if analyze {
@@ -878,15 +882,28 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                 })
                 .collect();
             barrier.wait();
+            let before = machine_cpu();
             let t = Instant::now();
             for h in handles {
                 h.join().expect("thread")?;
             }
-            Ok(t.elapsed())
+            let elapsed = t.elapsed();
+            if let (Some((cpu0, _)), Some((cpu1, _))) = (before, machine_cpu()) {
+                let per_event = (cpu1 - cpu0).as_secs_f64() * 1e6 / committed as f64;
+                cpu.lock().unwrap()[usize::from(raw)].push(per_event);
+            }
+            Ok(elapsed)
         })
     };
     let (ours, raw) = alternate(ctx.reps, || run(false), || run(true))?;
     let mut outcome = Outcome::throughput(committed, &ours, &raw);
+    let [ours_cpu, raw_cpu] = cpu.into_inner().unwrap();
+    if !ours_cpu.is_empty() && !raw_cpu.is_empty() {
+        outcome.extra.extend([
+            ("ours_cpu_us_per_event", json!(round3(median_f(&ours_cpu)))),
+            ("raw_cpu_us_per_event", json!(round3(median_f(&raw_cpu)))),
+        ]);
+    }
     outcome.extra.extend([
         ("writers", json!(writers)),
         ("store_transaction", json!(ctx.store_transaction)),
