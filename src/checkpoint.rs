@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use postgres::types::Type;
 use postgres::GenericClient;
 
 use crate::error::{Error, Result};
@@ -83,8 +84,13 @@ impl Store {
         position: u64,
     ) -> Result<()> {
         let position = stored_position(name, position)?;
+        // With the parameter types given, one round trip (`execute` with a string
+        // prepares the statement first, which is another).
         client
-            .execute(self.sql().save_checkpoint.text(), &[&name, &position])
+            .query_typed(
+                self.sql().save_checkpoint.text(),
+                &[(&name, Type::TEXT), (&position, Type::INT8)],
+            )
             .map_err(|e| self.map_error(e))?;
         Ok(())
     }

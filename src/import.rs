@@ -248,10 +248,14 @@ impl Store {
             // As after `append_in`: the commit watcher learns when the transaction ends
             // and wakes this process's subscribers (and notifies other processes'), so the
             // caller's commit carries no NOTIFY.
-            let row = tx
-                .query_one(self.sql().watch_in.text(), &[])
+            // Unprepared in one round trip (`query_one` with a string prepares first);
+            // the statement returns one row.
+            let rows = tx
+                .query_typed(self.sql().watch_in.text(), &[])
                 .map_err(|e| self.map_error(e))?;
-            self.hub().watch(row.get(0));
+            if let Some(row) = rows.first() {
+                self.hub().watch(row.get(0));
+            }
         }
         Ok(summary)
     }
