@@ -137,7 +137,7 @@ pub(crate) fn statements_lost(e: &postgres::Error) {
 #[derive(Default)]
 pub(crate) struct Statements {
     prepared: HashMap<&'static str, (Statement, u64)>,
-    /// The store's count of lost statements when these were prepared (pool only).
+    /// The process's count of lost statements when these were prepared (pool only).
     generation: u64,
 }
 
@@ -164,7 +164,7 @@ impl Statements {
         self.prepared.len()
     }
 
-    /// These statements, forgotten first if they were prepared before the store's
+    /// These statements, forgotten first if they were prepared before the process's
     /// count of lost statements reached `generation`.
     fn of_generation(&mut self, generation: u64) -> &mut Statements {
         if self.generation != generation {
@@ -1076,8 +1076,8 @@ impl Store {
     }
 
     /// `statement`, prepared once per pooled connection (cached in the connection's
-    /// r2d2 extensions under the statement's name). After any statement of the pool was
-    /// found missing on its connection ([`Store::map_error`]), every connection's cache
+    /// r2d2 extensions under the statement's name). After any prepared statement was
+    /// found missing on its connection ([`statements_lost`]), every connection's cache
     /// is forgotten at its next use, so a session that dropped its prepared statements
     /// fails one call (which is retried where the call may be), not every call after.
     pub(crate) fn prepared(
