@@ -888,8 +888,7 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
                 h.join().expect("thread")?;
             }
             let elapsed = t.elapsed();
-            if let (Some((cpu0, _)), Some((cpu1, _))) = (before, machine_cpu()) {
-                let per_event = (cpu1 - cpu0).as_secs_f64() * 1e6 / committed as f64;
+            if let Some((per_event, _)) = per_event_since(before, committed) {
                 cpu.lock().unwrap()[usize::from(raw)].push(per_event);
             }
             Ok(elapsed)
@@ -900,8 +899,8 @@ fn append_in_load(ctx: &Ctx, writers: usize, hold_max: Duration, analyze: bool) 
     let [ours_cpu, raw_cpu] = cpu.into_inner().unwrap();
     if !ours_cpu.is_empty() && !raw_cpu.is_empty() {
         outcome.extra.extend([
-            ("ours_cpu_us_per_event", json!(round3(median_f(&ours_cpu)))),
-            ("raw_cpu_us_per_event", json!(round3(median_f(&raw_cpu)))),
+            ("ours_cpu_us_per_event", json!(median_f(&ours_cpu))),
+            ("raw_cpu_us_per_event", json!(median_f(&raw_cpu))),
         ]);
     }
     outcome.extra.extend([
@@ -2122,16 +2121,22 @@ fn with_machine_cpu<T>(
 ) -> Res<T> {
     let before = machine_cpu();
     let out = f()?;
-    if let (Some((cpu0, csw0)), Some((cpu1, csw1))) = (before, machine_cpu()) {
-        let per = |x: f64| round3(x / events as f64);
-        runs.entry(names.0)
-            .or_default()
-            .push(per((cpu1 - cpu0).as_secs_f64() * 1e6));
-        runs.entry(names.1)
-            .or_default()
-            .push(per((csw1 - csw0) as f64));
+    if let Some((cpu, switches)) = per_event_since(before, events) {
+        runs.entry(names.0).or_default().push(cpu);
+        runs.entry(names.1).or_default().push(switches);
     }
     Ok(out)
+}
+
+/// The machine's CPU µs and context switches per event since `before` (a
+/// [`machine_cpu`] reading), over `events` events; `None` without `/proc/stat`.
+fn per_event_since(before: Option<(Duration, u64)>, events: usize) -> Option<(f64, f64)> {
+    let ((cpu0, csw0), (cpu1, csw1)) = (before?, machine_cpu()?);
+    let per = |x: f64| round3(x / events as f64);
+    Some((
+        per((cpu1 - cpu0).as_secs_f64() * 1e6),
+        per((csw1 - csw0) as f64),
+    ))
 }
 
 /// P2: a transactional worker in batch mode over `p1_events` events (streams of 100),

@@ -7,6 +7,16 @@ use pg_eventstore::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The notes of the outbox table `outbox`, in the order they were written.
+fn notes(client: &mut postgres::Client, outbox: &str) -> Vec<String> {
+    client
+        .query(&format!("SELECT note FROM {outbox} ORDER BY id"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 fn versions(t: &TestStore, stream: &str) -> Vec<u64> {
     t.read_stream(stream, ReadStream::forwards())
         .unwrap()
@@ -865,12 +875,7 @@ fn a_store_transaction_appends_with_a_statement_prepared_once() -> TestResult {
     tx.append("acc", ExpectedVersion::Any, &events("C", 5))?;
     drop(tx);
     assert_eq!(stored("acc"), vec![0, 1, 2]);
-    let notes: Vec<String> = conn
-        .query(&format!("SELECT note FROM {outbox}"), &[])?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(notes, vec!["committed"]);
+    assert_eq!(notes(&mut conn, &outbox), vec!["committed"]);
 
     // Back in the pool and out again (the pool has one connection): the statements are
     // still there, and are not prepared again.
@@ -1062,12 +1067,7 @@ fn prepared_appends_prepare_once_on_your_connection_and_refuse_another() -> Test
     appends.append(&mut tx, "acc", ExpectedVersion::Any, &events("I", 1))?;
     tx.commit()?;
     assert_eq!(versions(&t, "acc"), vec![0, 1, 2, 3, 4, 5, 6]);
-    let notes: Vec<String> = a
-        .query(&format!("SELECT note FROM {outbox} ORDER BY id"), &[])?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(notes, vec!["committed"]);
+    assert_eq!(notes(&mut a, &outbox), vec!["committed"]);
     Ok(())
 }
 
