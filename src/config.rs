@@ -364,13 +364,14 @@ impl Config {
     /// How long a read that goes on past its first page may keep one snapshot. Such a
     /// read fetches its pages through a cursor in a read-only transaction, and while that
     /// transaction is open its snapshot holds back `VACUUM` and HOT pruning in the whole
-    /// database. So the read ends the transaction and goes on from the last event it
-    /// fetched in a new one once the snapshot is this old, and also when a page it has
-    /// fetched has waited this long for you to take it: a worker or a subscription
-    /// catching up over millions of events, or a slow consumer of a read, never holds a
-    /// snapshot for longer. The order is unchanged and no event is skipped or repeated;
-    /// a `$all` read still ends at the horizon it found on its first page. Default:
-    /// 1 s; zero starts a new transaction for every page.
+    /// database. A read never waits for you inside that transaction: when you have not
+    /// taken the page it fetched ahead, it ends the transaction at once and fetches the
+    /// next page in a new one (after the last event it fetched) when you do. This setting
+    /// bounds a read that you keep up with: it ends the transaction and goes on in a new
+    /// one once the snapshot is this old, so that even a fast consumer of millions of
+    /// events never holds a snapshot for longer. The order is unchanged and no event is
+    /// skipped or repeated; a `$all` read still ends at the horizon it found on its first
+    /// page. Default: 1 s; zero starts a new transaction for every page.
     ///
     /// A page that has waited this long for you also gives the read's connection back to
     /// the pool until you take it, so reads you have paused (a slow consumer, an iterator

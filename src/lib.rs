@@ -185,9 +185,11 @@
 //! [`Events`] owns a pooled connection while it reads. The first page is a plain query;
 //! a longer read continues through a server-side cursor in a read-only transaction, one
 //! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
-//! VACUUM, so a read starts a new transaction (after the last event it fetched) whenever
-//! its snapshot is [`Config::read_snapshot_max_age`] old (1 s) or a fetched page has
-//! waited that long for you: see [`Events`].
+//! VACUUM, so a read holds one only while it fetches: when you have not yet taken the
+//! page it fetched ahead, it ends its transaction and fetches the next page in a new one
+//! (after the last event it fetched) once you do; a read that you keep up with starts a
+//! new transaction when its snapshot is [`Config::read_snapshot_max_age`] old (1 s). See
+//! [`Events`].
 //!
 //! # Subscriptions
 //!

@@ -5,7 +5,7 @@ use std::fmt;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
 
 use postgres::types::ToSql;
 use postgres::Row;
@@ -408,13 +408,18 @@ enum State {
 /// to the pool, as soon as the last page has arrived, when the iterator is dropped (the
 /// drop waits for the page in flight), or after an error (after which it yields `None`).
 ///
-/// An open cursor holds a snapshot, and a snapshot held for a long time holds back
-/// `VACUUM` in the whole database. So a read never keeps one for longer than
+/// An open cursor holds a snapshot, and while a snapshot is held, neither `VACUUM` nor the
+/// pruning that PostgreSQL does as it goes can remove the row versions that any
+/// transaction of the database left behind since: tables that are updated again and
+/// again (a projection's read model, counters, queues) grow, and their updates get
+/// slower. So a read holds its snapshot only while it fetches. When you have not taken
+/// the page it fetched ahead (you are busy with the one before), it ends the transaction
+/// at once and, when you take that page, fetches the next one in a new transaction that
+/// goes on after the last event fetched. A read that you keep up with stays in its
+/// transaction, but never for longer than
 /// [`Config::read_snapshot_max_age`](crate::Config::read_snapshot_max_age) (1 s by
-/// default): once its transaction is that old, or a page it fetched has waited that long
-/// for you, it ends the transaction and goes on after the last event fetched in a new
-/// one. Reading for hours, or slowly (a worker or a subscription catching up, a handler
-/// that takes its time), holds nothing back for longer. The order and the guarantee stay
+/// default). Reading for hours, or slowly (a worker or a subscription catching up, a
+/// handler that takes its time), holds nothing back. The order and the guarantee stay
 /// the same: no event is skipped or repeated, and a `$all` read still ends at the horizon
 /// of its first page; a forwards stream read may include events appended to the stream
 /// while it ran.
@@ -733,12 +738,12 @@ impl Events {
 /// The cursor reader: opens a read-only transaction with a portal (the protocol's
 /// cursor) on the read's statement after the first page, and sends page after page (one
 /// ahead of the consumer). It commits after the last page, and also, so that no snapshot
-/// is held long (see [`Config::read_snapshot_max_age`](crate::Config::read_snapshot_max_age)),
-/// once the transaction is that old or a fetched page has waited that long for the
-/// consumer; the next page then comes from a new transaction and portal that start after
-/// the last event fetched. While a page waits for a busy consumer it also gives the
-/// connection back to the pool, and takes one again when the consumer has taken the
-/// page. On an error, or when the consumer has gone, the transaction is
+/// is held while nothing is fetched: when the consumer cannot take a fetched page at once,
+/// and when the transaction is [`Config::read_snapshot_max_age`](crate::Config::read_snapshot_max_age)
+/// old; the next page then comes from a new transaction and portal that start after the
+/// last event fetched. When a page has waited that long for a busy consumer, the reader
+/// also gives the connection back to the pool, and takes one again when the consumer has
+/// taken the page. On an error, or when the consumer has gone, the transaction is
 /// dropped, which rolls it back. Dropping `conn` at the end gives it back to the pool; if
 /// the rollback failed the connection is broken, and the pool drops it instead of reusing
 /// it.
@@ -781,24 +786,33 @@ fn read_cursor(
                     let _ = pages.send(Ok(rows));
                     return Ok(());
                 }
-                let wait = max_age.saturating_sub(began.elapsed());
-                match pages.send_timeout(Ok(rows), wait) {
+                match pages.try_send(Ok(rows)) {
                     Ok(()) if began.elapsed() < max_age => continue,
                     Ok(()) => {
                         tx.commit()?;
                         break;
                     }
-                    Err(SendTimeoutError::Timeout(rows)) => {
-                        // The consumer is busy: wait for it without a snapshot, and
-                        // without a connection that other threads may need meanwhile.
+                    Err(TrySendError::Full(rows)) => {
+                        // The consumer is busy with the page before: wait for it without
+                        // a snapshot, which would keep `VACUUM` and the pruning of
+                        // updated rows (a projection's read model) from cleaning up
+                        // behind the consumer's own writes; and, once the page has
+                        // waited `max_age`, without a connection that other threads
+                        // may need meanwhile.
                         tx.commit()?;
-                        held = None;
-                        if pages.send(rows).is_err() {
-                            return Ok(()); // the consumer has gone
+                        match pages.send_timeout(rows, max_age) {
+                            Ok(()) => {}
+                            Err(SendTimeoutError::Timeout(rows)) => {
+                                held = None;
+                                if pages.send(rows).is_err() {
+                                    return Ok(()); // the consumer has gone
+                                }
+                            }
+                            Err(SendTimeoutError::Disconnected(_)) => return Ok(()),
                         }
                         break;
                     }
-                    Err(SendTimeoutError::Disconnected(_)) => return Ok(()), // gone
+                    Err(TrySendError::Disconnected(_)) => return Ok(()), // gone
                 }
             }
         }
