@@ -45,7 +45,8 @@ EVENTS AS JSON LINES:
     Input (append, import): type and data are required; metadata and id are optional;
     import also needs stream, keeps recorded_at, and checks version and position (a
     line whose version is not the one the import gives the event, or whose position
-    does not increase, is refused). A bad line is named by its number.
+    does not increase, is refused); append ignores the other fields. A bad line is
+    named by its number.
 
 EXIT CODES:
     0  success (also: tail stopped by Ctrl-C, or its reader went away)
