@@ -31,6 +31,7 @@ EXAMPLES:
     echo '{\"type\":\"Deposited\",\"data\":{\"amount\":10}}' | pg-eventstore append account-1 --expected no-stream
     pg-eventstore read account-1 --backwards --limit 1
     pg-eventstore read-all --category account- --type Deposited --type Withdrawn
+    pg-eventstore read-all --backwards --limit 10
     pg-eventstore tail --category account- --live | head -n 5
     pg-eventstore export > events.jsonl
     pg-eventstore --schema copy migrate && pg-eventstore --schema copy import < events.jsonl
@@ -115,11 +116,17 @@ enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<u64>,
     },
-    /// Print all events in the global order as JSON lines.
+    /// Print all events in the global order (or newest first) as JSON lines.
     ReadAll {
         /// Only events after this global position.
-        #[arg(long, value_name = "P")]
+        #[arg(long, value_name = "P", conflicts_with = "backwards")]
         after: Option<u64>,
+        /// Newest first.
+        #[arg(long)]
+        backwards: bool,
+        /// With --backwards: only events before this global position.
+        #[arg(long, value_name = "P", requires = "backwards")]
+        before: Option<u64>,
         #[command(flatten)]
         filters: Filters,
         /// At most this many events.
@@ -380,10 +387,17 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::ReadAll {
             after,
+            backwards,
+            before,
             filters,
             limit,
         } => {
-            let mut options = filters.apply(start(*after));
+            let base = match (backwards, before) {
+                (false, _) => start(*after),
+                (true, None) => ReadAll::backwards(),
+                (true, Some(p)) => ReadAll::backwards_before(*p),
+            };
+            let mut options = filters.apply(base);
             if let Some(n) = limit {
                 options = options.max_count(*n);
             }

@@ -300,6 +300,41 @@ fn read_all_stats_and_schema() -> TestResult {
         .collect();
     assert_eq!(streams, vec!["order-1", "order-1"]);
 
+    // Newest first, and before a position; --backwards with --after is a usage error.
+    let all: Vec<RecordedEvent> = t.read_all(ReadAll::from_start())?.collect::<Result<_>>()?;
+    let positions = |args: &[&str]| -> Vec<u64> {
+        let out = run(&t.schema, args, "");
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["position"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        positions(&["read-all", "--backwards", "--limit", "2"]),
+        [all[3].position, all[2].position]
+    );
+    let before = all[2].position.to_string();
+    assert_eq!(
+        positions(&["read-all", "--backwards", "--before", &before]),
+        [all[1].position, all[0].position]
+    );
+    assert_eq!(
+        positions(&["read-all", "--backwards", "--type", "Paid"]),
+        [all[2].position]
+    );
+    for args in [
+        &["read-all", "--backwards", "--after", "1"][..],
+        &["read-all", "--before", "1"][..],
+    ] {
+        let out = run(&t.schema, args, "");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+
     let stats: Value = serde_json::from_slice(&run(&t.schema, &["stats"], "").stdout)?;
     assert_eq!(
         stats,
