@@ -29,14 +29,15 @@ pub const MAX_AGE_LIMIT_SECS: u64 = 1000 * 365 * 24 * 3600;
 /// A stream's metadata: a JSON object with a version of its own (counted from 0, like
 /// stream versions), custom keys and the reserved keys [`MAX_COUNT`], [`MAX_AGE`] and
 /// [`TRUNCATE_BEFORE`], which the accessors read.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct StreamMetadata {
     /// The metadata's own version: 0 after the first write, one more after each.
     pub version: u64,
     /// The whole JSON object, custom keys included.
     pub metadata: Value,
-    /// When it was last written.
+    /// When it was last written (RFC 3339 in JSON).
+    #[serde(serialize_with = "crate::event::serialize_time")]
     pub updated_at: SystemTime,
 }
 
@@ -65,7 +66,7 @@ impl StreamMetadata {
 pub const REMOVE_BATCH: i64 = 1000;
 
 /// What [`Store::delete_stream`] or [`Store::tombstone_stream`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct DeleteResult {
     /// The version of the marker appended ([`STREAM_DELETED`] or [`STREAM_TOMBSTONE`]),
@@ -77,7 +78,7 @@ pub struct DeleteResult {
 }
 
 /// What [`Store::scavenge`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct ScavengeReport {
     /// Streams with metadata that it looked at.

@@ -39,6 +39,9 @@ EXAMPLES:
     pg-eventstore checkpoints list
     pg-eventstore checkpoints reset balances
     pg-eventstore dead-letters list mailer
+    echo '{\"$maxAge\":86400}' | pg-eventstore streams set-metadata sensor-9
+    pg-eventstore scavenge
+    pg-eventstore streams delete cart-7 --expected 2
 
 EVENTS AS JSON LINES:
     Output: one object per line with id, stream, version, position, type, data,
@@ -54,7 +57,7 @@ EXIT CODES:
     1  any other error
     2  usage error: bad arguments, or a bad DATABASE_URL / DB_* / schema name
     3  conflict: wrong expected version, event id already used, stream order conflict,
-       a processor that is running (checkpoints reset/delete)
+       a tombstoned stream, a processor that is running (checkpoints reset/delete)
     4  connection failure: the server cannot be reached, refused us, or went away
     5  invalid input: a bad JSON line, a bad event, too many events for one transaction";
 
@@ -88,6 +91,14 @@ enum Command {
         #[command(subcommand)]
         command: DeadLettersCommand,
     },
+    /// Stream lifecycle: delete, tombstone, truncate, and metadata (retention).
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
+    /// Apply every stream's retention ($tb, $maxCount, $maxAge): remove the events it
+    /// hides, in short transactions, and print what was done. Run it from cron.
+    Scavenge,
     /// The schema's SQL, or its version in the database.
     Schema {
         #[command(subcommand)]
@@ -193,6 +204,52 @@ enum CheckpointsCommand {
     Delete {
         /// The processor name.
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StreamsCommand {
+    /// Soft-delete STREAM: it reads as empty, a later append continues its versions.
+    /// Prints the marker event's version and how many events were removed.
+    Delete {
+        /// The stream to delete.
+        stream: String,
+        /// The version STREAM must be at: a number, any, no-stream, or exists. Required:
+        /// a delete is not undone.
+        #[arg(long, value_name = "V", value_parser = parse_expected)]
+        expected: ExpectedVersion,
+    },
+    /// Tombstone STREAM: delete it for good; it can never be written again.
+    Tombstone {
+        /// The stream to tombstone.
+        stream: String,
+        /// The version STREAM must be at: a number, any, no-stream, or exists. Required.
+        #[arg(long, value_name = "V", value_parser = parse_expected)]
+        expected: ExpectedVersion,
+    },
+    /// Remove STREAM's events before version V (its reads start there at once); prints
+    /// how many were removed. The stream's last event is always kept.
+    Truncate {
+        /// The stream to truncate.
+        stream: String,
+        /// The first version to keep.
+        #[arg(long, value_name = "V")]
+        before: u64,
+    },
+    /// Print STREAM's metadata (version, metadata, updated_at), or null if it has none.
+    Metadata {
+        /// The stream.
+        stream: String,
+    },
+    /// Set STREAM's metadata to the JSON object on stdin: $maxCount, $maxAge (seconds),
+    /// $tb (truncate before), and keys of your own. Prints the metadata's new version.
+    SetMetadata {
+        /// The stream.
+        stream: String,
+        /// The version the metadata must be at (its own, from 0): a number, any,
+        /// no-stream, or exists.
+        #[arg(long, value_name = "V", default_value = "any", value_parser = parse_expected)]
+        expected: ExpectedVersion,
     },
 }
 
@@ -306,7 +363,8 @@ fn exit_code(e: &Error) -> u8 {
         | Error::DuplicateEventId { .. }
         | Error::StreamOrderConflict { .. }
         | Error::FeedOrderConflict { .. }
-        | Error::ProcessorLocked { .. } => EXIT_CONFLICT,
+        | Error::ProcessorLocked { .. }
+        | Error::StreamDeleted { .. } => EXIT_CONFLICT,
         Error::Connect { .. } | Error::Pool { .. } => EXIT_CONNECTION,
         // No SQLSTATE: the connection itself failed.
         Error::Postgres(p) if p.as_db_error().is_none() => EXIT_CONNECTION,
@@ -454,6 +512,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             tail(&connect(cli)?, options, out)?;
         }
         Command::Stats => print_json(out, &connect(cli)?.stats()?)?,
+        Command::Scavenge => print_json(out, &connect(cli)?.scavenge()?)?,
+        Command::Streams { command } => streams(cli, command, out)?,
         Command::Checkpoints { command } => {
             let store = connect(cli)?;
             match command {
@@ -536,6 +596,35 @@ fn style(template: &str) -> ProgressStyle {
                 let _ = write!(w, "{:.0}/s", state.per_sec());
             },
         )
+}
+
+fn streams(cli: &Cli, command: &StreamsCommand, out: &mut impl Write) -> Result<(), Failure> {
+    match command {
+        StreamsCommand::Delete { stream, expected } => {
+            print_json(out, &connect(cli)?.delete_stream(stream, *expected)?)
+        }
+        StreamsCommand::Tombstone { stream, expected } => {
+            print_json(out, &connect(cli)?.tombstone_stream(stream, *expected)?)
+        }
+        StreamsCommand::Truncate { stream, before } => {
+            let removed = connect(cli)?.truncate_stream(stream, *before)?;
+            print_json(out, &serde_json::json!({ "removed": removed }))
+        }
+        StreamsCommand::Metadata { stream } => {
+            print_json(out, &connect(cli)?.stream_metadata(stream)?)
+        }
+        StreamsCommand::SetMetadata { stream, expected } => {
+            let mut input = String::new();
+            io::stdin().read_to_string(&mut input).map_err(|e| {
+                Error::InvalidInput(format!("cannot read the metadata from stdin: {e}"))
+            })?;
+            let metadata: serde_json::Value = serde_json::from_str(&input).map_err(|e| {
+                Error::InvalidInput(format!("the metadata on stdin is not JSON: {e}"))
+            })?;
+            let version = connect(cli)?.set_stream_metadata(stream, *expected, &metadata)?;
+            print_json(out, &serde_json::json!({ "version": version }))
+        }
+    }
 }
 
 fn print_json<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), Failure> {

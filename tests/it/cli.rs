@@ -453,3 +453,108 @@ fn checkpoints_and_dead_letters_from_the_shell() -> TestResult {
     assert_eq!(out.status.code(), Some(2));
     Ok(())
 }
+
+#[test]
+fn stream_lifecycle_and_retention_from_the_shell() -> TestResult {
+    let t = TestStore::new("cli_lifecycle");
+    t.append("sensor-1", ExpectedVersion::NoStream, &events("Reading", 5))?;
+    t.append("cart-1", ExpectedVersion::NoStream, &events("Added", 3))?;
+    t.append("cart-2", ExpectedVersion::NoStream, &events("Added", 2))?;
+    t.append("meter-1", ExpectedVersion::NoStream, &events("Reading", 6))?;
+    let json_out = |out: &Output| -> Value {
+        assert!(out.status.success(), "{}", stderr(out));
+        serde_json::from_str(stdout(out).trim()).expect("one JSON value")
+    };
+    let versions = |stream: &str| -> Vec<u64> {
+        t.read_stream(stream, pg_eventstore::ReadStream::forwards())
+            .unwrap()
+            .map(|e| e.unwrap().version)
+            .collect()
+    };
+
+    // Metadata: none yet, then set from stdin, then printed; a stale version conflicts.
+    let out = run(&t.schema, &["streams", "metadata", "sensor-1"], "");
+    assert_eq!(json_out(&out), Value::Null);
+    let out = run(
+        &t.schema,
+        &[
+            "streams",
+            "set-metadata",
+            "sensor-1",
+            "--expected",
+            "no-stream",
+        ],
+        r#"{"$maxCount": 2, "owner": "ops"}"#,
+    );
+    assert_eq!(json_out(&out), json!({ "version": 0 }));
+    let meta = json_out(&run(&t.schema, &["streams", "metadata", "sensor-1"], ""));
+    assert_eq!(meta["version"], 0);
+    assert_eq!(meta["metadata"], json!({ "$maxCount": 2, "owner": "ops" }));
+    assert!(meta["updated_at"].as_str().unwrap().ends_with('Z'));
+    let out = run(
+        &t.schema,
+        &[
+            "streams",
+            "set-metadata",
+            "sensor-1",
+            "--expected",
+            "no-stream",
+        ],
+        "{}",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // Bad metadata: not JSON, not an object, a bad retention value; nothing changes.
+    for bad in ["{", "[1]", r#"{"$maxCount": -1}"#] {
+        let out = run(&t.schema, &["streams", "set-metadata", "sensor-1"], bad);
+        assert_eq!(out.status.code(), Some(5), "{bad}: {}", stderr(&out));
+    }
+    assert_eq!(t.stream_metadata("sensor-1")?.unwrap().version, 0);
+
+    // Scavenge applies $maxCount: the newest 2 of 5 stay.
+    let report = json_out(&run(&t.schema, &["scavenge"], ""));
+    assert_eq!(report["events_removed"], 3, "{report}");
+    assert_eq!(versions("sensor-1"), [3, 4]);
+
+    // Truncate keeps versions from --before on.
+    let out = run(
+        &t.schema,
+        &["streams", "truncate", "meter-1", "--before", "4"],
+        "",
+    );
+    assert_eq!(json_out(&out), json!({ "removed": 4 }));
+    assert_eq!(versions("meter-1"), [4, 5]);
+
+    // Delete needs --expected; a wrong one conflicts and writes nothing.
+    let out = run(&t.schema, &["streams", "delete", "cart-1"], "");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = run(
+        &t.schema,
+        &["streams", "delete", "cart-1", "--expected", "1"],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(versions("cart-1"), [0, 1, 2]);
+    let out = run(
+        &t.schema,
+        &["streams", "delete", "cart-1", "--expected", "2"],
+        "",
+    );
+    assert_eq!(json_out(&out)["marker_version"], 3);
+    assert!(versions("cart-1").is_empty());
+
+    // A tombstoned stream can never be written again: appending is a conflict.
+    let out = run(
+        &t.schema,
+        &["streams", "tombstone", "cart-2", "--expected", "any"],
+        "",
+    );
+    assert_eq!(json_out(&out)["marker_version"], 2);
+    let out = run(
+        &t.schema,
+        &["append", "cart-2"],
+        r#"{"type":"Added","data":{}}"#,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cart-2"), "{}", stderr(&out));
+    Ok(())
+}
