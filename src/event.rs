@@ -625,6 +625,14 @@ pub struct AppendResult {
 
 /// Serializes a time as RFC 3339 in UTC with microseconds, PostgreSQL's precision.
 /// [`serialize_time`] for an optional time (`null` when there is none).
+/// A duration as seconds, with their fraction.
+pub(crate) fn serialize_seconds<S: Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
 pub(crate) fn serialize_time_opt<S: Serializer>(
     t: &Option<SystemTime>,
     s: S,

@@ -498,8 +498,9 @@ impl Drop for GroupHandle {
     }
 }
 
-/// One member of a group, as [`Store::group_members`] lists it.
-#[derive(Clone, Debug, PartialEq)]
+/// One member of a group, as [`Store::group_members`] lists it. In JSON (`serde`), times
+/// are RFC 3339 and `expires_in` is in seconds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct GroupMember {
     /// Its id (new each time a member joins).
@@ -507,20 +508,24 @@ pub struct GroupMember {
     /// What it said about itself ([`GroupOptions::member_info`]).
     pub info: String,
     /// When it joined.
+    #[serde(serialize_with = "crate::event::serialize_time")]
     pub joined_at: SystemTime,
     /// Its last heartbeat, by the database's clock.
+    #[serde(serialize_with = "crate::event::serialize_time")]
     pub heartbeat_at: SystemTime,
     /// Whether its lease is still valid by the database's clock. An expired member is
     /// removed by the next member that looks, and its partitions are free.
     pub is_alive: bool,
     /// How long its lease still lasts without a heartbeat (zero when it has expired).
+    #[serde(serialize_with = "crate::event::serialize_seconds")]
     pub expires_in: Duration,
     /// The partitions it holds.
     pub partitions: Vec<u32>,
 }
 
-/// One partition of a group, as [`Store::group_partitions`] lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One partition of a group, as [`Store::group_partitions`] lists it. In JSON (`serde`),
+/// times are RFC 3339.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct GroupPartition {
     /// The partition number.
@@ -532,10 +537,12 @@ pub struct GroupPartition {
     /// How often it has been acquired: the fencing token of its current lease.
     pub epoch: u64,
     /// When its owner took it.
+    #[serde(serialize_with = "crate::event::serialize_time_opt")]
     pub acquired_at: Option<SystemTime>,
     /// Its checkpoint: every event of this partition up to this global position is done.
     pub position: Option<u64>,
     /// When the checkpoint was last written.
+    #[serde(serialize_with = "crate::event::serialize_time_opt")]
     pub updated_at: Option<SystemTime>,
     /// Events of this partition after its checkpoint that `$all` readers can see now
     /// (whatever the group's filters).

@@ -39,6 +39,7 @@ EXAMPLES:
     pg-eventstore checkpoints list
     pg-eventstore checkpoints reset balances
     pg-eventstore dead-letters list mailer
+    pg-eventstore groups members mailer
     echo '{\"$maxAge\":86400}' | pg-eventstore streams set-metadata sensor-9
     pg-eventstore scavenge
     pg-eventstore streams delete cart-7 --expected 2
@@ -85,6 +86,11 @@ enum Command {
     Checkpoints {
         #[command(subcommand)]
         command: CheckpointsCommand,
+    },
+    /// A consumer group's members and partitions.
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
     },
     /// A processor's dead letters: list, delete.
     DeadLetters {
@@ -204,6 +210,21 @@ enum CheckpointsCommand {
     Delete {
         /// The processor name.
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupsCommand {
+    /// One JSON line per member of GROUP: id, info, heartbeat, whether its lease is
+    /// valid, and the partitions it holds.
+    Members {
+        /// The group (processor) name.
+        group: String,
+    },
+    /// One JSON line per partition of GROUP: its owner, epoch, checkpoint and lag.
+    Partitions {
+        /// The group (processor) name.
+        group: String,
     },
 }
 
@@ -513,6 +534,21 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Stats => print_json(out, &connect(cli)?.stats()?)?,
         Command::Scavenge => print_json(out, &connect(cli)?.scavenge()?)?,
+        Command::Groups { command } => {
+            let store = connect(cli)?;
+            match command {
+                GroupsCommand::Members { group } => {
+                    for m in store.group_members(group)? {
+                        print_json(out, &m)?;
+                    }
+                }
+                GroupsCommand::Partitions { group } => {
+                    for p in store.group_partitions(group)? {
+                        print_json(out, &p)?;
+                    }
+                }
+            }
+        }
         Command::Streams { command } => streams(cli, command, out)?,
         Command::Checkpoints { command } => {
             let store = connect(cli)?;

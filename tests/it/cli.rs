@@ -558,3 +558,53 @@ fn stream_lifecycle_and_retention_from_the_shell() -> TestResult {
     assert!(stderr(&out).contains("cart-2"), "{}", stderr(&out));
     Ok(())
 }
+
+#[test]
+fn consumer_group_members_and_partitions_from_the_shell() -> TestResult {
+    let t = TestStore::new("cli_groups");
+    t.append("job-1", ExpectedVersion::NoStream, &events("Queued", 3))?;
+    let member = t
+        .worker("mailer")
+        .group(
+            pg_eventstore::GroupOptions::new()
+                .partitions(4)
+                .member_info("host-a")
+                .lease_timeout(std::time::Duration::from_secs(3))
+                .heartbeat_interval(std::time::Duration::from_millis(100)),
+        )
+        .spawn(|_| Ok(()))?;
+    let lines = |args: &[&str]| -> Vec<Value> {
+        let out = run(&t.schema, args, "");
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let partitions = loop {
+        let p = lines(&["groups", "partitions", "mailer"]);
+        if p.len() == 4 && p.iter().all(|p| p["lag"] == 0 && p["owner_alive"] == true) {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "not caught up: {p:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let members = lines(&["groups", "members", "mailer"]);
+    assert_eq!(members.len(), 1, "{members:?}");
+    let m = &members[0];
+    assert_eq!(m["info"], "host-a");
+    assert_eq!(m["is_alive"], true);
+    assert_eq!(m["partitions"], json!([0, 1, 2, 3]));
+    assert!(m["expires_in"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(m["heartbeat_at"].as_str().unwrap().ends_with('Z'), "{m}");
+    for p in &partitions {
+        assert_eq!(p["owner"], m["member_id"], "{p}");
+    }
+    member.stop()?;
+    // A group that does not exist lists nothing; a bad name is invalid input.
+    assert!(lines(&["groups", "members", "nobody"]).is_empty());
+    let out = run(&t.schema, &["groups", "partitions", ""], "");
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    Ok(())
+}
