@@ -87,6 +87,11 @@ enum Command {
         #[command(subcommand)]
         command: CheckpointsCommand,
     },
+    /// A stream's snapshot: show, delete.
+    Snapshots {
+        #[command(subcommand)]
+        command: SnapshotsCommand,
+    },
     /// A consumer group's members and partitions.
     Groups {
         #[command(subcommand)]
@@ -210,6 +215,21 @@ enum CheckpointsCommand {
     Delete {
         /// The processor name.
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotsCommand {
+    /// Print STREAM's snapshot (version, state, created_at), or null if it has none.
+    Show {
+        /// The stream.
+        stream: String,
+    },
+    /// Delete STREAM's snapshot (after a change to the state it holds, say); prints
+    /// whether there was one.
+    Delete {
+        /// The stream.
+        stream: String,
     },
 }
 
@@ -534,6 +554,18 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Stats => print_json(out, &connect(cli)?.stats()?)?,
         Command::Scavenge => print_json(out, &connect(cli)?.scavenge()?)?,
+        Command::Snapshots { command } => {
+            let store = connect(cli)?;
+            match command {
+                SnapshotsCommand::Show { stream } => {
+                    print_json(out, &store.load_snapshot::<serde_json::Value>(stream)?)?
+                }
+                SnapshotsCommand::Delete { stream } => {
+                    let deleted = store.delete_snapshot(stream)?;
+                    print_json(out, &serde_json::json!({ "deleted": deleted }))?
+                }
+            }
+        }
         Command::Groups { command } => {
             let store = connect(cli)?;
             match command {

@@ -1152,8 +1152,8 @@ impl Config {
     }
 }
 
-/// A stored snapshot of a stream's state.
-#[derive(Clone, Debug, PartialEq)]
+/// A stored snapshot of a stream's state. In JSON (`serde`), `created_at` is RFC 3339.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct Snapshot<T> {
     /// The version of the last event folded into the state.
@@ -1161,6 +1161,7 @@ pub struct Snapshot<T> {
     /// The state.
     pub state: T,
     /// When the snapshot was saved.
+    #[serde(serialize_with = "crate::event::serialize_time")]
     pub created_at: SystemTime,
 }
 

@@ -515,6 +515,21 @@ fn stream_lifecycle_and_retention_from_the_shell() -> TestResult {
     assert_eq!(report["events_removed"], 3, "{report}");
     assert_eq!(versions("sensor-1"), [3, 4]);
 
+    // A snapshot: shown, deleted once, then gone.
+    t.save_snapshot("meter-1", 5, &json!({ "total": 42, "unit": "kWh" }))?;
+    let snap = json_out(&run(&t.schema, &["snapshots", "show", "meter-1"], ""));
+    assert_eq!(snap["version"], 5);
+    assert_eq!(snap["state"], json!({ "total": 42, "unit": "kWh" }));
+    assert!(snap["created_at"].as_str().unwrap().ends_with('Z'));
+    let deleted = |expect: bool| {
+        let out = run(&t.schema, &["snapshots", "delete", "meter-1"], "");
+        assert_eq!(json_out(&out), json!({ "deleted": expect }));
+    };
+    deleted(true);
+    deleted(false);
+    let out = run(&t.schema, &["snapshots", "show", "meter-1"], "");
+    assert_eq!(json_out(&out), Value::Null);
+
     // Truncate keeps versions from --before on.
     let out = run(
         &t.schema,
