@@ -569,15 +569,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Groups { command } => {
             let store = connect(cli)?;
             match command {
-                GroupsCommand::Members { group } => {
-                    for m in store.group_members(group)? {
-                        print_json(out, &m)?;
-                    }
-                }
+                GroupsCommand::Members { group } => print_lines(out, store.group_members(group)?)?,
                 GroupsCommand::Partitions { group } => {
-                    for p in store.group_partitions(group)? {
-                        print_json(out, &p)?;
-                    }
+                    print_lines(out, store.group_partitions(group)?)?
                 }
             }
         }
@@ -585,11 +579,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Checkpoints { command } => {
             let store = connect(cli)?;
             match command {
-                CheckpointsCommand::List => {
-                    for p in store.processors()? {
-                        print_json(out, &p)?;
-                    }
-                }
+                CheckpointsCommand::List => print_lines(out, store.processors()?)?,
                 CheckpointsCommand::Reset { name } => {
                     print_json(out, &store.reset_processor(name)?)?
                 }
@@ -603,9 +593,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let store = connect(cli)?;
             match command {
                 DeadLettersCommand::List { processor } => {
-                    for d in store.dead_letters(processor)? {
-                        print_json(out, &d)?;
-                    }
+                    print_lines(out, store.dead_letters(processor)?)?
                 }
                 DeadLettersCommand::Delete {
                     processor,
@@ -693,6 +681,11 @@ fn streams(cli: &Cli, command: &StreamsCommand, out: &mut impl Write) -> Result<
             print_json(out, &serde_json::json!({ "version": version }))
         }
     }
+}
+
+/// One JSON line per item.
+fn print_lines<T: Serialize>(out: &mut impl Write, items: Vec<T>) -> Result<(), Failure> {
+    items.iter().try_for_each(|item| print_json(out, item))
 }
 
 fn print_json<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), Failure> {

@@ -475,33 +475,26 @@ fn stream_lifecycle_and_retention_from_the_shell() -> TestResult {
     // Metadata: none yet, then set from stdin, then printed; a stale version conflicts.
     let out = run(&t.schema, &["streams", "metadata", "sensor-1"], "");
     assert_eq!(json_out(&out), Value::Null);
-    let out = run(
-        &t.schema,
-        &[
-            "streams",
-            "set-metadata",
-            "sensor-1",
-            "--expected",
-            "no-stream",
-        ],
-        r#"{"$maxCount": 2, "owner": "ops"}"#,
-    );
+    let set_new_metadata = |stdin: &str| {
+        run(
+            &t.schema,
+            &[
+                "streams",
+                "set-metadata",
+                "sensor-1",
+                "--expected",
+                "no-stream",
+            ],
+            stdin,
+        )
+    };
+    let out = set_new_metadata(r#"{"$maxCount": 2, "owner": "ops"}"#);
     assert_eq!(json_out(&out), json!({ "version": 0 }));
     let meta = json_out(&run(&t.schema, &["streams", "metadata", "sensor-1"], ""));
     assert_eq!(meta["version"], 0);
     assert_eq!(meta["metadata"], json!({ "$maxCount": 2, "owner": "ops" }));
     assert!(meta["updated_at"].as_str().unwrap().ends_with('Z'));
-    let out = run(
-        &t.schema,
-        &[
-            "streams",
-            "set-metadata",
-            "sensor-1",
-            "--expected",
-            "no-stream",
-        ],
-        "{}",
-    );
+    let out = set_new_metadata("{}");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     // Bad metadata: not JSON, not an object, a bad retention value; nothing changes.
     for bad in ["{", "[1]", r#"{"$maxCount": -1}"#] {
