@@ -19,7 +19,7 @@ pub(crate) fn validate_processor_name(name: &str) -> Result<()> {
 
 /// The checkpoint `position` of processor `name` as stored: positions are `bigint`s, so
 /// a value above `i64::MAX` is refused rather than wrapped to a negative number.
-fn stored_position(name: &str, position: u64) -> Result<i64> {
+pub(crate) fn stored_position(name: &str, position: u64) -> Result<i64> {
     validate_processor_name(name)?;
     i64::try_from(position).map_err(|_| {
         Error::InvalidInput(format!(

@@ -38,6 +38,7 @@ EXAMPLES:
     pg-eventstore schema print --schema billing > billing.sql
     pg-eventstore checkpoints list
     pg-eventstore checkpoints reset balances
+    pg-eventstore checkpoints set welcome-mails --head
     pg-eventstore dead-letters list mailer
     pg-eventstore groups members mailer
     echo '{\"$maxAge\":86400}' | pg-eventstore streams set-metadata sensor-9
@@ -215,6 +216,18 @@ enum CheckpointsCommand {
     Delete {
         /// The processor name.
         name: String,
+    },
+    /// Move a processor's checkpoint, forwards or back: its next run starts after
+    /// POSITION, or after the newest event with --head. Refused (exit 3) while it runs.
+    Set {
+        /// The processor name.
+        name: String,
+        /// The global position of the last event to count as done.
+        #[arg(required_unless_present = "head", conflicts_with = "head")]
+        position: Option<u64>,
+        /// The newest event's position: skip everything in the log so far.
+        #[arg(long)]
+        head: bool,
     },
 }
 
@@ -586,6 +599,20 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 CheckpointsCommand::Delete { name } => {
                     let removed = store.delete_checkpoint(name)?;
                     print_json(out, &serde_json::json!({ "checkpoint": removed }))?
+                }
+                CheckpointsCommand::Set { name, position, .. } => {
+                    // Without a position, clap has made sure that --head was given.
+                    let position = match position {
+                        Some(p) => *p,
+                        None => store.head_position()?.ok_or_else(|| {
+                            Error::InvalidInput("the store has no events yet".into())
+                        })?,
+                    };
+                    let previous = store.move_checkpoint(name, position)?;
+                    print_json(
+                        out,
+                        &serde_json::json!({ "previous": previous, "position": position }),
+                    )?
                 }
             }
         }

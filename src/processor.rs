@@ -224,6 +224,63 @@ impl Store {
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
+    /// Moves the checkpoint of processor `name` to `position`, forwards or back, and
+    /// returns the one it replaced (`None`: there was none). Its next run starts after
+    /// `position`: give it [`Store::head_position`] to start from now, skipping the log
+    /// so far (a new projection that only needs what comes next, or one stuck behind
+    /// events to skip), or an earlier position to handle events again. A transactional
+    /// handler still skips the events its per-stream claims cover
+    /// ([`Store::reset_processor`] removes those).
+    ///
+    /// Refused with [`Error::ProcessorLocked`] while the processor runs (its next
+    /// checkpoint write would undo the move), and with [`Error::InvalidInput`], writing
+    /// nothing, for a position past the newest event (a checkpoint ahead of the log would
+    /// skip events appended later) and for a consumer group, whose partitions have
+    /// checkpoints of their own.
+    ///
+    /// ```no_run
+    /// # use pg_eventstore::Store;
+    /// # let store = Store::from_env()?;
+    /// if let Some(head) = store.head_position()? {
+    ///     let was = store.move_checkpoint("welcome-mails", head)?;
+    ///     println!("welcome-mails was at {was:?}, goes on after {head}");
+    /// }
+    /// # Ok::<(), pg_eventstore::Error>(())
+    /// ```
+    pub fn move_checkpoint(&self, name: &str, position: u64) -> Result<Option<u64>> {
+        let stored = crate::checkpoint::stored_position(name, position)?;
+        let _lock = ProcessorLock::try_acquire(self, name)?;
+        match self.head_position()? {
+            Some(head) if position <= head => {}
+            head => {
+                return Err(Error::InvalidInput(format!(
+                    "checkpoint {name:?}: position {position} is past the newest event ({}), \
+                     so events appended later could be skipped",
+                    head.map_or("none yet".to_string(), |h| h.to_string())
+                )))
+            }
+        }
+        let mut conn = self.conn()?;
+        let sql = &self.sql();
+        let mut tx = conn.transaction()?;
+        let row = tx
+            .query_one(sql.checkpoint_for_move.text(), &[&name])
+            .map_err(|e| self.map_error(e))?;
+        if row.get::<_, bool>(1) {
+            return Err(Error::InvalidInput(format!(
+                "{name:?} is a consumer group: its partitions have checkpoints of their \
+                 own (reset_processor resets them)"
+            )));
+        }
+        let old = row
+            .get::<_, Option<i64>>(0)
+            .and_then(|p| u64::try_from(p).ok());
+        tx.execute(sql.save_checkpoint.text(), &[&name, &stored])
+            .map_err(|e| self.map_error(e))?;
+        tx.commit()?;
+        Ok(old)
+    }
+
     /// The dead letters of processor `name`, in the global order.
     ///
     /// ```no_run

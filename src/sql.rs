@@ -423,6 +423,9 @@ pub(crate) struct Sql {
     pub(crate) scan_past: Statement,
     pub(crate) list_processors: Statement,
     pub(crate) delete_checkpoint: Statement,
+    /// `Store::move_checkpoint`: the stored checkpoint of `$1` (or none) and whether `$1`
+    /// is a consumer group, for the update that follows in the same transaction.
+    pub(crate) checkpoint_for_move: Statement,
     pub(crate) delete_stream_claims: Statement,
     pub(crate) list_dead_letters: Statement,
     pub(crate) delete_dead_letter: Statement,
@@ -1183,6 +1186,12 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             ),
             delete_checkpoint: format!(
                 "DELETE FROM {s}.checkpoints WHERE processor_name = $1 RETURNING position"
+            ),
+            checkpoint_for_move: format!(
+                "SELECT (SELECT position FROM {s}.checkpoints WHERE processor_name = $1
+                           FOR UPDATE),
+                        EXISTS (SELECT 1 FROM {s}.group_leases WHERE group_name = $1)
+                        OR EXISTS (SELECT 1 FROM {s}.group_checkpoints WHERE group_name = $1)"
             ),
             delete_stream_claims: format!(
                 "DELETE FROM {s}.stream_checkpoints WHERE processor_name = $1"

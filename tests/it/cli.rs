@@ -434,6 +434,29 @@ fn checkpoints_and_dead_letters_from_the_shell() -> TestResult {
     assert_eq!(dead["stream_id"], "acc-1");
     assert_eq!(dead["error"], "smtp down");
 
+    // Moved to the head, then back; without a position or --head a usage error, past
+    // the head invalid input.
+    let set = |args: &[&str]| {
+        run(
+            &t.schema,
+            &[&["checkpoints", "set", "balances"], args].concat(),
+            "",
+        )
+    };
+    let out = set(&["--head"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Value>(stdout(&out).trim())?,
+        json!({ "previous": written.first_position, "position": written.last_position })
+    );
+    let first = written.first_position.to_string();
+    assert!(set(&[&first]).status.success());
+    assert_eq!(t.checkpoint("balances")?, Some(written.first_position));
+    assert_eq!(set(&[]).status.code(), Some(2));
+    let past = (written.last_position + 1).to_string();
+    assert_eq!(set(&[&past]).status.code(), Some(5));
+    assert_eq!(t.checkpoint("balances")?, Some(written.first_position));
+
     let out = run(&t.schema, &["checkpoints", "reset", "balances"], "");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(t.checkpoint("balances")?, None);

@@ -1019,6 +1019,61 @@ fn processors_are_listed_reset_and_deleted_through_the_api() -> TestResult {
 }
 
 #[test]
+fn a_stopped_processor_s_checkpoint_moves_forwards_and_back() -> TestResult {
+    let t = store_with("worker_move");
+    fill(&t, 5); // 50 events, 5 in each of 10 streams
+    let all: Vec<RecordedEvent> = t
+        .read_all(pg_eventstore::ReadAll::from_start())?
+        .collect::<Result<_, _>>()?;
+    let handled = |name: &str| -> Result<Vec<uuid::Uuid>, Error> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        t.worker(name).run_batch(move |e| {
+            sink.lock().unwrap().push(e.id);
+            Ok(())
+        })?;
+        let seen = seen.lock().unwrap().clone();
+        Ok(seen)
+    };
+    // To the head: a new processor that only wants what comes next handles nothing old.
+    let head = t.head_position()?.expect("events");
+    assert_eq!(t.move_checkpoint("mailer", head)?, None);
+    assert!(handled("mailer")?.is_empty());
+    // Back: the events after the new position are handled again, in order.
+    assert_eq!(t.move_checkpoint("mailer", all[39].position)?, Some(head));
+    let again = handled("mailer")?;
+    assert_eq!(again, all[40..].iter().map(|e| e.id).collect::<Vec<_>>());
+
+    // Refused, writing nothing: past the head, while it runs, for a consumer group.
+    let e = t.move_checkpoint("mailer", head + 1).unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidInput(m) if m.contains("past the newest")),
+        "{e}"
+    );
+    let running = t.worker("mailer").spawn(|_| Ok(()))?;
+    let e = t.move_checkpoint("mailer", all[0].position).unwrap_err();
+    assert!(matches!(e, Error::ProcessorLocked { .. }), "{e}");
+    running.stop()?;
+    assert_eq!(t.checkpoint("mailer")?, Some(head));
+    let member = t
+        .worker("group")
+        .group(pg_eventstore::GroupOptions::new().partitions(2))
+        .spawn(|_| Ok(()))?;
+    member.stop()?;
+    let e = t.move_checkpoint("group", all[0].position).unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidInput(m) if m.contains("consumer group")),
+        "{e}"
+    );
+    assert_eq!(t.checkpoint("group")?, None);
+    assert!(matches!(
+        t.move_checkpoint("", 1),
+        Err(Error::InvalidInput(_))
+    ));
+    Ok(())
+}
+
+#[test]
 fn dead_letters_are_listed_replayed_and_deleted_through_the_api() -> TestResult {
     let t = store_with("worker_dead");
     fill(&t, 5);
