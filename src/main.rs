@@ -83,7 +83,7 @@ struct Cli {
 enum Command {
     /// Create or upgrade the store's schema (safe to run again); prints what it did.
     Migrate,
-    /// Processors' checkpoints: list, reset, delete.
+    /// Processors' checkpoints: list, reset, delete, set.
     Checkpoints {
         #[command(subcommand)]
         command: CheckpointsCommand,
