@@ -83,39 +83,6 @@ struct Cli {
 enum Command {
     /// Create or upgrade the store's schema (safe to run again); prints what it did.
     Migrate,
-    /// Processors' checkpoints: list, reset, delete, set.
-    Checkpoints {
-        #[command(subcommand)]
-        command: CheckpointsCommand,
-    },
-    /// A stream's snapshot: show, delete.
-    Snapshots {
-        #[command(subcommand)]
-        command: SnapshotsCommand,
-    },
-    /// A consumer group's members and partitions.
-    Groups {
-        #[command(subcommand)]
-        command: GroupsCommand,
-    },
-    /// A processor's dead letters: list, delete.
-    DeadLetters {
-        #[command(subcommand)]
-        command: DeadLettersCommand,
-    },
-    /// Stream lifecycle: delete, tombstone, truncate, and metadata (retention).
-    Streams {
-        #[command(subcommand)]
-        command: StreamsCommand,
-    },
-    /// Apply every stream's retention ($tb, $maxCount, $maxAge): remove the events it
-    /// hides, in short transactions, and print what was done. Run it from cron.
-    Scavenge,
-    /// The schema's SQL, or its version in the database.
-    Schema {
-        #[command(subcommand)]
-        command: SchemaCommand,
-    },
     /// Append the JSON lines on stdin to STREAM, atomically; prints the result.
     Append {
         /// The stream to append to.
@@ -199,6 +166,39 @@ enum Command {
     },
     /// Counts: events, streams, per category, and the head position, as JSON.
     Stats,
+    /// Stream lifecycle: delete, tombstone, truncate, and metadata (retention).
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
+    /// Apply every stream's retention ($tb, $maxCount, $maxAge): remove the events it
+    /// hides, in short transactions, and print what was done. Run it from cron.
+    Scavenge,
+    /// A stream's snapshot: show, delete.
+    Snapshots {
+        #[command(subcommand)]
+        command: SnapshotsCommand,
+    },
+    /// Processors' checkpoints: list, reset, delete, set.
+    Checkpoints {
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
+    /// A processor's dead letters: list, delete.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
+    /// A consumer group's members and partitions.
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
+    /// The schema's SQL, or its version in the database.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
