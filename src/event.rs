@@ -623,8 +623,6 @@ pub struct AppendResult {
     pub was_duplicate: bool,
 }
 
-/// Serializes a time as RFC 3339 in UTC with microseconds, PostgreSQL's precision.
-/// [`serialize_time`] for an optional time (`null` when there is none).
 /// A duration as seconds, with their fraction.
 pub(crate) fn serialize_seconds<S: Serializer>(
     d: &std::time::Duration,
@@ -633,6 +631,8 @@ pub(crate) fn serialize_seconds<S: Serializer>(
     s.serialize_f64(d.as_secs_f64())
 }
 
+/// Serializes a time as RFC 3339 in UTC with microseconds, PostgreSQL's precision.
+/// [`serialize_time`] for an optional time (`null` when there is none).
 pub(crate) fn serialize_time_opt<S: Serializer>(
     t: &Option<SystemTime>,
     s: S,
