@@ -59,7 +59,7 @@ EXIT CODES:
     1  any other error
     2  usage error: bad arguments, or a bad DATABASE_URL / DB_* / schema name
     3  conflict: wrong expected version, event id already used, stream order conflict,
-       a tombstoned stream, a processor that is running (checkpoints reset/delete)
+       a tombstoned stream, a processor that is running (checkpoints reset/delete/set)
     4  connection failure: the server cannot be reached, refused us, or went away
     5  invalid input: a bad JSON line, a bad event, too many events for one transaction";
 
