@@ -1462,6 +1462,7 @@ impl Member {
                     &worker.filter.category,
                     &worker.filter.event_types,
                     &page,
+                    &worker.filter.streams,
                 ],
             )
             .map_err(|e| self.store.map_error(e))?;

@@ -196,8 +196,8 @@
 //! [`Store::subscribe`] returns a [`Subscription`]: an iterator that first reads the
 //! history through the same cursors as [`Store::read_all`], then blocks for new events, in
 //! the same global order and with the same guarantee. Start from the beginning, after a
-//! position (a checkpoint), or live; follow everything, a category, some event types, or
-//! one stream (in version order).
+//! position (a checkpoint), or live; follow everything, a category, some event types, a
+//! list of streams (in the global order), or one stream (in version order).
 //!
 //! ```no_run
 //! use std::time::Duration;

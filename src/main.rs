@@ -32,6 +32,7 @@ EXAMPLES:
     pg-eventstore read account-1 --backwards --limit 1
     pg-eventstore read-all --category account- --type Deposited --type Withdrawn
     pg-eventstore read-all --backwards --limit 10
+    pg-eventstore read-all --in-stream account-1 --in-stream account-2
     pg-eventstore tail --category account- --live | head -n 5
     pg-eventstore export > events.jsonl
     pg-eventstore --schema copy migrate && pg-eventstore --schema copy import < events.jsonl
@@ -129,7 +130,7 @@ enum Command {
         #[command(flatten)]
         filters: Filters,
         /// Follow one stream, in version order (--after is then a version).
-        #[arg(long, value_name = "STREAM", conflicts_with_all = ["category", "types"])]
+        #[arg(long, value_name = "STREAM", conflicts_with_all = ["category", "types", "in_streams"])]
         stream: Option<String>,
         /// Start after this global position.
         #[arg(long, value_name = "P", conflicts_with = "live")]
@@ -349,6 +350,14 @@ struct Filters {
     /// Only events of this type (repeat for several).
     #[arg(long = "type", value_name = "TYPE", id = "types")]
     types: Vec<String>,
+    /// Only events of this stream, in the global order (repeat for several).
+    #[arg(
+        long = "in-stream",
+        value_name = "STREAM",
+        id = "in_streams",
+        conflicts_with = "category"
+    )]
+    in_streams: Vec<String>,
 }
 
 impl Filters {
@@ -358,6 +367,9 @@ impl Filters {
         }
         if !self.types.is_empty() {
             options = options.event_types(&self.types);
+        }
+        if !self.in_streams.is_empty() {
+            options = options.streams(&self.in_streams);
         }
         options
     }
@@ -550,6 +562,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     let mut o = SubscribeOptions::all();
                     if let Some(c) = &filters.category {
                         o = SubscribeOptions::category(c.as_str());
+                    }
+                    if !filters.in_streams.is_empty() {
+                        o = SubscribeOptions::streams(&filters.in_streams);
                     }
                     if !filters.types.is_empty() {
                         o = o.event_types(&filters.types);

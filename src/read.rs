@@ -108,6 +108,7 @@ pub struct ReadAll {
     pub(crate) max_count: Option<u64>,
     pub(crate) category: Option<String>,
     pub(crate) event_types: Option<Vec<String>>,
+    pub(crate) streams: Option<Vec<String>>,
     /// Leave out events visible in this snapshot (`pg_snapshot` text): live subscriptions.
     pub(crate) before_snapshot: Option<String>,
     pub(crate) wait: Wait,
@@ -134,6 +135,7 @@ impl ReadAll {
             max_count: None,
             category: None,
             event_types: None,
+            streams: None,
             before_snapshot: None,
             wait: Wait::Default,
         }
@@ -187,6 +189,32 @@ impl ReadAll {
         self
     }
 
+    /// Only events of these streams (their ids, compared exactly), still in the global
+    /// order: several streams read as one, each in its version order. Combines with
+    /// [`category`](Self::category) and [`event_types`](Self::event_types) (an event must
+    /// pass every filter). A stream subscription
+    /// ([`SubscribeOptions::stream`](crate::SubscribeOptions::stream)) follows a single
+    /// stream by version instead.
+    ///
+    /// Like the other filters, this one is applied while the read walks the global
+    /// order: the server looks at every event after the start position, so reading a few
+    /// streams out of a large log costs about what reading the log costs on the server.
+    /// To read one stream, [`Store::read_stream`] goes straight to it.
+    ///
+    /// ```
+    /// use pg_eventstore::ReadAll;
+    /// let two_orders = ReadAll::from_start().streams(["order-1", "order-2"]);
+    /// # let _ = two_orders;
+    /// ```
+    pub fn streams<I, S>(mut self, streams: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.streams = Some(streams.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Reads only what a `$all` reader can see now, without waiting for events that
     /// committed before the call but wait behind an open appending transaction with a
     /// smaller position (see [`Store::feed_status`](crate::Store::feed_status)). The read
@@ -205,8 +233,9 @@ impl ReadAll {
         self
     }
 
-    /// Whether `event` passes the category and event type filters, as the `$all`
-    /// statements decide (`starts_with`, and `=` on the type).
+    /// Whether `event` passes the category, event type and stream filters, as the
+    /// `$all` statements decide (`starts_with`, and `=` on the type and on the stream id:
+    /// `filters_match` in sql.rs).
     pub(crate) fn matches(&self, event: &RecordedEvent) -> bool {
         self.category
             .as_ref()
@@ -215,6 +244,15 @@ impl ReadAll {
                 .event_types
                 .as_ref()
                 .is_none_or(|t| t.contains(&event.event_type))
+            && self
+                .streams
+                .as_ref()
+                .is_none_or(|s| s.contains(&event.stream_id))
+    }
+
+    /// Whether any filter leaves events out.
+    pub(crate) fn is_filtered(&self) -> bool {
+        self.category.is_some() || self.event_types.is_some() || self.streams.is_some()
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -230,6 +268,17 @@ impl ReadAll {
             }
             for t in types {
                 validate_text("event type filter", t, MAX_EVENT_TYPE_BYTES)
+                    .map_err(Error::InvalidInput)?;
+            }
+        }
+        if let Some(streams) = &self.streams {
+            if streams.is_empty() {
+                return Err(Error::InvalidInput(
+                    "the stream filter is empty, so nothing could match".into(),
+                ));
+            }
+            for s in streams {
+                validate_text("stream filter's stream id", s, MAX_STREAM_ID_BYTES)
                     .map_err(Error::InvalidInput)?;
             }
         }
@@ -282,6 +331,7 @@ enum Query {
         bound: i64,
         category: Option<String>,
         types: Option<Vec<String>>,
+        streams: Option<Vec<String>>,
         before_snapshot: Option<String>,
         /// The horizon this read stops at, once known: all its pages stop at the same one.
         horizon: Option<i64>,
@@ -324,6 +374,7 @@ impl Query {
                 bound,
                 category,
                 types,
+                streams,
                 before_snapshot,
                 horizon,
                 known,
@@ -332,7 +383,12 @@ impl Query {
             } => {
                 let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![bound, limit, horizon, known];
                 if self.is_filtered() {
-                    params.extend([category as &(dyn ToSql + Sync), types, before_snapshot]);
+                    params.extend([
+                        category as &(dyn ToSql + Sync),
+                        types,
+                        before_snapshot,
+                        streams,
+                    ]);
                 }
                 if !others.is_empty() {
                     params.push(others);
@@ -363,8 +419,9 @@ impl Query {
 
     /// Whether an `$all` read leaves events out (see the `_filtered` statements).
     fn is_filtered(&self) -> bool {
-        matches!(self, Query::All { category, types, before_snapshot, .. }
-            if category.is_some() || types.is_some() || before_snapshot.is_some())
+        matches!(self, Query::All { category, types, streams, before_snapshot, .. }
+            if category.is_some() || types.is_some() || streams.is_some()
+                || before_snapshot.is_some())
     }
 
     /// Moves the bound past `event`.
@@ -503,6 +560,7 @@ impl Events {
                 bound,
                 category: options.category,
                 types: options.event_types,
+                streams: options.streams,
                 before_snapshot: options.before_snapshot,
                 horizon: None,
                 wait,

@@ -453,18 +453,29 @@ pub(crate) struct Sql {
     pub(crate) set_truncate_before: Statement,
 }
 
+/// Whether an event passes the filters of a `ReadAll` (`ReadAll::matches` in Rust), with
+/// the parameters holding the category, the event types and the stream ids; a NULL
+/// parameter lets every event through.
+fn filters_match(category: &str, types: &str, streams: &str) -> String {
+    format!(
+        "({category}::text IS NULL OR starts_with(stream_id, {category}::text))
+    AND ({types}::text[] IS NULL OR event_type = ANY({types}::text[]))
+    AND ({streams}::text[] IS NULL OR stream_id = ANY({streams}::text[]))"
+    )
+}
+
 /// The filters of the `_filtered` `$all` reads (none for the others): `$5` the category,
-/// `$6` the event types, `$7` the snapshot whose events are left out.
+/// `$6` the event types, `$7` the snapshot whose events are left out, `$8` the streams.
 fn all_filters(filtered: bool) -> String {
     if !filtered {
         return String::new();
     }
     format!(
         "
-    AND ($5::text IS NULL OR starts_with(stream_id, $5::text))
-    AND ($6::text[] IS NULL OR event_type = ANY($6::text[]))
+    AND {}
     AND ($7::text IS NULL OR NOT pg_visible_in_snapshot(
-           (global_position >> {POSITION_BITS})::text::xid8, $7::text::pg_snapshot))"
+           (global_position >> {POSITION_BITS})::text::xid8, $7::text::pg_snapshot))",
+        filters_match("$5", "$6", "$8")
     )
 }
 
@@ -499,12 +510,13 @@ impl Sql {
             // Parameters: `$1` the keyset bound, `$2` the page size, `$3` an earlier
             // page's horizon, `$4` the store's highest horizon; in the filtered variants
             // `$5` the category, `$6` the event types, `$7` the snapshot whose events are
-            // left out; last, in the `_others` variants, the other databases' ids. The
+            // left out, `$8` the streams; last, in the `_others` variants, the other
+            // databases' ids. The
             // unfiltered variants carry no filter at all: in a generic plan a filter
             // that is NULL is still evaluated on every row (3 % of a 300,000-event read
             // on the server).
             let (limit, hz, known) = ("$2", "$3", "$4");
-            let others_p = if filtered { "$8" } else { "$5" };
+            let others_p = if filtered { "$9" } else { "$5" };
             let filters = all_filters(filtered);
             // The horizon of this read, `h0`, without a function call in two quick cases
             // (see feed_horizon): the newest event is below the snapshot's xmin, so
@@ -1148,15 +1160,15 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                    SET attempts = excluded.attempts, error = excluded.error, parked_at = now()"
             ),
             // A filtered worker's look past the events its filter left out: the last of
-            // the next `$4` events below the horizon, and whether any of them matches.
+            // the next `$4` events below the horizon, and whether any of them matches
+            // (`$2` the category, `$3` the event types, `$5` the streams).
             scan_past: format!(
                 "SELECT count(*), max(p), COALESCE(bool_or(m), false) FROM (
-                     SELECT global_position AS p,
-                            ($2::text IS NULL OR starts_with(stream_id, $2::text))
-                            AND ($3::text[] IS NULL OR event_type = ANY($3::text[])) AS m
+                     SELECT global_position AS p, {} AS m
                        FROM {events}
                       WHERE global_position > $1 AND global_position < (SELECT horizon FROM {horizon})
-                      ORDER BY global_position LIMIT $4) s"
+                      ORDER BY global_position LIMIT $4) s",
+                filters_match("$2", "$3", "$5")
             ),
             // Every processor with a checkpoint, per-stream claims or dead letters; the
             // lag counts the events after its checkpoint that `$all` readers can see;
@@ -1253,16 +1265,17 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                    FROM {events} GROUP BY 1 ORDER BY 1 NULLS LAST"
             ),
             count_from: format!("SELECT count(*) FROM {events} WHERE global_position >= $1"),
-            // How many events a `$all` read with these bounds and filters returns now.
+            // How many events a `$all` read with these bounds and filters returns now
+            // (`$3` the category, `$4` the event types, `$7` the streams).
             count_matching: format!(
                 "SELECT count(*) FROM (
                      SELECT 1 FROM {events}
                       WHERE global_position > $1
                         AND global_position < LEAST($2, GREATEST((SELECT horizon FROM {horizon}),
                                                                  $6::bigint))
-                        AND ($3::text IS NULL OR starts_with(stream_id, $3::text))
-                        AND ($4::text[] IS NULL OR event_type = ANY($4::text[]))
-                      LIMIT $5) AS matching"
+                        AND {}
+                      LIMIT $5) AS matching",
+                filters_match("$3", "$4", "$7")
             ),
             event_at: format!("SELECT {COLUMNS} FROM {events} WHERE global_position = $1"),
             // A group of a transactional worker's events: lock the claims of its
@@ -1639,12 +1652,12 @@ impl GroupText {
                      SELECT {COLUMNS}, {part} AS partition FROM {events}
                       WHERE global_position > $1 AND global_position < (SELECT horizon FROM h)
                         AND {part} = ANY($2::int[])
-                        AND ($4::text IS NULL OR starts_with(stream_id, $4::text))
-                        AND ($5::text[] IS NULL OR event_type = ANY($5::text[]))
+                        AND {filters}
                       ORDER BY global_position LIMIT $6)
                  SELECT page.*, h.horizon, h.tip FROM h LEFT JOIN page ON true
                   ORDER BY page.global_position",
-                part = partition_of("stream_id", "$3")
+                part = partition_of("stream_id", "$3"),
+                filters = filters_match("$4", "$5", "$7")
             ),
             list_members: format!(
                 "SELECT m.member_id, m.info, m.joined_at, m.heartbeat_at,

@@ -112,6 +112,7 @@ impl Store {
                     &options.event_types,
                     &limit,
                     &known,
+                    &options.streams,
                 ],
             )
         })?;

@@ -24,7 +24,7 @@ const ERROR_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration:
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Target {
-    /// `$all`, through the category and event type filters of a `ReadAll`.
+    /// `$all`, through the category, event type and stream filters of a `ReadAll`.
     All(ReadAll),
     Stream(String),
 }
@@ -77,6 +77,16 @@ impl SubscribeOptions {
         }
     }
 
+    /// Events of these streams (their ids, compared exactly), in the global order, from
+    /// the beginning; positions are global positions. See [`ReadAll::streams`].
+    pub fn streams<I, S>(streams: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::filtered(ReadAll::from_start().streams(streams))
+    }
+
     /// The events of one stream, in version order, from version 0.
     pub fn stream(stream: impl Into<String>) -> Self {
         SubscribeOptions {
@@ -86,7 +96,7 @@ impl SubscribeOptions {
         }
     }
 
-    /// Only events of these types (for `all` and `category` subscriptions).
+    /// Only events of these types (for `all`, `category` and `streams` subscriptions).
     pub fn event_types<I, S>(mut self, types: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -96,7 +106,7 @@ impl SubscribeOptions {
             Target::All(filter) => self.target = Target::All(filter.event_types(types)),
             Target::Stream(_) => {
                 self.misuse = Some(
-                    "event type filters apply to all and category subscriptions, not to one stream",
+                    "event type filters apply to all, category and streams subscriptions, not to one stream",
                 )
             }
         }

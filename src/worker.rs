@@ -149,7 +149,7 @@ pub struct Worker {
     pub(crate) store: Store,
     pub(crate) name: String,
     pub(crate) threads: usize,
-    /// Which events: the category and event type filters of a `$all` read.
+    /// Which events: the category, event type and stream filters of a `$all` read.
     pub(crate) filter: ReadAll,
     pub(crate) checkpoint_interval: Duration,
     retries: u32,
@@ -209,6 +209,16 @@ impl Worker {
         S: Into<String>,
     {
         self.filter = self.filter.event_types(types);
+        self
+    }
+
+    /// Only events of these streams (see [`ReadAll::streams`]).
+    pub fn streams<I, S>(mut self, streams: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.filter = self.filter.streams(streams);
         self
     }
 
@@ -735,7 +745,7 @@ struct Scan {
 impl Scan {
     fn new(worker: &Worker, start: Option<u64>) -> Scan {
         let f = &worker.filter;
-        let filtered = f.category.is_some() || f.event_types.is_some();
+        let filtered = f.is_filtered();
         Scan {
             store: worker.store.clone(),
             filter: filtered.then(|| f.clone()),
@@ -769,7 +779,13 @@ impl Scan {
             let row = conn
                 .query_one(
                     &statement,
-                    &[&bound, &filter.category, &filter.event_types, &SCAN_PAGE],
+                    &[
+                        &bound,
+                        &filter.category,
+                        &filter.event_types,
+                        &SCAN_PAGE,
+                        &filter.streams,
+                    ],
                 )
                 .map_err(|e| self.store.map_error(e))?;
             let (count, last, matched): (i64, Option<i64>, bool) =

@@ -1,6 +1,7 @@
 use crate::common::{events, TestResult, TestStore};
 use pg_eventstore::{
-    Config, Error, EventData, ExpectedVersion, ReadAll, ReadStream, MAX_STREAM_ID_BYTES,
+    Config, Error, EventData, ExpectedVersion, ReadAll, ReadStream, SubscribeOptions,
+    MAX_STREAM_ID_BYTES,
 };
 use serde_json::json;
 
@@ -91,6 +92,31 @@ fn bad_reads_are_refused() -> TestResult {
         t.read_all(ReadAll::from_start().event_types(Vec::<String>::new()))
             .map(|_| ()),
         "event type filter is empty",
+    );
+    assert_invalid(
+        t.read_all(ReadAll::from_start().streams(Vec::<String>::new()))
+            .map(|_| ()),
+        "stream filter is empty",
+    );
+    assert_invalid(
+        t.read_all(ReadAll::from_start().streams(["a", ""]))
+            .map(|_| ()),
+        "stream filter's stream id is empty",
+    );
+    assert_invalid(
+        t.subscribe(SubscribeOptions::streams(["a\0"])).map(|_| ()),
+        "NUL",
+    );
+    assert_invalid(
+        t.count(&ReadAll::from_start().streams([""])).map(|_| ()),
+        "empty",
+    );
+    assert_invalid(
+        t.worker("w")
+            .streams(Vec::<String>::new())
+            .spawn(|_| Ok(()))
+            .map(|_| ()),
+        "stream filter is empty",
     );
     assert_invalid(t.save_snapshot("", 1, &1).map(|_| ()), "empty");
     Ok(())

@@ -272,6 +272,21 @@ fn tail_piped_into_head_exits_cleanly() -> TestResult {
         );
         assert_eq!(stdout(&out).lines().count(), n);
     }
+    // Two named streams: their four events, then head closes the pipe.
+    let script = "set -o pipefail; timeout 60 \"$0\" --url \"$1\" --schema \"$2\" \
+                  tail --in-stream s-2 --in-stream s-0 | head -n 4";
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .arg(bin())
+        .args([&database_url(), &t.schema])
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "{:?} {}", out.status, stderr(&out));
+    let streams: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["stream"].to_string())
+        .collect();
+    assert_eq!(streams, ["\"s-0\"", "\"s-0\"", "\"s-2\"", "\"s-2\""]);
     Ok(())
 }
 
@@ -327,9 +342,33 @@ fn read_all_stats_and_schema() -> TestResult {
         positions(&["read-all", "--backwards", "--type", "Paid"]),
         [all[2].position]
     );
+    // Named streams, in the global order.
+    assert_eq!(
+        positions(&[
+            "read-all",
+            "--in-stream",
+            "lonely",
+            "--in-stream",
+            "order-1"
+        ]),
+        [all[0].position, all[1].position, all[3].position]
+    );
+    assert_eq!(
+        positions(&["export", "--in-stream", "order-2"]),
+        [all[2].position]
+    );
+    let out = run(&t.schema, &["read-all", "--in-stream", ""], "");
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stream id is empty"),
+        "{}",
+        stderr(&out)
+    );
     for args in [
         &["read-all", "--backwards", "--after", "1"][..],
         &["read-all", "--before", "1"][..],
+        &["read-all", "--in-stream", "a", "--category", "a"][..],
+        &["tail", "--in-stream", "a", "--stream", "a"][..],
     ] {
         let out = run(&t.schema, args, "");
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));

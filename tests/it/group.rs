@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{client, events, wait_visible, TestResult, TestStore};
 use pg_eventstore::{
-    Config, Error, EventData, ExpectedVersion, GroupOptions, ImportOptions, Store, Worker,
+    Config, Error, EventData, ExpectedVersion, GroupOptions, ImportOptions, ReadAll, Store, Worker,
 };
 
 /// Imports `streams` × `per_stream` events, interleaved (event k of every stream, then
@@ -855,5 +855,51 @@ fn members_ride_out_a_database_restart_within_the_lease() -> TestResult {
         "database restart of {:.2} s ridden out: {sa:?} {sb:?}",
         down.as_secs_f64()
     );
+    Ok(())
+}
+
+/// A group's filters (streams, category, event types) pick the same events as a `$all`
+/// read, and its partitions' checkpoints still reach the end of the log.
+#[test]
+fn a_filtered_group_handles_exactly_what_its_filters_pick() -> TestResult {
+    let t = TestStore::with("group_filter", |c| c.max_connections(8));
+    import_interleaved(&t, "s-", 20, 10);
+    let last = t.append("s-3", ExpectedVersion::Any, &events("Other", 2))?;
+    wait_visible(&t, last.last_position);
+    let picked = |w: Worker| w.streams(["s-3", "s-11", "none"]).event_types(["E"]);
+    let want: Vec<(String, u64)> = t
+        .read_all(
+            ReadAll::from_start()
+                .streams(["s-3", "s-11", "none"])
+                .event_types(["E"]),
+        )?
+        .map(|e| e.map(|e| (e.stream_id, e.version)))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(want.len(), 20);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let member = picked(t.worker("filtered").threads(2))
+        .checkpoint_interval(Duration::from_millis(50))
+        .group(GroupOptions::new().partitions(4))
+        .spawn(move |e| {
+            s.lock().unwrap().push((e.stream_id.clone(), e.version));
+            Ok(())
+        })?;
+    wait_for(
+        "every partition checkpointed",
+        Duration::from_secs(20),
+        || {
+            t.group_partitions("filtered")
+                .unwrap()
+                .iter()
+                .all(|p| p.lag == 0 && p.position.is_some())
+        },
+    );
+    member.stop()?;
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let mut want = want;
+    want.sort();
+    assert_eq!(seen, want);
     Ok(())
 }

@@ -131,6 +131,56 @@ fn read_all_in_order_with_filters() -> TestResult {
                 .event_types(["OrderShipped", "Nope"]),
         );
         assert_eq!(both.len(), 3);
+        // Named streams, in the global order; with the other filters, every one applies.
+        let named = read(ReadAll::from_start().streams(["user-1", "order-1", "none"]));
+        assert_eq!(
+            named,
+            vec![
+                ("order-1".into(), "OrderPlaced".into()),
+                ("order-1".into(), "OrderPlaced".into()),
+                ("user-1".into(), "UserRegistered".into())
+            ]
+        );
+        let named_all: Vec<_> = t
+            .read_all(ReadAll::from_start().streams(["order-2", "order_3"]))?
+            .collect::<Result<_>>()?;
+        assert_eq!(named_all, all[3..].to_vec());
+        assert_eq!(
+            read(
+                ReadAll::backwards()
+                    .streams(["order-2", "user-1"])
+                    .max_count(2)
+            ),
+            vec![
+                ("order-2".into(), "OrderShipped".into()),
+                ("order-2".into(), "OrderShipped".into())
+            ]
+        );
+        assert_eq!(
+            read(
+                ReadAll::after(all[0].position)
+                    .streams(["order-1", "order_3"])
+                    .event_types(["OrderPlaced"])
+                    .category("order")
+            ),
+            vec![
+                ("order-1".into(), "OrderPlaced".into()),
+                ("order_3".into(), "OrderPlaced".into())
+            ]
+        );
+        assert!(read(ReadAll::from_start().streams(["user-1"]).category("order-")).is_empty());
+        assert_eq!(
+            t.count(&ReadAll::from_start().streams(["order-2", "user-1"]))?,
+            4
+        );
+        assert_eq!(
+            t.count(
+                &ReadAll::from_start()
+                    .streams(["order-2"])
+                    .event_types(["Nope"])
+            )?,
+            0
+        );
 
         // After a position (exclusive), max count, backwards.
         let after = t

@@ -117,6 +117,9 @@ fn filters_by_stream_category_and_type() -> TestResult {
     let mut category = t.subscribe(SubscribeOptions::category("order-"))?;
     let mut typed = t.subscribe(SubscribeOptions::all().event_types(["Registered", "Shipped"]))?;
     let mut stream_after = t.subscribe(SubscribeOptions::stream("order-1").after(0))?;
+    let mut named = t.subscribe(SubscribeOptions::streams(["user-1", "order-2"]))?;
+    let mut named_typed =
+        t.subscribe(SubscribeOptions::streams(["user-1", "order-1"]).event_types(["Renamed"]))?;
     t.append("order-1", ExpectedVersion::Exact(1), &events("Paid", 1))?;
     t.append("user-1", ExpectedVersion::Exact(0), &events("Renamed", 1))?;
 
@@ -127,7 +130,17 @@ fn filters_by_stream_category_and_type() -> TestResult {
     let c = take(&mut category, 4);
     assert_eq!(types(&c), ["Placed", "Placed", "Shipped", "Paid"]);
     assert_eq!(types(&take(&mut typed, 2)), ["Registered", "Shipped"]);
-    for sub in [&mut stream, &mut category, &mut typed] {
+    let n = take(&mut named, 3);
+    assert_eq!(types(&n), ["Registered", "Shipped", "Renamed"]);
+    assert!(n.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(types(&take(&mut named_typed, 1)), ["Renamed"]);
+    for sub in [
+        &mut stream,
+        &mut category,
+        &mut typed,
+        &mut named,
+        &mut named_typed,
+    ] {
         assert!(sub.next_timeout(Duration::from_millis(100)).is_none());
     }
     let err = t
@@ -1140,9 +1153,11 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     let mut all = store.subscribe(SubscribeOptions::all())?;
     let mut orders = store.subscribe(SubscribeOptions::category("order-").event_types(["Paid"]))?;
     let mut stream = store.subscribe(SubscribeOptions::stream("s-1"))?;
+    let mut named = store.subscribe(SubscribeOptions::streams(["s-9", "order-1"]))?;
     assert_eq!(take(&mut all, 1)[0].event_type, "Seed");
     assert_eq!(take(&mut stream, 1)[0].event_type, "Seed");
     assert!(orders.next_timeout(Duration::from_millis(50)).is_none());
+    assert!(named.next_timeout(Duration::from_millis(50)).is_none());
 
     // One event, its data in a form that `jsonb` writes differently.
     thread::sleep(Duration::from_millis(20));
@@ -1175,6 +1190,11 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     thread::sleep(Duration::from_millis(20));
     let before = reads_run(&store);
     three_orders_through_a_filter(&store, &mut orders, &mut all)?;
+    assert_eq!(
+        types(&take(&mut named, 3)),
+        ["Placed", "Paid", "Shipped"],
+        "a stream filter takes the named stream's events, not s-1's"
+    );
     assert_eq!(reads_run(&store), before, "the subscriptions read");
 
     // An `append_in` after a quiet moment: its `NOTIFY`, sent as the caller's

@@ -816,6 +816,23 @@ fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
         .run_batch(|_| Ok(()))?;
     assert_eq!((summary.handled, summary.checkpoint), (0, Some(last)));
     assert_eq!(t.checkpoint("only-a")?, Some(last));
+    // A stream filter: exactly those streams' events, each stream in order.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let summary = t
+        .worker("two-streams")
+        .streams(["b-3", "b-7"])
+        .run_batch(move |e| {
+            s.lock().unwrap().push((e.stream_id.clone(), e.version));
+            Ok(())
+        })?;
+    assert_eq!((summary.handled, summary.checkpoint), (200, Some(last)));
+    let seen = seen.lock().unwrap().clone();
+    let want: Vec<(String, u64)> = ["b-3", "b-7"]
+        .iter()
+        .flat_map(|s| (0..100).map(move |v| (s.to_string(), v)))
+        .collect();
+    assert_eq!(seen, want);
 
     // Live: the checkpoint follows the log while nothing matches, and the one event
     // that matches is handled.
@@ -824,6 +841,7 @@ fn a_filtered_worker_moves_its_checkpoint_past_what_it_reads() -> TestResult {
     let worker = t
         .worker("live-a")
         .category("b-")
+        .streams(["b-1", "b-9"])
         .event_types(["A"])
         .checkpoint_interval(Duration::from_millis(10))
         .spawn(move |e| {
