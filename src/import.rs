@@ -547,6 +547,7 @@ struct Statements {
     slot: Statement,
     lock: Statement,
     heads: Statement,
+    fresh: Statement,
     copy: Statement,
 }
 
@@ -564,6 +565,9 @@ struct Writer<'s> {
     /// The position ranges of the transactions this import has committed, so that a
     /// stream it wrote to there is not taken for one that existed before.
     ours: Vec<(i64, i64)>,
+    /// The streams the current transaction started at version 0 without looking them
+    /// up (see `must_look_up`), checked before it ends (see `check_fresh`).
+    fresh: Vec<String>,
     current: Progress,
     committed: Progress,
     /// Whether the (caller's) transaction had an id before it took the events table's
@@ -580,6 +584,7 @@ impl<'s> Writer<'s> {
             known: HashMap::new(),
             forgot: false,
             ours: Vec::new(),
+            fresh: Vec::new(),
             current: Progress::default(),
             committed: Progress::default(),
             check_floor: false,
@@ -665,6 +670,7 @@ impl<'s> Writer<'s> {
                 slot: tx.prepare(sql.import_slot.text())?,
                 lock: tx.prepare(sql.import_lock_streams.text())?,
                 heads: tx.prepare(sql.import_heads.text())?,
+                fresh: tx.prepare(sql.import_fresh_heads.text())?,
                 copy: tx.prepare(sql.import_copy.text())?,
             });
         }
@@ -704,6 +710,20 @@ impl<'s> Writer<'s> {
             // Existing streams are looked up (and locked) again in each transaction.
             self.known.clear();
         }
+        self.fresh.clear();
+        let more = self.write_batches(tx, input, pending, &mut slot)?;
+        self.check_fresh(tx, &slot)?;
+        Ok(more)
+    }
+
+    /// The batches of one transaction (see `transaction`).
+    fn write_batches(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        input: &Receiver<Msg>,
+        pending: &mut Option<Vec<Item>>,
+        slot: &mut Slot,
+    ) -> Result<bool, Failure> {
         let mut next_batch = pending.take();
         loop {
             let mut batch = match next_batch.take() {
@@ -713,30 +733,30 @@ impl<'s> Writer<'s> {
                     None => return Ok(false),
                 },
             };
-            let rest = self.split(&slot, &mut batch)?;
-            self.resolve(tx, &slot, &batch)?;
+            let rest = self.split(slot, &mut batch)?;
+            self.resolve(tx, slot, &batch)?;
             let copy = self.statements(tx)?.copy.clone();
             let mut writer = BinaryCopyInWriter::new(tx.copy_in(&copy)?, &COPY_TYPES);
             let first = slot.next;
             loop {
-                self.write_rows(&mut writer, &mut slot, &batch)?;
+                self.write_rows(&mut writer, slot, &batch)?;
                 if rest.is_some() {
-                    self.finish(writer, first, &slot, &batch)?;
+                    self.finish(writer, first, slot, &batch)?;
                     *pending = rest;
                     return Ok(true);
                 }
                 // An error here drops the writer, which aborts the COPY.
                 let Some(following) = receive(input)? else {
-                    self.finish(writer, first, &slot, &batch)?;
+                    self.finish(writer, first, slot, &batch)?;
                     return Ok(false);
                 };
-                let fits = following.len() as u64 <= self.room(&slot);
+                let fits = following.len() as u64 <= self.room(slot);
                 if fits && !self.must_look_up(&following) {
                     self.add_new_streams(&following);
                     batch = following;
                     continue;
                 }
-                self.finish(writer, first, &slot, &batch)?;
+                self.finish(writer, first, slot, &batch)?;
                 next_batch = Some(following);
                 break;
             }
@@ -766,8 +786,9 @@ impl<'s> Writer<'s> {
 
     /// Whether `batch` brings a stream whose next version must be queried. Without
     /// continuing existing streams, and while `known` holds every stream the import has
-    /// written, an unknown stream is a new one and needs no query: if it exists after
-    /// all, its version 0 is taken and the `COPY` fails on the unique constraint.
+    /// written, an unknown stream is taken for a new one and needs no query: if it exists
+    /// after all, its version 0 is taken and the `COPY` fails on the unique constraint,
+    /// or (a stream that lost its version 0) `check_fresh` refuses the transaction.
     fn must_look_up(&self, batch: &[Item]) -> bool {
         (self.options.continue_existing || self.forgot)
             && batch
@@ -780,9 +801,38 @@ impl<'s> Writer<'s> {
         for item in batch {
             if !self.known.contains_key(item.event.stream.as_str()) {
                 self.known.insert(item.event.stream.clone(), 0);
+                self.fresh.push(item.event.stream.clone());
                 self.current.streams += 1;
             }
         }
+    }
+
+    /// Before the transaction ends: refuses it if a stream it started at version 0
+    /// without a look-up exists after all. Its version 0 being taken makes the `COPY`
+    /// fail, but a stream that was deleted, tombstoned, truncated or scavenged has lost
+    /// its version 0 (never its last event), and every such stream has a metadata row
+    /// (its `$tb`, `$maxCount` or `$maxAge`), so only those are looked at, once per
+    /// transaction. Run after the `COPY`, the check sees any removal that could have
+    /// let the `COPY` through: the removal's own statement committed after the marker
+    /// or `$tb` that it finds.
+    fn check_fresh(&mut self, tx: &mut Transaction<'_>, slot: &Slot) -> Result<(), Failure> {
+        if self.fresh.is_empty() {
+            return Ok(());
+        }
+        let fresh = self.statements(tx)?.fresh.clone();
+        let Some(row) = tx.query_opt(&fresh, &[&self.fresh, &slot.lo])? else {
+            return Ok(());
+        };
+        let (stream, version): (String, i64) = (row.get(0), row.get(1));
+        Err(Failure::Done(if version == crate::sql::TOMBSTONE_HEAD {
+            Error::StreamDeleted { stream }
+        } else {
+            Error::WrongExpectedVersion {
+                stream,
+                expected: ExpectedVersion::NoStream,
+                actual: ActualVersion::Exact(version as u64),
+            }
+        }))
     }
 
     /// Makes sure every stream of `batch` has its next version in `known`.

@@ -46,6 +46,9 @@ pub struct ReadStream {
     /// Whether `from` itself is left out ([`ReadStream::after_version`]).
     pub(crate) exclusive: bool,
     pub(crate) max_count: Option<u64>,
+    /// Whether the delete markers below the stream's `$tb` are read too (forwards only):
+    /// for stream subscriptions, which deliver them as `$all` subscriptions do.
+    pub(crate) markers: bool,
 }
 
 impl ReadStream {
@@ -56,6 +59,7 @@ impl ReadStream {
             from: None,
             exclusive: false,
             max_count: None,
+            markers: false,
         }
     }
 
@@ -87,6 +91,12 @@ impl ReadStream {
     /// Reads at most `n` events.
     pub fn max_count(mut self, n: u64) -> Self {
         self.max_count = Some(n);
+        self
+    }
+
+    /// Also reads the stream's delete markers (see `markers`).
+    pub(crate) fn with_markers(mut self) -> Self {
+        self.markers = true;
         self
     }
 }
@@ -324,6 +334,8 @@ enum Query {
         forwards: bool,
         /// The next version to read (inclusive); `i64::MAX` backwards means "the end".
         next: i64,
+        /// Forwards: the delete markers below `$tb` too (see `ReadStream::markers`).
+        markers: bool,
     },
     All {
         forwards: bool,
@@ -348,7 +360,16 @@ impl Query {
     fn statement<'s>(&self, store: &'s Store) -> &'s Statement {
         let sql = &store.sql();
         match self {
-            Query::Stream { forwards: true, .. } => &sql.read_stream_forwards,
+            Query::Stream {
+                forwards: true,
+                markers: false,
+                ..
+            } => &sql.read_stream_forwards,
+            Query::Stream {
+                forwards: true,
+                markers: true,
+                ..
+            } => &sql.read_stream_forwards_markers,
             Query::Stream {
                 forwards: false, ..
             } => &sql.read_stream_backwards,
@@ -534,6 +555,7 @@ impl Events {
                 stream,
                 forwards,
                 next,
+                markers: options.markers && forwards,
             },
             options.max_count,
         )

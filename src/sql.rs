@@ -392,6 +392,9 @@ pub(crate) struct Sql {
     pub(crate) stream_head: Statement,
     pub(crate) read_stream_forwards: Statement,
     pub(crate) read_stream_backwards: Statement,
+    /// `read_stream_forwards` that also returns the delete markers below the stream's
+    /// `$tb`, for stream subscriptions.
+    pub(crate) read_stream_forwards_markers: Statement,
     /// `$all` reads without a filter.
     pub(crate) read_all_forwards: Statement,
     /// `read_all_forwards` (and `_filtered`) for a first page when nothing is held back:
@@ -438,6 +441,7 @@ pub(crate) struct Sql {
     pub(crate) import_slot: Statement,
     pub(crate) import_lock_streams: Statement,
     pub(crate) import_heads: Statement,
+    pub(crate) import_fresh_heads: Statement,
     pub(crate) import_copy: Statement,
     pub(crate) stats_categories: Statement,
     pub(crate) count_from: Statement,
@@ -1067,6 +1071,15 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                   WHERE stream_id = $1 AND stream_version >= GREATEST($2, {truncated})
                   ORDER BY stream_version LIMIT $3"
             ),
+            read_stream_forwards_markers: format!(
+                "SELECT {COLUMNS} FROM {events}
+                  WHERE stream_id = $1 AND stream_version >= $2
+                    AND (stream_version >= {truncated}
+                         OR event_type IN ('{deleted}', '{tombstone}'))
+                  ORDER BY stream_version LIMIT $3",
+                deleted = crate::event::STREAM_DELETED,
+                tombstone = crate::event::STREAM_TOMBSTONE
+            ),
             read_stream_backwards: format!(
                 "SELECT {COLUMNS} FROM {events}
                   WHERE stream_id = $1 AND stream_version <= $2
@@ -1253,6 +1266,24 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                         LATERAL ({}) AS h",
                 stream_head_lookup(&events, "s.name")
             ),
+            // Of the streams `$1` that an import's transaction (slot `$2`) started at
+            // version 0 without looking them up, the first that has a metadata row and
+            // an event of another transaction, with its head (`TOMBSTONE_HEAD` for a
+            // tombstone): one that lost its version 0 to a delete, truncation or
+            // retention.
+            import_fresh_heads: format!(
+                "SELECT s.name, h.v FROM unnest($1::text[]) AS s(name)
+                   JOIN {s}.stream_metadata m ON m.stream_id = s.name
+                  CROSS JOIN LATERAL (
+                        SELECT CASE WHEN e.event_type = '{tombstone}' THEN {TOMBSTONE_HEAD}
+                                    ELSE e.stream_version END AS v
+                          FROM {events} e
+                         WHERE e.stream_id = s.name
+                           AND (e.global_position < $2 OR e.global_position >= $2 + {max})
+                         ORDER BY e.stream_version DESC LIMIT 1) h
+                  LIMIT 1",
+                tombstone = crate::event::STREAM_TOMBSTONE
+            ),
             import_copy: format!(
                 "COPY {events} (global_position, event_id, stream_id, stream_version, \
                  event_type, data, metadata, recorded_at) FROM STDIN (FORMAT binary)"
@@ -1313,7 +1344,10 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                  ON CONFLICT (stream_id) DO UPDATE
                    SET version = old.version + 1, metadata = excluded.metadata,
                        updated_at = now()
-                 WHERE $3::int IN (0, 2) OR ($3::int = 3 AND old.version = $4::bigint)
+                 WHERE ($3::int IN (0, 2) OR ($3::int = 3 AND old.version = $4::bigint))
+                   -- Checked on the newest row, which the update locks: a tombstone
+                   -- that committed after the caller's check still wins.
+                   AND (old.metadata->>'$tb') IS DISTINCT FROM '{TOMBSTONE_HEAD}'
                  RETURNING version"
             ),
             stream_metadata: format!(

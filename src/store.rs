@@ -28,7 +28,7 @@ pub(crate) type Conn = PooledConnection<Manager>;
 /// How often an append that lost a race on a unique constraint is re-run. The re-run sees
 /// the winner, so it either succeeds (`Any`, or a repeat of the same ids) or reports the
 /// conflict; only a stream under constant contention with `Any` needs more than one.
-const APPEND_ATTEMPTS: usize = 30;
+pub(crate) const APPEND_ATTEMPTS: usize = 30;
 
 /// An event store on one PostgreSQL schema. Cheap to clone: clones share the pool.
 ///

@@ -542,9 +542,10 @@ impl Subscription {
 
     fn open_read(&self) -> Result<Events> {
         match (&self.target, &self.cursor) {
-            (Target::Stream(stream), Cursor::Version(v)) => self
-                .store
-                .read_stream(stream, ReadStream::forwards().from_version(*v)),
+            (Target::Stream(stream), Cursor::Version(v)) => self.store.read_stream(
+                stream,
+                ReadStream::forwards().from_version(*v).with_markers(),
+            ),
             (Target::All(filter), Cursor::Position(p)) => {
                 // A subscription never waits inside a read: it delivers what is visible
                 // and looks again when woken (or soon, while events are held back).

@@ -15,6 +15,7 @@ mod feed;
 mod group;
 mod import;
 mod lifecycle;
+mod lifecycle_edges;
 mod loadgen;
 mod migrate;
 mod ops;

@@ -1,0 +1,437 @@
+//! The stream lifecycle at its edges: imports into streams that lost events, deletes
+//! racing appends and metadata writes, markers for subscribers, times out of range.
+
+use crate::common::{client, events, TestResult, TestStore};
+
+use pg_eventstore::{Error, ExpectedVersion, ImportOptions, ReadAll, STREAM_TOMBSTONE};
+
+/// `(stream, version, type)` of every row of the events table, in position order.
+fn rows(t: &TestStore) -> Vec<(String, i64, String)> {
+    let sql = format!(
+        "SELECT stream_id, stream_version, event_type FROM \"{}\".events ORDER BY global_position",
+        t.schema
+    );
+    client()
+        .query(&sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// A default import (no `continue_existing_streams`) into a tombstoned stream, whose
+/// versions below the tombstone are gone, is `Error::StreamDeleted` and writes nothing.
+#[test]
+fn default_import_into_a_tombstoned_stream_is_refused() -> TestResult {
+    let t = TestStore::new("edge_tomb_import");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.tombstone_stream("a", ExpectedVersion::Exact(2))?;
+    let before = rows(&t);
+    assert_eq!(
+        before,
+        vec![("a".to_string(), 3, STREAM_TOMBSTONE.to_string())]
+    );
+    let import = [("a", events("I", 1).remove(0))];
+    let r = t.import(&import, ImportOptions::new());
+    let after = rows(&t);
+    assert!(
+        matches!(r, Err(Error::StreamDeleted { .. })),
+        "import into a tombstoned stream: {r:?}; rows now {after:?}"
+    );
+    assert_eq!(after, before, "nothing written");
+    Ok(())
+}
+
+/// The same for a soft-deleted stream: it exists (its head is the marker), so a default
+/// import is refused (`WrongExpectedVersion`, expected no stream) and writes nothing.
+#[test]
+fn default_import_into_a_soft_deleted_stream_is_refused() -> TestResult {
+    let t = TestStore::new("edge_soft_import");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.delete_stream("a", ExpectedVersion::Exact(2))?;
+    let before = rows(&t);
+    let import = [
+        ("a", events("I", 2).remove(0)),
+        ("a", events("I", 2).remove(1)),
+    ];
+    let r = t.import(&import, ImportOptions::new());
+    let after = rows(&t);
+    assert!(
+        matches!(r, Err(Error::WrongExpectedVersion { .. })),
+        "import into an existing (soft-deleted) stream: {r:?}; rows now {after:?}"
+    );
+    assert_eq!(after, before, "nothing written");
+    Ok(())
+}
+
+/// A truncated stream exists too (its version 0 is gone).
+#[test]
+fn default_import_into_a_truncated_stream_is_refused() -> TestResult {
+    let t = TestStore::new("edge_trunc_import");
+    t.append("a", ExpectedVersion::NoStream, &events("E", 5))?;
+    t.truncate_stream("a", 5)?;
+    let before = rows(&t);
+    let import = [("a", events("I", 1).remove(0))];
+    let r = t.import(&import, ImportOptions::new());
+    let after = rows(&t);
+    assert!(
+        matches!(r, Err(Error::WrongExpectedVersion { .. })),
+        "import into an existing (truncated) stream: {r:?}; rows now {after:?}"
+    );
+    assert_eq!(after, before, "nothing written");
+    let _ = ReadAll::from_start();
+    Ok(())
+}
+
+/// `delete_stream(s, Any)` racing appends that take the marker's version: with `Any`
+/// there is no expected version to be wrong, so the delete goes on after them and never
+/// reports `WrongExpectedVersion`.
+#[test]
+fn delete_with_any_never_reports_a_wrong_expected_version() -> TestResult {
+    let t = TestStore::new("edge_delete_any");
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let bad = std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t.append("s", ExpectedVersion::Any, &events("F", 1))
+                        .unwrap();
+                }
+            });
+        }
+        let mut bad = Vec::new();
+        for _ in 0..300 {
+            match t.delete_stream("s", ExpectedVersion::Any) {
+                Ok(_) => {}
+                Err(e @ Error::WrongExpectedVersion { .. }) => bad.push(e.to_string()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        bad
+    });
+    assert!(
+        bad.is_empty(),
+        "{} of 300 deletes with Any failed, e.g. {:?}",
+        bad.len(),
+        bad.first()
+    );
+    Ok(())
+}
+
+/// A delete wakes live subscriptions as an append does: the marker arrives within
+/// milliseconds, not at the next safety poll (1 s by default).
+#[test]
+fn a_live_subscription_gets_a_delete_marker_as_fast_as_an_append() -> TestResult {
+    use pg_eventstore::SubscribeOptions;
+    use std::time::{Duration, Instant};
+    let t = TestStore::new("edge_marker_wake");
+    let mut sub = t.subscribe(SubscribeOptions::all().live())?;
+    // Warm up: an append is delivered at once.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst_append = Duration::ZERO;
+    let mut worst_delete = Duration::ZERO;
+    for i in 0..3 {
+        let s = format!("s-{i}");
+        let started = Instant::now();
+        t.append(&s, ExpectedVersion::NoStream, &events("E", 1))?;
+        let e = sub
+            .next_timeout(Duration::from_secs(5))
+            .expect("append delivered")?;
+        assert_eq!(e.stream_id, s);
+        worst_append = worst_append.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        t.delete_stream(&s, ExpectedVersion::Exact(0))?;
+        let e = sub
+            .next_timeout(Duration::from_secs(5))
+            .expect("marker delivered")?;
+        assert_eq!(e.event_type, pg_eventstore::STREAM_DELETED);
+        worst_delete = worst_delete.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("worst append {worst_append:?}, worst delete marker {worst_delete:?}");
+    assert!(
+        worst_delete < Duration::from_millis(200),
+        "delete marker took {worst_delete:?} (append: {worst_append:?})"
+    );
+    Ok(())
+}
+
+/// A metadata write racing a tombstone never lands after it: the statement checks for the
+/// tombstone on the row it updates, and a write that lost is `Error::StreamDeleted`.
+#[test]
+fn a_metadata_write_racing_a_tombstone_never_lands_after_it() -> TestResult {
+    let t = TestStore::new("edge_meta_tomb");
+    let n = 150;
+    for i in 0..n {
+        t.append(
+            &format!("s-{i}"),
+            ExpectedVersion::NoStream,
+            &events("E", 3),
+        )?;
+    }
+    let barrier = std::sync::Barrier::new(2);
+    let metas = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in 0..n {
+                barrier.wait();
+                if i % 2 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                }
+                t.tombstone_stream(&format!("s-{i}"), ExpectedVersion::Any)
+                    .unwrap();
+            }
+        });
+        let m = scope.spawn(|| {
+            (0..n)
+                .map(|i| {
+                    barrier.wait();
+                    t.set_stream_metadata(
+                        &format!("s-{i}"),
+                        ExpectedVersion::Any,
+                        &serde_json::json!({ "owner": "ops" }),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        m.join().unwrap()
+    });
+    let mut landed_after = Vec::new();
+    for (i, r) in metas.iter().enumerate() {
+        let s = format!("s-{i}");
+        let meta = t.stream_metadata(&s)?.expect("written");
+        let read: Vec<_> = t
+            .read_stream(&s, pg_eventstore::ReadStream::forwards())?
+            .collect::<Result<_, _>>()?;
+        if r.is_ok() && meta.truncate_before() != Some(i64::MAX as u64) {
+            landed_after.push((s.clone(), meta.metadata.clone(), read.len()));
+        }
+        // Every write that lost says why: the stream is tombstoned.
+        if let Err(e) = r {
+            assert!(matches!(e, Error::StreamDeleted { .. }), "{s}: {e:?}");
+        }
+        assert!(
+            read.is_empty(),
+            "{s}: a tombstoned stream reads as empty: {read:?}"
+        );
+    }
+    assert!(
+        landed_after.is_empty(),
+        "{} metadata writes succeeded after the tombstone, e.g. {:?} (metadata, events a read returns)",
+        landed_after.len(),
+        landed_after.first()
+    );
+    Ok(())
+}
+
+/// A stream subscription receives the `$streamDeleted` marker (its stream's reads start
+/// past it), then what is appended after it, in version order.
+#[test]
+fn a_stream_subscription_receives_the_delete_marker() -> TestResult {
+    use pg_eventstore::SubscribeOptions;
+    use std::time::Duration;
+    let t = TestStore::new("edge_stream_sub_marker");
+    t.append("s", ExpectedVersion::NoStream, &events("E", 2))?;
+    let mut sub = t.subscribe(SubscribeOptions::stream("s"))?;
+    for v in 0..2 {
+        let e = sub
+            .next_timeout(Duration::from_secs(5))
+            .expect("caught up")?;
+        assert_eq!(e.version, v);
+    }
+    assert!(sub.next_timeout(Duration::from_millis(300)).is_none());
+    t.delete_stream("s", ExpectedVersion::Exact(1))?;
+    t.append("s", ExpectedVersion::Exact(2), &events("After", 1))?;
+    let got: Vec<(u64, String)> = (0..2)
+        .filter_map(|_| sub.next_timeout(Duration::from_secs(3)))
+        .map(|e| e.map(|e| (e.version, e.event_type)))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        got,
+        vec![
+            (2, pg_eventstore::STREAM_DELETED.to_string()),
+            (3, "After".to_string())
+        ]
+    );
+    Ok(())
+}
+
+/// Deletes, tombstones and truncations racing appends, with a subscription and `$all`
+/// reads following: every reader sees positions strictly increasing, each stream's
+/// versions increasing, and every event that remains at the end.
+#[test]
+fn lifecycle_racing_appends_keeps_all_readers_in_order() -> TestResult {
+    use pg_eventstore::SubscribeOptions;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let t = TestStore::new("edge_lifecycle_race");
+    let mut sub = t.subscribe(SubscribeOptions::all().from_start())?;
+    let done = AtomicBool::new(false);
+    let (delivered, paged) = std::thread::scope(|scope| {
+        for w in 0..2u64 {
+            let (t, done) = (&t, &done);
+            scope.spawn(move || {
+                let mut i = w;
+                while !done.load(Ordering::Relaxed) {
+                    let s = format!("s-{}", (i * 7) % 23);
+                    let _ = t.append(&s, ExpectedVersion::Any, &events("E", 1 + (i % 3) as usize));
+                    i += 1;
+                }
+            });
+        }
+        scope.spawn(|| {
+            let mut i = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let s = format!("s-{}", (i * 5) % 23);
+                match i % 10 {
+                    0 => drop(t.tombstone_stream(&format!("s-{}", i % 3), ExpectedVersion::Any)),
+                    1..=4 => drop(t.delete_stream(&s, ExpectedVersion::Any)),
+                    5..=7 => {
+                        if let Ok(Some(v)) = t.stream_version(&s) {
+                            let _ = t.truncate_stream(&s, v / 2 + 1);
+                        }
+                    }
+                    _ => drop(t.scavenge()),
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        let pager = scope.spawn(|| {
+            let mut pages = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let got: Vec<(u64, String, u64)> = t
+                    .read_all(ReadAll::from_start().visible_now())
+                    .unwrap()
+                    .map(|e| e.map(|e| (e.position, e.stream_id, e.version)).unwrap())
+                    .collect();
+                pages.push(got);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            pages
+        });
+        let reader = scope.spawn(|| {
+            let mut got = Vec::new();
+            while let Some(e) = sub.next_timeout(Duration::from_secs(3)) {
+                let e = e.unwrap();
+                got.push((e.position, e.stream_id, e.version));
+            }
+            got
+        });
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(6) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done.store(true, Ordering::Relaxed);
+        (reader.join().unwrap(), pager.join().unwrap())
+    });
+    let check = |what: &str, seq: &[(u64, String, u64)]| {
+        assert!(
+            seq.windows(2).all(|w| w[0].0 < w[1].0),
+            "{what}: positions not increasing"
+        );
+        let mut last: std::collections::HashMap<&str, u64> = Default::default();
+        for (p, s, v) in seq {
+            if let Some(prev) = last.insert(s.as_str(), *v) {
+                assert!(
+                    prev < *v,
+                    "{what}: {s} version {v} at {p} after version {prev}"
+                );
+            }
+        }
+    };
+    check("subscription", &delivered);
+    for (i, page) in paged.iter().enumerate() {
+        check(&format!("read_all #{i}"), page);
+    }
+    t.wait_all_visible();
+    let remaining: Vec<(u64, String, u64)> = t
+        .read_all(ReadAll::from_start())?
+        .map(|e| e.map(|e| (e.position, e.stream_id, e.version)))
+        .collect::<Result<_, _>>()?;
+    let seen: std::collections::HashSet<u64> = delivered.iter().map(|e| e.0).collect();
+    let missing: Vec<_> = remaining.iter().filter(|e| !seen.contains(&e.0)).collect();
+    eprintln!(
+        "delivered {}, remaining {}, pages {}",
+        delivered.len(),
+        remaining.len(),
+        paged.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} remaining events never delivered, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    Ok(())
+}
+
+/// A delete keeps its marker until `scavenge`, even when an append lands while the
+/// delete's removal batches run (they remove what is below the marker, not the marker),
+/// so that a `$all` reader that was behind still learns that the stream was deleted.
+#[test]
+fn an_append_during_the_delete_removal_does_not_remove_the_marker() -> TestResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let t = TestStore::new("edge_marker_removed");
+    let big: Vec<(String, pg_eventstore::EventData)> = (0..20_000)
+        .map(|_| ("s".to_string(), events("E", 1).remove(0)))
+        .collect();
+    t.import(&big, ImportOptions::new())?;
+    let deleted = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Append as soon as the marker (version 20000) is the head.
+            loop {
+                if let Ok(Some(20_000)) = t.stream_version("s") {
+                    t.append("s", ExpectedVersion::Exact(20_000), &events("After", 1))
+                        .unwrap();
+                    return;
+                }
+                if deleted.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+        });
+        let r = t
+            .delete_stream("s", ExpectedVersion::Exact(19_999))
+            .unwrap();
+        deleted.store(true, Ordering::Relaxed);
+        eprintln!("{r:?}");
+    });
+    let rows = rows(&t);
+    eprintln!("rows left: {:?}", rows);
+    assert!(
+        rows.iter().any(|r| r.2 == pg_eventstore::STREAM_DELETED),
+        "the delete removed its own marker: $all readers never see it; rows {rows:?}"
+    );
+    Ok(())
+}
+
+/// A stream that has metadata but no events (retention set before its first event) is a
+/// new stream for a default import, which starts it at version 0.
+#[test]
+fn a_default_import_starts_a_stream_that_has_only_metadata() -> TestResult {
+    let t = TestStore::new("edge_meta_only");
+    t.set_stream_metadata(
+        "a",
+        ExpectedVersion::NoStream,
+        &serde_json::json!({ "$maxCount": 5 }),
+    )?;
+    t.import(&[("a", events("I", 1).remove(0))], ImportOptions::new())?;
+    assert_eq!(rows(&t), vec![("a".to_string(), 0, "I".to_string())]);
+    // And a deleted stream whose events were all imported by the same import earlier
+    // in a chunked run is its own: the check looks only at other transactions' events.
+    let big = (0..10).map(|_| {
+        Ok(pg_eventstore::ImportEvent::new(
+            "b",
+            events("E", 1).remove(0),
+        ))
+    });
+    t.set_stream_metadata("b", ExpectedVersion::NoStream, &serde_json::json!({}))?;
+    let summary = t.import_iter(big, ImportOptions::new().chunked(true).chunk_size(3))?;
+    assert_eq!(summary.transactions, 4);
+    assert_eq!(t.stream_version("b")?, Some(9));
+    Ok(())
+}
