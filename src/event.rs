@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use serde::de::DeserializeOwned;
@@ -121,10 +121,10 @@ impl EventData {
             ("data", Some(&self.data)),
             ("metadata", self.metadata.as_ref()),
         ] {
-            if json.is_some_and(|j| has_nul_escape(j)) {
+            if let Some(problem) = json.and_then(|j| jsonb_escape_problem(j)) {
                 return Err(Error::InvalidInput(format!(
-                    "{label} ({}): its {what} contains the NUL character \\u0000, which \
-                     PostgreSQL's jsonb cannot store",
+                    "{label} ({}): its {what} contains {problem}, which PostgreSQL's jsonb \
+                     cannot store",
                     self.event_type
                 )));
             }
@@ -159,20 +159,45 @@ pub(crate) fn validate_text(what: &str, text: &str, max: usize) -> std::result::
 /// Whether serialized JSON holds the escape `\u0000` (an unescaped backslash followed by
 /// `u0000`). serde_json escapes a NUL character that way, and jsonb refuses it.
 pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
+    jsonb_escape_problem(json) == Some(NUL_ESCAPE)
+}
+
+const NUL_ESCAPE: &str = "the NUL character \\u0000";
+const LONE_SURROGATE: &str = "a \\u escape of half a UTF-16 surrogate pair (\\uD800 to \\uDFFF) \
+                              without its other half";
+
+/// What in serialized JSON PostgreSQL's `jsonb` refuses although the JSON is valid: the
+/// escape `\u0000` (a NUL character), and a `\u` escape of a UTF-16 surrogate that is
+/// not a high one (`\uD800`–`\uDBFF`) followed at once by a low one (`\uDC00`–`\uDFFF`).
+/// serde_json writes neither for a Rust string; JSON given as text (JSON lines, raw
+/// values) may hold either.
+pub(crate) fn jsonb_escape_problem(json: &[u8]) -> Option<&'static str> {
     // Only a backslash starts an escape: a vectorised search jumps from one to the next
     // (about 300 instead of 1,900 instructions for an event of 300 bytes).
+    let unit = |at: usize| -> Option<u16> {
+        let hex = json.get(at..at + 6)?.strip_prefix(b"\\u")?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
     let mut from = 0;
     while let Some(at) = memchr::memchr(b'\\', &json[from..]) {
         let i = from + at;
-        if json[i + 1..].starts_with(b"u0000") {
-            return true;
+        // Skip the escaped character, so that `\\u0000` is not taken for an escape.
+        from = i + 2;
+        match unit(i) {
+            Some(0) => return Some(NUL_ESCAPE),
+            Some(0xD800..=0xDBFF) => match unit(i + 6) {
+                Some(0xDC00..=0xDFFF) => from = i + 12,
+                _ => return Some(LONE_SURROGATE),
+            },
+            Some(0xDC00..=0xDFFF) => return Some(LONE_SURROGATE),
+            Some(_) => from = i + 6,
+            None => {}
         }
-        from = i + 2; // skip the escaped character, so `\\u0000` is not taken for one
         if from >= json.len() {
-            return false;
+            return None;
         }
     }
-    false
+    None
 }
 
 /// JSON as the store holds it: the text PostgreSQL returned for a `jsonb` column, parsed
@@ -466,11 +491,9 @@ impl RecordedEvent {
             out.write_all(br#","metadata":"#)?;
             m.write_compact(out)?;
         }
-        write!(
-            out,
-            r#","recorded_at":"{}"}}"#,
-            humantime::format_rfc3339_micros(self.recorded_at)
-        )
+        let time =
+            rfc3339(self.recorded_at).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        write!(out, r#","recorded_at":"{time}"}}"#)
     }
 
     /// The event as an [`EventData`] to append or import elsewhere (another store, a
@@ -577,7 +600,10 @@ impl ImportEvent {
     }
 
     /// The time the event was first recorded, kept as its `recorded_at`. Without it the
-    /// event gets the importing transaction's time.
+    /// event gets the importing transaction's time. It must lie between 1970-01-01 and
+    /// the end of 9999 (what JSON output and JSON lines hold, so that an export can be
+    /// imported again); the import refuses any other with
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) and writes nothing.
     pub fn recorded_at(mut self, time: SystemTime) -> Self {
         self.recorded_at = Some(time);
         self
@@ -647,7 +673,29 @@ pub(crate) fn serialize_time<S: Serializer>(
     t: &SystemTime,
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_micros(*t))
+    s.collect_str(&rfc3339(*t).map_err(serde::ser::Error::custom)?)
+}
+
+/// The times that JSON output writes and JSON-lines input reads (RFC 3339 in UTC, with
+/// microseconds): from 1970-01-01 up to the end of the year 9999. An import refuses a
+/// `recorded_at` outside them, so that whatever is exported can be imported again.
+pub(crate) fn check_json_time(t: SystemTime) -> std::result::Result<(), String> {
+    rfc3339(t).map(|_| ())
+}
+
+/// `t` as RFC 3339 in UTC with microseconds, or why it cannot be written.
+fn rfc3339(t: SystemTime) -> std::result::Result<humantime::Rfc3339Timestamp, String> {
+    // 10000-01-01T00:00:00Z
+    const END: Duration = Duration::from_secs(253_402_300_800);
+    let outside = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) if since < END => return Ok(humantime::format_rfc3339_micros(t)),
+        Ok(_) => "after the end of 9999",
+        Err(_) => "before 1970",
+    };
+    Err(format!(
+        "the time is {outside}: JSON times here are RFC 3339 from 1970-01-01T00:00:00Z to \
+         9999-12-31T23:59:59.999999Z"
+    ))
 }
 
 #[cfg(test)]
@@ -668,6 +716,20 @@ mod tests {
         assert!(!has_nul_escape(b""));
         assert!(has_nul_escape(br#"{"a":"\n\t\\\"x\u0000"}"#));
         assert!(!has_nul_escape(br#"{"a":"\n\t\\\"x\\u0000"}"#));
+        // Surrogate escapes: a pair is fine, half of one is not.
+        assert_eq!(jsonb_escape_problem(br#"{"a":"\ud83d\ude00"}"#), None);
+        assert_eq!(jsonb_escape_problem(br#"{"a":"\uD83D\uDE00\u00e9"}"#), None);
+        for lone in [
+            &br#"{"a":"\ud800"}"#[..],
+            br#"{"a":"\ud800x"}"#,
+            br#"{"a":"\udc00"}"#,
+            br#"{"a":"\ud800\u0041"}"#,
+            br#"{"a":"\ud800\ud800"}"#,
+            br#"\ud800"#,
+        ] {
+            assert_eq!(jsonb_escape_problem(lone), Some(LONE_SURROGATE), "{lone:?}");
+        }
+        assert_eq!(jsonb_escape_problem(br#"{"a":"\\ud800"}"#), None);
         let e = EventData::json("T", serde_json::json!({"s": "a\0b"}));
         assert!(e.validate(0).is_err());
     }

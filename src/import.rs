@@ -424,6 +424,10 @@ fn feed<I: Iterator<Item = Result<ImportEvent>>>(events: I, writer: Sender<Msg>)
             e => e,
         })?;
         event.event.validate_as(&label)?;
+        if let Some(t) = event.recorded_at {
+            crate::event::check_json_time(t)
+                .map_err(|m| Error::InvalidInput(format!("{label}: recorded_at: {m}")))?;
+        }
         if let Some(p) = event.position {
             if let Some(previous) = last_position.filter(|previous| p <= *previous) {
                 return Err(Error::InvalidInput(format!(

@@ -431,7 +431,9 @@ fn exit_code(e: &Error) -> u8 {
         | Error::FeedOrderConflict { .. }
         | Error::ProcessorLocked { .. }
         | Error::StreamDeleted { .. } => EXIT_CONFLICT,
-        Error::Connect { .. } | Error::Pool { .. } => EXIT_CONNECTION,
+        Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::Pool { .. } => {
+            EXIT_CONNECTION
+        }
         // No SQLSTATE: the connection itself failed.
         Error::Postgres(p) if p.as_db_error().is_none() => EXIT_CONNECTION,
         Error::Config(_) => EXIT_USAGE,
@@ -731,7 +733,11 @@ fn print_lines<T: Serialize>(out: &mut impl Write, items: Vec<T>) -> Result<(), 
 }
 
 fn print_json<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), Failure> {
-    serde_json::to_writer(&mut *out, value).map_err(Error::from)?;
+    serde_json::to_writer(&mut *out, value).map_err(|e| match e.io_error_kind() {
+        // Writing failed (a closed pipe: `checkpoints list | head -1`), not the value.
+        Some(kind) => Failure::Output(io::Error::from(kind)),
+        None => Failure::Store(Error::from(e)),
+    })?;
     out.write_all(b"\n")?;
     Ok(())
 }

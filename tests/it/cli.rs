@@ -678,3 +678,62 @@ fn consumer_group_members_and_partitions_from_the_shell() -> TestResult {
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     Ok(())
 }
+
+/// Exit 4 also for a server that accepts the connection but never answers (a hung
+/// server, a full pooler queue): `Error::ConnectTimeout`.
+#[test]
+fn a_server_that_never_answers_is_exit_4() -> TestResult {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let _hold = std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(8).collect();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(held);
+    });
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?connect_timeout=1");
+    let out = assert_cmd::Command::new(bin())
+        .args(["--url", &url, "stats"])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()?;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    Ok(())
+}
+
+/// A closed pipe ends the commands that print JSON values (`checkpoints list`,
+/// `dead-letters list`, `groups ...`) as it ends `read-all`: exit 0, nothing on stderr.
+#[test]
+fn checkpoints_list_into_a_closed_pipe_exits_0() -> TestResult {
+    use std::io::Read;
+    let t = TestStore::new("cli_pipe");
+    crate::common::client().batch_execute(&format!(
+        "INSERT INTO \"{}\".checkpoints (processor_name, position)
+         SELECT 'processor-with-a-rather-long-name-' || g, 1 FROM generate_series(1, 3000) g",
+        t.schema
+    ))?;
+    let mut child = Command::new(bin())
+        .args(["--url", &database_url(), "--schema", &t.schema])
+        .args(["checkpoints", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut first = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut first)?; // then the pipe closes
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    Ok(())
+}
+
+/// `tail` ends cleanly on SIGTERM as on SIGINT. Tests cannot see it in the binary they
+/// run (the dev-dependency on `ctrlc` enables `termination` for every build of the test
+/// run), so this checks what an installed binary is built with: the optional `ctrlc`
+/// dependency itself must enable it.
+#[test]
+fn the_cli_s_ctrlc_handles_sigterm_in_an_installed_build() {
+    let manifest = include_str!("../../Cargo.toml");
+    let line = manifest
+        .lines()
+        .find(|l| l.starts_with("ctrlc") && l.contains("optional = true"))
+        .expect("the cli feature's ctrlc dependency");
+    assert!(line.contains("\"termination\""), "{line}");
+}

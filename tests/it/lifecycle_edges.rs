@@ -435,3 +435,86 @@ fn a_default_import_starts_a_stream_that_has_only_metadata() -> TestResult {
     assert_eq!(t.stream_version("b")?, Some(9));
     Ok(())
 }
+
+/// An import refuses a `recorded_at` before 1970 or after 9999 (what JSON output and
+/// JSON lines cannot hold), naming the event and writing nothing; an event stored with
+/// such a time by other means is an error when written as JSON, never a panic.
+#[test]
+fn recorded_at_outside_what_json_holds_is_refused_and_never_panics() -> TestResult {
+    use pg_eventstore::ImportEvent;
+    use std::time::{Duration, UNIX_EPOCH};
+    let t = TestStore::new("edge_times");
+    let old = UNIX_EPOCH - Duration::from_secs(86_400);
+    let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 86_400);
+    let last_ok = UNIX_EPOCH + Duration::from_micros(253_402_300_800_000_000 - 1);
+    for (time, what) in [(old, "before 1970"), (far, "after the end of 9999")] {
+        let input = [
+            Ok(ImportEvent::new("ok", events("E", 1).remove(0))),
+            Ok(ImportEvent::new("legacy-1", events("Born", 1).remove(0)).recorded_at(time)),
+        ];
+        match t.import_iter(input, ImportOptions::new()) {
+            Err(Error::InvalidInput(m)) => {
+                assert!(m.contains("event 1") && m.contains(what), "{m}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        assert!(rows(&t).is_empty(), "nothing written");
+    }
+    let edges = [
+        Ok(ImportEvent::new("edge", events("E", 1).remove(0)).recorded_at(UNIX_EPOCH)),
+        Ok(ImportEvent::new("edge", events("E", 1).remove(0)).recorded_at(last_ok)),
+    ];
+    t.import_iter(edges, ImportOptions::new())?;
+
+    // Stored behind the store's back: writing it out fails with a message, no panic.
+    client()
+        .execute(
+            &format!(
+                "UPDATE \"{}\".events SET recorded_at = '1969-07-20T20:17:40Z'
+              WHERE stream_version = 0",
+                t.schema
+            ),
+            &[],
+        )
+        .err()
+        .expect("events are immutable: an UPDATE is refused");
+    let mut c = client();
+    let mut tx = c.transaction()?;
+    tx.batch_execute(&format!(
+        "SET LOCAL session_replication_role = replica;
+         UPDATE \"{}\".events SET recorded_at = '1969-07-20T20:17:40Z' WHERE stream_version = 0",
+        t.schema
+    ))?;
+    tx.commit()?;
+    t.wait_all_visible();
+    let event = t.read_all(ReadAll::from_start())?.next().expect("one")?;
+    let mut line = Vec::new();
+    let e = event
+        .write_json(&mut line)
+        .expect_err("no RFC 3339 for 1969 here");
+    assert!(e.to_string().contains("before 1970"), "{e}");
+    let e = serde_json::to_string(&event).expect_err("the same through serde");
+    assert!(e.to_string().contains("before 1970"), "{e}");
+    Ok(())
+}
+
+/// A JSON line whose data holds half a UTF-16 surrogate pair as an escape (`"\ud800"`),
+/// which PostgreSQL's jsonb refuses, is `Error::InvalidInput` naming the line, and the
+/// import writes nothing; a whole pair is imported.
+#[test]
+fn a_lone_surrogate_in_a_json_line_is_invalid_input_naming_the_line() -> TestResult {
+    let t = TestStore::new("edge_surrogate");
+    let input = "{\"stream\":\"a\",\"type\":\"T\",\"data\":1}\n\
+                 {\"stream\":\"a\",\"type\":\"T\",\"data\":{\"k\":\"\\ud800\"}}\n";
+    match t.import_json_lines(input.as_bytes(), ImportOptions::new()) {
+        Err(Error::InvalidInput(m)) if m.contains("line 2") && m.contains("surrogate") => {}
+        other => panic!("expected InvalidInput naming line 2, got {other:?}"),
+    }
+    assert!(rows(&t).is_empty());
+    let pair = "{\"stream\":\"a\",\"type\":\"T\",\"data\":{\"k\":\"\\ud83d\\ude00\"}}\n";
+    t.import_json_lines(pair.as_bytes(), ImportOptions::new())?;
+    t.wait_all_visible();
+    let e = t.read_all(ReadAll::from_start())?.next().expect("one")?;
+    assert_eq!(e.data.to_value()?["k"], "\u{1F600}");
+    Ok(())
+}
