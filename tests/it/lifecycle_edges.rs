@@ -476,8 +476,7 @@ fn recorded_at_outside_what_json_holds_is_refused_and_never_panics() -> TestResu
             ),
             &[],
         )
-        .err()
-        .expect("events are immutable: an UPDATE is refused");
+        .expect_err("events are immutable: an UPDATE is refused");
     let mut c = client();
     let mut tx = c.transaction()?;
     tx.batch_execute(&format!(
