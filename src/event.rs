@@ -117,6 +117,12 @@ impl EventData {
                 self.event_type
             )));
         }
+        self.validate_json_as(label)
+    }
+
+    /// The data and metadata checks of [`EventData::validate_as`] (an import of an
+    /// export also takes the store's markers, whose type starts with `$`).
+    pub(crate) fn validate_json_as(&self, label: &dyn fmt::Display) -> Result<()> {
         for (what, json) in [
             ("data", Some(&self.data)),
             ("metadata", self.metadata.as_ref()),
@@ -582,7 +588,9 @@ impl ImportEvent {
     /// this one, it fails with [`Error::InvalidInput`](crate::Error::InvalidInput) naming the event and writes
     /// nothing (in a chunked import: nothing of that transaction). So an export that is
     /// imported with lines missing, repeated or reordered, or into streams that already
-    /// hold other events, is refused rather than renumbered.
+    /// hold other events, is refused rather than renumbered. With
+    /// [`ImportOptions::exported`](crate::ImportOptions::exported), a stream new in the
+    /// store begins at the version its first event gives.
     pub fn version(mut self, version: u64) -> Self {
         self.version = Some(version);
         self

@@ -25,9 +25,11 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::event::{validate_stream_id, EventData, ImportEvent, JsonbParam};
+use crate::event::{
+    validate_stream_id, EventData, ImportEvent, JsonbParam, STREAM_DELETED, STREAM_TOMBSTONE,
+};
 use crate::jsonl::JsonLines;
-use crate::sql::MAX_EVENTS_PER_TRANSACTION;
+use crate::sql::{MAX_EVENTS_PER_TRANSACTION, TOMBSTONE_HEAD};
 use crate::store::{duplicate_id, unique_violation, Store, UniqueViolation};
 use crate::version::{ActualVersion, ExpectedVersion};
 
@@ -54,6 +56,7 @@ pub struct ImportOptions {
     continue_existing: bool,
     chunked: bool,
     chunk_events: u64,
+    exported: bool,
 }
 
 impl Default for ImportOptions {
@@ -62,6 +65,7 @@ impl Default for ImportOptions {
             continue_existing: false,
             chunked: false,
             chunk_events: MAX_EVENTS_PER_TRANSACTION,
+            exported: false,
         }
     }
 }
@@ -91,6 +95,28 @@ impl ImportOptions {
     /// transaction and refuse this option.
     pub fn chunked(mut self, yes: bool) -> Self {
         self.chunked = yes;
+        self
+    }
+
+    /// With `true`, the input is an export of a store (`pg-eventstore export`, or the
+    /// events of [`Store::read_all`] as [`ImportEvent`]s with their versions), and the
+    /// import makes its streams read as they read there, also where the stream lifecycle
+    /// removed events:
+    ///
+    /// * a stream the import starts may begin at the version its first event gives (the
+    ///   versions before it were removed by a delete, a truncation or retention), and the
+    ///   stream's `$tb` is set there;
+    /// * the markers [`STREAM_DELETED`](crate::STREAM_DELETED) and
+    ///   [`STREAM_TOMBSTONE`](crate::STREAM_TOMBSTONE) are imported as what they are:
+    ///   after a delete marker the stream's `$tb` is set past it, and a tombstoned stream
+    ///   can never be written again.
+    ///
+    /// Other event types starting with `$` are still refused, and so is a version that
+    /// does not follow the one before it in the stream. Stream metadata (custom keys,
+    /// `$maxCount`, `$maxAge`) and snapshots are not part of an export. Default: `false`,
+    /// which refuses the markers and counts every new stream's versions from 0.
+    pub fn exported(mut self, yes: bool) -> Self {
+        self.exported = yes;
         self
     }
 
@@ -351,7 +377,7 @@ impl Store {
                     (written, writer.committed)
                 })
                 .expect("spawn the import writer thread");
-            let fed = feed(events, sender);
+            let fed = feed(events, options.exported, sender);
             match writer.join() {
                 Ok((written, committed)) => (fed, written, committed),
                 Err(panic) => std::panic::resume_unwind(panic),
@@ -410,7 +436,23 @@ fn slice_events<S: AsRef<str>>(
 /// The reading side: checks each event, batches them, and hands the batches to the
 /// writer. `Ok` when the input ended (and `End` was sent) or the writer stopped (its
 /// error is the one to report); `Err` when the input failed or was refused.
-fn feed<I: Iterator<Item = Result<ImportEvent>>>(events: I, writer: Sender<Msg>) -> Result<()> {
+/// Whether `event_type` is one of the store's markers, which only an import of an
+/// export takes (see `ImportOptions::exported`).
+fn is_marker(event_type: &str) -> bool {
+    event_type == STREAM_DELETED || event_type == STREAM_TOMBSTONE
+}
+
+/// Raises the `$tb` to set for `stream` to at least `version`.
+fn raise(truncate_before: &mut HashMap<String, i64>, stream: &str, version: i64) {
+    let tb = truncate_before.entry(stream.to_string()).or_insert(version);
+    *tb = (*tb).max(version);
+}
+
+fn feed<I: Iterator<Item = Result<ImportEvent>>>(
+    events: I,
+    exported: bool,
+    writer: Sender<Msg>,
+) -> Result<()> {
     let mut batch = Vec::with_capacity(BATCH_EVENTS);
     let mut bytes = 0;
     let mut index = 0u64;
@@ -423,7 +465,11 @@ fn feed<I: Iterator<Item = Result<ImportEvent>>>(events: I, writer: Sender<Msg>)
             Error::InvalidInput(m) => Error::InvalidInput(format!("{label}: {m}")),
             e => e,
         })?;
-        event.event.validate_as(&label)?;
+        if exported && is_marker(&event.event.event_type) {
+            event.event.validate_json_as(&label)?;
+        } else {
+            event.event.validate_as(&label)?;
+        }
         if let Some(t) = event.recorded_at {
             crate::event::check_json_time(t)
                 .map_err(|m| Error::InvalidInput(format!("{label}: recorded_at: {m}")))?;
@@ -572,6 +618,11 @@ struct Writer<'s> {
     /// The streams the current transaction started at version 0 without looking them
     /// up (see `must_look_up`), checked before it ends (see `check_fresh`).
     fresh: Vec<String>,
+    /// For an import of an export: the `$tb` that the current transaction's streams get
+    /// (see `ImportOptions::exported`).
+    truncate_before: HashMap<String, i64>,
+    /// For an import of an export: the streams it tombstoned, which take no more events.
+    tombstoned: HashSet<String>,
     current: Progress,
     committed: Progress,
     /// Whether the (caller's) transaction had an id before it took the events table's
@@ -589,6 +640,8 @@ impl<'s> Writer<'s> {
             forgot: false,
             ours: Vec::new(),
             fresh: Vec::new(),
+            truncate_before: HashMap::new(),
+            tombstoned: HashSet::new(),
             current: Progress::default(),
             committed: Progress::default(),
             check_floor: false,
@@ -715,8 +768,10 @@ impl<'s> Writer<'s> {
             self.known.clear();
         }
         self.fresh.clear();
+        self.truncate_before.clear();
         let more = self.write_batches(tx, input, pending, &mut slot)?;
         self.check_fresh(tx, &slot)?;
+        self.set_truncate_before(tx)?;
         Ok(more)
     }
 
@@ -811,6 +866,24 @@ impl<'s> Writer<'s> {
         }
     }
 
+    /// For an import of an export: sets the `$tb` of the streams that lost events in the
+    /// store they were exported from, never lowering one (see `ImportOptions::exported`).
+    fn set_truncate_before(&mut self, tx: &mut Transaction<'_>) -> Result<(), Failure> {
+        if self.truncate_before.is_empty() {
+            return Ok(());
+        }
+        let (streams, before): (Vec<&str>, Vec<i64>) = self
+            .truncate_before
+            .iter()
+            .map(|(s, v)| (s.as_str(), *v))
+            .unzip();
+        tx.execute(
+            self.store.sql().import_truncate_before.text(),
+            &[&streams, &before],
+        )?;
+        Ok(())
+    }
+
     /// Before the transaction ends: refuses it if a stream it started at version 0
     /// without a look-up exists after all. Its version 0 being taken makes the `COPY`
     /// fail, but a stream that was deleted, tombstoned, truncated or scavenged has lost
@@ -876,6 +949,33 @@ impl<'s> Writer<'s> {
                 .known
                 .get_mut(e.stream.as_str())
                 .expect("every stream of the batch is resolved");
+            if self.options.exported {
+                if self.tombstoned.contains(e.stream.as_str()) {
+                    return Err(Failure::Done(Error::InvalidInput(format!(
+                        "{}: stream {:?} was tombstoned earlier in the input: it takes no \
+                         more events",
+                        item.label(),
+                        e.stream
+                    ))));
+                }
+                // A stream new in this store (no version yet) begins where the export
+                // says: the versions before were removed there.
+                match e.version {
+                    Some(given) if *version == 0 && given > 0 && given <= i64::MAX as u64 => {
+                        *version = given as i64;
+                        raise(&mut self.truncate_before, &e.stream, *version);
+                    }
+                    _ => {}
+                }
+                match e.event.event_type.as_str() {
+                    STREAM_DELETED => raise(&mut self.truncate_before, &e.stream, *version + 1),
+                    STREAM_TOMBSTONE => {
+                        raise(&mut self.truncate_before, &e.stream, TOMBSTONE_HEAD);
+                        self.tombstoned.insert(e.stream.clone());
+                    }
+                    _ => {}
+                }
+            }
             if let Some(given) = e.version.filter(|v| *v as i64 != *version) {
                 return Err(Failure::Done(Error::InvalidInput(format!(
                     "{}: the input gives version {given}, but the event would be version \

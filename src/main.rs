@@ -35,7 +35,7 @@ EXAMPLES:
     pg-eventstore read-all --in-stream account-1 --in-stream account-2
     pg-eventstore tail --category account- --live | head -n 5
     pg-eventstore export > events.jsonl
-    pg-eventstore --schema copy migrate && pg-eventstore --schema copy import < events.jsonl
+    pg-eventstore --schema copy migrate && pg-eventstore --schema copy import --exported < events.jsonl
     pg-eventstore schema print --schema billing > billing.sql
     pg-eventstore checkpoints list
     pg-eventstore checkpoints reset balances
@@ -164,6 +164,12 @@ enum Command {
         /// import).
         #[arg(long, value_name = "N", default_value_t = 0)]
         skip: u64,
+        /// The input is an export of a store whose streams lost events (deleted,
+        /// tombstoned, truncated, trimmed by retention): take its delete markers and let
+        /// each new stream begin at its first exported version, so that the streams read
+        /// as they did there.
+        #[arg(long)]
+        exported: bool,
     },
     /// Counts: events, streams, per category, and the head position, as JSON.
     Stats,
@@ -454,6 +460,16 @@ fn message(e: &Error, cli: &Cli) -> String {
             text.push_str(" (import --chunked commits a larger input in several transactions)")
         }
         (
+            Error::InvalidInput(m),
+            Command::Import {
+                exported: false, ..
+            },
+        ) if m.contains("reserved for the store's own markers")
+            || m.contains("events of the stream are missing") =>
+        {
+            text.push_str(" (an export of a store whose streams lost events: import --exported)")
+        }
+        (
             Error::ImportIncomplete {
                 committed_events, ..
             },
@@ -551,7 +567,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             continue_existing,
             chunked,
             skip,
-        } => import(cli, out, *continue_existing, *chunked, *skip)?,
+            exported,
+        } => {
+            let options = ImportOptions::new()
+                .continue_existing_streams(*continue_existing)
+                .chunked(*chunked)
+                .exported(*exported);
+            import(cli, out, options, *skip)?
+        }
         Command::Tail {
             filters,
             stream,
@@ -765,8 +788,7 @@ fn write_events(
 fn import(
     cli: &Cli,
     out: &mut impl Write,
-    continue_existing: bool,
-    chunked: bool,
+    options: ImportOptions,
     skip: u64,
 ) -> Result<(), Failure> {
     let store = connect(cli)?;
@@ -805,9 +827,6 @@ fn import(
             bar.set_message(format!("{count} events ({rate:.0}/s)"));
         }
     });
-    let options = ImportOptions::new()
-        .continue_existing_streams(continue_existing)
-        .chunked(chunked);
     let summary = store.import_iter(events, options);
     if let Some(bar) = bar {
         bar.finish_and_clear();

@@ -442,6 +442,7 @@ pub(crate) struct Sql {
     pub(crate) import_lock_streams: Statement,
     pub(crate) import_heads: Statement,
     pub(crate) import_fresh_heads: Statement,
+    pub(crate) import_truncate_before: Statement,
     pub(crate) import_copy: Statement,
     pub(crate) stats_categories: Statement,
     pub(crate) count_from: Statement,
@@ -1283,6 +1284,18 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                          ORDER BY e.stream_version DESC LIMIT 1) h
                   LIMIT 1",
                 tombstone = crate::event::STREAM_TOMBSTONE
+            ),
+            // An import of an export: raises the `$tb` of the streams `$1` to `$2`
+            // (never lowers it), keeping their other metadata keys.
+            import_truncate_before: format!(
+                "INSERT INTO {s}.stream_metadata AS old (stream_id, version, metadata)
+                 SELECT t.s, 0, jsonb_build_object('$tb', t.tb)
+                   FROM unnest($1::text[], $2::bigint[]) AS t(s, tb)
+                 ON CONFLICT (stream_id) DO UPDATE
+                   SET version = old.version + 1, updated_at = now(),
+                       metadata = old.metadata || jsonb_build_object('$tb',
+                           GREATEST((old.metadata->>'$tb')::bigint,
+                                    (excluded.metadata->>'$tb')::bigint))"
             ),
             import_copy: format!(
                 "COPY {events} (global_position, event_id, stream_id, stream_version, \

@@ -737,3 +737,41 @@ fn the_cli_s_ctrlc_handles_sigterm_in_an_installed_build() {
         .expect("the cli feature's ctrlc dependency");
     assert!(line.contains("\"termination\""), "{line}");
 }
+
+/// `export` then `import --exported` copies a store whose streams lost events (a delete,
+/// a truncation); a plain `import` refuses it with exit 5, says to use `--exported`, and
+/// writes nothing.
+#[test]
+fn export_then_import_exported_copies_a_store_after_a_delete_and_a_truncate() -> TestResult {
+    let from = TestStore::new("cli_copy_from");
+    let into = TestStore::new("cli_copy_into");
+    from.append("keep", ExpectedVersion::NoStream, &events("E", 3))?;
+    from.append("gone", ExpectedVersion::NoStream, &events("E", 2))?;
+    from.delete_stream("gone", ExpectedVersion::Exact(1))?;
+    from.truncate_stream("keep", 1)?;
+    from.wait_all_visible();
+    let export = run(&from.schema, &["export"], "");
+    assert!(export.status.success(), "{}", stderr(&export));
+    let lines = stdout(&export);
+    let plain = run(&into.schema, &["import"], &lines);
+    assert_eq!(plain.status.code(), Some(5), "{}", stderr(&plain));
+    assert!(
+        stderr(&plain).contains("import --exported"),
+        "{}",
+        stderr(&plain)
+    );
+    assert!(all(&into).is_empty());
+    let copy = run(&into.schema, &["import", "--exported"], &lines);
+    assert!(copy.status.success(), "{}", stderr(&copy));
+    for s in ["keep", "gone"] {
+        let versions = |t: &TestStore| -> Vec<u64> {
+            t.read_stream(s, pg_eventstore::ReadStream::forwards())
+                .unwrap()
+                .map(|e| e.unwrap().version)
+                .collect()
+        };
+        assert_eq!(versions(&into), versions(&from), "{s}");
+        assert_eq!(into.stream_version(s)?, from.stream_version(s)?, "{s}");
+    }
+    Ok(())
+}

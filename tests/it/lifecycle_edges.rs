@@ -517,3 +517,91 @@ fn a_lone_surrogate_in_a_json_line_is_invalid_input_naming_the_line() -> TestRes
     assert_eq!(e.data.to_value()?["k"], "\u{1F600}");
     Ok(())
 }
+
+/// An export (the events of `read_all`, with their versions) of a store that deleted,
+/// tombstoned and truncated streams, imported with `ImportOptions::exported`, reads as
+/// it did there: each stream's events and version, a tombstone that refuses appends, and
+/// a deleted stream whose next append gets the same version. Without the option the
+/// markers and the streams that begin after version 0 are refused, and nothing is
+/// written.
+#[test]
+fn an_export_of_a_store_whose_streams_lost_events_imports_as_it_reads() -> TestResult {
+    use pg_eventstore::{ImportEvent, ReadStream};
+    let from = TestStore::new("edge_export_from");
+    from.append("keep", ExpectedVersion::NoStream, &events("E", 3))?;
+    from.append("gone", ExpectedVersion::NoStream, &events("E", 2))?;
+    from.append("dead", ExpectedVersion::NoStream, &events("E", 2))?;
+    from.append("plain", ExpectedVersion::NoStream, &events("E", 2))?;
+    from.append("again", ExpectedVersion::NoStream, &events("E", 2))?;
+    from.truncate_stream("keep", 1)?;
+    from.delete_stream("gone", ExpectedVersion::Exact(1))?;
+    from.tombstone_stream("dead", ExpectedVersion::Any)?;
+    from.delete_stream("again", ExpectedVersion::Any)?;
+    from.append("again", ExpectedVersion::Exact(2), &events("After", 2))?;
+    from.wait_all_visible();
+    let exported: Vec<pg_eventstore::RecordedEvent> = from
+        .read_all(ReadAll::from_start())?
+        .collect::<Result<_, _>>()?;
+    let input = || {
+        exported.iter().map(|e| {
+            Ok(ImportEvent::new(e.stream_id.clone(), e.to_event_data())
+                .version(e.version)
+                .position(e.position)
+                .recorded_at(e.recorded_at))
+        })
+    };
+
+    let plain = TestStore::new("edge_export_plain");
+    match plain.import_iter(input(), ImportOptions::new()) {
+        Err(Error::InvalidInput(m)) => {
+            assert!(m.contains("version 1") || m.contains("reserved"), "{m}")
+        }
+        other => panic!("without exported: {other:?}"),
+    }
+    assert!(rows(&plain).is_empty());
+
+    let into = TestStore::new("edge_export_into");
+    into.import_iter(input(), ImportOptions::new().exported(true))?;
+    let read = |t: &TestStore, s: &str| -> Vec<(uuid::Uuid, u64, String)> {
+        t.read_stream(s, ReadStream::forwards())
+            .unwrap()
+            .map(|e| e.map(|e| (e.id, e.version, e.event_type)))
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    for s in ["keep", "gone", "plain", "again"] {
+        assert_eq!(read(&into, s), read(&from, s), "{s}");
+        assert_eq!(into.stream_version(s)?, from.stream_version(s)?, "{s}");
+    }
+    assert!(read(&into, "gone").is_empty());
+    assert_eq!(read(&into, "keep").first().map(|e| e.1), Some(1));
+    assert!(matches!(
+        into.append("dead", ExpectedVersion::Any, &events("X", 1)),
+        Err(Error::StreamDeleted { .. })
+    ));
+    assert!(matches!(
+        into.stream_version("dead"),
+        Err(Error::StreamDeleted { .. })
+    ));
+    let next = into.append("gone", ExpectedVersion::Exact(2), &events("X", 1))?;
+    assert_eq!(next.last_version, 3);
+    assert_eq!(read(&into, "gone").len(), 1);
+
+    // Events after a tombstone in the input are refused.
+    let after_tombstone = [
+        Ok(ImportEvent::new("t", events("E", 1).remove(0)).version(0)),
+        Ok(ImportEvent::new(
+            "t",
+            pg_eventstore::EventData::json(STREAM_TOMBSTONE, serde_json::json!({})),
+        )
+        .version(1)),
+        Ok(ImportEvent::new("t", events("E", 1).remove(0)).version(2)),
+    ];
+    let other = TestStore::new("edge_export_tomb");
+    match other.import_iter(after_tombstone, ImportOptions::new().exported(true)) {
+        Err(Error::InvalidInput(m)) => assert!(m.contains("tombstoned"), "{m}"),
+        r => panic!("{r:?}"),
+    }
+    assert!(rows(&other).is_empty());
+    Ok(())
+}
