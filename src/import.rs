@@ -433,9 +433,6 @@ fn slice_events<S: AsRef<str>>(
         .map(|(s, e)| Ok(ImportEvent::new(s.as_ref(), e.clone())))
 }
 
-/// The reading side: checks each event, batches them, and hands the batches to the
-/// writer. `Ok` when the input ended (and `End` was sent) or the writer stopped (its
-/// error is the one to report); `Err` when the input failed or was refused.
 /// Whether `event_type` is one of the store's markers, which only an import of an
 /// export takes (see `ImportOptions::exported`).
 fn is_marker(event_type: &str) -> bool {
@@ -448,6 +445,9 @@ fn raise(truncate_before: &mut HashMap<String, i64>, stream: &str, version: i64)
     *tb = (*tb).max(version);
 }
 
+/// The reading side: checks each event, batches them, and hands the batches to the
+/// writer. `Ok` when the input ended (and `End` was sent) or the writer stopped (its
+/// error is the one to report); `Err` when the input failed or was refused.
 fn feed<I: Iterator<Item = Result<ImportEvent>>>(
     events: I,
     exported: bool,
