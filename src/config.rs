@@ -362,7 +362,7 @@ impl Config {
     }
 
     /// How long a read that goes on past its first page may keep one snapshot. Such a
-    /// read fetches its pages through a cursor in a read-only transaction, and while that
+    /// read fetches its pages in a read-only transaction, and while that
     /// transaction is open its snapshot holds back `VACUUM` and HOT pruning in the whole
     /// database. A read never waits for you inside that transaction: when you have not
     /// taken the page it fetched ahead, it ends the transaction at once and fetches the

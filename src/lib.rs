@@ -183,8 +183,9 @@
 //! # Reads hold a connection
 //!
 //! [`Events`] owns a pooled connection while it reads. The first page is a plain query;
-//! a longer read continues through a server-side cursor in a read-only transaction, one
-//! page per round trip, so memory stays flat. A cursor holds a snapshot, which holds back
+//! a longer read continues in a read-only transaction, one page per statement and round
+//! trip, each going on after the last event fetched, so memory stays flat. That
+//! transaction holds a snapshot, which holds back
 //! VACUUM, so a read holds one only while it fetches: when you have not yet taken the
 //! page it fetched ahead, it ends its transaction and fetches the next page in a new one
 //! (after the last event it fetched) once you do; a read that you keep up with starts a
@@ -194,7 +195,7 @@
 //! # Subscriptions
 //!
 //! [`Store::subscribe`] returns a [`Subscription`]: an iterator that first reads the
-//! history through the same cursors as [`Store::read_all`], then blocks for new events, in
+//! history through the same reads as [`Store::read_all`], then blocks for new events, in
 //! the same global order and with the same guarantee. Start from the beginning, after a
 //! position (a checkpoint), or live; follow everything, a category, some event types, a
 //! list of streams (in the global order), or one stream (in version order).
