@@ -481,7 +481,9 @@ impl Subscription {
                 None => self.store.config().poll_interval,
             };
             let mut until = Instant::now() + poll;
-            if let Some(t) = self.retry_at {
+            // Only a retry still ahead shortens the wait: a past one is due now, and the
+            // step above has made it.
+            if let Some(t) = self.retry_at.filter(|t| *t > Instant::now()) {
                 until = t;
             }
             if let Some(d) = deadline {
@@ -511,6 +513,10 @@ impl Subscription {
                 // transaction? Then look again soon, as its end may bring no wake-up.
                 let status = read.status().copied();
                 self.read = None;
+                // A read that completes ends the error backoff: from here on the
+                // subscription waits for wake-ups and its safety poll again.
+                self.retry_at = None;
+                self.backoff.reset();
                 // Everything below the read's horizon that this subscription follows
                 // has been delivered now.
                 if let Some(h) = &status {

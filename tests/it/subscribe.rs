@@ -863,7 +863,7 @@ fn a_subscriber_that_comes_while_an_unwatched_transaction_is_open_hears_its_comm
 
 /// How many statements the store's one pooled connection has run (its prepared
 /// statements' executions): a subscription's reads, here.
-fn statements_run(store: &Store) -> i64 {
+pub(crate) fn statements_run(store: &Store) -> i64 {
     let mut c = store.connection().unwrap();
     c.query_one(
         "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
