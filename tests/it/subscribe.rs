@@ -375,6 +375,90 @@ fn a_killed_commit_watcher_loses_no_wake_up() -> TestResult {
     Ok(())
 }
 
+/// The commit watcher's backend: the one that runs its wait statement.
+fn watcher_pid(app: &str) -> i32 {
+    let mut c = crate::common::client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1
+                    AND query LIKE '%pg_advisory_unlock(%' LIMIT 1",
+                &[&app],
+            )
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        assert!(Instant::now() < deadline, "no commit watcher backend");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// While a transaction whose `append_in` the watcher watches stays open for `hold`, with
+/// the append in a savepoint that is rolled back (`rolled_back`) or released: how many
+/// statements the watcher's backend starts (the distinct `query_start`s seen by sampling
+/// it as fast as possible, a lower bound), and the CPU ticks that backend uses.
+fn watcher_rounds_while_open(
+    t: &TestStore,
+    app: &str,
+    rolled_back: bool,
+    hold: Duration,
+) -> (usize, u64) {
+    let mut c = t.pool().get().unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    t.append_in(&mut tx, "held-1", ExpectedVersion::Any, &events("E", 1))
+        .unwrap();
+    if rolled_back {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    } else {
+        tx.batch_execute("RELEASE SAVEPOINT s").unwrap();
+    }
+    let pid = watcher_pid(app);
+    thread::sleep(Duration::from_millis(100));
+    let ticks = crate::faults::backend_ticks(pid);
+    let mut sampler = crate::common::client();
+    let sample = sampler
+        .prepare("SELECT query_start::text FROM pg_stat_activity WHERE pid = $1")
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        if let Some(row) = sampler.query_opt(&sample, &[&pid]).unwrap() {
+            seen.insert(row.get::<_, Option<String>>(0));
+        }
+    }
+    let ticks = crate::faults::backend_ticks(pid) - ticks;
+    tx.rollback().unwrap();
+    (seen.len(), ticks)
+}
+
+/// A transaction whose `append_in` was rolled back to a savepoint stays open without the
+/// lock the commit watcher waits on: the watcher still sends one short query every
+/// 1–10 ms (OPERATIONS.md), as while the lock is held, not one after the other.
+#[test]
+fn the_commit_watcher_paces_itself_on_a_transaction_that_gave_its_lock_back() -> TestResult {
+    let app = format!("pges_watch_unlocked_{}", std::process::id());
+    // No `NOTIFY` in the caller's transaction: every `append_in` is watched.
+    let t = TestStore::with("sub_watch_unlocked", |c| {
+        c.notify_on_append(false).application_name(&app)
+    });
+    // A subscriber here, so that transactions are watched, not only remembered.
+    let _sub = t.subscribe(SubscribeOptions::all())?;
+    let hold = Duration::from_secs(2);
+    let (control, control_ticks) = watcher_rounds_while_open(&t, &app, false, hold);
+    let (rounds, ticks) = watcher_rounds_while_open(&t, &app, true, hold);
+    // At most about 2 × 2,000 in 2 s; about 400 at the usual 10 ms.
+    assert!(
+        rounds <= control * 3 + 100,
+        "the commit watcher started at least {rounds} statements in {hold:?} ({ticks} CPU \
+         ticks) while the transaction sat idle after ROLLBACK TO SAVEPOINT ({control}, \
+         {control_ticks} ticks, while it held the lock)"
+    );
+    Ok(())
+}
+
 /// The next event, which must come well before `limit` (and so long before the 60 s
 /// safety poll): `next_timeout` itself takes one last look at its deadline, so the wait is
 /// longer than the limit and the time is checked.
