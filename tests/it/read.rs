@@ -774,3 +774,28 @@ fn a_first_page_with_nothing_held_back_runs_the_lean_statement() -> TestResult {
     assert_eq!(after.1, before.1 + 1, "the full statement ran");
     Ok(())
 }
+
+/// `max_count(n)` with `n` above `i64::MAX` (`u64::MAX`: no limit) reads everything, as
+/// no `max_count` does, also past the first page.
+#[test]
+fn a_huge_max_count_reads_everything() -> TestResult {
+    let t = TestStore::with("read_huge_count", |c| c.read_page_size(3).max_connections(2));
+    t.append("s-1", ExpectedVersion::NoStream, &events("E", 10))?;
+    for n in [u64::MAX, i64::MAX as u64 + 1, i64::MAX as u64] {
+        let all = t
+            .read_all(ReadAll::from_start().max_count(n))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(all.len(), 10, "read_all max_count({n})");
+        let back = t
+            .read_all(ReadAll::backwards().max_count(n))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(back.len(), 10, "read_all backwards max_count({n})");
+        for options in [ReadStream::forwards(), ReadStream::backwards()] {
+            let stream = t
+                .read_stream("s-1", options.clone().max_count(n))?
+                .collect::<Result<Vec<_>>>()?;
+            assert_eq!(stream.len(), 10, "{options:?} max_count({n})");
+        }
+    }
+    Ok(())
+}
