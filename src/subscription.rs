@@ -335,8 +335,12 @@ impl Subscription {
         &self.wake
     }
 
-    /// The last global position delivered (`None` for stream subscriptions and before the
-    /// first event).
+    /// Where this `$all` subscription goes on from: the global position of the last event
+    /// delivered, or, before the first one, the position it starts after (`p` for
+    /// [`SubscribeOptions::after`]`(p)`, the position just below what was visible when a
+    /// [`SubscribeOptions::live`] one was made, `None` from the start). A subscription
+    /// made with `after(position)` goes on from the same place. `None` for stream
+    /// subscriptions.
     pub fn position(&self) -> Option<u64> {
         match self.cursor {
             Cursor::Position(p) => p,

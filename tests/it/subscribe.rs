@@ -1551,3 +1551,32 @@ fn a_role_that_may_not_call_append_in_notify_still_appends_in_transactions() -> 
     drop(writer);
     Ok(())
 }
+
+/// `position()` is where a subscription goes on from: before its first event, `None`
+/// from the start, `p` after `p`, and for a live one a position below which nothing new
+/// comes; then the position of the last event delivered. Stream subscriptions: `None`.
+#[test]
+fn position_is_where_the_subscription_goes_on_from() -> TestResult {
+    let t = TestStore::new("sub_position");
+    let r = t.append("s-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    t.wait_all_visible();
+    let mut start = t.subscribe(SubscribeOptions::all())?;
+    let mut after = t.subscribe(SubscribeOptions::all().after(r.last_position))?;
+    let mut live = t.subscribe(SubscribeOptions::all().live())?;
+    let stream = t.subscribe(SubscribeOptions::stream("s-1"))?;
+    assert_eq!(start.position(), None);
+    assert_eq!(after.position(), Some(r.last_position));
+    let live_at = live.position().expect("a live subscription's start");
+    assert!(live_at >= r.last_position, "{live_at} < {}", r.last_position);
+    assert_eq!(stream.position(), None);
+    let r2 = t.append("s-2", ExpectedVersion::NoStream, &events("E", 1))?;
+    assert!(live_at < r2.first_position);
+    assert_eq!(take(&mut start, 2)[1].position, r2.last_position);
+    for mut sub in [start, after, live] {
+        if sub.position() != Some(r2.last_position) {
+            take(&mut sub, 1);
+        }
+        assert_eq!(sub.position(), Some(r2.last_position));
+    }
+    Ok(())
+}
