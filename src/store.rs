@@ -232,28 +232,8 @@ impl Store {
             crate::connect::check_server(&mut client)?;
             let version =
                 migrate::current_version(&mut client, &config.schema, &config.migrations_table)?;
-            // Appends put events in their `NOTIFY` only where the role may read the key
-            // (a role granted the events alone still appends, with wake-ups).
-            let readable = version >= migrate::FEED_KEY_VERSION
-                && client
-                    .query_one(
-                        crate::sql::FEED_KEY_READABLE,
-                        &[&crate::sql::feed_key_table(&config.schema)],
-                    )?
-                    .get::<_, bool>(0);
-            // The same for `append_in`, whose events go through a function of version
-            // 13 that an operator may not have granted to this role.
-            let in_tx_events = readable
-                && version >= migrate::APPEND_IN_NOTIFY_VERSION
-                && callable(&mut client, &config.schema, &["append_in_notify"])?;
-            // The functions that return one record (version 15), unless an operator
-            // kept them from this role.
-            let record_calls = version >= migrate::APPEND_IN_RECORD_VERSION
-                && callable(
-                    &mut client,
-                    &config.schema,
-                    &["append_in_events_record", "append_in_any_record"],
-                )?;
+            let (readable, in_tx_events, record_calls) =
+                what_the_role_may_use(&mut client, &config.schema, version)?;
             (version, readable, in_tx_events, record_calls)
         };
         if version > SCHEMA_VERSION {
@@ -326,17 +306,29 @@ impl Store {
             // One transaction under an advisory lock, and a no-op once done: safe to
             // retry.
             || {
-                let report = crate::retry::run(self.config(), self.pool(), "migrate", || {
-                    let mut conn = self.conn()?;
-                    migrate::run(&mut conn, &config.schema, &config.migrations_table)
-                })?;
+                let (report, uses) =
+                    crate::retry::run(self.config(), self.pool(), "migrate", || {
+                        let mut conn = self.conn()?;
+                        let report =
+                            migrate::run(&mut conn, &config.schema, &config.migrations_table)?;
+                        // What the new schema offers, as far as this role may use it:
+                        // the same checks as `connect`'s.
+                        let version = migrate::current_version(
+                            &mut *conn,
+                            &config.schema,
+                            &config.migrations_table,
+                        )?;
+                        let uses = what_the_role_may_use(&mut conn, &config.schema, version)?;
+                        Ok((report, uses))
+                    })?;
+                let (readable, in_tx_events, record_calls) = uses;
                 let flags = [
-                    &self.inner.events_in_notify,
-                    &self.inner.in_tx_events,
-                    &self.inner.record_calls,
+                    (&self.inner.events_in_notify, readable),
+                    (&self.inner.in_tx_events, in_tx_events),
+                    (&self.inner.record_calls, record_calls),
                 ];
-                for flag in flags {
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                for (flag, on) in flags {
+                    flag.store(on, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(report)
             },
@@ -1380,6 +1372,35 @@ impl<'a> AppendInput<'a> {
 
 /// Whether the `append_in` functions `names` of `schema` all exist and this role may
 /// execute them (one round trip).
+/// What this role may use of a schema at `version`: whether appends may put their events
+/// in their `NOTIFY` (the role may read the key; a role granted the events alone still
+/// appends, with wake-ups), whether `append_in` may too (through a function of version 13
+/// that an operator may not have granted to this role), and whether the functions that
+/// return one record (version 15) may be called.
+fn what_the_role_may_use(
+    client: &mut postgres::Client,
+    schema: &str,
+    version: i64,
+) -> Result<(bool, bool, bool)> {
+    let readable = version >= migrate::FEED_KEY_VERSION
+        && client
+            .query_one(
+                crate::sql::FEED_KEY_READABLE,
+                &[&crate::sql::feed_key_table(schema)],
+            )?
+            .get::<_, bool>(0);
+    let in_tx_events = readable
+        && version >= migrate::APPEND_IN_NOTIFY_VERSION
+        && callable(client, schema, &["append_in_notify"])?;
+    let record_calls = version >= migrate::APPEND_IN_RECORD_VERSION
+        && callable(
+            client,
+            schema,
+            &["append_in_events_record", "append_in_any_record"],
+        )?;
+    Ok((readable, in_tx_events, record_calls))
+}
+
 fn callable(client: &mut postgres::Client, schema: &str, names: &[&str]) -> Result<bool> {
     let signatures: Vec<String> = names
         .iter()

@@ -1484,6 +1484,51 @@ fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
     Ok(())
 }
 
+/// `migrate()` at start ("safe to run at every start") leaves alone what `connect` found
+/// the role may not use: a role that may create in the schema (so the no-op migration
+/// runs) but may not read the key still appends with wake-ups alone afterwards.
+#[test]
+fn a_no_op_migrate_keeps_appends_within_what_the_role_may_do() -> TestResult {
+    let t = TestStore::new("notify_no_key_migrate");
+    let db: String = crate::common::client()
+        .query_one("SELECT current_database()", &[])?
+        .get(0);
+    let (_role, writer) = store_as_role(
+        &t,
+        "pges_no_key_migrate",
+        &format!(
+            "GRANT CREATE ON DATABASE \"{db}\" TO {{role}};
+             GRANT CREATE ON SCHEMA \"{{s}}\" TO {{role}};
+             REVOKE ALL ON \"{{s}}\".feed_key FROM {{role}};"
+        ),
+    )?;
+    // Another process listens, so that sparse appends send their own NOTIFY.
+    let mut all = t.store.subscribe(SubscribeOptions::all())?;
+    assert!(all.next_timeout(Duration::from_millis(50)).is_none());
+    let report = writer.migrate()?;
+    assert!(report.applied.is_empty(), "a no-op migration");
+    let mut failed = Vec::new();
+    let n = 50;
+    for _ in 0..n {
+        if let Err(e) = writer.append("s", ExpectedVersion::Any, &events("E", 1)) {
+            failed.push(e.report());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {n} appends failed after migrate(), first: {}",
+        failed.len(),
+        failed[0]
+    );
+    assert!(notifying_appends(&writer, false) > 0, "no wake-up alone sent");
+    assert_eq!(notifying_appends(&writer, true), 0);
+    assert_eq!(take(&mut all, n).len(), n);
+    // The role's sessions end before the role goes.
+    drop(writer);
+    Ok(())
+}
+
 /// A role that may not execute the `append_in` functions of schema version 15 (an
 /// operator revoked them from everyone) appends in its transactions through those of
 /// version 14, which it may execute.
