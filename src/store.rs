@@ -1125,9 +1125,27 @@ impl Store {
     /// Turns "relation does not exist" into [`Error::NotMigrated`]; any other error is
     /// [`Error::Postgres`] (through `From`, which notes a lost statement, see
     /// [`statements_lost`]).
+    /// Whether `e` says that a function of the store's schema does not exist (the
+    /// server names it `schema.name(...)`, the schema quoted where it needs quotes).
+    fn names_own_function(&self, e: &postgres::Error) -> bool {
+        let schema = &self.inner.sql.schema;
+        e.as_db_error().is_some_and(|db| {
+            let message = db.message();
+            message.starts_with(&format!("function {schema}."))
+                || message.starts_with(&format!("function \"{schema}\"."))
+        })
+    }
+
     pub(crate) fn map_error(&self, e: postgres::Error) -> Error {
         match e.code() {
             Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
+                Error::NotMigrated {
+                    schema: self.inner.sql.schema.clone(),
+                }
+            }
+            // One of the store's functions (`append_in` calls them in an existing but
+            // unmigrated schema); not a function that the caller's own statements miss.
+            Some(c) if *c == SqlState::UNDEFINED_FUNCTION && self.names_own_function(&e) => {
                 Error::NotMigrated {
                     schema: self.inner.sql.schema.clone(),
                 }

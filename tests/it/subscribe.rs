@@ -1606,8 +1606,8 @@ fn position_is_where_the_subscription_goes_on_from() -> TestResult {
     let r = t.append("s-1", ExpectedVersion::NoStream, &events("E", 1))?;
     t.wait_all_visible();
     let mut start = t.subscribe(SubscribeOptions::all())?;
-    let mut after = t.subscribe(SubscribeOptions::all().after(r.last_position))?;
-    let mut live = t.subscribe(SubscribeOptions::all().live())?;
+    let after = t.subscribe(SubscribeOptions::all().after(r.last_position))?;
+    let live = t.subscribe(SubscribeOptions::all().live())?;
     let stream = t.subscribe(SubscribeOptions::stream("s-1"))?;
     assert_eq!(start.position(), None);
     assert_eq!(after.position(), Some(r.last_position));
