@@ -116,6 +116,37 @@ fn usable(conn: &mut Conn) -> bool {
     }
 }
 
+/// Runs the session setup again on `conn` when a session of this process was found to
+/// have dropped its prepared statements since `conn`'s were prepared (see
+/// [`statements_lost`]: which connection ran `DISCARD ALL` is not known, so each one
+/// does, once), and forgets its statements. False when the setup failed.
+fn set_up_again_if_lost(conn: &mut Conn) -> bool {
+    let generation = STATEMENTS_LOST.load(std::sync::atomic::Ordering::Relaxed);
+    let extensions = PooledConnection::extensions_mut(conn);
+    let stale = match extensions.get_mut::<Statements>() {
+        Some(statements) => statements.generation != generation,
+        None => {
+            // No statement of the store's was prepared on it yet, so none can have
+            // been found missing there.
+            extensions.insert(Statements {
+                generation,
+                ..Statements::default()
+            });
+            false
+        }
+    };
+    if !stale {
+        return true;
+    }
+    if conn.batch_execute(crate::connect::SESSION_SETUP).is_err() {
+        return false;
+    }
+    if let Some(statements) = PooledConnection::extensions_mut(conn).get_mut::<Statements>() {
+        statements.of_generation(generation);
+    }
+    true
+}
+
 /// How many times a prepared statement was found missing on its connection in this
 /// process (SQLSTATE 26000: the session ran `DISCARD ALL` or `DEALLOCATE ALL`). Each
 /// pooled connection's [`Statements`] remember the count they were prepared under, and
@@ -1030,10 +1061,15 @@ impl Store {
     /// restart, `pg_terminate_backend`), and calls that are not retried (imports, your
     /// transactions on a [`StoreConnection`](crate::StoreConnection)) would fail on it.
     /// A connection in steady use costs nothing; an idle one, one round trip.
+    ///
+    /// After a session was found to have dropped its prepared statements
+    /// ([`statements_lost`]: a `DISCARD ALL`, which also resets the session's settings),
+    /// each pooled connection runs the session setup again (`READ COMMITTED`, see
+    /// [`Store::pool`]) the next time it is taken, once.
     pub(crate) fn conn(&self) -> Result<Conn> {
         for _ in 0..=self.inner.pool.max_size() {
             let mut conn = self.checkout()?;
-            if usable(&mut conn) {
+            if usable(&mut conn) && set_up_again_if_lost(&mut conn) {
                 return Ok(conn);
             }
         }

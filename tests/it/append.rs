@@ -960,6 +960,60 @@ fn pool_calls_after_discard_all_on_their_connection_prepare_again() -> TestResul
     Ok(())
 }
 
+/// A `DISCARD ALL` also resets the session setup that makes the store's connections
+/// `READ COMMITTED` where the role defaults to `SERIALIZABLE` (OPERATIONS.md). The one
+/// failed call it costs makes every pooled connection run that setup again: afterwards
+/// the connection is at `READ COMMITTED`, and the retried `$all` read is not held back
+/// by a transaction in another database.
+#[test]
+fn pooled_connections_are_read_committed_again_after_discard_all() -> TestResult {
+    let t = TestStore::new("append_discard_level");
+    let role = format!("pges_serializable_{}", std::process::id());
+    crate::common::client().batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         ALTER ROLE {role} SET default_transaction_isolation = 'serializable';
+         GRANT USAGE ON SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA \"{s}\" TO {role};",
+        s = t.schema
+    ))?;
+    let _drop = crate::subscribe::DropRole(role.clone());
+    let mut pg: postgres::Config = crate::common::database_url().parse()?;
+    pg.user(&role);
+    // One connection, so that the read meets the dropped statements.
+    let store = pg_eventstore::Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(1)
+        .connect()?;
+    // A transaction in another database holds an id; an event commits after it.
+    let holder = crate::common::XidHolder::in_other_database();
+    t.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    let read = || -> pg_eventstore::Result<usize> {
+        Ok(store
+            .read_all(ReadAll::from_start().wait_at_most(std::time::Duration::from_millis(300)))?
+            .collect::<pg_eventstore::Result<Vec<_>>>()?
+            .len())
+    };
+    let level = || -> pg_eventstore::Result<String> {
+        let mut c = store.connection()?;
+        Ok(c.query_one("SHOW transaction_isolation", &[])?.get(0))
+    };
+    assert_eq!(level()?, "read committed");
+    // The reads' statements are prepared (the first read learns of the other database's
+    // transaction, the second prepares the statement that passes it).
+    assert_eq!(read()?, 1);
+    assert_eq!(read()?, 1);
+    store.connection()?.batch_execute("DISCARD ALL")?;
+    // The read meets a dropped statement, and is retried.
+    let after = read();
+    let after_level = level()?;
+    drop(store);
+    drop(holder);
+    assert!(matches!(after, Ok(1)), "read after DISCARD ALL: {after:?}");
+    assert_eq!(after_level, "read committed");
+    Ok(())
+}
+
 /// `Store::prepared_appends`: `append_in` on a connection of the caller's, with the
 /// statements prepared there once and kept; given another connection (or one that has
 /// dropped them), the append fails with `Error::NotPreparedHere`, writes nothing, and
