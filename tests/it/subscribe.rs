@@ -1240,8 +1240,12 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     let mut named = store.subscribe(SubscribeOptions::streams(["s-9", "order-1"]))?;
     assert_eq!(take(&mut all, 1)[0].event_type, "Seed");
     assert_eq!(take(&mut stream, 1)[0].event_type, "Seed");
-    assert!(orders.next_timeout(Duration::from_millis(50)).is_none());
-    assert!(named.next_timeout(Duration::from_millis(50)).is_none());
+    // The listener has connected, and its wake-up was taken (a stream subscription
+    // takes a batch only after a read since the last wake-up without events).
+    wait_connected(&store);
+    for sub in [&mut all, &mut orders, &mut stream, &mut named] {
+        assert!(sub.next_timeout(Duration::from_millis(50)).is_none());
+    }
 
     // One event, its data in a form that `jsonb` writes differently.
     thread::sleep(Duration::from_millis(20));
@@ -1622,6 +1626,57 @@ fn position_is_where_the_subscription_goes_on_from() -> TestResult {
             take(&mut sub, 1);
         }
         assert_eq!(sub.position(), Some(r2.last_position));
+    }
+    Ok(())
+}
+
+/// A stream subscription delivers what a stream read returns: once `$tb` hides the
+/// versions below it, an event appended below `$tb` is neither read nor delivered from
+/// its append's events, whether the subscription was caught up before the metadata
+/// write, looked at the table between the write and the append, or was made between
+/// them. Events at or above `$tb` are delivered as usual.
+#[test]
+fn a_stream_subscription_honours_truncate_before_like_a_stream_read() -> TestResult {
+    // No safety poll meanwhile: its wake-ups, too, make stream subscriptions read.
+    let t = TestStore::with("sub_stream_tb", |c| c.poll_interval(Duration::from_secs(60)));
+    t.append("s-1", ExpectedVersion::NoStream, &events("E", 2))?;
+    let mut caught_up = t.subscribe(SubscribeOptions::stream("s-1"))?;
+    let mut looked = t.subscribe(SubscribeOptions::stream("s-1"))?;
+    wait_connected(&t);
+    assert_eq!(take(&mut caught_up, 2).len(), 2);
+    assert_eq!(take(&mut looked, 2).len(), 2);
+    // Sparse appends, whose events reach this store's subscribers with the append.
+    for _ in 0..2 {
+        thread::sleep(Duration::from_millis(20));
+        t.append("s-1", ExpectedVersion::Any, &events("E", 1))?;
+        assert_eq!(take(&mut caught_up, 1).len(), 1);
+        assert_eq!(take(&mut looked, 1).len(), 1);
+    }
+    assert!(caught_up.next_timeout(Duration::from_millis(100)).is_none());
+    assert!(looked.next_timeout(Duration::from_millis(100)).is_none());
+    t.set_stream_metadata("s-1", ExpectedVersion::Any, &serde_json::json!({ "$tb": 6 }))?;
+    assert!(looked.try_next().is_none());
+    let mut made_between = t.subscribe(SubscribeOptions::stream("s-1").after(3))?;
+    assert!(made_between.try_next().is_none());
+    // Versions 4 and 5 are hidden; 6 is not.
+    for n in 4..7 {
+        thread::sleep(Duration::from_millis(20));
+        t.append("s-1", ExpectedVersion::Any, &events("E", 1))?;
+        let read: Vec<u64> = t
+            .read_stream("s-1", pg_eventstore::ReadStream::forwards())?
+            .map(|e| e.map(|e| e.version))
+            .collect::<Result<_>>()?;
+        let visible: Vec<u64> = (6..=n).collect();
+        assert_eq!(read, visible);
+    }
+    for (name, sub) in [
+        ("caught up", &mut caught_up),
+        ("looked", &mut looked),
+        ("made between", &mut made_between),
+    ] {
+        let got: Vec<u64> = take(sub, 1).iter().map(|e| e.version).collect();
+        assert_eq!(got, [6], "{name}");
+        assert!(sub.next_timeout(Duration::from_millis(100)).is_none(), "{name}");
     }
     Ok(())
 }
