@@ -256,11 +256,9 @@ fn subscribing_to_an_unmigrated_schema_fails_at_once() -> TestResult {
 fn appends_to_an_existing_unmigrated_schema_report_not_migrated() -> TestResult {
     let t = TestStore::unmigrated("bad_append_unmigrated");
     crate::common::client().batch_execute(&format!("CREATE SCHEMA \"{}\"", t.schema))?;
-    let not_migrated = |what: &str, r: pg_eventstore::Result<pg_eventstore::AppendResult>| {
-        match r {
-            Err(Error::NotMigrated { .. }) => {}
-            other => panic!("{what}: expected NotMigrated, got {other:?}"),
-        }
+    let not_migrated = |what: &str, r: pg_eventstore::Result<pg_eventstore::AppendResult>| match r {
+        Err(Error::NotMigrated { .. }) => {}
+        other => panic!("{what}: expected NotMigrated, got {other:?}"),
     };
     let e = || events("E", 1);
     not_migrated("append", t.append("s", ExpectedVersion::Any, &e()));
@@ -271,7 +269,10 @@ fn appends_to_an_existing_unmigrated_schema_report_not_migrated() -> TestResult 
     }
     let mut conn = t.connection()?;
     let mut tx = conn.transaction()?;
-    not_migrated("StoreTransaction::append", tx.append("s", ExpectedVersion::Any, &e()));
+    not_migrated(
+        "StoreTransaction::append",
+        tx.append("s", ExpectedVersion::Any, &e()),
+    );
     drop(tx);
     let mut own = crate::common::client();
     let mut tx = own.transaction()?;

@@ -589,7 +589,9 @@ fn an_idle_worker_stays_idle_after_one_failed_read() -> TestResult {
         Ok(())
     })?;
     assert!(
-        wait_until(Duration::from_secs(10), || handled.load(Ordering::Relaxed) >= 1).is_some()
+        wait_until(Duration::from_secs(10), || handled.load(Ordering::Relaxed)
+            >= 1)
+        .is_some()
     );
     thread::sleep(Duration::from_millis(500));
     let t0 = app_ticks(&app);

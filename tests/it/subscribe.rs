@@ -1525,7 +1525,10 @@ fn a_no_op_migrate_keeps_appends_within_what_the_role_may_do() -> TestResult {
         failed.len(),
         failed[0]
     );
-    assert!(notifying_appends(&writer, false) > 0, "no wake-up alone sent");
+    assert!(
+        notifying_appends(&writer, false) > 0,
+        "no wake-up alone sent"
+    );
     assert_eq!(notifying_appends(&writer, true), 0);
     assert_eq!(take(&mut all, n).len(), n);
     // The role's sessions end before the role goes.
@@ -1616,7 +1619,11 @@ fn position_is_where_the_subscription_goes_on_from() -> TestResult {
     assert_eq!(start.position(), None);
     assert_eq!(after.position(), Some(r.last_position));
     let live_at = live.position().expect("a live subscription's start");
-    assert!(live_at >= r.last_position, "{live_at} < {}", r.last_position);
+    assert!(
+        live_at >= r.last_position,
+        "{live_at} < {}",
+        r.last_position
+    );
     assert_eq!(stream.position(), None);
     let r2 = t.append("s-2", ExpectedVersion::NoStream, &events("E", 1))?;
     assert!(live_at < r2.first_position);
@@ -1638,7 +1645,9 @@ fn position_is_where_the_subscription_goes_on_from() -> TestResult {
 #[test]
 fn a_stream_subscription_honours_truncate_before_like_a_stream_read() -> TestResult {
     // No safety poll meanwhile: its wake-ups, too, make stream subscriptions read.
-    let t = TestStore::with("sub_stream_tb", |c| c.poll_interval(Duration::from_secs(60)));
+    let t = TestStore::with("sub_stream_tb", |c| {
+        c.poll_interval(Duration::from_secs(60))
+    });
     t.append("s-1", ExpectedVersion::NoStream, &events("E", 2))?;
     let mut caught_up = t.subscribe(SubscribeOptions::stream("s-1"))?;
     let mut looked = t.subscribe(SubscribeOptions::stream("s-1"))?;
@@ -1654,7 +1663,11 @@ fn a_stream_subscription_honours_truncate_before_like_a_stream_read() -> TestRes
     }
     assert!(caught_up.next_timeout(Duration::from_millis(100)).is_none());
     assert!(looked.next_timeout(Duration::from_millis(100)).is_none());
-    t.set_stream_metadata("s-1", ExpectedVersion::Any, &serde_json::json!({ "$tb": 6 }))?;
+    t.set_stream_metadata(
+        "s-1",
+        ExpectedVersion::Any,
+        &serde_json::json!({ "$tb": 6 }),
+    )?;
     assert!(looked.try_next().is_none());
     let mut made_between = t.subscribe(SubscribeOptions::stream("s-1").after(3))?;
     assert!(made_between.try_next().is_none());
@@ -1676,7 +1689,153 @@ fn a_stream_subscription_honours_truncate_before_like_a_stream_read() -> TestRes
     ] {
         let got: Vec<u64> = take(sub, 1).iter().map(|e| e.version).collect();
         assert_eq!(got, [6], "{name}");
-        assert!(sub.next_timeout(Duration::from_millis(100)).is_none(), "{name}");
+        assert!(
+            sub.next_timeout(Duration::from_millis(100)).is_none(),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+/// The positions and ids that a `follow` thread's subscription delivered.
+type Followed = std::sync::Arc<std::sync::Mutex<Vec<(u64, uuid::Uuid)>>>;
+
+/// A thread that collects what a `$all` subscription of `store` delivers, until stopped.
+fn follow(
+    store: &Store,
+) -> (
+    Followed,
+    pg_eventstore::SubscriptionStopper,
+    std::thread::JoinHandle<()>,
+) {
+    let sub = store.subscribe(SubscribeOptions::all()).unwrap();
+    let stopper = sub.stopper();
+    let got: Followed = Default::default();
+    let sink = got.clone();
+    let h = std::thread::spawn(move || {
+        for item in sub {
+            match item {
+                Ok(e) => sink.lock().unwrap().push((e.position, e.id)),
+                Err(e) => eprintln!("subscription error: {e}"),
+            }
+        }
+    });
+    (got, stopper, h)
+}
+
+/// `append_in` transactions with savepoints (kept or rolled back), two appends with a
+/// pause between them (so that one sends its own `NOTIFY` with events and the other is
+/// watched), two streams, whole rollbacks and pool appends: a subscriber here and one in
+/// another store get exactly the committed events, in order, once each.
+#[test]
+fn savepoints_and_mixed_append_in_deliver_exactly_the_committed_events() -> TestResult {
+    let t = TestStore::new("sub_savepoints");
+    let other = Config::new(&crate::common::database_url())?
+        .schema(&t.schema)
+        .connect()?;
+    let (here, stop_here, h1) = follow(&t);
+    let (there, stop_there, h2) = follow(&other);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for w in 0..3u64 {
+            let (t, stop) = (&t, &stop);
+            s.spawn(move || {
+                let mut rng = crate::common::Rng(0x9e37_79b9 + w * 7919);
+                let mut k = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    k += 1;
+                    let a = format!("a{w}-{}", rng.next() % 4);
+                    let b = format!("b{w}-{}", rng.next() % 4);
+                    match rng.next() % 5 {
+                        0 => {
+                            t.append(&a, ExpectedVersion::Any, &[crate::append::path_ev("P", k)])
+                                .unwrap();
+                        }
+                        mode => {
+                            let mut c = t.pool().get().unwrap();
+                            let mut tx = c.transaction().unwrap();
+                            t.append_in(
+                                &mut tx,
+                                &a,
+                                ExpectedVersion::Any,
+                                &[crate::append::path_ev("T1", k)],
+                            )
+                            .unwrap();
+                            std::thread::sleep(std::time::Duration::from_micros(rng.next() % 3000));
+                            tx.batch_execute("SAVEPOINT s").unwrap();
+                            let n = 1 + (rng.next() % 3) as usize;
+                            let evs: Vec<EventData> =
+                                (0..n).map(|i| crate::append::path_ev("T2", i)).collect();
+                            t.append_in(&mut tx, &b, ExpectedVersion::Any, &evs)
+                                .unwrap();
+                            if mode == 1 {
+                                tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+                            } else {
+                                tx.batch_execute("RELEASE SAVEPOINT s").unwrap();
+                            }
+                            std::thread::sleep(std::time::Duration::from_micros(rng.next() % 2000));
+                            if mode == 2 {
+                                t.append_in(
+                                    &mut tx,
+                                    &a,
+                                    ExpectedVersion::Any,
+                                    &[crate::append::path_ev("T3", k)],
+                                )
+                                .unwrap();
+                            }
+                            if rng.next() % 6 == 0 {
+                                tx.rollback().unwrap();
+                            } else {
+                                tx.commit().unwrap();
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // Kill the other store's listener once meanwhile.
+        let pid = other.listener_state().expect("listener").backend_pid;
+        crate::common::client()
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    t.wait_all_visible();
+    let all: Vec<(u64, uuid::Uuid)> = t
+        .read_all(pg_eventstore::ReadAll::from_start())?
+        .map(|e| e.map(|e| (e.position, e.id)))
+        .collect::<pg_eventstore::Result<_>>()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while (here.lock().unwrap().len() < all.len() || there.lock().unwrap().len() < all.len())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop_here.stop();
+    stop_there.stop();
+    h1.join().unwrap();
+    h2.join().unwrap();
+    let here = here.lock().unwrap().clone();
+    let there = there.lock().unwrap().clone();
+    eprintln!(
+        "committed {}, here {}, there {}",
+        all.len(),
+        here.len(),
+        there.len()
+    );
+    for (name, got) in [("here", &here), ("there", &there)] {
+        if *got != all {
+            let first = got.iter().zip(&all).position(|(a, b)| a != b);
+            panic!(
+                "{name}: {} events against {} committed; first difference at {first:?}",
+                got.len(),
+                all.len()
+            );
+        }
     }
     Ok(())
 }
