@@ -461,7 +461,9 @@ impl Config {
         }
         // The pool refuses zero durations with a panic: refuse them here, by name.
         if self.connection_timeout.is_zero() {
-            return Err(Error::Config("connection_timeout must be above zero".into()));
+            return Err(Error::Config(
+                "connection_timeout must be above zero".into(),
+            ));
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::Config(
@@ -680,7 +682,11 @@ mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
-        base().idle_timeout(None).max_lifetime(None).finish().unwrap();
+        base()
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .finish()
+            .unwrap();
     }
 
     #[test]
@@ -693,9 +699,15 @@ mod tests {
                 .unwrap();
             pg.get_options().unwrap().to_string()
         };
-        assert_eq!(options(Duration::from_micros(300)), "-c statement_timeout=1");
+        assert_eq!(
+            options(Duration::from_micros(300)),
+            "-c statement_timeout=1"
+        );
         assert_eq!(options(Duration::ZERO), "-c statement_timeout=0");
-        assert_eq!(options(Duration::from_micros(2500)), "-c statement_timeout=2");
+        assert_eq!(
+            options(Duration::from_micros(2500)),
+            "-c statement_timeout=2"
+        );
     }
 
     #[test]

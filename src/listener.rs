@@ -1018,10 +1018,8 @@ fn watch_loop(
         // One round trip when the oldest ends within the wait: the statuses come with it.
         let oldest = pending[0];
         let mut locked = false;
-        let statuses = match c.query_one(
-            &*wait_statement,
-            &[&oldest, &timeout, &pending, &notify],
-        ) {
+        let statuses = match c.query_one(&*wait_statement, &[&oldest, &timeout, &pending, &notify])
+        {
             Ok(row) => {
                 locked = true;
                 Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4)))

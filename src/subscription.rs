@@ -567,10 +567,7 @@ impl Subscription {
     }
 
     /// The end of the open read (`None`), or its error.
-    fn read_ended(
-        &mut self,
-        item: Option<Result<RecordedEvent>>,
-    ) -> Option<Result<RecordedEvent>> {
+    fn read_ended(&mut self, item: Option<Result<RecordedEvent>>) -> Option<Result<RecordedEvent>> {
         let read = self.read.as_mut()?;
         match item {
             Some(Ok(_)) => unreachable!("events are delivered by next_from_read"),
