@@ -202,7 +202,8 @@ impl Config {
         self
     }
 
-    /// How long to wait for a pooled connection (and to open a new one). Default 5 s.
+    /// How long to wait for a pooled connection (and to open a new one). Default 5 s;
+    /// zero is refused when the store connects.
     ///
     /// When it runs out, the error is [`Error::Pool`] and says whether the pool was
     /// exhausted (every connection in use) or no connection could be opened (with the
@@ -328,21 +329,22 @@ impl Config {
     }
 
     /// Idle connections above `min_idle` are closed after this long. Default 10 min;
-    /// `None` keeps them.
+    /// `None` keeps them. Zero is refused when the store connects.
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
     }
 
     /// Connections are closed and replaced after this long. Default 30 min; `None`
-    /// keeps them forever.
+    /// keeps them forever. Zero is refused when the store connects.
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.max_lifetime = lifetime;
         self
     }
 
-    /// PostgreSQL's `statement_timeout` for the store's connections. Default: none (the
-    /// server's setting applies).
+    /// PostgreSQL's `statement_timeout` for the store's connections, in whole
+    /// milliseconds (a nonzero timeout below one millisecond counts as one; zero turns
+    /// the timeout off, as in PostgreSQL). Default: none (the server's setting applies).
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
         self
@@ -457,6 +459,22 @@ impl Config {
         if self.read_page_size == 0 {
             return Err(Error::Config("read_page_size must be at least 1".into()));
         }
+        // The pool refuses zero durations with a panic: refuse them here, by name.
+        if self.connection_timeout.is_zero() {
+            return Err(Error::Config(
+                "connection_timeout must be above zero".into(),
+            ));
+        }
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::Config(
+                "idle_timeout must be above zero (None keeps idle connections)".into(),
+            ));
+        }
+        if self.max_lifetime.is_some_and(|t| t.is_zero()) {
+            return Err(Error::Config(
+                "max_lifetime must be above zero (None keeps connections forever)".into(),
+            ));
+        }
         if self.health_check_interval.is_some_and(|i| i.is_zero()) {
             return Err(Error::Config(
                 "health_check_interval must be above zero (None turns it off)".into(),
@@ -489,7 +507,10 @@ impl Config {
             if !options.is_empty() {
                 options.push(' ');
             }
-            options.push_str(&format!("-c statement_timeout={}", t.as_millis()));
+            // In whole milliseconds, PostgreSQL's unit; a timeout below one is one, not
+            // zero (which turns the timeout off).
+            let millis = if t.is_zero() { 0 } else { t.as_millis().max(1) };
+            options.push_str(&format!("-c statement_timeout={millis}"));
             pg.options(&options);
         }
         Ok(pg)
@@ -640,6 +661,53 @@ mod tests {
             .schema("x; DROP TABLE y");
         let e = c.finish().unwrap_err().to_string();
         assert!(e.contains("schema") && e.contains("x; DROP TABLE y"), "{e}");
+    }
+
+    #[test]
+    fn zero_pool_durations_are_refused_by_name() {
+        let base = || Config::new("postgres://u@h/db").unwrap();
+        let cases = [
+            ("idle_timeout", base().idle_timeout(Some(Duration::ZERO))),
+            ("max_lifetime", base().max_lifetime(Some(Duration::ZERO))),
+            (
+                "connection_timeout",
+                base()
+                    .connect_timeout(Duration::from_secs(1))
+                    .connection_timeout(Duration::ZERO),
+            ),
+        ];
+        for (name, config) in cases {
+            match config.finish() {
+                Err(Error::Config(msg)) => assert!(msg.starts_with(name), "{name}: {msg}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        base()
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .finish()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_statement_timeout_below_a_millisecond_is_one_not_off() {
+        let options = |t: Duration| {
+            let pg = Config::new("postgres://u@h/db")
+                .unwrap()
+                .statement_timeout(t)
+                .finish()
+                .unwrap();
+            pg.get_options().unwrap().to_string()
+        };
+        assert_eq!(
+            options(Duration::from_micros(300)),
+            "-c statement_timeout=1"
+        );
+        assert_eq!(options(Duration::ZERO), "-c statement_timeout=0");
+        assert_eq!(
+            options(Duration::from_micros(2500)),
+            "-c statement_timeout=2"
+        );
     }
 
     #[test]

@@ -42,8 +42,9 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// another level would break the first two and make readers fall back to the
 /// cluster-wide `xmin`. A `SET`, not a startup option: PgBouncer refuses startup
 /// options it does not track, and a session `SET` also wins over the connection
-/// string's `options`.
-const SESSION_SETUP: &str = "SET default_transaction_isolation = 'read committed'";
+/// string's `options`. A pooled connection runs it again after a `DISCARD ALL`, which
+/// resets it (see `Store::conn`).
+pub(crate) const SESSION_SETUP: &str = "SET default_transaction_isolation = 'read committed'";
 
 /// How many timed-out attempts per server may still be waiting for an answer.
 const MAX_ABANDONED: usize = 4;

@@ -159,7 +159,8 @@ impl Store {
     /// wrong expected version is [`Error::WrongExpectedVersion`] with the stream named
     /// `$$<stream>` and the metadata's actual version. The object replaces the whole old
     /// one: keep `$tb` when you rewrite the metadata of a deleted or truncated stream, or
-    /// what was hidden and not yet removed shows again. Stream reads honour `$tb` at once;
+    /// what was hidden and not yet removed shows again. Stream reads and stream
+    /// subscriptions honour `$tb` at once;
     /// [`Store::scavenge`] applies `$maxCount` and `$maxAge` and removes what `$tb`
     /// hides.
     ///
@@ -202,7 +203,12 @@ impl Store {
             .query_opt(&statement, &[&stream, metadata, &kind, &version])
             .map_err(|e| self.map_error(e))?;
         match row {
-            Some(row) => Ok(row.get::<_, i64>(0) as u64),
+            Some(row) => {
+                // Stream subscriptions here and elsewhere read before they take events
+                // from a notification again: `$tb` may hide them now.
+                self.hub().appended();
+                Ok(row.get::<_, i64>(0) as u64)
+            }
             // Tombstoned since the check above: the statement left it alone.
             None if self.is_tombstoned(stream)? => Err(Error::StreamDeleted {
                 stream: stream.to_string(),
@@ -409,6 +415,9 @@ impl Store {
                 c.query_one(s, &[&stream, &before])
             })?
             .get(0);
+        // As after a metadata write: stream subscriptions read before they take events
+        // from a notification again.
+        self.hub().appended();
         self.remove_before(stream, tb)
     }
 

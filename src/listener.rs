@@ -928,6 +928,11 @@ const WATCH_WAIT_MAX: Duration = Duration::from_millis(10);
 /// Its first wait, and every wait while it watches more than one transaction: one of
 /// them may commit while it waits for another.
 const WATCH_WAIT_MIN: Duration = Duration::from_millis(1);
+/// Its pauses between rounds while the oldest transaction it watches is still open but
+/// no longer holds its lock (its `append_in` was rolled back to a savepoint, which gives
+/// the lock back): the wait on that lock returns at once, so without them it would
+/// send its queries back to back until the transaction ends.
+const WATCH_UNLOCKED: Backoff = Backoff::new(WATCH_WAIT_MIN, WATCH_WAIT_MAX);
 
 /// The commit watcher: for the ids of callers' transactions that appended (oldest
 /// first), waits on the lock each holds until it ends, then asks which have committed,
@@ -949,6 +954,7 @@ fn watch_loop(
     // round trip, with no parsing or planning on the server.
     let mut client: Option<(postgres::Client, postgres::Statement, postgres::Statement)> = None;
     let mut wait = WATCH_WAIT_MIN;
+    let mut unlocked = WATCH_UNLOCKED;
     let mut backoff = RECONNECT;
     let (wait_for_transaction, transaction_status) =
         (sql::wait_for_transaction(), sql::transaction_status());
@@ -1010,11 +1016,14 @@ fn watch_loop(
         let notify = (notifier.is_some() && !shared.nobody_else_listens.load(Ordering::Relaxed))
             .then_some(channel.as_str());
         // One round trip when the oldest ends within the wait: the statuses come with it.
-        let statuses = match c.query_one(
-            &*wait_statement,
-            &[&pending[0], &timeout, &pending, &notify],
-        ) {
-            Ok(row) => Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4))),
+        let oldest = pending[0];
+        let mut locked = false;
+        let statuses = match c.query_one(&*wait_statement, &[&oldest, &timeout, &pending, &notify])
+        {
+            Ok(row) => {
+                locked = true;
+                Ok((row.get::<_, bool>(3), row.get::<_, Vec<i64>>(4)))
+            }
             // A timeout only means that the oldest is still open: ask about the others.
             Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => c
                 .query_one(&*status_statement, &[&pending, &notify])
@@ -1028,7 +1037,16 @@ fn watch_loop(
                     shared.wake_all();
                     wait = WATCH_WAIT_MIN;
                 }
+                // The lock was free, yet the oldest is still open: it gave the lock
+                // back early (a savepoint rolled back), and the next wait would
+                // return at once too.
+                let gave_back = locked && open.contains(&oldest);
                 pending = open;
+                if !gave_back {
+                    unlocked.reset();
+                } else if !pause(&shared, unlocked.next_delay()) {
+                    return;
+                }
             }
             Err(_) => {
                 // Unsure what ended: wake everyone, and look again on a new connection.

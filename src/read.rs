@@ -318,7 +318,10 @@ impl Store {
     /// [`Store::feed_status`]), the read waits for it, at most
     /// [`Config::read_all_wait`](crate::Config::read_all_wait) (10 s by default), and then
     /// fails with [`Error::HeldBack`] naming that transaction: it never returns short
-    /// without saying so. [`ReadAll::visible_now`] reads only what is visible at once.
+    /// without saying so. A read that cannot return any of them does not wait: backwards
+    /// before a position that is visible already, or forwards when its first page holds
+    /// the `max_count` events asked for. [`ReadAll::visible_now`] reads only what is
+    /// visible at once.
     pub fn read_all(&self, options: ReadAll) -> Result<Events> {
         options.validate()?;
         Ok(Events::all(self.clone(), options))
@@ -651,22 +654,47 @@ impl Events {
     }
 
     /// After the first page of a `$all` read that waits: when committed events are held
-    /// back, waits until the horizon has passed them (or fails naming the blocker), and
-    /// moves the read's horizon there. Returns whether it waited.
-    fn wait_for_held_back(&mut self) -> Result<bool> {
-        let Query::All { horizon, wait, .. } = &mut self.query else {
+    /// back, and the read could return any of them, waits until the horizon has passed
+    /// them (or fails naming the blocker), and moves the read's horizon there. Returns
+    /// whether it waited. `filled`: the first page holds all the events the read was
+    /// asked for. `conn`, the connection of the first page, goes back to the pool before
+    /// the wait, whose queries take one of their own.
+    fn wait_for_held_back(&mut self, filled: bool, conn: &mut Option<Conn>) -> Result<bool> {
+        let Query::All {
+            horizon,
+            wait,
+            forwards,
+            bound,
+            ..
+        } = &mut self.query
+        else {
             return Ok(false);
         };
         let Some(limit) = wait.take() else {
             return Ok(false);
         };
-        let Some(tip) = self
-            .status
-            .and_then(|s| s.holds_back().then_some(s.tip))
-            .flatten()
-        else {
+        let Some(status) = self.status.filter(|s| s.holds_back()) else {
             return Ok(false);
         };
+        let Some(tip) = status.tip else {
+            return Ok(false);
+        };
+        // The held-back events all lie at or above the horizon, and every event below
+        // it is final: none can still commit there. A read whose whole range lies below
+        // the horizon therefore returns exactly what it would return after the wait, and
+        // waiting gains nothing: backwards before a position at or below the horizon;
+        // and forwards, a first page that already holds every event asked for (it comes
+        // from below the horizon, in order, so no event that the wait could add comes
+        // before any of it). Neither returns short.
+        let below = if *forwards {
+            filled
+        } else {
+            *bound <= status.horizon as i64
+        };
+        if below {
+            return Ok(false);
+        }
+        *conn = None;
         let passed = self.store.wait_for_feed(tip, limit)?;
         *horizon = Some(passed.horizon as i64);
         self.status = Some(passed);
@@ -708,7 +736,9 @@ impl Events {
                 };
                 self.take_status(&mut rows)?;
                 let full = rows.len() as u64 == limit;
-                if self.wait_for_held_back()? {
+                let filled = full && self.remaining == Some(limit);
+                let mut conn = Some(conn);
+                if self.wait_for_held_back(filled, &mut conn)? {
                     if matches!(
                         self.query,
                         Query::All {
@@ -731,7 +761,10 @@ impl Events {
                     // start reading ahead now, while the caller works through it.
                     let mut query = self.query.clone();
                     advance_past(&mut query, &rows)?;
-                    let limit = self.remaining.map(|r| (r - limit) as i64);
+                    // At most i64::MAX (`max_count(u64::MAX)` means no limit).
+                    let limit = self
+                        .remaining
+                        .map(|r| i64::try_from(r - limit).unwrap_or(i64::MAX));
                     let (tx, rx) = bounded(1);
                     let store = self.store.clone();
                     let page = self.page;
@@ -830,15 +863,16 @@ impl Events {
 /// it.
 fn read_cursor(
     store: Store,
-    conn: Conn,
+    conn: Option<Conn>,
     mut query: Query,
     mut limit: Option<i64>,
     page: u64,
     pages: Sender<Result<Vec<Row>>>,
 ) {
     let max_age = store.config().read_snapshot_max_age;
-    // `None` while the consumer is away: the connection is back in the pool.
-    let mut held = Some(conn);
+    // `None` while the consumer is away (or the read waited for held-back events): the
+    // connection is back in the pool.
+    let mut held = conn;
     let mut run = || -> Result<()> {
         let page = i64::try_from(page).unwrap_or(i64::MAX);
         loop {

@@ -116,6 +116,37 @@ fn usable(conn: &mut Conn) -> bool {
     }
 }
 
+/// Runs the session setup again on `conn` when a session of this process was found to
+/// have dropped its prepared statements since `conn`'s were prepared (see
+/// [`statements_lost`]: which connection ran `DISCARD ALL` is not known, so each one
+/// does, once), and forgets its statements. False when the setup failed.
+fn set_up_again_if_lost(conn: &mut Conn) -> bool {
+    let generation = STATEMENTS_LOST.load(std::sync::atomic::Ordering::Relaxed);
+    let extensions = PooledConnection::extensions_mut(conn);
+    let stale = match extensions.get_mut::<Statements>() {
+        Some(statements) => statements.generation != generation,
+        None => {
+            // No statement of the store's was prepared on it yet, so none can have
+            // been found missing there.
+            extensions.insert(Statements {
+                generation,
+                ..Statements::default()
+            });
+            false
+        }
+    };
+    if !stale {
+        return true;
+    }
+    if conn.batch_execute(crate::connect::SESSION_SETUP).is_err() {
+        return false;
+    }
+    if let Some(statements) = PooledConnection::extensions_mut(conn).get_mut::<Statements>() {
+        statements.of_generation(generation);
+    }
+    true
+}
+
 /// How many times a prepared statement was found missing on its connection in this
 /// process (SQLSTATE 26000: the session ran `DISCARD ALL` or `DEALLOCATE ALL`). Each
 /// pooled connection's [`Statements`] remember the count they were prepared under, and
@@ -232,28 +263,8 @@ impl Store {
             crate::connect::check_server(&mut client)?;
             let version =
                 migrate::current_version(&mut client, &config.schema, &config.migrations_table)?;
-            // Appends put events in their `NOTIFY` only where the role may read the key
-            // (a role granted the events alone still appends, with wake-ups).
-            let readable = version >= migrate::FEED_KEY_VERSION
-                && client
-                    .query_one(
-                        crate::sql::FEED_KEY_READABLE,
-                        &[&crate::sql::feed_key_table(&config.schema)],
-                    )?
-                    .get::<_, bool>(0);
-            // The same for `append_in`, whose events go through a function of version
-            // 13 that an operator may not have granted to this role.
-            let in_tx_events = readable
-                && version >= migrate::APPEND_IN_NOTIFY_VERSION
-                && callable(&mut client, &config.schema, &["append_in_notify"])?;
-            // The functions that return one record (version 15), unless an operator
-            // kept them from this role.
-            let record_calls = version >= migrate::APPEND_IN_RECORD_VERSION
-                && callable(
-                    &mut client,
-                    &config.schema,
-                    &["append_in_events_record", "append_in_any_record"],
-                )?;
+            let (readable, in_tx_events, record_calls) =
+                what_the_role_may_use(&mut client, &config.schema, version)?;
             (version, readable, in_tx_events, record_calls)
         };
         if version > SCHEMA_VERSION {
@@ -326,17 +337,29 @@ impl Store {
             // One transaction under an advisory lock, and a no-op once done: safe to
             // retry.
             || {
-                let report = crate::retry::run(self.config(), self.pool(), "migrate", || {
-                    let mut conn = self.conn()?;
-                    migrate::run(&mut conn, &config.schema, &config.migrations_table)
-                })?;
+                let (report, uses) =
+                    crate::retry::run(self.config(), self.pool(), "migrate", || {
+                        let mut conn = self.conn()?;
+                        let report =
+                            migrate::run(&mut conn, &config.schema, &config.migrations_table)?;
+                        // What the new schema offers, as far as this role may use it:
+                        // the same checks as `connect`'s.
+                        let version = migrate::current_version(
+                            &mut *conn,
+                            &config.schema,
+                            &config.migrations_table,
+                        )?;
+                        let uses = what_the_role_may_use(&mut conn, &config.schema, version)?;
+                        Ok((report, uses))
+                    })?;
+                let (readable, in_tx_events, record_calls) = uses;
                 let flags = [
-                    &self.inner.events_in_notify,
-                    &self.inner.in_tx_events,
-                    &self.inner.record_calls,
+                    (&self.inner.events_in_notify, readable),
+                    (&self.inner.in_tx_events, in_tx_events),
+                    (&self.inner.record_calls, record_calls),
                 ];
-                for flag in flags {
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                for (flag, on) in flags {
+                    flag.store(on, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(report)
             },
@@ -1038,10 +1061,15 @@ impl Store {
     /// restart, `pg_terminate_backend`), and calls that are not retried (imports, your
     /// transactions on a [`StoreConnection`](crate::StoreConnection)) would fail on it.
     /// A connection in steady use costs nothing; an idle one, one round trip.
+    ///
+    /// After a session was found to have dropped its prepared statements
+    /// ([`statements_lost`]: a `DISCARD ALL`, which also resets the session's settings),
+    /// each pooled connection runs the session setup again (`READ COMMITTED`, see
+    /// [`Store::pool`]) the next time it is taken, once.
     pub(crate) fn conn(&self) -> Result<Conn> {
         for _ in 0..=self.inner.pool.max_size() {
             let mut conn = self.checkout()?;
-            if usable(&mut conn) {
+            if usable(&mut conn) && set_up_again_if_lost(&mut conn) {
                 return Ok(conn);
             }
         }
@@ -1133,9 +1161,27 @@ impl Store {
     /// Turns "relation does not exist" into [`Error::NotMigrated`]; any other error is
     /// [`Error::Postgres`] (through `From`, which notes a lost statement, see
     /// [`statements_lost`]).
+    /// Whether `e` says that a function of the store's schema does not exist (the
+    /// server names it `schema.name(...)`, the schema quoted where it needs quotes).
+    fn names_own_function(&self, e: &postgres::Error) -> bool {
+        let schema = &self.inner.sql.schema;
+        e.as_db_error().is_some_and(|db| {
+            let message = db.message();
+            message.starts_with(&format!("function {schema}."))
+                || message.starts_with(&format!("function \"{schema}\"."))
+        })
+    }
+
     pub(crate) fn map_error(&self, e: postgres::Error) -> Error {
         match e.code() {
             Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME => {
+                Error::NotMigrated {
+                    schema: self.inner.sql.schema.clone(),
+                }
+            }
+            // One of the store's functions (`append_in` calls them in an existing but
+            // unmigrated schema); not a function that the caller's own statements miss.
+            Some(c) if *c == SqlState::UNDEFINED_FUNCTION && self.names_own_function(&e) => {
                 Error::NotMigrated {
                     schema: self.inner.sql.schema.clone(),
                 }
@@ -1380,6 +1426,35 @@ impl<'a> AppendInput<'a> {
 
 /// Whether the `append_in` functions `names` of `schema` all exist and this role may
 /// execute them (one round trip).
+/// What this role may use of a schema at `version`: whether appends may put their events
+/// in their `NOTIFY` (the role may read the key; a role granted the events alone still
+/// appends, with wake-ups), whether `append_in` may too (through a function of version 13
+/// that an operator may not have granted to this role), and whether the functions that
+/// return one record (version 15) may be called.
+fn what_the_role_may_use(
+    client: &mut postgres::Client,
+    schema: &str,
+    version: i64,
+) -> Result<(bool, bool, bool)> {
+    let readable = version >= migrate::FEED_KEY_VERSION
+        && client
+            .query_one(
+                crate::sql::FEED_KEY_READABLE,
+                &[&crate::sql::feed_key_table(schema)],
+            )?
+            .get::<_, bool>(0);
+    let in_tx_events = readable
+        && version >= migrate::APPEND_IN_NOTIFY_VERSION
+        && callable(client, schema, &["append_in_notify"])?;
+    let record_calls = version >= migrate::APPEND_IN_RECORD_VERSION
+        && callable(
+            client,
+            schema,
+            &["append_in_events_record", "append_in_any_record"],
+        )?;
+    Ok((readable, in_tx_events, record_calls))
+}
+
 fn callable(client: &mut postgres::Client, schema: &str, names: &[&str]) -> Result<bool> {
     let signatures: Vec<String> = names
         .iter()

@@ -165,6 +165,25 @@ impl SubscriptionStopper {
     }
 }
 
+/// Whether a stream subscription may deliver the next version of its stream from a
+/// batch (a notification's events) without reading. A read returns only versions at or
+/// above the stream's `$tb` (and the delete markers), which a batch does not know.
+/// Batches are trusted after a read that completed with an event that is not a marker
+/// (`$tb` was at or below it, so the next version is visible) until a wake-up without
+/// events comes (which every metadata write, truncation and delete sends, and which may
+/// mean that `$tb` moved); before that, a batch that holds the next version is not
+/// taken, and a read that starts after it decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Batches {
+    /// Taken when they hold the next version.
+    Trusted,
+    /// A wake-up without events came since the last such read, or there was none yet.
+    Doubtful,
+    /// A batch with the next version was refused; the next read to complete started
+    /// after it.
+    Confirming,
+}
+
 /// Where a subscription has got to.
 #[derive(Debug)]
 enum Cursor {
@@ -188,7 +207,10 @@ enum Cursor {
 /// and the subscription delivers them from there when they are the very next events it
 /// would read, which the append proves with the position before its first event and
 /// with no other transaction holding an id at that moment (see "Live delivery" in the
-/// crate docs). An error (the database is down,
+/// crate docs). A stream subscription takes them only after a read has shown that the
+/// stream's `$tb` does not hide them, and reads again after every wake-up without events
+/// (metadata writes, truncations and deletes send one; from another process it comes
+/// through its notifier, a moment after the write). An error (the database is down,
 /// say) is yielded as an `Err` item and the subscription carries on from where it was:
 /// the next call retries after a backoff. Only [`Subscription::stop`] ends it.
 ///
@@ -232,6 +254,12 @@ pub struct Subscription {
     held_back: Option<Backoff>,
     retry_at: Option<Instant>,
     backoff: Backoff,
+    /// Stream subscriptions: whether batches are taken (see [`Batches`]).
+    batches: Batches,
+    /// Stream subscriptions: whether the open read returned an event that is not a
+    /// delete marker at or after the version before the cursor, which shows that the
+    /// stream's `$tb` was below the cursor.
+    tb_below_cursor: bool,
 }
 
 impl fmt::Debug for Subscription {
@@ -310,6 +338,8 @@ impl Subscription {
             held_back: None,
             retry_at: None,
             backoff: ERROR_BACKOFF,
+            batches: Batches::Doubtful,
+            tb_below_cursor: false,
         })
     }
 
@@ -335,8 +365,12 @@ impl Subscription {
         &self.wake
     }
 
-    /// The last global position delivered (`None` for stream subscriptions and before the
-    /// first event).
+    /// Where this `$all` subscription goes on from: the global position of the last event
+    /// delivered, or, before the first one, the position it starts after (`p` for
+    /// [`SubscribeOptions::after`]`(p)`, the position just below what was visible when a
+    /// [`SubscribeOptions::live`] one was made, `None` from the start). A subscription
+    /// made with `after(position)` goes on from the same place. `None` for stream
+    /// subscriptions.
     pub fn position(&self) -> Option<u64> {
         match self.cursor {
             Cursor::Position(p) => p,
@@ -380,6 +414,7 @@ impl Subscription {
             return None;
         }
         self.read_due = false;
+        self.tb_below_cursor = false;
         match self.open_read() {
             Ok(read) => self.read = Some(read),
             Err(e) => return Some(self.failed(e)),
@@ -392,6 +427,10 @@ impl Subscription {
     /// wake-up came without events, or with events it cannot place.
     fn take_mail(&mut self) -> bool {
         let (batches, mut read) = self.mail.take();
+        if read {
+            // Perhaps a metadata write: no batch for a stream before the next read.
+            self.batches = Batches::Doubtful;
+        }
         for batch in batches {
             read |= !self.place(&batch);
         }
@@ -431,6 +470,11 @@ impl Subscription {
                 let mut next = *v + self.pending.len() as u64;
                 for event in batch.events.iter().filter(|e| &e.stream_id == stream) {
                     if event.version > next {
+                        return false;
+                    }
+                    if event.version == next && self.batches != Batches::Trusted {
+                        // Its `$tb` may hide it: a read decides.
+                        self.batches = Batches::Confirming;
                         return false;
                     }
                     if event.version == next {
@@ -481,7 +525,9 @@ impl Subscription {
                 None => self.store.config().poll_interval,
             };
             let mut until = Instant::now() + poll;
-            if let Some(t) = self.retry_at {
+            // Only a retry still ahead shortens the wait: a past one is due now, and the
+            // step above has made it.
+            if let Some(t) = self.retry_at.filter(|t| *t > Instant::now()) {
                 until = t;
             }
             if let Some(d) = deadline {
@@ -502,15 +548,47 @@ impl Subscription {
     }
 
     fn next_from_read(&mut self) -> Option<Result<RecordedEvent>> {
+        loop {
+            let read = self.read.as_mut()?;
+            let item = read.next();
+            let Some(Ok(event)) = item else {
+                return self.read_ended(item);
+            };
+            self.tb_below_cursor |= !matches!(
+                event.event_type.as_str(),
+                crate::event::STREAM_DELETED | crate::event::STREAM_TOMBSTONE
+            );
+            match self.cursor {
+                // The version before the cursor, delivered already (see `open_read`).
+                Cursor::Version(v) if event.version < v => continue,
+                _ => return Some(Ok(self.delivered(event))),
+            }
+        }
+    }
+
+    /// The end of the open read (`None`), or its error.
+    fn read_ended(&mut self, item: Option<Result<RecordedEvent>>) -> Option<Result<RecordedEvent>> {
         let read = self.read.as_mut()?;
-        match read.next() {
-            Some(Ok(event)) => Some(Ok(self.delivered(event))),
+        match item {
+            Some(Ok(_)) => unreachable!("events are delivered by next_from_read"),
             Some(Err(e)) => Some(self.failed(e)),
             None => {
                 // Caught up: do committed events wait behind an open appending
                 // transaction? Then look again soon, as its end may bring no wake-up.
                 let status = read.status().copied();
                 self.read = None;
+                // A read that completes ends the error backoff: from here on the
+                // subscription waits for wake-ups and its safety poll again.
+                self.retry_at = None;
+                self.backoff.reset();
+                // Reads open only when no batch waits: a read that completes while
+                // confirming started after the batch that was refused, and applied the
+                // stream's `$tb` of then. One that returned a visible event at or
+                // after the version before the cursor shows that `$tb` was below the
+                // cursor.
+                if self.batches == Batches::Confirming || self.tb_below_cursor {
+                    self.batches = Batches::Trusted;
+                }
                 // Everything below the read's horizon that this subscription follows
                 // has been delivered now.
                 if let Some(h) = &status {
@@ -542,9 +620,14 @@ impl Subscription {
 
     fn open_read(&self) -> Result<Events> {
         match (&self.target, &self.cursor) {
+            // From the version before the cursor, delivered already and skipped: when
+            // it is still visible, the read shows that `$tb` is below the cursor, and
+            // batches may be taken (see `Batches`).
             (Target::Stream(stream), Cursor::Version(v)) => self.store.read_stream(
                 stream,
-                ReadStream::forwards().from_version(*v).with_markers(),
+                ReadStream::forwards()
+                    .from_version(v.saturating_sub(1))
+                    .with_markers(),
             ),
             (Target::All(filter), Cursor::Position(p)) => {
                 // A subscription never waits inside a read: it delivers what is visible

@@ -21,10 +21,11 @@ use crate::version::ExpectedVersion;
 /// there: the server parses and plans its call on every append. A `StoreTransaction`
 /// appends with the statements the store has prepared on this connection (prepared at
 /// first use, kept across checkouts), which saves that work on every append. A `DISCARD
-/// ALL` on it drops those statements: it costs one failed call later (the store's
-/// next call on this connection retries it, and every pooled connection prepares its
-/// statements again; a [`StoreTransaction::append`] fails once with
-/// [`Error::NotPreparedHere`]), so avoid it where you can.
+/// ALL` on it drops those statements and resets its `READ COMMITTED` default: it costs
+/// one failed call later (the store's next call on this connection retries it, and
+/// every pooled connection prepares its statements again and runs its session setup
+/// again; a [`StoreTransaction::append`] fails once with [`Error::NotPreparedHere`]),
+/// so avoid it where you can.
 ///
 /// ```no_run
 /// # use pg_eventstore::{EventData, ExpectedVersion, Store};

@@ -960,6 +960,60 @@ fn pool_calls_after_discard_all_on_their_connection_prepare_again() -> TestResul
     Ok(())
 }
 
+/// A `DISCARD ALL` also resets the session setup that makes the store's connections
+/// `READ COMMITTED` where the role defaults to `SERIALIZABLE` (OPERATIONS.md). The one
+/// failed call it costs makes every pooled connection run that setup again: afterwards
+/// the connection is at `READ COMMITTED`, and the retried `$all` read is not held back
+/// by a transaction in another database.
+#[test]
+fn pooled_connections_are_read_committed_again_after_discard_all() -> TestResult {
+    let t = TestStore::new("append_discard_level");
+    let role = format!("pges_serializable_{}", std::process::id());
+    crate::common::client().batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         ALTER ROLE {role} SET default_transaction_isolation = 'serializable';
+         GRANT USAGE ON SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL TABLES IN SCHEMA \"{s}\" TO {role};
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA \"{s}\" TO {role};",
+        s = t.schema
+    ))?;
+    let _drop = crate::subscribe::DropRole(role.clone());
+    let mut pg: postgres::Config = crate::common::database_url().parse()?;
+    pg.user(&role);
+    // One connection, so that the read meets the dropped statements.
+    let store = pg_eventstore::Config::from_pg(pg)
+        .schema(&t.schema)
+        .max_connections(1)
+        .connect()?;
+    // A transaction in another database holds an id; an event commits after it.
+    let holder = crate::common::XidHolder::in_other_database();
+    t.append("s", ExpectedVersion::Any, &events("E", 1))?;
+    let read = || -> pg_eventstore::Result<usize> {
+        Ok(store
+            .read_all(ReadAll::from_start().wait_at_most(std::time::Duration::from_millis(300)))?
+            .collect::<pg_eventstore::Result<Vec<_>>>()?
+            .len())
+    };
+    let level = || -> pg_eventstore::Result<String> {
+        let mut c = store.connection()?;
+        Ok(c.query_one("SHOW transaction_isolation", &[])?.get(0))
+    };
+    assert_eq!(level()?, "read committed");
+    // The reads' statements are prepared (the first read learns of the other database's
+    // transaction, the second prepares the statement that passes it).
+    assert_eq!(read()?, 1);
+    assert_eq!(read()?, 1);
+    store.connection()?.batch_execute("DISCARD ALL")?;
+    // The read meets a dropped statement, and is retried.
+    let after = read();
+    let after_level = level()?;
+    drop(store);
+    drop(holder);
+    assert!(matches!(after, Ok(1)), "read after DISCARD ALL: {after:?}");
+    assert_eq!(after_level, "read committed");
+    Ok(())
+}
+
 /// `Store::prepared_appends`: `append_in` on a connection of the caller's, with the
 /// statements prepared there once and kept; given another connection (or one that has
 /// dropped them), the append fails with `Error::NotPreparedHere`, writes nothing, and
@@ -1095,5 +1149,251 @@ fn an_any_append_through_the_pool_retries_a_lock_timeout() -> TestResult {
     let r = appending.join().unwrap()?;
     assert_eq!(r.last_version, 1);
     assert_eq!(versions(&t, "s"), vec![0, 1]);
+    Ok(())
+}
+
+// The append paths side by side: the pool, `append_in`, a `StoreTransaction` and
+// `PreparedAppends`.
+
+pub(crate) fn path_ev(t: &str, i: usize) -> EventData {
+    EventData::json(t, serde_json::json!({ "i": i }))
+}
+
+fn outcome(r: pg_eventstore::Result<pg_eventstore::AppendResult>) -> String {
+    match r {
+        Ok(a) => format!(
+            "Ok(v{}..v{} dup={} n={})",
+            a.first_version,
+            a.last_version,
+            a.was_duplicate,
+            a.last_position - a.first_position + 1
+        ),
+        Err(Error::WrongExpectedVersion {
+            expected, actual, ..
+        }) => format!("WrongExpectedVersion(expected {expected:?}, actual {actual:?})"),
+        Err(Error::DuplicateEventId { .. }) => "DuplicateEventId".into(),
+        Err(Error::StreamDeleted { .. }) => "StreamDeleted".into(),
+        Err(Error::NotMigrated { .. }) => "NotMigrated".into(),
+        Err(e) => format!("other: {}", e.report()),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Before {
+    Empty,
+    Exists,
+    Deleted,
+    Tombstoned,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AppendPath {
+    Pool,
+    AppendIn,
+    StoreTx,
+    Prepared,
+}
+
+/// The stream as `s` leaves it, its three events with the ids `ids`.
+fn set_up(t: &pg_eventstore::Store, stream: &str, s: Before, ids: &[uuid::Uuid; 3]) {
+    let three: Vec<EventData> = (0..3).map(|i| path_ev("Setup", i).id(ids[i])).collect();
+    match s {
+        Before::Empty => {}
+        Before::Exists => {
+            t.append(stream, ExpectedVersion::NoStream, &three).unwrap();
+        }
+        Before::Deleted => {
+            t.append(stream, ExpectedVersion::NoStream, &three).unwrap();
+            t.delete_stream(stream, ExpectedVersion::Any).unwrap();
+        }
+        Before::Tombstoned => {
+            t.append(stream, ExpectedVersion::NoStream, &three).unwrap();
+            t.tombstone_stream(stream, ExpectedVersion::Any).unwrap();
+        }
+    }
+}
+
+fn append_on(
+    t: &pg_eventstore::Store,
+    path: AppendPath,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[EventData],
+) -> String {
+    match path {
+        AppendPath::Pool => outcome(t.append(stream, expected, events)),
+        AppendPath::AppendIn => {
+            let mut c = t.pool().get().unwrap();
+            let mut tx = c.transaction().unwrap();
+            let r = t.append_in(&mut tx, stream, expected, events);
+            if r.is_ok() {
+                tx.commit().unwrap();
+            }
+            outcome(r)
+        }
+        AppendPath::StoreTx => {
+            let mut conn = t.connection().unwrap();
+            let mut tx = conn.transaction().unwrap();
+            let r = tx.append(stream, expected, events);
+            if r.is_ok() {
+                tx.commit().unwrap();
+            }
+            outcome(r)
+        }
+        AppendPath::Prepared => {
+            let mut c =
+                postgres::Client::connect(&crate::common::database_url(), postgres::NoTls).unwrap();
+            let mut p = t.prepared_appends();
+            let mut tx = c.transaction().unwrap();
+            let r = p.append(&mut tx, stream, expected, events);
+            if r.is_ok() {
+                tx.commit().unwrap();
+            }
+            outcome(r)
+        }
+    }
+}
+
+#[test]
+fn expected_versions_and_repeats_get_the_same_answer_on_every_append_path() -> TestResult {
+    let t = TestStore::new("append_paths_agree");
+    let setups = [
+        Before::Empty,
+        Before::Exists,
+        Before::Deleted,
+        Before::Tombstoned,
+    ];
+    let expecteds = [
+        ExpectedVersion::Any,
+        ExpectedVersion::NoStream,
+        ExpectedVersion::StreamExists,
+        ExpectedVersion::Exact(0),
+        ExpectedVersion::Exact(2),
+        ExpectedVersion::Exact(3),
+        ExpectedVersion::Exact(4),
+    ];
+    // What the events are: fresh ones (1 or 3), a repeat of the setup's append, a repeat
+    // of its last event, the setup's first id with other data, fresh + one repeated id.
+    let kinds = [
+        "fresh1",
+        "fresh3",
+        "repeat3",
+        "repeat_last",
+        "id_other_data",
+        "mixed",
+    ];
+    let paths = [
+        AppendPath::Pool,
+        AppendPath::AppendIn,
+        AppendPath::StoreTx,
+        AppendPath::Prepared,
+    ];
+    let mut diffs = Vec::new();
+    let mut n = 0;
+    for s in setups {
+        for e in expecteds {
+            for k in kinds {
+                let mut got = Vec::new();
+                for p in paths {
+                    n += 1;
+                    let stream = format!("s{n}");
+                    let ids = [
+                        uuid::Uuid::now_v7(),
+                        uuid::Uuid::now_v7(),
+                        uuid::Uuid::now_v7(),
+                    ];
+                    set_up(&t, &stream, s, &ids);
+                    let events: Vec<EventData> = match k {
+                        "fresh1" => vec![path_ev("E", 0)],
+                        "fresh3" => (0..3).map(|i| path_ev("E", i)).collect(),
+                        "repeat3" => (0..3).map(|i| path_ev("Setup", i).id(ids[i])).collect(),
+                        "repeat_last" => vec![path_ev("Setup", 2).id(ids[2])],
+                        "id_other_data" => vec![path_ev("Other", 9).id(ids[0])],
+                        _ => vec![path_ev("E", 0), path_ev("Setup", 1).id(ids[1])],
+                    };
+                    got.push((p, append_on(&t, p, &stream, e, &events)));
+                }
+                let first = &got[0].1;
+                if got.iter().any(|(_, g)| g != first) {
+                    diffs.push(format!("{s:?} {e:?} {k}: {got:?}"));
+                }
+            }
+        }
+    }
+    assert!(diffs.is_empty(), "paths disagree:\n{}", diffs.join("\n"));
+    Ok(())
+}
+
+/// Many threads appending with `Any` to one hot stream through the pool: every append
+/// succeeds (there is no version to conflict on), versions are gap-free.
+#[test]
+fn a_wrong_expected_version_leaves_the_transaction_usable_on_every_path() -> TestResult {
+    let t = TestStore::new("append_paths_usable");
+    t.append(
+        "s",
+        ExpectedVersion::NoStream,
+        &[path_ev("E", 0), path_ev("E", 1)],
+    )?;
+    let mut failures = Vec::new();
+    for path in [
+        AppendPath::AppendIn,
+        AppendPath::StoreTx,
+        AppendPath::Prepared,
+    ] {
+        for n in [1usize, 3] {
+            for write_first in [false, true] {
+                for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(7)] {
+                    let evs: Vec<EventData> = (0..n).map(|i| path_ev("E", i)).collect();
+                    let mut own;
+                    let mut pooled;
+                    let mut conn;
+                    let mut p = t.prepared_appends();
+                    let (r, alive) = match path {
+                        AppendPath::StoreTx => {
+                            conn = t.connection()?;
+                            let mut tx = conn.transaction()?;
+                            if write_first {
+                                tx.batch_execute("CREATE TEMP TABLE IF NOT EXISTS w (x int); INSERT INTO w VALUES (1)")?;
+                            }
+                            let r = tx.append("s", expected, &evs);
+                            let alive = tx.query("SELECT 1", &[]).is_ok();
+                            (r, alive)
+                        }
+                        AppendPath::AppendIn => {
+                            pooled = t.pool().get()?;
+                            let mut tx = pooled.transaction()?;
+                            if write_first {
+                                tx.batch_execute("CREATE TEMP TABLE IF NOT EXISTS w (x int); INSERT INTO w VALUES (1)")?;
+                            }
+                            let r = t.append_in(&mut tx, "s", expected, &evs);
+                            let alive = tx.query("SELECT 1", &[]).is_ok();
+                            (r, alive)
+                        }
+                        _ => {
+                            own = postgres::Client::connect(
+                                &crate::common::database_url(),
+                                postgres::NoTls,
+                            )?;
+                            let mut tx = own.transaction()?;
+                            if write_first {
+                                tx.batch_execute("CREATE TEMP TABLE IF NOT EXISTS w (x int); INSERT INTO w VALUES (1)")?;
+                            }
+                            let r = p.append(&mut tx, "s", expected, &evs);
+                            let alive = tx.query("SELECT 1", &[]).is_ok();
+                            (r, alive)
+                        }
+                    };
+                    let ok = matches!(r, Err(Error::WrongExpectedVersion { .. })) && alive;
+                    if !ok {
+                        failures.push(format!(
+                            "{path:?} n={n} write_first={write_first} {expected:?}: {} usable={alive}",
+                            outcome(r)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }

@@ -249,3 +249,42 @@ fn subscribing_to_an_unmigrated_schema_fails_at_once() -> TestResult {
     }
     Ok(())
 }
+
+/// In a schema that exists but was never migrated (created by hand, as many deployments
+/// do), every append path and `read_all` report `Error::NotMigrated`.
+#[test]
+fn appends_to_an_existing_unmigrated_schema_report_not_migrated() -> TestResult {
+    let t = TestStore::unmigrated("bad_append_unmigrated");
+    crate::common::client().batch_execute(&format!("CREATE SCHEMA \"{}\"", t.schema))?;
+    let not_migrated = |what: &str, r: pg_eventstore::Result<pg_eventstore::AppendResult>| match r {
+        Err(Error::NotMigrated { .. }) => {}
+        other => panic!("{what}: expected NotMigrated, got {other:?}"),
+    };
+    let e = || events("E", 1);
+    not_migrated("append", t.append("s", ExpectedVersion::Any, &e()));
+    for expected in [ExpectedVersion::Any, ExpectedVersion::NoStream] {
+        let mut c = t.pool().get()?;
+        let mut tx = c.transaction()?;
+        not_migrated("append_in", t.append_in(&mut tx, "s", expected, &e()));
+    }
+    let mut conn = t.connection()?;
+    let mut tx = conn.transaction()?;
+    not_migrated(
+        "StoreTransaction::append",
+        tx.append("s", ExpectedVersion::Any, &e()),
+    );
+    drop(tx);
+    let mut own = crate::common::client();
+    let mut tx = own.transaction()?;
+    let mut prepared = t.prepared_appends();
+    not_migrated(
+        "PreparedAppends::append",
+        prepared.append(&mut tx, "s", ExpectedVersion::Any, &e()),
+    );
+    drop(tx);
+    match t.read_all(ReadAll::from_start())?.next() {
+        Some(Err(Error::NotMigrated { .. })) => {}
+        other => panic!("read_all: expected NotMigrated, got {other:?}"),
+    }
+    Ok(())
+}

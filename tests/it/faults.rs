@@ -492,3 +492,130 @@ fn every_connection_gives_up_when_the_server_stops_answering() -> TestResult {
     });
     Ok(())
 }
+
+/// A subscription whose read failed once (its pooled connection was killed, and no
+/// retries are configured) goes back to waiting for wake-ups and its safety poll once a
+/// read succeeds: on a quiet store it reads about as often as before the error.
+#[test]
+fn a_subscription_goes_back_to_waiting_after_a_failed_read() -> TestResult {
+    let app = format!("pges_sub_recovers_{}", std::process::id());
+    let t = TestStore::with("sub_recovers", |c| {
+        c.max_connections(1)
+            .min_idle(1)
+            .max_retries(0)
+            .application_name(&app)
+    });
+    t.append("s-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    let mut sub = t.subscribe(SubscribeOptions::all())?;
+    let first = sub.next_timeout(Duration::from_secs(5)).expect("event")?;
+    assert_eq!(first.stream_id, "s-1");
+    assert!(sub.next_timeout(Duration::from_millis(200)).is_none());
+    // Reads in two quiet seconds (less the count's own statement): the safety poll's.
+    let reads_in_two_quiet_seconds = |sub: &mut pg_eventstore::Subscription| {
+        let before = crate::subscribe::statements_run(&t);
+        assert!(sub.next_timeout(Duration::from_secs(2)).is_none());
+        crate::subscribe::statements_run(&t) - before - 1
+    };
+    let control = reads_in_two_quiet_seconds(&mut sub);
+    assert!(control <= 10, "before the error: {control} reads");
+
+    // The pooled connection dies: the next read fails once.
+    assert!(crate::common::kill_backends(&app) >= 1);
+    let mut failed = false;
+    for _ in 0..3 {
+        match sub.try_next() {
+            Some(Err(_)) => {
+                failed = true;
+                break;
+            }
+            Some(Ok(e)) => panic!("unexpected event {e:?}"),
+            None => thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(failed, "the read on the killed connection fails");
+
+    // It reads again after its backoff, is caught up, and nothing is appended.
+    assert!(sub.next_timeout(Duration::from_millis(300)).is_none());
+    let after = reads_in_two_quiet_seconds(&mut sub);
+    assert!(
+        after <= 10,
+        "after the error, a caught-up subscription read {after} times in 2 quiet seconds \
+         ({control} before; safety poll: 1 s)"
+    );
+    Ok(())
+}
+
+/// CPU time (clock ticks) that a server backend has used, from /proc (the server runs
+/// on this machine).
+pub(crate) fn backend_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(end) = stat.rfind(')') else {
+        return 0; // the backend has exited
+    };
+    let fields: Vec<&str> = stat[end + 2..].split(' ').collect();
+    // utime and stime: fields 14 and 15 of stat, 12 and 13 after "pid (comm) ".
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// CPU ticks used so far by every server backend of `app`.
+fn app_ticks(app: &str) -> u64 {
+    let pids: Vec<i32> = client()
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    pids.into_iter().map(backend_ticks).sum()
+}
+
+/// A live worker whose subscription read failed once (a statement timeout while another
+/// session held the events table) goes back to idling: its backends use about as much
+/// CPU on a quiet store as before the error.
+#[test]
+fn an_idle_worker_stays_idle_after_one_failed_read() -> TestResult {
+    let app = format!("pges_worker_recovers_{}", std::process::id());
+    let t = TestStore::with("worker_recovers", |c| {
+        c.application_name(&app)
+            .statement_timeout(Duration::from_millis(300))
+    });
+    t.append("s-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    let handled = std::sync::Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    let worker = t.worker("recovers").spawn(move |_| {
+        h.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    })?;
+    assert!(
+        wait_until(Duration::from_secs(10), || handled.load(Ordering::Relaxed)
+            >= 1)
+        .is_some()
+    );
+    thread::sleep(Duration::from_millis(500));
+    let t0 = app_ticks(&app);
+    thread::sleep(Duration::from_secs(2));
+    let quiet = app_ticks(&app) - t0;
+    // Another session holds the events table for 1.5 s: the worker's safety-poll read
+    // times out (57014, not transient).
+    let mut blocker = client();
+    let mut tx = blocker.transaction()?;
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{}\".events IN ACCESS EXCLUSIVE MODE",
+        t.schema
+    ))?;
+    thread::sleep(Duration::from_millis(1500));
+    tx.rollback()?;
+    thread::sleep(Duration::from_millis(500));
+    let t1 = app_ticks(&app);
+    thread::sleep(Duration::from_secs(2));
+    let after = app_ticks(&app) - t1;
+    worker.stop()?;
+    assert!(
+        after <= quiet * 3 + 10,
+        "after one failed read, the idle worker's backends used {after} CPU ticks in 2 s \
+         ({quiet} before)"
+    );
+    Ok(())
+}

@@ -361,3 +361,79 @@ fn a_live_subscription_starts_at_the_precise_horizon() -> TestResult {
     assert_eq!(e.stream_id, "new");
     Ok(())
 }
+
+/// A read whose range lies wholly below an open appending transaction (backwards before
+/// a visible position; or forwards, with a `max_count` that the visible events fill)
+/// cannot return any held-back event: it reads at once instead of failing with
+/// `HeldBack`. Reads that could return one still wait and say so.
+#[test]
+fn reads_whose_range_holds_no_held_back_event_do_not_wait() -> TestResult {
+    let t = TestStore::new("feed_range");
+    let old = t.append("old", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.wait_all_visible();
+    // An appending transaction stays open; an append commits after it.
+    let mut c = t.pool().get()?;
+    let mut tx = c.transaction()?;
+    t.append_in(&mut tx, "open", ExpectedVersion::Any, &events("E", 1))?;
+    let late = t.append("late", ExpectedVersion::NoStream, &events("E", 1))?;
+    let wait = Duration::from_millis(300);
+    let read = |options: ReadAll| -> pg_eventstore::Result<Vec<u64>> {
+        t.read_all(options.wait_at_most(wait))?
+            .map(|e| e.map(|e| e.position))
+            .collect()
+    };
+    let started = Instant::now();
+    let back = read(ReadAll::backwards_before(old.last_position + 1))?;
+    assert_eq!(back.len(), 3);
+    assert_eq!(back[0], old.last_position);
+    let first = read(ReadAll::from_start().max_count(2))?;
+    assert_eq!(first, [old.first_position, old.first_position + 1]);
+    assert!(started.elapsed() < wait, "took {:?}", started.elapsed());
+    // Ranges that reach the held-back event wait, then fail naming the blocker.
+    for options in [
+        ReadAll::backwards_before(late.last_position + 1),
+        ReadAll::backwards(),
+        ReadAll::from_start().max_count(4),
+        ReadAll::from_start(),
+    ] {
+        let what = format!("{options:?}");
+        match read(options) {
+            Err(Error::HeldBack { .. }) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    tx.rollback()?;
+    Ok(())
+}
+
+/// A `read_all` that waits for held-back events gives its connection back meanwhile: on
+/// a pool of one connection it waits, then reads (its pages after the first through a
+/// cursor, here), rather than exhausting the pool.
+#[test]
+fn a_waiting_read_all_needs_no_second_connection() -> TestResult {
+    let t = TestStore::with("feed_pool1", |c| {
+        c.max_connections(1)
+            .min_idle(1)
+            .read_page_size(1)
+            .connection_timeout(Duration::from_secs(3))
+    });
+    t.append("before", ExpectedVersion::NoStream, &events("E", 1))?;
+    t.wait_all_visible();
+    // An appending transaction on a connection of our own, and an event after it.
+    let mut own = client();
+    own.batch_execute("BEGIN")?;
+    t.append_in(&mut own, "open", ExpectedVersion::Any, &events("E", 1))?;
+    t.append("late", ExpectedVersion::NoStream, &events("E", 1))?;
+    // The blocker commits after 300 ms.
+    let committer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        own.batch_execute("COMMIT").unwrap();
+    });
+    let read: pg_eventstore::Result<Vec<String>> = t
+        .read_all(ReadAll::from_start().wait_at_most(Duration::from_secs(10)))?
+        .map(|e| e.map(|e| e.stream_id))
+        .collect();
+    committer.join().unwrap();
+    assert_eq!(read?, ["before", "open", "late"]);
+    Ok(())
+}

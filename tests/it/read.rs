@@ -824,3 +824,78 @@ fn reads_of_an_analyzed_store_never_sort_the_log() -> TestResult {
     assert!(big.windows(2).all(|w| w[0].version + 1 == w[1].version));
     Ok(())
 }
+
+/// `max_count(n)` with `n` above `i64::MAX` (`u64::MAX`: no limit) reads everything, as
+/// no `max_count` does, also past the first page.
+#[test]
+fn a_huge_max_count_reads_everything() -> TestResult {
+    let t = TestStore::with("read_huge_count", |c| {
+        c.read_page_size(3).max_connections(2)
+    });
+    t.append("s-1", ExpectedVersion::NoStream, &events("E", 10))?;
+    for n in [u64::MAX, i64::MAX as u64 + 1, i64::MAX as u64] {
+        let all = t
+            .read_all(ReadAll::from_start().max_count(n))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(all.len(), 10, "read_all max_count({n})");
+        let back = t
+            .read_all(ReadAll::backwards().max_count(n))?
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(back.len(), 10, "read_all backwards max_count({n})");
+        for options in [ReadStream::forwards(), ReadStream::backwards()] {
+            let stream = t
+                .read_stream("s-1", options.clone().max_count(n))?
+                .collect::<Result<Vec<_>>>()?;
+            assert_eq!(stream.len(), 10, "{options:?} max_count({n})");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn edge_positions_and_zero_counts() -> TestResult {
+    let t = TestStore::with("read_edges", |c| c.read_page_size(2));
+    let five: Vec<EventData> = (0..5).map(|i| crate::append::path_ev("E", i)).collect();
+    let r = t.append("s-1", ExpectedVersion::NoStream, &five)?;
+    let five2: Vec<EventData> = (0..5).map(|i| crate::append::path_ev("E", i)).collect();
+    let r2 = t.append("s-2", ExpectedVersion::NoStream, &five2)?;
+    let mid = r.first_position + 2;
+    let back: Vec<u64> = t
+        .read_all(pg_eventstore::ReadAll::backwards_before(mid))?
+        .map(|e| e.unwrap().position)
+        .collect();
+    assert_eq!(back, vec![mid - 1, mid - 2]);
+    assert_eq!(
+        t.read_all(pg_eventstore::ReadAll::from_start().max_count(0))?
+            .count(),
+        0
+    );
+    assert_eq!(
+        t.read_all(pg_eventstore::ReadAll::backwards().max_count(0))?
+            .count(),
+        0
+    );
+    assert_eq!(
+        t.read_stream("s-1", pg_eventstore::ReadStream::forwards().max_count(0))?
+            .count(),
+        0
+    );
+    let back3: Vec<u64> = t
+        .read_all(pg_eventstore::ReadAll::backwards().max_count(3))?
+        .map(|e| e.unwrap().position)
+        .collect();
+    assert_eq!(
+        back3,
+        vec![r2.last_position, r2.last_position - 1, r2.last_position - 2]
+    );
+    let mut sub = t.subscribe(pg_eventstore::SubscribeOptions::all().after(mid))?;
+    let mut got = Vec::new();
+    while let Some(e) = sub.next_timeout(std::time::Duration::from_millis(300)) {
+        got.push(e?.position);
+    }
+    let want: Vec<u64> = (mid + 1..=r.last_position)
+        .chain(r2.first_position..=r2.last_position)
+        .collect();
+    assert_eq!(got, want);
+    Ok(())
+}

@@ -375,6 +375,90 @@ fn a_killed_commit_watcher_loses_no_wake_up() -> TestResult {
     Ok(())
 }
 
+/// The commit watcher's backend: the one that runs its wait statement.
+fn watcher_pid(app: &str) -> i32 {
+    let mut c = crate::common::client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1
+                    AND query LIKE '%pg_advisory_unlock(%' LIMIT 1",
+                &[&app],
+            )
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        assert!(Instant::now() < deadline, "no commit watcher backend");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// While a transaction whose `append_in` the watcher watches stays open for `hold`, with
+/// the append in a savepoint that is rolled back (`rolled_back`) or released: how many
+/// statements the watcher's backend starts (the distinct `query_start`s seen by sampling
+/// it as fast as possible, a lower bound), and the CPU ticks that backend uses.
+fn watcher_rounds_while_open(
+    t: &TestStore,
+    app: &str,
+    rolled_back: bool,
+    hold: Duration,
+) -> (usize, u64) {
+    let mut c = t.pool().get().unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    t.append_in(&mut tx, "held-1", ExpectedVersion::Any, &events("E", 1))
+        .unwrap();
+    if rolled_back {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    } else {
+        tx.batch_execute("RELEASE SAVEPOINT s").unwrap();
+    }
+    let pid = watcher_pid(app);
+    thread::sleep(Duration::from_millis(100));
+    let ticks = crate::faults::backend_ticks(pid);
+    let mut sampler = crate::common::client();
+    let sample = sampler
+        .prepare("SELECT query_start::text FROM pg_stat_activity WHERE pid = $1")
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        if let Some(row) = sampler.query_opt(&sample, &[&pid]).unwrap() {
+            seen.insert(row.get::<_, Option<String>>(0));
+        }
+    }
+    let ticks = crate::faults::backend_ticks(pid) - ticks;
+    tx.rollback().unwrap();
+    (seen.len(), ticks)
+}
+
+/// A transaction whose `append_in` was rolled back to a savepoint stays open without the
+/// lock the commit watcher waits on: the watcher still sends one short query every
+/// 1–10 ms (OPERATIONS.md), as while the lock is held, not one after the other.
+#[test]
+fn the_commit_watcher_paces_itself_on_a_transaction_that_gave_its_lock_back() -> TestResult {
+    let app = format!("pges_watch_unlocked_{}", std::process::id());
+    // No `NOTIFY` in the caller's transaction: every `append_in` is watched.
+    let t = TestStore::with("sub_watch_unlocked", |c| {
+        c.notify_on_append(false).application_name(&app)
+    });
+    // A subscriber here, so that transactions are watched, not only remembered.
+    let _sub = t.subscribe(SubscribeOptions::all())?;
+    let hold = Duration::from_secs(2);
+    let (control, control_ticks) = watcher_rounds_while_open(&t, &app, false, hold);
+    let (rounds, ticks) = watcher_rounds_while_open(&t, &app, true, hold);
+    // At most about 2 × 2,000 in 2 s; about 400 at the usual 10 ms.
+    assert!(
+        rounds <= control * 3 + 100,
+        "the commit watcher started at least {rounds} statements in {hold:?} ({ticks} CPU \
+         ticks) while the transaction sat idle after ROLLBACK TO SAVEPOINT ({control}, \
+         {control_ticks} ticks, while it held the lock)"
+    );
+    Ok(())
+}
+
 /// The next event, which must come well before `limit` (and so long before the 60 s
 /// safety poll): `next_timeout` itself takes one last look at its deadline, so the wait is
 /// longer than the limit and the time is checked.
@@ -863,7 +947,7 @@ fn a_subscriber_that_comes_while_an_unwatched_transaction_is_open_hears_its_comm
 
 /// How many statements the store's one pooled connection has run (its prepared
 /// statements' executions): a subscription's reads, here.
-fn statements_run(store: &Store) -> i64 {
+pub(crate) fn statements_run(store: &Store) -> i64 {
     let mut c = store.connection().unwrap();
     c.query_one(
         "SELECT coalesce(sum(generic_plans + custom_plans), 0)::bigint
@@ -1156,8 +1240,12 @@ fn subscribers_here_take_a_sparse_appends_events_without_reading_but_never_past_
     let mut named = store.subscribe(SubscribeOptions::streams(["s-9", "order-1"]))?;
     assert_eq!(take(&mut all, 1)[0].event_type, "Seed");
     assert_eq!(take(&mut stream, 1)[0].event_type, "Seed");
-    assert!(orders.next_timeout(Duration::from_millis(50)).is_none());
-    assert!(named.next_timeout(Duration::from_millis(50)).is_none());
+    // The listener has connected, and its wake-up was taken (a stream subscription
+    // takes a batch only after a read since the last wake-up without events).
+    wait_connected(&store);
+    for sub in [&mut all, &mut orders, &mut stream, &mut named] {
+        assert!(sub.next_timeout(Duration::from_millis(50)).is_none());
+    }
 
     // One event, its data in a form that `jsonb` writes differently.
     thread::sleep(Duration::from_millis(20));
@@ -1400,6 +1488,54 @@ fn a_role_without_the_key_appends_with_wake_ups_alone() -> TestResult {
     Ok(())
 }
 
+/// `migrate()` at start ("safe to run at every start") leaves alone what `connect` found
+/// the role may not use: a role that may create in the schema (so the no-op migration
+/// runs) but may not read the key still appends with wake-ups alone afterwards.
+#[test]
+fn a_no_op_migrate_keeps_appends_within_what_the_role_may_do() -> TestResult {
+    let t = TestStore::new("notify_no_key_migrate");
+    let db: String = crate::common::client()
+        .query_one("SELECT current_database()", &[])?
+        .get(0);
+    let (_role, writer) = store_as_role(
+        &t,
+        "pges_no_key_migrate",
+        &format!(
+            "GRANT CREATE ON DATABASE \"{db}\" TO {{role}};
+             GRANT CREATE ON SCHEMA \"{{s}}\" TO {{role}};
+             REVOKE ALL ON \"{{s}}\".feed_key FROM {{role}};"
+        ),
+    )?;
+    // Another process listens, so that sparse appends send their own NOTIFY.
+    let mut all = t.store.subscribe(SubscribeOptions::all())?;
+    assert!(all.next_timeout(Duration::from_millis(50)).is_none());
+    let report = writer.migrate()?;
+    assert!(report.applied.is_empty(), "a no-op migration");
+    let mut failed = Vec::new();
+    let n = 50;
+    for _ in 0..n {
+        if let Err(e) = writer.append("s", ExpectedVersion::Any, &events("E", 1)) {
+            failed.push(e.report());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {n} appends failed after migrate(), first: {}",
+        failed.len(),
+        failed[0]
+    );
+    assert!(
+        notifying_appends(&writer, false) > 0,
+        "no wake-up alone sent"
+    );
+    assert_eq!(notifying_appends(&writer, true), 0);
+    assert_eq!(take(&mut all, n).len(), n);
+    // The role's sessions end before the role goes.
+    drop(writer);
+    Ok(())
+}
+
 /// A role that may not execute the `append_in` functions of schema version 15 (an
 /// operator revoked them from everyone) appends in its transactions through those of
 /// version 14, which it may execute.
@@ -1465,5 +1601,241 @@ fn a_role_that_may_not_call_append_in_notify_still_appends_in_transactions() -> 
         thread::sleep(Duration::from_millis(20));
     }
     drop(writer);
+    Ok(())
+}
+
+/// `position()` is where a subscription goes on from: before its first event, `None`
+/// from the start, `p` after `p`, and for a live one a position below which nothing new
+/// comes; then the position of the last event delivered. Stream subscriptions: `None`.
+#[test]
+fn position_is_where_the_subscription_goes_on_from() -> TestResult {
+    let t = TestStore::new("sub_position");
+    let r = t.append("s-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    t.wait_all_visible();
+    let mut start = t.subscribe(SubscribeOptions::all())?;
+    let after = t.subscribe(SubscribeOptions::all().after(r.last_position))?;
+    let live = t.subscribe(SubscribeOptions::all().live())?;
+    let stream = t.subscribe(SubscribeOptions::stream("s-1"))?;
+    assert_eq!(start.position(), None);
+    assert_eq!(after.position(), Some(r.last_position));
+    let live_at = live.position().expect("a live subscription's start");
+    assert!(
+        live_at >= r.last_position,
+        "{live_at} < {}",
+        r.last_position
+    );
+    assert_eq!(stream.position(), None);
+    let r2 = t.append("s-2", ExpectedVersion::NoStream, &events("E", 1))?;
+    assert!(live_at < r2.first_position);
+    assert_eq!(take(&mut start, 2)[1].position, r2.last_position);
+    for mut sub in [start, after, live] {
+        if sub.position() != Some(r2.last_position) {
+            take(&mut sub, 1);
+        }
+        assert_eq!(sub.position(), Some(r2.last_position));
+    }
+    Ok(())
+}
+
+/// A stream subscription delivers what a stream read returns: once `$tb` hides the
+/// versions below it, an event appended below `$tb` is neither read nor delivered from
+/// its append's events, whether the subscription was caught up before the metadata
+/// write, looked at the table between the write and the append, or was made between
+/// them. Events at or above `$tb` are delivered as usual.
+#[test]
+fn a_stream_subscription_honours_truncate_before_like_a_stream_read() -> TestResult {
+    // No safety poll meanwhile: its wake-ups, too, make stream subscriptions read.
+    let t = TestStore::with("sub_stream_tb", |c| {
+        c.poll_interval(Duration::from_secs(60))
+    });
+    t.append("s-1", ExpectedVersion::NoStream, &events("E", 2))?;
+    let mut caught_up = t.subscribe(SubscribeOptions::stream("s-1"))?;
+    let mut looked = t.subscribe(SubscribeOptions::stream("s-1"))?;
+    wait_connected(&t);
+    assert_eq!(take(&mut caught_up, 2).len(), 2);
+    assert_eq!(take(&mut looked, 2).len(), 2);
+    // Sparse appends, whose events reach this store's subscribers with the append.
+    for _ in 0..2 {
+        thread::sleep(Duration::from_millis(20));
+        t.append("s-1", ExpectedVersion::Any, &events("E", 1))?;
+        assert_eq!(take(&mut caught_up, 1).len(), 1);
+        assert_eq!(take(&mut looked, 1).len(), 1);
+    }
+    assert!(caught_up.next_timeout(Duration::from_millis(100)).is_none());
+    assert!(looked.next_timeout(Duration::from_millis(100)).is_none());
+    t.set_stream_metadata(
+        "s-1",
+        ExpectedVersion::Any,
+        &serde_json::json!({ "$tb": 6 }),
+    )?;
+    assert!(looked.try_next().is_none());
+    let mut made_between = t.subscribe(SubscribeOptions::stream("s-1").after(3))?;
+    assert!(made_between.try_next().is_none());
+    // Versions 4 and 5 are hidden; 6 is not.
+    for n in 4..7 {
+        thread::sleep(Duration::from_millis(20));
+        t.append("s-1", ExpectedVersion::Any, &events("E", 1))?;
+        let read: Vec<u64> = t
+            .read_stream("s-1", pg_eventstore::ReadStream::forwards())?
+            .map(|e| e.map(|e| e.version))
+            .collect::<Result<_>>()?;
+        let visible: Vec<u64> = (6..=n).collect();
+        assert_eq!(read, visible);
+    }
+    for (name, sub) in [
+        ("caught up", &mut caught_up),
+        ("looked", &mut looked),
+        ("made between", &mut made_between),
+    ] {
+        let got: Vec<u64> = take(sub, 1).iter().map(|e| e.version).collect();
+        assert_eq!(got, [6], "{name}");
+        assert!(
+            sub.next_timeout(Duration::from_millis(100)).is_none(),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+/// The positions and ids that a `follow` thread's subscription delivered.
+type Followed = std::sync::Arc<std::sync::Mutex<Vec<(u64, uuid::Uuid)>>>;
+
+/// A thread that collects what a `$all` subscription of `store` delivers, until stopped.
+fn follow(
+    store: &Store,
+) -> (
+    Followed,
+    pg_eventstore::SubscriptionStopper,
+    std::thread::JoinHandle<()>,
+) {
+    let sub = store.subscribe(SubscribeOptions::all()).unwrap();
+    let stopper = sub.stopper();
+    let got: Followed = Default::default();
+    let sink = got.clone();
+    let h = std::thread::spawn(move || {
+        for item in sub {
+            match item {
+                Ok(e) => sink.lock().unwrap().push((e.position, e.id)),
+                Err(e) => eprintln!("subscription error: {e}"),
+            }
+        }
+    });
+    (got, stopper, h)
+}
+
+/// `append_in` transactions with savepoints (kept or rolled back), two appends with a
+/// pause between them (so that one sends its own `NOTIFY` with events and the other is
+/// watched), two streams, whole rollbacks and pool appends: a subscriber here and one in
+/// another store get exactly the committed events, in order, once each.
+#[test]
+fn savepoints_and_mixed_append_in_deliver_exactly_the_committed_events() -> TestResult {
+    let t = TestStore::new("sub_savepoints");
+    let other = Config::new(&crate::common::database_url())?
+        .schema(&t.schema)
+        .connect()?;
+    let (here, stop_here, h1) = follow(&t);
+    let (there, stop_there, h2) = follow(&other);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for w in 0..3u64 {
+            let (t, stop) = (&t, &stop);
+            s.spawn(move || {
+                let mut rng = crate::common::Rng(0x9e37_79b9 + w * 7919);
+                let mut k = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    k += 1;
+                    let a = format!("a{w}-{}", rng.next() % 4);
+                    let b = format!("b{w}-{}", rng.next() % 4);
+                    match rng.next() % 5 {
+                        0 => {
+                            t.append(&a, ExpectedVersion::Any, &[crate::append::path_ev("P", k)])
+                                .unwrap();
+                        }
+                        mode => {
+                            let mut c = t.pool().get().unwrap();
+                            let mut tx = c.transaction().unwrap();
+                            t.append_in(
+                                &mut tx,
+                                &a,
+                                ExpectedVersion::Any,
+                                &[crate::append::path_ev("T1", k)],
+                            )
+                            .unwrap();
+                            std::thread::sleep(std::time::Duration::from_micros(rng.next() % 3000));
+                            tx.batch_execute("SAVEPOINT s").unwrap();
+                            let n = 1 + (rng.next() % 3) as usize;
+                            let evs: Vec<EventData> =
+                                (0..n).map(|i| crate::append::path_ev("T2", i)).collect();
+                            t.append_in(&mut tx, &b, ExpectedVersion::Any, &evs)
+                                .unwrap();
+                            if mode == 1 {
+                                tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+                            } else {
+                                tx.batch_execute("RELEASE SAVEPOINT s").unwrap();
+                            }
+                            std::thread::sleep(std::time::Duration::from_micros(rng.next() % 2000));
+                            if mode == 2 {
+                                t.append_in(
+                                    &mut tx,
+                                    &a,
+                                    ExpectedVersion::Any,
+                                    &[crate::append::path_ev("T3", k)],
+                                )
+                                .unwrap();
+                            }
+                            if rng.next() % 6 == 0 {
+                                tx.rollback().unwrap();
+                            } else {
+                                tx.commit().unwrap();
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // Kill the other store's listener once meanwhile.
+        let pid = other.listener_state().expect("listener").backend_pid;
+        crate::common::client()
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    t.wait_all_visible();
+    let all: Vec<(u64, uuid::Uuid)> = t
+        .read_all(pg_eventstore::ReadAll::from_start())?
+        .map(|e| e.map(|e| (e.position, e.id)))
+        .collect::<pg_eventstore::Result<_>>()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while (here.lock().unwrap().len() < all.len() || there.lock().unwrap().len() < all.len())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop_here.stop();
+    stop_there.stop();
+    h1.join().unwrap();
+    h2.join().unwrap();
+    let here = here.lock().unwrap().clone();
+    let there = there.lock().unwrap().clone();
+    eprintln!(
+        "committed {}, here {}, there {}",
+        all.len(),
+        here.len(),
+        there.len()
+    );
+    for (name, got) in [("here", &here), ("there", &there)] {
+        if *got != all {
+            let first = got.iter().zip(&all).position(|(a, b)| a != b);
+            panic!(
+                "{name}: {} events against {} committed; first difference at {first:?}",
+                got.len(),
+                all.len()
+            );
+        }
+    }
     Ok(())
 }
