@@ -46,6 +46,9 @@ const QUEUE_PER_THREAD: usize = 512;
 /// clock from before it sent the renewal.
 const TRUST: f64 = 0.9;
 
+/// The longest [`GroupOptions::member_info`] accepted, in bytes.
+const MAX_MEMBER_INFO_BYTES: usize = 4096;
+
 /// How a consumer group shares out its partitions: made by [`GroupOptions::new`] and
 /// given to [`Worker::group`].
 #[derive(Clone, Debug)]
@@ -97,13 +100,19 @@ impl GroupOptions {
     }
 
     /// A text that names this member in [`Store::group_members`] (a host and pod name,
-    /// say). Default: the host name and process id.
+    /// say). Default: the host name and process id. At most 4,096 bytes, without NUL
+    /// bytes: the member's start refuses others with [`Error::InvalidInput`], before
+    /// anything is written.
     pub fn member_info(mut self, info: impl Into<String>) -> Self {
         self.member_info = Some(info.into());
         self
     }
 
     fn validate(&self) -> Result<()> {
+        if let Some(info) = self.member_info.as_deref().filter(|i| !i.is_empty()) {
+            crate::event::validate_text("member info", info, MAX_MEMBER_INFO_BYTES)
+                .map_err(Error::InvalidInput)?;
+        }
         if !(1..=4096).contains(&self.partitions) {
             return Err(Error::Config(format!(
                 "a consumer group needs 1 to 4096 partitions, not {}",

@@ -668,6 +668,41 @@ fn bad_group_settings_and_a_worker_of_the_same_name_are_refused() -> TestResult 
     Ok(())
 }
 
+/// A member info PostgreSQL text cannot store (a NUL byte), or a very long one, is
+/// refused as `InvalidInput` naming the problem, before anything is written.
+#[test]
+fn a_member_info_the_database_cannot_store_is_refused_before_anything_is_written() -> TestResult {
+    let t = TestStore::with("group_info", |c| c.max_connections(8));
+    for info in ["pod\0x".to_string(), "p".repeat(4097)] {
+        let e = t
+            .worker("g")
+            .group(GroupOptions::new().member_info(info))
+            .spawn(|_| Ok(()))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("member info")),
+            "{e:?}"
+        );
+    }
+    let n = query_i64(&format!(
+        "SELECT count(*) FROM \"{}\".group_leases",
+        t.schema
+    ));
+    assert_eq!(n, 0, "nothing written");
+    // An info at the limit is taken.
+    let member = t
+        .worker("g")
+        .group(
+            GroupOptions::new()
+                .partitions(2)
+                .member_info("p".repeat(4096)),
+        )
+        .spawn(|_| Ok(()))?;
+    assert_eq!(t.group_members("g")?[0].info.len(), 4096);
+    member.stop()?;
+    Ok(())
+}
+
 #[test]
 fn a_member_paused_past_its_lease_commits_nothing_twice_and_joins_again() -> TestResult {
     paused_member("group_pause", &crate::common::database_url())
