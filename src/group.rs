@@ -1014,8 +1014,15 @@ impl Member {
         // handed over; what is read beyond them waits in `buffer`, where a partition
         // being handed over can take it back.
         let queue = (2 * worker.batch.max_events).clamp(16, QUEUE_PER_THREAD);
-        let mut dispatcher =
-            Dispatcher::start(worker, handler, Box::new(membership), Some(fence), queue);
+        let mut dispatcher = Dispatcher::start(
+            worker,
+            handler,
+            Box::new(membership),
+            Some(fence),
+            None,
+            self.shared.stop.clone(),
+            queue,
+        );
         let mut fatal: Option<Error> = None;
         let result = self.run_loop(worker, &mut dispatcher, &mut fatal);
         self.buffer.clear();
@@ -1116,6 +1123,9 @@ impl Member {
                     fatal.get_or_insert(e);
                     continue;
                 }
+                // Left unfinished (stopped or aborted during its retries): its partition's
+                // checkpoint stays before it.
+                Outcome::Unfinished => continue,
                 Outcome::Revoked => {
                     // The fence says the partition is gone: find out now.
                     self.summary.revoked += 1;

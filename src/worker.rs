@@ -1,7 +1,7 @@
 //! A worker that runs a handler over the event log on a pool of threads, with
 //! checkpoints, retries, a dead-letter table and graceful shutdown.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -18,7 +18,7 @@ use r2d2::PooledConnection;
 use crate::checkpoint::validate_processor_name;
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
-use crate::processor::{LockKeeper, ProcessorLock};
+use crate::processor::{HeldLock, LockKeeper, ProcessorLock};
 use crate::read::ReadAll;
 use crate::store::{Conn, Store};
 use crate::subscription::SubscribeOptions;
@@ -469,7 +469,7 @@ impl Worker {
         &self,
         handler: Handler,
         mode: &Mode,
-        stop: &AtomicBool,
+        stop: &Arc<AtomicBool>,
         lock: ProcessorLock,
         summary: &mut WorkerSummary,
     ) -> Result<()> {
@@ -478,12 +478,21 @@ impl Worker {
         // dispatcher joins the handler threads, and only then the keeper releases the
         // lock. A lost lock stops the handler threads at once (the dispatcher's abort).
         let keeper = LockKeeper::start(lock, self.store.config().connection_timeout);
-        let mut dispatcher = Dispatcher::start(self, handler, Box::new(()), None, QUEUE);
+        let mut dispatcher = Dispatcher::start(
+            self,
+            handler,
+            Box::new(()),
+            None,
+            Some(keeper.held()),
+            stop.clone(),
+            QUEUE,
+        );
         keeper.arm(dispatcher.abort.clone());
         let mut tracker = self
             .store
             .tracker(&self.name)?
-            .checkpoint_interval(self.checkpoint_interval);
+            .checkpoint_interval(self.checkpoint_interval)
+            .on_lock(keeper.held());
         let start = tracker.position();
         let mut source = match mode {
             Mode::Batch => {
@@ -568,15 +577,20 @@ impl Worker {
             });
         }
         self.collect(dispatcher.done(), &mut flight, summary, &mut fatal);
-        if let Some(p) = flight.low_water.take() {
-            tracker.update(p)?;
-        }
-        if fatal.is_none() && flight.queue.is_empty() {
-            if let Some(p) = scan.read_past(tracker.position())? {
+        // Without the lock nothing is written (a write would fail anyway: it goes
+        // through the lock's session): another instance, or a reset, may own the
+        // checkpoint now.
+        if !keeper.is_lost() {
+            if let Some(p) = flight.low_water.take() {
                 tracker.update(p)?;
             }
+            if fatal.is_none() && flight.queue.is_empty() {
+                if let Some(p) = scan.read_past(tracker.position())? {
+                    tracker.update(p)?;
+                }
+            }
+            tracker.flush()?;
         }
-        tracker.flush()?;
         summary.checkpoint = tracker.saved_position();
         match fatal {
             Some(e) => Err(e),
@@ -602,7 +616,9 @@ impl Worker {
                     fatal.get_or_insert(e);
                     continue;
                 }
-                Outcome::Revoked => continue, // only in consumer groups
+                // Left for the next run (stopped or aborted during its retries), or
+                // (only in consumer groups) no longer this member's.
+                Outcome::Unfinished | Outcome::Revoked => continue,
             }
             flight.finish(d.seq);
         }
@@ -632,12 +648,17 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// `queue`: events queued per thread before a send waits.
+    /// `lock`: a worker's processor lock, checked before a failing handler is retried.
+    /// `stop`: the run's stop flag, which ends a failing handler's retries (as the abort
+    /// flag does). `queue`: events queued per thread before a send waits.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         worker: &Worker,
         handler: Handler,
         guard: Box<dyn Send>,
         fence: Option<Arc<dyn Fence>>,
+        lock: Option<HeldLock>,
+        stop: Arc<AtomicBool>,
         queue: usize,
     ) -> Dispatcher {
         let abort = Arc::new(AtomicBool::new(false));
@@ -651,6 +672,8 @@ impl Dispatcher {
             let mut ctx =
                 ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
             ctx.fence = fence.clone();
+            ctx.stop = stop.clone();
+            ctx.lock = lock.clone();
             let finished = router.finished[i].clone();
             threads.push(
                 thread::Builder::new()
@@ -1020,6 +1043,10 @@ pub(crate) enum Outcome {
     Failed(Error),
     /// Not handled: the member no longer holds the event's partition (consumer groups).
     Revoked,
+    /// Not handled: its handler was failing and being retried when the run was stopped
+    /// or aborted (a lost lock, another thread's fatal failure). The checkpoint stays
+    /// before it, and the next run handles it again.
+    Unfinished,
 }
 
 /// What a transactional handler's transaction did with one event.
@@ -1040,6 +1067,15 @@ struct ThreadContext {
     retry_delay: Duration,
     on_failure: OnFailure,
     failed: Arc<AtomicBool>,
+    /// The run's stop flag: a failing handler is not retried once it is set.
+    stop: Arc<AtomicBool>,
+    /// A worker's processor lock: checked before each retry of a failing handler, so
+    /// that a retry never runs on after the lock's session ended (the keeper checks it
+    /// only four times a second).
+    lock: Option<HeldLock>,
+    /// This thread left an event unfinished: it handles nothing more (the events queued
+    /// after it, of its stream too, wait for the next run), so that order holds.
+    abandoned: Cell<bool>,
     done: Sender<Done>,
     /// Replaying dead letters: a transactional handler's guard is the removal of the
     /// dead letter, not the per-stream claim (which later events have moved past).
@@ -1064,6 +1100,9 @@ impl ThreadContext {
             retry_delay: worker.retry_delay,
             on_failure: worker.on_failure,
             failed,
+            stop: Arc::new(AtomicBool::new(false)),
+            lock: None,
+            abandoned: Cell::new(false),
             done,
             replay: false,
             batch: worker.batch,
@@ -1075,8 +1114,9 @@ impl ThreadContext {
     /// that is done with (handled and committed, parked, or skipped).
     fn run(self, rx: Receiver<Job>, finished: &AtomicU64) {
         while let Ok(first) = rx.recv() {
-            let n = if self.failed.load(Ordering::Relaxed) {
-                1 // after a fatal failure nothing more is handled: order matters
+            let n = if self.failed.load(Ordering::Relaxed) || self.abandoned.get() {
+                1 // after a fatal failure or an unfinished event nothing more is
+                  // handled: order matters
             } else {
                 match &self.handler {
                     Handler::Tx(h) if self.batch.max_events > 1 => {
@@ -1097,7 +1137,7 @@ impl ThreadContext {
 
     /// Handles one event on its own, with retries, and reports it.
     fn one(&self, job: Job) {
-        if self.failed.load(Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) || self.abandoned.get() {
             return;
         }
         // A panicking handler is a fatal failure like any other: the worker stops with
@@ -1111,6 +1151,9 @@ impl ThreadContext {
             };
             (Outcome::Failed(panicked), 0)
         });
+        if matches!(outcome, Outcome::Unfinished) {
+            self.abandoned.set(true);
+        }
         self.report(job.seq, job.lease, retries, outcome);
     }
 
@@ -1294,7 +1337,9 @@ impl ThreadContext {
                         error = %crate::error::chain(e.as_ref()),
                         "pg-eventstore: handler failed, retrying"
                     );
-                    thread::sleep(wait);
+                    if !self.wait_to_retry(wait) || self.lock.as_ref().is_some_and(|l| !l.check()) {
+                        return (Outcome::Unfinished, attempt - 1);
+                    }
                 }
                 Err(e) => {
                     let error = Error::Handler {
@@ -1325,6 +1370,24 @@ impl ThreadContext {
                     return (outcome, attempt - 1);
                 }
             }
+        }
+    }
+
+    /// Waits `wait` before a retry; `false` (at once) when the run is stopped or aborted
+    /// meanwhile: the event is then left unfinished, for the next run, instead of being
+    /// retried beside an instance that may have taken the lock, or keeping a stop
+    /// waiting for every remaining retry.
+    fn wait_to_retry(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.failed.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            thread::sleep(left.min(Duration::from_millis(10)));
         }
     }
 
@@ -1486,7 +1549,9 @@ impl Worker {
                     }
                     summary.replayed += 1;
                 }
-                Outcome::Skipped | Outcome::Revoked => {} // removed meanwhile, by another replay
+                // Removed meanwhile, by another replay (Unfinished: never, nothing stops
+                // or aborts a replay).
+                Outcome::Skipped | Outcome::Revoked | Outcome::Unfinished => {}
                 Outcome::Parked => summary.failed += 1,
                 Outcome::Failed(e) => return Err(e),
             }
@@ -1532,7 +1597,9 @@ impl WorkerStopper {
     }
 
     /// Asks the worker to stop: it finishes the events in flight, writes its checkpoint,
-    /// and ends (within about 50 ms plus the handler calls in flight). Does not wait.
+    /// and ends (within about 50 ms plus the handler calls in flight). A failing handler
+    /// is not retried after the stop: its event (and what its thread had queued after
+    /// it) stays after the checkpoint, for the next run. Does not wait.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -1578,8 +1645,9 @@ impl WorkerHandle {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Stops the worker and waits for it: in-flight events finish, the checkpoint is
-    /// written. Returns what it did, or the error that stopped it.
+    /// Stops the worker and waits for it: in-flight events finish (a failing handler is
+    /// not retried: its event is left for the next run), the checkpoint is written.
+    /// Returns what it did, or the error that stopped it.
     pub fn stop(mut self) -> Result<WorkerSummary> {
         self.request_stop();
         self.wait()

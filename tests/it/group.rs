@@ -668,6 +668,43 @@ fn bad_group_settings_and_a_worker_of_the_same_name_are_refused() -> TestResult 
     Ok(())
 }
 
+/// A member's stop ends a failing handler's retries at once, cleanly: the event stays
+/// after its partition's checkpoint, for the next owner.
+#[test]
+fn a_member_s_stop_ends_a_failing_handler_s_retries() -> TestResult {
+    let t = TestStore::with("group_retry_stop", |c| c.max_connections(8));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let member = t
+        .worker("g")
+        .retries(6)
+        .retry_delay(Duration::from_millis(100))
+        .group(GroupOptions::new().partitions(1))
+        .spawn(move |_| {
+            *c.lock().unwrap() += 1;
+            Err("downstream unavailable".into())
+        })?;
+    wait_for("the first call", Duration::from_secs(20), || {
+        *calls.lock().unwrap() >= 1
+    });
+    let asked = Instant::now();
+    let summary = member.stop()?;
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "stop took {took:?} ({} handler calls)",
+        calls.lock().unwrap()
+    );
+    assert_eq!(summary.handled, 0);
+    assert_eq!(
+        t.group_partitions("g")?[0].lag,
+        1,
+        "the event is still to do"
+    );
+    Ok(())
+}
+
 /// A member info PostgreSQL text cannot store (a NUL byte), or a very long one, is
 /// refused as `InvalidInput` naming the problem, before anything is written.
 #[test]

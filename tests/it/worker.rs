@@ -1,4 +1,5 @@
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -501,12 +502,20 @@ fn a_worker_that_loses_its_lock_stops_its_handlers_and_takes_it_again() -> TestR
     let t = store_with("worker_lock_lost");
     let handled = Arc::new(Mutex::new(0u64));
     let h = handled.clone();
-    let worker = t.worker("kept").spawn(move |_| {
-        *h.lock().unwrap() += 1;
-        Ok(())
-    })?;
-    t.append("s", ExpectedVersion::NoStream, &events("E", 5))?;
+    let worker = t
+        .worker("kept")
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(move |_| {
+            *h.lock().unwrap() += 1;
+            Ok(())
+        })?;
+    let first = t.append("s", ExpectedVersion::NoStream, &events("E", 5))?;
     wait_for("the first events", || *handled.lock().unwrap() == 5);
+    // Without the lock nothing is written: what is after the stored checkpoint when the
+    // lock is lost is handled again (at-least-once). Here nothing is.
+    wait_for("their checkpoint", || {
+        t.checkpoint("kept").unwrap() == Some(first.last_position)
+    });
     let old = kill_lock(&t, "kept");
     wait_for("the lock taken again", || {
         lock_holder(&t, "kept").is_some_and(|pid| pid != old)
@@ -531,6 +540,181 @@ fn a_worker_that_loses_its_lock_stops_its_handlers_and_takes_it_again() -> TestR
     match batch.join().unwrap() {
         Err(Error::ProcessorLockLost { name, .. }) => assert_eq!(name, "batch"),
         other => panic!("expected ProcessorLockLost, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// A worker whose lock's session ended during a handler call writes no checkpoint after
+/// that call: its writes go through the lock's session. So a reset made while the lock
+/// was free holds: the worker takes the lock again and rebuilds from the first event,
+/// instead of writing its old low-water mark over the reset and going on from there.
+#[test]
+fn a_worker_that_lost_its_lock_writes_no_checkpoint_so_a_reset_meanwhile_holds() -> TestResult {
+    let t = store_with("worker_lost_reset");
+    // Lets the blocked handler call go on when set (and on any way out of the test).
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let release = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let (r, s) = (release.clone(), seen.clone());
+    let worker = t
+        .worker("w")
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(move |e| {
+            s.lock().unwrap().push(e.version);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while e.version == 1 && !r.load(Ordering::SeqCst) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5)); // a slow handler call
+            }
+            Ok(())
+        })?;
+    let release = Release(release);
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    wait_for("the first event", || seen.lock().unwrap().len() == 1);
+    wait_for("its checkpoint", || t.checkpoint("w").unwrap().is_some());
+    let first = t.checkpoint("w")?;
+    let second = t.append("s", ExpectedVersion::Exact(0), &events("E", 1))?;
+    wait_for("the second event in the handler", || {
+        seen.lock().unwrap().len() == 2
+    });
+
+    // The lock's session ends; the operator resets the processor while the lock is free.
+    let pid = kill_lock(&t, "w");
+    let mut report = None;
+    wait_for("the reset", || match t.reset_processor("w") {
+        Ok(r) => {
+            report = Some(r);
+            true
+        }
+        Err(_) => false,
+    });
+    assert_eq!(report.unwrap().checkpoint, first);
+    assert_eq!(t.checkpoint("w")?, None, "the reset removed the checkpoint");
+
+    // The handler call ends; the worker takes its lock again and rebuilds.
+    drop(release);
+    wait_for("the lock taken again", || {
+        lock_holder(&t, "w").is_some_and(|p| p != pid)
+    });
+    wait_for("the rebuild from the first event", || {
+        seen.lock().unwrap().len() >= 4
+    });
+    wait_for("the rebuilt checkpoint", || {
+        t.checkpoint("w").unwrap() == Some(second.last_position)
+    });
+    worker.stop()?;
+    assert_eq!(*seen.lock().unwrap(), [0, 1, 0, 1]);
+    Ok(())
+}
+
+/// A handler that fails and is being retried when the worker's lock's session ends is
+/// not called again: before each retry the lock is checked, so the retries do not run
+/// on beside another instance that took the free lock. The event is left for the
+/// instance that holds the lock.
+#[test]
+fn a_retrying_handler_is_not_called_again_after_the_lock_is_lost() -> TestResult {
+    let t = TestStore::with("worker_retry_lock", |c| c.max_connections(12));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    let calls = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let c = calls.clone();
+    let first = t
+        .worker("r")
+        .retries(6)
+        .retry_delay(Duration::from_millis(100))
+        .spawn(move |_| {
+            c.lock().unwrap().push(Instant::now());
+            Err("downstream unavailable".into())
+        })?;
+    wait_for("the first call", || !calls.lock().unwrap().is_empty());
+    kill_lock(&t, "r");
+    // Another instance starts as soon as the lock is free.
+    let second_calls = Arc::new(Mutex::new(0u32));
+    let mut second = None;
+    wait_for("the second instance", || {
+        let s2 = second_calls.clone();
+        match t.worker("r").spawn(move |_| {
+            *s2.lock().unwrap() += 1;
+            Ok(())
+        }) {
+            Ok(h) => {
+                second = Some(h);
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    let started = Instant::now();
+    wait_for("the second instance handles the event", || {
+        *second_calls.lock().unwrap() == 1
+    });
+    thread::sleep(Duration::from_secs(1));
+    let after: Vec<Duration> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > started)
+        .map(|at| at.duration_since(started))
+        .collect();
+    second.unwrap().stop()?;
+    first.stop()?;
+    assert!(
+        after.is_empty(),
+        "the instance that lost its lock called its handler {} more times after another \
+         instance had started (at {after:?} after it)",
+        after.len()
+    );
+    Ok(())
+}
+
+/// A stop ends a failing handler's retries at once (it does not wait for every retry
+/// and backoff), cleanly: the event stays after the checkpoint, and the next run
+/// handles it.
+#[test]
+fn a_stop_ends_a_failing_handler_s_retries_and_leaves_its_event_for_the_next_run() -> TestResult {
+    let t = store_with("worker_retry_stop");
+    let r = t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    for transactional in [false, true] {
+        let name = format!("r{}", u8::from(transactional));
+        let calls = Arc::new(Mutex::new(0u32));
+        let c = calls.clone();
+        let worker = t
+            .worker(&name)
+            .retries(6)
+            .retry_delay(Duration::from_millis(100));
+        let worker = if transactional {
+            worker.spawn_transactional(move |_, _| {
+                *c.lock().unwrap() += 1;
+                Err("downstream unavailable".into())
+            })?
+        } else {
+            worker.spawn(move |_| {
+                *c.lock().unwrap() += 1;
+                Err("downstream unavailable".into())
+            })?
+        };
+        wait_for("the first call", || *calls.lock().unwrap() >= 1);
+        let asked = Instant::now();
+        let summary = worker.stop()?;
+        let took = asked.elapsed();
+        // Six retries wait 100 ms doubling (jittered): about 3 to 6 s in all.
+        assert!(
+            took < Duration::from_millis(1500),
+            "stop took {took:?} ({} handler calls)",
+            calls.lock().unwrap()
+        );
+        assert_eq!(
+            (summary.handled, summary.checkpoint),
+            (0, None),
+            "{summary:?}"
+        );
+        assert_eq!(t.checkpoint(&name)?, None);
+        let again = t.worker(&name).run_batch(|_| Ok(()))?;
+        assert_eq!(again.handled, 1);
+        assert_eq!(again.checkpoint, Some(r.last_position));
     }
     Ok(())
 }
