@@ -387,6 +387,7 @@ impl ConsumerGroup {
                 let (id, wake, _) = store.hub().subscribe(false);
                 (id, wake)
             },
+            took: false,
         };
         let worker = self.worker;
         let thread = thread::Builder::new()
@@ -999,6 +1000,8 @@ struct Member {
     last_checkpoint: Instant,
     /// This store's wake-ups for new events.
     wake: (u64, Receiver<()>),
+    /// Partitions were taken since the dispatcher last looked for dead letters.
+    took: bool,
 }
 
 impl Member {
@@ -1089,6 +1092,12 @@ impl Member {
         }
         if Instant::now() >= self.next_round {
             self.round()?;
+        }
+        if self.took {
+            // Another member may have parked events of the partitions just taken: a
+            // plain handler removes the dead letters of the events it handles.
+            dispatcher.may_have_dead_letters(worker)?;
+            self.took = false;
         }
         self.hand_over(false)?;
         if self.last_checkpoint.elapsed() >= worker.checkpoint_interval {
@@ -1225,6 +1234,7 @@ impl Member {
                 tracing::info!(group = %name, member = %me, partition, "pg-eventstore: partition acquired");
             }
             self.summary.acquired += rows.len() as u64;
+            self.took |= !rows.is_empty();
             crate::metrics::group_leases(&name, "acquired", rows.len() as u64);
             if (rows.len() as i64) < want {
                 // Others still hand theirs over: look again soon.

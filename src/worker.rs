@@ -39,7 +39,11 @@ const SCAN_PAGE: i64 = 100_000;
 pub enum OnFailure {
     /// Stop the worker and return the error. The checkpoint stays before the event.
     Stop,
-    /// Park the event in the `dead_letters` table with the error text and go on.
+    /// Park the event in the `dead_letters` table with the error text and go on. A
+    /// parked event that a later run handles after all (one from a checkpoint before it,
+    /// after a crash or a [`Store::move_checkpoint`] back; a group member that took its
+    /// partition) loses its dead letter: a transactional handler's in the transaction of
+    /// its effects, so a replay never applies them twice.
     Park,
 }
 
@@ -488,6 +492,7 @@ impl Worker {
             QUEUE,
         );
         keeper.arm(dispatcher.abort.clone());
+        dispatcher.may_have_dead_letters(self)?;
         let mut tracker = self
             .store
             .tracker(&self.name)?
@@ -640,6 +645,11 @@ pub(crate) struct Dispatcher {
     /// the lock is lost, and by `drop`: queued events are skipped, unfinished, so the
     /// checkpoint stays before them.
     abort: Arc<AtomicBool>,
+    /// Whether the processor may have dead letters (see
+    /// [`Dispatcher::may_have_dead_letters`]).
+    dead_letters: Arc<AtomicBool>,
+    /// Whether the handler is a plain one.
+    plain: bool,
     done: Receiver<Done>,
     /// Released after the threads have ended (fields drop after `Drop::drop`): the
     /// membership of a group member. (A worker's processor lock is held by its
@@ -662,6 +672,8 @@ impl Dispatcher {
         queue: usize,
     ) -> Dispatcher {
         let abort = Arc::new(AtomicBool::new(false));
+        let dead_letters = Arc::new(AtomicBool::new(false));
+        let plain = matches!(handler, Handler::Plain(_));
         let (done_tx, done) = unbounded::<Done>();
         let mut queues = Vec::new();
         let mut threads = Vec::new();
@@ -674,6 +686,7 @@ impl Dispatcher {
             ctx.fence = fence.clone();
             ctx.stop = stop.clone();
             ctx.lock = lock.clone();
+            ctx.dead_letters = dead_letters.clone();
             let finished = router.finished[i].clone();
             threads.push(
                 thread::Builder::new()
@@ -687,9 +700,34 @@ impl Dispatcher {
             router,
             threads,
             abort,
+            dead_letters,
+            plain,
             done,
             _guard: guard,
         }
+    }
+
+    /// Sets whether processor `name` may have dead letters, from the table, when its
+    /// handler is a plain one: the handler threads then remove the dead letter of each
+    /// event they handle (a transactional handler's claim does that in its
+    /// transaction). Called before events are sent, and by a group member after it took
+    /// partitions (another member may have parked their events); a thread that parks an
+    /// event sets it too. One query, not one per event.
+    pub(crate) fn may_have_dead_letters(&self, worker: &Worker) -> Result<()> {
+        if !self.plain {
+            return Ok(());
+        }
+        let name = &worker.name;
+        let found: bool = worker
+            .store
+            .run("read", &worker.store.sql().has_dead_letters, |c, s| {
+                c.query_one(s, &[name])
+            })?
+            .get(0);
+        if found {
+            self.dead_letters.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Queues an event on its stream's thread (see [`Router`]); `false` when that
@@ -1073,6 +1111,9 @@ struct ThreadContext {
     /// that a retry never runs on after the lock's session ended (the keeper checks it
     /// only four times a second).
     lock: Option<HeldLock>,
+    /// The processor may have dead letters: a plain handler's thread removes the dead
+    /// letter of each event it handles (see [`Dispatcher::may_have_dead_letters`]).
+    dead_letters: Arc<AtomicBool>,
     /// This thread left an event unfinished: it handles nothing more (the events queued
     /// after it, of its stream too, wait for the next run), so that order holds.
     abandoned: Cell<bool>,
@@ -1102,6 +1143,7 @@ impl ThreadContext {
             failed,
             stop: Arc::new(AtomicBool::new(false)),
             lock: None,
+            dead_letters: Arc::new(AtomicBool::new(false)),
             abandoned: Cell::new(false),
             done,
             replay: false,
@@ -1269,6 +1311,7 @@ impl ThreadContext {
             }
         }
         let mut handled = Vec::with_capacity(batch.len());
+        let mut handled_ids = Vec::new();
         for (job, revoked) in batch.iter().zip(revoked) {
             if revoked {
                 handled.push(TxOutcome::Revoked);
@@ -1286,6 +1329,7 @@ impl ThreadContext {
             h(&mut tx, event)?;
             claim.2 = Some(version);
             handled.push(TxOutcome::Handled);
+            handled_ids.push(event.id);
         }
         let (mut ids, mut versions, mut existed) = (Vec::new(), Vec::new(), Vec::new());
         for (stream, (_, exists, last)) in &claims {
@@ -1299,7 +1343,10 @@ impl ThreadContext {
             // Rows that existed are locked by this transaction; a new one that another
             // transaction inserted meanwhile fails the insert, and the group rolls back.
             let written: i64 = tx
-                .query_one(&write, &[&self.name, &ids, &versions, &existed])?
+                .query_one(
+                    &write,
+                    &[&self.name, &ids, &versions, &existed, &handled_ids],
+                )?
                 .get(0);
             if written != ids.len() as i64 {
                 return Err("the claims of a group of events moved during its transaction".into());
@@ -1321,7 +1368,12 @@ impl ThreadContext {
                 Handler::Tx(h) => self.in_transaction(h.as_ref(), event, lease),
             };
             match result {
-                Ok(TxOutcome::Handled) => return (Outcome::Handled, attempt - 1),
+                Ok(TxOutcome::Handled) => {
+                    if matches!(self.handler, Handler::Plain(_)) {
+                        self.forget_dead_letter(event);
+                    }
+                    return (Outcome::Handled, attempt - 1);
+                }
                 Ok(TxOutcome::Skipped) => return (Outcome::Skipped, attempt - 1),
                 Ok(TxOutcome::Revoked) => return (Outcome::Revoked, attempt - 1),
                 Err(e) if attempt <= self.retries => {
@@ -1353,6 +1405,7 @@ impl ThreadContext {
                         OnFailure::Stop => Outcome::Failed(error),
                         OnFailure::Park => match self.park(event, attempt, &error) {
                             Ok(()) => {
+                                self.dead_letters.store(true, Ordering::Relaxed);
                                 crate::metrics::worker_error(&self.name, "parked");
                                 tracing::error!(
                                     processor = %self.name,
@@ -1370,6 +1423,28 @@ impl ThreadContext {
                     return (outcome, attempt - 1);
                 }
             }
+        }
+    }
+
+    /// After a plain handler succeeded on `event`: removes its dead letter, if an earlier
+    /// attempt parked it (a crash or a takeover before the checkpoint passed it, or a
+    /// checkpoint moved back), so that a replay does not handle it again. Only when the
+    /// processor may have dead letters: no statement per event otherwise. A failure is
+    /// logged, not fatal: the handler's work is done, and a plain handler's delivery is
+    /// at-least-once.
+    fn forget_dead_letter(&self, event: &RecordedEvent) {
+        if self.replay || !self.dead_letters.load(Ordering::Relaxed) {
+            return; // a replay removes the dead letter itself
+        }
+        if let Err(e) = self.store.delete_dead_letter(&self.name, event.id) {
+            crate::metrics::worker_error(&self.name, "dead_letter");
+            tracing::warn!(
+                processor = %self.name,
+                stream = %event.stream_id,
+                position = event.position,
+                error = %crate::error::chain(&e),
+                "pg-eventstore: could not remove the dead letter of an event handled again"
+            );
         }
     }
 
@@ -1422,7 +1497,12 @@ impl ThreadContext {
             }
             let claimed = tx.query_opt(
                 &claim,
-                &[&self.name, &event.stream_id, &(event.version as i64)],
+                &[
+                    &self.name,
+                    &event.stream_id,
+                    &(event.version as i64),
+                    &event.id,
+                ],
             )?;
             if claimed.is_none() {
                 return Ok(TxOutcome::Skipped);
@@ -1431,18 +1511,27 @@ impl ThreadContext {
             tx.commit()?;
             return Ok(TxOutcome::Handled);
         }
+        let claim = self.store.prepared(conn, &sql.claim_stream_version)?;
+        let claim_params: [&(dyn postgres::types::ToSql + Sync); 4] = [
+            &self.name,
+            &event.stream_id,
+            &(event.version as i64),
+            &event.id,
+        ];
         let claimed = if self.replay {
             let take = self.store.prepared(conn, &sql.take_dead_letter)?;
             let mut tx = conn.transaction()?;
             let taken = tx.query_opt(&take, &[&self.name, &event.id])?;
+            if taken.is_some() {
+                // Moves the stream's claim up to the event if it is behind (the event was
+                // the last one of its stream that the worker tried), so that a run from
+                // an earlier checkpoint skips it instead of applying it again.
+                tx.query_opt(&claim, &claim_params)?;
+            }
             (tx, taken)
         } else {
-            let claim = self.store.prepared(conn, &sql.claim_stream_version)?;
             let mut tx = conn.transaction()?;
-            let claimed = tx.query_opt(
-                &claim,
-                &[&self.name, &event.stream_id, &(event.version as i64)],
-            )?;
+            let claimed = tx.query_opt(&claim, &claim_params)?;
             (tx, claimed)
         };
         let (mut tx, claimed) = claimed;

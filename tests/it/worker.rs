@@ -1275,6 +1275,142 @@ fn a_stopped_processor_s_checkpoint_moves_forwards_and_back() -> TestResult {
     Ok(())
 }
 
+/// An event parked by an earlier attempt and handled later (here a run from an earlier
+/// checkpoint, as after a crash before the checkpoint passed it; a group takeover or
+/// `move_checkpoint` back do the same) loses its dead letter: a transactional handler's
+/// claim removes it in the transaction of its effects (grouped or one by one), a plain
+/// handler's worker right after the call. So a replay of the dead letters does not apply
+/// the event again.
+#[test]
+fn a_parked_event_handled_later_loses_its_dead_letter_and_is_not_replayed() -> TestResult {
+    let t = store_with("worker_dead_handled");
+    let first = t.append("acc-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    let second = t.append("acc-1", ExpectedVersion::Exact(0), &events("E", 1))?;
+    wait_visible(&t, second.last_position);
+    let bad = second.last_position;
+    let table = format!("\"{}\".effects", t.schema);
+    client().batch_execute(&format!(
+        "CREATE TABLE {table} (processor text NOT NULL, position bigint NOT NULL)"
+    ))?;
+    let effects = |name: &str| -> i64 {
+        client()
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE processor = $1 AND position = $2"),
+                &[&name, &(bad as i64)],
+            )
+            .unwrap()
+            .get(0)
+    };
+    for (name, batch) in [("grouped", 100), ("one-by-one", 1), ("plain", 0)] {
+        let broken = Arc::new(AtomicBool::new(true));
+        let worker = || {
+            t.worker(name)
+                .retries(0)
+                .on_failure(OnFailure::Park)
+                .transaction_batch(batch.max(1), Duration::ZERO)
+        };
+        let tx_handler = {
+            let (broken, insert) = (
+                broken.clone(),
+                format!("INSERT INTO {table} VALUES ($1, $2)"),
+            );
+            let name = name.to_string();
+            move |tx: &mut postgres::Transaction<'_>, e: &RecordedEvent| {
+                if e.position == bad && broken.load(Ordering::SeqCst) {
+                    return Err("downstream unavailable".into());
+                }
+                tx.execute(&insert, &[&name, &(e.position as i64)])?;
+                Ok(())
+            }
+        };
+        let plain_handler = {
+            let (broken, insert) = (
+                broken.clone(),
+                format!("INSERT INTO {table} VALUES ($1, $2)"),
+            );
+            let name = name.to_string();
+            move |e: &RecordedEvent| {
+                if e.position == bad && broken.load(Ordering::SeqCst) {
+                    return Err("downstream unavailable".into());
+                }
+                client().execute(&insert, &[&name, &(e.position as i64)])?;
+                Ok(())
+            }
+        };
+        let run = || match batch {
+            0 => worker().run_batch(plain_handler.clone()),
+            _ => worker().run_batch_transactional(tx_handler.clone()),
+        };
+        let s = run()?;
+        assert_eq!((s.handled, s.parked), (1, 1), "{name}");
+        assert_eq!(t.dead_letters(name)?.len(), 1, "{name}");
+
+        // The process dies before the checkpoint write that passes the parked event.
+        crash_back_to(&t, name, Some(first.last_position));
+        broken.store(false, Ordering::SeqCst);
+        let s = run()?;
+        assert_eq!(s.handled, 1, "{name}: the event is handled on the re-read");
+        assert!(
+            t.dead_letters(name)?.is_empty(),
+            "{name}: its dead letter is gone"
+        );
+
+        let replayed = match batch {
+            0 => worker().replay_dead_letters(plain_handler.clone())?,
+            _ => worker().replay_dead_letters_transactional(tx_handler.clone())?,
+        };
+        assert_eq!(replayed.replayed, 0, "{name}");
+        assert_eq!(effects(name), 1, "{name}: the event's effects, once");
+    }
+    Ok(())
+}
+
+/// A transactional handler's replayed event also moves its stream's claim: a later run
+/// from a checkpoint before the event (a crash, `move_checkpoint` back) skips it rather
+/// than applying it a second time.
+#[test]
+fn a_replayed_event_is_skipped_by_a_run_from_an_earlier_checkpoint() -> TestResult {
+    let t = store_with("worker_dead_replayed");
+    let first = t.append("acc-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    let second = t.append("acc-1", ExpectedVersion::Exact(0), &events("E", 1))?;
+    wait_visible(&t, second.last_position);
+    let bad = second.last_position;
+    let table = format!("\"{}\".effects", t.schema);
+    client().batch_execute(&format!("CREATE TABLE {table} (position bigint NOT NULL)"))?;
+    let broken = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let (broken, insert) = (broken.clone(), format!("INSERT INTO {table} VALUES ($1)"));
+        move |tx: &mut postgres::Transaction<'_>, e: &RecordedEvent| {
+            if e.position == bad && broken.load(Ordering::SeqCst) {
+                return Err("downstream unavailable".into());
+            }
+            tx.execute(&insert, &[&(e.position as i64)])?;
+            Ok(())
+        }
+    };
+    let worker = || t.worker("model").retries(0).on_failure(OnFailure::Park);
+    let s = worker().run_batch_transactional(handler.clone())?;
+    assert_eq!((s.handled, s.parked), (1, 1));
+    broken.store(false, Ordering::SeqCst);
+    assert_eq!(
+        worker()
+            .replay_dead_letters_transactional(handler.clone())?
+            .replayed,
+        1
+    );
+    t.move_checkpoint("model", first.last_position)?;
+    let s = worker().run_batch_transactional(handler)?;
+    assert_eq!((s.handled, s.skipped), (0, 1), "{s:?}");
+    let n: i64 = client()
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE position = $1"),
+            &[&(bad as i64)],
+        )?
+        .get(0);
+    assert_eq!(n, 1, "the replayed event's effects, once");
+    Ok(())
+}
+
 #[test]
 fn dead_letters_are_listed_replayed_and_deleted_through_the_api() -> TestResult {
     let t = store_with("worker_dead");
