@@ -326,7 +326,10 @@ impl ConsumerGroup {
     /// Joins the group and starts handling on the worker's threads with a plain handler:
     /// at-least-once, per-stream order (see [`ConsumerGroup`] on what a paused member may
     /// still do). Returns once joined: a group created with another partition count, or
-    /// a running [`Worker`] of the same name, is this call's error.
+    /// a running [`Worker`] of the same name, is this call's error. With
+    /// [`IfLocked::Wait`] it returns at once instead, and the member waits for the
+    /// worker to stop and joins on its own thread (a stop ends the wait; an error ends
+    /// the member, and [`GroupHandle::join`] returns it).
     pub fn spawn<H>(self, handler: H) -> Result<GroupHandle>
     where
         H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -351,19 +354,13 @@ impl ConsumerGroup {
     fn start(self, handler: Handler) -> Result<GroupHandle> {
         self.worker.check()?;
         self.options.validate()?;
-        let store = self.worker.store.clone();
         let name = self.worker.name.clone();
         let stop = Arc::new(AtomicBool::new(false));
-        let wait = self.worker.if_locked == IfLocked::Wait;
-        let lock = ProcessorLock::acquire_shared(&store, &name, wait, &stop)?;
-        let id = Uuid::now_v7();
-        let sent = Instant::now();
-        let partitions = join(&store, &name, &self.options, id)?;
         let shared = Arc::new(Shared {
             name: name.clone(),
             identity: Mutex::new(Identity {
-                id,
-                valid_until: sent + self.options.lease_timeout.mul_f64(TRUST),
+                id: Uuid::now_v7(),
+                valid_until: Instant::now(),
                 expelled: false,
             }),
             held: RwLock::new(HashMap::new()),
@@ -371,28 +368,53 @@ impl ConsumerGroup {
             fatal: Mutex::new(None),
             lease_timeout: self.options.lease_timeout,
         });
-        let membership = Membership::start(&store, shared.clone(), lock, &self.options);
-        let member = Member {
-            store: store.clone(),
-            options: self.options,
-            shared: shared.clone(),
-            partitions,
-            parts: BTreeMap::new(),
-            buffer: VecDeque::new(),
-            seq: 0,
-            summary: GroupSummary::default(),
-            next_round: Instant::now(),
-            last_checkpoint: Instant::now(),
-            wake: {
-                let (id, wake, _) = store.hub().subscribe(false);
-                (id, wake)
-            },
-            took: false,
+        let ConsumerGroup { worker, options } = self;
+        // With `IfLocked::Fail` the lock is taken and the group joined here, so that
+        // "already running" and a wrong partition count are this call's errors. With
+        // `IfLocked::Wait` both happen on the member's thread, where a stop ends the
+        // wait: the handle comes back at once.
+        let joined = match worker.if_locked {
+            IfLocked::Fail => Some(join_group(&worker, &options, &shared, false)?),
+            IfLocked::Wait => None,
         };
-        let worker = self.worker;
+        let member_shared = shared.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-group-{name}"))
-            .spawn(move || member.run(&worker, handler, membership))
+            .spawn(move || {
+                let shared = member_shared;
+                let (lock, partitions) = match joined {
+                    Some(joined) => joined,
+                    None => match join_group(&worker, &options, &shared, true) {
+                        Ok(joined) => joined,
+                        Err(Error::ProcessorLocked { .. })
+                            if shared.stop.load(Ordering::Relaxed) =>
+                        {
+                            return Ok(GroupSummary::default()); // stopped while waiting
+                        }
+                        Err(e) => return Err(e),
+                    },
+                };
+                let store = &worker.store;
+                let membership = Membership::start(store, shared.clone(), lock, &options);
+                let member = Member {
+                    store: store.clone(),
+                    options,
+                    shared,
+                    partitions,
+                    parts: BTreeMap::new(),
+                    buffer: VecDeque::new(),
+                    seq: 0,
+                    summary: GroupSummary::default(),
+                    next_round: Instant::now(),
+                    last_checkpoint: Instant::now(),
+                    wake: {
+                        let (id, wake, _) = store.hub().subscribe(false);
+                        (id, wake)
+                    },
+                    took: false,
+                };
+                member.run(&worker, handler, membership)
+            })
             .expect("spawn the group member thread");
         Ok(GroupHandle {
             stop,
@@ -400,6 +422,33 @@ impl ConsumerGroup {
             thread: Some(thread),
         })
     }
+}
+
+/// Takes the processor lock in shared mode and joins the group with the member's id;
+/// returns the lock and the number of partitions. With `wait`, waits while a [`Worker`]
+/// of the same name holds the lock, until it is free or the member is stopped
+/// ([`Error::ProcessorLocked`] then), retrying transient failures.
+fn join_group(
+    worker: &Worker,
+    options: &GroupOptions,
+    shared: &Shared,
+    wait: bool,
+) -> Result<(ProcessorLock, u32)> {
+    let store = &worker.store;
+    let mut backoff = crate::retry::Backoff::new(worker.retry_delay, crate::retry::MAX_DELAY);
+    let lock = loop {
+        match ProcessorLock::acquire_shared(store, &shared.name, wait, &shared.stop) {
+            Ok(lock) => break lock,
+            Err(e) if wait && e.is_transient() && !shared.stop.load(Ordering::Relaxed) => {
+                thread::sleep(backoff.next_delay());
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let sent = Instant::now();
+    let partitions = join(store, &shared.name, options, shared.id())?;
+    shared.identity.lock().unwrap().valid_until = sent + options.lease_timeout.mul_f64(TRUST);
+    Ok((lock, partitions))
 }
 
 /// What a consumer group member did, from [`GroupHandle::stop`] or
@@ -448,7 +497,8 @@ impl fmt::Debug for GroupHandle {
 }
 
 impl GroupHandle {
-    /// The member's id in [`Store::group_members`] (a new one after it rejoined).
+    /// The member's id in [`Store::group_members`] (a new one after it rejoined; the one
+    /// it will join with while it waits for its lock, see [`IfLocked::Wait`]).
     pub fn member_id(&self) -> Uuid {
         self.shared.identity.lock().unwrap().id
     }

@@ -52,7 +52,11 @@ pub enum OnFailure {
 pub enum IfLocked {
     /// Refuse to start: [`Error::ProcessorLocked`].
     Fail,
-    /// Wait until the other one stops (or this one is stopped).
+    /// Wait until the other one stops (or this one is stopped). [`Worker::spawn`] (and
+    /// a group member's) then returns its handle at once and waits on the worker's
+    /// thread, so that the handle or its stopper can stop the waiting instance: it ends
+    /// with nothing handled. [`Worker::run_batch`] waits in the calling thread, and
+    /// cannot be stopped from outside while it waits.
     Wait,
 }
 
@@ -157,7 +161,7 @@ pub struct Worker {
     pub(crate) filter: ReadAll,
     pub(crate) checkpoint_interval: Duration,
     retries: u32,
-    retry_delay: Duration,
+    pub(crate) retry_delay: Duration,
     on_failure: OnFailure,
     pub(crate) if_locked: IfLocked,
     pub(crate) batch: Batch,
@@ -343,7 +347,8 @@ impl Worker {
 
     /// Batch mode: handles every event committed before the call, then returns. Events
     /// that wait behind a running transaction for the `$all` horizon (see the crate docs)
-    /// are waited for.
+    /// are waited for. With [`IfLocked::Wait`] it first waits, in the calling thread,
+    /// until no other instance runs; nothing can stop that wait from outside.
     pub fn run_batch<H>(self, handler: H) -> Result<WorkerSummary>
     where
         H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -392,13 +397,27 @@ impl Worker {
     fn start(self, handler: Handler) -> Result<WorkerHandle> {
         self.check()?;
         let stop = Arc::new(AtomicBool::new(false));
-        // Take the lock here, so that "already running" is this call's error.
-        let lock = self.lock(&stop)?;
+        // With `IfLocked::Fail` the lock is taken here, so that "already running" is
+        // this call's error. With `IfLocked::Wait` it is taken on the worker's thread,
+        // where a stop ends the wait: the handle comes back at once.
+        let lock = match self.if_locked {
+            IfLocked::Fail => Some(self.lock(&stop)?),
+            IfLocked::Wait => None,
+        };
         let flag = stop.clone();
         let name = self.name.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-worker-{}", self.name))
-            .spawn(move || self.run_locked(handler, Mode::Live, flag, lock))
+            .spawn(move || {
+                let lock = match lock {
+                    Some(lock) => lock,
+                    None => match self.wait_for_lock(&flag)? {
+                        Some(lock) => lock,
+                        None => return Ok(WorkerSummary::default()), // stopped while waiting
+                    },
+                };
+                self.run_locked(handler, Mode::Live, flag, lock)
+            })
             .expect("spawn the worker thread");
         Ok(WorkerHandle {
             name,
@@ -439,7 +458,7 @@ impl Worker {
                         "pg-eventstore: worker lost its processor lock; its handlers stopped, \
                          taking the lock again"
                     );
-                    match self.retake_lock(&stop)? {
+                    match self.wait_for_lock(&stop)? {
                         Some(l) => lock = l,
                         None => return Ok(summary), // stopped while waiting
                     }
@@ -450,10 +469,10 @@ impl Worker {
         }
     }
 
-    /// Takes the processor lock again after losing it: waits while another instance
-    /// holds it, and retries with the crate's backoff while the server cannot be
-    /// reached. `None` once the worker is stopped.
-    fn retake_lock(&self, stop: &AtomicBool) -> Result<Option<ProcessorLock>> {
+    /// Takes the processor lock (a standby's first, or again after losing it): waits
+    /// while another instance holds it, and retries with the crate's backoff while the
+    /// server cannot be reached. `None` once the worker is stopped.
+    fn wait_for_lock(&self, stop: &AtomicBool) -> Result<Option<ProcessorLock>> {
         let mut backoff = crate::retry::Backoff::new(self.retry_delay, crate::retry::MAX_DELAY);
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -1729,7 +1748,8 @@ impl WorkerHandle {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the worker is still running (it stops on its own after a fatal error).
+    /// Whether the worker is still running (it stops on its own after a fatal error). A
+    /// standby ([`IfLocked::Wait`]) waiting for its lock is running: it has not ended.
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }

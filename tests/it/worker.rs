@@ -457,6 +457,71 @@ fn a_second_worker_with_the_same_name_is_refused_and_live_mode_follows() -> Test
     Ok(())
 }
 
+/// A standby (`IfLocked::Wait`) started with `spawn` gets its handle at once, while it
+/// waits for the lock: its stopper ends the wait, and it ends cleanly with nothing
+/// handled. One that is not stopped takes the lock once the other instance stops. A
+/// group member with `IfLocked::Wait` does the same.
+#[test]
+fn a_waiting_standby_returns_its_handle_at_once_and_can_be_stopped() -> TestResult {
+    let t = TestStore::with("worker_standby", |c| c.max_connections(12));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 3))?;
+    let active = t.worker("x").spawn(|_| Ok(()))?;
+    wait_for("the active instance's checkpoint", || {
+        t.checkpoint("x").unwrap().is_some()
+    });
+    let store = t.store.clone();
+    let standby = thread::spawn(move || {
+        store
+            .worker("x")
+            .if_locked(IfLocked::Wait)
+            .spawn(|_| Ok(()))
+    });
+    wait_for("spawn returns", || standby.is_finished());
+    let standby = standby.join().unwrap()?;
+    let store = t.store.clone();
+    let group = thread::spawn(move || {
+        store
+            .worker("x")
+            .if_locked(IfLocked::Wait)
+            .group(pg_eventstore::GroupOptions::new().partitions(1))
+            .spawn(|_| Ok(()))
+    });
+    wait_for("the group's spawn returns", || group.is_finished());
+    let group = group.join().unwrap()?;
+    thread::sleep(Duration::from_millis(300));
+    assert!(standby.is_running() && group.is_running(), "both wait");
+    assert!(group.partitions().is_empty());
+    let asked = Instant::now();
+    standby.stopper().stop();
+    let summary = standby.join()?;
+    assert_eq!(summary.handled, 0);
+    assert_eq!(group.stop()?.acquired, 0);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        t.group_members("x")?.is_empty(),
+        "the waiting member never joined"
+    );
+
+    // A standby that is not stopped takes over once the active instance stops.
+    let handled = Arc::new(Mutex::new(0u64));
+    let h = handled.clone();
+    let standby = t.worker("x").if_locked(IfLocked::Wait).spawn(move |_| {
+        *h.lock().unwrap() += 1;
+        Ok(())
+    })?;
+    active.stop()?;
+    t.append("s", ExpectedVersion::Exact(2), &events("E", 1))?;
+    wait_for("the standby handles the new event", || {
+        *handled.lock().unwrap() == 1
+    });
+    assert_eq!(standby.stop()?.handled, 1);
+    Ok(())
+}
+
 /// The backend holding processor `name`'s lock (see `ProcessorLock`: class "PES2",
 /// `hashtext('<schema>:<name>')`), if one does.
 fn lock_holder(t: &TestStore, name: &str) -> Option<i32> {
