@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -302,7 +302,8 @@ impl Worker {
 /// retries for members that must ride out a restart. The shared advisory lock that keeps
 /// a [`Worker`] of the same name away is taken again on the heartbeat's new connection;
 /// if a worker or a reset took it meanwhile, the member stops with
-/// [`Error::ProcessorLocked`].
+/// [`Error::ProcessorLocked`], at once: the events queued on its threads are left
+/// unhandled, for the next owner.
 ///
 /// A [`Worker`] and a group with the same name exclude each other (the processor's
 /// advisory lock, taken shared by every member), and [`Store::reset_processor`] is
@@ -366,6 +367,7 @@ impl ConsumerGroup {
             held: RwLock::new(HashMap::new()),
             stop: stop.clone(),
             fatal: Mutex::new(None),
+            abort: OnceLock::new(),
             lease_timeout: self.options.lease_timeout,
         });
         let ConsumerGroup { worker, options } = self;
@@ -777,6 +779,9 @@ struct Shared {
     /// An error that must stop the member (the heartbeat could not take the processor
     /// lock again).
     fatal: Mutex<Option<Error>>,
+    /// The dispatcher's abort flag, set with `fatal`: the handler threads stop at once,
+    /// leaving what is queued unhandled.
+    abort: OnceLock<Arc<AtomicBool>>,
     lease_timeout: Duration,
 }
 
@@ -946,7 +951,12 @@ impl Heartbeat {
                 Ok(true) => self.shared.renewed(id, sent),
                 Ok(false) => self.shared.expel(id),
                 Err(Error::ProcessorLocked { name }) => {
+                    // A worker of the same name (or a reset) has the lock: stop handling
+                    // now, not after what is queued.
                     *self.shared.fatal.lock().unwrap() = Some(Error::ProcessorLocked { name });
+                    if let Some(abort) = self.shared.abort.get() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -1076,8 +1086,17 @@ impl Member {
             self.shared.stop.clone(),
             queue,
         );
+        let _ = self.shared.abort.set(dispatcher.abort_flag());
+        if self.shared.fatal.lock().unwrap().is_some() {
+            dispatcher.abort_flag().store(true, Ordering::Relaxed);
+        }
         let mut fatal: Option<Error> = None;
         let result = self.run_loop(worker, &mut dispatcher, &mut fatal);
+        if result.is_err() {
+            // Ending on an error: what is queued stays unhandled (unfinished, for the
+            // next owner), and threads waiting for a renewal that will not come stop.
+            dispatcher.abort_flag().store(true, Ordering::Relaxed);
+        }
         self.buffer.clear();
         if dispatcher.finish() {
             fatal.get_or_insert(Error::HandlerPanicked {
@@ -1130,6 +1149,10 @@ impl Member {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // Aborted by the heartbeat: its error.
+        if let Some(e) = self.shared.fatal.lock().unwrap().take() {
+            return Err(e);
         }
         Ok(())
     }

@@ -783,6 +783,13 @@ impl Dispatcher {
         &self.done
     }
 
+    /// The abort flag: once set, the handler threads skip what is queued (unfinished),
+    /// failing handlers are not retried, and a group member's threads stop waiting for
+    /// a lease renewal.
+    pub(crate) fn abort_flag(&self) -> Arc<AtomicBool> {
+        self.abort.clone()
+    }
+
     /// Whether a handler failed for good (the worker then stops).
     pub(crate) fn has_failed(&self) -> bool {
         self.abort.load(Ordering::Relaxed)
