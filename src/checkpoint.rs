@@ -106,6 +106,7 @@ impl Store {
             saved,
             pending: None,
             last_write: Instant::now(),
+            lock: None,
         })
     }
 }
@@ -138,6 +139,9 @@ pub struct Tracker {
     saved: Option<u64>,
     pending: Option<u64>,
     last_write: Instant,
+    /// A worker's processor lock: the checkpoint is written on its session, so never
+    /// after the lock was lost.
+    lock: Option<crate::processor::HeldLock>,
 }
 
 impl fmt::Debug for Tracker {
@@ -155,6 +159,14 @@ impl Tracker {
     /// every update.
     pub fn checkpoint_interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
+        self
+    }
+
+    /// Writes the checkpoint on the session that holds `lock` (a worker's): a write
+    /// cannot succeed once the lock is lost, so an instance that lost it cannot undo a
+    /// reset or a move made meanwhile.
+    pub(crate) fn on_lock(mut self, lock: crate::processor::HeldLock) -> Self {
+        self.lock = Some(lock);
         self
     }
 
@@ -201,7 +213,14 @@ impl Tracker {
     /// Writes the recorded position now, if it is not written yet.
     pub fn flush(&mut self) -> Result<()> {
         if let Some(p) = self.pending {
-            self.store.save_checkpoint(&self.name, p)?;
+            match &self.lock {
+                Some(lock) => {
+                    if !lock.save_checkpoint(&self.store, &self.name, p)? {
+                        return Ok(()); // the lock is lost: never written again
+                    }
+                }
+                None => self.store.save_checkpoint(&self.name, p)?,
+            }
             self.saved = Some(p);
             self.pending = None;
         }

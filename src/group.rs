@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -45,6 +45,9 @@ const QUEUE_PER_THREAD: usize = 512;
 /// The share of the lease timeout a member trusts its lease for, counted by its own
 /// clock from before it sent the renewal.
 const TRUST: f64 = 0.9;
+
+/// The longest [`GroupOptions::member_info`] accepted, in bytes.
+const MAX_MEMBER_INFO_BYTES: usize = 4096;
 
 /// How a consumer group shares out its partitions: made by [`GroupOptions::new`] and
 /// given to [`Worker::group`].
@@ -97,13 +100,19 @@ impl GroupOptions {
     }
 
     /// A text that names this member in [`Store::group_members`] (a host and pod name,
-    /// say). Default: the host name and process id.
+    /// say). Default: the host name and process id. At most 4,096 bytes, without NUL
+    /// bytes: the member's start refuses others with [`Error::InvalidInput`], before
+    /// anything is written.
     pub fn member_info(mut self, info: impl Into<String>) -> Self {
         self.member_info = Some(info.into());
         self
     }
 
     fn validate(&self) -> Result<()> {
+        if let Some(info) = self.member_info.as_deref().filter(|i| !i.is_empty()) {
+            crate::event::validate_text("member info", info, MAX_MEMBER_INFO_BYTES)
+                .map_err(Error::InvalidInput)?;
+        }
         if !(1..=4096).contains(&self.partitions) {
             return Err(Error::Config(format!(
                 "a consumer group needs 1 to 4096 partitions, not {}",
@@ -293,7 +302,8 @@ impl Worker {
 /// retries for members that must ride out a restart. The shared advisory lock that keeps
 /// a [`Worker`] of the same name away is taken again on the heartbeat's new connection;
 /// if a worker or a reset took it meanwhile, the member stops with
-/// [`Error::ProcessorLocked`].
+/// [`Error::ProcessorLocked`], at once: the events queued on its threads are left
+/// unhandled, for the next owner.
 ///
 /// A [`Worker`] and a group with the same name exclude each other (the processor's
 /// advisory lock, taken shared by every member), and [`Store::reset_processor`] is
@@ -317,7 +327,10 @@ impl ConsumerGroup {
     /// Joins the group and starts handling on the worker's threads with a plain handler:
     /// at-least-once, per-stream order (see [`ConsumerGroup`] on what a paused member may
     /// still do). Returns once joined: a group created with another partition count, or
-    /// a running [`Worker`] of the same name, is this call's error.
+    /// a running [`Worker`] of the same name, is this call's error. With
+    /// [`IfLocked::Wait`] it returns at once instead, and the member waits for the
+    /// worker to stop and joins on its own thread (a stop ends the wait; an error ends
+    /// the member, and [`GroupHandle::join`] returns it).
     pub fn spawn<H>(self, handler: H) -> Result<GroupHandle>
     where
         H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -342,47 +355,68 @@ impl ConsumerGroup {
     fn start(self, handler: Handler) -> Result<GroupHandle> {
         self.worker.check()?;
         self.options.validate()?;
-        let store = self.worker.store.clone();
         let name = self.worker.name.clone();
         let stop = Arc::new(AtomicBool::new(false));
-        let wait = self.worker.if_locked == IfLocked::Wait;
-        let lock = ProcessorLock::acquire_shared(&store, &name, wait, &stop)?;
-        let id = Uuid::now_v7();
-        let sent = Instant::now();
-        let partitions = join(&store, &name, &self.options, id)?;
         let shared = Arc::new(Shared {
             name: name.clone(),
             identity: Mutex::new(Identity {
-                id,
-                valid_until: sent + self.options.lease_timeout.mul_f64(TRUST),
+                id: Uuid::now_v7(),
+                valid_until: Instant::now(),
                 expelled: false,
             }),
             held: RwLock::new(HashMap::new()),
             stop: stop.clone(),
             fatal: Mutex::new(None),
+            abort: OnceLock::new(),
             lease_timeout: self.options.lease_timeout,
         });
-        let membership = Membership::start(&store, shared.clone(), lock, &self.options);
-        let member = Member {
-            store: store.clone(),
-            options: self.options,
-            shared: shared.clone(),
-            partitions,
-            parts: BTreeMap::new(),
-            buffer: VecDeque::new(),
-            seq: 0,
-            summary: GroupSummary::default(),
-            next_round: Instant::now(),
-            last_checkpoint: Instant::now(),
-            wake: {
-                let (id, wake, _) = store.hub().subscribe(false);
-                (id, wake)
-            },
+        let ConsumerGroup { worker, options } = self;
+        // With `IfLocked::Fail` the lock is taken and the group joined here, so that
+        // "already running" and a wrong partition count are this call's errors. With
+        // `IfLocked::Wait` both happen on the member's thread, where a stop ends the
+        // wait: the handle comes back at once.
+        let joined = match worker.if_locked {
+            IfLocked::Fail => Some(join_group(&worker, &options, &shared, false)?),
+            IfLocked::Wait => None,
         };
-        let worker = self.worker;
+        let member_shared = shared.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-group-{name}"))
-            .spawn(move || member.run(&worker, handler, membership))
+            .spawn(move || {
+                let shared = member_shared;
+                let (lock, partitions) = match joined {
+                    Some(joined) => joined,
+                    None => match join_group(&worker, &options, &shared, true) {
+                        Ok(joined) => joined,
+                        Err(Error::ProcessorLocked { .. })
+                            if shared.stop.load(Ordering::Relaxed) =>
+                        {
+                            return Ok(GroupSummary::default()); // stopped while waiting
+                        }
+                        Err(e) => return Err(e),
+                    },
+                };
+                let store = &worker.store;
+                let membership = Membership::start(store, shared.clone(), lock, &options);
+                let member = Member {
+                    store: store.clone(),
+                    options,
+                    shared,
+                    partitions,
+                    parts: BTreeMap::new(),
+                    buffer: VecDeque::new(),
+                    seq: 0,
+                    summary: GroupSummary::default(),
+                    next_round: Instant::now(),
+                    last_checkpoint: Instant::now(),
+                    wake: {
+                        let (id, wake, _) = store.hub().subscribe(false);
+                        (id, wake)
+                    },
+                    took: false,
+                };
+                member.run(&worker, handler, membership)
+            })
             .expect("spawn the group member thread");
         Ok(GroupHandle {
             stop,
@@ -390,6 +424,33 @@ impl ConsumerGroup {
             thread: Some(thread),
         })
     }
+}
+
+/// Takes the processor lock in shared mode and joins the group with the member's id;
+/// returns the lock and the number of partitions. With `wait`, waits while a [`Worker`]
+/// of the same name holds the lock, until it is free or the member is stopped
+/// ([`Error::ProcessorLocked`] then), retrying transient failures.
+fn join_group(
+    worker: &Worker,
+    options: &GroupOptions,
+    shared: &Shared,
+    wait: bool,
+) -> Result<(ProcessorLock, u32)> {
+    let store = &worker.store;
+    let mut backoff = crate::retry::Backoff::new(worker.retry_delay, crate::retry::MAX_DELAY);
+    let lock = loop {
+        match ProcessorLock::acquire_shared(store, &shared.name, wait, &shared.stop) {
+            Ok(lock) => break lock,
+            Err(e) if wait && e.is_transient() && !shared.stop.load(Ordering::Relaxed) => {
+                thread::sleep(backoff.next_delay());
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let sent = Instant::now();
+    let partitions = join(store, &shared.name, options, shared.id())?;
+    shared.identity.lock().unwrap().valid_until = sent + options.lease_timeout.mul_f64(TRUST);
+    Ok((lock, partitions))
 }
 
 /// What a consumer group member did, from [`GroupHandle::stop`] or
@@ -438,7 +499,8 @@ impl fmt::Debug for GroupHandle {
 }
 
 impl GroupHandle {
-    /// The member's id in [`Store::group_members`] (a new one after it rejoined).
+    /// The member's id in [`Store::group_members`] (a new one after it rejoined; the one
+    /// it will join with while it waits for its lock, see [`IfLocked::Wait`]).
     pub fn member_id(&self) -> Uuid {
         self.shared.identity.lock().unwrap().id
     }
@@ -717,6 +779,9 @@ struct Shared {
     /// An error that must stop the member (the heartbeat could not take the processor
     /// lock again).
     fatal: Mutex<Option<Error>>,
+    /// The dispatcher's abort flag, set with `fatal`: the handler threads stop at once,
+    /// leaving what is queued unhandled.
+    abort: OnceLock<Arc<AtomicBool>>,
     lease_timeout: Duration,
 }
 
@@ -886,7 +951,12 @@ impl Heartbeat {
                 Ok(true) => self.shared.renewed(id, sent),
                 Ok(false) => self.shared.expel(id),
                 Err(Error::ProcessorLocked { name }) => {
+                    // A worker of the same name (or a reset) has the lock: stop handling
+                    // now, not after what is queued.
                     *self.shared.fatal.lock().unwrap() = Some(Error::ProcessorLocked { name });
+                    if let Some(abort) = self.shared.abort.get() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -990,6 +1060,8 @@ struct Member {
     last_checkpoint: Instant,
     /// This store's wake-ups for new events.
     wake: (u64, Receiver<()>),
+    /// Partitions were taken since the dispatcher last looked for dead letters.
+    took: bool,
 }
 
 impl Member {
@@ -1005,10 +1077,26 @@ impl Member {
         // handed over; what is read beyond them waits in `buffer`, where a partition
         // being handed over can take it back.
         let queue = (2 * worker.batch.max_events).clamp(16, QUEUE_PER_THREAD);
-        let mut dispatcher =
-            Dispatcher::start(worker, handler, Box::new(membership), Some(fence), queue);
+        let mut dispatcher = Dispatcher::start(
+            worker,
+            handler,
+            Box::new(membership),
+            Some(fence),
+            None,
+            self.shared.stop.clone(),
+            queue,
+        );
+        let _ = self.shared.abort.set(dispatcher.abort_flag());
+        if self.shared.fatal.lock().unwrap().is_some() {
+            dispatcher.abort_flag().store(true, Ordering::Relaxed);
+        }
         let mut fatal: Option<Error> = None;
         let result = self.run_loop(worker, &mut dispatcher, &mut fatal);
+        if result.is_err() {
+            // Ending on an error: what is queued stays unhandled (unfinished, for the
+            // next owner), and threads waiting for a renewal that will not come stop.
+            dispatcher.abort_flag().store(true, Ordering::Relaxed);
+        }
         self.buffer.clear();
         if dispatcher.finish() {
             fatal.get_or_insert(Error::HandlerPanicked {
@@ -1062,6 +1150,10 @@ impl Member {
                 Err(e) => return Err(e),
             }
         }
+        // Aborted by the heartbeat: its error.
+        if let Some(e) = self.shared.fatal.lock().unwrap().take() {
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -1073,6 +1165,12 @@ impl Member {
         }
         if Instant::now() >= self.next_round {
             self.round()?;
+        }
+        if self.took {
+            // Another member may have parked events of the partitions just taken: a
+            // plain handler removes the dead letters of the events it handles.
+            dispatcher.may_have_dead_letters(worker)?;
+            self.took = false;
         }
         self.hand_over(false)?;
         if self.last_checkpoint.elapsed() >= worker.checkpoint_interval {
@@ -1107,6 +1205,9 @@ impl Member {
                     fatal.get_or_insert(e);
                     continue;
                 }
+                // Left unfinished (stopped or aborted during its retries): its partition's
+                // checkpoint stays before it.
+                Outcome::Unfinished => continue,
                 Outcome::Revoked => {
                     // The fence says the partition is gone: find out now.
                     self.summary.revoked += 1;
@@ -1206,6 +1307,7 @@ impl Member {
                 tracing::info!(group = %name, member = %me, partition, "pg-eventstore: partition acquired");
             }
             self.summary.acquired += rows.len() as u64;
+            self.took |= !rows.is_empty();
             crate::metrics::group_leases(&name, "acquired", rows.len() as u64);
             if (rows.len() as i64) < want {
                 // Others still hand theirs over: look again soon.

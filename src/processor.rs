@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use postgres::types::Type;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -423,10 +424,12 @@ const LOCK_CHECK: Duration = Duration::from_millis(250);
 /// `idle_session_timeout` (which these checks keep from firing). Another instance can
 /// then take the lock, so when a check fails the keeper sets the flag it was armed with
 /// (the dispatcher's abort flag: the handler threads stop taking events at once) and
-/// keeps the error for the worker to return. Dropping the keeper stops the thread and
-/// releases the lock.
+/// keeps the error for the worker to return. The worker writes its checkpoint through
+/// the keeper's [`HeldLock`], on the lock's own session: a write can only succeed while
+/// that session, and so the lock, lives. Dropping the keeper stops the thread and
+/// releases the lock (once no [`HeldLock`] is left).
 pub(crate) struct LockKeeper {
-    shared: Arc<KeeperShared>,
+    held: HeldLock,
     stop: Option<Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -434,48 +437,145 @@ pub(crate) struct LockKeeper {
 #[derive(Default)]
 struct KeeperShared {
     abort: OnceLock<Arc<AtomicBool>>,
+    /// Set once the lock's session is known to have ended.
+    is_lost: AtomicBool,
+    /// Why, for the worker to return (taken once).
     lost: Mutex<Option<postgres::Error>>,
+}
+
+/// A running worker's processor lock, shared by its keeper's thread, its checkpoint
+/// [`Tracker`](crate::Tracker) and its handler threads: statements sent through it run on
+/// the session that holds the lock, so they fail once it has ended.
+#[derive(Clone)]
+pub(crate) struct HeldLock {
+    lock: Arc<Mutex<ProcessorLock>>,
+    shared: Arc<KeeperShared>,
+    timeout: Duration,
+}
+
+impl HeldLock {
+    /// Whether the lock is still held: an empty query on its session, with the keeper's
+    /// timeout. A failure marks the lock lost (and aborts the worker's handlers).
+    pub(crate) fn check(&self) -> bool {
+        if self.is_lost() {
+            return false;
+        }
+        let mut lock = self.lock.lock().unwrap();
+        match lock.conn().is_valid(self.timeout) {
+            Ok(()) => true,
+            Err(e) => {
+                self.lose(Some(e));
+                false
+            }
+        }
+    }
+
+    /// Stores the checkpoint of processor `name` on the lock's session, so only while
+    /// the lock is held; `false`, writing nothing, once the lock is known to be lost.
+    /// Transient failures that leave the session open are retried on it (see
+    /// [`Config::max_retries`](crate::Config::max_retries)); a failure that ended the
+    /// session marks the lock lost and is [`Error::ProcessorLockLost`].
+    pub(crate) fn save_checkpoint(&self, store: &Store, name: &str, position: u64) -> Result<bool> {
+        let position = crate::checkpoint::stored_position(name, position)?;
+        let mut retry = crate::retry::Retry::new(store.config(), "save_checkpoint");
+        loop {
+            let error = {
+                let mut lock = self.lock.lock().unwrap();
+                if self.is_lost() {
+                    return Ok(false);
+                }
+                let conn = lock.conn();
+                // With the parameter types given, one round trip and nothing to prepare.
+                let written = conn.query_typed(
+                    store.sql().save_checkpoint.text(),
+                    &[(&name, Type::TEXT), (&position, Type::INT8)],
+                );
+                match written {
+                    Ok(_) => return Ok(true),
+                    Err(e) if conn.is_closed() => {
+                        self.lose(None);
+                        return Err(Error::ProcessorLockLost {
+                            name: name.to_string(),
+                            source: e,
+                        });
+                    }
+                    Err(e) => store.map_error(e),
+                }
+            };
+            // Waits (if at all) without holding the lock's connection.
+            if !retry.again(&error) {
+                return Err(error);
+            }
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.shared.is_lost.load(Ordering::Relaxed)
+    }
+
+    /// Marks the lock lost, keeping `error` (the first one) for the worker, and sets the
+    /// abort flag.
+    fn lose(&self, error: Option<postgres::Error>) {
+        let mut lost = self.shared.lost.lock().unwrap();
+        if !self.shared.is_lost.swap(true, Ordering::Relaxed) {
+            *lost = error;
+        }
+        if let Some(abort) = self.shared.abort.get() {
+            abort.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl LockKeeper {
     /// Starts watching `lock`; a check that gets no answer within `timeout` fails.
-    pub(crate) fn start(mut lock: ProcessorLock, timeout: Duration) -> LockKeeper {
-        let shared = Arc::new(KeeperShared::default());
+    pub(crate) fn start(lock: ProcessorLock, timeout: Duration) -> LockKeeper {
+        let held = HeldLock {
+            lock: Arc::new(Mutex::new(lock)),
+            shared: Arc::new(KeeperShared::default()),
+            timeout,
+        };
         let (stop, stopped) = bounded::<()>(0);
-        let watch = shared.clone();
+        let watch = held.clone();
         let thread = thread::Builder::new()
             .name("pg-eventstore-lock".into())
             .spawn(move || loop {
                 if stopped.recv_timeout(LOCK_CHECK) != Err(RecvTimeoutError::Timeout) {
-                    return; // dropped: `lock` is released as the thread ends
+                    return; // dropped
                 }
-                if let Err(e) = lock.conn().is_valid(timeout) {
-                    *watch.lost.lock().unwrap() = Some(e);
-                    if let Some(abort) = watch.abort.get() {
-                        abort.store(true, Ordering::Relaxed);
-                    }
+                if !watch.check() {
                     return;
                 }
             })
             .expect("spawn the processor lock keeper");
         LockKeeper {
-            shared,
+            held,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
+    /// The lock, for checkpoint writes and checks on its session.
+    pub(crate) fn held(&self) -> HeldLock {
+        self.held.clone()
+    }
+
     /// Sets `abort` when the lock is lost (at once if it already is).
     pub(crate) fn arm(&self, abort: Arc<AtomicBool>) {
-        let _ = self.shared.abort.set(abort.clone());
-        if self.shared.lost.lock().unwrap().is_some() {
+        let _ = self.held.shared.abort.set(abort.clone());
+        if self.held.is_lost() {
             abort.store(true, Ordering::Relaxed);
         }
     }
 
-    /// The failure that lost the lock, once.
+    /// Whether the lock is known to be lost.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.held.is_lost()
+    }
+
+    /// The failure that lost the lock, once (`None` also when a checkpoint write found it
+    /// lost and returned it already).
     pub(crate) fn take_lost(&self) -> Option<postgres::Error> {
-        self.shared.lost.lock().unwrap().take()
+        self.held.shared.lost.lock().unwrap().take()
     }
 }
 
@@ -485,6 +585,7 @@ impl Drop for LockKeeper {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        // `held` drops next: the last holder of the lock releases it.
     }
 }
 

@@ -433,6 +433,7 @@ pub(crate) struct Sql {
     pub(crate) list_dead_letters: Statement,
     pub(crate) delete_dead_letter: Statement,
     pub(crate) delete_dead_letters: Statement,
+    pub(crate) has_dead_letters: Statement,
     pub(crate) take_dead_letter: Statement,
     pub(crate) event_at: Statement,
     pub(crate) read_claims: Statement,
@@ -1172,14 +1173,24 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                    SET position = excluded.position, updated_at = now()"
             ),
             // Succeeds (returns a row) only for a version above the stored one: the claim
-            // that makes a transactional handler run once per event.
+            // that makes a transactional handler run once per event. A successful claim
+            // also removes the event's dead letter (`$4` its id), if an earlier attempt
+            // parked it: committed with the handler's effects, so that a replay does not
+            // apply them again.
             claim_stream_version: format!(
-                "INSERT INTO {s}.stream_checkpoints AS old (processor_name, stream_id, version)
-                 VALUES ($1, $2, $3)
-                 ON CONFLICT (processor_name, stream_id) DO UPDATE
-                   SET version = excluded.version, updated_at = now()
-                 WHERE old.version < excluded.version
-                 RETURNING 1"
+                "WITH claim AS (
+                     INSERT INTO {s}.stream_checkpoints AS old (processor_name, stream_id, version)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (processor_name, stream_id) DO UPDATE
+                       SET version = excluded.version, updated_at = now()
+                     WHERE old.version < excluded.version
+                     RETURNING 1
+                 ), parked AS (
+                     DELETE FROM {s}.dead_letters
+                      WHERE processor_name = $1 AND event_id = $4::uuid
+                        AND EXISTS (SELECT 1 FROM claim)
+                 )
+                 SELECT 1 FROM claim"
             ),
             park: format!(
                 "INSERT INTO {s}.dead_letters
@@ -1250,6 +1261,11 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                 "DELETE FROM {s}.dead_letters WHERE processor_name = $1 AND event_id = $2"
             ),
             delete_dead_letters: format!("DELETE FROM {s}.dead_letters WHERE processor_name = $1"),
+            // Whether a plain handler's worker must remove the dead letters of the events
+            // it handles (see `ThreadContext::forget_dead_letter`).
+            has_dead_letters: format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.dead_letters WHERE processor_name = $1)"
+            ),
             // Inside a replay's transaction: removes the dead letter and keeps its row
             // locked until the handler's effects commit with the removal.
             take_dead_letter: format!(
@@ -1341,7 +1357,9 @@ RETURNING 1::bigint, e.global_position, e.global_position,
             event_at: format!("SELECT {COLUMNS} FROM {events} WHERE global_position = $1"),
             // A group of a transactional worker's events: lock the claims of its
             // streams, then move them (update the rows that existed and were locked,
-            // insert the others: a concurrent insert fails on the primary key).
+            // insert the others: a concurrent insert fails on the primary key), and
+            // remove the dead letters of the events handled (`$5`), if earlier attempts
+            // parked them.
             read_claims: format!(
                 "SELECT stream_id, version FROM {s}.stream_checkpoints
                   WHERE processor_name = $1 AND stream_id = ANY($2::text[])
@@ -1359,6 +1377,9 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                      INSERT INTO {s}.stream_checkpoints (processor_name, stream_id, version)
                      SELECT $1, t.s, t.v FROM t WHERE NOT t.existed
                      RETURNING 1
+                 ), parked AS (
+                     DELETE FROM {s}.dead_letters
+                      WHERE processor_name = $1 AND event_id = ANY($5::uuid[])
                  )
                  SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins)"
             ),

@@ -1,7 +1,7 @@
 //! A worker that runs a handler over the event log on a pool of threads, with
 //! checkpoints, retries, a dead-letter table and graceful shutdown.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -18,7 +18,7 @@ use r2d2::PooledConnection;
 use crate::checkpoint::validate_processor_name;
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
-use crate::processor::{LockKeeper, ProcessorLock};
+use crate::processor::{HeldLock, LockKeeper, ProcessorLock};
 use crate::read::ReadAll;
 use crate::store::{Conn, Store};
 use crate::subscription::SubscribeOptions;
@@ -39,7 +39,11 @@ const SCAN_PAGE: i64 = 100_000;
 pub enum OnFailure {
     /// Stop the worker and return the error. The checkpoint stays before the event.
     Stop,
-    /// Park the event in the `dead_letters` table with the error text and go on.
+    /// Park the event in the `dead_letters` table with the error text and go on. A
+    /// parked event that a later run handles after all (one from a checkpoint before it,
+    /// after a crash or a [`Store::move_checkpoint`] back; a group member that took its
+    /// partition) loses its dead letter: a transactional handler's in the transaction of
+    /// its effects, so a replay never applies them twice.
     Park,
 }
 
@@ -48,7 +52,11 @@ pub enum OnFailure {
 pub enum IfLocked {
     /// Refuse to start: [`Error::ProcessorLocked`].
     Fail,
-    /// Wait until the other one stops (or this one is stopped).
+    /// Wait until the other one stops (or this one is stopped). [`Worker::spawn`] (and
+    /// a group member's) then returns its handle at once and waits on the worker's
+    /// thread, so that the handle or its stopper can stop the waiting instance: it ends
+    /// with nothing handled. [`Worker::run_batch`] waits in the calling thread, and
+    /// cannot be stopped from outside while it waits.
     Wait,
 }
 
@@ -153,7 +161,7 @@ pub struct Worker {
     pub(crate) filter: ReadAll,
     pub(crate) checkpoint_interval: Duration,
     retries: u32,
-    retry_delay: Duration,
+    pub(crate) retry_delay: Duration,
     on_failure: OnFailure,
     pub(crate) if_locked: IfLocked,
     pub(crate) batch: Batch,
@@ -339,7 +347,8 @@ impl Worker {
 
     /// Batch mode: handles every event committed before the call, then returns. Events
     /// that wait behind a running transaction for the `$all` horizon (see the crate docs)
-    /// are waited for.
+    /// are waited for. With [`IfLocked::Wait`] it first waits, in the calling thread,
+    /// until no other instance runs; nothing can stop that wait from outside.
     pub fn run_batch<H>(self, handler: H) -> Result<WorkerSummary>
     where
         H: Fn(&RecordedEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -388,13 +397,27 @@ impl Worker {
     fn start(self, handler: Handler) -> Result<WorkerHandle> {
         self.check()?;
         let stop = Arc::new(AtomicBool::new(false));
-        // Take the lock here, so that "already running" is this call's error.
-        let lock = self.lock(&stop)?;
+        // With `IfLocked::Fail` the lock is taken here, so that "already running" is
+        // this call's error. With `IfLocked::Wait` it is taken on the worker's thread,
+        // where a stop ends the wait: the handle comes back at once.
+        let lock = match self.if_locked {
+            IfLocked::Fail => Some(self.lock(&stop)?),
+            IfLocked::Wait => None,
+        };
         let flag = stop.clone();
         let name = self.name.clone();
         let thread = thread::Builder::new()
             .name(format!("pg-eventstore-worker-{}", self.name))
-            .spawn(move || self.run_locked(handler, Mode::Live, flag, lock))
+            .spawn(move || {
+                let lock = match lock {
+                    Some(lock) => lock,
+                    None => match self.wait_for_lock(&flag)? {
+                        Some(lock) => lock,
+                        None => return Ok(WorkerSummary::default()), // stopped while waiting
+                    },
+                };
+                self.run_locked(handler, Mode::Live, flag, lock)
+            })
             .expect("spawn the worker thread");
         Ok(WorkerHandle {
             name,
@@ -435,7 +458,7 @@ impl Worker {
                         "pg-eventstore: worker lost its processor lock; its handlers stopped, \
                          taking the lock again"
                     );
-                    match self.retake_lock(&stop)? {
+                    match self.wait_for_lock(&stop)? {
                         Some(l) => lock = l,
                         None => return Ok(summary), // stopped while waiting
                     }
@@ -446,10 +469,10 @@ impl Worker {
         }
     }
 
-    /// Takes the processor lock again after losing it: waits while another instance
-    /// holds it, and retries with the crate's backoff while the server cannot be
-    /// reached. `None` once the worker is stopped.
-    fn retake_lock(&self, stop: &AtomicBool) -> Result<Option<ProcessorLock>> {
+    /// Takes the processor lock (a standby's first, or again after losing it): waits
+    /// while another instance holds it, and retries with the crate's backoff while the
+    /// server cannot be reached. `None` once the worker is stopped.
+    fn wait_for_lock(&self, stop: &AtomicBool) -> Result<Option<ProcessorLock>> {
         let mut backoff = crate::retry::Backoff::new(self.retry_delay, crate::retry::MAX_DELAY);
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -469,7 +492,7 @@ impl Worker {
         &self,
         handler: Handler,
         mode: &Mode,
-        stop: &AtomicBool,
+        stop: &Arc<AtomicBool>,
         lock: ProcessorLock,
         summary: &mut WorkerSummary,
     ) -> Result<()> {
@@ -478,12 +501,22 @@ impl Worker {
         // dispatcher joins the handler threads, and only then the keeper releases the
         // lock. A lost lock stops the handler threads at once (the dispatcher's abort).
         let keeper = LockKeeper::start(lock, self.store.config().connection_timeout);
-        let mut dispatcher = Dispatcher::start(self, handler, Box::new(()), None, QUEUE);
+        let mut dispatcher = Dispatcher::start(
+            self,
+            handler,
+            Box::new(()),
+            None,
+            Some(keeper.held()),
+            stop.clone(),
+            QUEUE,
+        );
         keeper.arm(dispatcher.abort.clone());
+        dispatcher.may_have_dead_letters(self)?;
         let mut tracker = self
             .store
             .tracker(&self.name)?
-            .checkpoint_interval(self.checkpoint_interval);
+            .checkpoint_interval(self.checkpoint_interval)
+            .on_lock(keeper.held());
         let start = tracker.position();
         let mut source = match mode {
             Mode::Batch => {
@@ -568,15 +601,20 @@ impl Worker {
             });
         }
         self.collect(dispatcher.done(), &mut flight, summary, &mut fatal);
-        if let Some(p) = flight.low_water.take() {
-            tracker.update(p)?;
-        }
-        if fatal.is_none() && flight.queue.is_empty() {
-            if let Some(p) = scan.read_past(tracker.position())? {
+        // Without the lock nothing is written (a write would fail anyway: it goes
+        // through the lock's session): another instance, or a reset, may own the
+        // checkpoint now.
+        if !keeper.is_lost() {
+            if let Some(p) = flight.low_water.take() {
                 tracker.update(p)?;
             }
+            if fatal.is_none() && flight.queue.is_empty() {
+                if let Some(p) = scan.read_past(tracker.position())? {
+                    tracker.update(p)?;
+                }
+            }
+            tracker.flush()?;
         }
-        tracker.flush()?;
         summary.checkpoint = tracker.saved_position();
         match fatal {
             Some(e) => Err(e),
@@ -602,7 +640,9 @@ impl Worker {
                     fatal.get_or_insert(e);
                     continue;
                 }
-                Outcome::Revoked => continue, // only in consumer groups
+                // Left for the next run (stopped or aborted during its retries), or
+                // (only in consumer groups) no longer this member's.
+                Outcome::Unfinished | Outcome::Revoked => continue,
             }
             flight.finish(d.seq);
         }
@@ -624,6 +664,11 @@ pub(crate) struct Dispatcher {
     /// the lock is lost, and by `drop`: queued events are skipped, unfinished, so the
     /// checkpoint stays before them.
     abort: Arc<AtomicBool>,
+    /// Whether the processor may have dead letters (see
+    /// [`Dispatcher::may_have_dead_letters`]).
+    dead_letters: Arc<AtomicBool>,
+    /// Whether the handler is a plain one.
+    plain: bool,
     done: Receiver<Done>,
     /// Released after the threads have ended (fields drop after `Drop::drop`): the
     /// membership of a group member. (A worker's processor lock is held by its
@@ -632,15 +677,22 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// `queue`: events queued per thread before a send waits.
+    /// `lock`: a worker's processor lock, checked before a failing handler is retried.
+    /// `stop`: the run's stop flag, which ends a failing handler's retries (as the abort
+    /// flag does). `queue`: events queued per thread before a send waits.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         worker: &Worker,
         handler: Handler,
         guard: Box<dyn Send>,
         fence: Option<Arc<dyn Fence>>,
+        lock: Option<HeldLock>,
+        stop: Arc<AtomicBool>,
         queue: usize,
     ) -> Dispatcher {
         let abort = Arc::new(AtomicBool::new(false));
+        let dead_letters = Arc::new(AtomicBool::new(false));
+        let plain = matches!(handler, Handler::Plain(_));
         let (done_tx, done) = unbounded::<Done>();
         let mut queues = Vec::new();
         let mut threads = Vec::new();
@@ -651,6 +703,9 @@ impl Dispatcher {
             let mut ctx =
                 ThreadContext::new(worker, handler.clone(), abort.clone(), done_tx.clone());
             ctx.fence = fence.clone();
+            ctx.stop = stop.clone();
+            ctx.lock = lock.clone();
+            ctx.dead_letters = dead_letters.clone();
             let finished = router.finished[i].clone();
             threads.push(
                 thread::Builder::new()
@@ -664,9 +719,34 @@ impl Dispatcher {
             router,
             threads,
             abort,
+            dead_letters,
+            plain,
             done,
             _guard: guard,
         }
+    }
+
+    /// Sets whether processor `name` may have dead letters, from the table, when its
+    /// handler is a plain one: the handler threads then remove the dead letter of each
+    /// event they handle (a transactional handler's claim does that in its
+    /// transaction). Called before events are sent, and by a group member after it took
+    /// partitions (another member may have parked their events); a thread that parks an
+    /// event sets it too. One query, not one per event.
+    pub(crate) fn may_have_dead_letters(&self, worker: &Worker) -> Result<()> {
+        if !self.plain {
+            return Ok(());
+        }
+        let name = &worker.name;
+        let found: bool = worker
+            .store
+            .run("read", &worker.store.sql().has_dead_letters, |c, s| {
+                c.query_one(s, &[name])
+            })?
+            .get(0);
+        if found {
+            self.dead_letters.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Queues an event on its stream's thread (see [`Router`]); `false` when that
@@ -701,6 +781,13 @@ impl Dispatcher {
 
     pub(crate) fn done(&self) -> &Receiver<Done> {
         &self.done
+    }
+
+    /// The abort flag: once set, the handler threads skip what is queued (unfinished),
+    /// failing handlers are not retried, and a group member's threads stop waiting for
+    /// a lease renewal.
+    pub(crate) fn abort_flag(&self) -> Arc<AtomicBool> {
+        self.abort.clone()
     }
 
     /// Whether a handler failed for good (the worker then stops).
@@ -1020,6 +1107,10 @@ pub(crate) enum Outcome {
     Failed(Error),
     /// Not handled: the member no longer holds the event's partition (consumer groups).
     Revoked,
+    /// Not handled: its handler was failing and being retried when the run was stopped
+    /// or aborted (a lost lock, another thread's fatal failure). The checkpoint stays
+    /// before it, and the next run handles it again.
+    Unfinished,
 }
 
 /// What a transactional handler's transaction did with one event.
@@ -1040,6 +1131,18 @@ struct ThreadContext {
     retry_delay: Duration,
     on_failure: OnFailure,
     failed: Arc<AtomicBool>,
+    /// The run's stop flag: a failing handler is not retried once it is set.
+    stop: Arc<AtomicBool>,
+    /// A worker's processor lock: checked before each retry of a failing handler, so
+    /// that a retry never runs on after the lock's session ended (the keeper checks it
+    /// only four times a second).
+    lock: Option<HeldLock>,
+    /// The processor may have dead letters: a plain handler's thread removes the dead
+    /// letter of each event it handles (see [`Dispatcher::may_have_dead_letters`]).
+    dead_letters: Arc<AtomicBool>,
+    /// This thread left an event unfinished: it handles nothing more (the events queued
+    /// after it, of its stream too, wait for the next run), so that order holds.
+    abandoned: Cell<bool>,
     done: Sender<Done>,
     /// Replaying dead letters: a transactional handler's guard is the removal of the
     /// dead letter, not the per-stream claim (which later events have moved past).
@@ -1064,6 +1167,10 @@ impl ThreadContext {
             retry_delay: worker.retry_delay,
             on_failure: worker.on_failure,
             failed,
+            stop: Arc::new(AtomicBool::new(false)),
+            lock: None,
+            dead_letters: Arc::new(AtomicBool::new(false)),
+            abandoned: Cell::new(false),
             done,
             replay: false,
             batch: worker.batch,
@@ -1075,8 +1182,9 @@ impl ThreadContext {
     /// that is done with (handled and committed, parked, or skipped).
     fn run(self, rx: Receiver<Job>, finished: &AtomicU64) {
         while let Ok(first) = rx.recv() {
-            let n = if self.failed.load(Ordering::Relaxed) {
-                1 // after a fatal failure nothing more is handled: order matters
+            let n = if self.failed.load(Ordering::Relaxed) || self.abandoned.get() {
+                1 // after a fatal failure or an unfinished event nothing more is
+                  // handled: order matters
             } else {
                 match &self.handler {
                     Handler::Tx(h) if self.batch.max_events > 1 => {
@@ -1097,7 +1205,7 @@ impl ThreadContext {
 
     /// Handles one event on its own, with retries, and reports it.
     fn one(&self, job: Job) {
-        if self.failed.load(Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) || self.abandoned.get() {
             return;
         }
         // A panicking handler is a fatal failure like any other: the worker stops with
@@ -1111,6 +1219,9 @@ impl ThreadContext {
             };
             (Outcome::Failed(panicked), 0)
         });
+        if matches!(outcome, Outcome::Unfinished) {
+            self.abandoned.set(true);
+        }
         self.report(job.seq, job.lease, retries, outcome);
     }
 
@@ -1226,6 +1337,7 @@ impl ThreadContext {
             }
         }
         let mut handled = Vec::with_capacity(batch.len());
+        let mut handled_ids = Vec::new();
         for (job, revoked) in batch.iter().zip(revoked) {
             if revoked {
                 handled.push(TxOutcome::Revoked);
@@ -1243,6 +1355,7 @@ impl ThreadContext {
             h(&mut tx, event)?;
             claim.2 = Some(version);
             handled.push(TxOutcome::Handled);
+            handled_ids.push(event.id);
         }
         let (mut ids, mut versions, mut existed) = (Vec::new(), Vec::new(), Vec::new());
         for (stream, (_, exists, last)) in &claims {
@@ -1256,7 +1369,10 @@ impl ThreadContext {
             // Rows that existed are locked by this transaction; a new one that another
             // transaction inserted meanwhile fails the insert, and the group rolls back.
             let written: i64 = tx
-                .query_one(&write, &[&self.name, &ids, &versions, &existed])?
+                .query_one(
+                    &write,
+                    &[&self.name, &ids, &versions, &existed, &handled_ids],
+                )?
                 .get(0);
             if written != ids.len() as i64 {
                 return Err("the claims of a group of events moved during its transaction".into());
@@ -1278,7 +1394,12 @@ impl ThreadContext {
                 Handler::Tx(h) => self.in_transaction(h.as_ref(), event, lease),
             };
             match result {
-                Ok(TxOutcome::Handled) => return (Outcome::Handled, attempt - 1),
+                Ok(TxOutcome::Handled) => {
+                    if matches!(self.handler, Handler::Plain(_)) {
+                        self.forget_dead_letter(event);
+                    }
+                    return (Outcome::Handled, attempt - 1);
+                }
                 Ok(TxOutcome::Skipped) => return (Outcome::Skipped, attempt - 1),
                 Ok(TxOutcome::Revoked) => return (Outcome::Revoked, attempt - 1),
                 Err(e) if attempt <= self.retries => {
@@ -1294,7 +1415,9 @@ impl ThreadContext {
                         error = %crate::error::chain(e.as_ref()),
                         "pg-eventstore: handler failed, retrying"
                     );
-                    thread::sleep(wait);
+                    if !self.wait_to_retry(wait) || self.lock.as_ref().is_some_and(|l| !l.check()) {
+                        return (Outcome::Unfinished, attempt - 1);
+                    }
                 }
                 Err(e) => {
                     let error = Error::Handler {
@@ -1308,6 +1431,7 @@ impl ThreadContext {
                         OnFailure::Stop => Outcome::Failed(error),
                         OnFailure::Park => match self.park(event, attempt, &error) {
                             Ok(()) => {
+                                self.dead_letters.store(true, Ordering::Relaxed);
                                 crate::metrics::worker_error(&self.name, "parked");
                                 tracing::error!(
                                     processor = %self.name,
@@ -1325,6 +1449,46 @@ impl ThreadContext {
                     return (outcome, attempt - 1);
                 }
             }
+        }
+    }
+
+    /// After a plain handler succeeded on `event`: removes its dead letter, if an earlier
+    /// attempt parked it (a crash or a takeover before the checkpoint passed it, or a
+    /// checkpoint moved back), so that a replay does not handle it again. Only when the
+    /// processor may have dead letters: no statement per event otherwise. A failure is
+    /// logged, not fatal: the handler's work is done, and a plain handler's delivery is
+    /// at-least-once.
+    fn forget_dead_letter(&self, event: &RecordedEvent) {
+        if self.replay || !self.dead_letters.load(Ordering::Relaxed) {
+            return; // a replay removes the dead letter itself
+        }
+        if let Err(e) = self.store.delete_dead_letter(&self.name, event.id) {
+            crate::metrics::worker_error(&self.name, "dead_letter");
+            tracing::warn!(
+                processor = %self.name,
+                stream = %event.stream_id,
+                position = event.position,
+                error = %crate::error::chain(&e),
+                "pg-eventstore: could not remove the dead letter of an event handled again"
+            );
+        }
+    }
+
+    /// Waits `wait` before a retry; `false` (at once) when the run is stopped or aborted
+    /// meanwhile: the event is then left unfinished, for the next run, instead of being
+    /// retried beside an instance that may have taken the lock, or keeping a stop
+    /// waiting for every remaining retry.
+    fn wait_to_retry(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.failed.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            thread::sleep(left.min(Duration::from_millis(10)));
         }
     }
 
@@ -1359,7 +1523,12 @@ impl ThreadContext {
             }
             let claimed = tx.query_opt(
                 &claim,
-                &[&self.name, &event.stream_id, &(event.version as i64)],
+                &[
+                    &self.name,
+                    &event.stream_id,
+                    &(event.version as i64),
+                    &event.id,
+                ],
             )?;
             if claimed.is_none() {
                 return Ok(TxOutcome::Skipped);
@@ -1368,18 +1537,27 @@ impl ThreadContext {
             tx.commit()?;
             return Ok(TxOutcome::Handled);
         }
+        let claim = self.store.prepared(conn, &sql.claim_stream_version)?;
+        let claim_params: [&(dyn postgres::types::ToSql + Sync); 4] = [
+            &self.name,
+            &event.stream_id,
+            &(event.version as i64),
+            &event.id,
+        ];
         let claimed = if self.replay {
             let take = self.store.prepared(conn, &sql.take_dead_letter)?;
             let mut tx = conn.transaction()?;
             let taken = tx.query_opt(&take, &[&self.name, &event.id])?;
+            if taken.is_some() {
+                // Moves the stream's claim up to the event if it is behind (the event was
+                // the last one of its stream that the worker tried), so that a run from
+                // an earlier checkpoint skips it instead of applying it again.
+                tx.query_opt(&claim, &claim_params)?;
+            }
             (tx, taken)
         } else {
-            let claim = self.store.prepared(conn, &sql.claim_stream_version)?;
             let mut tx = conn.transaction()?;
-            let claimed = tx.query_opt(
-                &claim,
-                &[&self.name, &event.stream_id, &(event.version as i64)],
-            )?;
+            let claimed = tx.query_opt(&claim, &claim_params)?;
             (tx, claimed)
         };
         let (mut tx, claimed) = claimed;
@@ -1486,7 +1664,9 @@ impl Worker {
                     }
                     summary.replayed += 1;
                 }
-                Outcome::Skipped | Outcome::Revoked => {} // removed meanwhile, by another replay
+                // Removed meanwhile, by another replay (Unfinished: never, nothing stops
+                // or aborts a replay).
+                Outcome::Skipped | Outcome::Revoked | Outcome::Unfinished => {}
                 Outcome::Parked => summary.failed += 1,
                 Outcome::Failed(e) => return Err(e),
             }
@@ -1532,7 +1712,9 @@ impl WorkerStopper {
     }
 
     /// Asks the worker to stop: it finishes the events in flight, writes its checkpoint,
-    /// and ends (within about 50 ms plus the handler calls in flight). Does not wait.
+    /// and ends (within about 50 ms plus the handler calls in flight). A failing handler
+    /// is not retried after the stop: its event (and what its thread had queued after
+    /// it) stays after the checkpoint, for the next run. Does not wait.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -1573,13 +1755,15 @@ impl WorkerHandle {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the worker is still running (it stops on its own after a fatal error).
+    /// Whether the worker is still running (it stops on its own after a fatal error). A
+    /// standby ([`IfLocked::Wait`]) waiting for its lock is running: it has not ended.
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Stops the worker and waits for it: in-flight events finish, the checkpoint is
-    /// written. Returns what it did, or the error that stopped it.
+    /// Stops the worker and waits for it: in-flight events finish (a failing handler is
+    /// not retried: its event is left for the next run), the checkpoint is written.
+    /// Returns what it did, or the error that stopped it.
     pub fn stop(mut self) -> Result<WorkerSummary> {
         self.request_stop();
         self.wait()

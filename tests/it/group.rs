@@ -668,6 +668,145 @@ fn bad_group_settings_and_a_worker_of_the_same_name_are_refused() -> TestResult 
     Ok(())
 }
 
+/// A member whose lock's session ended, while a `Worker` of the same name took the
+/// processor lock, stops handling as soon as its heartbeat finds the lock taken: the
+/// events still queued on its threads are left unhandled (for the next owner) instead
+/// of being handled beside the worker.
+#[test]
+fn a_member_that_finds_a_worker_holding_its_lock_stops_handling_at_once() -> TestResult {
+    let t = TestStore::with("group_lock_taken", |c| c.max_connections(10));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 400))?;
+    let calls = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let c = calls.clone();
+    let member = t
+        .worker("g")
+        .group(
+            GroupOptions::new()
+                .partitions(1)
+                .heartbeat_interval(Duration::from_millis(200))
+                .lease_timeout(Duration::from_secs(2)),
+        )
+        .spawn(move |_| {
+            c.lock().unwrap().push(Instant::now());
+            thread::sleep(Duration::from_millis(10));
+            Ok(())
+        })?;
+    wait_for("the first events", Duration::from_secs(20), || {
+        calls.lock().unwrap().len() >= 5
+    });
+    // The session holding the member's shared lock ends; a worker takes the lock.
+    let key = format!("{}:g", t.schema);
+    let pid: i32 = client()
+        .query_one(
+            "SELECT pid FROM pg_locks
+              WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                AND classid::text::bigint = 1346720562
+                AND objid::text::bigint = (hashtext($1)::bigint + 4294967296) % 4294967296",
+            &[&key],
+        )?
+        .get(0);
+    client().execute("SELECT pg_terminate_backend($1)", &[&pid])?;
+    let mut worker = None;
+    wait_for("the worker takes the lock", Duration::from_secs(20), || {
+        worker = t.worker("g").spawn(|_| Ok(())).ok();
+        worker.is_some()
+    });
+    let started = Instant::now();
+    // (Before, it could hang here: its threads waited for a lease renewal that the
+    // ended heartbeat would never send.)
+    wait_for("the member ends", Duration::from_secs(20), || {
+        !member.is_running()
+    });
+    let e = member.join().unwrap_err();
+    assert!(matches!(e, Error::ProcessorLocked { .. }), "{e:?}");
+    // The heartbeat finds out within two intervals (one fails on the dead session, the
+    // next finds the lock taken); the queue held about 200 events of 10 ms.
+    let late = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > started + Duration::from_millis(1000))
+        .count();
+    worker.unwrap().stop()?;
+    assert_eq!(
+        late, 0,
+        "handler calls beside the worker, after the member knew"
+    );
+    Ok(())
+}
+
+/// A member's stop ends a failing handler's retries at once, cleanly: the event stays
+/// after its partition's checkpoint, for the next owner.
+#[test]
+fn a_member_s_stop_ends_a_failing_handler_s_retries() -> TestResult {
+    let t = TestStore::with("group_retry_stop", |c| c.max_connections(8));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let member = t
+        .worker("g")
+        .retries(6)
+        .retry_delay(Duration::from_millis(100))
+        .group(GroupOptions::new().partitions(1))
+        .spawn(move |_| {
+            *c.lock().unwrap() += 1;
+            Err("downstream unavailable".into())
+        })?;
+    wait_for("the first call", Duration::from_secs(20), || {
+        *calls.lock().unwrap() >= 1
+    });
+    let asked = Instant::now();
+    let summary = member.stop()?;
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "stop took {took:?} ({} handler calls)",
+        calls.lock().unwrap()
+    );
+    assert_eq!(summary.handled, 0);
+    assert_eq!(
+        t.group_partitions("g")?[0].lag,
+        1,
+        "the event is still to do"
+    );
+    Ok(())
+}
+
+/// A member info PostgreSQL text cannot store (a NUL byte), or a very long one, is
+/// refused as `InvalidInput` naming the problem, before anything is written.
+#[test]
+fn a_member_info_the_database_cannot_store_is_refused_before_anything_is_written() -> TestResult {
+    let t = TestStore::with("group_info", |c| c.max_connections(8));
+    for info in ["pod\0x".to_string(), "p".repeat(4097)] {
+        let e = t
+            .worker("g")
+            .group(GroupOptions::new().member_info(info))
+            .spawn(|_| Ok(()))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("member info")),
+            "{e:?}"
+        );
+    }
+    let n = query_i64(&format!(
+        "SELECT count(*) FROM \"{}\".group_leases",
+        t.schema
+    ));
+    assert_eq!(n, 0, "nothing written");
+    // An info at the limit is taken.
+    let member = t
+        .worker("g")
+        .group(
+            GroupOptions::new()
+                .partitions(2)
+                .member_info("p".repeat(4096)),
+        )
+        .spawn(|_| Ok(()))?;
+    assert_eq!(t.group_members("g")?[0].info.len(), 4096);
+    member.stop()?;
+    Ok(())
+}
+
 #[test]
 fn a_member_paused_past_its_lease_commits_nothing_twice_and_joins_again() -> TestResult {
     paused_member("group_pause", &crate::common::database_url())

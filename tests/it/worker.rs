@@ -1,4 +1,5 @@
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -456,6 +457,71 @@ fn a_second_worker_with_the_same_name_is_refused_and_live_mode_follows() -> Test
     Ok(())
 }
 
+/// A standby (`IfLocked::Wait`) started with `spawn` gets its handle at once, while it
+/// waits for the lock: its stopper ends the wait, and it ends cleanly with nothing
+/// handled. One that is not stopped takes the lock once the other instance stops. A
+/// group member with `IfLocked::Wait` does the same.
+#[test]
+fn a_waiting_standby_returns_its_handle_at_once_and_can_be_stopped() -> TestResult {
+    let t = TestStore::with("worker_standby", |c| c.max_connections(12));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 3))?;
+    let active = t.worker("x").spawn(|_| Ok(()))?;
+    wait_for("the active instance's checkpoint", || {
+        t.checkpoint("x").unwrap().is_some()
+    });
+    let store = t.store.clone();
+    let standby = thread::spawn(move || {
+        store
+            .worker("x")
+            .if_locked(IfLocked::Wait)
+            .spawn(|_| Ok(()))
+    });
+    wait_for("spawn returns", || standby.is_finished());
+    let standby = standby.join().unwrap()?;
+    let store = t.store.clone();
+    let group = thread::spawn(move || {
+        store
+            .worker("x")
+            .if_locked(IfLocked::Wait)
+            .group(pg_eventstore::GroupOptions::new().partitions(1))
+            .spawn(|_| Ok(()))
+    });
+    wait_for("the group's spawn returns", || group.is_finished());
+    let group = group.join().unwrap()?;
+    thread::sleep(Duration::from_millis(300));
+    assert!(standby.is_running() && group.is_running(), "both wait");
+    assert!(group.partitions().is_empty());
+    let asked = Instant::now();
+    standby.stopper().stop();
+    let summary = standby.join()?;
+    assert_eq!(summary.handled, 0);
+    assert_eq!(group.stop()?.acquired, 0);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        t.group_members("x")?.is_empty(),
+        "the waiting member never joined"
+    );
+
+    // A standby that is not stopped takes over once the active instance stops.
+    let handled = Arc::new(Mutex::new(0u64));
+    let h = handled.clone();
+    let standby = t.worker("x").if_locked(IfLocked::Wait).spawn(move |_| {
+        *h.lock().unwrap() += 1;
+        Ok(())
+    })?;
+    active.stop()?;
+    t.append("s", ExpectedVersion::Exact(2), &events("E", 1))?;
+    wait_for("the standby handles the new event", || {
+        *handled.lock().unwrap() == 1
+    });
+    assert_eq!(standby.stop()?.handled, 1);
+    Ok(())
+}
+
 /// The backend holding processor `name`'s lock (see `ProcessorLock`: class "PES2",
 /// `hashtext('<schema>:<name>')`), if one does.
 fn lock_holder(t: &TestStore, name: &str) -> Option<i32> {
@@ -501,12 +567,20 @@ fn a_worker_that_loses_its_lock_stops_its_handlers_and_takes_it_again() -> TestR
     let t = store_with("worker_lock_lost");
     let handled = Arc::new(Mutex::new(0u64));
     let h = handled.clone();
-    let worker = t.worker("kept").spawn(move |_| {
-        *h.lock().unwrap() += 1;
-        Ok(())
-    })?;
-    t.append("s", ExpectedVersion::NoStream, &events("E", 5))?;
+    let worker = t
+        .worker("kept")
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(move |_| {
+            *h.lock().unwrap() += 1;
+            Ok(())
+        })?;
+    let first = t.append("s", ExpectedVersion::NoStream, &events("E", 5))?;
     wait_for("the first events", || *handled.lock().unwrap() == 5);
+    // Without the lock nothing is written: what is after the stored checkpoint when the
+    // lock is lost is handled again (at-least-once). Here nothing is.
+    wait_for("their checkpoint", || {
+        t.checkpoint("kept").unwrap() == Some(first.last_position)
+    });
     let old = kill_lock(&t, "kept");
     wait_for("the lock taken again", || {
         lock_holder(&t, "kept").is_some_and(|pid| pid != old)
@@ -531,6 +605,181 @@ fn a_worker_that_loses_its_lock_stops_its_handlers_and_takes_it_again() -> TestR
     match batch.join().unwrap() {
         Err(Error::ProcessorLockLost { name, .. }) => assert_eq!(name, "batch"),
         other => panic!("expected ProcessorLockLost, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// A worker whose lock's session ended during a handler call writes no checkpoint after
+/// that call: its writes go through the lock's session. So a reset made while the lock
+/// was free holds: the worker takes the lock again and rebuilds from the first event,
+/// instead of writing its old low-water mark over the reset and going on from there.
+#[test]
+fn a_worker_that_lost_its_lock_writes_no_checkpoint_so_a_reset_meanwhile_holds() -> TestResult {
+    let t = store_with("worker_lost_reset");
+    // Lets the blocked handler call go on when set (and on any way out of the test).
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let release = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let (r, s) = (release.clone(), seen.clone());
+    let worker = t
+        .worker("w")
+        .checkpoint_interval(Duration::ZERO)
+        .spawn(move |e| {
+            s.lock().unwrap().push(e.version);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while e.version == 1 && !r.load(Ordering::SeqCst) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5)); // a slow handler call
+            }
+            Ok(())
+        })?;
+    let release = Release(release);
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    wait_for("the first event", || seen.lock().unwrap().len() == 1);
+    wait_for("its checkpoint", || t.checkpoint("w").unwrap().is_some());
+    let first = t.checkpoint("w")?;
+    let second = t.append("s", ExpectedVersion::Exact(0), &events("E", 1))?;
+    wait_for("the second event in the handler", || {
+        seen.lock().unwrap().len() == 2
+    });
+
+    // The lock's session ends; the operator resets the processor while the lock is free.
+    let pid = kill_lock(&t, "w");
+    let mut report = None;
+    wait_for("the reset", || match t.reset_processor("w") {
+        Ok(r) => {
+            report = Some(r);
+            true
+        }
+        Err(_) => false,
+    });
+    assert_eq!(report.unwrap().checkpoint, first);
+    assert_eq!(t.checkpoint("w")?, None, "the reset removed the checkpoint");
+
+    // The handler call ends; the worker takes its lock again and rebuilds.
+    drop(release);
+    wait_for("the lock taken again", || {
+        lock_holder(&t, "w").is_some_and(|p| p != pid)
+    });
+    wait_for("the rebuild from the first event", || {
+        seen.lock().unwrap().len() >= 4
+    });
+    wait_for("the rebuilt checkpoint", || {
+        t.checkpoint("w").unwrap() == Some(second.last_position)
+    });
+    worker.stop()?;
+    assert_eq!(*seen.lock().unwrap(), [0, 1, 0, 1]);
+    Ok(())
+}
+
+/// A handler that fails and is being retried when the worker's lock's session ends is
+/// not called again: before each retry the lock is checked, so the retries do not run
+/// on beside another instance that took the free lock. The event is left for the
+/// instance that holds the lock.
+#[test]
+fn a_retrying_handler_is_not_called_again_after_the_lock_is_lost() -> TestResult {
+    let t = TestStore::with("worker_retry_lock", |c| c.max_connections(12));
+    t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    let calls = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let c = calls.clone();
+    let first = t
+        .worker("r")
+        .retries(6)
+        .retry_delay(Duration::from_millis(100))
+        .spawn(move |_| {
+            c.lock().unwrap().push(Instant::now());
+            Err("downstream unavailable".into())
+        })?;
+    wait_for("the first call", || !calls.lock().unwrap().is_empty());
+    kill_lock(&t, "r");
+    // Another instance starts as soon as the lock is free.
+    let second_calls = Arc::new(Mutex::new(0u32));
+    let mut second = None;
+    wait_for("the second instance", || {
+        let s2 = second_calls.clone();
+        match t.worker("r").spawn(move |_| {
+            *s2.lock().unwrap() += 1;
+            Ok(())
+        }) {
+            Ok(h) => {
+                second = Some(h);
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    let started = Instant::now();
+    wait_for("the second instance handles the event", || {
+        *second_calls.lock().unwrap() == 1
+    });
+    thread::sleep(Duration::from_secs(1));
+    let after: Vec<Duration> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > started)
+        .map(|at| at.duration_since(started))
+        .collect();
+    second.unwrap().stop()?;
+    first.stop()?;
+    assert!(
+        after.is_empty(),
+        "the instance that lost its lock called its handler {} more times after another \
+         instance had started (at {after:?} after it)",
+        after.len()
+    );
+    Ok(())
+}
+
+/// A stop ends a failing handler's retries at once (it does not wait for every retry
+/// and backoff), cleanly: the event stays after the checkpoint, and the next run
+/// handles it.
+#[test]
+fn a_stop_ends_a_failing_handler_s_retries_and_leaves_its_event_for_the_next_run() -> TestResult {
+    let t = store_with("worker_retry_stop");
+    let r = t.append("s", ExpectedVersion::NoStream, &events("E", 1))?;
+    for transactional in [false, true] {
+        let name = format!("r{}", u8::from(transactional));
+        let calls = Arc::new(Mutex::new(0u32));
+        let c = calls.clone();
+        let worker = t
+            .worker(&name)
+            .retries(6)
+            .retry_delay(Duration::from_millis(100));
+        let worker = if transactional {
+            worker.spawn_transactional(move |_, _| {
+                *c.lock().unwrap() += 1;
+                Err("downstream unavailable".into())
+            })?
+        } else {
+            worker.spawn(move |_| {
+                *c.lock().unwrap() += 1;
+                Err("downstream unavailable".into())
+            })?
+        };
+        wait_for("the first call", || *calls.lock().unwrap() >= 1);
+        let asked = Instant::now();
+        let summary = worker.stop()?;
+        let took = asked.elapsed();
+        // Six retries wait 100 ms doubling (jittered): about 3 to 6 s in all.
+        assert!(
+            took < Duration::from_millis(1500),
+            "stop took {took:?} ({} handler calls)",
+            calls.lock().unwrap()
+        );
+        assert_eq!(
+            (summary.handled, summary.checkpoint),
+            (0, None),
+            "{summary:?}"
+        );
+        assert_eq!(t.checkpoint(&name)?, None);
+        let again = t.worker(&name).run_batch(|_| Ok(()))?;
+        assert_eq!(again.handled, 1);
+        assert_eq!(again.checkpoint, Some(r.last_position));
     }
     Ok(())
 }
@@ -1088,6 +1337,142 @@ fn a_stopped_processor_s_checkpoint_moves_forwards_and_back() -> TestResult {
         t.move_checkpoint("", 1),
         Err(Error::InvalidInput(_))
     ));
+    Ok(())
+}
+
+/// An event parked by an earlier attempt and handled later (here a run from an earlier
+/// checkpoint, as after a crash before the checkpoint passed it; a group takeover or
+/// `move_checkpoint` back do the same) loses its dead letter: a transactional handler's
+/// claim removes it in the transaction of its effects (grouped or one by one), a plain
+/// handler's worker right after the call. So a replay of the dead letters does not apply
+/// the event again.
+#[test]
+fn a_parked_event_handled_later_loses_its_dead_letter_and_is_not_replayed() -> TestResult {
+    let t = store_with("worker_dead_handled");
+    let first = t.append("acc-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    let second = t.append("acc-1", ExpectedVersion::Exact(0), &events("E", 1))?;
+    wait_visible(&t, second.last_position);
+    let bad = second.last_position;
+    let table = format!("\"{}\".effects", t.schema);
+    client().batch_execute(&format!(
+        "CREATE TABLE {table} (processor text NOT NULL, position bigint NOT NULL)"
+    ))?;
+    let effects = |name: &str| -> i64 {
+        client()
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE processor = $1 AND position = $2"),
+                &[&name, &(bad as i64)],
+            )
+            .unwrap()
+            .get(0)
+    };
+    for (name, batch) in [("grouped", 100), ("one-by-one", 1), ("plain", 0)] {
+        let broken = Arc::new(AtomicBool::new(true));
+        let worker = || {
+            t.worker(name)
+                .retries(0)
+                .on_failure(OnFailure::Park)
+                .transaction_batch(batch.max(1), Duration::ZERO)
+        };
+        let tx_handler = {
+            let (broken, insert) = (
+                broken.clone(),
+                format!("INSERT INTO {table} VALUES ($1, $2)"),
+            );
+            let name = name.to_string();
+            move |tx: &mut postgres::Transaction<'_>, e: &RecordedEvent| {
+                if e.position == bad && broken.load(Ordering::SeqCst) {
+                    return Err("downstream unavailable".into());
+                }
+                tx.execute(&insert, &[&name, &(e.position as i64)])?;
+                Ok(())
+            }
+        };
+        let plain_handler = {
+            let (broken, insert) = (
+                broken.clone(),
+                format!("INSERT INTO {table} VALUES ($1, $2)"),
+            );
+            let name = name.to_string();
+            move |e: &RecordedEvent| {
+                if e.position == bad && broken.load(Ordering::SeqCst) {
+                    return Err("downstream unavailable".into());
+                }
+                client().execute(&insert, &[&name, &(e.position as i64)])?;
+                Ok(())
+            }
+        };
+        let run = || match batch {
+            0 => worker().run_batch(plain_handler.clone()),
+            _ => worker().run_batch_transactional(tx_handler.clone()),
+        };
+        let s = run()?;
+        assert_eq!((s.handled, s.parked), (1, 1), "{name}");
+        assert_eq!(t.dead_letters(name)?.len(), 1, "{name}");
+
+        // The process dies before the checkpoint write that passes the parked event.
+        crash_back_to(&t, name, Some(first.last_position));
+        broken.store(false, Ordering::SeqCst);
+        let s = run()?;
+        assert_eq!(s.handled, 1, "{name}: the event is handled on the re-read");
+        assert!(
+            t.dead_letters(name)?.is_empty(),
+            "{name}: its dead letter is gone"
+        );
+
+        let replayed = match batch {
+            0 => worker().replay_dead_letters(plain_handler.clone())?,
+            _ => worker().replay_dead_letters_transactional(tx_handler.clone())?,
+        };
+        assert_eq!(replayed.replayed, 0, "{name}");
+        assert_eq!(effects(name), 1, "{name}: the event's effects, once");
+    }
+    Ok(())
+}
+
+/// A transactional handler's replayed event also moves its stream's claim: a later run
+/// from a checkpoint before the event (a crash, `move_checkpoint` back) skips it rather
+/// than applying it a second time.
+#[test]
+fn a_replayed_event_is_skipped_by_a_run_from_an_earlier_checkpoint() -> TestResult {
+    let t = store_with("worker_dead_replayed");
+    let first = t.append("acc-1", ExpectedVersion::NoStream, &events("E", 1))?;
+    let second = t.append("acc-1", ExpectedVersion::Exact(0), &events("E", 1))?;
+    wait_visible(&t, second.last_position);
+    let bad = second.last_position;
+    let table = format!("\"{}\".effects", t.schema);
+    client().batch_execute(&format!("CREATE TABLE {table} (position bigint NOT NULL)"))?;
+    let broken = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let (broken, insert) = (broken.clone(), format!("INSERT INTO {table} VALUES ($1)"));
+        move |tx: &mut postgres::Transaction<'_>, e: &RecordedEvent| {
+            if e.position == bad && broken.load(Ordering::SeqCst) {
+                return Err("downstream unavailable".into());
+            }
+            tx.execute(&insert, &[&(e.position as i64)])?;
+            Ok(())
+        }
+    };
+    let worker = || t.worker("model").retries(0).on_failure(OnFailure::Park);
+    let s = worker().run_batch_transactional(handler.clone())?;
+    assert_eq!((s.handled, s.parked), (1, 1));
+    broken.store(false, Ordering::SeqCst);
+    assert_eq!(
+        worker()
+            .replay_dead_letters_transactional(handler.clone())?
+            .replayed,
+        1
+    );
+    t.move_checkpoint("model", first.last_position)?;
+    let s = worker().run_batch_transactional(handler)?;
+    assert_eq!((s.handled, s.skipped), (0, 1), "{s:?}");
+    let n: i64 = client()
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE position = $1"),
+            &[&(bad as i64)],
+        )?
+        .get(0);
+    assert_eq!(n, 1, "the replayed event's effects, once");
     Ok(())
 }
 
