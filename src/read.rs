@@ -422,6 +422,53 @@ impl Query {
         }
     }
 
+    /// The statement for a page after the first: for `$all`, one that reads below the
+    /// horizon the first page fixed, without computing one (see `read_all_page` in
+    /// sql.rs), with `page_params`.
+    fn page_statement<'s>(&self, store: &'s Store) -> &'s Statement {
+        let sql = &store.sql();
+        match self {
+            Query::All {
+                forwards,
+                horizon: Some(_),
+                ..
+            } => match (forwards, self.is_filtered()) {
+                (true, false) => &sql.read_all_page_forwards,
+                (false, false) => &sql.read_all_page_backwards,
+                (true, true) => &sql.read_all_page_forwards_filtered,
+                (false, true) => &sql.read_all_page_backwards_filtered,
+            },
+            _ => self.statement(store),
+        }
+    }
+
+    /// The parameters of `page_statement`.
+    fn page_params<'a>(&'a self, limit: &'a Option<i64>) -> Vec<&'a (dyn ToSql + Sync)> {
+        match self {
+            Query::All {
+                bound,
+                category,
+                types,
+                streams,
+                before_snapshot,
+                horizon: horizon @ Some(_),
+                ..
+            } => {
+                let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![bound, limit, horizon];
+                if self.is_filtered() {
+                    params.extend([
+                        category as &(dyn ToSql + Sync),
+                        types,
+                        before_snapshot,
+                        streams,
+                    ]);
+                }
+                params
+            }
+            _ => self.params(limit),
+        }
+    }
+
     /// The lean statement for this read's first page, when it may try one: forwards
     /// through `$all`, with no horizon yet and no other databases' transactions to
     /// pass (see `read_all_lean` in sql.rs).
@@ -880,7 +927,7 @@ fn read_cursor(
                 Some(conn) => conn,
                 None => held.insert(store.conn()?),
             };
-            let statement = store.prepared(conn, query.statement(&store))?;
+            let statement = store.prepared(conn, query.page_statement(&store))?;
             let mut tx = conn.build_transaction().read_only(true).start()?;
             let began = Instant::now();
             loop {
@@ -893,7 +940,7 @@ fn read_cursor(
                 // row). A page costs a `Bind` more.
                 let asked = limit.map_or(page, |l| l.min(page));
                 let rows = tx
-                    .query(&statement, &query.params(&Some(asked)))
+                    .query(&statement, &query.page_params(&Some(asked)))
                     .map_err(|e| store.map_error(e))?;
                 let events = advance_past(&mut query, &rows)?;
                 if let Some(l) = &mut limit {
