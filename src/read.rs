@@ -270,26 +270,29 @@ impl ReadAll {
             validate_text("category prefix", c, MAX_STREAM_ID_BYTES)
                 .map_err(Error::InvalidInput)?;
         }
-        if let Some(types) = &self.event_types {
-            if types.is_empty() {
-                return Err(Error::InvalidInput(
-                    "the event type filter is empty, so nothing could match".into(),
-                ));
+        let lists = [
+            (
+                "event type filter",
+                "event type filter",
+                &self.event_types,
+                MAX_EVENT_TYPE_BYTES,
+            ),
+            (
+                "stream filter",
+                "stream filter's stream id",
+                &self.streams,
+                MAX_STREAM_ID_BYTES,
+            ),
+        ];
+        for (list, item, values, max) in lists {
+            let Some(values) = values else { continue };
+            if values.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "the {list} is empty, so nothing could match"
+                )));
             }
-            for t in types {
-                validate_text("event type filter", t, MAX_EVENT_TYPE_BYTES)
-                    .map_err(Error::InvalidInput)?;
-            }
-        }
-        if let Some(streams) = &self.streams {
-            if streams.is_empty() {
-                return Err(Error::InvalidInput(
-                    "the stream filter is empty, so nothing could match".into(),
-                ));
-            }
-            for s in streams {
-                validate_text("stream filter's stream id", s, MAX_STREAM_ID_BYTES)
-                    .map_err(Error::InvalidInput)?;
+            for v in values {
+                validate_text(item, v, max).map_err(Error::InvalidInput)?;
             }
         }
         if let Some(p) = self.position.filter(|p| *p > i64::MAX as u64) {

@@ -11,16 +11,7 @@ use serde_json::json;
 
 /// The `(stream_id, version, data)` of every row of the events table, in position order.
 fn rows(t: &TestStore) -> Vec<(String, i64, serde_json::Value)> {
-    let sql = format!(
-        "SELECT stream_id, stream_version, data FROM \"{}\".events ORDER BY global_position",
-        t.schema
-    );
-    client()
-        .query(&sql, &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
+    crate::common::event_rows(t, "data")
 }
 
 #[test]

@@ -7,16 +7,7 @@ use pg_eventstore::{Error, ExpectedVersion, ImportOptions, ReadAll, STREAM_TOMBS
 
 /// `(stream, version, type)` of every row of the events table, in position order.
 fn rows(t: &TestStore) -> Vec<(String, i64, String)> {
-    let sql = format!(
-        "SELECT stream_id, stream_version, event_type FROM \"{}\".events ORDER BY global_position",
-        t.schema
-    );
-    client()
-        .query(&sql, &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
+    crate::common::event_rows(t, "event_type")
 }
 
 /// A default import (no `continue_existing_streams`) into a tombstoned stream, whose

@@ -23,6 +23,24 @@ pub fn client() -> postgres::Client {
     postgres::Client::connect(&database_url(), postgres::NoTls).expect("connect to DATABASE_URL")
 }
 
+/// `(stream, version, column)` of every row of `t`'s events table, in position order,
+/// read behind the store's back.
+pub fn event_rows<T>(t: &TestStore, column: &str) -> Vec<(String, i64, T)>
+where
+    T: for<'a> postgres::types::FromSql<'a>,
+{
+    let sql = format!(
+        "SELECT stream_id, stream_version, {column} FROM \"{}\".events ORDER BY global_position",
+        t.schema
+    );
+    client()
+        .query(&sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 /// A schema name unique to this test process and call.
 pub fn schema_name(test: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
