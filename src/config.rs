@@ -100,8 +100,9 @@ impl Config {
     ///
     /// `DATABASE_URL` wins when set. Otherwise the connection is put together from
     /// `DB_HOST` (default `127.0.0.1`), `DB_PORT` (5432), `DB_NAME`
-    /// (`postgres`), `DB_USER` (`postgres`), `DB_PASSWORD`, `DB_MAX_CONNECTIONS` (10) and
-    /// `DB_SSL`. `DB_SCHEMA` sets the schema in both cases.
+    /// (`postgres`), `DB_USER` (`postgres`) and `DB_PASSWORD`. `DB_MAX_CONNECTIONS` (10),
+    /// `DB_SSL` and `DB_SCHEMA` apply in both cases, but `DB_SSL=false` never weakens a
+    /// URL's `sslmode=require`: that pair is an error naming both.
     ///
     /// `DB_SSL=true` (or `sslmode=require` in the URL) needs the crate feature `tls`;
     /// without it, it is an error rather than a plain-text connection.
@@ -111,6 +112,7 @@ impl Config {
 
     pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+        let from_url = var("DATABASE_URL").is_some();
         let mut config = match var("DATABASE_URL") {
             Some(url) => {
                 Config::new(&url).map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?
@@ -149,6 +151,13 @@ impl Config {
         if let Some(ssl) = var("DB_SSL") {
             match ssl.trim().to_ascii_lowercase().as_str() {
                 "false" | "0" | "no" | "off" | "disable" => {
+                    let mode = config.pg.get_ssl_mode();
+                    if from_url && !matches!(mode, SslMode::Disable | SslMode::Prefer) {
+                        return Err(Error::Config(format!(
+                            "DB_SSL={ssl} would turn off the TLS that DATABASE_URL requires \
+                             (sslmode={mode:?}): remove one of the two"
+                        )));
+                    }
                     config.pg.ssl_mode(SslMode::Disable);
                 }
                 "true" | "1" | "yes" | "on" | "require" => {
@@ -558,6 +567,20 @@ mod tests {
         assert_eq!(c.pg.get_ports(), &[6543]);
         assert_eq!(c.pg.get_user(), Some("u"));
         assert_eq!(c.max_connections, 3);
+    }
+
+    #[test]
+    fn env_db_ssl_false_never_weakens_the_url_s_sslmode_require() {
+        let url = "postgres://u:p@db.example:5432/app?sslmode=require";
+        match lookup(&[("DATABASE_URL", url), ("DB_SSL", "false")]) {
+            Err(Error::Config(m)) => {
+                assert!(m.contains("DB_SSL") && m.contains("DATABASE_URL"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let plain = "postgres://u:p@db.example:5432/app?sslmode=prefer";
+        let c = lookup(&[("DATABASE_URL", plain), ("DB_SSL", "false")]).unwrap();
+        assert_eq!(c.pg.get_ssl_mode(), SslMode::Disable);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! | name | kind | what |
 //! |---|---|---|
-//! | `events_appended_total` | counter | events written by appends (label `mode`: `store` or `in_transaction`) |
+//! | `events_appended_total` | counter | events written by appends that returned (label `mode`: `store`, committed; `in_transaction`, counted as the call returns, before your commit or rollback) |
 //! | `append_duration_seconds` | histogram | time of one append call, retries included |
 //! | `append_conflicts_total` | counter | appends refused for a wrong expected version |
 //! | `events_read_total` | counter | events yielded by reads |

@@ -1187,11 +1187,23 @@ RETURNING 1::bigint, e.global_position, e.global_position,
                 "SELECT pg_current_xact_id_if_assigned() IS NOT NULL
                         AND {locked_early} IS DISTINCT FROM 'on'"
             ),
+            // Stores the snapshot unless the stream no longer reads the events it covers
+            // (its `$tb` is above the version after it: a delete, a truncation) or is
+            // tombstoned; returns the stream's `$tb` (NULL: none).
             save_snapshot: format!(
-                "INSERT INTO {s}.snapshots AS old (stream_id, version, data) VALUES ($1, $2, $3)
-                 ON CONFLICT (stream_id) DO UPDATE
-                   SET version = excluded.version, data = excluded.data, created_at = now()
-                 WHERE old.version <= excluded.version"
+                "WITH m AS (
+                     SELECT (metadata->>'$tb')::bigint AS tb FROM {s}.stream_metadata
+                      WHERE stream_id = $1
+                 ), ins AS (
+                     INSERT INTO {s}.snapshots AS old (stream_id, version, data)
+                     SELECT $1, $2, $3
+                      WHERE NOT EXISTS (SELECT 1 FROM m
+                                         WHERE m.tb = {TOMBSTONE_HEAD} OR m.tb - 1 > $2::bigint)
+                     ON CONFLICT (stream_id) DO UPDATE
+                       SET version = excluded.version, data = excluded.data, created_at = now()
+                     WHERE old.version <= excluded.version
+                 )
+                 SELECT (SELECT tb FROM m)"
             ),
             load_snapshot: format!(
                 "SELECT version, data, created_at FROM {s}.snapshots WHERE stream_id = $1"

@@ -882,8 +882,14 @@ impl Store {
         Ok((row.get(0), row.get::<_, i64>(1) as u64))
     }
 
-    /// Stores a snapshot of a stream's state at `version`. An older snapshot never
-    /// replaces a newer one.
+    /// Stores a snapshot of a stream's state at `version` (the state after the event of
+    /// that version). An older snapshot never replaces a newer one, and a snapshot of
+    /// events the stream no longer reads (a version below its `$tb` less one: a snapshot
+    /// made before a [`delete_stream`](Store::delete_stream) or
+    /// [`truncate_stream`](Store::truncate_stream) and saved after it) is not stored
+    /// either, so that it cannot bring deleted state back; a tombstoned stream's is
+    /// [`Error::StreamDeleted`]. (A save that runs at the same moment as a delete may
+    /// still land after it; load snapshots with the stream's version in mind.)
     pub fn save_snapshot<T: Serialize + ?Sized>(
         &self,
         stream: &str,
@@ -907,9 +913,14 @@ impl Store {
                  which PostgreSQL's jsonb cannot store"
             )));
         }
-        self.run("save_snapshot", &self.inner.sql.save_snapshot, |c, s| {
-            c.execute(s, &[&stream, &version, &JsonbParam(&data)])
+        let row = self.run("save_snapshot", &self.inner.sql.save_snapshot, |c, s| {
+            c.query_one(s, &[&stream, &version, &JsonbParam(&data)])
         })?;
+        if row.get::<_, Option<i64>>(0) == Some(crate::sql::TOMBSTONE_HEAD) {
+            return Err(Error::StreamDeleted {
+                stream: stream.to_string(),
+            });
+        }
         Ok(())
     }
 

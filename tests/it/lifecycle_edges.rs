@@ -596,3 +596,43 @@ fn an_export_of_a_store_whose_streams_lost_events_imports_as_it_reads() -> TestR
     assert!(rows(&other).is_empty());
     Ok(())
 }
+
+/// A snapshot saved after its stream was deleted or truncated past the events it
+/// covers is not stored (it would bring deleted state back); one of the versions the
+/// stream still reads is; a tombstoned stream's is `StreamDeleted`.
+#[test]
+fn a_snapshot_of_events_a_stream_no_longer_reads_is_not_stored() -> TestResult {
+    let t = TestStore::new("edge_snapshots");
+    let state = serde_json::json!({ "n": 3 });
+    t.append("gone", ExpectedVersion::NoStream, &events("E", 2))?;
+    t.delete_stream("gone", ExpectedVersion::Any)?;
+    t.save_snapshot("gone", 1, &state)?;
+    assert!(t.load_snapshot::<serde_json::Value>("gone")?.is_none());
+    // The marker's version: the state after the delete.
+    t.save_snapshot("gone", 2, &state)?;
+    assert_eq!(
+        t.load_snapshot::<serde_json::Value>("gone")?
+            .map(|s| s.version),
+        Some(2)
+    );
+
+    t.append("dead", ExpectedVersion::NoStream, &events("E", 2))?;
+    t.tombstone_stream("dead", ExpectedVersion::Any)?;
+    assert!(matches!(
+        t.save_snapshot("dead", 1, &state),
+        Err(Error::StreamDeleted { .. })
+    ));
+    assert!(t.load_snapshot::<serde_json::Value>("dead")?.is_none());
+
+    t.append("long", ExpectedVersion::NoStream, &events("E", 10))?;
+    t.truncate_stream("long", 5)?;
+    t.save_snapshot("long", 2, &state)?;
+    assert!(t.load_snapshot::<serde_json::Value>("long")?.is_none());
+    t.save_snapshot("long", 4, &state)?; // covers 0..=4, the stream reads from 5
+    assert_eq!(
+        t.load_snapshot::<serde_json::Value>("long")?
+            .map(|s| s.version),
+        Some(4)
+    );
+    Ok(())
+}
