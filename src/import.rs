@@ -113,8 +113,13 @@ impl ImportOptions {
     ///
     /// Other event types starting with `$` are still refused, and so is a version that
     /// does not follow the one before it in the stream. Stream metadata (custom keys,
-    /// `$maxCount`, `$maxAge`) and snapshots are not part of an export. Default: `false`,
-    /// which refuses the markers and counts every new stream's versions from 0.
+    /// `$maxCount`, `$maxAge`, and a `$tb` of its own) and snapshots are not part of an
+    /// export: events that a `$tb` hides but that are not removed yet (a `$tb` written
+    /// with [`Store::set_stream_metadata`](crate::Store::set_stream_metadata) before
+    /// [`Store::scavenge`](crate::Store::scavenge) ran, a truncation cut short) are in
+    /// the export and read again in the copy, so run `scavenge` before you export.
+    /// Default: `false`, which refuses the markers and counts every new stream's versions
+    /// from 0.
     pub fn exported(mut self, yes: bool) -> Self {
         self.exported = yes;
         self
@@ -1103,15 +1108,14 @@ impl<'s> Writer<'s> {
             Some(UniqueViolation::StreamVersion) => match conflicting_stream(&e) {
                 // The stream's version in "Key (…)=(stream, version)" was taken by a
                 // concurrent writer: we expected the version before it.
-                Some((stream, version)) => Error::WrongExpectedVersion {
-                    actual: self.store.version_after_lost_race(&stream),
-                    expected: if version == 0 {
+                Some((stream, version)) => self.store.lost_race(
+                    &stream,
+                    if version == 0 {
                         ExpectedVersion::NoStream
                     } else {
                         ExpectedVersion::Exact(version - 1)
                     },
-                    stream,
-                },
+                ),
                 None => self.store.map_error(e),
             },
             None => self.store.map_error(e),

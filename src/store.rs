@@ -767,11 +767,7 @@ impl Store {
     fn append_in_error(&self, input: &AppendInput<'_>, e: postgres::Error) -> Error {
         let stream = input.stream;
         match unique_violation(&e) {
-            Some(UniqueViolation::StreamVersion) => Error::WrongExpectedVersion {
-                stream: stream.to_string(),
-                expected: input.expected,
-                actual: self.version_after_lost_race(stream),
-            },
+            Some(UniqueViolation::StreamVersion) => self.lost_race(stream, input.expected),
             Some(UniqueViolation::EventId) => Error::DuplicateEventId {
                 stream: stream.to_string(),
                 id: duplicate_id(&e).unwrap_or(input.ids[0]),
@@ -817,24 +813,31 @@ impl Store {
             .map_err(|e| self.map_error(e))
     }
 
-    /// The committed version of a stream that a concurrent append just took from us,
-    /// read on an idle pooled connection: the caller's own connection cannot read any
-    /// more (its transaction is aborted). Never waits for the pool: with no idle
-    /// connection, or any error, the version is [`ActualVersion::Unknown`] rather than
-    /// a guess.
-    pub(crate) fn version_after_lost_race(&self, stream: &str) -> ActualVersion {
-        let Some(mut conn) = self.inner.pool.try_get() else {
-            return ActualVersion::Unknown;
+    /// The error of an append or import that lost the race for a version of `stream`:
+    /// [`Error::StreamDeleted`] when a tombstone took it, else
+    /// [`Error::WrongExpectedVersion`] with the stream's committed version, read on an
+    /// idle pooled connection (the caller's own connection cannot read any more: its
+    /// transaction is aborted). Never waits for the pool: with no idle connection, or any
+    /// error, the version is [`ActualVersion::Unknown`] rather than a guess.
+    pub(crate) fn lost_race(&self, stream: &str, expected: ExpectedVersion) -> Error {
+        let head = self.inner.pool.try_get().and_then(|mut conn| {
+            let statement = self.prepared(&mut conn, &self.inner.sql.stream_head).ok()?;
+            let row = conn.query_one(&statement, &[&stream]).ok()?;
+            Some(row.get::<_, Option<i64>>(0))
+        });
+        let actual = match head {
+            Some(Some(crate::sql::TOMBSTONE_HEAD)) => {
+                return Error::StreamDeleted {
+                    stream: stream.to_string(),
+                }
+            }
+            Some(head) => ActualVersion::from_head(head.map(|v| v as u64)),
+            None => ActualVersion::Unknown,
         };
-        let head = self
-            .prepared(&mut conn, &self.inner.sql.stream_head)
-            .and_then(|statement| {
-                conn.query_one(&statement, &[&stream])
-                    .map_err(|e| self.map_error(e))
-            });
-        match head {
-            Ok(row) => ActualVersion::from_head(row.get::<_, Option<i64>>(0).map(|v| v as u64)),
-            Err(_) => ActualVersion::Unknown,
+        Error::WrongExpectedVersion {
+            stream: stream.to_string(),
+            expected,
+            actual,
         }
     }
 

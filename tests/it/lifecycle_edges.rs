@@ -636,3 +636,40 @@ fn a_snapshot_of_events_a_stream_no_longer_reads_is_not_stored() -> TestResult {
     );
     Ok(())
 }
+
+/// An import into a tombstoned stream is `Error::StreamDeleted` also where its `COPY`
+/// meets the tombstone's own version (a stream tombstoned before it existed, or a longer
+/// import), in every mode, and writes nothing.
+#[test]
+fn an_import_into_a_tombstoned_stream_is_stream_deleted_wherever_it_meets_it() -> TestResult {
+    use pg_eventstore::ImportEvent;
+    let t = TestStore::new("edge_import_tomb");
+    // Tombstoned before it existed: the marker is version 0.
+    t.tombstone_stream("z0", ExpectedVersion::Any)?;
+    // Tombstoned after 3 events: the marker is version 3.
+    t.append("z3", ExpectedVersion::NoStream, &events("E", 3))?;
+    t.tombstone_stream("z3", ExpectedVersion::Any)?;
+    let before = t.count_events();
+    let mut bad = Vec::new();
+    for (s, n) in [("z0", 1usize), ("z0", 3), ("z3", 2), ("z3", 5)] {
+        for (what, opts) in [
+            ("default", ImportOptions::new()),
+            ("chunked", ImportOptions::new().chunk_size(1)),
+            ("exported", ImportOptions::new().exported(true)),
+        ] {
+            let input: Vec<_> = events("I", n)
+                .into_iter()
+                .map(|e| Ok(ImportEvent::new(s, e)))
+                .collect();
+            match t.import_iter(input, opts) {
+                Err(Error::StreamDeleted { .. }) => {}
+                Err(Error::ImportIncomplete { source, .. })
+                    if matches!(*source, Error::StreamDeleted { .. }) => {}
+                other => bad.push(format!("{s}, {n} events, {what}: {other:?}")),
+            }
+        }
+    }
+    assert_eq!(t.count_events(), before);
+    assert!(bad.is_empty(), "wrong errors:\n{}", bad.join("\n"));
+    Ok(())
+}
