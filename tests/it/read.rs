@@ -899,3 +899,207 @@ fn edge_positions_and_zero_counts() -> TestResult {
     assert_eq!(got, want);
     Ok(())
 }
+
+// Paging: every read, split into pages of 2 or 3 (also each in a transaction of its own),
+// forwards and backwards, with max counts around the page size and every filter,
+// returns what one page would; so do reads that first wait for a held-back event.
+
+fn positions(store: &pg_eventstore::Store, o: ReadAll) -> Vec<u64> {
+    store
+        .read_all(o)
+        .unwrap()
+        .map(|e| e.map(|e: pg_eventstore::RecordedEvent| e.position))
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn check_paging(t: &TestStore) {
+    let all: Vec<pg_eventstore::RecordedEvent> = t
+        .read_all(ReadAll::from_start().max_count(10_000))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(all.len(), 26);
+    let pos: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions(t, ReadAll::from_start()), pos);
+    let mut back = pos.clone();
+    back.reverse();
+    assert_eq!(positions(t, ReadAll::backwards()), back);
+    for n in [1u64, 2, 3, 4, 5, 6, 7, 9, 12, 25, 26, 27] {
+        assert_eq!(
+            positions(t, ReadAll::from_start().max_count(n)),
+            pos[..(n as usize).min(26)].to_vec(),
+            "fwd max {n}"
+        );
+        assert_eq!(
+            positions(t, ReadAll::backwards().max_count(n)),
+            back[..(n as usize).min(26)].to_vec(),
+            "back max {n}"
+        );
+        let mid = pos[4];
+        let exp: Vec<u64> = pos
+            .iter()
+            .copied()
+            .filter(|p| *p > mid)
+            .take(n as usize)
+            .collect();
+        assert_eq!(
+            positions(t, ReadAll::after(mid).max_count(n)),
+            exp,
+            "after max {n}"
+        );
+        let midb = pos[20];
+        let exp: Vec<u64> = back
+            .iter()
+            .copied()
+            .filter(|p| *p < midb)
+            .take(n as usize)
+            .collect();
+        assert_eq!(
+            positions(t, ReadAll::backwards_before(midb).max_count(n)),
+            exp,
+            "before max {n}"
+        );
+    }
+    // Filters: streams, category, types, each combination.
+    let want = |f: &dyn Fn(&pg_eventstore::RecordedEvent) -> bool| -> Vec<u64> {
+        all.iter().filter(|e| f(e)).map(|e| e.position).collect()
+    };
+    let s = want(&|e| e.stream_id == "a-1" || e.stream_id == "b-2");
+    assert_eq!(
+        positions(t, ReadAll::from_start().streams(["a-1", "b-2"])),
+        s
+    );
+    let mut sb = s.clone();
+    sb.reverse();
+    assert_eq!(
+        positions(t, ReadAll::backwards().streams(["a-1", "b-2"])),
+        sb
+    );
+    let s2 = want(&|e| (e.stream_id == "a-1" || e.stream_id == "b-2") && e.event_type == "T");
+    assert_eq!(
+        positions(
+            t,
+            ReadAll::from_start()
+                .streams(["a-1", "b-2"])
+                .event_types(["T"])
+        ),
+        s2
+    );
+    let s3 = want(&|e| e.stream_id.starts_with("a-") && e.event_type == "T");
+    assert_eq!(
+        positions(t, ReadAll::from_start().category("a-").event_types(["T"])),
+        s3
+    );
+    let s4 = want(&|e| e.stream_id.starts_with("b-") && e.stream_id == "b-2");
+    assert_eq!(
+        positions(
+            t,
+            ReadAll::from_start().category("b-").streams(["b-2", "a-1"])
+        ),
+        s4
+    );
+    for n in [1u64, 2, 3, 4, 5] {
+        assert_eq!(
+            positions(
+                t,
+                ReadAll::from_start().streams(["a-1", "b-2"]).max_count(n)
+            ),
+            s[..(n as usize).min(s.len())].to_vec()
+        );
+        assert_eq!(
+            positions(t, ReadAll::backwards().streams(["a-1", "b-2"]).max_count(n)),
+            sb[..(n as usize).min(sb.len())].to_vec()
+        );
+    }
+    assert_eq!(
+        t.count(&ReadAll::from_start().streams(["a-1", "b-2"]))
+            .unwrap(),
+        s.len() as u64
+    );
+}
+
+fn fill(t: &TestStore) {
+    for i in 0..13 {
+        let s = if i % 2 == 0 {
+            format!("a-{}", i % 3)
+        } else {
+            format!("b-{}", i % 3)
+        };
+        let ty = if i % 3 == 0 { "T" } else { "U" };
+        t.append(&s, ExpectedVersion::Any, &events(ty, 2)).unwrap();
+    }
+    t.wait_all_visible();
+}
+
+#[test]
+fn paged_reads_return_what_one_page_would() -> TestResult {
+    let t = TestStore::with("read_paging", |c| c.read_page_size(3));
+    fill(&t);
+    check_paging(&t);
+    Ok(())
+}
+
+#[test]
+fn paged_reads_in_a_transaction_per_page_return_what_one_page_would() -> TestResult {
+    let t = TestStore::with("read_paging_renewing", |c| {
+        c.read_page_size(2).read_snapshot_max_age(Duration::ZERO)
+    });
+    fill(&t);
+    check_paging(&t);
+    Ok(())
+}
+
+/// Reads that wait for a held-back event (its transaction commits 300 ms later), with
+/// pages of 2: the result equals the same read made after the commit.
+#[test]
+fn paged_reads_that_wait_for_held_back_events_return_what_a_later_read_does() -> TestResult {
+    let t = TestStore::with("read_paging_wait", |c| c.read_page_size(2));
+    let options: Vec<ReadAll> = vec![
+        ReadAll::from_start(),
+        ReadAll::backwards(),
+        ReadAll::from_start().max_count(5),
+        ReadAll::from_start().max_count(2),
+        ReadAll::backwards().max_count(5),
+        ReadAll::from_start().streams(["x-1", "open"]),
+        ReadAll::backwards().streams(["x-1", "open"]),
+        ReadAll::from_start().category("x-"),
+        ReadAll::backwards().category("x-"),
+        ReadAll::from_start().event_types(["T"]),
+        ReadAll::backwards().event_types(["T"]),
+        ReadAll::from_start().streams(["x-1", "open"]).max_count(3),
+    ];
+    for (round, o) in options.into_iter().enumerate() {
+        for i in 0..5 {
+            t.append(
+                &format!("x-{}", i % 2),
+                ExpectedVersion::Any,
+                &events(if i % 2 == 0 { "T" } else { "U" }, 1),
+            )?;
+        }
+        t.wait_all_visible();
+        let mut own = crate::common::client();
+        own.batch_execute("BEGIN")?;
+        t.append_in(&mut own, "open", ExpectedVersion::Any, &events("T", 1))?;
+        for i in 0..5 {
+            t.append(
+                &format!("x-{}", i % 2),
+                ExpectedVersion::Any,
+                &events(if i % 2 == 0 { "T" } else { "U" }, 1),
+            )?;
+        }
+        let committer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            own.batch_execute("COMMIT").unwrap();
+        });
+        let got: Vec<u64> = t
+            .read_all(o.clone().wait_at_most(Duration::from_secs(10)))?
+            .map(|e| e.map(|e| e.position))
+            .collect::<Result<_, _>>()?;
+        committer.join().unwrap();
+        t.wait_all_visible();
+        let want = positions(&t, o.clone());
+        assert_eq!(got, want, "round {round}: {o:?}");
+    }
+    Ok(())
+}
