@@ -747,11 +747,12 @@ fn the_commit_watcher_itself_notifies_other_processes() -> TestResult {
             .timeout_iter(Duration::from_millis(200))
             .map(|n| Ok(n.process_id()))
             .collect()?;
-        // The watcher's backend: its statement waits on the appenders' lock.
+        // The watcher's backend: both of its statements (the wait on the appenders'
+        // lock, and the status check it runs after a pause) read `pg_xact_status`.
         let watcher: Option<i32> = spy
             .query(
                 "SELECT pid FROM pg_stat_activity
-                  WHERE application_name = $1 AND query LIKE '%pg_advisory_lock%'",
+                  WHERE application_name = $1 AND query LIKE '%pg_xact_status%'",
                 &[&app],
             )?
             .first()
