@@ -112,8 +112,9 @@ impl Config {
 
     pub(crate) fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
-        let from_url = var("DATABASE_URL").is_some();
-        let mut config = match var("DATABASE_URL") {
+        let url = var("DATABASE_URL");
+        let from_url = url.is_some();
+        let mut config = match url {
             Some(url) => {
                 Config::new(&url).map_err(|e| Error::Config(format!("DATABASE_URL: {e}")))?
             }

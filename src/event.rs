@@ -24,6 +24,12 @@ pub const STREAM_TOMBSTONE: &str = "$tombstone";
 /// The longest event type accepted, in bytes.
 pub const MAX_EVENT_TYPE_BYTES: usize = 256;
 
+/// Whether `event_type` is one of the store's markers ([`STREAM_DELETED`],
+/// [`STREAM_TOMBSTONE`]).
+pub(crate) fn is_marker(event_type: &str) -> bool {
+    event_type == STREAM_DELETED || event_type == STREAM_TOMBSTONE
+}
+
 /// An event to append: a type name, JSON data, optional JSON metadata and an id.
 ///
 /// The data is serialized once, when the `EventData` is built.

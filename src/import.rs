@@ -26,7 +26,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::event::{
-    validate_stream_id, EventData, ImportEvent, JsonbParam, STREAM_DELETED, STREAM_TOMBSTONE,
+    is_marker, validate_stream_id, EventData, ImportEvent, JsonbParam, STREAM_DELETED,
+    STREAM_TOMBSTONE,
 };
 use crate::jsonl::JsonLines;
 use crate::sql::{MAX_EVENTS_PER_TRANSACTION, TOMBSTONE_HEAD};
@@ -438,12 +439,6 @@ fn slice_events<S: AsRef<str>>(
         .map(|(s, e)| Ok(ImportEvent::new(s.as_ref(), e.clone())))
 }
 
-/// Whether `event_type` is one of the store's markers, which only an import of an
-/// export takes (see `ImportOptions::exported`).
-fn is_marker(event_type: &str) -> bool {
-    event_type == STREAM_DELETED || event_type == STREAM_TOMBSTONE
-}
-
 /// Raises the `$tb` to set for `stream` to at least `version`.
 fn raise(truncate_before: &mut HashMap<String, i64>, stream: &str, version: i64) {
     let tb = truncate_before.entry(stream.to_string()).or_insert(version);
@@ -470,6 +465,7 @@ fn feed<I: Iterator<Item = Result<ImportEvent>>>(
             Error::InvalidInput(m) => Error::InvalidInput(format!("{label}: {m}")),
             e => e,
         })?;
+        // Markers only in an import of an export (see `ImportOptions::exported`).
         if exported && is_marker(&event.event.event_type) {
             event.event.validate_json_as(&label)?;
         } else {

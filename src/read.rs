@@ -399,24 +399,13 @@ impl Query {
             Query::Stream { stream, next, .. } => vec![stream, next, limit],
             Query::All {
                 bound,
-                category,
-                types,
-                streams,
-                before_snapshot,
                 horizon,
                 known,
                 others,
                 ..
             } => {
                 let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![bound, limit, horizon, known];
-                if self.is_filtered() {
-                    params.extend([
-                        category as &(dyn ToSql + Sync),
-                        types,
-                        before_snapshot,
-                        streams,
-                    ]);
-                }
+                params.extend(self.filter_params());
                 if !others.is_empty() {
                     params.push(others);
                 }
@@ -450,25 +439,29 @@ impl Query {
         match self {
             Query::All {
                 bound,
-                category,
-                types,
-                streams,
-                before_snapshot,
                 horizon: horizon @ Some(_),
                 ..
             } => {
                 let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![bound, limit, horizon];
-                if self.is_filtered() {
-                    params.extend([
-                        category as &(dyn ToSql + Sync),
-                        types,
-                        before_snapshot,
-                        streams,
-                    ]);
-                }
+                params.extend(self.filter_params());
                 params
             }
             _ => self.params(limit),
+        }
+    }
+
+    /// The filters' parameters of a filtered `$all` statement, in their order (see
+    /// `all_filters` in sql.rs); none for an unfiltered one.
+    fn filter_params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        match self {
+            Query::All {
+                category,
+                types,
+                streams,
+                before_snapshot,
+                ..
+            } if self.is_filtered() => vec![category, types, before_snapshot, streams],
+            _ => Vec::new(),
         }
     }
 

@@ -344,12 +344,11 @@ impl Store {
                             migrate::run(&mut conn, &config.schema, &config.migrations_table)?;
                         // What the new schema offers, as far as this role may use it:
                         // the same checks as `connect`'s.
-                        let version = migrate::current_version(
-                            &mut *conn,
+                        let uses = what_the_role_may_use(
+                            &mut conn,
                             &config.schema,
-                            &config.migrations_table,
+                            report.current_version,
                         )?;
-                        let uses = what_the_role_may_use(&mut conn, &config.schema, version)?;
                         Ok((report, uses))
                     })?;
                 let (readable, in_tx_events, record_calls) = uses;

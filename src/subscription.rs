@@ -550,14 +550,15 @@ impl Subscription {
     fn next_from_read(&mut self) -> Option<Result<RecordedEvent>> {
         loop {
             let read = self.read.as_mut()?;
-            let item = read.next();
-            let Some(Ok(event)) = item else {
-                return self.read_ended(item);
+            let event = match read.next() {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => return Some(self.failed(e)),
+                None => {
+                    self.read_ended();
+                    return None;
+                }
             };
-            self.tb_below_cursor |= !matches!(
-                event.event_type.as_str(),
-                crate::event::STREAM_DELETED | crate::event::STREAM_TOMBSTONE
-            );
+            self.tb_below_cursor |= !crate::event::is_marker(&event.event_type);
             match self.cursor {
                 // The version before the cursor, delivered already (see `open_read`).
                 Cursor::Version(v) if event.version < v => continue,
@@ -566,49 +567,42 @@ impl Subscription {
         }
     }
 
-    /// The end of the open read (`None`), or its error.
-    fn read_ended(&mut self, item: Option<Result<RecordedEvent>>) -> Option<Result<RecordedEvent>> {
-        let read = self.read.as_mut()?;
-        match item {
-            Some(Ok(_)) => unreachable!("events are delivered by next_from_read"),
-            Some(Err(e)) => Some(self.failed(e)),
-            None => {
-                // Caught up: do committed events wait behind an open appending
-                // transaction? Then look again soon, as its end may bring no wake-up.
-                let status = read.status().copied();
-                self.read = None;
-                // A read that completes ends the error backoff: from here on the
-                // subscription waits for wake-ups and its safety poll again.
-                self.retry_at = None;
-                self.backoff.reset();
-                // Reads open only when no batch waits: a read that completes while
-                // confirming started after the batch that was refused, and applied the
-                // stream's `$tb` of then. One that returned a visible event at or
-                // after the version before the cursor shows that `$tb` was below the
-                // cursor.
-                if self.batches == Batches::Confirming || self.tb_below_cursor {
-                    self.batches = Batches::Trusted;
-                }
-                // Everything below the read's horizon that this subscription follows
-                // has been delivered now.
-                if let Some(h) = &status {
-                    self.scanned = self.scanned.max(h.horizon.checked_sub(1));
-                }
-                let held = status.is_some_and(|h| h.holds_back());
-                self.held_back = match (held, self.held_back) {
-                    (false, _) => None,
-                    (true, None) => Some(HELD_BACK_POLL),
-                    (true, pauses) => pauses,
-                };
-                let config = &self.store.config();
-                self.store.held_back_board().report(
-                    self.id,
-                    status.as_ref(),
-                    config.held_back_warning,
-                );
-                None
-            }
+    /// The open read has ended: this subscription has caught up.
+    fn read_ended(&mut self) {
+        let Some(read) = self.read.as_mut() else {
+            return;
+        };
+        // Caught up: do committed events wait behind an open appending
+        // transaction? Then look again soon, as its end may bring no wake-up.
+        let status = read.status().copied();
+        self.read = None;
+        // A read that completes ends the error backoff: from here on the
+        // subscription waits for wake-ups and its safety poll again.
+        self.retry_at = None;
+        self.backoff.reset();
+        // Reads open only when no batch waits: a read that completes while
+        // confirming started after the batch that was refused, and applied the
+        // stream's `$tb` of then. One that returned a visible event at or
+        // after the version before the cursor shows that `$tb` was below the
+        // cursor.
+        if self.batches == Batches::Confirming || self.tb_below_cursor {
+            self.batches = Batches::Trusted;
         }
+        // Everything below the read's horizon that this subscription follows
+        // has been delivered now.
+        if let Some(h) = &status {
+            self.scanned = self.scanned.max(h.horizon.checked_sub(1));
+        }
+        let held = status.is_some_and(|h| h.holds_back());
+        self.held_back = match (held, self.held_back) {
+            (false, _) => None,
+            (true, None) => Some(HELD_BACK_POLL),
+            (true, pauses) => pauses,
+        };
+        let config = &self.store.config();
+        self.store
+            .held_back_board()
+            .report(self.id, status.as_ref(), config.held_back_warning);
     }
 
     fn failed(&mut self, e: Error) -> Result<RecordedEvent> {
